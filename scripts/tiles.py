@@ -1,0 +1,452 @@
+"""Tile placement: which (host, tiles) a job runs on, and the environment it runs with.
+
+One vLLM engine runs per GPU tile, 12 tiles per Aurora node. Every job of an
+allocation asks this module for a slot; slots are unique among all processes
+that share a lock directory, by one `flock` per (host, tile). The kernel drops
+a flock when the last file descriptor holding it is closed, so a killed holder
+never leaves a stale lock behind.
+
+Stdlib only: imported by the Snakefile, by the task scripts and by tests, with
+no scheduler, Snakemake or vLLM present.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import signal
+import socket
+import string
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HIERARCHIES = ("FLAT", "COMPOSITE")
+HIERARCHY_VARIABLE = "ZE_FLAT_DEVICE_HIERARCHY"
+LAUNCHER_PLACEHOLDERS = ("host", "cpus", "tiles")
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+# Values of these variables are kept out of the job log (they still reach the child).
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Slot:
+    host: str
+    tiles: tuple[int, ...]
+
+
+def tile_ids(tiles: Sequence[int]) -> str:
+    """The tiles as the user reads them: "3" or "4,5"."""
+    return ",".join(str(t) for t in tiles)
+
+
+def affinity_mask(tiles: Sequence[int], hierarchy: str) -> str:
+    """ZE_AFFINITY_MASK for `tiles` under the device hierarchy in force.
+
+    FLAT: every tile is a device ("4,5"). COMPOSITE: card.tile ("2.0,2.1").
+    """
+    if not tiles:
+        raise ValueError("affinity_mask needs at least one tile")
+    if any(t < 0 for t in tiles):
+        raise ValueError(f"tile numbers must be >= 0, got {list(tiles)}")
+    if hierarchy == "FLAT":
+        return tile_ids(tiles)
+    if hierarchy == "COMPOSITE":
+        return ",".join(f"{t // 2}.{t % 2}" for t in tiles)
+    raise ValueError(f"unknown device hierarchy {hierarchy!r}; expected FLAT or COMPOSITE")
+
+
+def resolve_hierarchy(setting: str, environ: Mapping[str, str]) -> str:
+    """The hierarchy for the engines: the explicit setting, or with "auto" the node's.
+
+    "auto" follows ZE_FLAT_DEVICE_HIERARCHY, FLAT when unset (as under
+    `module load frameworks`), so the mask matches what Level Zero will use.
+    """
+    choice = setting.strip().upper()
+    if choice in HIERARCHIES:
+        return choice
+    if choice != "AUTO":
+        raise ValueError(
+            f"tiles.hierarchy is {setting!r}; expected auto, FLAT or COMPOSITE",
+        )
+    value = environ.get(HIERARCHY_VARIABLE)
+    if value is None or value.strip() == "":
+        return "FLAT"
+    if value.strip().upper() in HIERARCHIES:
+        return value.strip().upper()
+    raise ValueError(
+        f"{HIERARCHY_VARIABLE}={value!r} is not FLAT or COMPOSITE; "
+        "fix the variable or set tiles.hierarchy explicitly",
+    )
+
+
+def read_hosts(environ: Mapping[str, str]) -> list[str]:
+    """Hosts of the allocation in PBS_NODEFILE order, each once; this host outside PBS."""
+    nodefile = environ.get("PBS_NODEFILE")
+    if not nodefile:
+        return [socket.gethostname()]
+    try:
+        text = Path(nodefile).read_text()
+    except OSError as error:
+        raise FileNotFoundError(
+            f"PBS_NODEFILE={nodefile!r} cannot be read: {error.strerror or error}",
+        ) from error
+    hosts = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    if not hosts:
+        raise ValueError(f"PBS_NODEFILE={nodefile!r} lists no hosts")
+    return hosts
+
+
+def default_lock_dir(environ: Mapping[str, str]) -> Path:
+    """Node-local lock directory shared by all jobs of one PBS submission.
+
+    Snakemake starts every job of a submission on the allocation's first node,
+    so locks there see all of them; separate allocations never share locks.
+    """
+    job = (environ.get("PBS_JOBID") or "local").replace("/", "_")
+    return Path(tempfile.gettempdir()) / f"tile-locks-{os.getuid()}" / job
+
+
+def _lock_path(lock_dir: Path, host: str, tile: int) -> Path:
+    safe_host = re.sub(r"[^A-Za-z0-9._-]", "_", host)
+    return lock_dir / f"{safe_host}.tile-{tile:02d}.lock"
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding an exclusive flock on `path`, or None when someone else holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None
+        raise
+    # Informational only: who took the tile last.
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _release(fds: Sequence[int]) -> None:
+    # Close, never LOCK_UN: an fd inherited by a still running child shares the
+    # lock, and LOCK_UN would free the tile under it.
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _lock_all(lock_dir: Path, host: str, tiles: Sequence[int]) -> list[int] | None:
+    fds: list[int] = []
+    for tile in tiles:
+        fd = _try_lock(_lock_path(lock_dir, host, tile))
+        if fd is None:
+            _release(fds)
+            return None
+        fds.append(fd)
+    return fds
+
+
+def _lock_any(lock_dir: Path, host: str, count: int, per_node: int) -> tuple | None:
+    fds: list[int] = []
+    taken: list[int] = []
+    for tile in range(per_node):
+        fd = _try_lock(_lock_path(lock_dir, host, tile))
+        if fd is not None:
+            fds.append(fd)
+            taken.append(tile)
+            if len(taken) == count:
+                return tuple(taken), fds
+    _release(fds)
+    return None
+
+
+def _try_slot(
+    lock_dir: Path,
+    hosts: Sequence[str],
+    per_node: int,
+    per_job: int,
+) -> tuple[Slot, list[int]] | None:
+    """One non-blocking pass over the candidates; all tiles of a slot or none."""
+    if per_job == 1:
+        for host in hosts:
+            for tile in range(per_node):
+                fds = _lock_all(lock_dir, host, (tile,))
+                if fds is not None:
+                    return Slot(host, (tile,)), fds
+        return None
+    # Aligned blocks first, on any host: (0,1) is one card, (1,2) spans two.
+    for host in hosts:
+        for start in range(0, per_node - per_job + 1, per_job):
+            block = tuple(range(start, start + per_job))
+            fds = _lock_all(lock_dir, host, block)
+            if fds is not None:
+                return Slot(host, block), fds
+    for host in hosts:
+        found = _lock_any(lock_dir, host, per_job, per_node)
+        if found is not None:
+            tiles, fds = found
+            return Slot(host, tiles), fds
+    return None
+
+
+@contextlib.contextmanager
+def _acquire_fds(
+    lock_dir: Path | str,
+    hosts: Sequence[str],
+    tiles_per_node: int,
+    tiles_per_job: int,
+    poll: float,
+    timeout: float | None,
+) -> Iterator[tuple[Slot, list[int]]]:
+    if not hosts:
+        raise ValueError("no hosts to place a job on")
+    if tiles_per_node < 1 or tiles_per_job < 1:
+        raise ValueError(
+            f"tiles per node ({tiles_per_node}) and per job ({tiles_per_job}) must be >= 1",
+        )
+    if tiles_per_job > tiles_per_node:
+        raise ValueError(
+            f"a job needs {tiles_per_job} tiles but a node has only {tiles_per_node}",
+        )
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if lock_dir.stat().st_uid != os.getuid():
+        raise PermissionError(f"tile lock directory {lock_dir} belongs to another user")
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        found = _try_slot(lock_dir, hosts, tiles_per_node, tiles_per_job)
+        if found is not None:
+            break
+        if deadline is not None and time.monotonic() + poll > deadline:
+            raise TimeoutError(
+                f"no {tiles_per_job} free tile(s) on one of {len(hosts)} host(s) "
+                f"{list(hosts)} within {timeout} s (locks in {lock_dir})",
+            )
+        time.sleep(poll)
+    slot, fds = found
+    try:
+        yield slot, fds
+    finally:
+        _release(fds)
+
+
+@contextlib.contextmanager
+def acquire(
+    lock_dir: Path | str,
+    hosts: Sequence[str],
+    tiles_per_node: int,
+    tiles_per_job: int,
+    poll: float = 0.1,
+    timeout: float | None = None,
+) -> Iterator[Slot]:
+    """Hold `tiles_per_job` tiles of one host, unique among users of `lock_dir`.
+
+    Waits (polling every `poll` s) while every candidate is taken; `timeout`
+    seconds without a slot raise TimeoutError. Released on exit.
+    """
+    with _acquire_fds(lock_dir, hosts, tiles_per_node, tiles_per_job, poll, timeout) as (
+        slot,
+        _fds,
+    ):
+        yield slot
+
+
+def engine_env(
+    slot: Slot,
+    hierarchy: str,
+    base_port: int,
+    tmp_root: Path | str,
+) -> dict[str, str]:
+    """Placement variables of one engine; 12 engines per node collide without them."""
+    first = slot.tiles[0]
+    port = base_port + 10 * first
+    return {
+        "ZE_AFFINITY_MASK": affinity_mask(slot.tiles, hierarchy),
+        "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1",
+        HIERARCHY_VARIABLE: hierarchy,
+        "TMPDIR": str(Path(tmp_root) / f"tile-{first}"),
+        "VLLM_PORT": str(port),
+        "MASTER_PORT": str(port + 5),
+        "VLLM_HOST_IP": "127.0.0.1",
+        "TILE_HOST": slot.host,
+        "TILE_IDS": tile_ids(slot.tiles),
+    }
+
+
+def _placeholders(element: str) -> list[str]:
+    try:
+        parsed = list(string.Formatter().parse(element))
+    except ValueError as error:
+        raise ValueError(f"launcher element {element!r} is malformed: {error}") from error
+    return [field for _, field, _, _ in parsed if field is not None]
+
+
+def launch_argv(
+    template: Sequence[str],
+    slot: Slot,
+    cpus: Sequence[str],
+    env: Mapping[str, str],
+    command: Sequence[str],
+) -> list[str]:
+    """The argv that runs `command` on the slot's host with `env` set.
+
+    `cpus` is config `tiles.cpu_bind` (one CPU list per tile; a multi-tile job
+    gets its tiles' lists joined by commas, PALS's syntax for one rank). The variables are
+    passed through `env` on the command line, since mpiexec/srun may not
+    forward the caller's environment.
+    """
+    used: set[str] = set()
+    for element in template:
+        for field in _placeholders(element):
+            if field not in LAUNCHER_PLACEHOLDERS:
+                raise ValueError(
+                    f"launcher placeholder {{{field}}} in {element!r} is unknown; "
+                    f"allowed: {', '.join('{' + p + '}' for p in LAUNCHER_PLACEHOLDERS)}",
+                )
+            used.add(field)
+    if not cpus:
+        if "cpus" in used:
+            raise ValueError("the launcher uses {cpus} but tiles.cpu_bind is empty")
+        cpu_list = ""
+    elif max(slot.tiles) < len(cpus):
+        # A multi-tile engine is one rank: it gets the cores of all its tiles.
+        cpu_list = ",".join(cpus[tile] for tile in slot.tiles)
+    else:
+        raise ValueError(f"tiles.cpu_bind has {len(cpus)} entries; tile {max(slot.tiles)} has none")
+    values = {"host": slot.host, "cpus": cpu_list, "tiles": tile_ids(slot.tiles)}
+    for name, value in env.items():
+        if not _ENV_NAME.match(name):
+            raise ValueError(f"environment variable name {name!r} is not valid")
+        if not isinstance(value, str):
+            raise ValueError(f"environment variable {name} must be a string, got {value!r}")
+    if not command:
+        raise ValueError("empty command")
+    if "=" in command[0]:
+        # `env` would take it for another variable assignment.
+        raise ValueError(f"command {command[0]!r} contains '='; `env` cannot run it")
+    return (
+        [element.format(**values) for element in template]
+        + ["env"]
+        + [f"{name}={env[name]}" for name in sorted(env)]
+        + list(command)
+    )
+
+
+def _loggable(argv: Sequence[str]) -> list[str]:
+    shown = []
+    for arg in argv:
+        name, sep, _ = arg.partition("=")
+        if sep and _ENV_NAME.match(name) and _SECRET_NAME.search(name):
+            arg = f"{name}=<hidden>"
+        shown.append(arg)
+    return shown
+
+
+def _extra_env(extra_env: Mapping[str, object], placement: Mapping[str, str]) -> dict[str, str]:
+    overridden = sorted(set(extra_env) & set(placement))
+    if overridden:
+        raise ValueError(
+            f"task environment may not set placement variable(s) {', '.join(overridden)}",
+        )
+    result = {}
+    for name, value in extra_env.items():
+        # YAML turns HF_HUB_OFFLINE: 1 into an int; bool would become "True".
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str):
+            raise ValueError(f"task environment {name} must be a string, got {value!r}")
+        result[name] = value
+    return result
+
+
+def default_tmp_root(environ: Mapping[str, str]) -> Path:
+    """Parent of the per-engine TMPDIRs (the task creates its own directory)."""
+    return Path(environ.get("TMPDIR") or "/tmp") / f"engine-tmp-{os.getuid()}"
+
+
+def _wait_forwarding_signals(process: subprocess.Popen) -> int:
+    if threading.current_thread() is not threading.main_thread():
+        # No handlers off the main thread; a signal to the process group reaches the child.
+        return process.wait()
+
+    def forward(signum, _frame):
+        if process.poll() is None:
+            process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_placed(
+    command: Sequence[str],
+    *,
+    log_path: Path | str,
+    tiles_per_job: int,
+    tiles_per_node: int,
+    hierarchy_setting: str,
+    base_port: int,
+    cpu_bind: Sequence[str],
+    launcher: Sequence[str],
+    extra_env: Mapping[str, object],
+    environ: Mapping[str, str] = os.environ,
+    lock_dir: Path | str | None = None,
+    tmp_root: Path | str | None = None,
+    poll: float = 0.1,
+    timeout: float | None = None,
+) -> int:
+    """Run `command` on a free slot of the allocation; return its exit code.
+
+    Output goes to `log_path` after a placement line and the argv. The child
+    inherits the slot's lock descriptors, so the tiles stay taken until the
+    child (and anything it forked) is gone, even if this process is killed.
+    """
+    hosts = read_hosts(environ)
+    hierarchy = resolve_hierarchy(hierarchy_setting, environ)
+    if lock_dir is None:
+        lock_dir = default_lock_dir(environ)
+    if tmp_root is None:
+        tmp_root = default_tmp_root(environ)
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with _acquire_fds(lock_dir, hosts, tiles_per_node, tiles_per_job, poll, timeout) as (
+        slot,
+        fds,
+    ):
+        env = engine_env(slot, hierarchy, base_port, tmp_root)
+        env.update(_extra_env(extra_env, env))
+        argv = launch_argv(launcher, slot, cpu_bind, env, command)
+        with log_path.open("ab") as log:
+            log.write(
+                (
+                    f"placement: host={slot.host} tiles={tile_ids(slot.tiles)} "
+                    f"mask={env['ZE_AFFINITY_MASK']} hierarchy={hierarchy} pid={os.getpid()}\n"
+                    f"argv: {json.dumps(_loggable(argv))}\n"
+                ).encode(),
+            )
+            log.flush()
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env},
+                pass_fds=fds,
+            )
+            code = _wait_forwarding_signals(process)
+            log.write(f"placement: exit code {code}\n".encode())
+    return code
