@@ -1,0 +1,763 @@
+"""The PBS provider (scripts/pbs.py, profiles/aurora): fast tests, no scheduler needed.
+
+Scheduler outputs come from tests/data/pbspro/ (PBS Pro, modelled on real outputs:
+see its README) and tests/data/slurm/ (recorded on the test cluster). Tests that
+talk to a real scheduler are in tests/test_aurora_profile.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pbs
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "aurora"
+PBSPRO = Path(__file__).parent / "data" / "pbspro"
+SLURM = Path(__file__).parent / "data" / "slurm"
+AURORA_ID = "8101204.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
+
+
+def recording(folder: Path, case: str) -> dict:
+    return json.loads((folder / f"{case}.json").read_text())
+
+
+def replay(record: dict):
+    """A `run` for query_scheduler/submit that answers with a recorded command result."""
+
+    def run(argv, **kwargs):
+        assert isinstance(argv, list), "commands must be argument lists"
+        assert not kwargs.get("shell"), "never through a shell"
+        return subprocess.CompletedProcess(
+            argv, record["returncode"], record["stdout"], record["stderr"]
+        )
+
+    return run
+
+
+def merged_config() -> dict:
+    """config/config.yaml with the Aurora profile's aurora.yaml on top (as Snakemake does)."""
+
+    def merge(base, over):
+        for key, value in over.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                merge(base[key], value)
+            else:
+                base[key] = value
+        return base
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    return merge(config, yaml.safe_load((PROFILE / "aurora.yaml").read_text()))
+
+
+def settings(tmp_path: Path | None = None, **changes) -> dict:
+    config = merged_config()
+    config["pbs"]["account"] = "MyProject"
+    result = pbs.settings_from_config(config)
+    if tmp_path is not None:
+        result["state_dir"] = str(tmp_path / "state")
+        result["log_dir"] = str(tmp_path / "logs")
+    result.update(changes)
+    return result
+
+
+def profile_keys() -> dict:
+    return yaml.safe_load((PROFILE / "config.yaml").read_text())
+
+
+# ---------------------------------------------------------------- PBS Pro parsing
+
+
+@pytest.mark.parametrize(
+    ("case", "state", "detail"),
+    [
+        ("qstat_queued", "running", "job_state Q"),
+        ("qstat_held", "running", "job_state H"),
+        ("qstat_waiting", "running", "job_state W"),
+        ("qstat_running", "running", "job_state R"),
+        ("qstat_exiting", "running", "job_state E"),
+        ("qstat_finished_ok", "success", "exit 0"),
+        ("qstat_finished_exit1", "failed", "Exit_status 1"),
+        ("qstat_finished_walltime", "failed", "walltime"),
+        ("qstat_expired_subjob", "success", "exit 0"),
+    ],
+)
+def test_pbspro_states(case, state, detail):
+    record = recording(PBSPRO, case)
+    (job_id,) = record["argv"][5:]
+    answers = pbs.query_scheduler([job_id], "pbspro", run=replay(record))
+    assert answers[job_id][0] == state
+    assert detail in answers[job_id][1]
+
+
+def test_pbspro_negative_exit_is_a_pbs_kill():
+    record = recording(PBSPRO, "qstat_finished_walltime")
+    (answer,) = pbs.parse_pbspro_json(record["stdout"]).values()
+    assert answer == ("failed", "Exit_status -29 (killed by PBS: walltime exceeded)")
+
+
+def test_pbspro_several_jobs_in_one_call():
+    record = recording(PBSPRO, "qstat_four_jobs")
+    ids = record["argv"][5:]
+    answers = pbs.query_scheduler(ids, "pbspro", run=replay(record))
+    assert [answers[i][0] for i in ids] == ["running", "running", "success", "failed"]
+
+
+def test_pbspro_unknown_id_among_known_ones_is_left_out():
+    # qstat exits 153 but still prints the jobs it knows
+    record = recording(PBSPRO, "qstat_one_unknown")
+    known, unknown = record["argv"][5:]
+    answers = pbs.query_scheduler([known, unknown], "pbspro", run=replay(record))
+    assert answers == {known: ("running", "job_state R")}
+
+
+def test_pbspro_all_ids_unknown_gives_no_answers():
+    record = recording(PBSPRO, "qstat_all_unknown")
+    assert pbs.query_scheduler(record["argv"][5:], "pbspro", run=replay(record)) == {}
+
+
+def test_pbspro_no_output_and_failure_is_a_query_error():
+    record = recording(PBSPRO, "qstat_all_unknown") | {"stdout": ""}
+    with pytest.raises(pbs.QueryError, match="Unknown Job Id"):
+        pbs.query_scheduler(record["argv"][5:], "pbspro", run=replay(record))
+
+
+def test_pbspro_invalid_json_is_a_query_error():
+    record = recording(PBSPRO, "qstat_invalid_json")
+    with pytest.raises(pbs.QueryError, match="no valid JSON"):
+        pbs.query_scheduler(record["argv"][5:], "pbspro", run=replay(record))
+
+
+def test_pbspro_ids_match_by_sequence_number():
+    record = recording(PBSPRO, "qstat_running")
+    answers = pbs.query_scheduler(["8101204.aurora-pbs-0001"], "pbspro", run=replay(record))
+    assert answers == {"8101204.aurora-pbs-0001": ("running", "job_state R")}
+
+
+def test_query_uses_pbspro_argv():
+    seen = []
+
+    def run(argv, **kwargs):
+        seen.append(argv)
+        return subprocess.CompletedProcess(argv, 0, '{"timestamp":1,"Jobs":{}}', "")
+
+    pbs.query_scheduler(["1.a", "2.a"], "pbspro", run=run)
+    assert seen == [["qstat", "-x", "-f", "-F", "json", "1.a", "2.a"]]
+
+
+def test_missing_qstat_is_a_query_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pbs.QueryError, match="qstat not found"):
+        pbs.query_scheduler(["1"], "pbspro")
+
+
+# ------------------------------------------------------------------ Slurm parsing
+
+
+@pytest.mark.parametrize(
+    ("case", "state"),
+    [
+        ("scontrol_job_pending", "running"),
+        ("scontrol_job_pending_held", "running"),
+        ("scontrol_job_running", "running"),
+        ("scontrol_job_completed", "success"),
+        ("scontrol_job_failed", "failed"),
+        ("scontrol_job_cancelled", "failed"),
+        ("scontrol_job_cancelled_pending", "failed"),
+        ("scontrol_job_timeout", "failed"),
+    ],
+)
+def test_slurm_states_from_recordings(case, state):
+    record = recording(SLURM, case)
+    job_id = record["argv"][-1]
+    assert pbs.parse_scontrol(record["stdout"])[job_id][0] == state
+
+
+def test_slurm_all_jobs_in_one_call():
+    record = recording(SLURM, "scontrol_jobs_all")
+    states = pbs.parse_scontrol(record["stdout"])
+    assert len(states) == record["stdout"].count("JobId=") >= 5
+    assert set(states.values()) >= {("success", "JobState=COMPLETED ExitCode=0:0")}
+
+
+def test_slurm_query_leaves_out_ids_scontrol_does_not_list():
+    record = recording(SLURM, "scontrol_jobs_all")
+    known = next(iter(pbs.parse_scontrol(record["stdout"])))
+    answers = pbs.query_scheduler([known, "999999"], "slurm", run=replay(record))
+    assert list(answers) == [known]
+
+
+def test_slurm_completed_with_nonzero_exit_is_failed():
+    line = "JobId=7 JobName=x JobState=COMPLETED Reason=None ExitCode=0:9 RunTime=00:00:01"
+    assert pbs.parse_scontrol(line)["7"][0] == "failed"
+
+
+# -------------------------------------------------------------- status and caching
+
+
+class Scheduler:
+    """Answers like query_scheduler, counting the calls (stands in for one qstat call)."""
+
+    def __init__(self, states: dict[str, str]):
+        self.states = states
+        self.calls: list[list[str]] = []
+        self.error: str | None = None
+
+    def __call__(self, ids):
+        self.calls.append(list(ids))
+        if self.error:
+            raise pbs.QueryError(self.error)
+        return {i: (self.states[i], "x") for i in ids if i in self.states}
+
+
+class Clock:
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def submitted(conf: dict, *ids: str, at: float = 1000.0) -> None:
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        for job_id in ids:
+            state["jobs"][job_id] = pbs.new_job_record(at, f"r{job_id}")
+
+
+def ask(conf, job_id, scheduler, clock, **kwargs):
+    return pbs.job_status(job_id, conf, query=scheduler, now=clock, warn=lambda m: None, **kwargs)
+
+
+def test_one_scheduler_call_per_round(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    ids = [str(i) for i in range(1, 21)]
+    submitted(conf, *ids)
+    scheduler, clock = Scheduler(dict.fromkeys(ids, "running")), Clock()
+    for _ in range(3):  # three polling rounds, 10 s apart, 20 active jobs each
+        assert [ask(conf, i, scheduler, clock) for i in ids] == ["running"] * 20
+        clock.t += 10
+    assert len(scheduler.calls) == 3
+    assert all(sorted(call) == sorted(ids) for call in scheduler.calls)
+
+
+def test_a_repeated_id_starts_the_next_round(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a", "b")
+    scheduler, clock = Scheduler({"a": "running", "b": "running"}), Clock()
+    ask(conf, "a", scheduler, clock)
+    ask(conf, "b", scheduler, clock)
+    clock.t += 6  # older than status_interval / 2
+    scheduler.states["b"] = "success"
+    assert ask(conf, "b", scheduler, clock) == "success"  # b again: new round
+    assert ask(conf, "a", scheduler, clock) == "running"
+    assert len(scheduler.calls) == 2
+
+
+def test_no_query_younger_than_half_the_interval(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a")
+    scheduler, clock = Scheduler({"a": "running"}), Clock()
+    for _ in range(5):
+        ask(conf, "a", scheduler, clock)
+        clock.t += 1
+    assert len(scheduler.calls) == 1
+    clock.t += 1  # now 5 s after the query
+    ask(conf, "a", scheduler, clock)
+    assert len(scheduler.calls) == 2
+
+
+def test_new_job_reads_running_until_the_next_query(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a")
+    scheduler, clock = Scheduler({"a": "running", "b": "success"}), Clock()
+    ask(conf, "a", scheduler, clock)
+    submitted(conf, "b", at=clock.t)
+    clock.t += 1
+    assert ask(conf, "b", scheduler, clock) == "running"  # guard: no query yet
+    clock.t += 5
+    assert ask(conf, "b", scheduler, clock) == "success"
+    assert scheduler.calls == [["a"], ["a", "b"]]
+
+
+def test_finished_jobs_are_not_queried_again(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a", "b")
+    scheduler, clock = Scheduler({"a": "success", "b": "running"}), Clock()
+    assert ask(conf, "a", scheduler, clock) == "success"
+    assert ask(conf, "b", scheduler, clock) == "running"
+    clock.t += 10
+    assert ask(conf, "b", scheduler, clock) == "running"  # next round
+    assert ask(conf, "a", scheduler, clock) == "success"
+    assert scheduler.calls == [["a", "b"], ["b"]]
+
+
+def test_unknown_to_us_is_still_queried(tmp_path):
+    # e.g. Snakemake resuming an incomplete job with its external id from an older run
+    conf = settings(tmp_path, status_interval=10)
+    scheduler, clock = Scheduler({"old": "success"}), Clock()
+    assert ask(conf, "old", scheduler, clock) == "success"
+
+
+def test_concurrent_calls_query_once(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    ids = [str(i) for i in range(8)]
+    submitted(conf, *ids)
+
+    class Slow(Scheduler):
+        def __call__(self, ids):
+            time.sleep(0.2)
+            return super().__call__(ids)
+
+    scheduler, answers = Slow(dict.fromkeys(ids, "running")), []
+    threads = [
+        threading.Thread(target=lambda i=i: answers.append(ask(conf, i, scheduler, Clock())))
+        for i in ids
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == ["running"] * 8
+    assert len(scheduler.calls) == 1
+
+
+# ----------------------------------------------------- bounded transient failures
+
+
+def poll_rounds(conf, job_id, scheduler, clock, rounds, step=10.0, **bounds):
+    answers = []
+    for _ in range(rounds):
+        answers.append(ask(conf, job_id, scheduler, clock, **bounds))
+        clock.t += step
+    return answers
+
+
+def test_scheduler_errors_read_as_running_then_failed(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a")
+    scheduler, clock = Scheduler({}), Clock()
+    scheduler.error = "qstat: cannot connect to server aurora-pbs-0001"
+    # 10 rounds AND 300 s: with 10-s rounds the time bound decides (round 31, at 300 s)
+    answers = poll_rounds(conf, "a", scheduler, clock, 32)
+    assert answers[:30] == ["running"] * 30
+    assert answers[30:] == ["failed"] * 2
+    log = (tmp_path / "state" / "status.log").read_text()
+    assert "cannot connect to server" in log and "reported as failed" in log
+
+
+def test_round_bound_applies_when_rounds_are_slow(tmp_path):
+    conf = settings(tmp_path, status_interval=60)
+    submitted(conf, "a")
+    scheduler, clock = Scheduler({}), Clock()  # "a" unknown to the scheduler
+    answers = poll_rounds(conf, "a", scheduler, clock, 11, step=60)
+    assert answers == ["running"] * 9 + ["failed"] * 2
+
+
+def test_a_good_answer_resets_the_failure_count(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a")
+    scheduler, clock = Scheduler({"a": "running"}), Clock()
+    bounds = {"problem_rounds": 3, "problem_seconds": 0}
+    scheduler.error = "timeout"
+    assert poll_rounds(conf, "a", scheduler, clock, 2, **bounds) == ["running"] * 2
+    scheduler.error = None
+    assert poll_rounds(conf, "a", scheduler, clock, 1, **bounds) == ["running"]
+    scheduler.error = "timeout"
+    assert poll_rounds(conf, "a", scheduler, clock, 3, **bounds) == ["running"] * 2 + ["failed"]
+
+
+def test_unreadable_status_warns_once_then_explains_the_failure(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a")
+    scheduler, clock, messages = Scheduler({}), Clock(), []
+    for _ in range(4):
+        pbs.job_status(
+            "a", conf, query=scheduler, now=clock, warn=messages.append,
+            problem_rounds=3, problem_seconds=0,
+        )  # fmt: skip
+        clock.t += 10
+    assert len(messages) == 2
+    assert "reading it as running" in messages[0]
+    assert "failed" in messages[1] and "logs/pbs/ra.log" in messages[1]
+
+
+# ------------------------------------------------------------- submission planning
+
+
+def properties(tiles: int, ranks=(), runtime=30, **extra) -> dict:
+    """Job properties as Snakemake 9.27.1 writes them for a group job (captured)."""
+    outputs = [p for r in ranks for p in (f"results/{r}.out", f"results/records/{r}.json")]
+    return {
+        "type": "group",
+        "groupid": "node",
+        "local": False,
+        "input": [f"data/{r}.in" for r in ranks],
+        "output": outputs,
+        "threads": len(ranks),
+        "resources": {"tiles": tiles, "runtime": runtime},
+        "jobid": "0bf19f0e-cd02-522c-bafd-16de090487a5",
+    } | extra
+
+
+@pytest.mark.parametrize(
+    ("tiles", "per_job", "jobs", "nodes"),
+    [(13, 1, 13, 2), (8, 2, 4, 1), (48, 1, 48, 4), (12, 1, 12, 1), (1, 1, 1, 1), (24, 2, 12, 2)],
+)
+def test_nodes_from_tiles(tiles, per_job, jobs, nodes):
+    plan = pbs.plan_submission(properties(tiles), settings(tiles_per_job=per_job))
+    assert (plan.jobs, plan.nodes) == (jobs, nodes)
+
+
+def test_too_many_jobs_for_one_submission_are_refused():
+    with pytest.raises(pbs.SubmitError, match="would need 5 nodes.*nodes_per_submission is 4"):
+        pbs.plan_submission(properties(49), settings())
+
+
+def test_walltime_is_runtime_plus_margin():
+    assert pbs.plan_submission(properties(48, runtime=30), settings()).walltime == "00:40:00"
+    plan = pbs.plan_submission(properties(1, runtime=1490), settings(queue="capacity"))
+    assert plan.walltime == "25:00:00"
+
+
+def test_walltime_over_the_queue_limit_is_refused():
+    with pytest.raises(pbs.SubmitError, match="exceeds queue 'debug-scaling'"):
+        pbs.plan_submission(properties(48, runtime=90), settings(queue="debug-scaling"))
+
+
+def test_partial_submission_gets_the_queue_minimum():
+    plan = pbs.plan_submission(properties(3), settings(queue="debug-scaling"))
+    assert plan.nodes == 2
+
+
+def test_job_names():
+    assert pbs.plan_submission(properties(48, range(48)), settings()).name == "r0-47"
+    assert pbs.job_name([5], "x") == "r5"
+    assert pbs.job_name([3, 9, 40], "x") == "r3-40_3"
+    assert pbs.job_name([], "0bf19f0e-cd02") == "snk0bf19f0e"
+    long = pbs.job_name(list(range(123456, 123456 + 48, 2)), "x")
+    assert len(long) <= 15 and long[0].isalpha()
+
+
+def test_ranks_come_from_the_out_files_else_the_inputs():
+    assert pbs.job_ranks(properties(3, [7, 2, 11])) == [2, 7, 11]
+    assert pbs.job_ranks(properties(60, range(60)) | {"output": None}) == list(range(60))
+    assert pbs.job_ranks(properties(3) | {"output": None, "input": None}) == []  # > 100 each
+
+
+def test_missing_tiles_resource_is_refused():
+    with pytest.raises(pbs.SubmitError, match="'tiles' resource"):
+        pbs.plan_submission({"resources": {"runtime": 3}}, settings())
+
+
+# ------------------------------------------------------------ jobscript and qsub
+
+
+def jobscript(props: dict, exec_job="cd /w && python -m snakemake --mode 'remote'") -> str:
+    """profiles/aurora/jobscript.sh filled in as Snakemake does (str.format)."""
+    template = (PROFILE / "jobscript.sh").read_text()
+    return template.format(properties=json.dumps(props), exec_job=exec_job)
+
+
+def test_jobscript_template_formats_and_keeps_shell_braces():
+    text = jobscript(properties(2, [0, 1]))
+    assert pbs.read_properties(text)["resources"]["tiles"] == 2
+    assert '"${PBS_O_WORKDIR:-.}"' in text
+    assert pbs.SETUP_MARKER in text.splitlines()
+    assert text.splitlines()[-1].startswith("cd /w && python -m snakemake")
+
+
+def test_setup_lines_replace_the_marker_before_the_job():
+    text = pbs.insert_setup(jobscript(properties(1, [0])), ["module load frameworks", "x=1"])
+    lines = text.splitlines()
+    assert pbs.SETUP_MARKER not in lines
+    assert lines.index("module load frameworks") < lines.index("x=1") < len(lines) - 1
+    assert lines.index("set -e") < lines.index("module load frameworks") < lines.index("set +e")
+    assert lines[-1].startswith("cd /w && python -m snakemake")
+
+
+def test_setup_lines_stop_the_job_when_they_fail(tmp_path):
+    text = pbs.insert_setup(jobscript(properties(1), exec_job="echo REACHED"), ["false"])
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert res.returncode != 0
+    assert "REACHED" not in res.stdout
+    assert "pbs.setup" in res.stderr
+
+
+def test_empty_setup_runs_the_job(tmp_path):
+    text = pbs.insert_setup(jobscript(properties(1), exec_job="echo REACHED"), [])
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=tmp_path)
+    assert (res.returncode, res.stdout.splitlines()[-1]) == (0, "REACHED")
+
+
+def test_qsub_argv_keeps_each_setting_one_element():
+    tricky = "proj x; rm -rf ~ 'q' \"d\" $(id)"
+    conf = settings(account=tricky, queue="my queue", filesystems="home:flare;x", place="scatter")
+    plan = pbs.Plan(name="r0-47", jobs=48, nodes=4, walltime="00:40:00", ranks=())
+    argv = pbs.qsub_argv(conf, plan, "logs/pbs/r0-47.sh", "logs/pbs/r0-47.log")
+    assert argv == [
+        "qsub", "-A", tricky, "-q", "my queue",
+        "-l", "select=4,walltime=00:40:00,filesystems=home:flare;x,place=scatter",
+        "-N", "r0-47", "-j", "oe", "-o", "logs/pbs/r0-47.log", "logs/pbs/r0-47.sh",
+    ]  # fmt: skip
+    assert argv.count("-l") == 1
+
+
+def test_submit_runs_qsub_without_shell_and_records_the_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    conf = settings(account="p; echo injected", setup=["module load frameworks"])
+    script = tmp_path / "snakejob.sh"
+    script.write_text(jobscript(properties(13, range(13))))
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append((argv, kwargs))
+        return subprocess.CompletedProcess(argv, 0, "8101204.aurora-pbs-0001.hostmgmt\n", "")
+
+    job_id = pbs.submit(str(script), conf, run=run)
+    assert job_id == "8101204.aurora-pbs-0001.hostmgmt"
+    (argv, kwargs), = calls  # fmt: skip
+    assert "shell" not in kwargs
+    assert argv[argv.index("-A") + 1] == "p; echo injected"
+    assert argv[argv.index("-l") + 1].startswith("select=2,walltime=00:40:00,")
+    submitted_script = Path(argv[-1])
+    assert not submitted_script.is_absolute()
+    assert submitted_script.parent == Path("logs/pbs")
+    assert "module load frameworks" in submitted_script.read_text()
+    assert argv[argv.index("-o") + 1] == "logs/pbs/r0-12.log"
+    state = pbs.StateStore(tmp_path / ".snakemake" / "pbs").read()
+    assert state["jobs"][job_id]["name"] == "r0-12"
+    index = (tmp_path / "logs" / "pbs" / "submissions.tsv").read_text().split("\t")
+    assert index[1:4] == [job_id, "r0-12", "2"]
+
+
+def test_submit_reports_qsub_refusal_with_the_scheduler_message(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    record = recording(SLURM, "qsub_reject_oversized_select")
+    script = tmp_path / "snakejob.sh"
+    script.write_text(jobscript(properties(13, range(13))))
+    with pytest.raises(pbs.SubmitError) as error:
+        pbs.submit(str(script), settings(tmp_path), run=replay(record))
+    message = str(error.value)
+    assert "qsub refused r0-12 (13 jobs on 2 node(s)" in message
+    assert "Node count specification invalid" in message
+    assert message in (tmp_path / "logs" / "r0-12.log").read_text()
+
+
+# ---------------------------------------------------------------- export / validate
+
+
+def test_export_puts_settings_into_the_environment():
+    environ = {}
+    config = merged_config()
+    pbs.export_settings(config, environ)
+    exported = json.loads(environ[pbs.SETTINGS_VARIABLE])
+    assert exported == pbs.settings_from_config(config)
+    assert exported["state_dir"] == ".snakemake/pbs" and exported["log_dir"] == "logs/pbs"
+    assert {"account", "queue", "filesystems", "place", "nodes_per_submission"} <= set(exported)
+    assert {"walltime_margin_minutes", "setup", "flavor", "status_interval"} <= set(exported)
+    assert {"tiles_per_node", "tiles_per_job"} <= set(exported)
+
+
+AURORA_RUN = pbs.RunInfo(configfiles=(str(PROFILE / "aurora.yaml"),), jobs=10, cores=480)
+
+
+def test_profile_is_recognised_by_its_config_file():
+    assert pbs.profile_in_use([PROFILE / "aurora.yaml"])
+    assert not pbs.profile_in_use([REPO / "config" / "config.yaml"])
+    assert not pbs.profile_in_use([])
+
+
+def test_missing_account_fails_only_with_the_profile():
+    config = merged_config()
+    assert config["pbs"]["account"] == ""
+    pbs.export_settings(config, {}, workflow=pbs.RunInfo())  # another profile: fine
+    with pytest.raises(pbs.PbsConfigError, match=r"pbs\.account is empty.*--config"):
+        pbs.export_settings(config, {}, workflow=AURORA_RUN)
+
+
+def problems(**changes) -> str:
+    return "\n".join(pbs.settings_problems(settings(**changes), jobs=1))
+
+
+def test_queue_limits():
+    assert problems() == ""  # the profile's own defaults are valid
+    assert "pbs.nodes_per_submission (4) is outside queue 'debug'" in problems(queue="debug")
+    assert "00:40:00" not in problems(queue="debug", nodes_per_submission=2)
+    assert "outside queue 'debug-scaling'" in problems(
+        queue="debug-scaling", nodes_per_submission=1
+    )
+    assert "walltime 01:10:00" in problems(
+        queue="debug", nodes_per_submission=1, runtime_minutes=60
+    )
+    assert "runtime_minutes" in problems(queue="debug", nodes_per_submission=1, runtime_minutes=60)
+    assert (
+        problems(queue="capacity", nodes_per_submission=16, runtime_minutes=7 * 24 * 60 - 10) == ""
+    )
+    assert "capacity" in problems(queue="capacity", nodes_per_submission=17)
+    assert problems(queue="somewhere-else", nodes_per_submission=9999, runtime_minutes=99999) == ""
+
+
+def test_one_job_queues_need_jobs_1():
+    conf = settings(queue="debug-scaling")
+    assert pbs.settings_problems(conf, jobs=1) == []
+    (message,) = pbs.settings_problems(conf, jobs=10)
+    assert "--jobs 1" in message
+
+
+def test_tiles_per_job_must_fit_a_node():
+    assert "tiles.per_job (13)" in problems(tiles_per_job=13)
+
+
+def test_validation_error_is_a_value_error_naming_keys():
+    with pytest.raises(ValueError, match="pbs.nodes_per_submission"):
+        pbs.check_settings(settings(queue="debug"))
+
+
+def test_group_packing():
+    conf = settings()
+    assert pbs.expected_group_size(conf) == 48
+    assert pbs.group_packing_problems({"node": 48}, conf, cores=480) == []
+    (wrong,) = pbs.group_packing_problems({"node": 12}, conf)
+    assert "node=12" in wrong and "group-components: {node: 48}" in wrong
+    (missing,) = pbs.group_packing_problems({}, conf)
+    assert "no node= entry" in missing
+    (cores,) = pbs.group_packing_problems({"node": 48}, conf, cores=8)
+    assert "cores is 8" in cores
+    assert pbs.expected_group_size(settings(tiles_per_job=2, nodes_per_submission=2)) == 12
+
+
+# ----------------------------------------------------------------- profile files
+
+
+def test_profile_agrees_with_its_settings():
+    keys, conf = profile_keys(), settings()
+    assert keys["executor"] == "cluster-generic"
+    assert keys["group-components"] == {"node": pbs.expected_group_size(conf)}
+    assert keys["cores"] >= pbs.expected_group_size(conf)
+    assert keys["seconds-between-status-checks"] == conf["status_interval"]
+    assert keys["keep-incomplete"] is True and keys["keep-going"] is True
+    assert keys["cluster-generic-cancel-nargs"] >= keys["jobs"]
+    assert pbs.settings_problems(conf, jobs=keys["jobs"]) == []
+    for key in ("submit", "status", "cancel"):
+        command = PROFILE / keys[f"cluster-generic-{key}-cmd"]
+        assert command.is_file() and os.access(command, os.X_OK)
+    assert (PROFILE / keys["jobscript"]).is_file()
+    assert (PROFILE / keys["configfile"]).is_file()
+    assert not (REPO / "profiles" / "default").exists()
+
+
+def test_aurora_defaults():
+    config = merged_config()
+    assert config["tiles"]["cpu_bind"] == [
+        "1-8", "9-16", "17-24", "25-32", "33-40", "41-48",
+        "53-60", "61-68", "69-76", "77-84", "85-92", "93-100",
+    ]  # fmt: skip
+    assert config["launcher"] == [
+        "mpiexec", "-n", "1", "--hosts", "{host}", "--cpu-bind", "list:{cpus}"
+    ]  # fmt: skip
+    assert config["task_env"]["HF_HUB_OFFLINE"] == "1"
+    assert "module load frameworks" in config["pbs"]["setup"]
+
+
+# ------------------------------------------------ the commands, run as Snakemake does
+
+
+def command_env(conf: dict | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != pbs.SETTINGS_VARIABLE}
+    if conf is not None:
+        env[pbs.SETTINGS_VARIABLE] = json.dumps(conf)
+    return env
+
+
+def test_submit_command_without_account_explains(tmp_path):
+    conf = settings(tmp_path, account="")
+    script = tmp_path / "job.sh"
+    script.write_text(jobscript(properties(1, [0])))
+    res = subprocess.run(
+        f'{PROFILE / "pbs-submit"} "{script}"',
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=command_env(conf),
+        cwd=tmp_path,
+    )  # fmt: skip  (the plugin's own call, through a shell)
+    assert res.returncode == 1
+    assert "pbs.account is empty" in res.stderr
+    assert res.stdout == ""  # no job id
+
+
+def test_commands_need_the_exported_settings(tmp_path):
+    res = subprocess.run(
+        [PROFILE / "pbs-submit", tmp_path / "job.sh"], capture_output=True, text=True,
+        env=command_env(None),
+    )  # fmt: skip
+    assert res.returncode == 1 and pbs.SETTINGS_VARIABLE in res.stderr
+
+
+def test_status_command_reads_a_broken_scheduler_as_running(tmp_path):
+    # On this machine `qstat -x` is Slurm's wrapper, which rejects -x: a failed query.
+    conf = settings(tmp_path)
+    res = subprocess.run(
+        f"{PROFILE / 'pbs-status'} '{AURORA_ID}'", shell=True, capture_output=True,
+        text=True, env=command_env(conf), cwd=tmp_path,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout) == (0, "running\n")
+    assert AURORA_ID in (tmp_path / "state" / "status.log").read_text()
+
+
+def test_status_command_needs_only_the_standard_library(tmp_path):
+    # The system Python has none of the venv's packages.
+    system_python = "/usr/bin/python3"
+    if not os.path.exists(system_python):
+        pytest.skip("no system python3")
+    conf = settings(tmp_path) | {"python": sys.executable}
+    res = subprocess.run(
+        [system_python, PROFILE / "pbs-status", "1"], capture_output=True, text=True,
+        env=command_env(conf), cwd=tmp_path,
+    )  # fmt: skip
+    assert (res.returncode, res.stdout) == (0, "running\n"), res.stderr
+
+
+def test_cancel_skips_finished_jobs_and_returns_in_time(tmp_path):
+    conf = settings(tmp_path)
+    submitted(conf, "1", "2", "3")
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["2"]["state"] = "success"
+    started = []
+
+    def popen(argv, **kwargs):  # a qdel slower than the plugin's 2 s
+        started.append(argv)
+        assert kwargs["start_new_session"]
+        return subprocess.Popen(["sleep", "3"], **kwargs)
+
+    t = time.monotonic()
+    assert pbs.cancel(["1", "2", "3"], conf, popen=popen) == ["1", "3"]
+    assert time.monotonic() - t < 2
+    assert started == [["qdel", "1", "3"]]
+    assert "qdel 1 3" in (tmp_path / "state" / "cancel.log").read_text()
+    assert pbs.cancel(["2"], conf, popen=popen) == []
+
+
+def test_cancel_command_exits_0_even_without_qdel(tmp_path):
+    conf = settings(tmp_path)
+    bin_dir = tmp_path / "bin"  # python3 but no qdel on PATH
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
+    res = subprocess.run(
+        [PROFILE / "pbs-cancel", "999999"], capture_output=True, text=True,
+        env=command_env(conf) | {"PATH": str(bin_dir)}, cwd=tmp_path, timeout=5,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "qdel could not start" in (tmp_path / "state" / "cancel.log").read_text()
