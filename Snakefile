@@ -31,6 +31,7 @@ wildcard_constraints:
 
 localrules:
     all,
+    fetch_model,
 
 
 rule all:
@@ -38,9 +39,19 @@ rule all:
         expand(f"{RESULTS}/{{rank}}.out", rank=RANKS),
 
 
+rule fetch_model:
+    output:
+        f"{RESULTS}/model/{pipeline.model_slug(MODEL)}.json",
+    log:
+        "logs/fetch_model.log",
+    run:
+        pipeline.fetch_model(config, MODEL, output[0], log[0])
+
+
 rule infer:
     input:
         prompts=f"{DATA}/{{rank}}.in",
+        model=ancient(pipeline.model_marker(MODEL, RESULTS)),
     output:
         out=f"{RESULTS}/{{rank}}.out",
         record=f"{RESULTS}/records/{{rank}}.json",

@@ -6,6 +6,7 @@ Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -59,6 +60,29 @@ def task_settings(config: dict, model: str) -> dict:
 
 def inference_python(config: dict) -> str:
     return config["python"] or sys.executable
+
+
+def model_marker(model: str, results_dir: str) -> list[str]:
+    """The fetched-model marker that rank jobs wait for: none for a local folder."""
+    return [] if is_local_model(model) else [f"{results_dir}/model/{model_slug(model)}.json"]
+
+
+def fetch_env(config: dict, environ=os.environ) -> dict:
+    """The task's environment, online: the login node may download what jobs may not."""
+    env = {**environ, **config["task_env"]}
+    env.pop("HF_HUB_OFFLINE", None)
+    return env
+
+
+def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
+    """Fetch a hub model into the cache the jobs read (rule fetch_model)."""
+    command = [inference_python(config), str(Path(__file__).with_name("fetch_model.py"))]
+    with open(log, "w") as stream:
+        code = subprocess.run(
+            [*command, model, marker], env=fetch_env(config), stdout=stream, stderr=stream
+        ).returncode
+    if code != 0:
+        raise RuntimeError(f"fetching model {model!r} failed; see {log}")
 
 
 def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:

@@ -39,7 +39,7 @@ def discover_ranks(data_dir: str | Path) -> list[str]:
             "several files for one rank: " + "; ".join(" and ".join(n) for n in clashes)
         )
     if problems:
-        raise RankFileError(f"in {str(data)!r}: " + ". ".join(problems))
+        raise RankFileError(f"data folder {str(data)!r}: " + "; ".join(problems))
     if not names_of:
         raise RankFileError(f"data folder {str(data)!r} has no <rank>.in files")
     return [names[0].removesuffix(".in") for _, names in sorted(names_of.items())]

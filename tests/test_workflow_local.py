@@ -1,0 +1,221 @@
+"""The workflow end to end with profiles/local, as a user runs it."""
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from workflow import (
+    REPO,
+    local_config,
+    make_workdir,
+    planned_ranks,
+    read_records,
+    snakemake,
+)
+
+FOUR = "one\ntwo\nthree\nfour\n"
+
+
+def sample_ranks() -> dict[str, str]:
+    return {p.name: p.read_text() for p in (REPO / "data").glob("*.in")}
+
+
+def prompts_of(path: Path) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_ok(result):
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+
+
+# --- dry runs and errors that must stop a run before any job starts ---------
+
+
+def test_dry_run_lists_exactly_the_missing_ranks(tmp_path):
+    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in (0, 1, 2, 5, 12)})
+    (work / "results").mkdir()
+    for rank in (1, 5):
+        (work / "results" / f"{rank}.out").write_text("done\n")
+    result = snakemake(work, "-n", configfiles=local_config(work))
+    assert_ok(result)
+    assert planned_ranks(result.stdout + result.stderr) == ["0", "2", "12"]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({"engine": "gpu"}, "engine"),
+        ({"sampling": {"top_p": 1.5}}, "top_p"),
+        ({"tiles": {"per_node": 0}}, "per_node"),
+        ({"vllm": {"long_prompts": "drop"}}, "long_prompts"),
+        ({"no_such_key": 1}, "no_such_key"),
+    ],
+)
+def test_bad_config_value_fails_the_dry_run_naming_the_key(tmp_path, override, key):
+    work = make_workdir(tmp_path, {"0.in": FOUR})
+    result = snakemake(work, "-n", configfiles=local_config(work, **override))
+    assert result.returncode != 0
+    assert key in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["1.in", "x.in", "2b.in"], ["x.in", "2b.in"]),
+        (["7.in", "07.in"], ["07.in and 7.in"]),
+    ],
+)
+def test_bad_rank_file_names_fail_the_dry_run(tmp_path, names, expected):
+    work = make_workdir(tmp_path, {name: FOUR for name in names})
+    result = snakemake(work, "-n", configfiles=local_config(work))
+    assert result.returncode != 0
+    for text in expected:
+        assert text in result.stdout + result.stderr
+
+
+def test_empty_data_folder_fails_clearly(tmp_path):
+    work = make_workdir(tmp_path, {})
+    result = snakemake(work, "-n", configfiles=local_config(work))
+    assert result.returncode != 0
+    assert "has no <rank>.in files" in result.stdout + result.stderr
+
+
+def test_missing_local_model_fails_before_any_job(tmp_path):
+    work = make_workdir(tmp_path, {"0.in": FOUR})
+    result = snakemake(work, configfiles=local_config(work, model="./models/not-built"))
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "config key 'model'" in output and "not-built" in output
+    assert not (work / "logs").exists()
+
+
+# --- runs -------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+def test_all_48_sample_ranks_with_the_tiny_model(tmp_path):
+    ranks = sample_ranks()
+    assert len(ranks) == 48
+    work = make_workdir(tmp_path, ranks)
+    assert_ok(snakemake(work, configfiles=local_config(work)))
+    for name in ranks:
+        rank = name.removesuffix(".in")
+        records = read_records(work / "results" / f"{rank}.out")
+        assert [prompt for prompt, _ in records] == prompts_of(work / "data" / name)
+        assert all(generated for _, generated in records)
+        record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+        assert record["prompts"] == len(records) and record["output_tokens"] > 0
+        assert "placement: " in (work / "logs" / "infer" / f"{rank}.log").read_text()
+
+
+@pytest.mark.vllm
+def test_sampling_seed_makes_reruns_identical(tmp_path):
+    work = make_workdir(tmp_path, {"0.in": FOUR, "1.in": "Hello there\nThe sky is\n"})
+    seeded = dict(temperature=0.8, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=False)
+    config = local_config(work, sampling=seeded)
+    assert_ok(snakemake(work, configfiles=config))
+    first = {p.name: p.read_text() for p in (work / "results").glob("*.out")}
+    assert_ok(snakemake(work, "--forceall", configfiles=config))
+    assert {p.name: p.read_text() for p in (work / "results").glob("*.out")} == first
+
+
+def test_failed_ranks_are_listed_and_the_others_kept(tmp_path):
+    work = make_workdir(
+        tmp_path,
+        {"0.in": FOUR, "1.in": b"fine\n\xff\xfe broken\n", "2.in": FOUR, "3.in": "\n  \n"},
+    )
+    result = snakemake(work, configfiles=local_config(work, engine="echo"))
+    assert result.returncode != 0
+    results = work / "results"
+    assert read_records(results / "0.out") == [(p, p) for p in prompts_of(work / "data/0.in")]
+    assert (results / "2.out").exists()
+    assert not (results / "1.out").exists()
+    assert "rank 1: logs/infer/1.log" in result.stderr
+    assert "1.in" in (work / "logs/infer/1.log").read_text()
+    assert "line 2" in (work / "logs/infer/1.log").read_text()
+    assert (results / "3.out").read_text() == ""
+    assert "WARNING" in (work / "logs/infer/3.log").read_text()
+
+
+@pytest.mark.vllm
+def test_prompt_longer_than_the_context_fails_naming_line_and_tokens(tmp_path):
+    long_prompt = " ".join(["word"] * 2000)
+    work = make_workdir(tmp_path, {"0.in": f"short\n{long_prompt}\n", "1.in": FOUR})
+    result = snakemake(work, configfiles=local_config(work))
+    assert result.returncode != 0
+    log = (work / "logs/infer/0.log").read_text()
+    assert "0.in" in log and "line 2" in log and "token" in log
+    assert not (work / "results/0.out").exists()
+    assert (work / "results/1.out").exists()
+
+
+@pytest.mark.vllm
+def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path):
+    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(8)})
+    results = work / "results"
+    run = snakemake(work, configfiles=local_config(work), popen=True)
+    seen_partial, deadline = [], time.monotonic() + 600
+    try:
+        while time.monotonic() < deadline:
+            done = sorted(results.glob("*.out"))
+            for out in done:  # every .out that exists is whole, at every moment
+                if len(read_records(out)) != 4:
+                    seen_partial.append(out.name)
+            if len(done) >= 2:
+                break
+            assert run.poll() is None, run.stdout.read()
+            time.sleep(0.2)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+    assert not seen_partial
+    finished = {p.name: p.stat().st_mtime_ns for p in results.glob("*.out")}
+    assert 2 <= len(finished) < 8
+
+    # A SIGKILLed Snakemake leaves its lock behind, as after a node crash.
+    assert_ok(snakemake(work, "--unlock", configfiles=local_config(work)))
+    rerun = snakemake(work, "--rerun-incomplete", configfiles=local_config(work))
+    assert_ok(rerun)
+    assert sorted(planned_ranks(rerun.stdout + rerun.stderr), key=int) == sorted(
+        (str(r) for r in range(8) if f"{r}.out" not in finished), key=int
+    )
+    for name, mtime in finished.items():
+        assert (results / name).stat().st_mtime_ns == mtime
+    assert len(list(results.glob("*.out"))) == 8
+
+
+def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
+    """A Hugging Face cache holding ``model_dir`` as ``repo_id``, laid out as the hub lays it."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / "hub" / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for path in model_dir.iterdir():
+        (snapshot / path.name).write_bytes(path.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    return root
+
+
+@pytest.mark.vllm
+def test_hub_model_is_fetched_once_on_the_login_side_then_jobs_run_offline(tmp_path):
+    work = make_workdir(tmp_path / "run", {"0.in": "Hello there\nThe sky is\n"})
+    cache = hub_cache(tmp_path / "hf", "testorg/tiny-opt", REPO / "models" / "tiny-opt")
+    env = {"HF_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
+    config = local_config(work, model="testorg/tiny-opt", task_env=env)
+
+    dry = snakemake(work, "-n", configfiles=config)
+    assert_ok(dry)
+    assert "rule fetch_model" in dry.stdout and planned_ranks(dry.stdout) == ["0"]
+
+    assert_ok(snakemake(work, configfiles=config))
+    marker = json.loads((work / "results/model/testorg--tiny-opt.json").read_text())
+    assert marker["how"] == "found in the cache" and marker["path"].startswith(str(cache))
+    assert [p for p, _ in read_records(work / "results/0.out")] == ["Hello there", "The sky is"]
+    assert "HF_HUB_OFFLINE=1" in (work / "logs/infer/0.log").read_text()
+
+    again = snakemake(work, "-n", configfiles=config)
+    assert "rule fetch_model" not in again.stdout and planned_ranks(again.stdout) == []
