@@ -1,0 +1,414 @@
+"""One rank of the inference test: read a prompt file, generate, write the results.
+
+This is the seed's simple_test.py made robust. It knows nothing of PBS, Snakemake
+or tiles: whoever starts it sets the device environment (ZE_AFFINITY_MASK, ...)
+and passes everything else on the command line:
+
+    python scripts/infer.py --rank 0 --prompts data/0.in --output results/0.out \\
+        --record results/records/0.json --settings '{"engine": "vllm", ...}'
+
+Settings (JSON object; missing keys take the defaults below, unknown keys are an
+error):
+    engine                 "vllm" runs the model; "echo" returns each prompt as its
+                           generated text (never imports vllm or torch)
+    model                  hub id or local folder
+    dtype                  vLLM dtype ("auto", "bfloat16", ...)
+    max_model_len          int or null (null: the model's own limit)
+    enforce_eager          bool
+    cpu_kv_cache_gib       number or null: sets VLLM_CPU_KVCACHE_SPACE (GiB) before
+                           vllm is imported, unless the environment already sets it
+    gpu_memory_utilization number in (0, 1]
+    long_prompts           "error" or "truncate" (see check_prompt_lengths)
+    sampling               {temperature, top_p, max_tokens, seed, ignore_eos}
+
+Outputs, both written atomically, the record first and the .out last (so an
+existing .out means the rank is complete):
+    --record   JSON: rank, prompts, output_tokens, load_s, generate_s, tokens_per_s,
+               import_s, python_start_s, host, hostname, mask, tiles, model, engine,
+               truncated
+    --output   one seed record per prompt, in input order:
+               Prompt: '...', Generated text: '...'<blank line>
+
+Exit status: 0 success; 2 an expected error (bad settings, unreadable prompt file,
+prompt too long with long_prompts "error"), reported as one "ERROR: ..." line on
+stderr and nothing written; anything else is a bug and shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from prompts import Prompt, PromptFileError, format_record, read_prompts, write_atomic
+
+DEFAULT_SETTINGS: dict = {
+    "engine": "vllm",
+    "model": "facebook/opt-125m",
+    "dtype": "auto",
+    "max_model_len": None,
+    "enforce_eager": False,
+    "cpu_kv_cache_gib": None,
+    "gpu_memory_utilization": 0.9,
+    "long_prompts": "error",
+    # The seed's SamplingParams(temperature=0.8, top_p=0.95) with vLLM's max_tokens 16.
+    "sampling": {
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "max_tokens": 16,
+        "seed": None,
+        "ignore_eos": False,
+    },
+}
+
+
+class UsageError(Exception):
+    """An expected error: reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def parse_settings(text: str) -> dict:
+    """Settings from the --settings JSON, merged over DEFAULT_SETTINGS and checked."""
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--settings is not valid JSON: {exc}") from None
+    if not isinstance(given, dict):
+        raise UsageError("--settings must be a JSON object")
+    unknown = sorted(set(given) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise UsageError(f"--settings: unknown keys {unknown}")
+    settings = {**DEFAULT_SETTINGS, **given}
+    sampling = given.get("sampling") or {}
+    if not isinstance(sampling, dict):
+        raise UsageError("--settings: sampling must be an object")
+    unknown = sorted(set(sampling) - set(DEFAULT_SETTINGS["sampling"]))
+    if unknown:
+        raise UsageError(f"--settings: unknown sampling keys {unknown}")
+    settings["sampling"] = {**DEFAULT_SETTINGS["sampling"], **sampling}
+    s = settings["sampling"]
+
+    def bad(key, expected):
+        value = settings.get(key, s.get(key))
+        return UsageError(f"--settings: {key} must be {expected}, not {value!r}")
+
+    if settings["engine"] not in ("vllm", "echo"):
+        raise bad("engine", '"vllm" or "echo"')
+    if not isinstance(settings["model"], str) or not settings["model"]:
+        raise bad("model", "a non-empty string")
+    if not isinstance(settings["dtype"], str):
+        raise bad("dtype", "a string")
+    mml = settings["max_model_len"]
+    if mml is not None and not (_is_int(mml) and mml > 0):
+        raise bad("max_model_len", "a positive integer or null")
+    if not isinstance(settings["enforce_eager"], bool):
+        raise bad("enforce_eager", "true or false")
+    kv = settings["cpu_kv_cache_gib"]
+    if kv is not None and not (_is_number(kv) and kv > 0):
+        raise bad("cpu_kv_cache_gib", "a positive number or null")
+    gmu = settings["gpu_memory_utilization"]
+    if not (_is_number(gmu) and 0 < gmu <= 1):
+        raise bad("gpu_memory_utilization", "a number in (0, 1]")
+    if settings["long_prompts"] not in ("error", "truncate"):
+        raise bad("long_prompts", '"error" or "truncate"')
+    if not (_is_number(s["temperature"]) and s["temperature"] >= 0):
+        raise bad("temperature", "a number >= 0")
+    if not (_is_number(s["top_p"]) and 0 < s["top_p"] <= 1):
+        raise bad("top_p", "a number in (0, 1]")
+    if s["max_tokens"] is not None and not (_is_int(s["max_tokens"]) and s["max_tokens"] > 0):
+        raise bad("max_tokens", "a positive integer or null")
+    if s["seed"] is not None and not _is_int(s["seed"]):
+        raise bad("seed", "an integer or null")
+    if not isinstance(s["ignore_eos"], bool):
+        raise bad("ignore_eos", "true or false")
+    return settings
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), or None if unknown."""
+    try:
+        with open("/proc/self/stat") as handle:
+            stat = handle.read()
+        fields = stat[stat.rindex(")") + 2 :].split()
+        start_ticks = int(fields[19])  # field 22, starttime, in clock ticks after boot
+        started = start_ticks / os.sysconf("SC_CLK_TCK")
+        return round(max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started), 3)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def prepare_environment(settings: dict) -> None:
+    """Environment that must be in place before vllm or torch is imported."""
+    tmpdir = os.environ.get("TMPDIR")
+    if tmpdir and not os.path.isdir(tmpdir):
+        os.makedirs(tmpdir, exist_ok=True)
+    kv = settings["cpu_kv_cache_gib"]
+    # An empty value counts as unset, as vLLM reads it.
+    if kv is not None and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        # vLLM reads a whole number of GiB: round a fraction up.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(kv))
+
+
+def _token_limit(max_model_len: int, max_tokens: int | None) -> int:
+    """Most prompt tokens allowed.
+
+    Rule: a prompt must leave room for the whole generation, i.e.
+    prompt_tokens + max_tokens <= max_model_len (special tokens such as OPT's BOS
+    count as prompt tokens, as vLLM counts them). Without max_tokens, vLLM's own
+    rule applies: prompt_tokens < max_model_len (at least one token to generate).
+    vLLM alone would reject only prompt_tokens >= max_model_len and silently cut
+    the generation short for prompts between the two limits.
+    """
+    if max_tokens is None:
+        return max_model_len - 1
+    return max_model_len - max_tokens
+
+
+def check_prompt_lengths(
+    prompts: list[Prompt],
+    token_ids: list[list[int]],
+    content_ids: list[list[int]] | None,
+    *,
+    max_model_len: int,
+    max_tokens: int | None,
+    mode: str,
+    path: str,
+) -> tuple[list, list[int]]:
+    """Engine inputs for the prompts, and the line numbers of truncated prompts.
+
+    ``token_ids[i]`` is prompt i as the engine tokenizes it (with special tokens);
+    ``content_ids[i]`` the same without special tokens (needed for "truncate").
+    Mode "error" raises UsageError naming the file, the line and the token count
+    of the first prompt over the limit. Mode "truncate" keeps the prompt's
+    leading special tokens and the LAST content tokens that fit.
+    """
+    limit = _token_limit(max_model_len, max_tokens)
+    if limit < 1:
+        raise UsageError(
+            f"max_tokens {max_tokens} leaves no room for a prompt in max_model_len {max_model_len}"
+        )
+    long = [i for i, ids in enumerate(token_ids) if len(ids) > limit]
+    inputs: list = [p.text for p in prompts]
+    if not long:
+        return inputs, []
+    rule = (
+        f"max_tokens {max_tokens} + prompt tokens must be <= max_model_len {max_model_len}"
+        if max_tokens is not None
+        else f"prompt tokens must be < max_model_len {max_model_len}"
+    )
+    if mode == "error":
+        first = long[0]
+        others = ""
+        if len(long) > 1:
+            lines = ", ".join(str(prompts[i].line) for i in long[1:6])
+            more = ", ..." if len(long) > 6 else ""
+            others = f"; {len(long) - 1} more too long (lines {lines}{more})"
+        raise UsageError(
+            f"{path}: line {prompts[first].line}: prompt is {len(token_ids[first])} tokens, "
+            f"more than the {limit} allowed ({rule}){others}; "
+            'set long_prompts to "truncate" to keep the last tokens'
+        )
+    assert content_ids is not None
+    for i in long:
+        ids, content = token_ids[i], content_ids[i]
+        n_special = len(ids) - len(content)
+        if n_special >= 0 and ids[n_special:] == content:
+            prefix = ids[:n_special]  # special tokens the tokenizer puts in front (BOS)
+        else:  # special tokens elsewhere: keep the tail of the full sequence
+            prefix, content = [], ids
+        kept = prefix + content[len(content) - (limit - len(prefix)) :]
+        inputs[i] = {"prompt_token_ids": kept}
+        _warn(
+            f"{path}: line {prompts[i].line}: prompt is {len(ids)} tokens, more than the "
+            f"{limit} allowed ({rule}); kept its last {len(kept)} tokens"
+        )
+    return inputs, [prompts[i].line for i in long]
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def run_echo(prompts: list[Prompt]) -> dict:
+    """The echo engine: each prompt is its own generated text; no model at all."""
+    t0 = time.monotonic()
+    generated = [p.text for p in prompts]
+    tokens = sum(len(p.text.split()) for p in prompts)
+    return {
+        "generated": generated,
+        "output_tokens": tokens,
+        "import_s": 0.0,
+        "load_s": 0.0,
+        "generate_s": time.monotonic() - t0,
+        "truncated": [],
+    }
+
+
+def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
+    """Start one vLLM engine and generate for all prompts in one batched call."""
+    # Timed on its own: importing vLLM (and torch) is a large part of a rank's start.
+    # `import vllm` alone is lazy; importing LLM pulls in the engine.
+    t0 = time.monotonic()
+    from vllm import LLM, SamplingParams
+
+    import_s = time.monotonic() - t0
+
+    engine_args = {
+        "model": settings["model"],
+        "dtype": settings["dtype"],
+        "enforce_eager": settings["enforce_eager"],
+        "gpu_memory_utilization": settings["gpu_memory_utilization"],
+    }
+    if settings["max_model_len"] is not None:
+        engine_args["max_model_len"] = settings["max_model_len"]
+    # No device=: removed from vLLM (0.10); the platform is detected and the tile is
+    # chosen by ZE_AFFINITY_MASK in the environment. No engine seed either: LLM's
+    # seed must be an int (default 0); reproducible sampling comes from the
+    # per-request SamplingParams(seed=...).
+    t0 = time.monotonic()
+    llm = LLM(**engine_args)
+    load_s = time.monotonic() - t0
+
+    sampling = settings["sampling"]
+    tokenizer = llm.get_tokenizer()
+    max_model_len = llm.llm_engine.model_config.max_model_len
+    token_ids = [tokenizer.encode(p.text) for p in prompts]
+    content_ids = None
+    if settings["long_prompts"] == "truncate":
+        content_ids = [tokenizer.encode(p.text, add_special_tokens=False) for p in prompts]
+    inputs, truncated = check_prompt_lengths(
+        prompts,
+        token_ids,
+        content_ids,
+        max_model_len=max_model_len,
+        max_tokens=sampling["max_tokens"],
+        mode=settings["long_prompts"],
+        path=path,
+    )
+    params = SamplingParams(
+        temperature=sampling["temperature"],
+        top_p=sampling["top_p"],
+        max_tokens=sampling["max_tokens"],
+        seed=sampling["seed"],
+        ignore_eos=sampling["ignore_eos"],
+    )
+    t0 = time.monotonic()
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    generate_s = time.monotonic() - t0
+    if len(outputs) != len(prompts):
+        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    return {
+        "generated": [o.outputs[0].text for o in outputs],
+        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "import_s": import_s,
+        "load_s": load_s,
+        "generate_s": generate_s,
+        "truncated": truncated,
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def build_record(rank: int, settings: dict, n_prompts: int, result: dict, started) -> dict:
+    generate_s = result["generate_s"]
+    tokens = result["output_tokens"]
+    hostname = socket.gethostname()
+    return {
+        "rank": rank,
+        "prompts": n_prompts,
+        "output_tokens": tokens,
+        "load_s": round(result["load_s"], 6),
+        "generate_s": round(generate_s, 6),
+        "tokens_per_s": round(tokens / generate_s, 1) if generate_s > 0 and tokens else 0.0,
+        "import_s": round(result["import_s"], 6),
+        "python_start_s": started,
+        "host": os.environ.get("TILE_HOST") or hostname,
+        "hostname": hostname,
+        "mask": os.environ.get("ZE_AFFINITY_MASK", ""),
+        "tiles": os.environ.get("TILE_IDS", ""),
+        "model": settings["model"],
+        "engine": settings["engine"],
+        "truncated": result["truncated"],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="One rank of the inference test.")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--prompts", required=True, help="prompt file, one prompt a line")
+    parser.add_argument("--output", required=True, help="seed-format results (.out)")
+    parser.add_argument("--record", required=True, help="JSON record of the run")
+    parser.add_argument("--settings", default="{}", help="JSON object (see module doc)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Seconds from process start to here: interpreter start plus module imports.
+    started = process_age_s()
+    args = parse_args(argv)
+    try:
+        settings = parse_settings(args.settings)
+        prompts = read_prompts(args.prompts)  # file errors come before any engine start
+        prepare_environment(settings)
+        if not prompts:
+            _warn(f"{args.prompts} has no prompts")
+            result = {
+                "generated": [],
+                "output_tokens": 0,
+                "import_s": 0.0,
+                "load_s": 0.0,
+                "generate_s": 0.0,
+                "truncated": [],
+            }
+        elif settings["engine"] == "echo":
+            result = run_echo(prompts)
+        else:
+            result = run_vllm(prompts, settings, args.prompts)
+    except (UsageError, PromptFileError) as exc:
+        print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return 2
+
+    record = build_record(args.rank, settings, len(prompts), result, started)
+    text = "".join(
+        format_record(p.text, g) for p, g in zip(prompts, result["generated"], strict=True)
+    )
+    for target in (args.record, args.output):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    # Record first, .out last: the .out existing means the rank finished.
+    write_atomic(args.record, json.dumps(record, indent=2) + "\n")
+    write_atomic(args.output, text)
+    r = record
+    print(
+        f"rank {r['rank']}: {r['prompts']} prompts, {r['output_tokens']} tokens, "
+        f"load {r['load_s']:.2f} s, generate {r['generate_s']:.2f} s, "
+        f"{r['tokens_per_s']:.1f} tok/s, host {r['host']}, mask {r['mask'] or '-'}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
