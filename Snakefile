@@ -22,7 +22,9 @@ RANKS = ranks.discover_ranks(DATA)
 MODEL = pipeline.check_model(config["model"])
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(config, workflow=workflow)
-pbs.announce_plan(workflow, config, len(pipeline.pending_ranks(RANKS, DATA, RESULTS)))
+MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] unless weights must be fetched
+PENDING = pipeline.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER)
+pbs.announce_plan(workflow, config, len(PENDING))
 
 
 wildcard_constraints:
@@ -51,7 +53,7 @@ rule fetch_model:
 rule infer:
     input:
         prompts=f"{DATA}/{{rank}}.in",
-        model=ancient(pipeline.model_marker(MODEL, RESULTS)),
+        model=MODEL_MARKER,
     output:
         out=f"{RESULTS}/{{rank}}.out",
         record=f"{RESULTS}/records/{{rank}}.json",

@@ -41,8 +41,14 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model)
 
 
-def pending_ranks(ranks, data_dir: str, results_dir: str) -> list[str]:
-    """Ranks whose output is missing or older than its input (what a run will redo)."""
+def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str]:
+    """Ranks whose output is missing or older than its input (what a run will redo).
+
+    All of them while the model still has to be fetched (``marker`` missing): the
+    fetch job then updates every rank's input.
+    """
+    if any(not os.path.exists(path) for path in marker):
+        return list(ranks)
     pending = []
     for rank in ranks:
         out = Path(results_dir, f"{rank}.out")
@@ -62,9 +68,11 @@ def inference_python(config: dict) -> str:
     return config["python"] or sys.executable
 
 
-def model_marker(model: str, results_dir: str) -> list[str]:
-    """The fetched-model marker that rank jobs wait for: none for a local folder."""
-    return [] if is_local_model(model) else [f"{results_dir}/model/{model_slug(model)}.json"]
+def model_marker(config: dict, model: str) -> list[str]:
+    """The fetched-model marker that rank jobs wait for: none for a local folder or echo."""
+    if is_local_model(model) or config["engine"] == "echo":
+        return []
+    return [f"{config['results_dir']}/model/{model_slug(model)}.json"]
 
 
 def fetch_env(config: dict, environ=os.environ) -> dict:

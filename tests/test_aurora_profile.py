@@ -9,8 +9,11 @@ cancel without one) against the test cluster: Slurm with its PBS command wrapper
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -206,6 +209,310 @@ def test_workflow_packs_13_ranks_into_one_2_node_submission(slurm_cluster, tmp_p
     assert slurm_cluster.show_job(job_id)["NumNodes"] == "2"
 
 
+# ------------------------------------------ whole runs through the scheduler (helpers)
+
+SRUN_LAUNCHER = ["srun", "--nodes=1", "--ntasks=1", "--nodelist={host}", "--overlap"]
+SUBMISSION_KEYS = ("time", "id", "name", "nodes", "walltime", "queue", "ranks")
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` merged in key by key, as Snakemake merges config files."""
+    result = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            result[key] = merged(base[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def aurora_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
+    """A run folder; its test-config.yaml suits the test cluster, with ``config`` on top."""
+    work = wf.make_workdir(tmp_path / "run", ranks)
+    base = {
+        "engine": "echo",
+        # A local folder: echo loads no model, and a hub id would first be fetched.
+        "model": str(wf.TINY_MODEL),
+        "python": "",
+        "launcher": SRUN_LAUNCHER,
+        "tiles": {"cpu_bind": []},
+        "pbs": {"account": "testproj", "queue": "capacity", "flavor": "slurm",
+                "setup": [], "status_interval": 2},
+    }  # fmt: skip
+    wf.write_config(work, merged(base, config))
+    return work
+
+
+def run_aurora(cluster: SlurmCluster, work: Path, *args: str, **kwargs):
+    """``snakemake --profile profiles/aurora`` in ``work`` against the test cluster."""
+    return wf.snakemake(
+        work, "--seconds-between-status-checks", "2", *args, profile="profiles/aurora",
+        configfiles=[work / "profiles" / "aurora" / "aurora.yaml", work / "test-config.yaml"],
+        env={k: cluster.env[k] for k in ("SLURM_CONF", "PATH")}, **kwargs,
+    )  # fmt: skip
+
+
+def submissions(work: Path) -> list[dict[str, str]]:
+    """logs/pbs/submissions.tsv (written by pbs.submit), one dict per qsub."""
+    path = work / "logs" / "pbs" / "submissions.tsv"
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    return [dict(zip(SUBMISSION_KEYS, line.split("\t"), strict=True)) for line in lines]
+
+
+WRAPPER = """#!{python}
+# Test stand-in for config `python`: notes where it runs, may wait or sleep, then
+# becomes the real interpreter with the same arguments.
+import os, sys, time
+
+REAL, NOTES, BARRIER, SLEEP_RANKS = {real!r}, {notes!r}, {barrier!r}, {sleep!r}
+args = sys.argv[1:]
+rank = args[args.index("--rank") + 1]
+if NOTES:
+    with open(os.path.join(NOTES, rank), "w") as note:
+        note.write(os.environ.get("SLURMD_NODENAME", "-") + " " + os.environ["TILE_HOST"])
+    deadline = time.monotonic() + 120
+    while len(os.listdir(NOTES)) < BARRIER and time.monotonic() < deadline:
+        time.sleep(0.2)
+if rank in SLEEP_RANKS:
+    time.sleep(600)
+    sys.exit(1)
+os.execv(REAL, [REAL, *args])
+"""
+
+
+def python_wrapper(
+    path: Path, *, notes: Path | None = None, barrier: int = 0, sleep_ranks=()
+) -> Path:
+    """An executable for config ``python`` (see WRAPPER).
+
+    With ``notes``, each rank writes ``notes/<rank>``: the Slurm node it runs on
+    (SLURMD_NODENAME, set by srun on the node of the step) and its placement host;
+    then it waits until ``barrier`` ranks have written theirs, so all of them hold
+    their tiles at once. Ranks in ``sleep_ranks`` sleep 600 s and fail.
+    """
+    path.write_text(
+        WRAPPER.format(
+            python=sys.executable,
+            real=sys.executable,
+            notes=str(notes) if notes else "",
+            barrier=barrier,
+            sleep=[str(r) for r in sleep_ranks],
+        )
+    )
+    path.chmod(0o755)
+    return path
+
+
+def logged_argv(log: Path) -> list[str]:
+    """The launcher command scripts/tiles.py wrote at the top of a rank's log."""
+    line = next(x for x in log.read_text().splitlines() if x.startswith("argv: "))
+    return json.loads(line.removeprefix("argv: "))
+
+
+def output_of(res) -> str:
+    return res.stdout[-4000:] + res.stderr[-4000:]
+
+
+@pytest.mark.slurm
+def test_workflow_runs_48_ranks_on_48_tiles_of_one_4_node_submission(slurm_cluster, tmp_path):
+    prompts = {i: [f"rank {i} prompt {j}" for j in range(2)] for i in range(48)}
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    # All 48 ranks wait for each other before their task starts: each then holds its
+    # tile at the same time as the others, so their 48 (host, tile) slots must differ.
+    wrapper = python_wrapper(tmp_path / "python", notes=notes, barrier=48)
+    work = aurora_folder(
+        tmp_path,
+        {f"{i}.in": "\n".join(lines) + "\n" for i, lines in prompts.items()},
+        python=str(wrapper),
+        tiles={"per_node": 12},
+        pbs={"nodes_per_submission": 4},
+    )
+    res = run_aurora(slurm_cluster, work)  # profile: group-components node=48
+    assert res.returncode == 0, output_of(res)
+    (submission,) = submissions(work)
+    assert (submission["name"], submission["nodes"]) == ("r0-47", "4")
+    assert slurm_cluster.show_job(submission["id"])["NumNodes"] == "4"
+    slots = []
+    for rank, lines in prompts.items():
+        assert wf.read_records(work / "results" / f"{rank}.out") == [(p, p) for p in lines]
+        record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+        slots.append((record["host"], record["tiles"]))
+        argv = logged_argv(work / "logs" / "infer" / f"{rank}.log")
+        assert argv[:5] == [
+            "srun", "--nodes=1", "--ntasks=1", f"--nodelist={record['host']}", "--overlap",
+        ]  # fmt: skip
+        # srun started the task on the node placement chose (all nodes are this machine).
+        assert (notes / str(rank)).read_text().split() == [record["host"]] * 2
+    assert sorted(slots) == sorted((f"node{n}", str(t)) for n in range(1, 5) for t in range(12))
+
+
+@pytest.mark.slurm
+@pytest.mark.vllm
+def test_workflow_runs_vllm_through_the_scheduler_2_nodes_x_2_tiles(slurm_cluster, tmp_path):
+    prompts = {i: [f"Rank {i} says hello", f"The capital of rank {i} is"] for i in range(8)}
+    work = aurora_folder(
+        tmp_path,
+        {f"{i}.in": "\n".join(lines) + "\n" for i, lines in prompts.items()},
+        engine="vllm",
+        model=str(wf.TINY_MODEL),
+        # profiles/local/local.yaml's CPU settings
+        vllm={"dtype": "bfloat16", "enforce_eager": True, "cpu_kv_cache_gib": 1},
+        task_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "HF_HOME": str(tmp_path / "hf")},
+        tiles={"per_node": 2},
+        pbs={"nodes_per_submission": 2},
+    )
+    # 2 nodes x 2 tiles: 4 engines per submission. --jobs 1: one submission at a time,
+    # so 4 engines share this machine's 2 cores, not 8.
+    res = run_aurora(
+        slurm_cluster, work, "--group-components", "node=4", "--cores", "4", "--jobs", "1"
+    )
+    assert res.returncode == 0, output_of(res)
+    subs = submissions(work)
+    assert [s["nodes"] for s in subs] == ["2", "2"]
+    assert sorted(int(r) for s in subs for r in s["ranks"].split(",")) == list(range(8))
+    for job_id in (s["id"] for s in subs):
+        assert slurm_cluster.show_job(job_id)["NumNodes"] == "2"
+    for rank, lines in prompts.items():
+        records = wf.read_records(work / "results" / f"{rank}.out")
+        assert [p for p, _ in records] == lines
+        assert all(generated.strip() for _, generated in records), records
+        record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+        assert (record["engine"], record["output_tokens"] > 0) == ("vllm", True)
+
+
+def short_queue(cluster: SlurmCluster, name: str = "short") -> str:
+    """A partition whose name the provider does not know, created once per cluster.
+
+    Aurora's queues need a walltime of at least 5 minutes (pbs.AURORA_QUEUES), which
+    the provider checks; an unknown queue name passes, as another site's queue would.
+    """
+    if cluster.run(["scontrol", "show", "partition", name]).returncode != 0:
+        cluster.run(
+            ["scontrol", "create", f"PartitionName={name}", "Nodes=ALL", "OverSubscribe=YES",
+             "State=UP", "MaxTime=60"],
+            check=True,
+        )  # fmt: skip
+    return name
+
+
+def yaml_config(work: Path) -> dict:
+    """The run folder's test-config.yaml (see aurora_folder)."""
+    return wf.yaml.safe_load((work / "test-config.yaml").read_text())
+
+
+def local_seconds(stamp: str) -> float:
+    """Seconds since the epoch of a local time stamp: scontrol's or status.log's."""
+    return time.mktime(time.strptime(stamp.replace("T", " "), "%Y-%m-%d %H:%M:%S"))
+
+
+@pytest.mark.slurm
+def test_walltime_kill_is_noticed_and_rerun_incomplete_runs_only_the_killed_rank(
+    slurm_cluster, tmp_path
+):
+    interval = 2  # pbs.status_interval and --seconds-between-status-checks
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    config = {
+        "runtime_minutes": 1,
+        "tiles": {"per_node": 4},
+        "pbs": {"queue": short_queue(slurm_cluster), "nodes_per_submission": 1,
+                "walltime_margin_minutes": 0, "status_interval": interval},
+    }  # fmt: skip
+    sleeper = python_wrapper(tmp_path / "python", sleep_ranks=[3])
+    work = aurora_folder(tmp_path, ranks, python=str(sleeper), **config)
+    packing = ("--group-components", "node=4", "--cores", "4")
+    res = run_aurora(slurm_cluster, work, *packing)
+    assert res.returncode != 0, output_of(res)
+    (submission,) = submissions(work)
+    assert (submission["name"], submission["walltime"]) == ("r0-3", "00:01:00")
+    job = slurm_cluster.show_job(submission["id"])
+    assert job["JobState"] == "TIMEOUT", job
+    # The status command's first "failed" answer, against the scheduler's end of the job.
+    # Both are local times cut to whole seconds (up to 1 s early each), and the status
+    # command needs a moment to start: 2 polling intervals plus 2 s of slack.
+    log = (work / ".snakemake" / "pbs" / "status.log").read_text().splitlines()
+    noticed = next(line for line in log if "query for" in line and "failed" in line)
+    delay = local_seconds(noticed[:19]) - local_seconds(job["EndTime"])
+    assert -1 <= delay <= 2 * interval + 2, (job["EndTime"], noticed)
+    results = work / "results"
+    for rank in range(3):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    assert not (results / "3.out").exists()
+
+    wf.write_config(work, merged(yaml_config(work), {"python": ""}))
+    plan = run_aurora(slurm_cluster, work, *packing, "--rerun-incomplete", "-n")
+    assert wf.planned_ranks(plan.stdout + plan.stderr) == ["3"], output_of(plan)
+    mtimes = {rank: (results / f"{rank}.out").stat().st_mtime_ns for rank in range(3)}
+    res = run_aurora(slurm_cluster, work, *packing, "--rerun-incomplete")
+    assert res.returncode == 0, output_of(res)
+    assert [s["name"] for s in submissions(work)] == ["r0-3", "r3"]
+    assert {rank: (results / f"{rank}.out").stat().st_mtime_ns for rank in range(3)} == mtimes
+    for rank in range(4):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+
+
+def our_jobs_in_queue(cluster: SlurmCluster, ids) -> dict[str, str]:
+    """{job id: state} of the given jobs that squeue still lists as pending or running."""
+    res = cluster.run(["squeue", "-h", "-t", "PENDING,RUNNING", "-o", "%i %T"], check=True)
+    states = dict(line.split() for line in res.stdout.splitlines() if line.strip())
+    return {job_id: states[job_id] for job_id in ids if job_id in states}
+
+
+def processes_running(path: Path) -> list[int]:
+    """Pids of processes whose command line names ``path``."""
+    needle = os.fsencode(str(path))
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and needle in (entry / "cmdline").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+@pytest.mark.slurm
+def test_ctrl_c_cancels_the_running_submission(slurm_cluster, tmp_path):
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    sleeper = python_wrapper(tmp_path / "python", notes=notes, sleep_ranks=[0, 1])
+    work = aurora_folder(tmp_path, {"0.in": "a\n", "1.in": "b\n"}, python=str(sleeper))
+    proc = run_aurora(slurm_cluster, work, popen=True)  # in a session of its own
+    try:
+        deadline = time.monotonic() + 120
+        while not (len(submissions(work)) == 1 and len(list(notes.iterdir())) == 2):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "the ranks did not start"
+            time.sleep(0.5)
+        (submission,) = submissions(work)
+        job_id = submission["id"]
+        assert slurm_cluster.show_job(job_id)["JobState"] == "RUNNING"
+        assert processes_running(sleeper)
+        # Ctrl-C in a terminal signals the foreground process group.
+        os.killpg(proc.pid, signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+        assert proc.returncode != 0, output[-4000:]
+        deadline = time.monotonic() + 10  # qdel may still be on its way when Snakemake ends
+        while (left := our_jobs_in_queue(slurm_cluster, [job_id])) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not left, output[-4000:]
+        assert slurm_cluster.wait_job(job_id, timeout=10)["JobState"] == "CANCELLED"
+        assert f"qdel {job_id}" in (work / ".snakemake" / "pbs" / "cancel.log").read_text()
+        deadline = time.monotonic() + 10  # Slurm's KillWait is 2 s
+        while processes_running(sleeper) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not processes_running(sleeper), "the ranks' tasks survived the cancel"
+    finally:  # a failed test must not leave its sleeping submission behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        ids = [s["id"] for s in submissions(work)]
+        if our_jobs_in_queue(slurm_cluster, ids):
+            slurm_cluster.run(["scancel", *ids])
+
+
 # ------------------------------------------------ dry runs (need no scheduler)
 
 
@@ -235,3 +542,30 @@ def test_dry_run_checks_group_packing(tmp_path):
     res = dry_run(tmp_path, "--config", "pbs={account: P}", "--group-components", "node=12")
     assert res.returncode != 0
     assert "group-components has node=12" in res.stdout + res.stderr
+
+
+def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
+    samples = {path.name: path.read_text() for path in (REPO / "data").glob("*.in")}
+    assert len(samples) == 48
+    work = wf.make_workdir(tmp_path / "run", samples)
+    res = wf.snakemake(work, "-n", "--config", "pbs={account: P}", profile="profiles/aurora")
+    assert res.returncode == 0, output_of(res)
+    assert (
+        "PBS plan: 48 rank job(s) -> 1 submission(s) to queue 'prod' (1 x 4 node(s)), "
+        "walltime 00:40:00 each, at most 2.67 node-hours"
+    ) in res.stdout + res.stderr
+    assert len(wf.planned_ranks(res.stdout)) == 48
+    # 36 ranks done (outputs newer than their inputs): 12 left, one node's worth. With
+    # a local model folder, the ranks depend on nothing else.
+    (work / "results" / "records").mkdir(parents=True)
+    for rank in range(36):
+        (work / "results" / f"{rank}.out").write_text("")
+        (work / "results" / "records" / f"{rank}.json").write_text("{}")
+    config = ("pbs={account: P}", f"model={wf.TINY_MODEL}")
+    res = wf.snakemake(work, "-n", "--config", *config, profile="profiles/aurora")
+    assert res.returncode == 0, output_of(res)
+    assert (
+        "PBS plan: 12 rank job(s) -> 1 submission(s) to queue 'prod' (1 x 1 node(s)), "
+        "walltime 00:40:00 each, at most 0.67 node-hours"
+    ) in res.stdout + res.stderr
+    assert wf.planned_ranks(res.stdout) == [str(rank) for rank in range(36, 48)]

@@ -761,3 +761,45 @@ def test_cancel_command_exits_0_even_without_qdel(tmp_path):
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "qdel could not start" in (tmp_path / "state" / "cancel.log").read_text()
+
+
+# -------------------------------------------------------------- the dry run's plan
+
+
+@pytest.mark.parametrize(
+    ("pending", "changes", "plan"),
+    [
+        (13, {}, [(13, 2)]),  # 13 one-tile ranks: one submission, 2 nodes
+        (48, {}, [(48, 4)]),
+        (100, {}, [(48, 4), (48, 4), (4, 1)]),
+        (4, {"tiles_per_job": 2}, [(4, 1)]),  # 6 two-tile jobs per node
+        (30, {"tiles_per_job": 2}, [(24, 4), (6, 1)]),
+        (49, {"queue": "debug-scaling"}, [(48, 4), (1, 2)]),  # its minimum is 2 nodes
+        (5, {"nodes_per_submission": 1, "tiles_per_node": 4}, [(4, 1), (1, 1)]),
+        (0, {}, []),
+    ],
+)
+def test_plan_run(pending, changes, plan):
+    assert pbs.plan_run(pending, settings(**changes)) == plan
+
+
+@pytest.mark.parametrize(
+    ("pending", "changes", "text"),
+    [
+        (48, {}, "48 rank job(s) -> 1 submission(s) to queue 'prod' (1 x 4 node(s)), "
+                 "walltime 00:40:00 each, at most 2.67 node-hours"),
+        (100, {}, "100 rank job(s) -> 3 submission(s) to queue 'prod' (2 x 4 node(s), "
+                  "1 x 1 node(s)), walltime 00:40:00 each, at most 6.00 node-hours"),
+        (49, {"queue": "debug-scaling"}, "49 rank job(s) -> 2 submission(s) to queue "
+         "'debug-scaling' (1 x 4 node(s), 1 x 2 node(s)), walltime 00:40:00 each, at most "
+         "4.00 node-hours"),
+        (13, {"runtime_minutes": 50}, "13 rank job(s) -> 1 submission(s) to queue 'prod' "
+         "(1 x 2 node(s)), walltime 01:00:00 each, at most 2.00 node-hours"),
+    ],
+)  # fmt: skip
+def test_describe_plan(pending, changes, text):
+    assert pbs.describe_plan(pending, settings(**changes)) == f"PBS plan: {text}"
+
+
+def test_describe_plan_with_nothing_pending():
+    assert pbs.describe_plan(0, settings()) == "PBS plan: nothing to submit."
