@@ -63,6 +63,8 @@ rule infer:
         "logs/benchmarks/{rank}.tsv"
     group:
         pbs.node_group(workflow, config)
+    conda:
+        "envs/inference.yaml"
     threads: 1
     resources:
         tiles=config["tiles"]["per_job"],
