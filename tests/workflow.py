@@ -19,7 +19,7 @@ TINY_MODEL = REPO / "models" / "tiny-opt"
 def make_workdir(path: Path, ranks: dict[str, str | bytes]) -> Path:
     """Lay out a run folder: links to the workflow's code, and a data/ of the given rank files."""
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config", "scripts", "profiles", "models"):
+    for name in ("Snakefile", "config", "envs", "scripts", "profiles", "models"):
         (path / name).symlink_to(REPO / name)
     data = path / "data"
     data.mkdir()
@@ -56,7 +56,7 @@ def snakemake(workdir: Path, *args: str, profile="profiles/local", configfiles=(
             start_new_session=True,
         )
     return subprocess.run(
-        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900, **kwargs
+        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800, **kwargs
     )
 
 
