@@ -1,0 +1,233 @@
+"""Helpers shared by the benchmarks: paths, settings, timed commands, result files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PYTHON = sys.executable
+TINY_MODEL = "./models/tiny-opt"
+BENCH_MODEL = "./models/opt-125m-shaped"
+GNU_TIME = "/usr/bin/time"
+
+for folder in ("scripts", "tests"):  # the workflow's modules and the e2e helpers
+    if str(REPO / folder) not in sys.path:
+        sys.path.insert(0, str(REPO / folder))
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """``update`` over ``base``, mappings merged key by key (as Snakemake merges configs)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def local_profile_config() -> dict:
+    """config/config.yaml with profiles/local/local.yaml on top, read now (not copied)."""
+    base = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    local = yaml.safe_load((REPO / "profiles" / "local" / "local.yaml").read_text())
+    return deep_merge(base, local)
+
+
+def engine_environment(config: Mapping) -> dict[str, str]:
+    """The environment variables a rank's engine gets from the config (not the placement)."""
+    env = {name: str(value) for name, value in (config.get("task_env") or {}).items()}
+    kv = config["vllm"].get("cpu_kv_cache_gib")
+    if kv is not None:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(kv))  # as scripts/infer.py sets it
+    return env
+
+
+def profile_cores() -> int:
+    profile = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
+    return int(profile.get("cores", os.cpu_count() or 1))
+
+
+def bench_prompts(count: int) -> list[str]:
+    """``count`` prompts: the sample data's lines in rank order, repeated as needed."""
+    lines = []
+    for path in sorted((REPO / "data").glob("*.in"), key=lambda p: int(p.stem)):
+        lines += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise RuntimeError("data/ has no prompts")
+    return [lines[i % len(lines)] for i in range(count)]
+
+
+# Top-level entries of the repository that a run folder does not link: its own data
+# and results, and what only the repository needs.
+NOT_LINKED = {"data", "results", "logs", "benchmarks", "tests", "report.html"}
+
+
+def run_folder(path: Path, ranks: dict[str, str]) -> Path:
+    """A scratch run folder: links to everything the workflow reads, and its own data/.
+
+    Like tests/workflow.make_workdir, but it links every top-level entry of the
+    repository (Snakefile, config, scripts, profiles, models, envs, report, ...), so
+    a new folder the Snakefile comes to need does not break the benchmarks.
+    """
+    path.mkdir(parents=True)
+    for entry in REPO.iterdir():
+        if not entry.name.startswith(".") and entry.name not in NOT_LINKED:
+            (path / entry.name).symlink_to(entry)
+    data = path / "data"
+    data.mkdir()
+    for name, content in ranks.items():
+        (data / name).write_text(content, encoding="utf-8")
+    return path
+
+
+def model_path(model: str) -> Path:
+    path = (REPO / model).resolve()
+    if not (path / "config.json").is_file():
+        raise RuntimeError(f"{model} is not built: run `make bench` (it builds the models first)")
+    return path
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@dataclass
+class Timed:
+    wall_s: float
+    max_rss_mb: float | None
+    cpu_s: float | None  # user + system seconds of the command and its children
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_timed(
+    argv: Sequence[str],
+    *,
+    cwd: Path | str | None = None,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 1800,
+    check: bool = True,
+) -> Timed:
+    """Run a command; its wall time, and its peak RSS and CPU time (GNU time) when available."""
+    rss_file = None
+    command = list(argv)
+    if os.path.exists(GNU_TIME):
+        handle, rss_file = tempfile.mkstemp(prefix="bench-time-", suffix=".txt")
+        os.close(handle)
+        command = [GNU_TIME, "-f", "%M %U %S", "-o", rss_file, *command]
+    t0 = time.monotonic()
+    result = subprocess.run(
+        command,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    wall = time.monotonic() - t0
+    rss = cpu = None
+    if rss_file:
+        try:
+            lines = Path(rss_file).read_text().strip().splitlines()
+            fields = lines[-1].split() if lines else []  # earlier lines: "Command exited ..."
+            if len(fields) == 3:
+                rss = int(fields[0]) / 1024
+                cpu = float(fields[1]) + float(fields[2])
+        finally:
+            os.unlink(rss_file)
+    if check and result.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(map(str, argv))} failed ({result.returncode}):\n"
+            f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
+    return Timed(wall, rss, cpu, result.returncode, result.stdout, result.stderr)
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def spread(values: Sequence[float]) -> str:
+    """ "median (min-max)" of a few runs."""
+    if not values:
+        return "-"
+    return f"{fmt(median(values))} ({fmt(min(values))}-{fmt(max(values))})"
+
+
+def fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}g}"
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        mem_kb = 0
+    import snakemake
+
+    try:
+        from importlib.metadata import version
+
+        vllm_version = version("vllm-cpu")
+    except Exception:
+        vllm_version = "?"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 2**20, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "snakemake": snakemake.__version__,
+        "vllm_cpu": vllm_version,
+        "load_average_at_start": os.getloadavg()[0],
+    }
+
+
+def write_result(name: str, data: Mapping) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,249 @@
+"""Benchmark 1: does the pipeline cost throughput? One rank job vs. bare vLLM vs. naive.
+
+* pipeline: ``snakemake --profile profiles/local results/0.out`` in a scratch run
+  folder whose data/0.in holds the prompts; the rank's record gives the generation
+  rate (tokens_per_s), and the command's wall time the end-to-end rate.
+* bare vLLM: benchmarks/bare_vllm.py, one ``LLM.generate`` call, same prompts, same
+  engine settings and environment (read from profiles/local at run time).
+* naive: benchmarks/naive_transformers.py, transformers ``generate`` one prompt at a
+  time; sequential, so its rate does not depend on the number of prompts and a
+  subset of them is timed.
+
+Pipeline and bare runs alternate, so slow phases of a shared machine hit both.
+One more bare run with OMP_NUM_THREADS=1, first (it also warms the page cache),
+is a diagnosis: Snakemake starts ``script:`` and ``shell:`` jobs with
+OMP_NUM_THREADS set to the rule's ``threads``, and torch then computes on that
+many cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from common import (
+    BENCH_MODEL,
+    PYTHON,
+    REPO,
+    TINY_MODEL,
+    bench_prompts,
+    deep_merge,
+    engine_environment,
+    fmt,
+    local_profile_config,
+    log,
+    markdown_table,
+    median,
+    model_path,
+    run_folder,
+    run_timed,
+    spread,
+)
+
+NAME = "engine_efficiency"
+
+
+def sizes(quick: bool) -> dict:
+    if quick:
+        return {"model": TINY_MODEL, "prompts": 8, "max_tokens": 16, "naive_prompts": 4}
+    return {"model": BENCH_MODEL, "prompts": 64, "max_tokens": 64, "naive_prompts": 8}
+
+
+def bench_config(model: str, max_tokens: int) -> dict:
+    """profiles/local's config with the benchmark's model and sampling."""
+    sampling = {"max_tokens": max_tokens, "ignore_eos": True}
+    return deep_merge(local_profile_config(), {"model": model, "sampling": sampling})
+
+
+def pipeline_run(folder: Path, prompts: list[str], config: dict, run_dir_name: str) -> dict:
+    """One rank through the real workflow; the numbers of its record and its wall time."""
+    from workflow import write_config
+
+    work = run_folder(folder / run_dir_name, {"0.in": "\n".join(prompts) + "\n"})
+    overrides = {"model": config["model"], "sampling": config["sampling"]}
+    argv = [
+        PYTHON,
+        "-m",
+        "snakemake",
+        "--profile",
+        "profiles/local",
+        "results/0.out",
+        "--configfile",
+        str(REPO / "profiles" / "local" / "local.yaml"),
+        str(write_config(work, overrides)),
+    ]
+    timed = run_timed(argv, cwd=work)
+    record = json.loads((work / "results" / "records" / "0.json").read_text())
+    job_s = job_seconds(work / "logs" / "benchmarks" / "0.tsv")
+    return {
+        "wall_s": timed.wall_s,
+        "job_s": job_s,
+        "max_rss_mb": timed.max_rss_mb,
+        "record": record,
+        "tokens_per_s": record["tokens_per_s"],
+        "end_to_end_tokens_per_s": record["output_tokens"] / timed.wall_s,
+    }
+
+
+def job_seconds(benchmark_tsv: Path) -> float | None:
+    """Wall seconds of the job from Snakemake's ``benchmark:`` file."""
+    if not benchmark_tsv.is_file():
+        return None
+    with benchmark_tsv.open() as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return float(rows[-1]["s"]) if rows else None
+
+
+def bare_run(prompt_file: Path, config: dict, extra_env: dict | None = None) -> dict:
+    settings = {
+        "dtype": config["vllm"]["dtype"],
+        "enforce_eager": config["vllm"]["enforce_eager"],
+    } | {key: config["sampling"][key] for key in config["sampling"]}
+    env = {**os.environ, **engine_environment(config), **(extra_env or {})}
+    argv = [
+        PYTHON,
+        str(REPO / "benchmarks" / "bare_vllm.py"),
+        "--model",
+        str(model_path(config["model"])),
+        "--prompts",
+        str(prompt_file),
+        "--settings",
+        json.dumps(settings),
+    ]
+    timed = run_timed(argv, env=env)
+    result = json.loads(timed.stdout.strip().splitlines()[-1])
+    result["wall_s"] = timed.wall_s
+    result["max_rss_mb"] = timed.max_rss_mb
+    result["end_to_end_tokens_per_s"] = result["output_tokens"] / timed.wall_s
+    return result
+
+
+def naive_run(prompt_file: Path, config: dict, passes: int) -> dict:
+    settings = {"dtype": config["vllm"]["dtype"]} | dict(config["sampling"])
+    argv = [
+        PYTHON,
+        str(REPO / "benchmarks" / "naive_transformers.py"),
+        "--model",
+        str(model_path(config["model"])),
+        "--prompts",
+        str(prompt_file),
+        "--settings",
+        json.dumps(settings),
+        "--passes",
+        str(passes),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    timed = run_timed(argv, env=env)
+    return json.loads(timed.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
+    size = sizes(quick)
+    model_path(size["model"])
+    config = bench_config(size["model"], size["max_tokens"])
+    prompts = bench_prompts(size["prompts"])
+    pipeline, bare = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        folder = Path(tmp)
+        prompt_file = folder / "prompts.txt"
+        prompt_file.write_text("\n".join(prompts) + "\n")
+        # Also the warm-up (page cache): Snakemake gives script: and shell: jobs
+        # OMP_NUM_THREADS = the rule's threads; this shows what 1 thread costs.
+        log(f"engine: bare vLLM with OMP_NUM_THREADS=1 (and warm-up), {size['model']}")
+        one_thread = bare_run(prompt_file, config, {"OMP_NUM_THREADS": "1"})
+        for i in range(repeats):
+            log(f"engine: pipeline run {i + 1}/{repeats}")
+            pipeline.append(pipeline_run(folder, prompts, config, f"run-{i}"))
+            log(f"engine: bare vLLM run {i + 1}/{repeats}")
+            bare.append(bare_run(prompt_file, config))
+        naive_file = folder / "naive.txt"
+        naive_file.write_text("\n".join(prompts[: size["naive_prompts"]]) + "\n")
+        log(f"engine: naive transformers, {size['naive_prompts']} prompts x {repeats} passes")
+        naive = naive_run(naive_file, config, repeats)
+
+    def med(runs, key):
+        return median([r[key] for r in runs])
+
+    gen_ratio = med(pipeline, "tokens_per_s") / med(bare, "tokens_per_s")
+    e2e_ratio = med(pipeline, "end_to_end_tokens_per_s") / med(bare, "end_to_end_tokens_per_s")
+    naive_rates = [p["tokens_per_s"] for p in naive["passes"]]
+    speedup = med(pipeline, "tokens_per_s") / median(naive_rates)
+    one_thread_ratio = med(pipeline, "tokens_per_s") / one_thread["tokens_per_s"]
+    summary = {
+        "generation_ratio_pipeline_over_bare": gen_ratio,
+        "end_to_end_ratio_pipeline_over_bare": e2e_ratio,
+        "speedup_over_naive": speedup,
+        "ratio_pipeline_over_bare_with_one_omp_thread": one_thread_ratio,
+        "goal_generation_ratio": 0.95,
+        "goal_met": gen_ratio >= 0.95,
+        "goal": [
+            "pipeline / bare vLLM, generation tok/s",
+            f"{gen_ratio:.3f} (naive: pipeline {speedup:.1f}x faster)",
+            ">= 0.95",
+        ],
+    }
+    rows = [
+        [
+            "generation, output tok/s",
+            spread([r["tokens_per_s"] for r in pipeline]),
+            spread([r["tokens_per_s"] for r in bare]),
+            f"**{gen_ratio:.3f}** (goal >= 0.95)",
+        ],
+        [
+            "end to end (start, import, load, generate, write), output tok/s",
+            spread([r["end_to_end_tokens_per_s"] for r in pipeline]),
+            spread([r["end_to_end_tokens_per_s"] for r in bare]),
+            f"{e2e_ratio:.3f}",
+        ],
+        [
+            "wall time of one rank job, s",
+            spread([r["wall_s"] for r in pipeline]),
+            spread([r["wall_s"] for r in bare]),
+            "",
+        ],
+        [
+            "diagnosis: bare vLLM with OMP_NUM_THREADS=1 (one run), generation tok/s",
+            "",
+            fmt(one_thread["tokens_per_s"]),
+            f"{one_thread_ratio:.3f}",
+        ],
+        [
+            f"naive transformers, one prompt at a time ({size['naive_prompts']} prompts), "
+            "output tok/s",
+            "",
+            spread(naive_rates),
+            f"pipeline is **{speedup:.1f}x** faster",
+        ],
+    ]
+    title = (
+        f"Engine efficiency: {size['model']}, {size['prompts']} prompts x "
+        f"{size['max_tokens']} output tokens (ignore_eos), profiles/local engine settings; "
+        f"median (min-max) of {repeats} alternating runs"
+    )
+    table = markdown_table(["measure", "pipeline", "baseline", "ratio"], rows)
+    return {
+        "name": NAME,
+        "title": title,
+        "table": table,
+        "summary": summary,
+        "sizes": size,
+        "config": {"vllm": config["vllm"], "sampling": config["sampling"]},
+        "environment": engine_environment(config),
+        "runs": {
+            "pipeline": pipeline,
+            "bare_vllm": bare,
+            "bare_vllm_omp_num_threads_1": one_thread,
+            "naive_transformers": naive,
+        },
+        "medians": {
+            "pipeline_tokens_per_s": med(pipeline, "tokens_per_s"),
+            "bare_tokens_per_s": med(bare, "tokens_per_s"),
+            "naive_tokens_per_s": median(naive_rates),
+            "pipeline_wall_s": med(pipeline, "wall_s"),
+            "bare_wall_s": med(bare, "wall_s"),
+        },
+        "headline": f"pipeline/bare generation {fmt(gen_ratio)}, {speedup:.1f}x naive",
+    }

@@ -1,0 +1,200 @@
+"""Benchmark 4: how hard does a run poll the scheduler? Calls per interval and per submission.
+
+A real Slurm test cluster (tests/slurm_cluster.py, with the PBS command wrappers)
+runs the workflow with profiles/aurora: the echo engine, one rank per submission
+(``tiles.per_node`` 1, ``pbs.nodes_per_submission`` 1, ``--group-components
+node=1``), so ``ranks`` ranks are ``ranks`` submissions, all in flight at once.
+
+Scheduler calls are counted, not faked: a folder first on PATH holds one wrapper
+per scheduler command (qsub, qstat, qdel, scontrol, squeue, sbatch, sacct, srun)
+that appends a line to a log and execs the real command by its absolute path.
+
+Status queries (qstat, scontrol, squeue, sacct) are then bucketed into polling
+intervals (``pbs.status_interval`` seconds, from the first submission); the goal
+is at most one status query per interval however many submissions are in flight.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from common import PYTHON, REPO, log, markdown_table, run_folder, run_timed
+
+NAME = "scheduler_load"
+COMMANDS = ("qsub", "qstat", "qdel", "scontrol", "squeue", "sbatch", "sacct", "srun")
+STATUS_COMMANDS = ("qstat", "scontrol", "squeue", "sacct")
+
+
+def write_wrappers(folder: Path, call_log: Path, path: str) -> dict[str, str]:
+    """Counting wrappers for the scheduler commands found on ``path``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    real = {}
+    for name in COMMANDS:
+        found = shutil.which(name, path=path)
+        if not found:
+            continue
+        real[name] = found
+        script = folder / name
+        # One line per call (time, command, arguments), then the real command.
+        line = f'printf "%s\\t%s\\t%s\\n" "$(date +%s.%N)" {name} "$*"'
+        script.write_text(
+            f'#!/bin/sh\n{line} >> {shlex.quote(str(call_log))}\nexec {shlex.quote(found)} "$@"\n'
+        )
+        script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return real
+
+
+def read_calls(call_log: Path) -> list[tuple[float, str, str]]:
+    if not call_log.exists():
+        return []
+    calls = []
+    for line in call_log.read_text().splitlines():
+        stamp, name, args = (line.split("\t", 2) + ["", ""])[:3]
+        calls.append((float(stamp), name, args))
+    return sorted(calls)
+
+
+def test_config(interval: int) -> dict:
+    """Config for the test cluster: the echo engine, srun as launcher, one rank per submission."""
+    return {
+        "engine": "echo",
+        "model": "facebook/opt-125m",  # never loaded by the echo engine
+        "python": "",  # the Python running Snakemake
+        "task_env": {},
+        "launcher": ["srun", "--nodes=1", "--ntasks=1", "--nodelist={host}", "--overlap"],
+        "tiles": {"per_node": 1, "per_job": 1, "cpu_bind": []},
+        "runtime_minutes": 10,
+        "pbs": {
+            "account": "test",
+            "queue": "capacity",
+            "flavor": "slurm",
+            "nodes_per_submission": 1,
+            "setup": [],
+            "status_interval": interval,
+        },
+    }
+
+
+def in_flight_at(t: float, starts: list[float], ends: list[float]) -> int:
+    """Submissions made and not yet finished at time ``t``."""
+    return sum(1 for s in starts if s <= t) - sum(1 for e in ends if e <= t)
+
+
+def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
+    from slurm_cluster import SlurmCluster
+
+    if not (REPO / "profiles" / "aurora" / "config.yaml").is_file():
+        raise RuntimeError("profiles/aurora is missing")
+    ranks = 6 if quick else 24
+    profile = yaml.safe_load((REPO / "profiles" / "aurora" / "config.yaml").read_text())
+    interval = int(profile.get("seconds-between-status-checks", 10))
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-scheduler-") as tmp,
+        SlurmCluster(nodes=4) as cluster,
+    ):
+        root = Path(tmp)
+        call_log = root / "calls.tsv"
+        env = cluster.env
+        real = write_wrappers(root / "bin", call_log, env["PATH"])
+        env["PATH"] = f"{root / 'bin'}{os.pathsep}{env['PATH']}"
+        work = run_folder(root / "run", {f"{r}.in": f"prompt {r}\n" for r in range(ranks)})
+        config = work / "scheduler-test.yaml"
+        config.write_text(yaml.safe_dump(test_config(interval)))
+        argv = [
+            PYTHON,
+            "-m",
+            "snakemake",
+            "--profile",
+            "profiles/aurora",
+            "--configfile",
+            str(REPO / "profiles" / "aurora" / "aurora.yaml"),
+            str(config),
+            "--group-components",
+            "node=1",
+            "--jobs",
+            str(ranks + 5),
+            "--cores",
+            "1",
+        ]
+        log(f"scheduler: {ranks} submissions on the test cluster, status every {interval} s")
+        t0 = time.time()
+        timed = run_timed(argv, cwd=work, env=env, timeout=1800, check=False)
+        t1 = time.time()
+        jobs = cluster.jobcomp_records()
+        all_calls = read_calls(call_log)
+        if timed.returncode != 0:
+            raise RuntimeError(
+                f"the run failed ({timed.returncode}):\n{timed.stdout[-3000:]}\n"
+                f"{timed.stderr[-5000:]}\n{cluster.logs()}"
+            )
+    calls = [c for c in all_calls if t0 <= c[0] <= t1]
+    outside = [c for c in calls if c[1] not in ("srun",)]
+    submits = [c for c in calls if c[1] in ("qsub", "sbatch")]
+    status = [c for c in calls if c[1] in STATUS_COMMANDS]
+    submissions = len([c for c in calls if c[1] == "qsub"]) or len(submits)
+    # In flight: from the qsub call to the job's end (jobcomp EndTime, whole seconds).
+    ends = [
+        time.mktime(time.strptime(j["EndTime"], "%Y-%m-%dT%H:%M:%S")) + 1
+        for j in jobs
+        if j.get("EndTime", "").count("T") == 1
+    ]
+    starts = [c[0] for c in calls if c[1] == "qsub"]
+    first = starts[0] if starts else t0
+    windows: dict[int, list] = {}
+    for call in status:
+        windows.setdefault(int((call[0] - first) // interval), []).append(call)
+    busy_windows = {
+        w: cs
+        for w, cs in windows.items()
+        if in_flight_at(first + (w + 0.5) * interval, starts, ends) >= min(20, ranks)
+    }
+    max_per_window = max((len(cs) for cs in windows.values()), default=0)
+    max_busy = max((len(cs) for cs in busy_windows.values()), default=0)
+    per_command = {name: sum(1 for c in calls if c[1] == name) for name in COMMANDS}
+    peak_in_flight = max((in_flight_at(s, starts, ends) for s in starts), default=0)
+    rows = [
+        ["submissions (qsub calls)", submissions],
+        ["peak submissions in flight", peak_in_flight],
+        ["polling interval, s", interval],
+        ["polling intervals with status queries", len(windows)],
+        [
+            f"status queries per interval, max (goal <= 1) with >= {min(20, ranks)} in flight",
+            f"**{max_busy}**",
+        ],
+        ["status queries per interval, max over the whole run", max_per_window],
+        ["status queries per submission", f"{len(status) / max(1, submissions):.2f}"],
+        [
+            "scheduler calls per submission (all but srun)",
+            f"{len(outside) / max(1, submissions):.2f}",
+        ],
+        ["calls by command", ", ".join(f"{k} {v}" for k, v in per_command.items() if v)],
+        ["wall time of the run, s", f"{timed.wall_s:.0f}"],
+    ]
+    return {
+        "name": NAME,
+        "title": (
+            f"Scheduler load: {ranks} one-rank submissions (echo engine) with profiles/aurora "
+            "on the Slurm test cluster (4 nodes, PBS wrappers); every scheduler call counted"
+        ),
+        "table": markdown_table(["measure", "value"], rows),
+        "real_commands": real,
+        "calls": [{"t": c[0] - first, "command": c[1], "args": c[2]} for c in calls],
+        "summary": {
+            "submissions": submissions,
+            "max_status_queries_per_interval_in_flight": max_busy,
+            "status_queries_per_submission": len(status) / max(1, submissions),
+            "goal_met": max_busy <= 1,
+            "goal": [
+                f"status queries per polling interval, {peak_in_flight} submissions in flight",
+                f"{max_busy} ({len(status) / max(1, submissions):.2f} per submission)",
+                "<= 1",
+            ],
+        },
+    }

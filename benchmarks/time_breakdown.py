@@ -1,0 +1,233 @@
+"""Benchmark 2: where a rank job's time goes, and Snakemake's own share of a run.
+
+One rank (the engine benchmark's prompts and sampling) through the workflow with
+the tiny and the 125M-shaped model. The parts:
+
+* Python start (task): scripts/infer.py's interpreter start and imports (record
+  ``python_start_s``);
+* import vllm, model load, generation: the record's ``import_s``, ``load_s``,
+  ``generate_s``;
+* script start, placement, tokenize, write, exit: the rest of the job's own wall
+  time (Snakemake's ``benchmark:`` file of rule infer, which times its ``script:``
+  from the start of the Python that runs scripts/run_rank.py);
+* Snakemake outside the job: the rest of the ``snakemake`` command's wall time
+  (start, parsing, DAG, scheduling, bookkeeping).
+
+Then the 48 sample ranks with profiles/local (``make run``): Snakemake's overhead
+is the share of the run's job slots (``cores`` x wall time) not spent inside jobs,
+``1 - sum(job seconds) / (cores x wall)``, plus each job's script start (the job
+time of an empty ``script:`` job, measured alone). Goal: under 10 %.
+"""
+
+from __future__ import annotations
+
+import csv
+import tempfile
+from pathlib import Path
+
+from common import (
+    PYTHON,
+    REPO,
+    TINY_MODEL,
+    bench_prompts,
+    log,
+    markdown_table,
+    median,
+    profile_cores,
+    run_folder,
+    run_timed,
+)
+from engine_efficiency import bench_config, pipeline_run, sizes
+
+NAME = "time_breakdown"
+PARTS = (
+    ("Python start (task)", "python_start_s"),
+    ("import vllm", "import_s"),
+    ("model load", "load_s"),
+    ("generation", "generate_s"),
+    ("script start, placement, tokenize, write, exit", "rest_of_job_s"),
+    ("Snakemake outside the job (start, parse, DAG, bookkeeping)", "snakemake_s"),
+)
+
+PROBE_SNAKEFILE = """\
+rule probe:
+    output:
+        "probe.txt",
+    benchmark:
+        "probe.tsv"
+    script:
+        "probe.py"
+"""
+
+
+def parts_of(run: dict) -> dict:
+    """Seconds per part of one pipeline run (see the module doc)."""
+    r = run["record"]
+    task = sum(r[key] or 0 for key in ("python_start_s", "import_s", "load_s", "generate_s"))
+    job = run["job_s"] if run["job_s"] is not None else task
+    return {
+        "python_start_s": r["python_start_s"] or 0.0,
+        "import_s": r["import_s"],
+        "load_s": r["load_s"],
+        "generate_s": r["generate_s"],
+        "rest_of_job_s": max(0.0, job - task),
+        "snakemake_s": max(0.0, run["wall_s"] - job),
+        "wall_s": run["wall_s"],
+    }
+
+
+def median_parts(runs: list[dict]) -> dict:
+    parts = [parts_of(run) for run in runs]
+    return {key: median([p[key] for p in parts]) for key in parts[0]}
+
+
+def job_seconds_all(folder: Path) -> dict[str, float]:
+    seconds = {}
+    for path in folder.glob("*.tsv"):
+        with path.open() as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+        if rows:
+            seconds[path.stem] = float(rows[-1]["s"])
+    return seconds
+
+
+def script_start_s(folder: Path, repeats: int) -> float:
+    """Job seconds of a ``script:`` job that does nothing: Snakemake's cost inside a job.
+
+    Rule infer is a ``script:`` rule; its job time includes starting a Python that
+    loads Snakemake's script preamble before scripts/run_rank.py runs.
+    """
+    folder.mkdir(parents=True)
+    (folder / "Snakefile").write_text(PROBE_SNAKEFILE)
+    (folder / "probe.py").write_text('open(snakemake.output[0], "w").write("ok\\n")\n')
+    seconds = []
+    for _ in range(repeats):
+        run_timed([PYTHON, "-m", "snakemake", "--cores", "1", "--forceall", "-q"], cwd=folder)
+        seconds.append(job_seconds_all(folder)["probe"])
+    return median(seconds)
+
+
+def sample_run(folder: Path, ranks: dict[str, str], extra_args: list[str]) -> dict:
+    """The sample ranks with profiles/local and the tiny model, as `make run` does."""
+    work = run_folder(folder, ranks)
+    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", *extra_args]
+    timed = run_timed(argv, cwd=work, timeout=3600)
+    jobs = job_seconds_all(work / "logs" / "benchmarks")  # infer jobs (and summary, if any)
+    missing = sorted(set(r.removesuffix(".in") for r in ranks) - set(jobs), key=int)
+    if missing:
+        raise RuntimeError(f"no benchmark file for ranks {missing}")
+    cores = profile_cores()
+    busy = sum(jobs.values())
+    return {
+        "ranks": len(ranks),
+        "jobs": len(jobs),
+        "cores": cores,
+        "extra_args": extra_args,
+        "wall_s": timed.wall_s,
+        "job_s_sum": busy,
+        "job_s_median": median(list(jobs.values())),
+        "overhead_fraction": 1 - busy / (cores * timed.wall_s),
+        "overhead_s_per_job": (cores * timed.wall_s - busy) / len(jobs),
+        "max_rss_mb": timed.max_rss_mb,
+    }
+
+
+def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
+    size = sizes(quick)
+    prompts = bench_prompts(size["prompts"])
+    models = {"tiny": TINY_MODEL} if quick else {"tiny": TINY_MODEL, "125M-shaped": size["model"]}
+    reused = (shared or {}).get("engine_efficiency")
+    per_model = {}
+    with tempfile.TemporaryDirectory(prefix="bench-breakdown-") as tmp:
+        folder = Path(tmp)
+        for label, model in models.items():
+            if reused and not quick and model == reused["sizes"]["model"]:
+                runs = reused["runs"]["pipeline"]
+                log(f"breakdown: {label}: reusing the engine benchmark's {len(runs)} runs")
+            else:
+                config = bench_config(model, size["max_tokens"])
+                runs = []
+                for i in range(repeats):
+                    log(f"breakdown: {label} run {i + 1}/{repeats}")
+                    runs.append(pipeline_run(folder, prompts, config, f"{label}-{i}"))
+            per_model[label] = {"runs": [parts_of(r) for r in runs], "median": median_parts(runs)}
+
+        names = sorted((REPO / "data").glob("*.in"), key=lambda p: int(p.stem))
+        if quick:
+            names = names[:4]
+        ranks = {p.name: p.read_text() for p in names}
+        log("breakdown: an empty script: job")
+        probe = script_start_s(folder / "probe", repeats)
+        log(f"breakdown: {len(ranks)} sample ranks, tiny model, profiles/local")
+        sample = sample_run(folder / "sample", ranks, [])
+        strict = sample["overhead_fraction"] + sample["jobs"] * probe / (
+            sample["cores"] * sample["wall_s"]
+        )
+        sample["script_start_s"] = probe
+        sample["overhead_fraction_with_script_start"] = strict
+
+    header = ["part"]
+    for label in per_model:
+        header += [f"{label}: s", f"{label}: % of wall"]
+    rows = []
+    for title, key in PARTS:
+        row = [title]
+        for data in per_model.values():
+            m = data["median"]
+            row += [f"{m[key]:.2f}", f"{100 * m[key] / m['wall_s']:.0f} %"]
+        rows.append(row)
+    total = ["wall time of `snakemake` for the one rank"]
+    for data in per_model.values():
+        total += [f"{data['median']['wall_s']:.2f}", "100 %"]
+    rows.append(total)
+    table = markdown_table(header, rows)
+
+    sample_table = markdown_table(
+        [
+            "ranks",
+            "cores",
+            "wall s",
+            "sum of job s",
+            "Snakemake overhead outside jobs",
+            "with each job's script start",
+        ],
+        [
+            [
+                sample["ranks"],
+                sample["cores"],
+                f"{sample['wall_s']:.0f}",
+                f"{sample['job_s_sum']:.0f}",
+                f"**{100 * sample['overhead_fraction']:.1f} %**",
+                f"{100 * strict:.1f} % ({probe:.2f} s per job)",
+            ]
+        ],
+    )
+    title = (
+        f"Where a rank job's time goes: one rank, {size['prompts']} prompts x "
+        f"{size['max_tokens']} tokens, profiles/local; median of {repeats} runs"
+    )
+    notes = [
+        f"**Snakemake's own overhead in the {sample['ranks']}-rank sample run** (tiny model, "
+        "`make run` settings; goal < 10 %): 1 - sum of job seconds / (cores x wall), "
+        "then adding each job's script start (an empty `script:` job, measured alone):",
+        sample_table,
+    ]
+    return {
+        "name": NAME,
+        "title": title,
+        "table": table,
+        "notes": notes,
+        "per_model": per_model,
+        "sample_run": sample,
+        "summary": {
+            "sample_overhead_fraction": sample["overhead_fraction"],
+            "sample_overhead_fraction_with_script_start": strict,
+            "goal_overhead_fraction": 0.10,
+            "goal_met": strict < 0.10,
+            "goal": [
+                f"Snakemake's overhead, {sample['ranks']}-rank sample run",
+                f"{100 * strict:.1f} %",
+                "< 10 %",
+            ],
+        },
+    }
