@@ -15,7 +15,7 @@ configfile: "config/config.yaml"
 validate(config, "config/schema.yaml")
 
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
-import pbs, pipeline, ranks  # noqa: E402, E401
+import pbs, pipeline, ranks, summarize  # noqa: E402, E401
 
 DATA, RESULTS = config["data_dir"], config["results_dir"]
 RANKS = ranks.discover_ranks(DATA)
@@ -34,11 +34,13 @@ wildcard_constraints:
 localrules:
     all,
     fetch_model,
+    summary,
 
 
 rule all:
     input:
         expand(f"{RESULTS}/{{rank}}.out", rank=RANKS),
+        f"{RESULTS}/summary.tsv",
 
 
 rule fetch_model:
@@ -59,20 +61,42 @@ rule infer:
         record=f"{RESULTS}/records/{{rank}}.json",
     log:
         "logs/infer/{rank}.log",
-    benchmark:
-        "logs/benchmarks/{rank}.tsv"
     group:
         pbs.node_group(workflow, config)
-    conda:
-        "envs/inference.yaml"
     threads: 1
     resources:
         tiles=config["tiles"]["per_job"],
         runtime=config["runtime_minutes"],
     params:
         model=MODEL,
-    script:
-        "scripts/run_rank.py"
+    run:
+        pipeline.run_rank(config, params.model, wildcards.rank, input, output, log[0])
+
+
+rule summary:
+    input:
+        records=expand(f"{RESULTS}/records/{{rank}}.json", rank=RANKS),
+    output:
+        table=report(
+            f"{RESULTS}/summary.tsv",
+            caption="report/summary.rst",
+            category="Run summary",
+        ),
+        plot=report(
+            f"{RESULTS}/summary.png",
+            caption="report/throughput.rst",
+            category="Run summary",
+        ),
+    log:
+        "logs/summary.log",
+    run:
+        summarize.write_summary(
+            input.records, output.table, output.plot, log[0], len(RANKS)
+        )
+
+
+onsuccess:
+    summarize.print_run_summary(f"{RESULTS}/records", RANKS)
 
 
 onerror:

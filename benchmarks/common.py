@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from base64 import urlsafe_b64encode
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,21 @@ def run_timed(
             f"{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         )
     return Timed(wall, rss, cpu, result.returncode, result.stdout, result.stderr)
+
+
+def job_seconds(work: Path, output: str) -> float | None:
+    """Wall seconds of the job that wrote ``output``, from Snakemake's job metadata.
+
+    Snakemake records each output's job start and end time in
+    ``.snakemake/metadata/<urlsafe base64 of the path>`` (record format 6).
+    """
+    path = work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
+    if not path.is_file():
+        return None
+    meta = json.loads(path.read_text())
+    if meta.get("starttime") is None or meta.get("endtime") is None:
+        return None
+    return meta["endtime"] - meta["starttime"]
 
 
 def median(values: Sequence[float]) -> float:

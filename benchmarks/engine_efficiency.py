@@ -18,7 +18,6 @@ that runs alone.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import tempfile
@@ -33,6 +32,7 @@ from common import (
     deep_merge,
     engine_environment,
     fmt,
+    job_seconds,
     local_profile_config,
     log,
     markdown_table,
@@ -77,7 +77,7 @@ def pipeline_run(folder: Path, prompts: list[str], config: dict, run_dir_name: s
     ]
     timed = run_timed(argv, cwd=work)
     record = json.loads((work / "results" / "records" / "0.json").read_text())
-    job_s = job_seconds(work / "logs" / "benchmarks" / "0.tsv")
+    job_s = job_seconds(work, "results/0.out")
     return {
         "wall_s": timed.wall_s,
         "job_s": job_s,
@@ -86,15 +86,6 @@ def pipeline_run(folder: Path, prompts: list[str], config: dict, run_dir_name: s
         "tokens_per_s": record["tokens_per_s"],
         "end_to_end_tokens_per_s": record["output_tokens"] / timed.wall_s,
     }
-
-
-def job_seconds(benchmark_tsv: Path) -> float | None:
-    """Wall seconds of the job from Snakemake's ``benchmark:`` file."""
-    if not benchmark_tsv.is_file():
-        return None
-    with benchmark_tsv.open() as handle:
-        rows = list(csv.DictReader(handle, delimiter="\t"))
-    return float(rows[-1]["s"]) if rows else None
 
 
 def bare_run(prompt_file: Path, config: dict, extra_env: dict | None = None) -> dict:

@@ -7,21 +7,19 @@ the tiny and the 125M-shaped model. The parts:
   ``python_start_s``);
 * import vllm, model load, generation: the record's ``import_s``, ``load_s``,
   ``generate_s``;
-* script start, placement, tokenize, write, exit: the rest of the job's own wall
-  time (Snakemake's ``benchmark:`` file of rule infer, which times its ``script:``
-  from the start of the Python that runs scripts/run_rank.py);
+* placement, tokenize, write, exit: the rest of the job's own wall time (from
+  Snakemake's job metadata: rule infer's ``run:`` block places the rank and waits
+  for scripts/infer.py);
 * Snakemake outside the job: the rest of the ``snakemake`` command's wall time
   (start, parsing, DAG, scheduling, bookkeeping).
 
 Then the 48 sample ranks with profiles/local (``make run``): Snakemake's overhead
 is the share of the run's job slots (``cores`` x wall time) not spent inside jobs,
-``1 - sum(job seconds) / (cores x wall)``, plus each job's script start (the job
-time of an empty ``script:`` job, measured alone). Goal: under 10 %.
+``1 - sum(job seconds) / (cores x wall)``. Goal: under 10 %.
 """
 
 from __future__ import annotations
 
-import csv
 import tempfile
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from common import (
     REPO,
     TINY_MODEL,
     bench_prompts,
+    job_seconds,
     log,
     markdown_table,
     median,
@@ -45,19 +44,9 @@ PARTS = (
     ("import vllm", "import_s"),
     ("model load", "load_s"),
     ("generation", "generate_s"),
-    ("script start, placement, tokenize, write, exit", "rest_of_job_s"),
+    ("placement, tokenize, write, exit", "rest_of_job_s"),
     ("Snakemake outside the job (start, parse, DAG, bookkeeping)", "snakemake_s"),
 )
-
-PROBE_SNAKEFILE = """\
-rule probe:
-    output:
-        "probe.txt",
-    benchmark:
-        "probe.tsv"
-    script:
-        "probe.py"
-"""
 
 
 def parts_of(run: dict) -> dict:
@@ -81,41 +70,18 @@ def median_parts(runs: list[dict]) -> dict:
     return {key: median([p[key] for p in parts]) for key in parts[0]}
 
 
-def job_seconds_all(folder: Path) -> dict[str, float]:
-    seconds = {}
-    for path in folder.glob("*.tsv"):
-        with path.open() as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t"))
-        if rows:
-            seconds[path.stem] = float(rows[-1]["s"])
-    return seconds
-
-
-def script_start_s(folder: Path, repeats: int) -> float:
-    """Job seconds of a ``script:`` job that does nothing: Snakemake's cost inside a job.
-
-    Rule infer is a ``script:`` rule; its job time includes starting a Python that
-    loads Snakemake's script preamble before scripts/run_rank.py runs.
-    """
-    folder.mkdir(parents=True)
-    (folder / "Snakefile").write_text(PROBE_SNAKEFILE)
-    (folder / "probe.py").write_text('open(snakemake.output[0], "w").write("ok\\n")\n')
-    seconds = []
-    for _ in range(repeats):
-        run_timed([PYTHON, "-m", "snakemake", "--cores", "1", "--forceall", "-q"], cwd=folder)
-        seconds.append(job_seconds_all(folder)["probe"])
-    return median(seconds)
-
-
 def sample_run(folder: Path, ranks: dict[str, str], extra_args: list[str]) -> dict:
     """The sample ranks with profiles/local and the tiny model, as `make run` does."""
     work = run_folder(folder, ranks)
     argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", *extra_args]
     timed = run_timed(argv, cwd=work, timeout=3600)
-    jobs = job_seconds_all(work / "logs" / "benchmarks")  # infer jobs (and summary, if any)
-    missing = sorted(set(r.removesuffix(".in") for r in ranks) - set(jobs), key=int)
-    if missing:
-        raise RuntimeError(f"no benchmark file for ranks {missing}")
+    jobs = {}
+    for name in ranks:
+        rank = name.removesuffix(".in")
+        seconds = job_seconds(work, f"results/{rank}.out")
+        if seconds is None:
+            raise RuntimeError(f"no Snakemake job metadata for rank {rank}")
+        jobs[rank] = seconds
     cores = profile_cores()
     busy = sum(jobs.values())
     return {
@@ -156,15 +122,9 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         if quick:
             names = names[:4]
         ranks = {p.name: p.read_text() for p in names}
-        log("breakdown: an empty script: job")
-        probe = script_start_s(folder / "probe", repeats)
         log(f"breakdown: {len(ranks)} sample ranks, tiny model, profiles/local")
         sample = sample_run(folder / "sample", ranks, [])
-        strict = sample["overhead_fraction"] + sample["jobs"] * probe / (
-            sample["cores"] * sample["wall_s"]
-        )
-        sample["script_start_s"] = probe
-        sample["overhead_fraction_with_script_start"] = strict
+        overhead = sample["overhead_fraction"]
 
     header = ["part"]
     for label in per_model:
@@ -189,7 +149,6 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
             "wall s",
             "sum of job s",
             "Snakemake overhead outside jobs",
-            "with each job's script start",
         ],
         [
             [
@@ -197,8 +156,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
                 sample["cores"],
                 f"{sample['wall_s']:.0f}",
                 f"{sample['job_s_sum']:.0f}",
-                f"**{100 * sample['overhead_fraction']:.1f} %**",
-                f"{100 * strict:.1f} % ({probe:.2f} s per job)",
+                f"**{100 * overhead:.1f} %**",
             ]
         ],
     )
@@ -209,7 +167,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
     notes = [
         f"**Snakemake's own overhead in the {sample['ranks']}-rank sample run** (tiny model, "
         "`make run` settings; goal < 10 %): 1 - sum of job seconds / (cores x wall), "
-        "then adding each job's script start (an empty `script:` job, measured alone):",
+        "job seconds from Snakemake's job metadata:",
         sample_table,
     ]
     return {
@@ -220,13 +178,12 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         "per_model": per_model,
         "sample_run": sample,
         "summary": {
-            "sample_overhead_fraction": sample["overhead_fraction"],
-            "sample_overhead_fraction_with_script_start": strict,
+            "sample_overhead_fraction": overhead,
             "goal_overhead_fraction": 0.10,
-            "goal_met": strict < 0.10,
+            "goal_met": overhead < 0.10,
             "goal": [
                 f"Snakemake's overhead, {sample['ranks']}-rank sample run",
-                f"{100 * strict:.1f} %",
+                f"{100 * overhead:.1f} %",
                 "< 10 %",
             ],
         },

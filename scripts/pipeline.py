@@ -42,7 +42,9 @@ def model_slug(model: str) -> str:
 
 
 def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str]:
-    """Ranks whose output is missing or older than its input (what a run will redo).
+    """Ranks whose outputs (``.out`` and record) are missing or older than the input.
+
+    What a run will redo: rule infer writes both, and rule summary needs the records.
 
     All of them while the model still has to be fetched (``marker`` missing): the
     fetch job then updates every rank's input.
@@ -51,8 +53,9 @@ def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str
         return list(ranks)
     pending = []
     for rank in ranks:
-        out = Path(results_dir, f"{rank}.out")
-        if not out.exists() or out.stat().st_mtime < Path(data_dir, f"{rank}.in").stat().st_mtime:
+        since = Path(data_dir, f"{rank}.in").stat().st_mtime
+        outputs = (Path(results_dir, f"{rank}.out"), Path(results_dir, "records", f"{rank}.json"))
+        if any(not out.exists() or out.stat().st_mtime < since for out in outputs):
             pending.append(rank)
     return pending
 

@@ -1,3 +1,7 @@
+import os
+import time
+
+import pipeline
 import pytest
 from ranks import RankFileError, discover_ranks
 
@@ -33,3 +37,22 @@ def test_empty_or_missing_folder(tmp_path):
         discover_ranks(tmp_path)
     with pytest.raises(RankFileError, match="does not exist"):
         discover_ranks(tmp_path / "missing")
+
+
+def test_pending_ranks_need_both_outputs_newer_than_the_input(tmp_path):
+
+    data, results = tmp_path / "data", tmp_path / "results"
+    (results / "records").mkdir(parents=True)
+    data.mkdir()
+    for rank in range(5):
+        (data / f"{rank}.in").write_text("x\n")
+    for rank in (0, 1, 3):
+        (results / f"{rank}.out").write_text("")
+    for rank in (0, 2, 3):
+        (results / "records" / f"{rank}.json").write_text("{}")
+    os.utime(data / "3.in", (time.time() + 60, time.time() + 60))  # edited after its run
+    ranks = [str(r) for r in range(5)]
+    assert pipeline.pending_ranks(ranks, str(data), str(results)) == ["1", "2", "3", "4"]
+    # A model still to be fetched makes every rank pending.
+    missing = [str(tmp_path / "no-marker.json")]
+    assert pipeline.pending_ranks(ranks, str(data), str(results), missing) == ranks

@@ -37,9 +37,11 @@ def assert_ok(result):
 
 def test_dry_run_lists_exactly_the_missing_ranks(tmp_path):
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in (0, 1, 2, 5, 12)})
-    (work / "results").mkdir()
+    (work / "results" / "records").mkdir(parents=True)
     for rank in (1, 5):
         (work / "results" / f"{rank}.out").write_text("done\n")
+        (work / "results" / "records" / f"{rank}.json").write_text("{}")
+    (work / "results" / "records" / "2.json").write_text("{}")  # its .out is missing
     result = snakemake(work, "-n", configfiles=local_config(work))
     assert_ok(result)
     assert planned_ranks(result.stdout + result.stderr) == ["0", "2", "12"]

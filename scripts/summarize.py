@@ -1,0 +1,299 @@
+"""The run report: per-rank records -> results/summary.tsv, a plot, and one paragraph.
+
+Every rank's task writes a JSON record (scripts/infer.py). This module turns the
+records of a run into what a user reads at the end of it:
+
+* ``summary.tsv``: one row per rank (rank, prompts, output tokens, load s,
+  generation s, output tok/s, host, tile mask), written atomically;
+* ``summary.png``: output tok/s and load time per rank;
+* a paragraph: ranks done, prompts, tokens, aggregate tok/s, slowest ranks.
+
+Stdlib only at import time: the Snakefile imports it on every dry run, so
+matplotlib is imported inside :func:`plot_png` only.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from prompts import write_atomic
+
+# (TSV header, record key). Headers keep the record's names, so a row can be
+# checked against its record by eye; only the mask gets a clearer name.
+COLUMNS: tuple[tuple[str, str], ...] = (
+    ("rank", "rank"),
+    ("prompts", "prompts"),
+    ("output_tokens", "output_tokens"),
+    ("load_s", "load_s"),
+    ("generate_s", "generate_s"),
+    ("tokens_per_s", "tokens_per_s"),
+    ("host", "host"),
+    ("tile_mask", "mask"),
+)
+HEADER = tuple(name for name, _ in COLUMNS)
+SLOWEST = 3
+
+# Added to each record read: when its generation ended (see read_record).
+END_KEY = "_end"
+
+
+class RecordError(ValueError):
+    """A record file that is not a rank record, named by its path."""
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """One rank's record, with the end of its generation under ``END_KEY``.
+
+    That is the record's ``finished_at`` (seconds since the epoch) if it has one,
+    else the file's modification time: scripts/infer.py writes the record right
+    after generation ends.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RecordError(f"{path}: cannot read rank record: {exc}") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path}: not a rank record (not a JSON object)")
+    missing = [key for _, key in COLUMNS if key not in record]
+    if missing:
+        raise RecordError(f"{path}: not a rank record (missing {', '.join(missing)})")
+    finished = record.get("finished_at")
+    record[END_KEY] = finished if _is_number(finished) else path.stat().st_mtime
+    return record
+
+
+def read_records(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Records of the given files, in rank order."""
+    return sorted((read_record(p) for p in paths), key=lambda r: int(r["rank"]))
+
+
+def existing_records(records_dir: str | os.PathLike, ranks: Iterable[str]) -> list[dict]:
+    """Records of those ``ranks`` that have one in ``records_dir`` (a partial run)."""
+    folder = Path(records_dir)
+    paths = (folder / f"{rank}.json" for rank in ranks)
+    return read_records(p for p in paths if p.is_file())
+
+
+# ----------------------------------------------------------------------------- table
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # the record's own digits: the table reads back exactly
+    # No tab or newline may break the table.
+    return " ".join(str(value).split())
+
+
+def summary_rows(records: Sequence[dict]) -> list[dict]:
+    """One row per record: the TSV's columns, values as in the record."""
+    return [{name: record[key] for name, key in COLUMNS} for record in records]
+
+
+def tsv_text(rows: Sequence[dict]) -> str:
+    lines = ["\t".join(HEADER)]
+    lines += ["\t".join(_cell(row[name]) for name in HEADER) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def parse_tsv(text: str) -> list[dict]:
+    """The rows of a summary.tsv, numbers as numbers (for tests and tools)."""
+    lines = text.splitlines()
+    if not lines or tuple(lines[0].split("\t")) != HEADER:
+        raise ValueError(f"not a summary table: header is {lines[:1]}")
+    numeric = {"rank": int, "prompts": int, "output_tokens": int}
+    rows = []
+    for line in lines[1:]:
+        cells = dict(zip(HEADER, line.split("\t"), strict=True))
+        for name in ("load_s", "generate_s", "tokens_per_s"):
+            cells[name] = float(cells[name])
+        for name, kind in numeric.items():
+            cells[name] = kind(cells[name])
+        rows.append(cells)
+    return rows
+
+
+# ----------------------------------------------------------------------------- totals
+
+
+def generation_intervals(records: Sequence[dict]) -> list[tuple[float, float]]:
+    """(start, end) of each generating rank's generation, in seconds since the epoch."""
+    return [
+        (r[END_KEY] - r["generate_s"], r[END_KEY])
+        for r in records
+        if r.get(END_KEY) is not None and r["output_tokens"] and r["generate_s"] > 0
+    ]
+
+
+def busy_seconds(intervals: Iterable[tuple[float, float]]) -> float:
+    """Length of the union of the intervals: seconds in which some engine was generating.
+
+    Engines overlap (12 per Aurora node, ``cores`` at a time locally) and wait
+    (queue, model load) in between; the run's aggregate rate is its tokens over
+    the time in which at least one of them was generating.
+    """
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
+
+
+def totals(records: Sequence[dict]) -> dict:
+    """The run's numbers: counts, token rates, and the slowest ranks."""
+    tokens = sum(r["output_tokens"] for r in records)
+    generate_s = sum(r["generate_s"] for r in records)
+    busy = busy_seconds(generation_intervals(records))
+    generating = [r for r in records if r["output_tokens"] and r["generate_s"] > 0]
+    slowest = sorted(generating, key=lambda r: (r["tokens_per_s"], int(r["rank"])))[:SLOWEST]
+    return {
+        "ranks": len(records),
+        "prompts": sum(r["prompts"] for r in records),
+        "output_tokens": tokens,
+        "generating_s": busy,
+        "aggregate_tokens_per_s": tokens / busy if busy > 0 else 0.0,
+        "per_engine_tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
+        "median_load_s": statistics.median(r["load_s"] for r in records) if records else 0.0,
+        "hosts": len({r["host"] for r in records}),
+        "slowest": [
+            {key: r[key] for key in ("rank", "tokens_per_s", "host", "mask")} for r in slowest
+        ],
+    }
+
+
+def _number(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def paragraph(records: Sequence[dict], expected: int | None = None) -> str:
+    """The one-paragraph summary printed at the end of a run."""
+    t = totals(records)
+    done = f"{t['ranks']:,} of {expected:,}" if expected is not None else f"{t['ranks']:,}"
+    if not records:
+        return f"Run summary: {done} ranks done; no rank has a record yet."
+    text = (
+        f"Run summary: {done} ranks done on {t['hosts']:,} host(s): "
+        f"{t['prompts']:,} prompts, {t['output_tokens']:,} output tokens. "
+        f"Aggregate {_number(t['aggregate_tokens_per_s'])} output tok/s in the "
+        f"{t['generating_s']:,.1f} s in which some engine was generating "
+        f"({_number(t['per_engine_tokens_per_s'])} tok/s per engine); "
+        f"median model load {t['median_load_s']:.1f} s."
+    )
+    if t["slowest"]:
+        slow = ", ".join(
+            f"{s['rank']} ({_number(s['tokens_per_s'])} tok/s, {s['host']}"
+            + (f" tile {s['mask']}" if s["mask"] else "")
+            + ")"
+            for s in t["slowest"]
+        )
+        text += f" Slowest ranks: {slow}."
+    return text
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def plot_png(records: Sequence[dict]) -> bytes:
+    """PNG of output tok/s (top) and model load time (bottom) per rank, coloured by host."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    ranks = [int(r["rank"]) for r in records]
+    hosts = list(dict.fromkeys(r["host"] for r in records))
+    palette = matplotlib.colormaps["tab10"]
+    colours = [palette(hosts.index(r["host"]) % 10) for r in records]
+    width = min(16.0, max(7.0, 0.2 * len(ranks)))
+    figure = Figure(figsize=(width, 6.5), layout="constrained")
+    top, bottom = figure.subplots(2, 1, sharex=True)
+    panels = (
+        (top, "tokens_per_s", "output tok/s", "generation throughput", "tok/s"),
+        (bottom, "load_s", "load s", "model load time", "s"),
+    )
+    for axes, key, label, title, unit in panels:
+        values = [float(r[key]) for r in records]
+        if len(ranks) <= 400:
+            axes.bar(ranks, values, width=0.8, color=colours)
+        else:  # thousands of bars draw slowly and show nothing more
+            axes.scatter(ranks, values, s=2, color=colours)
+        if values:
+            median = statistics.median(values)
+            axes.axhline(median, color="black", linewidth=1, linestyle="--")
+            title += f" per rank (dashed: median {_number(median)} {unit})"
+        axes.set_ylabel(label)
+        axes.set_title(title, fontsize=10)
+    bottom.set_xlabel("rank")
+    if ranks and len(ranks) <= 64:
+        bottom.set_xticks(ranks)
+        bottom.tick_params(axis="x", labelsize=7)
+    if 1 < len(hosts) <= 12:
+        from matplotlib.patches import Patch
+
+        handles = [Patch(color=palette(i % 10), label=h) for i, h in enumerate(hosts)]
+        figure.legend(handles=handles, loc="outside right upper", title="host", fontsize=8)
+    t = totals(records)
+    figure.suptitle(
+        f"{t['ranks']:,} ranks on {t['hosts']:,} host(s): {t['output_tokens']:,} output tokens, "
+        f"{_number(t['aggregate_tokens_per_s'])} tok/s aggregate"
+    )
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def write_summary(record_paths, table_path, plot_path, log_path=None, expected=None) -> str:
+    """The summary rule: write the table and the plot; return (and log) the paragraph."""
+    records = read_records(record_paths)
+    for target in (table_path, plot_path):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(table_path, tsv_text(summary_rows(records)))
+    write_atomic(plot_path, plot_png(records))
+    text = paragraph(records, expected)
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(log_path).write_text(text + "\n", encoding="utf-8")
+    return text
+
+
+def print_run_summary(records_dir, ranks: Sequence[str], stream=sys.stderr) -> None:
+    """The end-of-run paragraph (Snakefile ``onsuccess``); never fails the run."""
+    try:
+        text = paragraph(existing_records(records_dir, ranks), expected=len(ranks))
+    except (RecordError, OSError, ValueError) as exc:
+        text = f"Run summary unavailable: {exc}"
+    print(text, file=stream, flush=True)
+
+
+def _main(argv: Sequence[str]) -> int:
+    """``python scripts/summarize.py RECORDS_DIR``: print the paragraph for a results folder."""
+    if len(argv) != 1:
+        print(__doc__.split("\n\n")[0], "\nusage: summarize.py RECORDS_DIR", file=sys.stderr)
+        return 2
+    records = read_records(Path(argv[0]).glob("*.json"))
+    print(paragraph(records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
