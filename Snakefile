@@ -23,8 +23,14 @@ MODEL = pipeline.check_model(config["model"])
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(config, workflow=workflow)
 MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] unless weights must be fetched
-PENDING = pipeline.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER)
-pbs.announce_plan(workflow, config, len(PENDING))
+
+
+def count_pending():  # ranks whose outputs are missing or outdated
+    return len(pipeline.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
+
+
+# With profiles/aurora: print the PBS plan of the pending ranks.
+pbs.announce_plan(workflow, config, count_pending)
 
 
 wildcard_constraints:

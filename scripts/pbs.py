@@ -140,11 +140,16 @@ def export_settings(config: Mapping, environ: MutableMapping = os.environ, workf
     return settings
 
 
-def announce_plan(workflow, config: Mapping, pending_jobs: int, stream=None) -> None:
-    """With the Aurora profile, print the PBS plan of the pending ranks (dry runs too)."""
+def announce_plan(workflow, config: Mapping, pending_jobs: Callable[[], int], stream=None) -> None:
+    """With the Aurora profile, print the PBS plan of the pending ranks (dry runs too).
+
+    ``pending_jobs`` is called only then: the Snakemake inside each submission (and
+    each of its jobs) skips looking at every rank's outputs on the shared file system.
+    """
     info = workflow if isinstance(workflow, RunInfo) else run_info(workflow)
     if info.main and profile_in_use(info.configfiles):
-        print(describe_plan(pending_jobs, settings_from_config(config)), file=stream or sys.stderr)
+        plan = describe_plan(pending_jobs(), settings_from_config(config))
+        print(plan, file=stream or sys.stderr)
 
 
 def load_settings(environ: Mapping = os.environ) -> dict:
