@@ -133,11 +133,11 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
 
 def report_failures(ranks, results_dir: str, log_pattern: str, stream=sys.stderr) -> None:
     """Print which ranks ran and failed (a log but no output), and where to look."""
+    logs = {rank: log_pattern.format(rank=rank) for rank in ranks}
     failed = [
-        (rank, log_pattern.format(rank=rank))
-        for rank in ranks
-        if not os.path.exists(f"{results_dir}/{rank}.out")
-        and os.path.exists(log_pattern.format(rank=rank))
+        (rank, log)
+        for rank, log in logs.items()
+        if not os.path.exists(f"{results_dir}/{rank}.out") and os.path.exists(log)
     ]
     if not failed:
         print("No rank failed; the error is in the messages above.", file=stream)
