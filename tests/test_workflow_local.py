@@ -208,6 +208,58 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path):
     assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(8))
 
 
+def engines_in(work: Path) -> list[str]:
+    """Command lines of the live scripts/infer.py processes started in ``work``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            cwd = (entry / "cwd").resolve()
+        except OSError:  # gone, or not a process
+            continue
+        line = " ".join(a.decode(errors="replace") for a in argv if a)
+        if cwd == work.resolve() and "infer.py" in line:
+            found.append(line)
+    return found
+
+
+@pytest.mark.vllm
+def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp_path):
+    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(6)})
+    logs, results = work / "logs" / "infer", work / "results"
+    run = snakemake(work, configfiles=local_config(work), popen=True)
+    try:
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:  # until two engines have been started
+            started = [p for p in logs.glob("*.log") if "argv:" in p.read_text()]
+            if len(started) >= 2 and engines_in(work):
+                break
+            assert run.poll() is None, run.stdout.read()
+            time.sleep(0.2)
+        os.killpg(run.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        output, _ = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode != 0, output[-3000:]
+    assert engines_in(work) == []  # no engine left running
+    done = sorted(results.glob("*.out"))
+    assert len(done) < 6, "the run was not interrupted"
+    assert all(len(read_records(out)) == 4 for out in done)  # whole files only
+    # Finished: written and recorded as complete by Snakemake (see the SIGKILL test).
+    incomplete = marked_incomplete(work)
+    mtimes = {o.name: o.stat().st_mtime_ns for o in done if f"results/{o.name}" not in incomplete}
+
+    rerun = snakemake(work, "--rerun-incomplete", configfiles=local_config(work))
+    assert_ok(rerun)
+    assert planned_ranks(rerun.stdout + rerun.stderr) == [
+        str(r) for r in range(6) if f"{r}.out" not in mtimes
+    ]
+    assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(6))
+    assert {name: (results / name).stat().st_mtime_ns for name in mtimes} == mtimes
+
+
 def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
     """A Hugging Face cache holding ``model_dir`` as ``repo_id``, laid out as the hub lays it."""
     revision = "0123456789abcdef0123456789abcdef01234567"
