@@ -106,4 +106,6 @@ onsuccess:
 
 
 onerror:
+    # What did finish, then what failed.
+    summarize.print_run_summary(f"{RESULTS}/records", RANKS)
     pipeline.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")

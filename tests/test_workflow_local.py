@@ -112,6 +112,8 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path):
         record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
         assert record["prompts"] == len(records) and record["output_tokens"] > 0
         assert "placement: " in (work / "logs" / "infer" / f"{rank}.log").read_text()
+    summary = (work / "results" / "summary.tsv").read_text().splitlines()
+    assert len(summary) == 1 + 48
 
 
 @pytest.mark.vllm
@@ -137,6 +139,9 @@ def test_failed_ranks_are_listed_and_the_others_kept(tmp_path):
     assert (results / "2.out").exists()
     assert not (results / "1.out").exists()
     assert "rank 1: logs/infer/1.log" in result.stderr
+    # What did finish, from the records, even though the run failed.
+    assert "Run summary: 3 of 4 ranks done on 1 host(s): 8 prompts" in result.stderr
+    assert not (results / "summary.tsv").exists()  # the table is for complete runs
     assert "1.in" in (work / "logs/infer/1.log").read_text()
     assert "line 2" in (work / "logs/infer/1.log").read_text()
     assert (results / "3.out").read_text() == ""
