@@ -51,15 +51,10 @@ class RecordError(ValueError):
 # ----------------------------------------------------------------------------- records
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def read_record(path: str | os.PathLike) -> dict:
     """One rank's record, with the end of its generation under ``END_KEY``.
 
-    That is the record's ``finished_at`` (seconds since the epoch) if it has one,
-    else the file's modification time: scripts/infer.py writes the record right
+    That is the file's modification time: scripts/infer.py writes the record right
     after generation ends.
     """
     path = Path(path)
@@ -72,8 +67,7 @@ def read_record(path: str | os.PathLike) -> dict:
     missing = [key for _, key in COLUMNS if key not in record]
     if missing:
         raise RecordError(f"{path}: not a rank record (missing {', '.join(missing)})")
-    finished = record.get("finished_at")
-    record[END_KEY] = finished if _is_number(finished) else path.stat().st_mtime
+    record[END_KEY] = path.stat().st_mtime
     return record
 
 
