@@ -29,19 +29,9 @@ for folder in ("scripts", "tests"):  # the workflow's modules and the e2e helper
     if str(REPO / folder) not in sys.path:
         sys.path.insert(0, str(REPO / folder))
 
+from workflow import deep_merge  # noqa: E402  (re-exported for the benchmarks)
 
 # ----------------------------------------------------------------------------- settings
-
-
-def deep_merge(base: Mapping, update: Mapping) -> dict:
-    """``update`` over ``base``, mappings merged key by key (as Snakemake merges configs)."""
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
 
 
 def local_profile_config() -> dict:

@@ -215,17 +215,6 @@ SRUN_LAUNCHER = ["srun", "--nodes=1", "--ntasks=1", "--nodelist={host}", "--over
 SUBMISSION_KEYS = ("time", "id", "name", "nodes", "walltime", "queue", "ranks")
 
 
-def merged(base: dict, changes: dict) -> dict:
-    """``base`` with ``changes`` merged in key by key, as Snakemake merges config files."""
-    result = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            result[key] = merged(base[key], value)
-        else:
-            result[key] = value
-    return result
-
-
 def aurora_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
     """A run folder; its test-config.yaml suits the test cluster, with ``config`` on top."""
     work = wf.make_workdir(tmp_path / "run", ranks)
@@ -239,7 +228,7 @@ def aurora_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
         "pbs": {"account": "testproj", "queue": "capacity", "flavor": "slurm",
                 "setup": [], "status_interval": 2},
     }  # fmt: skip
-    wf.write_config(work, merged(base, config))
+    wf.write_config(work, wf.deep_merge(base, config))
     return work
 
 
@@ -441,7 +430,7 @@ def test_walltime_kill_is_noticed_and_rerun_incomplete_runs_only_the_killed_rank
         assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
     assert not (results / "3.out").exists()
 
-    wf.write_config(work, merged(yaml_config(work), {"python": ""}))
+    wf.write_config(work, wf.deep_merge(yaml_config(work), {"python": ""}))
     plan = run_aurora(slurm_cluster, work, *packing, "--rerun-incomplete", "-n")
     assert wf.planned_ranks(plan.stdout + plan.stderr) == ["3"], output_of(plan)
     mtimes = {rank: (results / f"{rank}.out").stat().st_mtime_ns for rank in range(3)}

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tokenize
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -58,6 +59,17 @@ def snakemake(workdir: Path, *args: str, profile="profiles/local", configfiles=(
     return subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800, **kwargs
     )
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """``update`` over ``base``, mappings merged key by key (as Snakemake merges configs)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def local_config(workdir: Path, **overrides) -> list[Path]:
