@@ -88,24 +88,32 @@ def pipeline_run(folder: Path, prompts: list[str], config: dict, run_dir_name: s
     }
 
 
-def bare_run(prompt_file: Path, config: dict, extra_env: dict | None = None) -> dict:
-    settings = {
-        "dtype": config["vllm"]["dtype"],
-        "enforce_eager": config["vllm"]["enforce_eager"],
-    } | {key: config["sampling"][key] for key in config["sampling"]}
-    env = {**os.environ, **engine_environment(config), **(extra_env or {})}
+def baseline_run(
+    script: str, config: dict, prompt_file: Path, settings: dict, env: dict, extra=()
+) -> tuple:
+    """Run a baseline script of benchmarks/; its timing and the JSON line it prints last."""
     argv = [
         PYTHON,
-        str(REPO / "benchmarks" / "bare_vllm.py"),
+        str(REPO / "benchmarks" / script),
         "--model",
         str(model_path(config["model"])),
         "--prompts",
         str(prompt_file),
         "--settings",
         json.dumps(settings),
+        *extra,
     ]
     timed = run_timed(argv, env=env)
-    result = json.loads(timed.stdout.strip().splitlines()[-1])
+    return timed, json.loads(timed.stdout.strip().splitlines()[-1])
+
+
+def bare_run(prompt_file: Path, config: dict, extra_env: dict | None = None) -> dict:
+    settings = {
+        "dtype": config["vllm"]["dtype"],
+        "enforce_eager": config["vllm"]["enforce_eager"],
+    } | {key: config["sampling"][key] for key in config["sampling"]}
+    env = {**os.environ, **engine_environment(config), **(extra_env or {})}
+    timed, result = baseline_run("bare_vllm.py", config, prompt_file, settings, env)
     result["wall_s"] = timed.wall_s
     result["max_rss_mb"] = timed.max_rss_mb
     result["end_to_end_tokens_per_s"] = result["output_tokens"] / timed.wall_s
@@ -114,21 +122,9 @@ def bare_run(prompt_file: Path, config: dict, extra_env: dict | None = None) -> 
 
 def naive_run(prompt_file: Path, config: dict, passes: int) -> dict:
     settings = {"dtype": config["vllm"]["dtype"]} | dict(config["sampling"])
-    argv = [
-        PYTHON,
-        str(REPO / "benchmarks" / "naive_transformers.py"),
-        "--model",
-        str(model_path(config["model"])),
-        "--prompts",
-        str(prompt_file),
-        "--settings",
-        json.dumps(settings),
-        "--passes",
-        str(passes),
-    ]
     env = {**os.environ, **engine_environment(config), "HF_HUB_OFFLINE": "1"}
-    timed = run_timed(argv, env=env)
-    return json.loads(timed.stdout.strip().splitlines()[-1])
+    extra = ["--passes", str(passes)]
+    return baseline_run("naive_transformers.py", config, prompt_file, settings, env, extra)[1]
 
 
 def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
