@@ -12,17 +12,23 @@ min_version("9.27")
 configfile: "config/config.yaml"
 
 
-validate(config, "config/schema.yaml")
-
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs, pipeline, ranks, summarize  # noqa: E402, E401
+
+# --config 'pbs={nodes_per_submission: 8}' passes "8": read it as the schema's type.
+pipeline.load_config(config, "config/schema.yaml")
+
+
+validate(config, "config/schema.yaml")
 
 DATA, RESULTS = config["data_dir"], config["results_dir"]
 RANKS = ranks.discover_ranks(DATA)
 MODEL = pipeline.check_model(config["model"])
+MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
-pbs.export_settings(config, workflow=workflow)
-MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] unless weights must be fetched
+pbs.export_settings(
+    config, workflow=workflow, model=MODEL, marker="".join(MODEL_MARKER)
+)
 
 
 def count_pending():  # ranks whose outputs are missing or outdated

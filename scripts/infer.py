@@ -5,7 +5,10 @@ or tiles: whoever starts it sets the device environment (ZE_AFFINITY_MASK, ...)
 and passes everything else on the command line:
 
     python scripts/infer.py --rank 0 --prompts data/0.in --output results/0.out \\
-        --record results/records/0.json --settings '{"engine": "vllm", ...}'
+        --record results/records/0.json --settings '{"engine": "vllm", ...}' \\
+        [--log logs/infer/0.log]
+
+Launchers may start it in another folder ($HOME under pbs_tmrsh): give absolute paths.
 
 Settings (JSON object; missing keys take the defaults below, unknown keys are an
 error):
@@ -361,13 +364,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="seed-format results (.out)")
     parser.add_argument("--record", required=True, help="JSON record of the run")
     parser.add_argument("--settings", default="{}", help="JSON object (see module doc)")
+    parser.add_argument(
+        "--log",
+        help="append stdout and stderr (also the engine's) to this file: launchers such "
+        "as pbs_tmrsh send a command's output elsewhere",
+    )
     return parser.parse_args(argv)
+
+
+def log_to(path: str) -> None:
+    """Send this process's stdout and stderr, and its children's, to ``path``."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def main(argv: list[str] | None = None) -> int:
     # Seconds from process start to here: interpreter start plus module imports.
     started = process_age_s()
     args = parse_args(argv)
+    if args.log:
+        log_to(args.log)
     try:
         settings = parse_settings(args.settings)
         prompts = read_prompts(args.prompts)  # file errors come before any engine start

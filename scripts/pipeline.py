@@ -10,11 +10,56 @@ import subprocess
 import sys
 from pathlib import Path
 
+import stage_model
 import tiles
 
 
 class ConfigError(ValueError):
     """A config value that cannot work, named by its key."""
+
+
+_BOOLEANS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def _from_string(text: str, types) -> object:
+    """``text`` as the first of the JSON schema ``types`` it reads as, else unchanged."""
+    for kind in [types] if isinstance(types, str) else types:
+        word = text.strip()
+        if kind == "integer" and re.fullmatch(r"[+-]?\d+", word):
+            return int(word)
+        if kind == "number" and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", word):
+            return float(word) if re.search(r"[.eE]", word) else int(word)
+        if kind == "boolean" and word.lower() in _BOOLEANS:
+            return _BOOLEANS[word.lower()]
+        if kind == "null" and word.lower() in ("null", "none", "~", ""):
+            return None
+    return text
+
+
+def coerce_config(config: dict, schema: dict) -> dict:
+    """Turn strings into the numbers, booleans and nulls the schema asks for, in place.
+
+    ``--config 'pbs={nodes_per_submission: 8}'`` hands Snakemake's config the values of
+    such a mapping as strings; without this the schema refuses "'8'".
+    """
+    properties = schema.get("properties", {})
+    for key, value in config.items():
+        sub = properties.get(key)
+        if not isinstance(sub, dict):
+            continue
+        if isinstance(value, dict):
+            coerce_config(value, sub)
+        elif isinstance(value, str) and sub.get("type") not in (None, "string"):
+            config[key] = _from_string(value, sub["type"])
+    return config
+
+
+def load_config(config: dict, schema_path: str) -> dict:
+    """`coerce_config` with the schema file, before Snakemake validates against it."""
+    import yaml
+
+    with open(schema_path) as handle:
+        return coerce_config(config, yaml.safe_load(handle))
 
 
 def is_local_model(model: str) -> bool:
@@ -72,48 +117,105 @@ def inference_python(config: dict) -> str:
 
 
 def model_marker(config: dict, model: str) -> list[str]:
-    """The fetched-model marker that rank jobs wait for: none for a local folder or echo."""
-    if is_local_model(model) or config["engine"] == "echo":
+    """Rule fetch_model's output that rank jobs wait for (none for the echo engine): it
+    names the model folder the engines load, with vLLM's model-info cache built."""
+    if config["engine"] == "echo":
         return []
     return [f"{config['results_dir']}/model/{model_slug(model)}.json"]
 
 
+def vllm_cache_root(config: dict) -> str:
+    return os.path.abspath(os.path.expanduser(config["vllm_cache_root"]))
+
+
+def offline_env(config: dict) -> dict:
+    """What every engine runs with: no hub (compute nodes have no internet), and the
+    model-info cache rule fetch_model built (else vLLM fails on a node's first run)."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_CACHE_ROOT": vllm_cache_root(config),
+    } | config["task_env"]
+
+
 def fetch_env(config: dict, environ=os.environ) -> dict:
     """The task's environment, online: the login node may download what jobs may not."""
-    env = {**environ, **config["task_env"]}
+    env = {**environ, **offline_env(config)}
     env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
     return env
 
 
 def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
-    """Fetch a hub model into the cache the jobs read (rule fetch_model)."""
-    command = [inference_python(config), str(Path(__file__).with_name("fetch_model.py"))]
+    """Find or fetch the model's weights and build vLLM's model-info cache (rule fetch_model)."""
+    weights = config["weights"]
+    command = [
+        inference_python(config),
+        str(Path(__file__).with_name("fetch_model.py")),
+        "--model",
+        model,
+        "--marker",
+        marker,
+        "--shared-hf-home",
+        weights["shared_hf_home"],
+        "--hf-home",
+        os.path.abspath(os.path.expanduser(weights["hf_home"])),
+    ]
     with open(log, "w") as stream:
         code = subprocess.run(
-            [*command, model, marker], env=fetch_env(config), stdout=stream, stderr=stream
+            command, env=fetch_env(config), stdout=stream, stderr=stream
         ).returncode
     if code != 0:
-        raise RuntimeError(f"fetching model {model!r} failed; see {log}")
+        raise RuntimeError(f"preparing model {model!r} failed; see {log}")
+
+
+def engine_model(config: dict, model: str, marker) -> str:
+    """The folder (or id) the engine loads: the one rule fetch_model found, else ``model``."""
+    if marker:
+        return json.loads(Path(marker[0]).read_text())["path"]
+    return model
+
+
+def staged(config: dict, model: str, environ=os.environ):
+    """With config weights.stage on inside a PBS job: host -> that node's copy of the
+    model (scripts/stage_model.py made it). Otherwise None."""
+    job = environ.get("PBS_JOBID")
+    if not (config["weights"]["stage"] and job and config["engine"] != "echo"):
+        return None
+    return lambda host: str(
+        stage_model.staged_path(config["weights"]["stage_dir"], job, host, model)
+    )
 
 
 def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
-    """Run one rank's inference on a tile of this allocation; raise if it failed."""
-    prompts, out, record = input.prompts, output.out, output.record
+    """Run one rank's inference on a tile of this allocation; raise if it failed.
+
+    Paths are absolute and the task writes its own log: a launcher may start it in
+    another folder (pbs_tmrsh: $HOME) and send its output elsewhere.
+    """
     script = Path(__file__).with_name("infer.py")
-    command = [
-        inference_python(config),
-        str(script),
-        "--rank",
-        rank,
-        "--prompts",
-        str(prompts),
-        "--output",
-        str(out),
-        "--record",
-        str(record),
-        "--settings",
-        json.dumps(task_settings(config, model)),
-    ]
+    model = engine_model(config, model, input.model)
+    on_node = staged(config, model)
+
+    def command(slot: tiles.Slot) -> list[str]:
+        settings = task_settings(config, on_node(slot.host) if on_node else model)
+        return [
+            inference_python(config),
+            str(script),
+            "--rank",
+            rank,
+            "--prompts",
+            os.path.abspath(input.prompts),
+            "--output",
+            os.path.abspath(output.out),
+            "--record",
+            os.path.abspath(output.record),
+            "--settings",
+            json.dumps(settings),
+            "--log",
+            os.path.abspath(log),
+        ]
+
     placement = config["tiles"]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     code = tiles.run_placed(
@@ -125,7 +227,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
         base_port=placement["base_port"],
         cpu_bind=placement["cpu_bind"],
         launcher=config["launcher"],
-        extra_env=config["task_env"],
+        extra_env=offline_env(config),
     )
     if code != 0:
         raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")

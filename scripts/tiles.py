@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -393,7 +393,7 @@ def _wait_forwarding_signals(process: subprocess.Popen) -> int:
 
 
 def run_placed(
-    command: Sequence[str],
+    command: Sequence[str] | Callable[[Slot], Sequence[str]],
     *,
     log_path: Path | str,
     tiles_per_job: int,
@@ -411,6 +411,7 @@ def run_placed(
 ) -> int:
     """Run `command` on a free slot of the allocation; return its exit code.
 
+    `command` may be a function of the slot (e.g. a model copy on the slot's host).
     Output goes to `log_path` after a placement line and the argv. The child
     inherits the slot's lock descriptors, so the tiles stay taken until the
     child (and anything it forked) is gone, even if this process is killed.
@@ -429,6 +430,8 @@ def run_placed(
     ):
         env = engine_env(slot, hierarchy, base_port, tmp_root)
         env.update(_extra_env(extra_env, env))
+        if callable(command):
+            command = command(slot)
         argv = launch_argv(launcher, slot, cpu_bind, env, command)
         with log_path.open("ab") as log:
             log.write(

@@ -22,7 +22,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
 PBSPRO = Path(__file__).parent / "data" / "pbspro"
-SLURM = Path(__file__).parent / "data" / "slurm"
+OPENPBS = Path(__file__).parent / "data" / "openpbs"
 AURORA_ID = "8101204.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
 
 
@@ -36,6 +36,8 @@ def replay(record: dict):
     def run(argv, **kwargs):
         assert isinstance(argv, list), "commands must be argument lists"
         assert not kwargs.get("shell"), "never through a shell"
+        if record.get("argv", argv)[:5] != argv[:5]:  # the text form of a recorded JSON answer
+            return subprocess.CompletedProcess(argv, 153, "", "qstat: Unknown Job Id")
         return subprocess.CompletedProcess(
             argv, record["returncode"], record["stdout"], record["stderr"]
         )
@@ -73,131 +75,156 @@ def profile_keys() -> dict:
     return yaml.safe_load((PROFILE / "config.yaml").read_text())
 
 
-# ---------------------------------------------------------------- PBS Pro parsing
+# ------------------------------------------- parsing, on a real PBS server's answers
+
+
+class OpenPbs:
+    """A `run` for query_scheduler that answers from what OpenPBS 23.06 printed
+    (tests/data/openpbs/): JSON lists only the first of several ids (openpbs issue 2672),
+    the text form lists all; unknown ids go to stderr with exit 153."""
+
+    def __init__(self, invalid_json: bool = False):
+        self.calls: list[list[str]] = []
+        self.invalid_json = invalid_json
+
+    def __call__(self, argv, **kwargs):
+        assert isinstance(argv, list) and not kwargs.get("shell"), "argument lists only"
+        assert kwargs.get("start_new_session"), "qstat must not get the terminal's Ctrl-C"
+        self.calls.append(argv)
+        json_form = argv[3:5] == ["-F", "json"]
+        ids = argv[5:] if json_form else argv[3:]
+        known = [i for i in ids if (OPENPBS / f"text-{i.split('.')[0]}.txt").exists()]
+        unknown = [i for i in ids if i not in known]
+        stderr = "".join(f"qstat: Unknown Job Id {i}\n" for i in unknown)
+        code = 153 if unknown else 0
+        if json_form:
+            if self.invalid_json:
+                out = (OPENPBS / "json-7.json").read_text().replace('"R"', '"R\\q"')
+            elif known:
+                out = (OPENPBS / f"json-{known[0].split('.')[0]}.json").read_text()
+            else:
+                out = (OPENPBS / "json-unknown.txt").read_text().split("\n", 1)[1]
+                out = out.rsplit("exit", 1)[0]
+        else:
+            out = "\n".join((OPENPBS / f"text-{i.split('.')[0]}.txt").read_text() for i in known)
+        return subprocess.CompletedProcess(argv, code, out, stderr)
 
 
 @pytest.mark.parametrize(
-    ("case", "state", "detail"),
+    ("number", "state", "detail"),
     [
-        ("qstat_queued", "running", "job_state Q"),
-        ("qstat_held", "running", "job_state H"),
-        ("qstat_waiting", "running", "job_state W"),
-        ("qstat_running", "running", "job_state R"),
-        ("qstat_exiting", "running", "job_state E"),
-        ("qstat_finished_ok", "success", "exit 0"),
-        ("qstat_finished_exit1", "failed", "Exit_status 1"),
-        ("qstat_finished_walltime", "failed", "walltime"),
-        ("qstat_expired_subjob", "success", "exit 0"),
+        (0, "success", "Exit_status 0"),
+        (2, "failed", "Exit_status -29 (killed by PBS: walltime exceeded)"),
+        (3, "failed", "deleted while running (qdel)"),
+        (4, "failed", "Exit_status 1"),
+        (5, "failed", "held by the system (Hold_Types su)"),
+        (7, "running", "job_state R"),
+        (9, "running", "job_state Q"),
     ],
 )
-def test_pbspro_states(case, state, detail):
-    record = recording(PBSPRO, case)
-    (job_id,) = record["argv"][5:]
-    answers = pbs.query_scheduler([job_id], "pbspro", run=replay(record))
-    assert answers[job_id][0] == state
-    assert detail in answers[job_id][1]
+@pytest.mark.parametrize("form", ["json", "text"])
+def test_verdicts_on_recorded_answers(number, state, detail, form):
+    path = OPENPBS / (f"json-{number}.json" if form == "json" else f"text-{number}.txt")
+    parse = pbs.parse.parse_json if form == "json" else pbs.parse.parse_text
+    (job,) = parse(path.read_text()).values()
+    answer = pbs.verdict(job)
+    assert (answer.state, answer.detail.split("; comment")[0]) == (state, detail)
 
 
-def test_pbspro_negative_exit_is_a_pbs_kill():
-    record = recording(PBSPRO, "qstat_finished_walltime")
-    (answer,) = pbs.parse_pbspro_json(record["stdout"]).values()
-    assert answer == ("failed", "Exit_status -29 (killed by PBS: walltime exceeded)")
+def test_qdel_while_running_is_failed_although_exit_status_is_0():
+    (job,) = pbs.parse.parse_json((OPENPBS / "json-3.json").read_text()).values()
+    assert job["Exit_status"] == 0 and job["substate"] == 91
+    answer = pbs.verdict(job)
+    assert answer.state == "failed" and "terminated by" in answer.detail
 
 
-def test_pbspro_several_jobs_in_one_call():
-    record = recording(PBSPRO, "qstat_four_jobs")
-    ids = record["argv"][5:]
-    answers = pbs.query_scheduler(ids, "pbspro", run=replay(record))
-    assert [answers[i][0] for i in ids] == ["running", "running", "success", "failed"]
+def test_text_form_joins_wrapped_values():
+    (job,) = pbs.parse.parse_text((OPENPBS / "text-3.txt").read_text()).values()
+    assert job["comment"].endswith("and terminated by alice@aurora-uan-0010")
+    assert "PBS_O_WORKDIR=/lus/flare/projects/MyProject/run" in job["Variable_List"]
+    assert job["Exit_status"] == "0" and job["substate"] == "91"
 
 
-def test_pbspro_unknown_id_among_known_ones_is_left_out():
-    # qstat exits 153 but still prints the jobs it knows
-    record = recording(PBSPRO, "qstat_one_unknown")
-    known, unknown = record["argv"][5:]
-    answers = pbs.query_scheduler([known, unknown], "pbspro", run=replay(record))
-    assert answers == {known: ("running", "job_state R")}
+def test_text_form_lists_every_job_of_a_multi_id_answer():
+    jobs = pbs.parse.parse_text((OPENPBS / "text-multi-7-9-0-2.txt").read_text())
+    assert list(jobs) == ["7.pbs-head", "9.pbs-head", "0.pbs-head", "2.pbs-head"]
+    assert [pbs.verdict(j).state for j in jobs.values()] == [
+        "running", "running", "success", "failed"
+    ]  # fmt: skip
 
 
-def test_pbspro_all_ids_unknown_gives_no_answers():
-    record = recording(PBSPRO, "qstat_all_unknown")
-    assert pbs.query_scheduler(record["argv"][5:], "pbspro", run=replay(record)) == {}
+def test_system_hold_after_failed_attempts_is_failed_and_deleted():
+    job = {
+        "job_state": "H",
+        "Hold_Types": "n",
+        "comment": "job held, too many failed attempts to run",
+    }
+    answer = pbs.verdict(job)
+    assert (answer.state, answer.delete) == ("failed", True)
+    assert "too many failed attempts" in answer.detail
 
 
-def test_pbspro_no_output_and_failure_is_a_query_error():
-    record = recording(PBSPRO, "qstat_all_unknown") | {"stdout": ""}
-    with pytest.raises(pbs.QueryError, match="Unknown Job Id"):
-        pbs.query_scheduler(record["argv"][5:], "pbspro", run=replay(record))
+def test_user_hold_waits_with_a_warning():
+    answer = pbs.verdict({"job_state": "H", "Hold_Types": "u", "comment": "Job held by alice"})
+    assert (answer.state, answer.held, answer.delete) == ("running", True, False)
 
 
-def test_pbspro_invalid_json_is_a_query_error():
+def test_multi_id_json_lists_only_the_first_and_text_fills_in_the_rest():
+    run = OpenPbs()
+    ids = ["7.pbs-head", "9.pbs-head", "0.pbs-head", "2.pbs-head"]
+    answers = pbs.query_scheduler(ids, run=run)
+    assert {i: a.state for i, a in answers.items()} == {
+        "7.pbs-head": "running", "9.pbs-head": "running",
+        "0.pbs-head": "success", "2.pbs-head": "failed",
+    }  # fmt: skip
+    assert run.calls == [
+        ["qstat", "-x", "-f", "-F", "json", *ids],
+        ["qstat", "-x", "-f", "9.pbs-head", "0.pbs-head", "2.pbs-head"],
+    ]
+
+
+def test_invalid_json_falls_back_to_the_text_form():
+    run, logged = OpenPbs(invalid_json=True), []
+    answers = pbs.query_scheduler(["7.pbs-head", "3.pbs-head"], run=run, log=logged.append)
+    assert {i: a.state for i, a in answers.items()} == {
+        "7.pbs-head": "running",
+        "3.pbs-head": "failed",
+    }
+    assert run.calls[1] == ["qstat", "-x", "-f", "7.pbs-head", "3.pbs-head"]
+    assert "no valid JSON" in logged[0]
+
+
+def test_hand_written_invalid_json_is_a_query_error_of_the_parser():
     record = recording(PBSPRO, "qstat_invalid_json")
     with pytest.raises(pbs.QueryError, match="no valid JSON"):
-        pbs.query_scheduler(record["argv"][5:], "pbspro", run=replay(record))
+        pbs.parse.parse_json(record["stdout"])
 
 
-def test_pbspro_ids_match_by_sequence_number():
+def test_unknown_ids_are_left_out():
+    answers = pbs.query_scheduler(["7.pbs-head", "99999.pbs-head"], run=OpenPbs())
+    assert list(answers) == ["7.pbs-head"]
+
+
+def test_all_ids_unknown_is_no_answer_but_a_failure_is_a_query_error():
+    assert pbs.query_scheduler(["99999.pbs-head"], run=OpenPbs()) == {}
+
+    def broken(argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 2, "", "qstat: cannot connect to server")
+
+    with pytest.raises(pbs.QueryError, match="cannot connect"):
+        pbs.query_scheduler(["1.pbs-head"], run=broken)
+
+
+def test_ids_match_by_sequence_number():
     record = recording(PBSPRO, "qstat_running")
-    answers = pbs.query_scheduler(["8101204.aurora-pbs-0001"], "pbspro", run=replay(record))
-    assert answers == {"8101204.aurora-pbs-0001": ("running", "job_state R")}
-
-
-def test_query_uses_pbspro_argv():
-    seen = []
-
-    def run(argv, **kwargs):
-        seen.append(argv)
-        return subprocess.CompletedProcess(argv, 0, '{"timestamp":1,"Jobs":{}}', "")
-
-    pbs.query_scheduler(["1.a", "2.a"], "pbspro", run=run)
-    assert seen == [["qstat", "-x", "-f", "-F", "json", "1.a", "2.a"]]
+    answers = pbs.query_scheduler(["8101204.aurora-pbs-0001"], run=replay(record))
+    assert answers["8101204.aurora-pbs-0001"].detail.startswith("job_state R")
 
 
 def test_missing_qstat_is_a_query_error(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pbs.QueryError, match="qstat not found"):
-        pbs.query_scheduler(["1"], "pbspro")
-
-
-# ------------------------------------------------------------------ Slurm parsing
-
-
-@pytest.mark.parametrize(
-    ("case", "state"),
-    [
-        ("scontrol_job_pending", "running"),
-        ("scontrol_job_pending_held", "running"),
-        ("scontrol_job_running", "running"),
-        ("scontrol_job_completed", "success"),
-        ("scontrol_job_failed", "failed"),
-        ("scontrol_job_cancelled", "failed"),
-        ("scontrol_job_cancelled_pending", "failed"),
-        ("scontrol_job_timeout", "failed"),
-    ],
-)
-def test_slurm_states_from_recordings(case, state):
-    record = recording(SLURM, case)
-    job_id = record["argv"][-1]
-    assert pbs.parse_scontrol(record["stdout"])[job_id][0] == state
-
-
-def test_slurm_all_jobs_in_one_call():
-    record = recording(SLURM, "scontrol_jobs_all")
-    states = pbs.parse_scontrol(record["stdout"])
-    assert len(states) == record["stdout"].count("JobId=") >= 5
-    assert set(states.values()) >= {("success", "JobState=COMPLETED ExitCode=0:0")}
-
-
-def test_slurm_query_leaves_out_ids_scontrol_does_not_list():
-    record = recording(SLURM, "scontrol_jobs_all")
-    known = next(iter(pbs.parse_scontrol(record["stdout"])))
-    answers = pbs.query_scheduler([known, "999999"], "slurm", run=replay(record))
-    assert list(answers) == [known]
-
-
-def test_slurm_completed_with_nonzero_exit_is_failed():
-    line = "JobId=7 JobName=x JobState=COMPLETED Reason=None ExitCode=0:9 RunTime=00:00:01"
-    assert pbs.parse_scontrol(line)["7"][0] == "failed"
+        pbs.query_scheduler(["1"])
 
 
 # -------------------------------------------------------------- status and caching
@@ -215,7 +242,7 @@ class Scheduler:
         self.calls.append(list(ids))
         if self.error:
             raise pbs.QueryError(self.error)
-        return {i: (self.states[i], "x") for i in ids if i in self.states}
+        return {i: pbs.Verdict(self.states[i], "x") for i in ids if i in self.states}
 
 
 class Clock:
@@ -226,10 +253,12 @@ class Clock:
         return self.t
 
 
-def submitted(conf: dict, *ids: str, at: float = 1000.0) -> None:
+def submitted(conf: dict, *ids: str, at: float = 1000.0, listed: bool = True) -> None:
+    """Jobs as pbs-submit records them; ``listed``: qstat has shown them already."""
     with pbs.StateStore(conf["state_dir"]).locked() as state:
         for job_id in ids:
-            state["jobs"][job_id] = pbs.new_job_record(at, f"r{job_id}")
+            record = pbs.new_job_record(at, f"r{job_id}", "run", conf["queue"])
+            state["jobs"][job_id] = record | {"listed": listed}
 
 
 def ask(conf, job_id, scheduler, clock, **kwargs):
@@ -359,6 +388,70 @@ def test_round_bound_applies_when_rounds_are_slow(tmp_path):
     scheduler, clock = Scheduler({}), Clock()  # "a" unknown to the scheduler
     answers = poll_rounds(conf, "a", scheduler, clock, 11, step=60)
     assert answers == ["running"] * 9 + ["failed"] * 2
+
+
+def test_a_job_pbs_never_lists_fails_soon_naming_the_queue_and_is_deleted(tmp_path):
+    conf = settings(tmp_path, status_interval=10, queue="prod")
+    submitted(conf, "a", "b", listed=False)
+    scheduler, clock, messages, deleted = Scheduler({"b": "running"}), Clock(), [], []
+    answers = []
+    for _ in range(8):
+        answers.append(
+            pbs.job_status(
+                "a",
+                conf,
+                query=scheduler,
+                now=clock,
+                warn=messages.append,
+                delete=deleted.append,
+            )  # fmt: skip
+        )
+        clock.t += 10
+    # bounded: 4 rounds and 60 s since qsub, then failed and deleted
+    assert answers == ["running"] * 6 + ["failed"] * 2
+    assert deleted == [["a"]]
+    first, message = messages  # reading it as running, then why it failed
+    assert "reading it as running" in first
+    assert "never listed" in message and "queue 'prod'" in message
+    assert "probably refused" in message
+
+
+def test_a_listed_job_that_goes_missing_is_given_up_and_deleted(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "a")
+    scheduler, clock, deleted = Scheduler({}), Clock(), []
+    for _ in range(3):
+        pbs.job_status(
+            "a", conf, query=scheduler, now=clock, warn=lambda m: None,
+            delete=deleted.append, problem_rounds=3, problem_seconds=0,
+        )  # fmt: skip
+        clock.t += 10
+    assert deleted == [["a"]]
+
+
+def test_held_by_the_system_is_failed_and_deleted_user_hold_warns_once(tmp_path):
+    conf = settings(tmp_path, status_interval=10)
+    submitted(conf, "sys", "user")
+    failed_attempts = "job held, too many failed attempts to run"
+    held = {
+        "sys": pbs.verdict({"job_state": "H", "Hold_Types": "s", "comment": failed_attempts}),
+        "user": pbs.verdict({"job_state": "H", "Hold_Types": "u", "comment": "Job held by alice"}),
+    }
+    messages, deleted, clock = [], [], Clock()
+    for _ in range(3):
+        for job_id in ("sys", "user"):
+            answer = pbs.job_status(
+                job_id, conf, query=lambda ids: {i: held[i] for i in ids}, now=clock,
+                warn=messages.append, delete=deleted.append,
+            )  # fmt: skip
+            assert answer == ("failed" if job_id == "sys" else "running")
+        clock.t += 10
+    assert deleted == [["sys"]]
+    assert len(messages) == 2
+    assert "too many failed attempts" in messages[0]
+    assert "held (Hold_Types u)" in messages[1] and "qrls" in messages[1]
+    log = (tmp_path / "state" / "status.log").read_text()
+    assert "too many failed attempts to run" in log
 
 
 def test_a_good_answer_resets_the_failure_count(tmp_path):
@@ -516,7 +609,13 @@ def test_qsub_argv_keeps_each_setting_one_element():
 
 def test_submit_runs_qsub_without_shell_and_records_the_job(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    conf = settings(account="p; echo injected", setup=["module load frameworks"])
+    conf = pbs.settings_from_config(
+        merged_config()
+        | {
+            "pbs": merged_config()["pbs"]
+            | {"account": "p; echo injected", "setup": ["module load frameworks"]}
+        }
+    )
     script = tmp_path / "snakejob.sh"
     script.write_text(jobscript(properties(13, range(13))))
     calls = []
@@ -531,27 +630,31 @@ def test_submit_runs_qsub_without_shell_and_records_the_job(tmp_path, monkeypatc
     assert "shell" not in kwargs
     assert argv[argv.index("-A") + 1] == "p; echo injected"
     assert argv[argv.index("-l") + 1].startswith("select=2,walltime=00:40:00,")
+    assert kwargs["start_new_session"]  # the terminal's Ctrl-C must not reach qsub
     submitted_script = Path(argv[-1])
-    assert not submitted_script.is_absolute()
-    assert submitted_script.parent == Path("logs/pbs")
+    # absolute: PBS starts the job in $HOME
+    assert submitted_script.parent == tmp_path / "logs" / "pbs"
     assert "module load frameworks" in submitted_script.read_text()
-    assert argv[argv.index("-o") + 1] == "logs/pbs/r0-12.log"
+    assert argv[argv.index("-o") + 1] == str(tmp_path / "logs" / "pbs" / "r0-12.log")
     state = pbs.StateStore(tmp_path / ".snakemake" / "pbs").read()
     assert state["jobs"][job_id]["name"] == "r0-12"
+    assert state["jobs"][job_id]["run"] == pbs.settings.run_id(conf)
     index = (tmp_path / "logs" / "pbs" / "submissions.tsv").read_text().split("\t")
     assert index[1:4] == [job_id, "r0-12", "2"]
 
 
 def test_submit_reports_qsub_refusal_with_the_scheduler_message(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    record = recording(SLURM, "qsub_reject_oversized_select")
+    message, code = (OPENPBS / "qsub-prod-4nodes.txt").read_text().splitlines()
+    record = {"returncode": int(code.split()[1]), "stdout": "", "stderr": message + "\n"}
     script = tmp_path / "snakejob.sh"
     script.write_text(jobscript(properties(13, range(13))))
     with pytest.raises(pbs.SubmitError) as error:
         pbs.submit(str(script), settings(tmp_path), run=replay(record))
     message = str(error.value)
     assert "qsub refused r0-12 (13 jobs on 2 node(s)" in message
-    assert "Node count specification invalid" in message
+    assert "(exit 188)" in message
+    assert "Job violates queue and/or server resource limits" in message
     assert message in (tmp_path / "logs" / "r0-12.log").read_text()
 
 
@@ -564,9 +667,11 @@ def test_export_puts_settings_into_the_environment():
     pbs.export_settings(config, environ)
     exported = json.loads(environ[pbs.SETTINGS_VARIABLE])
     assert exported == pbs.settings_from_config(config)
-    assert exported["state_dir"] == ".snakemake/pbs" and exported["log_dir"] == "logs/pbs"
+    assert exported["state_dir"] == os.path.abspath(".snakemake/pbs")
+    assert exported["log_dir"] == os.path.abspath("logs/pbs")
     assert {"account", "queue", "filesystems", "place", "nodes_per_submission"} <= set(exported)
-    assert {"walltime_margin_minutes", "setup", "flavor", "status_interval"} <= set(exported)
+    assert {"walltime_margin_minutes", "setup", "status_interval", "owner"} <= set(exported)
+    assert exported["owner"]["pid"] == os.getpid()
     assert {"tiles_per_node", "tiles_per_job"} <= set(exported)
 
 
@@ -665,9 +770,16 @@ def test_aurora_defaults():
         "53-60", "61-68", "69-76", "77-84", "85-92", "93-100",
     ]  # fmt: skip
     assert config["launcher"] == [
-        "mpiexec", "-n", "1", "--hosts", "{host}", "--cpu-bind", "list:{cpus}"
+        "mpiexec", "-n", "1", "--hosts", "{host}", "--cpu-bind", "list:{cpus}", "--no-vni"
     ]  # fmt: skip
-    assert config["task_env"]["HF_HUB_OFFLINE"] == "1"
+    assert config["node_launcher"] == ["mpiexec", "-n", "{nodes}", "--ppn", "1", "--no-vni"]
+    assert config["weights"] == {
+        "shared_hf_home": "/flare/datasets/model-weights",
+        "hf_home": "cache/huggingface",
+        "stage": True,
+        "stage_dir": "/tmp",
+    }
+    assert config["pbs"]["queue"] == "capacity"
     assert "module load frameworks" in config["pbs"]["setup"]
 
 
@@ -786,15 +898,22 @@ def test_plan_run(pending, changes, plan):
 @pytest.mark.parametrize(
     ("pending", "changes", "text"),
     [
-        (48, {}, "48 rank job(s) -> 1 submission(s) to queue 'prod' (1 x 4 node(s)), "
+        (48, {}, "48 rank job(s) -> 1 submission(s) to queue 'capacity' (1 x 4 node(s)), "
                  "walltime 00:40:00 each, at most 2.67 node-hours"),
-        (100, {}, "100 rank job(s) -> 3 submission(s) to queue 'prod' (2 x 4 node(s), "
-                  "1 x 1 node(s)), walltime 00:40:00 each, at most 6.00 node-hours"),
+        (100, {}, "100 rank job(s) -> 3 submission(s) to queue 'capacity' (2 x 4 node(s), "
+                  "1 x 1 node(s)), walltime 00:40:00 each, at most 6.00 node-hours; 2 in "
+                  "the system or running at once, the rest wait; 8 tile(s) idle (the last "
+                  "submission is not full)"),
         (49, {"queue": "debug-scaling"}, "49 rank job(s) -> 2 submission(s) to queue "
          "'debug-scaling' (1 x 4 node(s), 1 x 2 node(s)), walltime 00:40:00 each, at most "
-         "4.00 node-hours"),
-        (13, {"runtime_minutes": 50}, "13 rank job(s) -> 1 submission(s) to queue 'prod' "
-         "(1 x 2 node(s)), walltime 01:00:00 each, at most 2.00 node-hours"),
+         "4.00 node-hours; 1 in the system or running at once, the rest wait; 23 tile(s) "
+         "idle (the last submission is not full)"),
+        (13, {"runtime_minutes": 50}, "13 rank job(s) -> 1 submission(s) to queue "
+         "'capacity' (1 x 2 node(s)), walltime 01:00:00 each, at most 2.00 node-hours; "
+         "11 tile(s) idle (the last submission is not full)"),
+        (10000, {"queue": "prod", "nodes_per_submission": 256}, "10000 rank job(s) -> 4 "
+         "submission(s) to queue 'prod' (4 x 256 node(s)), walltime 00:40:00 each, at most "
+         "682.67 node-hours; 2288 tile(s) idle (the last submission is not full)"),
     ],
 )  # fmt: skip
 def test_describe_plan(pending, changes, text):
@@ -803,3 +922,97 @@ def test_describe_plan(pending, changes, text):
 
 def test_describe_plan_with_nothing_pending():
     assert pbs.describe_plan(0, settings()) == "PBS plan: nothing to submit."
+
+
+# ---------------------------------------------------------- Aurora's queues (2026)
+
+# queue: (nodes ok, nodes refused, longest walltime ok in minutes, user jobs allowed)
+QUEUE_TABLE = {
+    "debug": ((1, 2), (0, 3), 60, 1),
+    "debug-scaling": ((2, 256), (1, 257), 60, 1),
+    "capacity": ((1, 16), (0, 17), 168 * 60, 5),
+    "prod": ((256, 10624), (255, 10625), 12 * 60, 100),
+}
+
+
+@pytest.mark.parametrize("queue", sorted(QUEUE_TABLE))
+def test_queue_table_both_sides_of_each_boundary(queue):
+    (low, high), (below, above), longest, jobs = QUEUE_TABLE[queue]
+    assert pbs.queue_problems(queue, low, 5, jobs) == []
+    assert pbs.queue_problems(queue, high, 5, jobs) == []
+    for nodes in (below, above):
+        (problem,) = pbs.queue_problems(queue, nodes, 5, jobs)
+        assert f"pbs.nodes_per_submission ({nodes})" in problem and queue in problem
+    assert pbs.queue_problems(queue, low, longest, jobs) == []
+    (too_long,) = pbs.queue_problems(queue, low, longest + 1, jobs)
+    assert "walltime" in too_long and "runtime_minutes" in too_long
+    (too_short,) = pbs.queue_problems(queue, low, 4, jobs)
+    assert "walltime 00:04:00" in too_short
+    (too_many,) = pbs.queue_problems(queue, low, 5, jobs + 1)
+    assert f"--jobs {jobs}" in too_many and "profile key jobs" in too_many
+
+
+@pytest.mark.parametrize(
+    ("nodes", "longest", "route"),
+    [(256, 12 * 60, "small"), (1024, 12 * 60, "small"), (1025, 18 * 60, "medium"),
+     (1999, 18 * 60, "medium"), (2000, 24 * 60, "large"), (10624, 24 * 60, "large")],
+)  # fmt: skip
+def test_prod_walltime_follows_its_routing(nodes, longest, route):
+    assert pbs.queue_problems("prod", nodes, longest, 1) == []
+    (problem,) = pbs.queue_problems("prod", nodes, longest + 1, 1)
+    assert f"execution queue {route!r}" in problem
+
+
+def test_prod_refuses_the_seed_shape_and_says_what_to_use():
+    (problem,) = pbs.queue_problems("prod", 4, 40, 5)
+    assert "256 nodes or more" in problem and "capacity" in problem
+
+
+def test_default_profile_plan_is_accepted_by_its_queue():
+    conf = settings()
+    assert conf["queue"] == "capacity" and conf["nodes_per_submission"] == 4
+    assert pbs.settings_problems(conf, jobs=profile_keys()["jobs"]) == []
+    assert profile_keys()["jobs"] == 5
+
+
+# ------------------------------------------------------------------------ watchdog
+
+
+def test_watchdog_deletes_the_open_submissions_of_its_run_when_snakemake_is_gone(tmp_path):
+    owner = subprocess.Popen(["sleep", "60"])
+    conf = pbs.settings_from_config(merged_config(), owner_pid=owner.pid)
+    conf |= {"state_dir": str(tmp_path / "state")}
+    run = pbs.settings.run_id(conf)
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1.s"] = pbs.new_job_record(0, "r0", run)  # open, this run
+        state["jobs"]["2.s"] = pbs.new_job_record(0, "r1", run) | {"state": "success"}
+        state["jobs"]["3.s"] = pbs.new_job_record(0, "r2", "another-run")
+    started, result = [], []
+
+    def popen(argv, **kwargs):
+        started.append(argv)
+        return subprocess.Popen(["true"], **kwargs)
+
+    watcher = threading.Thread(
+        target=lambda: result.append(pbs.watch(conf, popen=popen, interval=0.05))
+    )
+    watcher.start()
+    time.sleep(0.3)
+    assert watcher.is_alive() and started == []  # Snakemake still runs: nothing deleted
+    # a second watchdog for the same run steps aside at once
+    assert pbs.watch(conf, popen=popen, interval=0.05) == []
+    owner.kill()
+    owner.wait()
+    watcher.join(timeout=5)
+    assert result == [["1.s"]]
+    assert started == [["qdel", "1.s"]]
+    assert "watchdog: Snakemake" in (tmp_path / "state" / "status.log").read_text()
+    jobs = pbs.StateStore(conf["state_dir"]).read()["jobs"]
+    assert jobs["1.s"]["state"] == "failed" and jobs["3.s"]["state"] == "running"
+
+
+def test_run_id_names_one_process_even_if_its_pid_is_reused():
+    conf = pbs.settings_from_config(merged_config())
+    assert pbs.settings.owner_alive(conf)
+    conf["owner"] = conf["owner"] | {"start": "1"}  # same pid, another start time
+    assert not pbs.settings.owner_alive(conf)

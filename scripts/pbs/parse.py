@@ -1,0 +1,136 @@
+"""What PBS answers, read: ``qstat -x -f -F json`` and the plain ``qstat -x -f`` text.
+
+Both forms become {job id: attributes}; `verdict` turns one job's attributes into
+running, success or failed. Formats as a real PBS server (OpenPBS 23.06) printed
+them: tests/data/openpbs/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+RUNNING, SUCCESS, FAILED = "running", "success", "failed"
+FINAL = frozenset({SUCCESS, FAILED})
+
+# Exit_status values below 0 are set by PBS itself (job.h JOB_EXEC_*).
+PBS_EXIT_REASONS = {
+    -25: "killed by PBS: ncpus limit exceeded",
+    -27: "killed by PBS: memory limit exceeded",
+    -29: "killed by PBS: walltime exceeded",
+}
+PBS_RUNNING_STATES = frozenset("QHWRESTUBM")
+# substate 91: the job was deleted (qdel) while it ran. PBS then reports Exit_status 0.
+SUBSTATE_TERMINATED = 91
+# A job PBS could not start on its nodes again and again: held for good.
+FAILED_ATTEMPTS = "too many failed attempts to run"
+
+
+class QueryError(RuntimeError):
+    """The scheduler could not be asked (command missing, failed, unreadable output)."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    state: str  # running, success or failed
+    detail: str  # what PBS said, for the status log and the user
+    # PBS keeps the job (held for good): the provider must qdel it after failing it.
+    delete: bool = False
+    # A user hold: waits until released; worth a warning.
+    held: bool = False
+
+
+def parse_json(text: str) -> dict[str, dict]:
+    """``qstat -x -f -F json`` -> {job id: attributes}; QueryError if it is no such JSON.
+
+    Jobs qstat does not know are simply absent (qstat names them on stderr).
+    """
+    try:
+        # strict=False: PBS versions have emitted raw control characters in strings.
+        data = json.loads(text, strict=False)
+    except ValueError as error:
+        raise QueryError(f"qstat printed no valid JSON ({error}): {text[:200]!r}") from error
+    if not isinstance(data, dict) or not isinstance(data.get("Jobs", {}), dict):
+        raise QueryError(f"qstat JSON has no 'Jobs' mapping: {text[:200]!r}")
+    return {job_id: job for job_id, job in data.get("Jobs", {}).items() if isinstance(job, dict)}
+
+
+_TEXT_JOB = re.compile(r"^Job Id:\s*(\S+)\s*$")
+_TEXT_ATTRIBUTE = re.compile(r"^\s{4}([A-Za-z_][\w.]*) = (.*)$")
+
+
+def parse_text(text: str) -> dict[str, dict]:
+    """Plain ``qstat -x -f`` -> {job id: attributes} (values are strings).
+
+    PBS wraps long values onto lines that start with a tab; they are joined back.
+    """
+    jobs: dict[str, dict] = {}
+    job: dict | None = None
+    key = None
+    for line in text.splitlines():
+        if match := _TEXT_JOB.match(line):
+            job = jobs.setdefault(match.group(1), {})
+            key = None
+        elif job is not None and (match := _TEXT_ATTRIBUTE.match(line)):
+            key = match.group(1)
+            job[key] = match.group(2)
+        elif job is not None and key is not None and line.startswith("\t"):
+            job[key] += line[1:]
+    return jobs
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def exit_meaning(code: int) -> str:
+    if code == 0:
+        return "Exit_status 0"
+    if code < 0:
+        return f"Exit_status {code} ({PBS_EXIT_REASONS.get(code, 'job not run or killed by PBS')})"
+    if code > 256:
+        return f"Exit_status {code} (killed by signal {code - 256})"
+    return f"Exit_status {code}"
+
+
+def verdict(job: Mapping) -> Verdict:
+    """running, success or failed for one job's attributes (JSON or text form)."""
+    letter = str(job.get("job_state", "?"))
+    comment = " ".join(str(job.get("comment", "")).split())
+    said = f"; comment: {comment}" if comment else ""
+    if letter in ("F", "X"):
+        code, substate = _int(job.get("Exit_status")), _int(job.get("substate"))
+        if substate == SUBSTATE_TERMINATED or "terminated" in comment:
+            # qdel while running: Exit_status is 0 although nothing finished.
+            return Verdict(FAILED, f"deleted while running (qdel){said}")
+        if code is None:
+            # e.g. deleted before it ran
+            return Verdict(FAILED, f"job_state {letter} without Exit_status{said}")
+        return Verdict(SUCCESS if code == 0 else FAILED, exit_meaning(code) + said)
+    if letter == "H":
+        holds = str(job.get("Hold_Types", ""))
+        if "s" in holds or FAILED_ATTEMPTS in comment:
+            return Verdict(FAILED, f"held by the system (Hold_Types {holds}){said}", delete=True)
+        return Verdict(RUNNING, f"held (Hold_Types {holds}){said}", held=True)
+    detail = f"job_state {letter}"
+    if letter not in PBS_RUNNING_STATES:
+        detail += " (unknown state, read as running)"
+    return Verdict(RUNNING, detail + said)
+
+
+def match_ids(wanted: Iterable[str], found: Mapping[str, object]) -> dict:
+    """Answers for the ids we submitted, by exact id or else by PBS sequence number
+    (qsub may print ``123.aurora-pbs-0001...`` while qstat names it differently)."""
+    by_number = {key.split(".", 1)[0]: value for key, value in found.items()}
+    answers = {}
+    for job_id in wanted:
+        if job_id in found:
+            answers[job_id] = found[job_id]
+        elif job_id.split(".", 1)[0] in by_number:
+            answers[job_id] = by_number[job_id.split(".", 1)[0]]
+    return answers

@@ -1,0 +1,136 @@
+"""The provider's settings: what submit, status and cancel need from the workflow config.
+
+The Snakefile (main Snakemake process) puts them as JSON into the environment
+variable ``AURORA_PBS_SETTINGS``; the profile's commands are its children and read
+them back with `load_settings`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
+STATE_DIR = ".snakemake/pbs"
+LOG_DIR = "logs/pbs"
+# The profile command whose presence next to a loaded config file marks the profile.
+SUBMIT_COMMAND = "pbs-submit"
+
+
+class PbsConfigError(ValueError):
+    """A setting that cannot work on the scheduler, named by its config key."""
+
+
+def _process_start(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot ("" if unknown): with the pid,
+    it names one process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def settings_from_config(
+    config: Mapping, *, model: str = "", marker: str = "", owner_pid: int | None = None
+) -> dict:
+    """The provider's settings from the merged workflow config.
+
+    ``model`` is the checked model (a local folder or a hub id), ``marker`` rule
+    fetch_model's output that names the folder the engines load ("" for none).
+
+    ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
+    run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).
+    """
+    pbs, tiles, weights = config["pbs"], config["tiles"], config["weights"]
+    owner = os.getpid() if owner_pid is None else owner_pid
+    return {
+        "account": pbs["account"],
+        "queue": pbs["queue"],
+        "filesystems": pbs["filesystems"],
+        "place": pbs["place"],
+        "nodes_per_submission": pbs["nodes_per_submission"],
+        "walltime_margin_minutes": pbs["walltime_margin_minutes"],
+        "setup": list(pbs["setup"]),
+        "status_interval": pbs["status_interval"],
+        "tiles_per_node": tiles["per_node"],
+        "tiles_per_job": tiles["per_job"],
+        "runtime_minutes": config["runtime_minutes"],
+        "state_dir": os.path.abspath(STATE_DIR),
+        "log_dir": os.path.abspath(LOG_DIR),
+        # Node-local staging of the model (scripts/stage_model.py, one call per submission).
+        "stage": bool(weights["stage"]) and config["engine"] != "echo",
+        "model": model,
+        "model_marker": os.path.abspath(marker) if marker else "",
+        "stage_dir": weights["stage_dir"],
+        "node_launcher": list(config["node_launcher"]),
+        "task_python": config["python"] or sys.executable,
+        # The profile's commands re-run themselves with this interpreter when the
+        # `python3` on PATH is too old (e.g. a login node's system Python).
+        "python": sys.executable,
+        "owner": {"pid": owner, "start": _process_start(owner)},
+    }
+
+
+def run_id(settings: Mapping) -> str:
+    """One run of the main Snakemake: its pid and start time."""
+    owner = settings.get("owner") or {}
+    return f"{owner.get('pid', '?')}-{owner.get('start', '')}"
+
+
+def owner_alive(settings: Mapping) -> bool:
+    owner = settings.get("owner") or {}
+    pid = owner.get("pid")
+    return isinstance(pid, int) and _process_start(pid) == owner.get("start") != ""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What the Snakefile knows about the run when it loads (see `run_info`)."""
+
+    configfiles: tuple[str, ...] = ()
+    jobs: int | None = None  # --jobs: submissions in the system at once
+    cores: int | None = None  # --cores: passed on to each group job's Snakemake
+    main: bool = True  # the main Snakemake process, not the one inside a group job
+
+
+def run_info(workflow) -> RunInfo:
+    """Read `RunInfo` from Snakemake's ``workflow`` object (9.x attribute names), or
+    pass a `RunInfo` through.
+
+    At load time Snakemake has not chosen its executor yet (``workflow.executor_plugin``
+    is None, even in real runs), so the profile is recognised by its config file.
+    """
+    if isinstance(workflow, RunInfo):
+        return workflow
+    mode = getattr(workflow.workflow_settings.exec_mode, "name", "DEFAULT")
+    return RunInfo(
+        configfiles=tuple(str(f) for f in workflow.config_settings.configfiles or ()),
+        jobs=workflow.resource_settings.nodes,
+        cores=workflow.resource_settings.cores,
+        main=str(mode).upper() == "DEFAULT",
+    )
+
+
+def profile_in_use(configfiles: Iterable[str | os.PathLike]) -> bool:
+    """True if a loaded config file sits next to this provider's submit command.
+
+    profiles/aurora/config.yaml loads profiles/aurora/aurora.yaml through its
+    ``configfile:`` key, so this holds exactly when the profile (or its config file)
+    is in use, wherever the profile folder was copied.
+    """
+    return any((Path(f).parent / SUBMIT_COMMAND).is_file() for f in configfiles)
+
+
+def load_settings(environ: Mapping = os.environ) -> dict:
+    text = environ.get(SETTINGS_VARIABLE)
+    if not text:
+        raise PbsConfigError(
+            f"{SETTINGS_VARIABLE} is not set: the profile's commands must be started by "
+            "Snakemake running this workflow (its Snakefile calls pbs.export_settings)"
+        )
+    return json.loads(text)

@@ -1,0 +1,263 @@
+"""One submission: its plan (nodes, walltime, name) from Snakemake's jobscript, the
+jobscript PBS runs, and the qsub call."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .plan import AURORA_QUEUES, check_settings, format_walltime, jobs_per_node, walltime_minutes
+from .plan import queue_nodes as _queue_nodes
+from .settings import run_id
+from .status import QUERY_TIMEOUT, StateStore, new_job_record
+
+# The line of profiles/aurora/jobscript.sh that pbs-submit replaces by config pbs.setup.
+SETUP_MARKER = "# @site-setup@"
+STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "stage_model.py"
+
+
+class SubmitError(RuntimeError):
+    """A submission that was refused, by us or by qsub."""
+
+
+def read_properties(jobscript_text: str) -> dict:
+    """The job properties Snakemake writes into the jobscript (``# properties = {...}``)."""
+    for line in jobscript_text.splitlines():
+        if line.startswith("# properties = "):
+            return json.loads(line.removeprefix("# properties = "))
+    raise SubmitError("the jobscript has no '# properties = ' line (profiles/aurora/jobscript.sh)")
+
+
+def job_ranks(properties: Mapping) -> list[int]:
+    """Ranks of the ``<rank>.out`` outputs, else of the ``<rank>.in`` inputs.
+
+    Snakemake leaves a list out of the properties beyond 100 files (96 outputs for
+    48 ranks); with more than 100 ranks per submission both are missing.
+    """
+    for key, suffix in (("output", "out"), ("input", "in")):
+        pattern = re.compile(rf"(?:^|/)(\d+)\.{suffix}$")
+        found = (pattern.search(f) for f in properties.get(key) or ())
+        ranks = sorted({int(m.group(1)) for m in found if m})
+        if ranks:
+            return ranks
+    return []
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    jobs: int  # member jobs running at once
+    nodes: int
+    walltime: str
+    ranks: tuple[int, ...]
+
+
+def job_name(ranks: Sequence[int], fallback: str) -> str:
+    """Short PBS job name (<= 15 characters, a letter first) from the ranks it runs.
+
+    "r0-47" for a contiguous block, "r3-40_12" when 12 scattered ranks lie in 3..40.
+    """
+    if not ranks:
+        name = "snk" + re.sub(r"[^A-Za-z0-9]", "", fallback)[:8]
+    elif len(ranks) == 1:
+        name = f"r{ranks[0]}"
+    else:
+        first, last = ranks[0], ranks[-1]
+        name = f"r{first}-{last}"
+        if last - first + 1 != len(ranks):
+            name += f"_{len(ranks)}"
+    return name[:15]
+
+
+def plan_submission(properties: Mapping, settings: Mapping) -> Plan:
+    """Nodes, walltime and name of one submission from Snakemake's job properties.
+
+    The members running at once come from the summed ``tiles`` resource: Snakemake
+    sums resources over the members of a group that run in parallel (always present,
+    unlike the output list, which is dropped beyond 100 files).
+    """
+    resources = properties.get("resources") or {}
+    per_job = settings["tiles_per_job"]
+    tiles = resources.get("tiles")
+    if not isinstance(tiles, int) or tiles < 1:
+        raise SubmitError(
+            f"job {properties.get('jobid', '?')} has no 'tiles' resource; the Aurora profile "
+            "submits only rules that declare resources: tiles=..."
+        )
+    jobs = math.ceil(tiles / per_job)
+    nodes = math.ceil(jobs / jobs_per_node(settings))
+    limit = settings["nodes_per_submission"]
+    if nodes > limit:
+        raise SubmitError(
+            f"this submission would need {nodes} nodes ({jobs} jobs of {per_job} tile(s), "
+            f"{jobs_per_node(settings)} per node) but pbs.nodes_per_submission is {limit}: "
+            "profile key group-components packs more jobs than fit"
+        )
+    runtime = resources.get("runtime", settings["runtime_minutes"])
+    minutes = walltime_minutes(runtime, settings)
+    nodes = _queue_nodes(nodes, settings)
+    queue = settings["queue"]
+    queue_limits = AURORA_QUEUES.get(queue)
+    if queue_limits is not None and minutes > queue_limits.max_minutes:
+        raise SubmitError(
+            f"walltime {format_walltime(minutes)} (runtime {runtime} min + margin) exceeds "
+            f"queue {queue!r}'s {format_walltime(queue_limits.max_minutes)}: Snakemake "
+            "runs this submission's jobs in waves; raise profile key cores"
+        )
+    walltime = format_walltime(minutes)
+    ranks = tuple(job_ranks(properties))
+    name = job_name(ranks, str(properties.get("jobid", "")))
+    return Plan(name=name, jobs=jobs, nodes=nodes, walltime=walltime, ranks=ranks)
+
+
+def stage_lines(settings: Mapping, stage_file: Path) -> list[str]:
+    """Jobscript lines that copy the model to every node first and remove the copies
+    when the job script ends. Only paths the provider made reach the shell."""
+    command = [settings["task_python"], str(STAGE_SCRIPT)]
+    copy = shlex.join([*command, "copy", str(stage_file)])
+    remove = shlex.join([*command, "remove", str(stage_file)])
+    return [
+        "# the model, once per node, to node-local space (config weights.stage)",
+        f"trap {shlex.quote(remove)} EXIT",
+        f"{copy} || exit 1",
+    ]
+
+
+def insert_setup(jobscript_text: str, setup_lines: Sequence[str], after: Sequence[str] = ()) -> str:
+    """Replace the marker line by the site setup (a failing setup line ends the job),
+    followed by ``after`` (e.g. `stage_lines`)."""
+    lines = jobscript_text.splitlines()
+    try:
+        at = lines.index(SETUP_MARKER)
+    except ValueError:
+        raise SubmitError(
+            f"the jobscript has no line {SETUP_MARKER!r} (profiles/aurora/jobscript.sh)"
+        ) from None
+    block = []
+    if setup_lines:
+        block = [
+            "# site setup (config pbs.setup); a failing line ends the job here",
+            "trap 'echo \"aurora-pbs: site setup (config pbs.setup) failed\" >&2' EXIT",
+            "set -e",
+            *setup_lines,
+            "set +e",
+            "trap - EXIT",
+        ]
+    return "\n".join(lines[:at] + block + list(after) + lines[at + 1 :]) + "\n"
+
+
+def qsub_argv(settings: Mapping, plan: Plan, script: str, log: str) -> list[str]:
+    """qsub's argument list, resources in one comma-joined -l."""
+    resources = ",".join(
+        [
+            f"select={plan.nodes}",
+            f"walltime={plan.walltime}",
+            f"filesystems={settings['filesystems']}",
+            f"place={settings['place']}",
+        ]
+    )
+    return [
+        "qsub",
+        "-A",
+        settings["account"],
+        "-q",
+        settings["queue"],
+        "-l",
+        resources,
+        "-N",
+        plan.name,
+        "-j",
+        "oe",
+        "-o",
+        log,
+        script,
+    ]
+
+
+def model_path(settings: Mapping) -> str:
+    """The model folder the engines load: the fetched copy named by rule fetch_model's
+    marker, else the configured local folder."""
+    marker = settings.get("model_marker")
+    if marker:
+        try:
+            return json.loads(Path(marker).read_text())["path"]
+        except (OSError, ValueError, KeyError) as error:
+            raise SubmitError(f"cannot read the model marker {marker}: {error}") from error
+    return settings["model"]
+
+
+def write_stage_file(settings: Mapping, path: Path) -> None:
+    """What scripts/stage_model.py needs: the model folder, where to copy it, how."""
+    path.write_text(
+        json.dumps(
+            {
+                "model": model_path(settings),
+                "stage_dir": settings["stage_dir"],
+                "node_launcher": settings["node_launcher"],
+                "python": settings["task_python"],
+            }
+        )
+    )
+
+
+def submit(jobscript: str, settings: Mapping, *, run=subprocess.run, now=time.time) -> str:
+    """Submit one Snakemake jobscript with qsub; return the scheduler's job id.
+
+    The id goes into the status store (with this run's id) before it is returned, so
+    the watchdog can delete the submission if Snakemake never learns it.
+    """
+    check_settings(settings)
+    text = Path(jobscript).read_text()
+    plan = plan_submission(read_properties(text), settings)
+    log_dir = Path(settings["log_dir"])
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = log_dir / f"{plan.name}.sh"
+    after = []
+    if settings.get("stage") and settings.get("model"):
+        stage_file = log_dir / f"{plan.name}.stage.json"
+        write_stage_file(settings, stage_file)
+        after = stage_lines(settings, stage_file)
+    script.write_text(insert_setup(text, settings["setup"], after))
+    script.chmod(0o755)
+    # Absolute paths: PBS starts the job in $HOME.
+    argv = qsub_argv(settings, plan, str(script), str(log_dir / f"{plan.name}.log"))
+    what = (
+        f"{plan.name} ({plan.jobs} jobs on {plan.nodes} node(s), walltime {plan.walltime}, "
+        f"queue {settings['queue']})"
+    )
+    try:
+        result = run(
+            argv, capture_output=True, text=True, timeout=QUERY_TIMEOUT, start_new_session=True
+        )
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise SubmitError(f"qsub could not submit {what}: {error}") from error
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    if result.returncode != 0 or not lines:
+        message = (result.stdout + result.stderr).strip() or "(no output)"
+        error = SubmitError(
+            f"qsub refused {what} (exit {result.returncode}):\n{message}\ncommand: {' '.join(argv)}"
+        )
+        # Where the job's PBS log would be: the terminal's copy scrolls away.
+        (log_dir / f"{plan.name}.log").write_text(f"pbs-submit: {error}\n")
+        raise error
+    job_id = lines[0]
+    store = StateStore(settings["state_dir"])
+    with store.locked() as state:
+        state["jobs"][job_id] = new_job_record(
+            now(), plan.name, run_id(settings), settings["queue"]
+        )
+    with open(log_dir / "submissions.tsv", "a") as index:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now()))
+        ranks = ",".join(str(r) for r in plan.ranks)
+        index.write(
+            f"{stamp}\t{job_id}\t{plan.name}\t{plan.nodes}\t{plan.walltime}\t"
+            f"{settings['queue']}\t{ranks}\n"
+        )
+    return job_id

@@ -1,0 +1,137 @@
+"""Node-local copies of the model for one PBS submission (config weights.stage).
+
+At scale, Lustre serves one big read per node far better than one per engine: the
+seed's author and Aegis copy the weights to each node's /tmp before starting
+engines. The submission's jobscript (written by pbs-submit) runs
+
+    python stage_model.py copy <stage.json>     before the rank jobs start
+    python stage_model.py remove <stage.json>   when the job script ends
+
+Each runs ONE launcher call (config node_launcher, e.g. PALS ``mpiexec -n {nodes}
+--ppn 1`` or PBS's ``pbsdsh --``) that starts one process per node, which copies
+to (or removes) ``<stage_dir>/model-<job id>/<host>/<model folder name>``; the host
+name is that node's line in PBS_NODEFILE, so engines find the copy of their node.
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+# Set by the launchers for each started process: its node's index in PBS_NODEFILE.
+NODE_INDEX_VARIABLES = ("PBS_NODENUM", "PALS_NODEID", "PMI_RANK", "PALS_RANKID")
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
+    """Where ``model`` lies on ``host`` during PBS job ``job_id``."""
+    return Path(stage_dir) / f"model-{_safe(job_id)}" / _safe(host) / Path(model).name
+
+
+def node_hosts(environ: Mapping[str, str]) -> list[str]:
+    nodefile = environ.get("PBS_NODEFILE")
+    if not nodefile:
+        raise SystemExit("stage_model: PBS_NODEFILE is not set (not inside a PBS job)")
+    lines = Path(nodefile).read_text().split()
+    return list(dict.fromkeys(lines))
+
+
+def this_host(hosts: Sequence[str], environ: Mapping[str, str]) -> str:
+    """This node's name as PBS_NODEFILE spells it, from the launcher's node index, else
+    from the host name (short names compared)."""
+    for name in NODE_INDEX_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) < len(hosts):
+            return hosts[int(value)]
+    short = socket.gethostname().split(".")[0]
+    for host in hosts:
+        if host.split(".")[0] == short:
+            return host
+    raise SystemExit(f"stage_model: cannot tell which of {hosts} this node ({short}) is")
+
+
+def copy_here(model: str, target: Path) -> None:
+    """Copy the model folder to ``target`` (a temp name first: never a half copy)."""
+    if target.is_dir():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    # symlinks=False: a Hugging Face snapshot links into blobs/; copy the files.
+    shutil.copytree(model, partial, symlinks=False)
+    os.replace(partial, target)
+
+
+def node_step(action: str, settings: Mapping, environ: Mapping[str, str] = os.environ) -> int:
+    """One node's part: copy the model here, or remove this node's copies."""
+    hosts = node_hosts(environ)
+    host = this_host(hosts, environ)
+    target = staged_path(settings["stage_dir"], environ["PBS_JOBID"], host, settings["model"])
+    started = time.monotonic()
+    if action == "copy-node":
+        copy_here(settings["model"], target)
+        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+        print(
+            f"stage_model: {host}: {size / 2**20:.1f} MiB to {target} "
+            f"in {time.monotonic() - started:.1f} s",
+            flush=True,
+        )
+    else:
+        shutil.rmtree(target.parent, ignore_errors=True)
+        # The job's folder, once no node's copy is left in it.
+        with contextlib.suppress(OSError):
+            target.parent.parent.rmdir()
+        print(f"stage_model: {host}: removed {target.parent}", flush=True)
+    return 0
+
+
+def launcher_argv(template: Sequence[str], nodes: int) -> list[str]:
+    return [element.replace("{nodes}", str(nodes)) for element in template]
+
+
+def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> int:
+    """One launcher call: one process per node does `node_step`."""
+    settings = json.loads(Path(settings_file).read_text())
+    nodes = len(node_hosts(environ))
+    argv = launcher_argv(settings["node_launcher"], nodes) + [
+        settings["python"],
+        os.path.abspath(__file__),
+        f"{action}-node",
+        os.path.abspath(settings_file),
+    ]
+    if not settings["node_launcher"]:
+        raise SystemExit(
+            "stage_model: config key node_launcher is empty: weights.stage needs a launcher "
+            "that starts one process per node"
+        )
+    print(f"stage_model: {action} on {nodes} node(s): {json.dumps(argv)}", flush=True)
+    code = subprocess.run(argv, stdin=subprocess.DEVNULL).returncode
+    if code != 0:
+        print(f"stage_model: {action} failed on a node (exit {code})", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("copy", "remove", "copy-node", "remove-node"):
+        print("usage: stage_model.py copy|remove <stage.json>", file=sys.stderr)
+        return 2
+    action, settings_file = argv
+    if action.endswith("-node"):
+        return node_step(action, json.loads(Path(settings_file).read_text()))
+    return run_on_every_node(action, settings_file)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
