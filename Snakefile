@@ -67,7 +67,7 @@ rule fetch_model:
 rule infer:
     input:
         prompts=f"{DATA}/{{rank}}.in",
-        model=MODEL_MARKER,
+        model=ancient(MODEL_MARKER),
     output:
         out=f"{RESULTS}/{{rank}}.out",
         record=f"{RESULTS}/records/{{rank}}.json",

@@ -1,15 +1,15 @@
 """Benchmark 4: how hard does a run poll the scheduler? Calls per interval and per submission.
 
-A real Slurm test cluster (tests/slurm_cluster.py, with the PBS command wrappers)
-runs the workflow with profiles/aurora: the echo engine, one rank per submission
-(``tiles.per_node`` 1, ``pbs.nodes_per_submission`` 1, ``--group-components
-node=1``), so ``ranks`` ranks are ``ranks`` submissions, all in flight at once.
+The real OpenPBS test cluster (tests/pbs_cluster.py, four hosts) runs the workflow
+with profiles/aurora: the echo engine, one rank per submission (``tiles.per_node`` 1,
+``pbs.nodes_per_submission`` 1, ``--group-components node=1``) to a queue without
+per-user limits, so ``ranks`` ranks are ``ranks`` submissions, all in flight at once.
 
 Scheduler calls are counted, not faked: a folder first on PATH holds one wrapper
-per scheduler command (qsub, qstat, qdel, scontrol, squeue, sbatch, sacct, srun)
-that appends a line to a log and execs the real command by its absolute path.
+per PBS command (qsub, qstat, qdel, pbs_tmrsh, pbsdsh) that appends a line to a log
+and execs the real command by its absolute path.
 
-Status queries (qstat, scontrol, squeue, sacct) are then bucketed into polling
+Status queries (qstat) are then bucketed into polling
 intervals (``pbs.status_interval`` seconds, from the first submission); the goal
 is at most one status query per interval however many submissions are in flight.
 """
@@ -28,8 +28,10 @@ import yaml
 from common import PYTHON, REPO, log, markdown_table, run_folder, run_timed
 
 NAME = "scheduler_load"
-COMMANDS = ("qsub", "qstat", "qdel", "scontrol", "squeue", "sbatch", "sacct", "srun")
-STATUS_COMMANDS = ("qstat", "scontrol", "squeue", "sacct")
+COMMANDS = ("qsub", "qstat", "qdel", "pbs_tmrsh", "pbsdsh")
+STATUS_COMMANDS = ("qstat",)
+LAUNCHERS = ("pbs_tmrsh", "pbsdsh")
+QUEUE = "bench"  # no per-user limits: every submission may be in the system at once
 
 
 def write_wrappers(folder: Path, call_log: Path, path: str) -> dict[str, str]:
@@ -62,19 +64,19 @@ def read_calls(call_log: Path) -> list[tuple[float, str, str]]:
 
 
 def test_config(interval: int) -> dict:
-    """Config for the test cluster: the echo engine, srun as launcher, one rank per submission."""
+    """Config for the test cluster: the echo engine, pbs_tmrsh as launcher, one rank per
+    submission."""
     return {
         "engine": "echo",
         "model": "facebook/opt-125m",  # never loaded by the echo engine
         "python": "",  # the Python running Snakemake
         "task_env": {},
-        "launcher": ["srun", "--nodes=1", "--ntasks=1", "--nodelist={host}", "--overlap"],
+        "launcher": ["pbs_tmrsh", "{host}"],
         "tiles": {"per_node": 1, "per_job": 1, "cpu_bind": []},
         "runtime_minutes": 10,
         "pbs": {
             "account": "test",
-            "queue": "capacity",
-            "flavor": "slurm",
+            "queue": QUEUE,
             "nodes_per_submission": 1,
             "setup": [],
             "status_interval": interval,
@@ -88,7 +90,7 @@ def in_flight_at(t: float, starts: list[float], ends: list[float]) -> int:
 
 
 def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
-    from slurm_cluster import SlurmCluster
+    from pbs_cluster import PbsCluster
 
     if not (REPO / "profiles" / "aurora" / "config.yaml").is_file():
         raise RuntimeError("profiles/aurora is missing")
@@ -97,8 +99,9 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
     interval = int(profile.get("seconds-between-status-checks", 10))
     with (
         tempfile.TemporaryDirectory(prefix="bench-scheduler-") as tmp,
-        SlurmCluster(nodes=4) as cluster,
+        PbsCluster() as cluster,
     ):
+        cluster.add_queue(QUEUE)
         root = Path(tmp)
         call_log = root / "calls.tsv"
         env = cluster.env
@@ -127,7 +130,8 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         t0 = time.time()
         timed = run_timed(argv, cwd=work, env=env, timeout=1800, check=False)
         t1 = time.time()
-        jobs = cluster.jobcomp_records()
+        ids = [line.split("\t")[1] for line in (work / "logs/pbs/submissions.tsv").open()]
+        jobs = [cluster.job(job_id) or {} for job_id in ids]
         all_calls = read_calls(call_log)
         if timed.returncode != 0:
             raise RuntimeError(
@@ -135,16 +139,12 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
                 f"{timed.stderr[-5000:]}\n{cluster.logs()}"
             )
     calls = [c for c in all_calls if t0 <= c[0] <= t1]
-    outside = [c for c in calls if c[1] not in ("srun",)]
-    submits = [c for c in calls if c[1] in ("qsub", "sbatch")]
+    outside = [c for c in calls if c[1] not in LAUNCHERS]
+    submits = [c for c in calls if c[1] == "qsub"]
     status = [c for c in calls if c[1] in STATUS_COMMANDS]
     submissions = len([c for c in calls if c[1] == "qsub"]) or len(submits)
-    # In flight: from the qsub call to the job's end (jobcomp EndTime, whole seconds).
-    ends = [
-        time.mktime(time.strptime(j["EndTime"], "%Y-%m-%dT%H:%M:%S")) + 1
-        for j in jobs
-        if j.get("EndTime", "").count("T") == 1
-    ]
+    # In flight: from the qsub call to the job's end (its last change, whole seconds).
+    ends = [time.mktime(time.strptime(j["mtime"], "%a %b %d %H:%M:%S %Y")) + 1 for j in jobs]
     starts = [c[0] for c in calls if c[1] == "qsub"]
     first = starts[0] if starts else t0
     windows: dict[int, list] = {}
@@ -171,7 +171,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         ["status queries per interval, max over the whole run", max_per_window],
         ["status queries per submission", f"{len(status) / max(1, submissions):.2f}"],
         [
-            "scheduler calls per submission (all but srun)",
+            "scheduler calls per submission (all but the launchers)",
             f"{len(outside) / max(1, submissions):.2f}",
         ],
         ["calls by command", ", ".join(f"{k} {v}" for k, v in per_command.items() if v)],
@@ -181,7 +181,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         "name": NAME,
         "title": (
             f"Scheduler load: {ranks} one-rank submissions (echo engine) with profiles/aurora "
-            "on the Slurm test cluster (4 nodes, PBS wrappers); every scheduler call counted"
+            "on the OpenPBS test cluster (4 hosts); every scheduler call counted"
         ),
         "table": markdown_table(["measure", "value"], rows),
         "real_commands": real,

@@ -183,6 +183,16 @@ def test_multi_id_json_lists_only_the_first_and_text_fills_in_the_rest():
     ]
 
 
+def test_after_a_short_json_answer_later_rounds_ask_the_text_form_only():
+    run, memory = OpenPbs(), {}
+    ids = ["7.pbs-head", "9.pbs-head"]
+    first = pbs.query_scheduler(ids, run=run, memory=memory)
+    second = pbs.query_scheduler(ids, run=run, memory=memory)
+    assert first == second and len(first) == 2
+    assert [call[3] for call in run.calls] == ["-F", "9.pbs-head", "7.pbs-head"]  # 3 calls
+    assert memory == {"text_only": "JSON lists fewer jobs than asked for"}
+
+
 def test_invalid_json_falls_back_to_the_text_form():
     run, logged = OpenPbs(invalid_json=True), []
     answers = pbs.query_scheduler(["7.pbs-head", "3.pbs-head"], run=run, log=logged.append)

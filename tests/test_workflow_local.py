@@ -7,9 +7,11 @@ import signal
 import time
 from pathlib import Path
 
+import pipeline
 import pytest
 from workflow import (
     REPO,
+    TINY_MODEL,
     local_config,
     make_workdir,
     planned_ranks,
@@ -42,6 +44,11 @@ def test_dry_run_lists_exactly_the_missing_ranks(tmp_path):
         (work / "results" / f"{rank}.out").write_text("done\n")
         (work / "results" / "records" / f"{rank}.json").write_text("{}")
     (work / "results" / "records" / "2.json").write_text("{}")  # its .out is missing
+    # rule fetch_model's marker, as an earlier run left it (else every rank is pending)
+    marker = work / "results" / "model" / f"{pipeline.model_slug(str(TINY_MODEL.resolve()))}.json"
+    marker.parent.mkdir()
+    marker.write_text(json.dumps({"path": str(TINY_MODEL.resolve())}))
+    # newer than the outputs: only its existence counts (ancient), not its time
     result = snakemake(work, "-n", configfiles=local_config(work))
     assert_ok(result)
     assert planned_ranks(result.stdout + result.stderr) == ["0", "2", "12"]
@@ -279,21 +286,47 @@ def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
 
 
 @pytest.mark.vllm
-def test_hub_model_is_fetched_once_on_the_login_side_then_jobs_run_offline(tmp_path):
+def test_hub_model_comes_from_the_shared_cache_and_engines_use_the_model_info_cache(tmp_path):
     work = make_workdir(tmp_path / "run", {"0.in": "Hello there\nThe sky is\n"})
-    cache = hub_cache(tmp_path / "hf", "testorg/tiny-opt", REPO / "models" / "tiny-opt")
-    env = {"HF_HOME": str(cache), "HF_HUB_OFFLINE": "1"}
-    config = local_config(work, model="testorg/tiny-opt", task_env=env)
+    shared = hub_cache(tmp_path / "shared", "testorg/tiny-opt", REPO / "models" / "tiny-opt")
+    weights = {"shared_hf_home": str(shared), "hf_home": str(tmp_path / "project-hf")}
+    weights |= {"stage": False, "stage_dir": "/tmp"}
+    config = local_config(work, model="testorg/tiny-opt", weights=weights)
 
     dry = snakemake(work, "-n", configfiles=config)
     assert_ok(dry)
     assert "rule fetch_model" in dry.stdout and planned_ranks(dry.stdout) == ["0"]
 
+    marker_path = work / "results/model/testorg--tiny-opt.json"
+    assert_ok(snakemake(work, str(marker_path.relative_to(work)), configfiles=config))
+    marker = json.loads(marker_path.read_text())
+    assert marker["how"] == f"shared cache {shared}" and marker["path"].startswith(str(shared))
+    assert marker["vllm_cache_root"] == str(work / "cache" / "vllm")
+    (modelinfo,) = (work / "cache" / "vllm" / "modelinfos").glob("*OPTForCausalLM.json")
+    built = modelinfo.stat().st_mtime_ns
+
     assert_ok(snakemake(work, configfiles=config))
-    marker = json.loads((work / "results/model/testorg--tiny-opt.json").read_text())
-    assert marker["how"] == "found in the cache" and marker["path"].startswith(str(cache))
     assert [p for p, _ in read_records(work / "results/0.out")] == ["Hello there", "The sky is"]
-    assert "HF_HUB_OFFLINE=1" in (work / "logs/infer/0.log").read_text()
+    log = (work / "logs/infer/0.log").read_text()
+    for setting in ("HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1"):
+        assert setting in log
+    assert f"VLLM_CACHE_ROOT={work / 'cache' / 'vllm'}" in log
+    # the engine read the cache rule fetch_model built, it did not build its own
+    assert modelinfo.stat().st_mtime_ns == built
+    assert not (tmp_path / "project-hf").exists()  # nothing downloaded
 
     again = snakemake(work, "-n", configfiles=config)
     assert "rule fetch_model" not in again.stdout and planned_ranks(again.stdout) == []
+
+
+@pytest.mark.vllm
+def test_hub_model_in_the_project_cache_when_the_shared_one_lacks_it(tmp_path):
+    work = make_workdir(tmp_path / "run", {"0.in": "Hello there\n"})
+    project = hub_cache(tmp_path / "project", "testorg/tiny-opt", REPO / "models" / "tiny-opt")
+    (tmp_path / "empty-shared").mkdir()
+    weights = {"shared_hf_home": str(tmp_path / "empty-shared"), "hf_home": str(project)}
+    weights |= {"stage": False, "stage_dir": "/tmp"}
+    config = local_config(work, model="testorg/tiny-opt", weights=weights)
+    marker_path = work / "results/model/testorg--tiny-opt.json"
+    assert_ok(snakemake(work, str(marker_path.relative_to(work)), configfiles=config))
+    assert json.loads(marker_path.read_text())["how"] == f"project cache {project}"

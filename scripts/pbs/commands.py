@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .plan import check_settings
 from .settings import PbsConfigError, load_settings
-from .status import cancel, job_status, start_watchdog, watch
+from .status import cancel, job_status, start_watchdog, submitting, watch
 from .submission import SubmitError, submit
 
 
@@ -40,7 +40,8 @@ def _submit_detached(jobscript: str, settings: dict) -> dict:
         os.close(read_end)
         os.setsid()
         try:
-            answer = {"id": submit(jobscript, settings)}
+            with submitting(settings):  # the watchdog waits for it
+                answer = {"id": submit(jobscript, settings)}
         except (SubmitError, PbsConfigError, OSError, ValueError) as error:
             answer = {"error": str(error)}
         except BaseException as error:  # noqa: BLE001  (report anything, then leave)

@@ -80,7 +80,11 @@ def _ask(ids: Sequence[str], form: str, run) -> dict[str, dict]:
 
 
 def query_scheduler(
-    ids: Sequence[str], *, run=subprocess.run, log: Callable[[str], None] = lambda m: None
+    ids: Sequence[str],
+    *,
+    run=subprocess.run,
+    log: Callable[[str], None] = lambda m: None,
+    memory: dict | None = None,
 ) -> dict[str, Verdict]:
     """What PBS says of ``ids`` -> {id: Verdict} for the ids it knows.
 
@@ -88,19 +92,30 @@ def query_scheduler(
     lists fewer jobs than asked for (OpenPBS 23.06 lists only the first of several
     ids: openpbs issue 2672), the plain text form is asked for the rest in the same
     round. Raises QueryError when the scheduler could not be asked at all.
+
+    ``memory`` (the status store's state) remembers a JSON form that fell short:
+    later rounds then ask in the text form only, one call per round again.
     """
     if not ids:
         return {}
-    try:
-        jobs = _ask(ids, "json", run)
-    except QueryError as error:
-        log(f"qstat -F json: {error}; asking for the text form")
-        jobs = {}
+    memory = {} if memory is None else memory
+    jobs: dict[str, dict] = {}
+    if not memory.get("text_only"):
+        try:
+            jobs = _ask(ids, "json", run)
+        except QueryError as error:
+            log(f"qstat -F json: {error}; asking for the text form")
+            memory["text_only"] = "invalid JSON"
     missing = [i for i in ids if i not in jobs]
     if missing:
-        if jobs:
-            log(f"qstat -F json listed {len(jobs)} of {len(ids)} job(s); text form for the rest")
-        jobs.update(_ask(missing, "text", run))
+        text = _ask(missing, "text", run)
+        if jobs and text:
+            log(
+                f"qstat -F json listed {len(jobs)} of {len(ids)} job(s); text form for the "
+                "rest, and from now on for all"
+            )
+            memory["text_only"] = "JSON lists fewer jobs than asked for"
+        jobs.update(text)
     return {job_id: verdict(job) for job_id, job in jobs.items()}
 
 
@@ -180,8 +195,8 @@ def job_status(
     *,
     query: Callable[[Sequence[str]], dict] | None = None,
     now: Callable[[], float] = time.time,
-    problem_rounds: int = PROBLEM_ROUNDS,
-    problem_seconds: float = PROBLEM_SECONDS,
+    problem_rounds: int | None = None,
+    problem_seconds: float | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     delete: Callable[[Sequence[str]], object] | None = None,
 ) -> str:
@@ -193,13 +208,14 @@ def job_status(
     for all open jobs of the run. A query younger than status_interval/2 is never
     repeated (new jobs read as running meanwhile); one older than 3 intervals is.
     Jobs the provider fails while PBS may still hold them are deleted (``delete``).
+    The unknown-job bounds come from the arguments, else from the settings (tests
+    shorten them), else PROBLEM_ROUNDS and PROBLEM_SECONDS.
     """
+    if problem_rounds is None:
+        problem_rounds = settings.get("problem_rounds", PROBLEM_ROUNDS)
+    if problem_seconds is None:
+        problem_seconds = settings.get("problem_seconds", PROBLEM_SECONDS)
     store = StateStore(settings["state_dir"])
-    if query is None:
-
-        def query(ids):
-            return query_scheduler(ids, log=store.log)
-
     if delete is None:
 
         def delete(ids):
@@ -208,6 +224,11 @@ def job_status(
     interval = float(settings["status_interval"])
     doomed: list[str] = []
     with store.locked() as state:
+        if query is None:
+
+            def query(ids):
+                return query_scheduler(ids, log=store.log, memory=state)
+
         t = now()
         jobs = state["jobs"]
         job = jobs.setdefault(job_id, new_job_record(t))  # e.g. resumed from an older run
@@ -370,6 +391,22 @@ def open_jobs_of_run(settings: Mapping) -> list[str]:
     return [i for i, j in jobs.items() if j.get("run") == run and j["state"] not in FINAL]
 
 
+@contextlib.contextmanager
+def submitting(settings: Mapping) -> Iterator[None]:
+    """Held (shared) while a submission is under way; `watch` waits for all of them."""
+    path = Path(settings["state_dir"]) / "submitting.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+        yield
+
+
+def _no_submission_under_way(settings: Mapping) -> None:
+    path = Path(settings["state_dir"]) / "submitting.lock"
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+
+
 def watch(
     settings: Mapping, *, interval: float = WATCH_INTERVAL, popen=subprocess.Popen
 ) -> list[str]:
@@ -389,6 +426,8 @@ def watch(
             return []  # another watchdog guards this run
         while owner_alive(settings):
             time.sleep(interval)
+        # A qsub that Snakemake gave up on may still be under way: it records its job.
+        _no_submission_under_way(settings)
         left = open_jobs_of_run(settings)
         if left:
             store.log(
