@@ -12,13 +12,13 @@ UV := $(BIN)/uv
 TINY_MODEL := models/tiny-opt
 BENCH_MODEL := models/opt-125m-shaped
 
-.PHONY: run test lint format bench lock scheduler openpbs clean
+.PHONY: run test lint format bench lock openpbs clean
 
 run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 
-test: $(VENV)/.installed $(TINY_MODEL)/config.json scheduler openpbs
+test: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -32,12 +32,8 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(BENCH_MODEL)/config.json scheduler openpbs
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(BENCH_MODEL)/config.json openpbs
 	$(BIN)/python benchmarks/run_all.py
-
-# The real Slurm cluster (with PBS command wrappers) that the Aurora-profile tests start.
-scheduler:
-	bash scripts/install-test-scheduler.sh
 
 # Real OpenPBS 23.06 (built from ../shared/vendor, into /opt/pbs) for tests/pbs_cluster.py.
 # A few minutes the first time; instant while /opt/pbs/.build-stamp matches.

@@ -114,6 +114,7 @@ def parse_settings(text: str) -> dict:
         raise bad("engine", '"vllm" or "echo"')
     if not isinstance(settings["model"], str) or not settings["model"]:
         raise bad("model", "a non-empty string")
+
     if not isinstance(settings["dtype"], str):
         raise bad("dtype", "a string")
     mml = settings["max_model_len"]
@@ -160,6 +161,16 @@ def process_age_s() -> float | None:
         return round(max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started), 3)
     except (OSError, ValueError, IndexError, AttributeError):
         return None
+
+
+def check_model_folder(settings: dict) -> None:
+    """A model given as a path must be there, on this node (e.g. its staged copy):
+    otherwise vLLM takes it for a hub id and fails with an unrelated message."""
+    model = settings["model"]
+    if settings["engine"] != "echo" and model.startswith("/") and not os.path.isdir(model):
+        raise UsageError(
+            f"model folder {model} does not exist on this node ({socket.gethostname()})"
+        )
 
 
 def prepare_environment(settings: dict) -> None:
@@ -390,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         log_to(args.log)
     try:
         settings = parse_settings(args.settings)
+        check_model_folder(settings)
         prompts = read_prompts(args.prompts)  # file errors come before any engine start
         prepare_environment(settings)
         if not prompts:

@@ -1,8 +1,8 @@
-"""The PBS provider (scripts/pbs.py, profiles/aurora): fast tests, no scheduler needed.
+"""The PBS provider (scripts/pbs/, profiles/aurora): fast tests, no scheduler needed.
 
-Scheduler outputs come from tests/data/pbspro/ (PBS Pro, modelled on real outputs:
-see its README) and tests/data/slurm/ (recorded on the test cluster). Tests that
-talk to a real scheduler are in tests/test_aurora_profile.py.
+Scheduler outputs come from tests/data/openpbs/ (recorded on a real OpenPBS 23.06
+server) and tests/data/pbspro/ (PBS Pro, written by hand after published outputs: see
+its README). Tests against the real scheduler are in tests/test_aurora_profile.py.
 """
 
 from __future__ import annotations
@@ -829,11 +829,13 @@ def test_commands_need_the_exported_settings(tmp_path):
 
 
 def test_status_command_reads_a_broken_scheduler_as_running(tmp_path):
-    # On this machine `qstat -x` is Slurm's wrapper, which rejects -x: a failed query.
     conf = settings(tmp_path)
+    bin_dir = tmp_path / "bin"  # python3 but no qstat on PATH: a failed query
+    bin_dir.mkdir()
+    (bin_dir / "python3").symlink_to(sys.executable)
     res = subprocess.run(
         f"{PROFILE / 'pbs-status'} '{AURORA_ID}'", shell=True, capture_output=True,
-        text=True, env=command_env(conf), cwd=tmp_path,
+        text=True, env=command_env(conf) | {"PATH": f"{bin_dir}:/usr/bin:/bin"}, cwd=tmp_path,
     )  # fmt: skip
     assert (res.returncode, res.stdout) == (0, "running\n")
     assert AURORA_ID in (tmp_path / "state" / "status.log").read_text()
