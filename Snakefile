@@ -79,6 +79,8 @@ rule infer:
     resources:
         tiles=config["tiles"]["per_job"],
         runtime=config["runtime_minutes"],
+        # per-rank engines: profiles/local caps how many start at once
+        engines=0 if config["warm_engines"] else 1,
     params:
         model=MODEL,
     run:
@@ -108,10 +110,12 @@ rule summary:
 
 
 onsuccess:
+    pipeline.stop_engines()
     summarize.print_run_summary(f"{RESULTS}/records", RANKS)
 
 
 onerror:
+    pipeline.stop_engines()
     # What did finish, then what failed.
     summarize.print_run_summary(f"{RESULTS}/records", RANKS)
     pipeline.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")

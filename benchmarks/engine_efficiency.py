@@ -63,7 +63,9 @@ def pipeline_run(folder: Path, prompts: list[str], config: dict, run_dir_name: s
     from workflow import write_config
 
     work = run_folder(folder / run_dir_name, {"0.in": "\n".join(prompts) + "\n"})
-    overrides = {"model": config["model"], "sampling": config["sampling"]}
+    # One engine per rank, in-process: this compares the engine, not warm serving
+    # (benchmarks/warm_engines.py does that).
+    overrides = {"model": config["model"], "sampling": config["sampling"], "warm_engines": False}
     argv = [
         PYTHON,
         "-m",

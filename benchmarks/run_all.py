@@ -24,10 +24,12 @@ import dag_scale  # noqa: E402
 import engine_efficiency  # noqa: E402
 import scheduler_load  # noqa: E402
 import time_breakdown  # noqa: E402
+import warm_engines  # noqa: E402
 
 # Order matters: time_breakdown reuses engine_efficiency's pipeline runs of the 125M model.
 BENCHMARKS = {
-    module.NAME: module for module in (engine_efficiency, time_breakdown, dag_scale, scheduler_load)
+    module.NAME: module
+    for module in (engine_efficiency, time_breakdown, dag_scale, scheduler_load, warm_engines)
 }
 
 

@@ -32,13 +32,13 @@ from common import (
     log,
     markdown_table,
     median,
-    profile_cores,
     run_folder,
     run_timed,
 )
 from engine_efficiency import bench_config, pipeline_run, sizes
 
 NAME = "time_breakdown"
+PER_RANK_CORES = 2  # profiles/local's engines resource: per-rank engines at once
 PARTS = (
     ("Python start (task)", "python_start_s"),
     ("import vllm", "import_s"),
@@ -71,9 +71,11 @@ def median_parts(runs: list[dict]) -> dict:
 
 
 def sample_run(folder: Path, ranks: dict[str, str], extra_args: list[str]) -> dict:
-    """The sample ranks with profiles/local and the tiny model, as `make run` does."""
+    """The sample ranks with profiles/local and the tiny model, one engine per rank on
+    2 cores (the warm engines' run is in benchmarks/warm_engines.py)."""
     work = run_folder(folder, ranks)
-    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", *extra_args]
+    per_rank = ["--config", "warm_engines=False", "--cores", str(PER_RANK_CORES)]
+    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", *per_rank, *extra_args]
     timed = run_timed(argv, cwd=work, timeout=3600)
     jobs = {}
     for name in ranks:
@@ -82,7 +84,7 @@ def sample_run(folder: Path, ranks: dict[str, str], extra_args: list[str]) -> di
         if seconds is None:
             raise RuntimeError(f"no Snakemake job metadata for rank {rank}")
         jobs[rank] = seconds
-    cores = profile_cores()
+    cores = PER_RANK_CORES
     busy = sum(jobs.values())
     return {
         "ranks": len(ranks),

@@ -279,6 +279,31 @@ def run_echo(prompts: list[Prompt]) -> dict:
     }
 
 
+def llm_args(settings: dict, tile_ids: str) -> dict:
+    """vllm.LLM's arguments. An engine on several tiles (TILE_IDS "4,5") runs tensor
+    parallel over all of them, as ALCF and the seed's author run TP on Aurora."""
+    args = {
+        "model": settings["model"],
+        "dtype": settings["dtype"],
+        "enforce_eager": settings["enforce_eager"],
+        "gpu_memory_utilization": settings["gpu_memory_utilization"],
+    }
+    if settings["max_model_len"] is not None:
+        args["max_model_len"] = settings["max_model_len"]
+    tiles = len([t for t in tile_ids.split(",") if t])
+    if tiles > 1:
+        args |= {
+            "tensor_parallel_size": tiles,
+            "distributed_executor_backend": "mp",
+            "disable_custom_all_reduce": True,
+        }
+    # No device=: removed from vLLM (0.10); the platform is detected and the tile is
+    # chosen by ZE_AFFINITY_MASK in the environment. No engine seed either: LLM's
+    # seed must be an int (default 0); reproducible sampling comes from the
+    # per-request SamplingParams(seed=...).
+    return args
+
+
 def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
     """Start one vLLM engine and generate for all prompts in one batched call."""
     # Timed on its own: importing vLLM (and torch) is a large part of a rank's start.
@@ -288,18 +313,7 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
 
     import_s = time.monotonic() - t0
 
-    engine_args = {
-        "model": settings["model"],
-        "dtype": settings["dtype"],
-        "enforce_eager": settings["enforce_eager"],
-        "gpu_memory_utilization": settings["gpu_memory_utilization"],
-    }
-    if settings["max_model_len"] is not None:
-        engine_args["max_model_len"] = settings["max_model_len"]
-    # No device=: removed from vLLM (0.10); the platform is detected and the tile is
-    # chosen by ZE_AFFINITY_MASK in the environment. No engine seed either: LLM's
-    # seed must be an int (default 0); reproducible sampling comes from the
-    # per-request SamplingParams(seed=...).
+    engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
     t0 = time.monotonic()
     llm = LLM(**engine_args)
     load_s = time.monotonic() - t0
@@ -342,13 +356,108 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
     }
 
 
+def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) -> tuple:
+    """The request's prompts and the truncated lines, checked as `run_vllm` checks them
+    with the engine's own tokenizer (/tokenize): the server alone would cut a
+    generation short silently."""
+    import engines
+
+    sampling = settings["sampling"]
+    token_ids, max_model_len = [], None
+    for prompt in prompts:
+        tokens = engines.tokenize(url, prompt.text)
+        token_ids.append(tokens.ids)
+        max_model_len = tokens.max_model_len
+    content_ids = None
+    if settings["long_prompts"] == "truncate":
+        content_ids = [engines.tokenize(url, p.text, add_special_tokens=False).ids for p in prompts]
+    inputs, truncated = check_prompt_lengths(
+        prompts,
+        token_ids,
+        content_ids,
+        max_model_len=max_model_len,
+        max_tokens=sampling["max_tokens"],
+        mode=settings["long_prompts"],
+        path=path,
+    )
+    if truncated:  # one request takes either texts or token ids
+        inputs = [
+            x["prompt_token_ids"] if isinstance(x, dict) else ids
+            for x, ids in zip(inputs, token_ids, strict=True)
+        ]
+    return inputs, truncated
+
+
+def serve_rank(rank: int, settings: dict, prompts_path, output, record_path, pool) -> str:
+    """One rank on a warm engine of ``pool`` (engines.EnginePool): read the prompts,
+    wait for a free engine, one request, write the outputs; return the summary line.
+
+    An engine found dead before the rank's request is marked (the pool restarts it)
+    and the rank goes to another one; an engine that fails during the request fails
+    this rank, naming the engine's log.
+    """
+    import engines
+
+    started = time.monotonic()
+    prompts = read_prompts(prompts_path)
+    placement, wait_s = {}, 0.0
+    if not prompts or settings["engine"] == "echo":
+        result = run_echo(prompts)
+    else:
+        for attempt in range(1, 4):
+            with pool.route() as engine:
+                wait_s = time.monotonic() - started
+                try:
+                    inputs, truncated = engine_inputs(
+                        prompts, settings, str(prompts_path), engine.url
+                    )
+                except engines.EngineUnavailable as error:
+                    pool.mark_failed(engine)
+                    if attempt == 3:
+                        raise engines.EngineError(
+                            f"no engine answered ({error}); last tried {engine.name}, "
+                            f"its log: {engine.log_path}"
+                        ) from error
+                    continue
+                try:
+                    done = engines.complete(engine.url, inputs, settings["sampling"])
+                except engines.EngineUnavailable as error:
+                    pool.mark_failed(engine)
+                    raise engines.EngineError(
+                        f"engine {engine.name} failed during the request ({error}); "
+                        f"its log: {engine.log_path}"
+                    ) from error
+                placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": str(engine.log_path)}
+                break
+        result = {
+            "generated": done.texts,
+            "output_tokens": done.completion_tokens,
+            "import_s": 0.0,
+            "generate_s": done.seconds,
+            "truncated": truncated,
+        }
+    result["load_s"] = wait_s
+    record = build_record(rank, settings, len(prompts), result, None, placement)
+    record |= {
+        "engine_name": placement.get("ENGINE", ""),
+        "engine_log": placement.get("ENGINE_LOG", ""),
+        "wait_s": round(wait_s, 6),
+        "request_s": round(result["generate_s"], 6),
+    }
+    return write_outputs(prompts, result, record, output, record_path)
+
+
 # ----------------------------------------------------------------------------- main
 
 
-def build_record(rank: int, settings: dict, n_prompts: int, result: dict, started) -> dict:
+def build_record(
+    rank: int, settings: dict, n_prompts: int, result: dict, started, placement=None
+) -> dict:
+    """The rank's record; ``placement``: the engine's environment (default: this one)."""
     generate_s = result["generate_s"]
     tokens = result["output_tokens"]
     hostname = socket.gethostname()
+    placement = os.environ if placement is None else placement
     return {
         "rank": rank,
         "prompts": n_prompts,
@@ -358,10 +467,10 @@ def build_record(rank: int, settings: dict, n_prompts: int, result: dict, starte
         "tokens_per_s": round(tokens / generate_s, 1) if generate_s > 0 and tokens else 0.0,
         "import_s": round(result["import_s"], 6),
         "python_start_s": started,
-        "host": os.environ.get("TILE_HOST") or hostname,
+        "host": placement.get("TILE_HOST") or hostname,
         "hostname": hostname,
-        "mask": os.environ.get("ZE_AFFINITY_MASK", ""),
-        "tiles": os.environ.get("TILE_IDS", ""),
+        "mask": placement.get("ZE_AFFINITY_MASK", ""),
+        "tiles": placement.get("TILE_IDS", ""),
         "model": settings["model"],
         "engine": settings["engine"],
         "truncated": result["truncated"],
@@ -423,23 +532,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     record = build_record(args.rank, settings, len(prompts), result, started)
+    print(write_outputs(prompts, result, record, args.output, args.record), file=sys.stderr)
+    return 0
+
+
+def write_outputs(prompts: list[Prompt], result: dict, record: dict, output, record_path) -> str:
+    """Write the record, then the .out (both atomically); return the one-line summary."""
     text = "".join(
         format_record(p.text, g) for p, g in zip(prompts, result["generated"], strict=True)
     )
-    for target in (args.record, args.output):
+    for target in (record_path, output):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
     # Record first, .out last: the .out existing means the rank finished.
-    write_atomic(args.record, json.dumps(record, indent=2) + "\n")
-    write_atomic(args.output, text)
+    write_atomic(record_path, json.dumps(record, indent=2) + "\n")
+    write_atomic(output, text)
     r = record
-    print(
+    return (
         f"rank {r['rank']}: {r['prompts']} prompts, {r['output_tokens']} tokens, "
         f"load {r['load_s']:.2f} s, generate {r['generate_s']:.2f} s, "
-        f"{r['tokens_per_s']:.1f} tok/s, host {r['host']}, mask {r['mask'] or '-'}",
-        file=sys.stderr,
-        flush=True,
+        f"{r['tokens_per_s']:.1f} tok/s, host {r['host']}, mask {r['mask'] or '-'}"
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -3,13 +3,18 @@
 Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
 
+import atexit
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import engines
+import infer
 import stage_model
 import tiles
 
@@ -187,12 +192,135 @@ def staged(config: dict, model: str, environ=os.environ):
     )
 
 
+class WarmEngines:
+    """This run's warm engines: one vLLM server per tile slot of this host, started
+    when the first rank needs one, shared by all ranks (threads of this Snakemake
+    process), stopped by `stop_engines` (onsuccess/onerror) or at exit. The servers
+    also die with this process, even on SIGKILL (engines.Engine's watchdog)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool = None
+        self._failure: str | None = None
+
+    def pool(self, config: dict, model: str):
+        """The started pool (the first caller starts it; the others wait for it)."""
+        with self._lock:
+            if self._failure:
+                raise engines.EngineError(self._failure)
+            if self._pool is None:
+                pool = engines.EnginePool(
+                    local_engines(config, model),
+                    max_in_flight=config["warm"]["ranks_in_flight"],
+                    ready_timeout=config["warm"]["ready_timeout_s"],
+                )
+                atexit.register(pool.stop)
+                try:
+                    pool.start()
+                except engines.EngineError as error:
+                    self._failure = f"the warm engines did not start: {error}"
+                    raise engines.EngineError(self._failure) from error
+                self._pool = pool
+            return self._pool
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+
+
+WARM = WarmEngines()
+
+
+class _LazyPool:
+    """What infer.serve_rank routes through: the run's pool, started on first use."""
+
+    def __init__(self, config: dict, model: str):
+        self.config, self.model = config, model
+
+    def route(self, timeout=None):
+        return WARM.pool(self.config, self.model).route(timeout)
+
+    def mark_failed(self, engine) -> None:
+        WARM.pool(self.config, self.model).mark_failed(engine)
+
+
+def engine_slots(config: dict, host: str) -> list[tiles.Slot]:
+    """One slot per engine on this host: tiles.per_job tiles each."""
+    per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
+    return [
+        tiles.Slot(host, tuple(range(first, first + per_job)))
+        for first in range(0, per_node - per_job + 1, per_job)
+    ]
+
+
+def local_engines(config: dict, model: str) -> list:
+    """One engines.Engine per tile slot of this host (not started)."""
+    placement = config["tiles"]
+    hierarchy = tiles.resolve_hierarchy(placement["hierarchy"], os.environ)
+    host = socket.gethostname()
+    base_env = {**os.environ, **offline_env(config)}
+    settings = config["vllm"]
+    result = []
+    for slot in engine_slots(config, host):
+        env = tiles.engine_env(
+            slot, hierarchy, placement["base_port"], tiles.default_tmp_root(os.environ)
+        )
+        first = slot.tiles[0]
+        result.append(
+            engines.make_engine(
+                python=inference_python(config),
+                model=model,
+                # vLLM takes its internal ports from VLLM_PORT (base + 10 t) upwards
+                port=placement["base_port"] + 1000 + first,
+                settings=settings,
+                tiles_per_engine=len(slot.tiles),
+                placement_env=env,
+                base_env=base_env,
+                log_path=Path("logs", "engines", f"{host}-tile{first}.log").resolve(),
+                name=f"{host}/tile{tiles.tile_ids(slot.tiles)}",
+                max_restarts=config["warm"]["max_restarts"],
+            )
+        )
+    return result
+
+
+def stop_engines() -> None:
+    WARM.stop()
+
+
+def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
+    """One rank on the run's warm engines, in this thread; raise if it failed."""
+    model = engine_model(config, model, input.model)
+    settings = task_settings(config, model)
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        try:
+            line = infer.serve_rank(
+                int(rank),
+                infer.parse_settings(json.dumps(settings)),
+                input.prompts,
+                output.out,
+                output.record,
+                _LazyPool(config, model),
+            )
+        except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
+            out.write(f"ERROR: {error}\n")
+            raise RuntimeError(f"rank {rank} failed: {error} (log: {log})") from None
+        out.write(line + "\n")
+
+
 def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
     """Run one rank's inference on a tile of this allocation; raise if it failed.
+
+    With config warm_engines (outside PBS jobs for now): on the run's warm engines.
 
     Paths are absolute and the task writes its own log: a launcher may start it in
     another folder (pbs_tmrsh: $HOME) and send its output elsewhere.
     """
+    if config["warm_engines"]:
+        return serve_rank(config, model, rank, input, output, log)
     script = Path(__file__).with_name("infer.py")
     model = engine_model(config, model, input.model)
     on_node = staged(config, model)

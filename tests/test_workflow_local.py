@@ -1,10 +1,12 @@
 """The workflow end to end with profiles/local, as a user runs it."""
 
 import base64
+import contextlib
 import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pipeline
@@ -106,11 +108,13 @@ def test_missing_local_model_fails_before_any_job(tmp_path):
 
 
 @pytest.mark.vllm
-def test_all_48_sample_ranks_with_the_tiny_model(tmp_path):
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
+def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
     ranks = sample_ranks()
     assert len(ranks) == 48
     work = make_workdir(tmp_path, ranks)
-    assert_ok(snakemake(work, configfiles=local_config(work)))
+    assert_ok(snakemake(work, configfiles=local_config(work, warm_engines=warm)))
+    served_by = set()
     for name in ranks:
         rank = name.removesuffix(".in")
         records = read_records(work / "results" / f"{rank}.out")
@@ -118,9 +122,22 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path):
         assert all(generated for _, generated in records)
         record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
         assert record["prompts"] == len(records) and record["output_tokens"] > 0
-        assert "placement: " in (work / "logs" / "infer" / f"{rank}.log").read_text()
+        log = (work / "logs" / "infer" / f"{rank}.log").read_text()
+        if warm:  # served by one of the run's two engines, named in the record
+            served_by.add((record["engine_name"], record["mask"]))
+            assert Path(record["engine_log"]).is_file()
+            assert f"rank {rank}: 4 prompts" in log
+        else:
+            assert "placement: " in log
+    if warm:
+        assert served_by == {(f"{os.uname().nodename}/tile{t}", str(t)) for t in (0, 1)}
+        # each engine started once for the whole run
+        for tile in (0, 1):
+            engine_log = work / "logs" / "engines" / f"{os.uname().nodename}-tile{tile}.log"
+            assert engine_log.read_text().count("Application startup complete") == 1
     summary = (work / "results" / "summary.tsv").read_text().splitlines()
     assert len(summary) == 1 + 48
+    assert processes_in(work) == []
 
 
 @pytest.mark.vllm
@@ -177,10 +194,12 @@ def marked_incomplete(work: Path) -> set[str]:
 
 
 @pytest.mark.vllm
-def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path):
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
+def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, warm):
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(8)})
     results = work / "results"
-    run = snakemake(work, configfiles=local_config(work), popen=True)
+    config = local_config(work, warm_engines=warm)
+    run = snakemake(work, configfiles=config, popen=True)
     seen_partial, deadline = [], time.monotonic() + 900
     try:
         while time.monotonic() < deadline:
@@ -194,8 +213,13 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path):
             assert run.poll() is None, run.stdout.read()
             time.sleep(0.2)
     finally:
-        os.killpg(run.pid, signal.SIGKILL)
+        run.kill()  # Snakemake alone, as the kernel's OOM killer would
         run.wait()
+    # its engines (and whatever it started) end without it
+    deadline = time.monotonic() + 30
+    while processes_in(work) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_in(work) == []
     assert not seen_partial
     # A rank is finished when its output exists and Snakemake no longer marks it as
     # being written; an output that appeared just before the kill may still be marked,
@@ -209,8 +233,8 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path):
     assert 2 <= len(finished) < 8
 
     # A SIGKILLed Snakemake leaves its lock behind, as after a node crash.
-    assert_ok(snakemake(work, "--unlock", configfiles=local_config(work)))
-    rerun = snakemake(work, "--rerun-incomplete", configfiles=local_config(work))
+    assert_ok(snakemake(work, "--unlock", configfiles=config))
+    rerun = snakemake(work, "--rerun-incomplete", configfiles=config)
     assert_ok(rerun)
     assert planned_ranks(rerun.stdout + rerun.stderr) == [
         str(r) for r in range(8) if f"{r}.out" not in finished
@@ -220,8 +244,9 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path):
     assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(8))
 
 
-def engines_in(work: Path) -> list[str]:
-    """Command lines of the live scripts/infer.py processes started in ``work``."""
+def processes_in(work: Path) -> list[str]:
+    """Command lines of the live processes running in ``work`` (Snakemake, its rank
+    tasks, its engines and their workers)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
@@ -229,21 +254,32 @@ def engines_in(work: Path) -> list[str]:
             cwd = (entry / "cwd").resolve()
         except OSError:  # gone, or not a process
             continue
-        line = " ".join(a.decode(errors="replace") for a in argv if a)
-        if cwd == work.resolve() and "infer.py" in line:
-            found.append(line)
+        if cwd == work.resolve() and entry.name != str(os.getpid()):
+            found.append(" ".join(a.decode(errors="replace") for a in argv if a))
     return found
 
 
+def engines_in(work: Path) -> list[str]:
+    """Command lines of the live engines started in ``work``: per-rank infer.py
+    processes, or warm vLLM servers."""
+    return [p for p in processes_in(work) if "infer.py" in p or "api_server" in p]
+
+
 @pytest.mark.vllm
-def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp_path):
-    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(6)})
+@pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
+def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp_path, warm):
+    ranks = 24 if warm else 6
+    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     logs, results = work / "logs" / "infer", work / "results"
-    run = snakemake(work, configfiles=local_config(work), popen=True)
+    config = local_config(work, warm_engines=warm)
+    run = snakemake(work, configfiles=config, popen=True)
     try:
         deadline = time.monotonic() + 900
-        while time.monotonic() < deadline:  # until two engines have been started
-            started = [p for p in logs.glob("*.log") if "argv:" in p.read_text()]
+        while time.monotonic() < deadline:  # until engines run (warm: and serve ranks)
+            if warm:
+                started = list(results.glob("*.out"))
+            else:
+                started = [p for p in logs.glob("*.log") if "argv:" in p.read_text()]
             if len(started) >= 2 and engines_in(work):
                 break
             assert run.poll() is None, run.stdout.read()
@@ -255,21 +291,88 @@ def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp
             os.killpg(run.pid, signal.SIGKILL)
             run.wait()
     assert run.returncode != 0, output[-3000:]
-    assert engines_in(work) == []  # no engine left running
+    assert processes_in(work) == []  # no engine (nor anything else) left running
     done = sorted(results.glob("*.out"))
-    assert len(done) < 6, "the run was not interrupted"
+    assert len(done) < ranks, "the run was not interrupted"
     assert all(len(read_records(out)) == 4 for out in done)  # whole files only
     # Finished: written and recorded as complete by Snakemake (see the SIGKILL test).
     incomplete = marked_incomplete(work)
     mtimes = {o.name: o.stat().st_mtime_ns for o in done if f"results/{o.name}" not in incomplete}
 
-    rerun = snakemake(work, "--rerun-incomplete", configfiles=local_config(work))
+    rerun = snakemake(work, "--rerun-incomplete", configfiles=config)
     assert_ok(rerun)
     assert planned_ranks(rerun.stdout + rerun.stderr) == [
-        str(r) for r in range(6) if f"{r}.out" not in mtimes
+        str(r) for r in range(ranks) if f"{r}.out" not in mtimes
     ]
-    assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(6))
+    assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(ranks))
     assert {name: (results / name).stat().st_mtime_ns for name in mtimes} == mtimes
+
+
+def metric(url: str, name: str) -> float:
+    """One value of a vLLM server's Prometheus /metrics (summed over its labels)."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"{url}/metrics", timeout=5) as answer:
+        lines = answer.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+
+@pytest.mark.vllm
+def test_an_engine_killed_mid_run_fails_only_its_in_flight_ranks_and_comes_back(tmp_path):
+    ranks = 120  # enough work for the other engine while this one restarts
+    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
+    results = work / "results"
+    # long requests (~1 s): a rank is surely in flight on the engine when it is killed
+    sampling = dict(temperature=0.8, top_p=0.95, max_tokens=200, seed=None, ignore_eos=True)
+    config = local_config(work, sampling=sampling)
+    host = os.uname().nodename
+    url = "http://127.0.0.1:30500"  # tile 0: tiles.base_port 29500 + 1000
+    run = snakemake(work, configfiles=config, popen=True)
+    try:
+        deadline = time.monotonic() + 900
+        while True:  # until tile 0's engine is generating for a rank
+            assert run.poll() is None, run.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the engine never served a rank"
+            with contextlib.suppress(OSError, ValueError):
+                if len(list(results.glob("*.out"))) >= 2 and metric(
+                    url, "vllm:num_requests_running"
+                ):
+                    break
+            time.sleep(0.05)
+        (server,) = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and b"--port\x0030500" in (p / "cmdline").read_bytes()
+            and b"engines.py" not in (p / "cmdline").read_bytes()
+        ]
+        killed_at = time.time()
+        os.kill(server, signal.SIGKILL)
+        output, _ = run.communicate(timeout=900)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    failed = [r for r in range(ranks) if not (results / f"{r}.out").exists()]
+    assert failed and run.returncode != 0, output[-3000:]
+    engine_log = work / "logs" / "engines" / f"{host}-tile0.log"
+    for rank in failed:  # in flight on tile 0: the message names that engine's log
+        log = (work / "logs" / "infer" / f"{rank}.log").read_text()
+        assert f"engine {host}/tile0 failed during the request" in log
+        assert str(engine_log) in log
+    records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    later_on_tile0 = [
+        r for r in records
+        if r["engine_name"] == f"{host}/tile0" and r["wait_s"] >= 0 and
+        (results / f"{r['rank']}.out").stat().st_mtime > killed_at + 1
+    ]  # fmt: skip
+    assert later_on_tile0, "tile 0's engine was not restarted for the ranks after"
+    assert engine_log.read_text().count("Application startup complete") == 2
+    assert processes_in(work) == []
+
+    rerun = snakemake(work, "--rerun-incomplete", configfiles=config)
+    assert_ok(rerun)
+    assert planned_ranks(rerun.stdout + rerun.stderr) == [str(r) for r in failed]
+    assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(ranks))
 
 
 def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
@@ -291,7 +394,8 @@ def test_hub_model_comes_from_the_shared_cache_and_engines_use_the_model_info_ca
     shared = hub_cache(tmp_path / "shared", "testorg/tiny-opt", REPO / "models" / "tiny-opt")
     weights = {"shared_hf_home": str(shared), "hf_home": str(tmp_path / "project-hf")}
     weights |= {"stage": False, "stage_dir": "/tmp"}
-    config = local_config(work, model="testorg/tiny-opt", weights=weights)
+    # per-rank engines: each rank's log shows the engine's command and environment
+    config = local_config(work, model="testorg/tiny-opt", weights=weights, warm_engines=False)
 
     dry = snakemake(work, "-n", configfiles=config)
     assert_ok(dry)

@@ -1,0 +1,71 @@
+"""Warm engines as the workflow sets them up (scripts/pipeline.py): which engines, with
+which ports, masks and environment. The engines themselves run in
+tests/test_engines.py and in the local workflow tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pipeline
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def local_config(**changes) -> dict:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    for key, value in yaml.safe_load((REPO / "profiles/local/local.yaml").read_text()).items():
+        config[key] = config[key] | value if isinstance(value, dict) else value
+    return config | changes
+
+
+def test_local_profile_runs_two_warm_engines_one_per_core():
+    config = local_config()
+    assert config["warm_engines"] is True
+    engines = pipeline.local_engines(config, "/models/m")
+    host = os.uname().nodename
+    assert [e.name for e in engines] == [f"{host}/tile0", f"{host}/tile1"]
+    assert [e.port for e in engines] == [30500, 30501]  # apart from VLLM_PORT's range
+    for tile, engine in enumerate(engines):
+        env = engine.env
+        assert env["ZE_AFFINITY_MASK"] == str(tile)
+        assert (env["VLLM_PORT"], env["MASTER_PORT"]) == (
+            str(29500 + 10 * tile),
+            str(29505 + 10 * tile),
+        )
+        assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
+        assert env["VLLM_CACHE_ROOT"] == os.path.abspath("cache/vllm")
+        assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["OMP_NUM_THREADS"] == "1"
+        assert engine.argv[engine.argv.index("--model") + 1] == "/models/m"
+        assert "--enforce-eager" in engine.argv
+        assert engine.log_path == Path("logs", "engines", f"{host}-tile{tile}.log").resolve()
+
+
+def test_two_tile_engines_get_tensor_parallel_and_a_two_tile_mask():
+    config = local_config(tiles={"per_node": 12, "per_job": 2, "hierarchy": "FLAT",
+                                 "cpu_bind": [], "base_port": 29500})  # fmt: skip
+    engines = pipeline.local_engines(config, "/models/m")
+    assert len(engines) == 6
+    argv, env = engines[1].argv, engines[1].env
+    assert env["ZE_AFFINITY_MASK"] == "2,3"
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "mp"
+    assert "--disable-custom-all-reduce" in argv
+
+
+def test_engine_slots_cover_the_node_without_overlap():
+    config = local_config(tiles={"per_node": 12, "per_job": 3, "hierarchy": "FLAT",
+                                 "cpu_bind": [], "base_port": 29500})  # fmt: skip
+    slots = pipeline.engine_slots(config, "h")
+    assert [s.tiles for s in slots] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
+
+
+def test_per_rank_engine_on_two_tiles_runs_tensor_parallel():
+    import infer
+
+    settings = infer.parse_settings("{}")
+    assert "tensor_parallel_size" not in infer.llm_args(settings, "3")
+    args = infer.llm_args(settings, "4,5")
+    assert (args["tensor_parallel_size"], args["distributed_executor_backend"]) == (2, "mp")
+    assert args["disable_custom_all_reduce"] is True
