@@ -320,19 +320,12 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
 
     sampling = settings["sampling"]
     tokenizer = llm.get_tokenizer()
-    max_model_len = llm.llm_engine.model_config.max_model_len
-    token_ids = [tokenizer.encode(p.text) for p in prompts]
-    content_ids = None
-    if settings["long_prompts"] == "truncate":
-        content_ids = [tokenizer.encode(p.text, add_special_tokens=False) for p in prompts]
-    inputs, truncated = check_prompt_lengths(
+    inputs, truncated, _ = checked_inputs(
         prompts,
-        token_ids,
-        content_ids,
-        max_model_len=max_model_len,
-        max_tokens=sampling["max_tokens"],
-        mode=settings["long_prompts"],
-        path=path,
+        lambda text, special: tokenizer.encode(text, add_special_tokens=special),
+        llm.llm_engine.model_config.max_model_len,
+        settings,
+        path,
     )
     params = SamplingParams(
         temperature=sampling["temperature"],
@@ -356,29 +349,40 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
     }
 
 
+def checked_inputs(prompts: list[Prompt], encode, max_model_len, settings: dict, path: str):
+    """`check_prompt_lengths` with the engine's tokenizer ``encode(text, special)``:
+    (engine inputs, truncated lines, token ids with special tokens)."""
+    token_ids = [encode(p.text, True) for p in prompts]
+    content_ids = None
+    if settings["long_prompts"] == "truncate":
+        content_ids = [encode(p.text, False) for p in prompts]
+    inputs, truncated = check_prompt_lengths(
+        prompts,
+        token_ids,
+        content_ids,
+        max_model_len=max_model_len,
+        max_tokens=settings["sampling"]["max_tokens"],
+        mode=settings["long_prompts"],
+        path=path,
+    )
+    return inputs, truncated, token_ids
+
+
 def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) -> tuple:
     """The request's prompts and the truncated lines, checked as `run_vllm` checks them
     with the engine's own tokenizer (/tokenize): the server alone would cut a
     generation short silently."""
     import engines
 
-    sampling = settings["sampling"]
-    token_ids, max_model_len = [], None
-    for prompt in prompts:
-        tokens = engines.tokenize(url, prompt.text)
-        token_ids.append(tokens.ids)
-        max_model_len = tokens.max_model_len
-    content_ids = None
-    if settings["long_prompts"] == "truncate":
-        content_ids = [engines.tokenize(url, p.text, add_special_tokens=False).ids for p in prompts]
-    inputs, truncated = check_prompt_lengths(
+    if not prompts:
+        return [], []
+    limit = engines.tokenize(url, prompts[0].text).max_model_len
+    inputs, truncated, token_ids = checked_inputs(
         prompts,
-        token_ids,
-        content_ids,
-        max_model_len=max_model_len,
-        max_tokens=sampling["max_tokens"],
-        mode=settings["long_prompts"],
-        path=path,
+        lambda text, special: engines.tokenize(url, text, add_special_tokens=special).ids,
+        limit,
+        settings,
+        path,
     )
     if truncated:  # one request takes either texts or token ids
         inputs = [

@@ -11,6 +11,7 @@ output file); the model is copied to every node with ``pbsdsh``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -375,7 +376,7 @@ if NOTES:
     with open(os.path.join(NOTES, rank), "w") as note:
         note.write(" ".join([os.environ.get("PBS_NODENUM", "-"), os.environ["TILE_HOST"],
                              os.getcwd()]))
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 600
     while len(os.listdir(NOTES)) < BARRIER and time.monotonic() < deadline:
         time.sleep(0.2)
 if rank in SLEEP_RANKS:
@@ -619,7 +620,7 @@ def slow_command(folder: Path, name: str, marker: Path) -> Path:
     return folder
 
 
-def wait_for(condition, what: str, timeout: float = 120, proc=None) -> None:
+def wait_for(condition, what: str, timeout: float = 300, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if proc is not None:
@@ -646,14 +647,27 @@ def interrupt_and_check_nothing_is_left(cluster, proc, work, tasks=None) -> str:
     return output
 
 
+@contextlib.contextmanager
+def aurora_in_background(cluster: PbsCluster, work: Path, **kwargs):
+    """A ``snakemake --profile profiles/aurora`` run in a session of its own; killed,
+    and its submissions deleted, if the test ends before it does."""
+    proc = run_aurora(cluster, work, popen=True, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        delete_our_jobs(cluster, work)
+
+
 @pytest.mark.pbs
 def test_ctrl_c_cancels_the_running_submission(pbs_cluster, tmp_path):
     notes = tmp_path / "notes"
     notes.mkdir()
     sleeper = python_wrapper(tmp_path / "python", notes=notes, sleep_ranks=[0, 1])
     work = aurora_folder(tmp_path, {"0.in": "a\n", "1.in": "b\n"}, python=str(sleeper))
-    proc = run_aurora(pbs_cluster, work, popen=True)  # in a session of its own
-    try:
+    with aurora_in_background(pbs_cluster, work) as proc:
         wait_for(
             lambda: len(submissions(work)) == 1 and len(list(notes.iterdir())) == 2,
             "the ranks did not start",
@@ -665,11 +679,6 @@ def test_ctrl_c_cancels_the_running_submission(pbs_cluster, tmp_path):
         interrupt_and_check_nothing_is_left(pbs_cluster, proc, work, tasks=sleeper)
         cancelled = (work / ".snakemake" / "pbs" / "cancel.log").read_text()
         assert f"qdel {submission['id']}" in cancelled
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        delete_our_jobs(pbs_cluster, work)
 
 
 @pytest.mark.pbs
@@ -681,15 +690,9 @@ def test_ctrl_c_while_a_status_query_is_under_way_still_cancels(pbs_cluster, tmp
     sleeper = python_wrapper(tmp_path / "python", sleep_ranks=[0])
     work = aurora_folder(tmp_path, {"0.in": "a\n"}, python=str(sleeper))
     env = {"PATH": f"{shims}:{pbs_cluster.env['PATH']}"}
-    proc = run_aurora(pbs_cluster, work, popen=True, env=env)
-    try:
+    with aurora_in_background(pbs_cluster, work, env=env) as proc:
         wait_for(marker.exists, "no status query started", proc=proc)
         interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        delete_our_jobs(pbs_cluster, work)
 
 
 @pytest.mark.pbs
@@ -700,8 +703,7 @@ def test_ctrl_c_while_qsub_is_under_way_leaves_no_submission(pbs_cluster, tmp_pa
     shims = slow_command(tmp_path / "bin", "qsub", marker)
     work = aurora_folder(tmp_path, {"0.in": "a\n"})
     env = {"PATH": f"{shims}:{pbs_cluster.env['PATH']}"}
-    proc = run_aurora(pbs_cluster, work, popen=True, env=env)
-    try:
+    with aurora_in_background(pbs_cluster, work, env=env) as proc:
         wait_for(marker.exists, "qsub did not start", proc=proc)
         time.sleep(1)  # the server has the job now; its id is not printed yet
         output = interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
@@ -710,29 +712,19 @@ def test_ctrl_c_while_qsub_is_under_way_leaves_no_submission(pbs_cluster, tmp_pa
         assert "watchdog: Snakemake" in log
         (job_id,) = set(our_job_ids(work))
         assert f"qdel {job_id}" in (work / ".snakemake" / "pbs" / "cancel.log").read_text()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        delete_our_jobs(pbs_cluster, work)
 
 
 @pytest.mark.pbs
 def test_sigkill_of_snakemake_deletes_its_submissions(pbs_cluster, tmp_path):
     sleeper = python_wrapper(tmp_path / "python", sleep_ranks=[0])
     work = aurora_folder(tmp_path, {"0.in": "a\n"}, python=str(sleeper))
-    proc = run_aurora(pbs_cluster, work, popen=True)
-    try:
+    with aurora_in_background(pbs_cluster, work) as proc:
         wait_for(lambda: len(submissions(work)) == 1, "nothing submitted", proc=proc)
         proc.kill()  # the main Snakemake only: no cancel of its own
         proc.wait()
         (submission,) = submissions(work)
         assert not wait_gone(pbs_cluster, [submission["id"]])
         wait_for(lambda: not watchdogs(work), "the watchdog outlived its run", 15)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        delete_our_jobs(pbs_cluster, work)
 
 
 # ------------------------------------------------ dry runs (need no scheduler)
