@@ -394,7 +394,8 @@ def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) ->
 
 def serve_rank(rank: int, settings: dict, prompts_path, output, record_path, pool) -> str:
     """One rank on a warm engine of ``pool`` (engines.EnginePool): read the prompts,
-    wait for a free engine, one request, write the outputs; return the summary line.
+    wait for a free engine, one request, write the outputs; return the lines for the
+    rank's log (a warning for an empty rank file, the summary).
 
     An engine found dead before the rank's request is marked (the pool restarts it)
     and the rank goes to another one; an engine that fails during the request fails
@@ -448,7 +449,8 @@ def serve_rank(rank: int, settings: dict, prompts_path, output, record_path, poo
         "wait_s": round(wait_s, 6),
         "request_s": round(result["generate_s"], 6),
     }
-    return write_outputs(prompts, result, record, output, record_path)
+    summary = write_outputs(prompts, result, record, output, record_path)
+    return f"WARNING: {prompts_path} has no prompts\n{summary}" if not prompts else summary
 
 
 # ----------------------------------------------------------------------------- main
