@@ -320,9 +320,10 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
 
     sampling = settings["sampling"]
     tokenizer = llm.get_tokenizer()
-    inputs, truncated, _ = checked_inputs(
+    inputs, truncated = checked_inputs(
         prompts,
-        lambda text, special: tokenizer.encode(text, add_special_tokens=special),
+        [tokenizer.encode(p.text) for p in prompts],
+        lambda text: tokenizer.encode(text, add_special_tokens=False),
         llm.llm_engine.model_config.max_model_len,
         settings,
         path,
@@ -349,14 +350,15 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
     }
 
 
-def checked_inputs(prompts: list[Prompt], encode, max_model_len, settings: dict, path: str):
-    """`check_prompt_lengths` with the engine's tokenizer ``encode(text, special)``:
-    (engine inputs, truncated lines, token ids with special tokens)."""
-    token_ids = [encode(p.text, True) for p in prompts]
+def checked_inputs(
+    prompts: list[Prompt], token_ids, content_of, max_model_len, settings: dict, path: str
+):
+    """`check_prompt_lengths` for ``token_ids`` (the prompts as the engine tokenizes
+    them); ``content_of(text)``: the ids without special tokens, for "truncate"."""
     content_ids = None
     if settings["long_prompts"] == "truncate":
-        content_ids = [encode(p.text, False) for p in prompts]
-    inputs, truncated = check_prompt_lengths(
+        content_ids = [content_of(p.text) for p in prompts]
+    return check_prompt_lengths(
         prompts,
         token_ids,
         content_ids,
@@ -365,22 +367,21 @@ def checked_inputs(prompts: list[Prompt], encode, max_model_len, settings: dict,
         mode=settings["long_prompts"],
         path=path,
     )
-    return inputs, truncated, token_ids
 
 
 def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) -> tuple:
     """The request's prompts and the truncated lines, checked as `run_vllm` checks them
-    with the engine's own tokenizer (/tokenize): the server alone would cut a
-    generation short silently."""
+    with the engine's own tokenizer (/tokenize, which also tells the context length):
+    the server alone would cut a generation short silently."""
     import engines
 
-    if not prompts:
-        return [], []
-    limit = engines.tokenize(url, prompts[0].text).max_model_len
-    inputs, truncated, token_ids = checked_inputs(
+    answers = [engines.tokenize(url, p.text) for p in prompts]
+    token_ids = [answer.ids for answer in answers]
+    inputs, truncated = checked_inputs(
         prompts,
-        lambda text, special: engines.tokenize(url, text, add_special_tokens=special).ids,
-        limit,
+        token_ids,
+        lambda text: engines.tokenize(url, text, add_special_tokens=False).ids,
+        answers[0].max_model_len if answers else 0,
         settings,
         path,
     )
