@@ -456,6 +456,9 @@ def test_workflow_runs_48_ranks_on_48_tiles_of_one_4_node_submission(pbs_cluster
         slots.append((record["host"], record["tiles"]))
         argv = logged_argv(work / "logs" / "infer" / f"{rank}.log")
         assert argv[:2] == ["/opt/pbs/bin/pbs_tmrsh", record["host"]]
+        # the task's own lines reach the rank's log, though pbs_tmrsh sends its output
+        # to the submission's output file
+        assert f"rank {rank}: 2 prompts" in (work / "logs" / "infer" / f"{rank}.log").read_text()
         # pbs_tmrsh started the task on the host placement chose, in $HOME
         node_number, host, cwd = (notes / str(rank)).read_text().split()
         assert hosts[int(node_number)] == host == record["host"]

@@ -4,6 +4,7 @@ import ast
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 import tokenize
@@ -39,6 +40,13 @@ def write_config(workdir: Path, overrides: dict) -> Path:
     return path
 
 
+def default_ctrl_c() -> None:
+    """Ctrl-C as in a terminal's foreground job: a test run started in the background
+    with job control off (``cmd &`` in a script) inherits SIGINT ignored, and Snakemake
+    would then ignore the tests' Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def snakemake(workdir: Path, *args: str, profile="profiles/local", configfiles=(), **kwargs):
     """Run Snakemake as a user would; returns the CompletedProcess (or Popen with popen=True)."""
     command = [*SNAKEMAKE, "--profile", profile, *args]
@@ -55,6 +63,7 @@ def snakemake(workdir: Path, *args: str, profile="profiles/local", configfiles=(
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
+            preexec_fn=default_ctrl_c,
         )
     return subprocess.run(
         command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800, **kwargs
