@@ -196,7 +196,9 @@ def marked_incomplete(work: Path) -> set[str]:
 @pytest.mark.vllm
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
 def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, warm):
-    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(8)})
+    # warm engines finish 8 ranks in one burst: more ranks, so that the kill lands mid-run
+    ranks = 96 if warm else 8
+    work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     results = work / "results"
     config = local_config(work, warm_engines=warm)
     run = snakemake(work, configfiles=config, popen=True)
@@ -230,18 +232,18 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, wa
         for p in results.glob("*.out")
         if f"results/{p.name}" not in incomplete
     }
-    assert 2 <= len(finished) < 8
+    assert 2 <= len(finished) < ranks
 
     # A SIGKILLed Snakemake leaves its lock behind, as after a node crash.
     assert_ok(snakemake(work, "--unlock", configfiles=config))
     rerun = snakemake(work, "--rerun-incomplete", configfiles=config)
     assert_ok(rerun)
     assert planned_ranks(rerun.stdout + rerun.stderr) == [
-        str(r) for r in range(8) if f"{r}.out" not in finished
+        str(r) for r in range(ranks) if f"{r}.out" not in finished
     ]
     for name, mtime in finished.items():
         assert (results / name).stat().st_mtime_ns == mtime
-    assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(8))
+    assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(ranks))
 
 
 def processes_in(work: Path) -> list[str]:
