@@ -114,7 +114,6 @@ def parse_settings(text: str) -> dict:
         raise bad("engine", '"vllm" or "echo"')
     if not isinstance(settings["model"], str) or not settings["model"]:
         raise bad("model", "a non-empty string")
-
     if not isinstance(settings["dtype"], str):
         raise bad("dtype", "a string")
     mml = settings["max_model_len"]

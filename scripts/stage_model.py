@@ -116,6 +116,11 @@ def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> in
     """One launcher call: one process per node does `node_step`."""
     settings_file = os.path.abspath(settings_file)
     settings = json.loads(Path(settings_file).read_text())
+    if not settings["node_launcher"]:
+        raise SystemExit(
+            "stage_model: config key node_launcher is empty: weights.stage needs a launcher "
+            "that starts one process per node"
+        )
     hosts, job_id = node_hosts(environ), environ["PBS_JOBID"]
     argv = launcher_argv(settings["node_launcher"], len(hosts)) + [
         settings["python"],
@@ -125,11 +130,6 @@ def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> in
         job_id,
         ",".join(hosts),
     ]
-    if not settings["node_launcher"]:
-        raise SystemExit(
-            "stage_model: config key node_launcher is empty: weights.stage needs a launcher "
-            "that starts one process per node"
-        )
     reports = [done_file(settings_file, job_id, host) for host in hosts]
     for report in reports:
         report.unlink(missing_ok=True)

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pipeline
 import yaml
+from workflow import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def local_config(**changes) -> dict:
+    """config/config.yaml with profiles/local/local.yaml on top, as Snakemake merges them."""
     config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    for key, value in yaml.safe_load((REPO / "profiles/local/local.yaml").read_text()).items():
-        config[key] = config[key] | value if isinstance(value, dict) else value
-    return config | changes
+    local = yaml.safe_load((REPO / "profiles" / "local" / "local.yaml").read_text())
+    return deep_merge(config, local) | changes
 
 
 def test_local_profile_runs_two_warm_engines_one_per_core():
