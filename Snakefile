@@ -27,7 +27,11 @@ MODEL = pipeline.check_model(config["model"])
 MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
-    config, workflow=workflow, model=MODEL, marker="".join(MODEL_MARKER)
+    config,
+    workflow=workflow,
+    model=MODEL,
+    marker="".join(MODEL_MARKER),
+    engines=pipeline.engine_spec(config),
 )
 
 

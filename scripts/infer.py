@@ -392,21 +392,24 @@ def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) ->
     return inputs, truncated
 
 
-def serve_rank(rank: int, settings: dict, prompts_path, output, record_path, pool) -> str:
+def serve_rank(
+    rank: int, settings: dict, prompts_path, output, record_path, pool, echo_in_process=True
+) -> str:
     """One rank on a warm engine of ``pool`` (engines.EnginePool): read the prompts,
     wait for a free engine, one request, write the outputs; return the lines for the
     rank's log (a warning for an empty rank file, the summary).
 
     An engine found dead before the rank's request is marked (the pool restarts it)
     and the rank goes to another one; an engine that fails during the request fails
-    this rank, naming the engine's log.
+    this rank, naming the engine's log. ``echo_in_process``: the echo engine runs here,
+    not as an engine of the pool (scripts/echo_server.py).
     """
     import engines
 
     started = time.monotonic()
     prompts = read_prompts(prompts_path)
     placement, wait_s = {}, 0.0
-    if not prompts or settings["engine"] == "echo":
+    if not prompts or (settings["engine"] == "echo" and echo_in_process):
         result = run_echo(prompts)
     else:
         for attempt in range(1, 4):
@@ -446,6 +449,8 @@ def serve_rank(rank: int, settings: dict, prompts_path, output, record_path, poo
     record |= {
         "engine_name": placement.get("ENGINE", ""),
         "engine_log": placement.get("ENGINE_LOG", ""),
+        # one process serves all ranks of a run or submission: no interpreter per rank
+        "client_pid": os.getpid(),
         "wait_s": round(wait_s, 6),
         "request_s": round(result["generate_s"], 6),
     }

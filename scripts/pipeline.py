@@ -15,6 +15,7 @@ from pathlib import Path
 
 import engines
 import infer
+import serve
 import stage_model
 import tiles
 
@@ -290,10 +291,49 @@ def stop_engines() -> None:
     WARM.stop()
 
 
+def engine_spec(config: dict) -> dict:
+    """What the warm engines of a PBS submission need (scripts/serve.py; pbs-submit
+    adds the model folder and the staging)."""
+    warm = config["warm"]
+    return {
+        "engine": config["engine"],
+        "vllm": config["vllm"],
+        "tiles": config["tiles"],
+        "env": offline_env(config),
+        "launcher": config["engine_launcher"],
+        "max_restarts": warm["max_restarts"],
+        "ready_timeout_s": warm["ready_timeout_s"],
+        "ranks_in_flight": warm["ranks_in_flight"],
+        "registry_root": os.path.abspath("logs/engines"),
+    }
+
+
+class _JobEngines:
+    """Inside a PBS submission: the pool of the engines its one launcher call started
+    (serve.RegistryPool), made once for all rank threads."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool = None
+
+    def pool(self, spec_path: str):
+        with self._lock:
+            if self._pool is None:
+                spec = json.loads(Path(spec_path).read_text())
+                self._pool = serve.RegistryPool.for_job(spec)
+            return self._pool
+
+
+JOB_ENGINES = _JobEngines()
+
+
 def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
     """One rank on the run's warm engines, in this thread; raise if it failed."""
     model = engine_model(config, model, input.model)
     settings = task_settings(config, model)
+    spec = os.environ.get(serve.SPEC_VARIABLE)
+    # In a PBS submission: its engines on all its nodes (echo too: echo servers).
+    pool = JOB_ENGINES.pool(spec) if spec else _LazyPool(config, model)
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         try:
@@ -303,7 +343,8 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 input.prompts,
                 output.out,
                 output.record,
-                _LazyPool(config, model),
+                pool,
+                echo_in_process=not spec,
             )
         except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
             out.write(f"ERROR: {error}\n")
@@ -314,7 +355,8 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
 def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
     """Run one rank's inference on a tile of this allocation; raise if it failed.
 
-    With config warm_engines (outside PBS jobs for now): on the run's warm engines.
+    With config warm_engines: on the run's warm engines (in a PBS submission, on the
+    engines its job script started).
 
     Paths are absolute and the task writes its own log: a launcher may start it in
     another folder (pbs_tmrsh: $HOME) and send its output elsewhere.

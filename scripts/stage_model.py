@@ -24,15 +24,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-# Set by the launchers for each started process: its node's index in PBS_NODEFILE.
-NODE_INDEX_VARIABLES = ("PBS_NODENUM", "PALS_NODEID", "PMI_RANK", "PALS_RANKID")
+import tiles
 
 
 def _safe(name: str) -> str:
@@ -58,17 +56,10 @@ def done_file(settings_file: str, job_id: str, host: str) -> Path:
 
 
 def this_host(hosts: Sequence[str], environ: Mapping[str, str]) -> str:
-    """This node's name as PBS_NODEFILE spells it, from the launcher's node index, else
-    from the host name (short names compared)."""
-    for name in NODE_INDEX_VARIABLES:
-        value = environ.get(name, "")
-        if value.isdigit() and int(value) < len(hosts):
-            return hosts[int(value)]
-    short = socket.gethostname().split(".")[0]
-    for host in hosts:
-        if host.split(".")[0] == short:
-            return host
-    raise SystemExit(f"stage_model: cannot tell which of {hosts} this node ({short}) is")
+    try:
+        return tiles.this_host(hosts, environ)
+    except ValueError as error:
+        raise SystemExit(f"stage_model: {error}") from None
 
 
 def copy_here(model: str, target: Path) -> None:

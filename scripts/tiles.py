@@ -106,6 +106,46 @@ def read_hosts(environ: Mapping[str, str]) -> list[str]:
     return hosts
 
 
+# Set by launchers for each process they start: its node's index in PBS_NODEFILE
+# (PALS mpiexec, PBS's own pbsdsh / pbs_tmrsh), then the global rank, which is the node
+# index only with one process per node.
+NODE_INDEX_VARIABLES = ("PALS_NODEID", "PBS_NODENUM", "PMI_RANK", "PALS_RANKID")
+# (local rank, processes on this node) as launchers set them; none: one per node.
+LOCAL_RANK_VARIABLES = (
+    ("PALS_LOCAL_RANKID", "PALS_LOCAL_SIZE"),
+    ("PMI_LOCAL_RANK", "PMI_LOCAL_SIZE"),
+    ("MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+)
+
+
+def this_host(hosts: Sequence[str], environ: Mapping[str, str]) -> str:
+    """This node's name as PBS_NODEFILE spells it, for a process a launcher started.
+
+    The host name first (short names compared): a launcher may pass the job script's
+    own PBS_NODENUM (0) on to every node. Then the launcher's node index.
+    """
+    short = socket.gethostname().split(".")[0]
+    for host in hosts:
+        if host.split(".")[0] == short:
+            return host
+    for name in NODE_INDEX_VARIABLES:
+        value = environ.get(name, "")
+        if value.isdigit() and int(value) < len(hosts):
+            return hosts[int(value)]
+    raise ValueError(f"cannot tell which of {list(hosts)} this node ({short}) is")
+
+
+def local_rank(environ: Mapping[str, str]) -> tuple[int, int]:
+    """(index, count) of the processes a launcher started on this node; (0, 1) if it
+    says nothing (e.g. pbsdsh: one process per node)."""
+    for rank_name, size_name in LOCAL_RANK_VARIABLES:
+        rank, size = environ.get(rank_name, ""), environ.get(size_name, "")
+        if rank.isdigit() and size.isdigit() and int(rank) < int(size):
+            return int(rank), int(size)
+    return 0, 1
+
+
 def default_lock_dir(environ: Mapping[str, str]) -> Path:
     """Node-local lock directory shared by all jobs of one PBS submission.
 

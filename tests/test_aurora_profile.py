@@ -332,8 +332,10 @@ def aurora_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
         "engine": "echo",
         "model": str(wf.TINY_MODEL),
         "python": "",
+        "warm_engines": False,
         "launcher": TMRSH,
         "node_launcher": PBSDSH,
+        "engine_launcher": PBSDSH,
         "tiles": {"cpu_bind": []},
         "weights": {"shared_hf_home": "", "stage": True},
         "pbs": {"account": "testproj", "queue": "capacity", "setup": [],
@@ -343,12 +345,28 @@ def aurora_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
     return work
 
 
+def run_config(work: Path) -> dict:
+    """config.yaml, aurora.yaml and the run folder's test-config.yaml, merged."""
+    config = {}
+    for path in (
+        REPO / "config" / "config.yaml",
+        PROFILE / "aurora.yaml",
+        work / "test-config.yaml",
+    ):
+        config = wf.deep_merge(config, wf.yaml.safe_load(path.read_text()))
+    return config
+
+
 def run_aurora(cluster: PbsCluster, work: Path, *args: str, **kwargs):
-    """``snakemake --profile profiles/aurora`` in ``work`` against the test cluster."""
+    """``snakemake --profile profiles/aurora`` in ``work`` against the test cluster,
+    packing one submission's worth of jobs per group (the profile's group-components
+    is for warm engines on 4 nodes; later options override it)."""
     env = {k: cluster.env[k] for k in ("PATH", "PBS_CONF_FILE", "PBS_SERVER")}
     env |= kwargs.pop("env", {})
+    group = pbs.expected_group_size(pbs.settings_from_config(run_config(work)))
     return wf.snakemake(
-        work, "--seconds-between-status-checks", str(INTERVAL), *args,
+        work, "--seconds-between-status-checks", str(INTERVAL),
+        "--group-components", f"node={group}", "--cores", str(max(group, 240)), *args,
         profile="profiles/aurora",
         configfiles=[work / "profiles" / "aurora" / "aurora.yaml", work / "test-config.yaml"],
         env=env, **kwargs,
@@ -507,6 +525,242 @@ def test_workflow_runs_vllm_through_the_scheduler_on_node_local_model_copies(pbs
     assert sorted(re.findall(r"stage_model: (node\d): [\d.]+ MiB to", log)) == sorted(hosts)
     assert sorted(re.findall(r"stage_model: (node\d): removed", log)) == sorted(hosts)
     assert list((tmp_path / "node-local").iterdir()) == []
+
+
+# ------------------------------------------------- warm engines in a submission
+
+ECHO_SERVER = REPO / "scripts" / "echo_server.py"
+
+
+def warm_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
+    """A run folder for warm engines: engines start with ONE pbsdsh call (one process
+    per node, which runs all the node's engines), each rank asks them from the
+    submission's Snakemake."""
+    warm = {"ranks_per_engine": 10, "start_minutes": 1, "rank_minutes": 1, "ready_timeout_s": 120}
+    base = {"warm_engines": True, "warm": warm, "engine_launcher": PBSDSH}
+    return aurora_folder(tmp_path, ranks, **wf.deep_merge(base, config))
+
+
+def launcher_calls(job_log: str) -> list[str]:
+    return re.findall(r"engines: launcher call for (\d+) engine\(s\) on (\d+) node", job_log)
+
+
+def engine_states(work: Path, job_id: str) -> dict[str, str]:
+    registry = work / "logs" / "engines" / re.sub(r"[^A-Za-z0-9._-]", "_", job_id)
+    return {path.stem: json.loads(path.read_text())["state"] for path in registry.glob("*.json")}
+
+
+@pytest.mark.pbs
+def test_warm_engines_one_launcher_call_starts_48_engines_that_serve_480_ranks(
+    pbs_cluster, tmp_path
+):
+    prompts = {i: [f"rank {i} prompt {j}" for j in range(2)] for i in range(480)}
+    work = warm_folder(
+        tmp_path,
+        {f"{i}.in": "\n".join(lines) + "\n" for i, lines in prompts.items()},
+        tiles={"per_node": 12},
+        pbs={"nodes_per_submission": 4},
+        # 2 s a request: the first engines up do not serve every rank alone
+        task_env={"ECHO_SERVER_DELAY_S": "2"},
+    )
+    try:
+        res = run_aurora(pbs_cluster, work)  # group-components node=480
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode == 0, output_of(res)
+    (submission,) = submissions(work)
+    assert (submission["name"], submission["nodes"]) == ("r0-479", "4")
+    # walltime: engine start 1 min + 10 ranks per engine x 1 min + the 10 min margin
+    assert submission["walltime"] == "00:21:00"
+    engines_used, clients = set(), set()
+    for rank, lines in prompts.items():
+        assert wf.read_records(work / "results" / f"{rank}.out") == [(p, p) for p in lines]
+        record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+        engines_used.add((record["host"], record["tiles"], record["engine_name"]))
+        clients.add(record["client_pid"])
+    # 48 distinct (host, tile) engines served ranks, all from ONE process: the
+    # submission's Snakemake runs its ranks as threads, no interpreter per rank
+    assert sorted((h, t) for h, t, _ in engines_used) == sorted(
+        (f"node{n}", str(t)) for n in range(1, 5) for t in range(12)
+    )
+    assert len(clients) == 1
+    job_log = (work / "logs" / "pbs" / "r0-479.log").read_text()
+    assert launcher_calls(job_log) == [("48", "4")]  # exactly one launcher call
+    script = (work / "logs" / "pbs" / "r0-479.sh").read_text()
+    assert "--force-use-threads --keep-going --cores 192 --scheduler greedy --mode" in script
+    states = engine_states(work, submission["id"])
+    assert len(states) == 48 and set(states.values()) == {"stopped"}, states
+    assert not processes_running(ECHO_SERVER)
+
+
+@pytest.mark.pbs
+@pytest.mark.vllm
+def test_warm_vllm_engines_through_the_scheduler_on_node_local_model_copies(pbs_cluster, tmp_path):
+    prompts = {i: [f"Rank {i} says hello", f"The capital of rank {i} is"] for i in range(12)}
+    work = warm_folder(
+        tmp_path,
+        {f"{i}.in": "\n".join(lines) + "\n" for i, lines in prompts.items()},
+        engine="vllm",
+        # profiles/local/local.yaml's CPU settings
+        vllm={"dtype": "bfloat16", "enforce_eager": True, "cpu_kv_cache_gib": 1},
+        task_env={"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"},
+        warm={"ranks_per_engine": 3, "ready_timeout_s": 600},
+        tiles={"per_node": 2},
+        pbs={"nodes_per_submission": 2},
+        weights={"stage_dir": str(tmp_path / "node-local")},
+    )
+    # 2 nodes x 2 tiles: 4 vLLM servers for the 12 ranks of one submission.
+    try:
+        res = run_aurora(pbs_cluster, work)
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode == 0, output_of(res)
+    (submission,) = submissions(work)
+    assert (submission["name"], submission["nodes"]) == ("r0-11", "2")
+    job_id = submission["id"]
+    hosts = node_list(pbs_cluster, job_id)
+    served = set()
+    for rank, lines in prompts.items():
+        records = wf.read_records(work / "results" / f"{rank}.out")
+        assert [p for p, _ in records] == lines
+        assert all(generated.strip() for _, generated in records), records
+        record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+        assert (record["engine"], record["output_tokens"] > 0) == ("vllm", True)
+        served.add(record["engine_name"])
+        # each engine loaded its node's copy of the model
+        engine_log = Path(record["engine_log"]).read_text()
+        copy = tmp_path / "node-local" / f"model-{job_id}" / record["host"] / "tiny-opt"
+        assert f"--model {copy} --host {record['host']}" in engine_log
+    # all four came up (ranks start on the first ready ones, so not all need serve)
+    registry = work / "logs" / "engines" / job_id
+    for host in hosts:
+        for tile in range(2):
+            engine_log = (registry / f"{host}-tile{tile}.log").read_text()
+            assert "Application startup complete" in engine_log
+    assert len(served) >= 2 and served <= {f"{h}/tile{t}" for h in hosts for t in range(2)}
+    log = (work / "logs" / "pbs" / "r0-11.log").read_text()
+    assert launcher_calls(log) == [("4", "2")]
+    assert set(engine_states(work, job_id).values()) == {"stopped"}
+    assert list((tmp_path / "node-local").iterdir()) == []
+
+
+@pytest.mark.pbs
+def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_ranks(
+    pbs_cluster, tmp_path
+):
+    pbs_cluster.add_queue("short", resources_max__walltime="01:00:00")
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    # 2 engines, one rank at a time each, 70 s a request; walltime 2 min (no start
+    # allowance, 2 ranks per engine x 1 min, no margin): 2 ranks end after ~70 s, PBS
+    # kills the other 2 mid-request.
+    config = {
+        "tiles": {"per_node": 2},
+        "warm": {"ranks_per_engine": 2, "start_minutes": 0, "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": "70"},
+        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0},
+    }
+    work = warm_folder(tmp_path, ranks, **config)
+    packing = ("--group-components", "node=4", "--cores", "4")
+    results = work / "results"
+    try:
+        res = run_aurora(pbs_cluster, work, *packing)
+        assert res.returncode != 0, output_of(res)
+        (submission,) = submissions(work)
+        assert (submission["name"], submission["walltime"]) == ("r0-3", "00:02:00")
+        job = pbs_cluster.job(submission["id"])
+        assert (job["job_state"], job["Exit_status"]) == ("F", -29), job
+        done = sorted(int(p.stem) for p in results.glob("*.out"))
+        assert len(done) == 2, done
+        for rank in done:
+            assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+        wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the job", 15)
+
+        no_delay = {"task_env": {"ECHO_SERVER_DELAY_S": "0"}}
+        wf.write_config(work, wf.deep_merge(yaml_config(work), no_delay))
+        plan = run_aurora(pbs_cluster, work, *packing, "--rerun-incomplete", "-n")
+        left = sorted(set(range(4)) - set(done))
+        assert wf.planned_ranks(plan.stdout + plan.stderr) == [str(r) for r in left]
+        mtimes = {rank: (results / f"{rank}.out").stat().st_mtime_ns for rank in done}
+        res = run_aurora(pbs_cluster, work, *packing, "--rerun-incomplete")
+        assert res.returncode == 0, output_of(res)
+        assert {rank: (results / f"{rank}.out").stat().st_mtime_ns for rank in done} == mtimes
+        for rank in range(4):
+            assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+
+
+def echo_servers(work: Path) -> dict[str, int]:
+    """name of the engine (host-tileN) -> pid of its running echo server, from the
+    engine's registry entry and /proc."""
+    found = {}
+    for pid in processes_running(ECHO_SERVER):
+        with contextlib.suppress(OSError):
+            argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            host = argv[argv.index(b"--host") + 1].decode()
+            port = int(argv[argv.index(b"--port") + 1])
+            found[f"{host}-tile{port - 30500}"] = pid
+    return found
+
+
+@pytest.mark.pbs
+def test_warm_engine_killed_mid_submission_fails_only_its_ranks_and_is_restarted(
+    pbs_cluster, tmp_path
+):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(16)}
+    config = {
+        "tiles": {"per_node": 2},
+        "warm": {"ranks_per_engine": 8, "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": "3"},
+        "pbs": {"nodes_per_submission": 1},
+    }
+    work = warm_folder(tmp_path, ranks, **config)
+    results = work / "results"
+    with aurora_in_background(pbs_cluster, work) as proc:
+        # both engines serve ranks; kill the tile-0 engine in the middle of a request
+        wait_for(lambda: len(list(results.glob("*.out"))) >= 2, "no rank finished", proc=proc)
+        victim = next(name for name in echo_servers(work) if name.endswith("-tile0"))
+        time.sleep(1)
+        os.kill(echo_servers(work)[victim], signal.SIGKILL)
+        killed_at = time.time()
+        output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, output[-4000:]
+    failed = sorted(set(range(16)) - {int(p.stem) for p in results.glob("*.out")})
+    assert len(failed) == 1, (failed, output[-4000:])  # the one in flight on the victim
+    log = (work / "logs" / "infer" / f"{failed[0]}.log").read_text()
+    assert "failed during the request" in log and f"{victim}.log" in log
+    (submission,) = submissions(work)
+    entry = work / "logs" / "engines" / submission["id"] / f"{victim}.json"
+    state = json.loads(entry.read_text())
+    assert (state["restarts"], state["state"]) == (1, "stopped")
+    # the restarted engine served ranks again
+    records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    after = [
+        r for r in records
+        if r["engine_name"] == victim.replace("-", "/")
+        and (results / f"{r['rank']}.out").stat().st_mtime > killed_at + 2
+    ]  # fmt: skip
+    assert after, records
+    assert not processes_running(ECHO_SERVER)
+    res = run_aurora(pbs_cluster, work, "--rerun-incomplete")
+    assert res.returncode == 0, output_of(res)
+    assert [s["ranks"] for s in submissions(work)][1:] == [str(failed[0])]
+
+
+@pytest.mark.pbs
+def test_warm_ctrl_c_leaves_no_submission_and_no_engine(pbs_cluster, tmp_path):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(8)}
+    config = {
+        "tiles": {"per_node": 4},
+        "task_env": {"ECHO_SERVER_DELAY_S": "600"},
+        "pbs": {"nodes_per_submission": 1},
+    }
+    work = warm_folder(tmp_path, ranks, **config)
+    with aurora_in_background(pbs_cluster, work) as proc:
+        wait_for(lambda: len(echo_servers(work)) == 4, "the engines did not start", proc=proc)
+        interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
+    wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the job", 15)
+    assert not list((work / "results").glob("*.out"))
 
 
 def yaml_config(work: Path) -> dict:
@@ -779,7 +1033,7 @@ def test_config_mapping_values_from_the_command_line_take_the_schema_types(tmp_p
     res = wf.snakemake(
         work, "-n", "--group-components", "node=96", "--cores", "96",
         "--config", "pbs={account: P, nodes_per_submission: 8}",
-        "sampling={seed: 7, ignore_eos: true}", profile="profiles/aurora",
+        "sampling={seed: 7, ignore_eos: true}", "warm_engines=false", profile="profiles/aurora",
     )  # fmt: skip
     assert res.returncode == 0, output_of(res)
     assert "96 rank job(s) -> 1 submission(s) to queue 'capacity' (1 x 8 node(s))" in (
@@ -793,9 +1047,12 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
     work = wf.make_workdir(tmp_path / "run", samples)
     res = wf.snakemake(work, "-n", "--config", "pbs={account: P}", profile="profiles/aurora")
     assert res.returncode == 0, output_of(res)
+    # warm engines: 48 ranks fill 4 of the 10 ranks per engine of one node; the
+    # walltime is the engines' start (15 min) + 4 ranks x 1 min + the 10 min margin
     assert (
-        "PBS plan: 48 rank job(s) -> 1 submission(s) to queue 'capacity' (1 x 4 node(s)), "
-        "walltime 00:40:00 each, at most 2.67 node-hours"
+        "PBS plan: 48 rank job(s) -> 1 submission(s) to queue 'capacity' with warm engines: "
+        "1 x (1 node(s), 12 engines, 48 ranks, 4 per engine, walltime 00:29:00); at most "
+        "0.48 node-hours"
     ) in res.stdout + res.stderr
     assert len(wf.planned_ranks(res.stdout)) == 48
     # 36 ranks done (outputs newer than their inputs, the model prepared): 12 left,
@@ -813,7 +1070,8 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
     res = wf.snakemake(work, "-n", "--config", *config, profile="profiles/aurora")
     assert res.returncode == 0, output_of(res)
     assert (
-        "PBS plan: 12 rank job(s) -> 1 submission(s) to queue 'capacity' (1 x 1 node(s)), "
-        "walltime 00:40:00 each, at most 0.67 node-hours"
+        "PBS plan: 12 rank job(s) -> 1 submission(s) to queue 'capacity' with warm engines: "
+        "1 x (1 node(s), 12 engines, 12 ranks, 1 per engine, walltime 00:26:00); at most "
+        "0.43 node-hours"
     ) in res.stdout + res.stderr
     assert wf.planned_ranks(res.stdout) == [str(rank) for rank in range(36, 48)]

@@ -64,6 +64,7 @@ def settings(tmp_path: Path | None = None, **changes) -> dict:
     config = merged_config()
     config["pbs"]["account"] = "MyProject"
     result = pbs.settings_from_config(config)
+    result["warm_engines"] = False  # per-rank engines unless a test asks for warm ones
     if tmp_path is not None:
         result["state_dir"] = str(tmp_path / "state")
         result["log_dir"] = str(tmp_path / "logs")
@@ -622,8 +623,9 @@ def test_submit_runs_qsub_without_shell_and_records_the_job(tmp_path, monkeypatc
     conf = pbs.settings_from_config(
         merged_config()
         | {
+            "warm_engines": False,
             "pbs": merged_config()["pbs"]
-            | {"account": "p; echo injected", "setup": ["module load frameworks"]}
+            | {"account": "p; echo injected", "setup": ["module load frameworks"]},
         }
     )
     script = tmp_path / "snakejob.sh"
@@ -757,7 +759,7 @@ def test_group_packing():
 
 
 def test_profile_agrees_with_its_settings():
-    keys, conf = profile_keys(), settings()
+    keys, conf = profile_keys(), settings(warm_engines=merged_config()["warm_engines"])
     assert keys["executor"] == "cluster-generic"
     assert keys["group-components"] == {"node": pbs.expected_group_size(conf)}
     assert keys["cores"] >= pbs.expected_group_size(conf)
@@ -791,6 +793,18 @@ def test_aurora_defaults():
     }
     assert config["pbs"]["queue"] == "capacity"
     assert "module load frameworks" in config["pbs"]["setup"]
+    # warm engines: one mpiexec per submission, 12 engines per node, ALCF's vLLM settings
+    assert config["warm_engines"] is True
+    assert config["engine_launcher"] == [
+        "mpiexec", "-n", "{engines}", "--ppn", "{engines_per_node}",
+        "--cpu-bind", "list:{cpu_lists}", "--no-vni",
+    ]  # fmt: skip
+    assert config["vllm"]["enforce_eager"] is True
+    assert config["task_env"] == {
+        "CCL_PROCESS_LAUNCHER": "None",
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+        "TORCH_COMPILE_DISABLE": "1",
+    }
 
 
 # ------------------------------------------------ the commands, run as Snakemake does

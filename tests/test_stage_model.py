@@ -55,11 +55,15 @@ def test_a_node_that_did_not_copy_fails_the_step(tmp_path, monkeypatch, capfd):
     assert "no report from nodeB" in capfd.readouterr().err
 
 
-def test_the_node_is_found_by_its_index_else_by_its_name(monkeypatch):
+def test_the_node_is_found_by_its_name_else_by_its_index(monkeypatch):
     hosts = ["x1.hsn.cm.aurora", "x2.hsn.cm.aurora"]
     assert stage_model.this_host(hosts, {"PALS_NODEID": "1"}) == "x2.hsn.cm.aurora"
-    monkeypatch.setattr(stage_model.socket, "gethostname", lambda: "x1")
+    monkeypatch.setattr(stage_model.tiles.socket, "gethostname", lambda: "x1")
     assert stage_model.this_host(hosts, {}) == "x1.hsn.cm.aurora"
+    # mpiexec passes the job script's PBS_NODENUM=0 on to every node: the name wins
+    monkeypatch.setattr(stage_model.tiles.socket, "gethostname", lambda: "x2")
+    assert stage_model.this_host(hosts, {"PBS_NODENUM": "0"}) == "x2.hsn.cm.aurora"
+    monkeypatch.setattr(stage_model.tiles.socket, "gethostname", lambda: "elsewhere")
     with pytest.raises(SystemExit, match="cannot tell"):
         stage_model.this_host(["y9"], {})
 

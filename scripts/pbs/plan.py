@@ -58,6 +58,28 @@ def walltime_minutes(runtime_minutes: int, settings: Mapping) -> int:
     return int(runtime_minutes) + int(settings["walltime_margin_minutes"])
 
 
+def ranks_per_job_slot(settings: Mapping) -> int:
+    """Rank jobs one tile slot serves in a submission: warm.ranks_per_engine with warm
+    engines, else 1 (each rank starts its own engine)."""
+    return settings["ranks_per_engine"] if settings["warm_engines"] else 1
+
+
+def submission_minutes(settings: Mapping, ranks: int, nodes: int, runtime=None) -> int:
+    """Walltime of a submission of ``ranks`` rank jobs on ``nodes`` nodes.
+
+    Per-rank engines run all ranks at once: runtime_minutes (or the jobs' runtime
+    resource). Warm engines: their start, then the ranks of the busiest engine one
+    after another (warm.start_minutes + ceil(ranks / engines) x warm.rank_minutes).
+    """
+    if not settings["warm_engines"]:
+        return walltime_minutes(
+            settings["runtime_minutes"] if runtime is None else runtime, settings
+        )
+    engines = max(1, nodes * jobs_per_node(settings))
+    work = settings["start_minutes"] + math.ceil(ranks / engines) * settings["rank_minutes"]
+    return walltime_minutes(work, settings)
+
+
 def format_walltime(minutes: int) -> str:
     """PBS walltime HH:MM:SS (hours may exceed 24)."""
     hours, mins = divmod(int(minutes), 60)
@@ -76,7 +98,15 @@ def max_walltime(limits: QueueLimits, nodes: int) -> tuple[int, str]:
     return limits.max_minutes, ""
 
 
-def queue_problems(queue: str, nodes: int, minutes: int, jobs: int | None) -> list[str]:
+def _walltime_keys(warm: bool) -> str:
+    if warm:
+        return "warm.start_minutes + warm.ranks_per_engine x warm.rank_minutes"
+    return "runtime_minutes"
+
+
+def queue_problems(
+    queue: str, nodes: int, minutes: int, jobs: int | None, warm: bool = False
+) -> list[str]:
     """What queue ``queue`` refuses in submissions of ``nodes`` nodes and ``minutes``
     walltime, ``jobs`` of them in the system at once (None: not known)."""
     limits = AURORA_QUEUES.get(queue)
@@ -99,7 +129,7 @@ def queue_problems(queue: str, nodes: int, minutes: int, jobs: int | None) -> li
     longest, route = max_walltime(limits, nodes)
     if not limits.min_minutes <= minutes <= longest:
         problems.append(
-            f"walltime {format_walltime(minutes)} (config keys runtime_minutes + "
+            f"walltime {format_walltime(minutes)} (config keys {_walltime_keys(warm)} + "
             f"pbs.walltime_margin_minutes) is outside queue {queue!r}'s "
             f"{format_walltime(limits.min_minutes)}-{format_walltime(longest)}"
             + (f" for {route}" if route else "")
@@ -127,8 +157,9 @@ def settings_problems(settings: Mapping, *, jobs: int | None = None) -> list[str
             f"config key tiles.per_job ({settings['tiles_per_job']}) is larger than "
             f"tiles.per_node ({settings['tiles_per_node']}): a job must fit on one node"
         )
-    minutes = walltime_minutes(settings["runtime_minutes"], settings)
-    problems += queue_problems(settings["queue"], settings["nodes_per_submission"], minutes, jobs)
+    nodes = settings["nodes_per_submission"]
+    minutes = submission_minutes(settings, expected_group_size(settings), nodes)
+    problems += queue_problems(settings["queue"], nodes, minutes, jobs, settings["warm_engines"])
     return problems
 
 
@@ -142,8 +173,9 @@ def check_settings(settings: Mapping, *, jobs: int | None = None) -> None:
 
 
 def expected_group_size(settings: Mapping) -> int:
-    """Jobs per submission: every tile of every node of one submission busy."""
-    return settings["nodes_per_submission"] * jobs_per_node(settings)
+    """Rank jobs per submission: every tile slot of every node busy, each serving
+    warm.ranks_per_engine ranks with warm engines."""
+    return settings["nodes_per_submission"] * jobs_per_node(settings) * ranks_per_job_slot(settings)
 
 
 def group_packing_problems(
@@ -152,8 +184,10 @@ def group_packing_problems(
     expected = expected_group_size(settings)
     how = (
         f"{settings['nodes_per_submission']} nodes (pbs.nodes_per_submission) x "
-        f"{jobs_per_node(settings)} jobs per node (tiles.per_node // tiles.per_job)"
+        f"{jobs_per_node(settings)} engines per node (tiles.per_node // tiles.per_job)"
     )
+    if settings["warm_engines"]:
+        how += f" x {settings['ranks_per_engine']} ranks per engine (warm.ranks_per_engine)"
     got = group_components.get(group)
     problems = []
     if got is None:
@@ -217,8 +251,14 @@ def queue_nodes(nodes: int, settings: Mapping) -> int:
     return max(nodes, limits.min_nodes) if limits else nodes
 
 
+def submission_nodes(ranks: int, settings: Mapping) -> int:
+    """Nodes a submission of ``ranks`` rank jobs asks for."""
+    slots = jobs_per_node(settings) * ranks_per_job_slot(settings)
+    return queue_nodes(math.ceil(ranks / slots), settings)
+
+
 def plan_run(pending_jobs: int, settings: Mapping) -> list[tuple[int, int]]:
-    """(jobs, nodes) of each submission that ``pending_jobs`` tile jobs make.
+    """(jobs, nodes) of each submission that ``pending_jobs`` rank jobs make.
 
     Snakemake fills each group up to group-components jobs (checked to equal
     `expected_group_size`), so all submissions but the last are full.
@@ -226,36 +266,59 @@ def plan_run(pending_jobs: int, settings: Mapping) -> list[tuple[int, int]]:
     size = expected_group_size(settings)
     full, rest = divmod(pending_jobs, size)
     sizes = [size] * full + ([rest] if rest else [])
-    return [
-        (jobs, queue_nodes(math.ceil(jobs / jobs_per_node(settings)), settings)) for jobs in sizes
-    ]
+    return [(jobs, submission_nodes(jobs, settings)) for jobs in sizes]
 
 
 def describe_plan(pending_jobs: int, settings: Mapping, jobs: int | None = None) -> str:
-    """The dry run's plan: submissions, nodes each, walltime, node-hours at most, and how
-    many the queue runs at once."""
+    """The dry run's plan: submissions, nodes each (with warm engines also engines,
+    ranks and ranks per engine), walltime, node-hours at most, and how many the queue
+    runs at once."""
     plan = plan_run(pending_jobs, settings)
-    minutes = walltime_minutes(settings["runtime_minutes"], settings)
     if not plan:
         return "PBS plan: nothing to submit."
-    shapes = ", ".join(
-        f"{count} x {nodes} node(s)"
-        for nodes, count in sorted(Counter(n for _, n in plan).items(), reverse=True)
-    )
-    node_hours = sum(nodes for _, nodes in plan) * minutes / 60
     queue = settings["queue"]
-    text = (
-        f"PBS plan: {pending_jobs} rank job(s) -> {len(plan)} submission(s) to queue "
-        f"{queue!r} ({shapes}), walltime {format_walltime(minutes)} each, "
-        f"at most {node_hours:.2f} node-hours"
+    shapes = Counter(plan)
+    node_hours = (
+        sum(
+            count * nodes * submission_minutes(settings, ranks, nodes)
+            for (ranks, nodes), count in shapes.items()
+        )
+        / 60
     )
+    if settings["warm_engines"]:
+        per_node = jobs_per_node(settings)
+        parts = []
+        for (ranks, nodes), count in sorted(shapes.items(), reverse=True):
+            engines = nodes * per_node
+            minutes = submission_minutes(settings, ranks, nodes)
+            parts.append(
+                f"{count} x ({nodes} node(s), {engines} engines, {ranks} ranks, "
+                f"{math.ceil(ranks / engines)} per engine, walltime {format_walltime(minutes)})"
+            )
+        text = (
+            f"PBS plan: {pending_jobs} rank job(s) -> {len(plan)} submission(s) to queue "
+            f"{queue!r} with warm engines: {', '.join(parts)}; at most {node_hours:.2f} "
+            "node-hours"
+        )
+    else:
+        minutes = walltime_minutes(settings["runtime_minutes"], settings)
+        nodes_shapes = ", ".join(
+            f"{count} x {nodes} node(s)"
+            for nodes, count in sorted(Counter(n for _, n in plan).items(), reverse=True)
+        )
+        text = (
+            f"PBS plan: {pending_jobs} rank job(s) -> {len(plan)} submission(s) to queue "
+            f"{queue!r} ({nodes_shapes}), walltime {format_walltime(minutes)} each, "
+            f"at most {node_hours:.2f} node-hours"
+        )
     limits = AURORA_QUEUES.get(queue)
     at_once = [n for n in (jobs, limits.max_running if limits else None) if n]
     if at_once and len(plan) > min(at_once):
         text += f"; {min(at_once)} in the system or running at once, the rest wait"
-    idle = sum(nodes * jobs_per_node(settings) - count for count, nodes in plan)
-    if idle:
-        text += f"; {idle} tile(s) idle (the last submission is not full)"
+    if not settings["warm_engines"]:
+        idle = sum(nodes * jobs_per_node(settings) - count for count, nodes in plan)
+        if idle:
+            text += f"; {idle} tile(s) idle (the last submission is not full)"
     return text
 
 
@@ -269,6 +332,7 @@ def export_settings(
     *,
     model: str = "",
     marker: str = "",
+    engines: Mapping | None = None,
 ) -> dict:
     """Put the settings as JSON into ``environ`` for the profile's commands.
 
@@ -276,7 +340,7 @@ def export_settings(
     use, also validate them, so a setting the scheduler would refuse fails the dry
     run with a `PbsConfigError` that names the config key.
     """
-    settings = settings_from_config(config, model=model, marker=marker)
+    settings = settings_from_config(config, model=model, marker=marker, engines=engines)
     if workflow is not None:
         info = run_info(workflow)
         if profile_in_use(info.configfiles):

@@ -36,12 +36,20 @@ def _process_start(pid: int) -> str:
 
 
 def settings_from_config(
-    config: Mapping, *, model: str = "", marker: str = "", owner_pid: int | None = None
+    config: Mapping,
+    *,
+    model: str = "",
+    marker: str = "",
+    owner_pid: int | None = None,
+    engines: Mapping | None = None,
 ) -> dict:
     """The provider's settings from the merged workflow config.
 
     ``model`` is the checked model (a local folder or a hub id), ``marker`` rule
     fetch_model's output that names the folder the engines load ("" for none).
+
+    ``engines``: with config warm_engines, what each submission's engines need
+    (pipeline.engine_spec; scripts/serve.py reads it).
 
     ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
     run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).
@@ -60,6 +68,14 @@ def settings_from_config(
         "tiles_per_node": tiles["per_node"],
         "tiles_per_job": tiles["per_job"],
         "runtime_minutes": config["runtime_minutes"],
+        # Warm engines: one per tile for the whole submission, serving ranks_per_engine
+        # ranks each; the walltime is their start plus the ranks.
+        "warm_engines": bool(config["warm_engines"]),
+        "ranks_per_engine": config["warm"]["ranks_per_engine"],
+        "ranks_in_flight": config["warm"]["ranks_in_flight"],
+        "start_minutes": config["warm"]["start_minutes"],
+        "rank_minutes": config["warm"]["rank_minutes"],
+        "engines": dict(engines or {}),
         "state_dir": os.path.abspath(STATE_DIR),
         "log_dir": os.path.abspath(LOG_DIR),
         # Node-local staging of the model (scripts/stage_model.py, one call per submission).

@@ -13,14 +13,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .plan import AURORA_QUEUES, check_settings, format_walltime, jobs_per_node, walltime_minutes
-from .plan import queue_nodes as _queue_nodes
+from .plan import (
+    AURORA_QUEUES,
+    check_settings,
+    format_walltime,
+    jobs_per_node,
+    queue_nodes,
+    ranks_per_job_slot,
+    submission_minutes,
+)
 from .settings import run_id
 from .status import QUERY_TIMEOUT, StateStore, new_job_record
 
 # The line of profiles/aurora/jobscript.sh that pbs-submit replaces by config pbs.setup.
 SETUP_MARKER = "# @site-setup@"
 STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "stage_model.py"
+SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "serve.py"
+# The submission's engines, for the ranks (scripts/serve.py SPEC_VARIABLE).
+ENGINES_VARIABLE = "AURORA_ENGINES"
 
 
 class SubmitError(RuntimeError):
@@ -35,8 +45,9 @@ def read_properties(jobscript_text: str) -> dict:
     raise SubmitError("the jobscript has no '# properties = ' line (profiles/aurora/jobscript.sh)")
 
 
-def job_ranks(properties: Mapping) -> list[int]:
-    """Ranks of the ``<rank>.out`` outputs, else of the ``<rank>.in`` inputs.
+def job_ranks(properties: Mapping, jobscript_text: str = "") -> list[int]:
+    """Ranks of the ``<rank>.out`` outputs, else of the ``<rank>.in`` inputs, else of
+    the jobs the script's Snakemake targets (``--target-jobs 'infer:rank=7' ...``).
 
     Snakemake leaves a list out of the properties beyond 100 files (96 outputs for
     48 ranks); with more than 100 ranks per submission both are missing.
@@ -47,7 +58,7 @@ def job_ranks(properties: Mapping) -> list[int]:
         ranks = sorted({int(m.group(1)) for m in found if m})
         if ranks:
             return ranks
-    return []
+    return sorted({int(r) for r in re.findall(r"'infer:rank=(\d+)'", jobscript_text)})
 
 
 @dataclass(frozen=True)
@@ -76,7 +87,7 @@ def job_name(ranks: Sequence[int], fallback: str) -> str:
     return name[:15]
 
 
-def plan_submission(properties: Mapping, settings: Mapping) -> Plan:
+def plan_submission(properties: Mapping, settings: Mapping, jobscript_text: str = "") -> Plan:
     """Nodes, walltime and name of one submission from Snakemake's job properties.
 
     The members running at once come from the summed ``tiles`` resource: Snakemake
@@ -92,17 +103,19 @@ def plan_submission(properties: Mapping, settings: Mapping) -> Plan:
             "submits only rules that declare resources: tiles=..."
         )
     jobs = math.ceil(tiles / per_job)
-    nodes = math.ceil(jobs / jobs_per_node(settings))
+    per_slot = ranks_per_job_slot(settings)
+    nodes = math.ceil(jobs / (jobs_per_node(settings) * per_slot))
     limit = settings["nodes_per_submission"]
     if nodes > limit:
         raise SubmitError(
             f"this submission would need {nodes} nodes ({jobs} jobs of {per_job} tile(s), "
-            f"{jobs_per_node(settings)} per node) but pbs.nodes_per_submission is {limit}: "
-            "profile key group-components packs more jobs than fit"
+            f"{jobs_per_node(settings)} per node, {per_slot} per tile slot) but "
+            f"pbs.nodes_per_submission is {limit}: profile key group-components packs "
+            "more jobs than fit"
         )
+    nodes = queue_nodes(nodes, settings)
     runtime = resources.get("runtime", settings["runtime_minutes"])
-    minutes = walltime_minutes(runtime, settings)
-    nodes = _queue_nodes(nodes, settings)
+    minutes = submission_minutes(settings, jobs, nodes, runtime)
     queue = settings["queue"]
     queue_limits = AURORA_QUEUES.get(queue)
     if queue_limits is not None and minutes > queue_limits.max_minutes:
@@ -112,27 +125,68 @@ def plan_submission(properties: Mapping, settings: Mapping) -> Plan:
             "runs this submission's jobs in waves; raise profile key cores"
         )
     walltime = format_walltime(minutes)
-    ranks = tuple(job_ranks(properties))
+    ranks = tuple(job_ranks(properties, jobscript_text))
     name = job_name(ranks, str(properties.get("jobid", "")))
     return Plan(name=name, jobs=jobs, nodes=nodes, walltime=walltime, ranks=ranks)
 
 
-def stage_lines(settings: Mapping, stage_file: Path) -> list[str]:
-    """Jobscript lines that copy the model to every node first and remove the copies
-    when the job script ends. Only paths the provider made reach the shell."""
-    command = [settings["task_python"], str(STAGE_SCRIPT)]
-    copy = shlex.join([*command, "copy", str(stage_file)])
-    remove = shlex.join([*command, "remove", str(stage_file)])
-    return [
-        "# the model, once per node, to node-local space (config weights.stage)",
-        f"trap {shlex.quote(remove)} EXIT",
-        f"{copy} || exit 1",
-    ]
+def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | None) -> list[str]:
+    """Jobscript lines after the site setup: copy the model to every node first
+    (config weights.stage), start the warm engines with one launcher call (config
+    warm_engines), and undo both when the job script ends. Only paths the provider
+    made reach the shell, quoted."""
+    python = settings["task_python"]
+    lines, cleanup = [], []
+    if engines_file is not None:
+        serve = [python, str(SERVE_SCRIPT)]
+        cleanup.append(shlex.join([*serve, "stop", str(engines_file)]))
+    if stage_file is not None:
+        stage = [python, str(STAGE_SCRIPT)]
+        cleanup.append(shlex.join([*stage, "remove", str(stage_file)]))
+    if cleanup:
+        lines.append(f"trap {shlex.quote('; '.join(cleanup))} EXIT")
+    if stage_file is not None:
+        lines += [
+            "# the model, once per node, to node-local space (config weights.stage)",
+            f"{shlex.join([*stage, 'copy', str(stage_file)])} || exit 1",
+        ]
+    if engines_file is not None:
+        lines += [
+            "# warm engines (config warm_engines): ONE launcher call starts them on every",
+            "# node; the ranks below are threads of one Snakemake that stream through them",
+            f"{shlex.join([*serve, 'launch', str(engines_file)])} &",
+            f"export {ENGINES_VARIABLE}={shlex.quote(str(engines_file))}",
+        ]
+    return lines
+
+
+def threaded_exec_job(jobscript_text: str, cores: int) -> str:
+    """The group job's Snakemake with its rank jobs as threads of itself (no Snakemake,
+    interpreter or launcher per rank), ``cores`` of them at once, greedy scheduling
+    (thousands of jobs), and the ranks after a failed one still run (--keep-going).
+    Later options win, so they go right before ``--mode``."""
+    extra = f" --force-use-threads --keep-going --cores {int(cores)} --scheduler greedy"
+    text, count = re.subn(r" --mode(?=[ '])", extra + " --mode", jobscript_text, count=1)
+    if count != 1:
+        raise SubmitError("the jobscript's Snakemake command has no --mode option")
+    return text
+
+
+def write_engines_file(settings: Mapping, path: Path) -> None:
+    """What scripts/serve.py needs: the engines' settings and the model folder."""
+    spec = dict(settings["engines"])
+    spec |= {
+        "model": model_path(settings) if spec.get("engine") != "echo" else "",
+        "stage": bool(settings.get("stage")),
+        "stage_dir": settings["stage_dir"],
+        "python": settings["task_python"],
+    }
+    path.write_text(json.dumps(spec))
 
 
 def insert_setup(jobscript_text: str, setup_lines: Sequence[str], after: Sequence[str] = ()) -> str:
     """Replace the marker line by the site setup (a failing setup line ends the job),
-    followed by ``after`` (e.g. `stage_lines`)."""
+    followed by ``after`` (e.g. `job_lines`)."""
     lines = jobscript_text.splitlines()
     try:
         at = lines.index(SETUP_MARKER)
@@ -215,15 +269,20 @@ def submit(jobscript: str, settings: Mapping, *, run=subprocess.run, now=time.ti
     """
     check_settings(settings)
     text = Path(jobscript).read_text()
-    plan = plan_submission(read_properties(text), settings)
+    plan = plan_submission(read_properties(text), settings, text)
     log_dir = Path(settings["log_dir"])
     log_dir.mkdir(parents=True, exist_ok=True)
     script = log_dir / f"{plan.name}.sh"
-    after = []
+    stage_file = engines_file = None
     if settings.get("stage") and settings.get("model"):
         stage_file = log_dir / f"{plan.name}.stage.json"
         write_stage_file(settings, stage_file)
-        after = stage_lines(settings, stage_file)
+    if settings.get("warm_engines"):
+        engines_file = log_dir / f"{plan.name}.engines.json"
+        write_engines_file(settings, engines_file)
+        engines = plan.nodes * jobs_per_node(settings)
+        text = threaded_exec_job(text, engines * settings["ranks_in_flight"])
+    after = job_lines(settings, stage_file, engines_file)
     script.write_text(insert_setup(text, settings["setup"], after))
     script.chmod(0o755)
     # Absolute paths: PBS starts the job in $HOME.

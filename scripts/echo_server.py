@@ -1,0 +1,230 @@
+"""A stand-in for vLLM's OpenAI-compatible server: no model, no vLLM, each prompt echoed.
+
+Config `engine: echo` runs warm engines at full width (the 48 or 3,072 engines of a
+PBS submission) to check placement and plumbing, where vLLM itself would take minutes
+and a tile per engine. This server answers the part of the API that engines.py's
+client uses, as infer.py's `run_echo` answers in-process: the generated text is the
+prompt itself.
+
+    GET  /health           200, empty body
+    POST /tokenize         one token per whitespace-separated word (+ BOS 2)
+    POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
+    GET  /metrics          vllm:num_requests_running, vllm:request_success_total
+
+A prompt of more than --max-model-len words is refused with HTTP 400 in vLLM's error
+shape. As in vLLM, every prompt of a request counts as one request in /metrics.
+Unknown arguments (vLLM's --dtype, --tensor-parallel-size, ...) are ignored, so the
+server takes the same argv as vLLM's. --delay (default: the environment variable
+ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time.
+
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+VOCAB_SIZE = 50000
+BOS = 2  # OPT's
+
+
+class BadRequest(ValueError):
+    """A request the server refuses with HTTP 400."""
+
+
+def word_ids(text: str) -> list[int]:
+    """One stable id per whitespace-separated word."""
+    return [zlib.crc32(word.encode()) % VOCAB_SIZE for word in text.split()]
+
+
+def prompts_of(body: object) -> list[str | list[int]]:
+    """The request's prompts: one string, a list of strings, or lists of token ids."""
+    if not isinstance(body, dict) or "prompt" not in body:
+        raise BadRequest("the request has no prompt")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, str) for p in prompt):
+            return list(prompt)
+        if all(isinstance(p, list) and all(type(i) is int for i in p) for p in prompt):
+            return [list(p) for p in prompt]
+        if all(type(i) is int for i in prompt):  # one prompt of token ids
+            return [list(prompt)]
+    raise BadRequest("prompt must be a string, a list of strings or lists of token ids")
+
+
+def length(prompt: str | list[int]) -> int:
+    return len(prompt) if isinstance(prompt, list) else len(prompt.split())
+
+
+def text_of(prompt: str | list[int]) -> str:
+    return " ".join(map(str, prompt)) if isinstance(prompt, list) else prompt
+
+
+class EchoServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # thousands of ranks may connect at once
+
+    def __init__(self, address, model: str, max_model_len: int, delay: float):
+        super().__init__(address, Handler)
+        self.model = model
+        self.max_model_len = max_model_len
+        self.delay = delay
+        self.lock = threading.Lock()
+        self.running = 0
+        self.succeeded = 0
+
+    def completion(self, body: object) -> dict:
+        prompts = prompts_of(body)
+        for prompt in prompts:
+            if length(prompt) > self.max_model_len:
+                raise BadRequest(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, your request has {length(prompt)} input tokens. "
+                    "Please reduce the length of the input messages."
+                )
+        with self.lock:
+            self.running += len(prompts)
+        try:
+            if self.delay > 0:
+                time.sleep(self.delay)
+            texts = [text_of(p) for p in prompts]
+        finally:
+            with self.lock:
+                self.running -= len(prompts)
+        with self.lock:
+            self.succeeded += len(prompts)
+        prompt_tokens = sum(length(p) for p in prompts)
+        completion_tokens = sum(len(t.split()) for t in texts)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [
+                {"index": i, "text": text, "finish_reason": "length", "logprobs": None}
+                for i, text in enumerate(texts)
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def tokens(self, body: object) -> dict:
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise BadRequest("the request has no prompt string")
+        ids = word_ids(body["prompt"])
+        if body.get("add_special_tokens", True):
+            ids.insert(0, BOS)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def metrics(self) -> str:
+        with self.lock:
+            running, succeeded = self.running, self.succeeded
+        label = f'model_name="{self.model}"'
+        return (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{label}}} {running}\n"
+            "# HELP vllm:request_success_total Count of successfully processed requests.\n"
+            "# TYPE vllm:request_success_total counter\n"
+            f'vllm:request_success_total{{finished_reason="length",{label}}} {succeeded}\n'
+        )
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: EchoServer
+    server_version = "echo_server"
+
+    def log_message(self, *args):  # quiet: thousands of requests
+        pass
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json") -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client went away
+
+    def _json(self, status: int, data: dict) -> None:
+        self._send(status, json.dumps(data).encode())
+
+    def _error(self, status: int, message: str) -> None:
+        kind = "BadRequestError" if status == 400 else "NotFoundError"
+        self._json(status, {"error": {"message": message, "type": kind, "code": status}})
+
+    def do_GET(self):
+        if self.path == "/health":
+            self._send(200, b"")
+        elif self.path == "/metrics":
+            self._send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
+        else:
+            self._error(404, f"no such path: {self.path}")
+
+    def do_POST(self):
+        answer = {"/v1/completions": self.server.completion, "/tokenize": self.server.tokens}
+        if self.path not in answer:
+            self._error(404, f"no such path: {self.path}")
+            return
+        try:
+            size = int(self.headers.get("Content-Length") or 0)
+            body = json.loads(self.rfile.read(size))
+        except ValueError as error:
+            self._error(400, f"the request is not JSON: {error}")
+            return
+        try:
+            self._json(200, answer[self.path](body))
+        except BadRequest as error:
+            self._error(400, str(error))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--model", default="echo", help="the name it answers with")
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    delay = float(os.environ.get("ECHO_SERVER_DELAY_S") or 0)
+    parser.add_argument("--delay", type=float, default=delay, help="seconds per completion")
+    args, _vllm_only = parser.parse_known_args(argv)
+    return args
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    try:
+        server = EchoServer((args.host, args.port), args.model, args.max_model_len, args.delay)
+    except OSError as error:
+        print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: stop.set())
+    serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
+    serving.start()
+    print("Application startup complete.", file=sys.stderr, flush=True)
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
+    server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

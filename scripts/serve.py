@@ -1,0 +1,503 @@
+"""The warm engines of one PBS submission (config warm_engines with profiles/aurora).
+
+pbs-submit writes ``<job>.engines.json`` (the spec) next to the job script and puts
+into that script, after the model is staged:
+
+    python serve.py launch SPEC &     ONE launcher call starts every engine of the job
+    export AURORA_ENGINES=SPEC        the ranks (threads of the job's Snakemake) use them
+    python serve.py stop SPEC         at exit: engines down, the launcher ended
+
+``launch`` reads PBS_NODEFILE and runs config ``engine_launcher`` once, e.g. PALS
+``mpiexec -n {engines} --ppn {engines_per_node} --cpu-bind list:{cpu_lists}`` (one
+process per engine, each taking its tile from its local rank index, as in the seed),
+or ``pbsdsh --`` (one process per node, running all its node's engines). Each such
+process (``node``) finds its node (tiles.this_host) and its share of the node's tile
+slots (local rank i of n takes slots i, i+n, ...), starts one server per slot
+(engines.Engine: vLLM's OpenAI server, or echo_server.py for ``engine: echo``) bound
+to the node's address, restarts one that exits (warm.max_restarts), and reports each
+engine's state in the registry, a folder on the shared file system:
+``<logs/engines>/<job id>/<host>-tile<N>.json`` (and ``.log``). Engines end when
+``stop`` asks, when their process is killed (the lifeline of engines.Engine), or when
+PBS ends the job.
+
+`RegistryPool` is the client side: the Snakemake of the submission routes each rank
+to the least busy ready engine of the registry.
+
+Stdlib only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import engines
+import stage_model
+import tiles
+
+SPEC_VARIABLE = "AURORA_ENGINES"
+ECHO_SERVER = Path(__file__).with_name("echo_server.py")
+LAUNCHER_PLACEHOLDERS = ("nodes", "engines", "engines_per_node", "cpu_lists")
+STOP_FILE = "stop"
+# Seconds between a node process's looks at its engines and at the stop file.
+NODE_POLL_S = 2.0
+# Seconds the client waits between reads of the registry.
+REFRESH_S = 1.0
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def _log(message: str) -> None:
+    print(f"engines: {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def engine_slots(per_node: int, per_job: int, host: str) -> list[tiles.Slot]:
+    """One slot per engine on ``host``: ``per_job`` tiles each."""
+    return [
+        tiles.Slot(host, tuple(range(first, first + per_job)))
+        for first in range(0, per_node - per_job + 1, per_job)
+    ]
+
+
+def engine_port(spec: Mapping, slot: tiles.Slot) -> int:
+    # vLLM takes its internal ports from VLLM_PORT (base + 10 t) upwards.
+    return spec["tiles"]["base_port"] + 1000 + slot.tiles[0]
+
+
+def engine_file(slot: tiles.Slot) -> str:
+    """The engine's name in the registry (``.json`` state, ``.log`` output)."""
+    return f"{_safe(slot.host)}-tile{slot.tiles[0]}"
+
+
+def registry_dir(spec: Mapping, job_id: str) -> Path:
+    return Path(spec["registry_root"]) / _safe(job_id)
+
+
+def job_hosts(environ: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The job id and its hosts (PBS_NODEFILE order), inside a PBS job."""
+    job = environ.get("PBS_JOBID")
+    if not job or not environ.get("PBS_NODEFILE"):
+        raise SystemExit("serve: PBS_JOBID or PBS_NODEFILE is not set (not in a PBS job)")
+    return job, tiles.read_hosts(environ)
+
+
+def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
+    """config engine_launcher with {nodes}, {engines}, {engines_per_node}, {cpu_lists}."""
+    per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
+    per_host = per_node // per_job
+    binds = spec["tiles"]["cpu_bind"]
+    # One CPU list per engine (a TP engine gets the lists of all its tiles).
+    cpu_lists = ":".join(
+        ",".join(binds[t] for t in slot.tiles if t < len(binds))
+        for slot in engine_slots(per_node, per_job, "")
+    )
+    values = {
+        "nodes": str(len(hosts)),
+        "engines": str(per_host * len(hosts)),
+        "engines_per_node": str(per_host),
+        "cpu_lists": cpu_lists,
+    }
+    argv = []
+    for element in spec["launcher"]:
+        for name, value in values.items():
+            element = element.replace("{" + name + "}", value)
+        argv.append(element)
+    return argv
+
+
+# ----------------------------------------------------------------------------- engines
+
+
+def engine_model(spec: Mapping, job_id: str, host: str) -> str:
+    """The node's staged copy (config weights.stage), else the shared folder."""
+    if spec["stage"]:
+        return str(stage_model.staged_path(spec["stage_dir"], job_id, host, spec["model"]))
+    return spec["model"]
+
+
+def make_engine(
+    spec: Mapping, slot: tiles.Slot, job_id: str, registry: Path, environ=os.environ
+) -> engines.Engine:
+    """The server of one slot, bound to its node's address (the submission's Snakemake
+    runs on another node)."""
+    placement = spec["tiles"]
+    hierarchy = tiles.resolve_hierarchy(placement["hierarchy"], environ)
+    tmp_root = tiles.default_tmp_root(environ) / _safe(slot.host)
+    env = tiles.engine_env(slot, hierarchy, placement["base_port"], tmp_root)
+    port = engine_port(spec, slot)
+    settings = spec["vllm"]
+    if spec["engine"] == "echo":
+        argv = [spec["python"], str(ECHO_SERVER), "--host", slot.host, "--port", str(port)]
+    else:
+        argv = engines.server_argv(
+            spec["python"],
+            engine_model(spec, job_id, slot.host),
+            port,
+            settings,
+            len(slot.tiles),
+            host=slot.host,
+        )
+    base = {**environ, **spec["env"]}
+    env = engines.engine_environment(env, settings, base)
+    # Clients on other nodes, and vLLM's own requests, must not go through the proxy.
+    for name in ("no_proxy", "NO_PROXY"):
+        env[name] = ",".join(dict.fromkeys([*env[name].split(","), slot.host]))
+    return engines.Engine(
+        argv,
+        env,
+        registry / f"{engine_file(slot)}.log",
+        port,
+        host=slot.host,
+        name=f"{slot.host}/tile{tiles.tile_ids(slot.tiles)}",
+        max_restarts=spec["max_restarts"],
+    )
+
+
+def write_state(path: Path, engine: engines.Engine, state: str, **extra) -> None:
+    """One engine's registry entry, replaced atomically."""
+    record = {
+        "name": engine.name,
+        "url": engine.url,
+        "log": str(engine.log_path),
+        "state": state,
+        "restarts": engine.restarts,
+        "time": time.time(),
+        "env": {k: engine.env.get(k, "") for k in ("ZE_AFFINITY_MASK", "TILE_HOST", "TILE_IDS")},
+        **extra,
+    }
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
+
+
+@dataclass
+class _Supervised:
+    engine: engines.Engine
+    path: Path
+    state: str = "starting"
+    busy: bool = False  # a thread is starting it
+
+
+def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) -> int:
+    """The engines of this launcher process: start, report, restart, stop."""
+    spec = json.loads(Path(spec_path).read_text())
+    registry = registry_dir(spec, job_id)
+    host = tiles.this_host(hosts, environ)
+    index, count = tiles.local_rank(environ)
+    placement = spec["tiles"]
+    slots = engine_slots(placement["per_node"], placement["per_job"], host)[index::count]
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda *_: stopping.set())
+    members = [
+        _Supervised(
+            make_engine(spec, slot, job_id, registry, environ),
+            registry / f"{engine_file(slot)}.json",
+        )
+        for slot in slots
+    ]
+    _log(f"{host}: local rank {index} of {count}: {len(members)} engine(s)")
+    lock = threading.Lock()
+
+    def bring_up(member: _Supervised, restart: bool) -> None:
+        engine = member.engine
+        try:
+            if restart:
+                write_state(member.path, engine, "restarting")
+                seconds = engine.restart(spec["ready_timeout_s"])
+            else:
+                engine.start()
+                seconds = engine.wait_ready(spec["ready_timeout_s"])
+            state, extra = "ready", {"ready_s": round(seconds, 3)}
+        except engines.EngineError as error:
+            engine.stop()
+            state, extra = "failed", {"error": str(error)[:2000]}
+            _log(f"{engine.name}: {error}")
+        with lock:
+            if not stopping.is_set():
+                member.state = state
+                write_state(member.path, engine, state, **extra)
+            member.busy = False
+
+    def launch(member: _Supervised, restart: bool) -> None:
+        member.busy = True
+        threading.Thread(target=bring_up, args=(member, restart), daemon=True).start()
+
+    for member in members:
+        write_state(member.path, member.engine, "starting")
+        launch(member, restart=False)
+    stop_file = registry / STOP_FILE
+    while not stopping.wait(NODE_POLL_S):
+        if stop_file.exists():
+            break
+        with lock:
+            for member in members:
+                if member.state == "ready" and not member.busy and not member.engine.alive():
+                    if member.engine.restarts >= member.engine.max_restarts:
+                        member.state = "failed"
+                        write_state(member.path, member.engine, "failed", error="exited")
+                    else:
+                        _log(f"{member.engine.name} exited; restarting it")
+                        launch(member, restart=True)
+    stopping.set()
+    for member in members:
+        member.engine.stop()
+        write_state(member.path, member.engine, "stopped")
+    _log(f"{host}: engines stopped")
+    return 0
+
+
+# ----------------------------------------------------------------------------- job script
+
+
+def launch(spec_path: str, environ=os.environ) -> int:
+    """The one launcher call of the submission; runs until the engines end."""
+    spec = json.loads(Path(spec_path).read_text())
+    job_id, hosts = job_hosts(environ)
+    registry = registry_dir(spec, job_id)
+    registry.mkdir(parents=True, exist_ok=True)
+    (registry / STOP_FILE).unlink(missing_ok=True)
+    argv = launcher_argv(spec, hosts) + [
+        spec["python"],
+        os.path.abspath(__file__),
+        "node",
+        os.path.abspath(spec_path),
+        job_id,
+        ",".join(hosts),
+    ]
+    per_host = spec["tiles"]["per_node"] // spec["tiles"]["per_job"]
+    _log(
+        f"launcher call for {per_host * len(hosts)} engine(s) on {len(hosts)} node(s): "
+        f"{json.dumps(argv)}"
+    )
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    (registry / "launcher.pid").write_text(f"{os.getpid()}\n")
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = process.wait()
+    _log(f"launcher exited with status {code}")
+    return code
+
+
+def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
+    """Ask every engine of the job to stop; wait for them (at most ``grace`` s), then
+    end the launcher."""
+    spec = json.loads(Path(spec_path).read_text())
+    job_id = environ.get("PBS_JOBID", "")
+    registry = registry_dir(spec, job_id)
+    if not registry.is_dir():
+        return 0
+    (registry / STOP_FILE).write_text("stop\n")
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        states = [entry.get("state") for entry in read_registry(registry).values()]
+        if all(state in ("stopped", "failed") for state in states):
+            break
+        time.sleep(0.5)
+    pid_file = registry / "launcher.pid"
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    left = [
+        entry.get("name", name)
+        for name, entry in read_registry(registry).items()
+        if entry.get("state") not in ("stopped", "failed")
+    ]
+    _log(f"stopped the engines of job {job_id}" + (f"; not confirmed: {left}" if left else ""))
+    return 0
+
+
+def read_registry(registry: Path) -> dict[str, dict]:
+    """Registry file name (without .json) -> its entry; unreadable entries are skipped
+    (being replaced right now: the next read gets them)."""
+    found = {}
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(registry):
+            if entry.name.endswith(".json") and not entry.name.startswith("."):
+                with contextlib.suppress(OSError, ValueError):
+                    found[entry.name[:-5]] = json.loads(Path(entry.path).read_text())
+    return found
+
+
+# ----------------------------------------------------------------------------- client
+
+
+@dataclass(frozen=True)
+class RemoteEngine:
+    """What a rank needs of an engine on another node (as engines.Engine offers it)."""
+
+    name: str
+    url: str
+    log_path: str
+    env: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class _Remote:
+    file: str
+    engine: RemoteEngine | None = None
+    state: str = "starting"  # starting, ready, suspect, restarting, failed, stopped
+    in_flight: int = 0
+    suspect_since: float = 0.0
+
+
+class RegistryPool:
+    """The engines of this PBS job, as the registry reports them; the interface of
+    engines.EnginePool that infer.serve_rank uses (`route`, `mark_failed`).
+
+    Ranks wait while no engine is ready; a rank fails, naming engine logs, when none
+    became ready within ``ready_timeout`` seconds of the pool's creation, or when all
+    have failed. An engine a rank found unavailable is left out until its node
+    process reports it restarted, or it answers /health again.
+    """
+
+    def __init__(
+        self,
+        registry: Path,
+        expected: Sequence[str],
+        max_in_flight: int,
+        ready_timeout: float,
+        clock=time.monotonic,
+    ):
+        self.registry = Path(registry)
+        self.members = {name: _Remote(name) for name in expected}
+        self.max_in_flight = max_in_flight
+        self.ready_timeout = ready_timeout
+        self.clock = clock
+        self.created = clock()
+        self._cond = threading.Condition()
+        self._read_at = -1.0
+        self._mtimes: dict[str, float] = {}
+
+    @classmethod
+    def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
+        job_id, hosts = job_hosts(environ)
+        per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
+        expected = [
+            engine_file(slot) for host in hosts for slot in engine_slots(per_node, per_job, host)
+        ]
+        return cls(
+            registry_dir(spec, job_id), expected, spec["ranks_in_flight"], spec["ready_timeout_s"]
+        )
+
+    def _refresh(self) -> None:
+        """Read the registry entries that changed (at most every REFRESH_S); with the
+        condition held."""
+        now = self.clock()
+        if now - self._read_at < REFRESH_S:
+            return
+        self._read_at = now
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.registry):
+                name = entry.name[:-5]
+                member = self.members.get(name)
+                if member is None or not entry.name.endswith(".json"):
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    mtime = entry.stat().st_mtime
+                    if self._mtimes.get(name) == mtime:
+                        continue
+                    record = json.loads(Path(entry.path).read_text())
+                    self._mtimes[name] = mtime
+                    self._update(member, record)
+        for member in self.members.values():
+            if member.state == "suspect" and engines.health(member.engine.url, timeout=1.0):
+                member.state = "ready"
+
+    def _update(self, member: _Remote, record: Mapping) -> None:
+        member.engine = RemoteEngine(
+            record["name"], record["url"], record["log"], dict(record.get("env") or {})
+        )
+        state = record["state"]
+        if member.state == "suspect" and state == "ready" and record["time"] < member.suspect_since:
+            return  # the report predates the failure: wait for the restart's report
+        member.state = state
+
+    def _failure(self, what: str) -> str:
+        logs = [
+            m.engine.log_path if m.engine else str(self.registry / f"{m.file}.log")
+            for m in self.members.values()
+            if m.state != "ready"
+        ]
+        return f"{what}; engine logs: {', '.join(logs[:3])}" + (
+            f" and {len(logs) - 3} more in {self.registry}" if len(logs) > 3 else ""
+        )
+
+    def _pick(self) -> _Remote | None:
+        self._refresh()
+        ready = [m for m in self.members.values() if m.state == "ready"]
+        if not ready:
+            if all(m.state in ("failed", "stopped") for m in self.members.values()):
+                raise engines.EngineUnavailable(self._failure("every engine of this job failed"))
+            if self.clock() - self.created > self.ready_timeout:
+                raise engines.EngineUnavailable(
+                    self._failure(
+                        f"no engine of this job was ready within {self.ready_timeout:.0f} s "
+                        "(config warm.ready_timeout_s)"
+                    )
+                )
+        free = [m for m in ready if m.in_flight < self.max_in_flight]
+        return min(free, key=lambda m: m.in_flight) if free else None
+
+    @contextlib.contextmanager
+    def route(self, timeout: float | None = None) -> Iterator[RemoteEngine]:
+        """Hold one request slot of the least busy ready engine (waits while none is free)."""
+        deadline = None if timeout is None else self.clock() + timeout
+        with self._cond:
+            while (member := self._pick()) is None:
+                left = REFRESH_S if deadline is None else min(REFRESH_S, deadline - self.clock())
+                if left <= 0:
+                    raise engines.EngineUnavailable(f"no engine free within {timeout} s")
+                self._cond.wait(left)
+            member.in_flight += 1
+        try:
+            yield member.engine
+        finally:
+            with self._cond:
+                member.in_flight -= 1
+                self._cond.notify()
+
+    def mark_failed(self, engine: RemoteEngine) -> None:
+        with self._cond:
+            for member in self.members.values():
+                same = member.engine is not None and member.engine.name == engine.name
+                if same and member.state == "ready":
+                    member.state = "suspect"
+                    member.suspect_since = time.time()
+
+
+# ----------------------------------------------------------------------------- main
+
+USAGE = """usage: serve.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,HOST,..."""
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) == 2 and argv[0] in ("launch", "stop"):
+        return (launch if argv[0] == "launch" else stop)(argv[1])
+    if len(argv) == 4 and argv[0] == "node":
+        return node(argv[1], argv[2], argv[3].split(","))
+    print(USAGE, file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,188 @@
+"""scripts/serve.py without a scheduler: the launcher call, which engines a launcher
+process runs, their command and environment, and the ranks' pool over the registry.
+The whole path runs on OpenPBS in tests/test_aurora_profile.py (warm tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import engines
+import pipeline
+import pytest
+import serve
+import tiles
+import workflow as wf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def aurora_config(**changes) -> dict:
+    config = {}
+    for path in (REPO / "config" / "config.yaml", REPO / "profiles" / "aurora" / "aurora.yaml"):
+        config = wf.deep_merge(config, wf.yaml.safe_load(path.read_text()))
+    return wf.deep_merge(config, changes)
+
+
+def spec(**changes) -> dict:
+    result = pipeline.engine_spec(aurora_config(**changes))
+    return result | {"model": "/flare/p/models/opt-125m", "stage": False, "stage_dir": "/tmp"}
+    # python: as pbs-submit sets it
+
+
+def test_one_mpiexec_for_all_engines_of_the_submission():
+    hosts = [f"x{i}.hostmgmt" for i in range(4)]
+    argv = serve.launcher_argv(spec(), hosts)
+    lists = "1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100"
+    assert argv == [
+        "mpiexec", "-n", "48", "--ppn", "12", "--cpu-bind", f"list:{lists}", "--no-vni",
+    ]  # fmt: skip
+
+
+def test_two_tile_engines_get_both_tiles_cpus():
+    argv = serve.launcher_argv(spec(tiles={"per_job": 2}), ["x0", "x1"])
+    assert argv[:5] == ["mpiexec", "-n", "12", "--ppn", "6"]
+    assert argv[6].startswith("list:1-8,9-16:17-24,25-32:")
+
+
+@pytest.mark.parametrize(
+    ("environ", "tiles_run"),
+    [
+        ({"PALS_LOCAL_RANKID": "5", "PALS_LOCAL_SIZE": "12"}, [(5,)]),  # mpiexec --ppn 12
+        ({"PALS_LOCAL_RANKID": "1", "PALS_LOCAL_SIZE": "2"}, [(1,), (3,), (5,), (7,), (9,), (11,)]),
+        ({}, [(t,) for t in range(12)]),  # pbsdsh: one process per node runs them all
+    ],
+)
+def test_a_launcher_process_takes_its_share_of_the_node(environ, tiles_run):
+    index, count = tiles.local_rank(environ)
+    slots = serve.engine_slots(12, 1, "x0")[index::count]
+    assert [slot.tiles for slot in slots] == tiles_run
+
+
+def test_engine_command_and_environment_on_aurora(tmp_path):
+    job = "8101204.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
+    environ = {
+        "PATH": "/usr/bin",
+        # PBS's own TMPDIR: too long for vLLM's socket paths under it
+        "TMPDIR": f"/var/tmp/pbs.{job}",
+        "no_proxy": "localhost",
+    }
+    the_spec = spec(tiles={"per_job": 2}) | {"python": "python3"}
+    slot = tiles.Slot("x4102c5s2b0n0.hostmgmt2102", (2, 3))
+    engine = serve.make_engine(the_spec, slot, job, tmp_path, environ)
+    argv = engine.argv
+    assert argv[argv.index("--host") + 1] == slot.host  # reachable from the head node
+    assert argv[argv.index("--port") + 1] == str(29500 + 1000 + 2)
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert "--enforce-eager" in argv and "--disable-custom-all-reduce" in argv
+    env = engine.env
+    assert env["ZE_AFFINITY_MASK"] == "2,3"
+    assert env["CCL_PROCESS_LAUNCHER"] == "None"
+    assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
+    assert env["TORCH_COMPILE_DISABLE"] == "1"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert slot.host in env["no_proxy"].split(",") and "127.0.0.1" in env["no_proxy"]
+    # sun_path: vLLM's socket name (1 + 36 characters) must fit under 107
+    assert len(env["VLLM_RPC_BASE_PATH"]) + 37 <= 107
+    assert env["TMPDIR"] == env["VLLM_RPC_BASE_PATH"]
+    assert engine.log_path == tmp_path / "x4102c5s2b0n0.hostmgmt2102-tile2.log"
+
+
+def test_staged_model_per_node():
+    the_spec = spec() | {"stage": True, "stage_dir": "/tmp", "python": "python3"}
+    slot = tiles.Slot("x1", (0,))
+    engine = serve.make_engine(the_spec, slot, "12.pbs", Path("/r"), {"PATH": "/usr/bin"})
+    assert engine.argv[engine.argv.index("--model") + 1] == "/tmp/model-12.pbs/x1/opt-125m"
+
+
+def test_echo_engines_are_the_light_server():
+    the_spec = spec(engine="echo") | {"python": "python3"}
+    engine = serve.make_engine(the_spec, tiles.Slot("x1", (4,)), "1", Path("/r"), {})
+    assert engine.argv[:2] == ["python3", str(REPO / "scripts" / "echo_server.py")]
+
+
+# ------------------------------------------------------------------ the ranks' pool
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def report(registry: Path, name: str, state: str, when: float | None = None) -> None:
+    entry = {
+        "name": name.replace("-tile", "/tile"),
+        "url": "http://127.0.0.1:9",  # nothing listens: health checks fail
+        "log": str(registry / f"{name}.log"),
+        "state": state,
+        "restarts": 0,
+        "time": time.time() if when is None else when,
+        "env": {"TILE_HOST": name.split("-")[0]},
+    }
+    (registry / f"{name}.json").write_text(json.dumps(entry))
+    stamp = time.time() + len(state) * 0.001  # a new mtime for each report
+    os.utime(registry / f"{name}.json", (stamp, stamp))
+
+
+@pytest.fixture
+def pool(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "REFRESH_S", 0.0)
+    clock = Clock()
+    return serve.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
+
+
+def test_ranks_go_to_the_least_busy_ready_engine(pool, tmp_path):
+    pool, _ = pool
+    report(tmp_path, "a-tile0", "ready")
+    report(tmp_path, "b-tile0", "starting")
+    with pool.route() as first, pool.route() as second:
+        assert first.name == second.name == "a/tile0"  # the only one ready
+        # a's 2 slots are taken, b is not up
+        with pytest.raises(engines.EngineUnavailable, match="no engine free"), pool.route(0.05):
+            pass
+        report(tmp_path, "b-tile0", "ready")
+        with pool.route() as third:
+            assert third.name == "b/tile0"
+            assert third.env["TILE_HOST"] == "b"
+
+
+def test_no_engine_ready_in_time_names_the_logs(pool, tmp_path):
+    pool, clock = pool
+    report(tmp_path, "a-tile0", "starting")
+    clock.now = 101
+    with pytest.raises(engines.EngineUnavailable) as error, pool.route():
+        pass
+    message = str(error.value)
+    assert "within 100 s (config warm.ready_timeout_s)" in message
+    assert str(tmp_path / "a-tile0.log") in message and str(tmp_path / "b-tile0.log") in message
+
+
+def test_all_failed_fails_at_once(pool, tmp_path):
+    pool, _ = pool
+    report(tmp_path, "a-tile0", "failed")
+    report(tmp_path, "b-tile0", "failed")
+    failed = "every engine of this job failed"
+    with pytest.raises(engines.EngineUnavailable, match=failed), pool.route():
+        pass
+
+
+def test_a_failed_engine_is_left_out_until_its_restart_is_reported(pool, tmp_path):
+    pool, _ = pool
+    report(tmp_path, "a-tile0", "ready", when=time.time() - 10)
+    report(tmp_path, "b-tile0", "ready", when=time.time() - 10)
+    with pool.route() as engine:
+        victim = engine.name
+    pool.mark_failed(engine)
+    for _ in range(3):
+        with pool.route() as engine:
+            assert engine.name != victim
+    file = victim.replace("/", "-")
+    report(tmp_path, file, "restarting")
+    report(tmp_path, file, "ready")  # the node process restarted it
+    with pool.route(), pool.route() as engine, pool.route() as third:
+        assert victim in (engine.name, third.name)
