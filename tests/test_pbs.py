@@ -1042,3 +1042,92 @@ def test_run_id_names_one_process_even_if_its_pid_is_reused():
     assert pbs.settings.owner_alive(conf)
     conf["owner"] = conf["owner"] | {"start": "1"}  # same pid, another start time
     assert not pbs.settings.owner_alive(conf)
+
+
+# ------------------------------------------------------ warm engines in submissions
+
+
+def warm(tmp_path: Path | None = None, **changes) -> dict:
+    """The Aurora profile's settings: warm engines, 10 ranks per engine."""
+    return settings(tmp_path, warm_engines=True, **changes)
+
+
+@pytest.mark.parametrize(
+    ("pending", "changes", "text"),
+    [
+        (480, {}, "480 rank job(s) -> 1 submission(s) to queue 'capacity' with warm "
+                  "engines: 1 x (4 node(s), 48 engines, 480 ranks, 10 per engine, walltime "
+                  "00:35:00); at most 2.33 node-hours"),
+        (1000, {}, "1000 rank job(s) -> 3 submission(s) to queue 'capacity' with warm "
+                   "engines: 2 x (4 node(s), 48 engines, 480 ranks, 10 per engine, walltime "
+                   "00:35:00), 1 x (1 node(s), 12 engines, 40 ranks, 4 per engine, walltime "
+                   "00:29:00); at most 5.15 node-hours; 2 in the system or running at once, "
+                   "the rest wait"),
+        # prod: 256 nodes = 3,072 engines per submission
+        (10000, {"queue": "prod", "nodes_per_submission": 256}, "10000 rank job(s) -> 1 "
+         "submission(s) to queue 'prod' with warm engines: 1 x (256 node(s), 3072 engines, "
+         "10000 ranks, 4 per engine, walltime 00:29:00); at most 123.73 node-hours"),
+    ],
+)  # fmt: skip
+def test_describe_plan_with_warm_engines(pending, changes, text):
+    assert pbs.describe_plan(pending, warm(**changes)) == f"PBS plan: {text}"
+
+
+def test_warm_packing_counts_ranks_per_engine():
+    conf = warm(nodes_per_submission=4)
+    assert pbs.expected_group_size(conf) == 480
+    problems = pbs.group_packing_problems({"node": 48}, conf, cores=2400)
+    assert problems and "x 10 ranks per engine (warm.ranks_per_engine)" in problems[0]
+    assert pbs.group_packing_problems({"node": 480}, conf, cores=2400) == []
+
+
+def test_warm_walltime_beyond_the_queue_names_the_warm_keys():
+    conf = warm(queue="debug", nodes_per_submission=1, ranks_per_engine=60)
+    (problem,) = pbs.settings_problems(conf)
+    assert "warm.start_minutes + warm.ranks_per_engine x warm.rank_minutes" in problem
+
+
+def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    conf = warm(tmp_path, engines={"engine": "echo", "registry_root": str(tmp_path)})
+    conf["setup"] = ["module load frameworks"]
+    targets = " ".join(f"'infer:rank={r}'" for r in range(130))
+    exec_job = f"cd /w && python -m snakemake --target-jobs {targets} --cores 2400 --mode 'remote'"
+    text = jobscript(properties(130, ()), exec_job)
+    script = tmp_path / "snakejob.sh"
+    script.write_text(text)
+    calls = []
+
+    def run(argv, **kwargs):
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, 0, "12.pbs\n", "")
+
+    pbs.submit(str(script), conf, run=run)
+    (argv,) = calls
+    # 130 ranks at 10 per engine: 2 nodes (24 engines), 6 ranks per engine
+    assert argv[argv.index("-l") + 1].startswith("select=2,walltime=00:31:00,")
+    # the name comes from the targets when Snakemake leaves the file lists out
+    assert argv[argv.index("-N") + 1] == "r0-129"
+    submitted = Path(argv[-1]).read_text()
+    lines = submitted.splitlines()
+    launch = next(i for i, line in enumerate(lines) if " launch " in line)
+    assert lines[launch].endswith(f"serve.py launch {tmp_path}/logs/r0-129.engines.json &")
+    assert lines[launch + 1] == f"export AURORA_ENGINES={tmp_path}/logs/r0-129.engines.json"
+    assert (
+        lines.index("module load frameworks")
+        < launch
+        < lines.index(next(line for line in lines if "--mode" in line))
+    )
+    trap = next(line for line in lines if line.startswith("trap ") and "stop" in line)
+    assert "serve.py stop" in trap and trap.endswith(" EXIT")
+    # threads, 24 engines x 4 ranks in flight, after Snakemake's own --cores
+    assert (
+        "--cores 2400 --force-use-threads --keep-going --cores 96 --scheduler greedy " in submitted
+    )
+    spec = json.loads((tmp_path / "logs" / "r0-129.engines.json").read_text())
+    assert (spec["engine"], spec["model"], spec["stage"]) == ("echo", "", False)
+
+
+def test_threaded_exec_job_needs_the_mode_option():
+    with pytest.raises(pbs.SubmitError, match="no --mode"):
+        pbs.submission.threaded_exec_job("python -m snakemake --cores 4", 8)

@@ -177,7 +177,7 @@ def write_engines_file(settings: Mapping, path: Path) -> None:
     spec = dict(settings["engines"])
     spec |= {
         "model": model_path(settings) if spec.get("engine") != "echo" else "",
-        "stage": bool(settings.get("stage")),
+        "stage": bool(settings.get("stage") and settings.get("model")),
         "stage_dir": settings["stage_dir"],
         "python": settings["task_python"],
     }
