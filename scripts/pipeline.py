@@ -247,15 +247,6 @@ class _LazyPool:
         WARM.pool(self.config, self.model).mark_failed(engine)
 
 
-def engine_slots(config: dict, host: str) -> list[tiles.Slot]:
-    """One slot per engine on this host: tiles.per_job tiles each."""
-    per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
-    return [
-        tiles.Slot(host, tuple(range(first, first + per_job)))
-        for first in range(0, per_node - per_job + 1, per_job)
-    ]
-
-
 def local_engines(config: dict, model: str) -> list:
     """One engines.Engine per tile slot of this host (not started)."""
     placement = config["tiles"]
@@ -264,7 +255,7 @@ def local_engines(config: dict, model: str) -> list:
     base_env = {**os.environ, **offline_env(config)}
     settings = config["vllm"]
     result = []
-    for slot in engine_slots(config, host):
+    for slot in tiles.engine_slots(placement["per_node"], placement["per_job"], host):
         env = tiles.engine_env(
             slot, hierarchy, placement["base_port"], tiles.default_tmp_root(os.environ)
         )

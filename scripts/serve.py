@@ -66,14 +66,6 @@ def _log(message: str) -> None:
 # ----------------------------------------------------------------------------- layout
 
 
-def engine_slots(per_node: int, per_job: int, host: str) -> list[tiles.Slot]:
-    """One slot per engine on ``host``: ``per_job`` tiles each."""
-    return [
-        tiles.Slot(host, tuple(range(first, first + per_job)))
-        for first in range(0, per_node - per_job + 1, per_job)
-    ]
-
-
 def engine_port(spec: Mapping, slot: tiles.Slot) -> int:
     # vLLM takes its internal ports from VLLM_PORT (base + 10 t) upwards.
     return spec["tiles"]["base_port"] + 1000 + slot.tiles[0]
@@ -104,7 +96,7 @@ def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
     # One CPU list per engine (a TP engine gets the lists of all its tiles).
     cpu_lists = ":".join(
         ",".join(binds[t] for t in slot.tiles if t < len(binds))
-        for slot in engine_slots(per_node, per_job, "")
+        for slot in tiles.engine_slots(per_node, per_job, "")
     )
     values = {
         "nodes": str(len(hosts)),
@@ -200,7 +192,7 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
     host = tiles.this_host(hosts, environ)
     index, count = tiles.local_rank(environ)
     placement = spec["tiles"]
-    slots = engine_slots(placement["per_node"], placement["per_job"], host)[index::count]
+    slots = tiles.engine_slots(placement["per_node"], placement["per_job"], host)[index::count]
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
@@ -393,7 +385,9 @@ class RegistryPool:
         job_id, hosts = job_hosts(environ)
         per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
         expected = [
-            engine_file(slot) for host in hosts for slot in engine_slots(per_node, per_job, host)
+            engine_file(slot)
+            for host in hosts
+            for slot in tiles.engine_slots(per_node, per_job, host)
         ]
         return cls(
             registry_dir(spec, job_id), expected, spec["ranks_in_flight"], spec["ready_timeout_s"]

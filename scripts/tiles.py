@@ -44,6 +44,14 @@ class Slot:
     tiles: tuple[int, ...]
 
 
+def engine_slots(per_node: int, per_job: int, host: str) -> list[Slot]:
+    """The slots of a node's warm engines: ``per_job`` tiles each, in tile order."""
+    return [
+        Slot(host, tuple(range(first, first + per_job)))
+        for first in range(0, per_node - per_job + 1, per_job)
+    ]
+
+
 def tile_ids(tiles: Sequence[int]) -> str:
     """The tiles as the user reads them: "3" or "4,5"."""
     return ",".join(str(t) for t in tiles)

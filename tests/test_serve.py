@@ -57,7 +57,7 @@ def test_two_tile_engines_get_both_tiles_cpus():
 )
 def test_a_launcher_process_takes_its_share_of_the_node(environ, tiles_run):
     index, count = tiles.local_rank(environ)
-    slots = serve.engine_slots(12, 1, "x0")[index::count]
+    slots = tiles.engine_slots(12, 1, "x0")[index::count]
     assert [slot.tiles for slot in slots] == tiles_run
 
 

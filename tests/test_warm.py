@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pipeline
+import tiles
 import yaml
 from workflow import deep_merge
 
@@ -56,9 +57,7 @@ def test_two_tile_engines_get_tensor_parallel_and_a_two_tile_mask():
 
 
 def test_engine_slots_cover_the_node_without_overlap():
-    config = local_config(tiles={"per_node": 12, "per_job": 3, "hierarchy": "FLAT",
-                                 "cpu_bind": [], "base_port": 29500})  # fmt: skip
-    slots = pipeline.engine_slots(config, "h")
+    slots = tiles.engine_slots(12, 3, "h")
     assert [s.tiles for s in slots] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
 
 
