@@ -51,8 +51,10 @@ LAUNCHER_PLACEHOLDERS = ("nodes", "engines", "engines_per_node", "cpu_lists")
 STOP_FILE = "stop"
 # Seconds between a node process's looks at its engines and at the stop file.
 NODE_POLL_S = 2.0
-# Seconds the client waits between reads of the registry.
+# Seconds between the client's reads of the registry: while engines start or restart,
+# and once all have settled.
 REFRESH_S = 1.0
+SETTLED_REFRESH_S = 10.0
 
 
 def _safe(name: str) -> str:
@@ -249,7 +251,8 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
     stopping.set()
     for member in members:
         member.engine.stop()
-        write_state(member.path, member.engine, "stopped")
+        if member.state != "failed":  # a failed engine's entry keeps its error
+            write_state(member.path, member.engine, "stopped")
     _log(f"{host}: engines stopped")
     return 0
 
@@ -397,7 +400,10 @@ class RegistryPool:
         """Read the registry entries that changed (at most every REFRESH_S); with the
         condition held."""
         now = self.clock()
-        if now - self._read_at < REFRESH_S:
+        # Once every engine has settled, the registry is read rarely: at 3,072 engines
+        # a read is thousands of stat calls on the shared file system.
+        settled = all(m.state in ("ready", "failed", "stopped") for m in self.members.values())
+        if now - self._read_at < (SETTLED_REFRESH_S if settled else REFRESH_S):
             return
         self._read_at = now
         with contextlib.suppress(FileNotFoundError):

@@ -748,6 +748,29 @@ def test_warm_engine_killed_mid_submission_fails_only_its_ranks_and_is_restarted
 
 
 @pytest.mark.pbs
+def test_warm_engines_that_never_come_up_fail_the_ranks_naming_their_logs(pbs_cluster, tmp_path):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(3)}
+    # the echo server refuses to start: its delay setting is not a number
+    config = {"tiles": {"per_node": 2}, "task_env": {"ECHO_SERVER_DELAY_S": "soon"}}
+    work = warm_folder(tmp_path, ranks, pbs={"nodes_per_submission": 1}, **config)
+    try:
+        res = run_aurora(pbs_cluster, work)
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode != 0
+    (submission,) = submissions(work)
+    registry = work / "logs" / "engines" / submission["id"]
+    assert set(engine_states(work, submission["id"]).values()) == {"failed"}
+    for rank in range(3):
+        log = (work / "logs" / "infer" / f"{rank}.log").read_text()
+        assert "every engine of this job failed; engine logs:" in log, log
+        assert str(registry / "node1-tile0.log") in log
+        assert not (work / "results" / f"{rank}.out").exists()
+    assert "could not convert string to float: 'soon'" in (registry / "node1-tile0.log").read_text()
+    assert not processes_running(ECHO_SERVER)
+
+
+@pytest.mark.pbs
 def test_warm_ctrl_c_leaves_no_submission_and_no_engine(pbs_cluster, tmp_path):
     ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(8)}
     config = {

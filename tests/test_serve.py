@@ -132,6 +132,7 @@ def report(registry: Path, name: str, state: str, when: float | None = None) -> 
 @pytest.fixture
 def pool(tmp_path, monkeypatch):
     monkeypatch.setattr(serve, "REFRESH_S", 0.0)
+    monkeypatch.setattr(serve, "SETTLED_REFRESH_S", 0.0)
     clock = Clock()
     return serve.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
 
