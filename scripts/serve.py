@@ -49,6 +49,7 @@ SPEC_VARIABLE = "AURORA_ENGINES"
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
 LAUNCHER_PLACEHOLDERS = ("nodes", "engines", "engines_per_node", "cpu_lists")
 STOP_FILE = "stop"
+LAUNCHER_EXIT = "launcher.exit"
 # Seconds between a node process's looks at its engines and at the stop file.
 NODE_POLL_S = 2.0
 # Seconds between the client's reads of the registry: while engines start or restart,
@@ -266,7 +267,8 @@ def launch(spec_path: str, environ=os.environ) -> int:
     job_id, hosts = job_hosts(environ)
     registry = registry_dir(spec, job_id)
     registry.mkdir(parents=True, exist_ok=True)
-    (registry / STOP_FILE).unlink(missing_ok=True)
+    for name in (STOP_FILE, LAUNCHER_EXIT):
+        (registry / name).unlink(missing_ok=True)
     argv = launcher_argv(spec, hosts) + [
         spec["python"],
         os.path.abspath(__file__),
@@ -291,6 +293,8 @@ def launch(spec_path: str, environ=os.environ) -> int:
         signal.signal(sig, forward)
     code = process.wait()
     _log(f"launcher exited with status {code}")
+    # The ranks stop waiting for engines that will never come (see RegistryPool).
+    (registry / LAUNCHER_EXIT).write_text(f"{code}\n")
     return code
 
 
@@ -382,6 +386,7 @@ class RegistryPool:
         self._cond = threading.Condition()
         self._read_at = -1.0
         self._mtimes: dict[str, float] = {}
+        self._launcher_exit: int | None = None
 
     @classmethod
     def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
@@ -419,6 +424,8 @@ class RegistryPool:
                     record = json.loads(Path(entry.path).read_text())
                     self._mtimes[name] = mtime
                     self._update(member, record)
+        with contextlib.suppress(OSError, ValueError):
+            self._launcher_exit = int((self.registry / LAUNCHER_EXIT).read_text())
         for member in self.members.values():
             if member.state == "suspect" and engines.health(member.engine.url, timeout=1.0):
                 member.state = "ready"
@@ -448,6 +455,14 @@ class RegistryPool:
         if not ready:
             if all(m.state in ("failed", "stopped") for m in self.members.values()):
                 raise engines.EngineUnavailable(self._failure("every engine of this job failed"))
+            if self._launcher_exit is not None:
+                raise engines.EngineUnavailable(
+                    self._failure(
+                        f"the engines' launcher (config engine_launcher) exited with status "
+                        f"{self._launcher_exit} and no engine is ready (the job's PBS log "
+                        "has its output)"
+                    )
+                )
             if self.clock() - self.created > self.ready_timeout:
                 raise engines.EngineUnavailable(
                     self._failure(

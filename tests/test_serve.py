@@ -187,3 +187,11 @@ def test_a_failed_engine_is_left_out_until_its_restart_is_reported(pool, tmp_pat
     report(tmp_path, file, "ready")  # the node process restarted it
     with pool.route(), pool.route() as engine, pool.route() as third:
         assert victim in (engine.name, third.name)
+
+
+def test_a_launcher_that_exited_with_no_engine_ready_fails_the_ranks(pool, tmp_path):
+    pool, _ = pool
+    report(tmp_path, "a-tile0", "starting")
+    (tmp_path / "launcher.exit").write_text("127\n")
+    with pytest.raises(engines.EngineUnavailable, match="exited with status 127"), pool.route():
+        pass
