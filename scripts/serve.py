@@ -250,8 +250,12 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
                         _log(f"{member.engine.name} exited; restarting it")
                         launch(member, restart=True)
     stopping.set()
-    for member in members:
-        member.engine.stop()
+    # All at once: a vLLM server takes seconds to shut down.
+    stoppers = [threading.Thread(target=m.engine.stop) for m in members]
+    for thread in stoppers:
+        thread.start()
+    for member, thread in zip(members, stoppers, strict=True):
+        thread.join()
         if member.state != "failed":  # a failed engine's entry keeps its error
             write_state(member.path, member.engine, "stopped")
     _log(f"{host}: engines stopped")
