@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 import dag_scale  # noqa: E402
+import dispatch  # noqa: E402
 import engine_efficiency  # noqa: E402
 import scheduler_load  # noqa: E402
 import time_breakdown  # noqa: E402
@@ -29,7 +30,14 @@ import warm_engines  # noqa: E402
 # Order matters: time_breakdown reuses engine_efficiency's pipeline runs of the 125M model.
 BENCHMARKS = {
     module.NAME: module
-    for module in (engine_efficiency, time_breakdown, dag_scale, scheduler_load, warm_engines)
+    for module in (
+        engine_efficiency,
+        time_breakdown,
+        dag_scale,
+        scheduler_load,
+        warm_engines,
+        dispatch,
+    )
 }
 
 
