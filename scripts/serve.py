@@ -314,7 +314,8 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
         states = [entry.get("state") for entry in read_registry(registry).values()]
-        if all(state in ("stopped", "failed") for state in states):
+        # No node process is left to report once the launcher has ended.
+        if all(s in ("stopped", "failed") for s in states) or (registry / LAUNCHER_EXIT).exists():
             break
         time.sleep(0.5)
     pid_file = registry / "launcher.pid"
