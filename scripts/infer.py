@@ -40,9 +40,12 @@ stderr and nothing written; anything else is a bug and shows a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
 import os
+import signal
 import socket
 import sys
 import time
@@ -565,5 +568,38 @@ def write_outputs(prompts: list[Prompt], result: dict, record: dict, output, rec
     )
 
 
+def end_now(code: int) -> None:
+    """Exit at once, without vLLM's teardown (seconds): Snakemake records a rank as
+    finished only when this process is gone, and a kill between the last write and
+    that moment would make a rerun redo a rank whose outputs are whole.
+
+    Child processes (vLLM's EngineCore with multiprocessing) get SIGTERM, their own
+    clean shutdown; they hold the tile's lock until they are gone (tiles.run_placed).
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for child in child_pids(os.getpid()):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGTERM)
+    os._exit(code)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid``, from /proc/<pid>/stat (Linux)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        # pid (comm) state ppid ...: comm may hold spaces and parentheses
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            children.append(int(entry))
+    return children
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    end_now(main())

@@ -70,7 +70,17 @@ def settings(model: Path | str, **over) -> dict:
 class Run:
     """One infer.py process: its files, and after wait() its outcome."""
 
-    def __init__(self, workdir: Path, name: str, prompts: bytes, config: dict, env=None, rank=0):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        prompts: bytes,
+        config: dict,
+        env=None,
+        rank=0,
+        session=False,
+    ):
+        self.session = session  # a session of its own: its processes can be found by it
         self.dir = workdir / name
         self.dir.mkdir(parents=True)
         self.prompts = self.dir / f"{rank}.in"
@@ -103,6 +113,7 @@ class Run:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=self.session,
         )
         return self
 
@@ -238,6 +249,15 @@ def wave2(tiny_model, long_prompt, tmp_path_factory) -> dict[str, Run]:
             prompt_file(SEED_PROMPTS),
             settings(tiny_model, sampling={"seed": 99}),
         ),
+        # vLLM's default: the engine in an EngineCore process, a child of the task
+        "multiprocess": Run(
+            work,
+            "multiprocess",
+            prompt_file(SEED_PROMPTS),
+            settings(tiny_model),
+            {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
+            session=True,
+        ),
     }
     run_all(list(runs.values()))
     return runs
@@ -316,6 +336,36 @@ def test_seed_gives_identical_output_across_processes(seeded_runs, wave2):
     # ... and the seed is what fixes it: another seed gives other text.
     assert other.output.read_bytes() != a.output.read_bytes()
     assert [p for p, _ in parse_out(other.output.read_text())] == SEED_PROMPTS
+
+
+def session_processes(session: int) -> list[str]:
+    """Command lines of the live processes of session ``session``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+        except OSError:  # gone, or not a process
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[4]) == session and argv:
+            found.append(argv)
+    return found
+
+
+@pytest.mark.vllm
+def test_a_finished_rank_exits_at_once_and_its_engine_process_ends_too(wave2):
+    # The task ends right after its last write, without vLLM's teardown (seconds
+    # during which Snakemake still marks the rank incomplete), and sends its
+    # EngineCore SIGTERM: nothing of the rank outlives it for long.
+    run = wave2["multiprocess"]
+    assert run.returncode == 0, run.describe()
+    assert "(EngineCore pid=" in run.stdout + run.stderr  # the engine ran in a child
+    assert [p for p, _ in parse_out(run.output.read_text())] == SEED_PROMPTS
+    assert run.load_record()["prompts"] == 4
+    deadline = time.monotonic() + 60
+    while session_processes(run.proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert session_processes(run.proc.pid) == []
 
 
 @pytest.mark.vllm
