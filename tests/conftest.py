@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +15,57 @@ from pbs_cluster import PbsCluster
 
 _REPO = Path(__file__).resolve().parent.parent
 _INSTALL_OPENPBS = _REPO / "scripts" / "install-openpbs.sh"
+
+# Every process the tests start inherits this variable (engines, Snakemake, servers,
+# the test cluster's daemons): what still carries it when the session ends outlived
+# its test.
+SESSION_MARK = "AURORA_TEST_SESSION"
+LEFTOVER_GRACE_S = 30
+
+
+def pytest_configure(config) -> None:
+    os.environ[SESSION_MARK] = str(os.getpid())
+
+
+def session_processes(mark: str) -> dict[int, str]:
+    """pid -> command line of the live processes (zombies aside) whose environment
+    holds ``SESSION_MARK=mark``, this one aside."""
+    wanted = f"{SESSION_MARK}={mark}".encode()
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone, or not ours to read
+            continue
+        if argv.strip():
+            found[int(entry.name)] = argv.strip()
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    """Fail the run if anything a test started is still running once every test and
+    fixture is done (after a grace period for processes that are ending); end those."""
+    mark = os.environ.get(SESSION_MARK)
+    if not mark:
+        return
+    deadline = time.monotonic() + LEFTOVER_GRACE_S
+    while (left := session_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(1)
+    if not left:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    lines = [f"\n{len(left)} process(es) started by the tests outlived them (now killed):"]
+    lines += [f"  {pid}: {argv[:300]}" for pid, argv in sorted(left.items())]
+    if reporter is not None:
+        reporter.write_line("\n".join(lines), red=True)
+    for pid in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    session.exitstatus = 1
 
 
 @pytest.fixture(scope="session")
