@@ -166,6 +166,28 @@ def job_seconds(work: Path, output: str) -> float | None:
     return meta["endtime"] - meta["starttime"]
 
 
+def finish_window_s(work: Path, output: str) -> float | None:
+    """Seconds from ``output``'s last write to Snakemake recording its job finished
+    (its metadata record is written as the incomplete marker is removed): a kill in
+    between makes `--rerun-incomplete` redo the job although the output is whole."""
+    path = work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
+    target = work / output
+    if not (path.is_file() and target.is_file()):
+        return None
+    return (path.stat().st_mtime_ns - target.stat().st_mtime_ns) / 1e9
+
+
+def finish_windows(work: Path, ranks) -> dict:
+    """`finish_window_s` of every rank's .out: median and max, in ms."""
+    windows = [finish_window_s(work, f"results/{name.removesuffix('.in')}.out") for name in ranks]
+    windows = [w for w in windows if w is not None]
+    return {
+        "ranks": len(windows),
+        "median_ms": 1000 * median(windows),
+        "max_ms": 1000 * max(windows, default=float("nan")),
+    }
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 

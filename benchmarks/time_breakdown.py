@@ -28,6 +28,7 @@ from common import (
     REPO,
     TINY_MODEL,
     bench_prompts,
+    finish_windows,
     job_seconds,
     log,
     markdown_table,
@@ -97,6 +98,7 @@ def sample_run(folder: Path, ranks: dict[str, str], extra_args: list[str]) -> di
         "overhead_fraction": 1 - busy / (cores * timed.wall_s),
         "overhead_s_per_job": (cores * timed.wall_s - busy) / len(jobs),
         "max_rss_mb": timed.max_rss_mb,
+        "finish_window": finish_windows(work, ranks),
     }
 
 
