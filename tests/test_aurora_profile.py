@@ -637,7 +637,10 @@ def test_warm_vllm_engines_through_the_scheduler_on_node_local_model_copies(pbs_
         for tile in range(2):
             engine_log = (registry / f"{host}-tile{tile}.log").read_text()
             assert "Application startup complete" in engine_log
-    assert len(served) >= 2 and served <= {f"{h}/tile{t}" for h in hosts for t in range(2)}
+    # Ranks start on the first engine ready: these 12 short ranks may all go to it
+    # before the others are (seen on a loaded machine), so which engines served is
+    # timing; the spread over engines is checked with 48 echo engines above.
+    assert served and served <= {f"{h}/tile{t}" for h in hosts for t in range(2)}
     log = (work / "logs" / "pbs" / "r0-11.log").read_text()
     assert launcher_calls(log) == [("4", "2")]
     assert set(engine_states(work, job_id).values()) == {"stopped"}
