@@ -34,9 +34,17 @@ PBSDSH = ["/opt/pbs/bin/pbsdsh", "--"]
 INTERVAL = 2  # pbs.status_interval and --seconds-between-status-checks in these tests
 
 
+# (stand-in for the main Snakemake, its run's state folder) of the running test
+_RUN_OWNERS: list[tuple[subprocess.Popen, Path]] = []
+
+
 def provider_settings(work: Path, **changes) -> dict:
     config = wf.yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    conf = pbs.settings_from_config(config)
+    # The commands run here as Snakemake would run them; a process of the test's own
+    # stands in for the main Snakemake, so the run's watchdog ends with the test.
+    owner = subprocess.Popen(["sleep", "3600"])
+    _RUN_OWNERS.append((owner, work / ".snakemake" / "pbs"))
+    conf = pbs.settings_from_config(config, owner_pid=owner.pid)
     conf |= {
         "account": "testproj",
         "queue": "capacity",
@@ -47,6 +55,26 @@ def provider_settings(work: Path, **changes) -> dict:
         "log_dir": str(work / "logs" / "pbs"),
     }
     return conf | changes
+
+
+@pytest.fixture(autouse=True)
+def run_owner_ends_with_the_test():
+    """At the end of a test that ran the profile's commands itself: its stand-in
+    Snakemake ends, and the run's watchdog must end with it (it deletes what the run
+    left in the queue, then removes its lock)."""
+    yield
+    watched = []
+    while _RUN_OWNERS:
+        owner, state_dir = _RUN_OWNERS.pop()
+        owner.kill()
+        owner.wait()
+        watched.append(state_dir)
+    deadline = time.monotonic() + 60
+    while (locks := [p for d in watched for p in d.glob("watchdog.*.lock")]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert not locks, "the run's watchdog did not end with its Snakemake"
 
 
 def write_jobscript(folder: Path, ranks, exec_job: str, tiles: int | None = None) -> Path:
