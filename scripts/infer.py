@@ -28,7 +28,7 @@ Outputs, both written atomically, the record first and the .out last (so an
 existing .out means the rank is complete):
     --record   JSON: rank, prompts, output_tokens, load_s, generate_s, tokens_per_s,
                import_s, python_start_s, host, hostname, mask, tiles, model, engine,
-               truncated
+               truncated, written_at (UNIX time of the write)
     --output   one seed record per prompt, in input order:
                Prompt: '...', Generated text: '...'<blank line>
 
@@ -557,6 +557,9 @@ def write_outputs(prompts: list[Prompt], result: dict, record: dict, output, rec
     )
     for target in (record_path, output):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
+    # When the rank finished: the files' mtimes do not keep it (Snakemake touches
+    # outputs when it checks them, in a PBS submission only at its end).
+    record["written_at"] = round(time.time(), 6)
     # Record first, .out last: the .out existing means the rank finished.
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     write_atomic(output, text)

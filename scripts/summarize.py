@@ -54,8 +54,9 @@ class RecordError(ValueError):
 def read_record(path: str | os.PathLike) -> dict:
     """One rank's record, with the end of its generation under ``END_KEY``.
 
-    That is the file's modification time: scripts/infer.py writes the record right
-    after generation ends.
+    That is its ``written_at``: scripts/infer.py writes the record right after
+    generation ends. Older records have none; their file's modification time stands in
+    (Snakemake may touch outputs later, in a PBS submission all at its end).
     """
     path = Path(path)
     try:
@@ -67,7 +68,8 @@ def read_record(path: str | os.PathLike) -> dict:
     missing = [key for _, key in COLUMNS if key not in record]
     if missing:
         raise RecordError(f"{path}: not a rank record (missing {', '.join(missing)})")
-    record[END_KEY] = path.stat().st_mtime
+    written = record.get("written_at")
+    record[END_KEY] = written if isinstance(written, int | float) else path.stat().st_mtime
     return record
 
 

@@ -105,7 +105,7 @@ class Run:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Run:
-        self.started = time.monotonic()
+        self.started, self.started_at = time.monotonic(), time.time()
         self.proc = subprocess.Popen(
             self.args,
             env=self.env,
@@ -293,6 +293,7 @@ def test_record_fields(seeded_runs, tiny_model):
         "tiles",
         "model",
         "engine",
+        "written_at",
     }
     assert expected_keys <= set(rec), expected_keys - set(rec)
     assert rec["rank"] == 5
@@ -309,6 +310,8 @@ def test_record_fields(seeded_runs, tiny_model):
     assert 0 < rec["generate_s"] < run.wall
     assert rec["import_s"] + rec["load_s"] + rec["generate_s"] < run.wall
     assert rec["python_start_s"] is not None and 0 <= rec["python_start_s"] < 30
+    # written after generation, before the process ended
+    assert run.started_at < rec["written_at"] < time.time()
     assert math.isclose(rec["tokens_per_s"], 64 / rec["generate_s"], rel_tol=0.01)
 
 

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -75,12 +76,17 @@ def test_cells_never_break_the_table():
     assert summarize.tsv_text(rows).splitlines()[1].split("\t")[-2:] == ["a b c", ""]
 
 
-def test_records_are_read_in_numeric_rank_order_with_the_file_time(tmp_path):
+def test_records_are_read_in_numeric_rank_order_with_the_time_they_were_written(tmp_path):
     for rank in (10, 9, 1):
         (tmp_path / f"{rank}.json").write_text(json.dumps(record(rank)))
+    # touched later, as Snakemake touches the outputs of a PBS submission at its end
+    os.utime(tmp_path / "9.json", (2e9, 2e9))
+    (tmp_path / "10.json").write_text(json.dumps(record(10) | {"written_at": 1.5e9}))
     records = summarize.read_records(tmp_path.glob("*.json"))
     assert [r["rank"] for r in records] == [1, 9, 10]
     assert records[0][summarize.END_KEY] == (tmp_path / "1.json").stat().st_mtime
+    assert records[1][summarize.END_KEY] == 2e9  # no written_at: the file's time
+    assert records[2][summarize.END_KEY] == 1.5e9
 
 
 @pytest.mark.parametrize("content, message", [("{", "cannot read"), ("{}", "missing rank")])
