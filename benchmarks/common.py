@@ -166,20 +166,23 @@ def job_seconds(work: Path, output: str) -> float | None:
     return meta["endtime"] - meta["starttime"]
 
 
-def finish_window_s(work: Path, output: str) -> float | None:
-    """Seconds from ``output``'s last write to Snakemake recording its job finished
-    (its metadata record is written as the incomplete marker is removed): a kill in
-    between makes `--rerun-incomplete` redo the job although the output is whole."""
+def finish_window_s(work: Path, rank: str) -> float | None:
+    """Seconds from rank ``rank``'s last write (its record's ``written_at``) to Snakemake
+    recording its job finished (the .out's metadata record is written as its incomplete
+    marker is removed): a kill in between makes `--rerun-incomplete` redo the rank
+    although its outputs are whole. (The .out's own mtime will not do: Snakemake touches
+    outputs when it checks them.)"""
+    output = f"results/{rank}.out"
     path = work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
-    target = work / output
-    if not (path.is_file() and target.is_file()):
+    record = work / "results" / "records" / f"{rank}.json"
+    if not (path.is_file() and record.is_file()):
         return None
-    return (path.stat().st_mtime_ns - target.stat().st_mtime_ns) / 1e9
+    return path.stat().st_mtime - json.loads(record.read_text())["written_at"]
 
 
 def finish_windows(work: Path, ranks) -> dict:
     """`finish_window_s` of every rank's .out: median and max, in ms."""
-    windows = [finish_window_s(work, f"results/{name.removesuffix('.in')}.out") for name in ranks]
+    windows = [finish_window_s(work, name.removesuffix(".in")) for name in ranks]
     windows = [w for w in windows if w is not None]
     return {
         "ranks": len(windows),
