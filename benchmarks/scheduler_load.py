@@ -65,9 +65,10 @@ def read_calls(call_log: Path) -> list[tuple[float, str, str]]:
 
 def test_config(interval: int) -> dict:
     """Config for the test cluster: the echo engine, pbs_tmrsh as launcher, one rank per
-    submission."""
+    submission (per-rank engines: a warm submission carries ranks_per_engine ranks)."""
     return {
         "engine": "echo",
+        "warm_engines": False,
         "model": "facebook/opt-125m",  # never loaded by the echo engine
         "python": "",  # the Python running Snakemake
         "task_env": {},
@@ -130,14 +131,14 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         t0 = time.time()
         timed = run_timed(argv, cwd=work, env=env, timeout=1800, check=False)
         t1 = time.time()
-        ids = [line.split("\t")[1] for line in (work / "logs/pbs/submissions.tsv").open()]
-        jobs = [cluster.job(job_id) or {} for job_id in ids]
-        all_calls = read_calls(call_log)
         if timed.returncode != 0:
             raise RuntimeError(
                 f"the run failed ({timed.returncode}):\n{timed.stdout[-3000:]}\n"
                 f"{timed.stderr[-5000:]}\n{cluster.logs()}"
             )
+        ids = [line.split("\t")[1] for line in (work / "logs/pbs/submissions.tsv").open()]
+        jobs = [cluster.job(job_id) or {} for job_id in ids]
+        all_calls = read_calls(call_log)
     calls = [c for c in all_calls if t0 <= c[0] <= t1]
     outside = [c for c in calls if c[1] not in LAUNCHERS]
     submits = [c for c in calls if c[1] == "qsub"]
