@@ -142,7 +142,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         ],
         [
             "peak RSS of the warm 480-rank run (Snakemake + engines), MB",
-            f"{warm_big['max_rss_mb']}",
+            f"{warm_big['max_rss_mb']:.0f}",
         ],
     ]
     return {
