@@ -155,8 +155,13 @@ def engine_environment(
 # ----------------------------------------------------------------------------- processes
 
 
-def process_group(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, from /proc (Linux); [] elsewhere."""
+# Fields of /proc/<pid>/stat after the parenthesised command (state is 0).
+PPID, PGRP, SESSION = 1, 2, 3
+
+
+def live_processes(field: int, value: int) -> list[int]:
+    """Live (non-zombie) processes whose /proc stat ``field`` (PPID, PGRP or SESSION)
+    is ``value`` (Linux); [] elsewhere."""
     found = []
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir("/proc"):
@@ -166,11 +171,16 @@ def process_group(pgid: int) -> list[int]:
                 stat = Path(entry.path, "stat").read_text()
             except OSError:
                 continue
-            # Fields after the parenthesised command: state, ppid, pgrp, ...
+            # the command may hold spaces and parentheses: split after its last ")"
             fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
+            if fields[0] != "Z" and int(fields[field]) == value:
                 found.append(int(entry.name))
     return found
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live processes of a process group."""
+    return live_processes(PGRP, pgid)
 
 
 def _killpg(pgid: int, sig: int) -> None:

@@ -579,29 +579,15 @@ def end_now(code: int) -> None:
     Child processes (vLLM's EngineCore with multiprocessing) get SIGTERM, their own
     clean shutdown; they hold the tile's lock until they are gone (tiles.run_placed).
     """
+    import engines  # stdlib only
+
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    for child in child_pids(os.getpid()):
+    for child in engines.live_processes(engines.PPID, os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGTERM)
     os._exit(code)
-
-
-def child_pids(pid: int) -> list[int]:
-    """The direct children of ``pid``, from /proc/<pid>/stat (Linux)."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        # pid (comm) state ppid ...: comm may hold spaces and parentheses
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            children.append(int(entry))
-    return children
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ module fixtures.
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import math
 import os
@@ -341,17 +342,14 @@ def test_seed_gives_identical_output_across_processes(seeded_runs, wave2):
     assert [p for p, _ in parse_out(other.output.read_text())] == SEED_PROMPTS
 
 
-def session_processes(session: int) -> list[str]:
+def processes_of_session(session: int) -> list[str]:
     """Command lines of the live processes of session ``session``."""
+    import engines
+
     found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_text()
-            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:  # gone, or not a process
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[4]) == session and argv:
-            found.append(argv)
+    for pid in engines.live_processes(engines.SESSION, session):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
     return found
 
 
@@ -366,9 +364,9 @@ def test_a_finished_rank_exits_at_once_and_its_engine_process_ends_too(wave2):
     assert [p for p, _ in parse_out(run.output.read_text())] == SEED_PROMPTS
     assert run.load_record()["prompts"] == 4
     deadline = time.monotonic() + 60
-    while session_processes(run.proc.pid) and time.monotonic() < deadline:
+    while processes_of_session(run.proc.pid) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert session_processes(run.proc.pid) == []
+    assert processes_of_session(run.proc.pid) == []
 
 
 @pytest.mark.vllm
