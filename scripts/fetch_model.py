@@ -53,11 +53,16 @@ def build_modelinfo_cache(folder: str) -> list[str]:
     architectures = json.loads((Path(folder) / "config.json").read_text()).get("architectures")
     if not architectures:
         raise SystemExit(f"{folder}/config.json names no architectures")
-    from vllm.model_executor.models.registry import ModelRegistry
+    from vllm.model_executor.models import registry
 
+    # vLLM inspects a model class in a second interpreter (one more `import vllm`,
+    # ~20 s on 2 cores) only to keep CUDA uninitialised in its caller. This process
+    # never touches a device: inspect here; vLLM still hashes the module and writes
+    # the cache file itself.
+    registry._run_in_subprocess = lambda inspect: inspect()
     built = []
     for arch in architectures:
-        registered = ModelRegistry.models.get(arch)
+        registered = registry.ModelRegistry.models.get(arch)
         if registered is None:
             raise SystemExit(f"vLLM does not support architecture {arch!r} of {folder}")
         registered.inspect_model_cls()  # writes VLLM_CACHE_ROOT/modelinfos/<class>.json
