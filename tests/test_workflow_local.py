@@ -196,7 +196,7 @@ def marked_incomplete(work: Path) -> set[str]:
 @pytest.mark.vllm
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
 def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, warm):
-    # warm engines finish 8 ranks in one burst: more ranks, so that the kill lands mid-run
+    # warm engines finish 32 ranks in one burst: more ranks, so that the kill lands mid-run
     ranks = 96 if warm else 8
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     results = work / "results"
@@ -270,7 +270,9 @@ def engines_in(work: Path) -> list[str]:
 @pytest.mark.vllm
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
 def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp_path, warm):
-    ranks = 24 if warm else 6
+    # warm engines take 32 ranks at once (2 x warm.ranks_in_flight 16): more ranks than
+    # that, so that Ctrl-C lands mid-run
+    ranks = 96 if warm else 6
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     logs, results = work / "logs" / "infer", work / "results"
     config = local_config(work, warm_engines=warm)
@@ -320,12 +322,14 @@ def metric(url: str, name: str) -> float:
 
 @pytest.mark.vllm
 def test_an_engine_killed_mid_run_fails_only_its_in_flight_ranks_and_comes_back(tmp_path):
-    ranks = 120  # enough work for the other engine while this one restarts
+    ranks = 240  # work for the other engine alone for ~90 s, twice a restart's time
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     results = work / "results"
     # long requests (~1 s): a rank is surely in flight on the engine when it is killed
     sampling = dict(temperature=0.8, top_p=0.95, max_tokens=200, seed=None, ignore_eos=True)
-    config = local_config(work, sampling=sampling)
+    # 4 in flight per engine (the local profile has 16): tile 1 alone then takes longer
+    # for the ranks left than tile 0 takes to restart (~45 s), so tile 0 serves some
+    config = local_config(work, sampling=sampling, warm={"ranks_in_flight": 4})
     host = os.uname().nodename
     url = "http://127.0.0.1:30500"  # tile 0: tiles.base_port 29500 + 1000
     run = snakemake(work, configfiles=config, popen=True)
