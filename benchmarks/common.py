@@ -50,11 +50,6 @@ def engine_environment(config: Mapping) -> dict[str, str]:
     return env
 
 
-def profile_cores() -> int:
-    profile = yaml.safe_load((REPO / "profiles" / "local" / "config.yaml").read_text())
-    return int(profile.get("cores", os.cpu_count() or 1))
-
-
 def bench_prompts(count: int) -> list[str]:
     """``count`` prompts: the sample data's lines in rank order, repeated as needed."""
     lines = []
