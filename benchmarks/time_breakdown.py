@@ -170,8 +170,8 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
     )
     notes = [
         f"**Snakemake's own overhead in the {sample['ranks']}-rank sample run** (tiny model, "
-        "`make run` settings; goal < 10 %): 1 - sum of job seconds / (cores x wall), "
-        "job seconds from Snakemake's job metadata:",
+        "profiles/local with per-rank engines on 2 cores; goal < 10 %): "
+        "1 - sum of job seconds / (cores x wall), job seconds from Snakemake's job metadata:",
         sample_table,
     ]
     return {
