@@ -146,13 +146,16 @@ def run_timed(
     return Timed(wall, rss, cpu, result.returncode, result.stdout, result.stderr)
 
 
-def job_seconds(work: Path, output: str) -> float | None:
-    """Wall seconds of the job that wrote ``output``, from Snakemake's job metadata.
+def metadata_path(work: Path, output: str) -> Path:
+    """Snakemake's job metadata record of ``output``:
+    ``.snakemake/metadata/<urlsafe base64 of the path>`` (record format 6)."""
+    return work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
 
-    Snakemake records each output's job start and end time in
-    ``.snakemake/metadata/<urlsafe base64 of the path>`` (record format 6).
-    """
-    path = work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
+
+def job_seconds(work: Path, output: str) -> float | None:
+    """Wall seconds of the job that wrote ``output``, from its `metadata_path` record
+    (Snakemake records each output's job start and end time there)."""
+    path = metadata_path(work, output)
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
@@ -168,7 +171,7 @@ def finish_window_s(work: Path, rank: str) -> float | None:
     although its outputs are whole. (The .out's own mtime will not do: Snakemake touches
     outputs when it checks them.)"""
     output = f"results/{rank}.out"
-    path = work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
+    path = metadata_path(work, output)
     record = work / "results" / "records" / f"{rank}.json"
     if not (path.is_file() and record.is_file()):
         return None
