@@ -16,6 +16,8 @@ shape. As in vLLM, every prompt of a request counts as one request in /metrics.
 Unknown arguments (vLLM's --dtype, --tensor-parallel-size, ...) are ignored, so the
 server takes the same argv as vLLM's. --delay (default: the environment variable
 ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time.
+--die-on PROMPT (ECHO_SERVER_DIE_ON) makes the server exit at once on a request holding
+that prompt: a stand-in for a request that crashes its engine.
 
 Stdlib only.
 """
@@ -76,17 +78,26 @@ class EchoServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # thousands of ranks may connect at once
 
-    def __init__(self, address, model: str, max_model_len: int, delay: float):
+    def __init__(
+        self, address, model: str, max_model_len: int, delay: float, die_on: str | None = None
+    ):
         super().__init__(address, Handler)
         self.model = model
         self.max_model_len = max_model_len
         self.delay = delay
+        self.die_on = die_on
         self.lock = threading.Lock()
         self.running = 0
         self.succeeded = 0
 
+    def healthy(self) -> bool:
+        return True
+
     def completion(self, body: object) -> dict:
         prompts = prompts_of(body)
+        if self.die_on is not None and self.die_on in prompts:
+            print(f"echo_server: dying on prompt {self.die_on!r}", file=sys.stderr, flush=True)
+            os._exit(1)
         for prompt in prompts:
             if length(prompt) > self.max_model_len:
                 raise BadRequest(
@@ -146,6 +157,9 @@ class EchoServer(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
+    """The HTTP side of EchoServer and vllm_server.VllmServer: they answer healthy(),
+    completion(body), tokens(body) and metrics()."""
+
     server: EchoServer
     server_version = "echo_server"
 
@@ -166,12 +180,12 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode())
 
     def _error(self, status: int, message: str) -> None:
-        kind = "BadRequestError" if status == 400 else "NotFoundError"
+        kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
         self._json(status, {"error": {"message": message, "type": kind, "code": status}})
 
     def do_GET(self):
         if self.path == "/health":
-            self._send(200, b"")
+            self._send(200 if self.server.healthy() else 503, b"")
         elif self.path == "/metrics":
             self._send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
         else:
@@ -192,6 +206,8 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, answer[self.path](body))
         except BadRequest as error:
             self._error(400, str(error))
+        except Exception as error:  # an engine failure: the client retries elsewhere
+            self._error(500, f"{type(error).__name__}: {error}")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -202,27 +218,37 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=2048)
     delay = float(os.environ.get("ECHO_SERVER_DELAY_S") or 0)
     parser.add_argument("--delay", type=float, default=delay, help="seconds per completion")
+    die_on = os.environ.get("ECHO_SERVER_DIE_ON") or None
+    parser.add_argument("--die-on", default=die_on, help="exit at once on this prompt")
     args, _vllm_only = parser.parse_known_args(argv)
     return args
 
 
-def main(argv: Sequence[str]) -> int:
-    args = parse_args(argv)
-    try:
-        server = EchoServer((args.host, args.port), args.model, args.max_model_len, args.delay)
-    except OSError as error:
-        print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
+def serve(server: ThreadingHTTPServer, stopped=lambda: False) -> None:
+    """Serve until SIGTERM or SIGINT (or until ``stopped()``), then close the socket."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stop.set())
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
+    # the line vLLM's server prints once it serves; engine logs are read for it
     print("Application startup complete.", file=sys.stderr, flush=True)
-    while not stop.wait(1.0):
+    while not stop.wait(0.5) and not stopped():
         pass
     server.shutdown()
     server.server_close()
+
+
+def main(argv: Sequence[str]) -> int:
+    args = parse_args(argv)
+    try:
+        server = EchoServer(
+            (args.host, args.port), args.model, args.max_model_len, args.delay, args.die_on
+        )
+    except OSError as error:
+        print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    serve(server)
     return 0
 
 

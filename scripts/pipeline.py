@@ -214,6 +214,7 @@ class WarmEngines:
                     local_engines(config, model),
                     max_in_flight=config["warm"]["ranks_in_flight"],
                     ready_timeout=config["warm"]["ready_timeout_s"],
+                    stall_timeout=config["warm"]["stall_timeout_s"],
                 )
                 atexit.register(pool.stop)
                 try:
@@ -273,6 +274,7 @@ def local_engines(config: dict, model: str) -> list:
                 log_path=Path("logs", "engines", f"{host}-tile{first}.log").resolve(),
                 name=f"{host}/tile{tiles.tile_ids(slot.tiles)}",
                 max_restarts=config["warm"]["max_restarts"],
+                server=config["warm"]["server"],
             )
         )
     return result
@@ -295,6 +297,8 @@ def engine_spec(config: dict) -> dict:
         "max_restarts": warm["max_restarts"],
         "ready_timeout_s": warm["ready_timeout_s"],
         "ranks_in_flight": warm["ranks_in_flight"],
+        "server": warm["server"],
+        "stall_timeout_s": warm["stall_timeout_s"],
         "registry_root": os.path.abspath("logs/engines"),
     }
 
@@ -336,6 +340,8 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 output.record,
                 pool,
                 echo_in_process=not spec,
+                retries=config["warm"]["retry_after_engine_death"],
+                request_timeout=config["warm"]["stall_timeout_s"],
             )
         except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
             out.write(f"ERROR: {error}\n")

@@ -146,6 +146,7 @@ def make_engine(
             settings,
             len(slot.tiles),
             host=slot.host,
+            server=spec["server"],
         )
     base = {**environ, **spec["env"]}
     env = engines.engine_environment(env, settings, base)
@@ -381,13 +382,16 @@ class RegistryPool:
         max_in_flight: int,
         ready_timeout: float,
         clock=time.monotonic,
+        stall_timeout: float = 600.0,
     ):
         self.registry = Path(registry)
         self.members = {name: _Remote(name) for name in expected}
         self.max_in_flight = max_in_flight
         self.ready_timeout = ready_timeout
+        self.stall_timeout = stall_timeout
         self.clock = clock
         self.created = clock()
+        self._progress_at = self.created  # a request slot freed or an engine's state changed
         self._cond = threading.Condition()
         self._read_at = -1.0
         self._mtimes: dict[str, float] = {}
@@ -403,7 +407,11 @@ class RegistryPool:
             for slot in tiles.engine_slots(per_node, per_job, host)
         ]
         return cls(
-            registry_dir(spec, job_id), expected, spec["ranks_in_flight"], spec["ready_timeout_s"]
+            registry_dir(spec, job_id),
+            expected,
+            spec["ranks_in_flight"],
+            spec["ready_timeout_s"],
+            stall_timeout=spec["stall_timeout_s"],
         )
 
     def _refresh(self) -> None:
@@ -442,6 +450,8 @@ class RegistryPool:
         state = record["state"]
         if member.state == "suspect" and state == "ready" and record["time"] < member.suspect_since:
             return  # the report predates the failure: wait for the restart's report
+        if state != member.state:
+            self._progress_at = self.clock()
         member.state = state
 
     def _failure(self, what: str) -> str:
@@ -476,6 +486,15 @@ class RegistryPool:
                     )
                 )
         free = [m for m in ready if m.in_flight < self.max_in_flight]
+        if not free and ready and self.clock() - self._progress_at > self.stall_timeout:
+            busy = [f"{m.file} {m.in_flight} in flight" for m in ready]
+            raise engines.EngineUnavailable(
+                self._failure(
+                    f"no request finished and no engine changed state for "
+                    f"{self.stall_timeout:.0f} s (config warm.stall_timeout_s) while ranks "
+                    f"wait for an engine ({', '.join(busy[:3])})"
+                )
+            )
         return min(free, key=lambda m: m.in_flight) if free else None
 
     @contextlib.contextmanager
@@ -494,6 +513,7 @@ class RegistryPool:
         finally:
             with self._cond:
                 member.in_flight -= 1
+                self._progress_at = self.clock()
                 self._cond.notify()
 
     def mark_failed(self, engine: RemoteEngine) -> None:

@@ -4,11 +4,12 @@ Unit tests (fast) check the generated command and environment, the client's erro
 paths against a stub HTTP server, process-group handling with stand-in processes,
 and the pool's routing with fake engines.
 
-Real tests (marked `vllm`, never skipped) run vLLM's OpenAI-compatible server on
+Real tests (marked `vllm`, never skipped) run both servers of config warm.server on
 the tiny local model. A server start costs ~40-80 s on 2 cores, so the file starts
-three in all: the shared `engine` (module fixture), the engine of a separate owner
-process that the owner-kill test SIGKILLs (started alongside the first), and one
-restart in the last test.
+three in all: the shared `engine` (module fixture, `inprocess`: scripts/vllm_server.py),
+the engine of a separate owner process that the owner-kill test SIGKILLs (vLLM's own
+server with its EngineCore process, started alongside the first), and one restart in
+the last test.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -147,7 +149,7 @@ def wait_until(predicate, timeout: float, poll: float = 0.1) -> float | None:
     return None
 
 
-def engine_spec(workdir: Path, name: str, tile: int) -> dict:
+def engine_spec(workdir: Path, name: str, tile: int, server: str = "inprocess") -> dict:
     """Everything an Engine needs for the tiny model on one (pretend) tile."""
     port = free_port()
     slot = tiles.Slot("localhost", (tile,))
@@ -155,7 +157,7 @@ def engine_spec(workdir: Path, name: str, tile: int) -> dict:
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     base = {**os.environ, **TASK_ENV, "ENGINE_TEST_TAG": tag}
     return {
-        "argv": server_argv(PYTHON, str(tiny_model_path()), port, SETTINGS, 1),
+        "argv": server_argv(PYTHON, str(tiny_model_path()), port, SETTINGS, 1, server=server),
         "env": engine_environment(placement, SETTINGS, base),
         "log": str(workdir / f"{name}.log"),
         "port": port,
@@ -185,7 +187,12 @@ def tiny_model():
 
 def test_argv_one_tile():
     argv = server_argv("/py", "./models/m", 8123, SETTINGS, 1)
-    assert argv[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[:2] == ["/py", str(SCRIPTS / "vllm_server.py")]  # warm.server: inprocess
+    vllms = server_argv("/py", "./models/m", 8123, SETTINGS, 1, server="vllm")
+    assert vllms[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    assert vllms[3:] == argv[2:]  # the same engine arguments for both servers
+    with pytest.raises(ValueError, match="warm.server"):
+        server_argv("/py", "m", 1, SETTINGS, 1, server="gpu")
     joined = " ".join(argv)
     assert "--model ./models/m" in joined
     assert "--host 127.0.0.1 --port 8123" in joined
@@ -221,26 +228,36 @@ def test_argv_tensor_parallel_two_tiles():
 
 @pytest.mark.vllm
 def test_argv_parses_with_vllms_own_parser():
-    """Every flag we emit (tensor-parallel ones included) exists in the installed vLLM."""
+    """Every flag we emit (tensor-parallel ones included) exists in the installed vLLM,
+    for its server and for scripts/vllm_server.py's parser."""
     settings = {**SETTINGS, "max_model_len": 128}
-    argv = server_argv(PYTHON, str(tiny_model_path()), 8123, settings, 2)
+    argv = server_argv(PYTHON, str(tiny_model_path()), 8123, settings, 2, server="vllm")
     script = textwrap.dedent(
         """
         import json, sys
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[1:])
-        print(json.dumps({k: getattr(args, k) for k in (
-            "tensor_parallel_size", "distributed_executor_backend",
+        keys = ("tensor_parallel_size", "distributed_executor_backend",
             "disable_custom_all_reduce", "enforce_eager", "dtype", "port", "host",
-            "generation_config", "max_model_len", "gpu_memory_utilization")}))
+            "generation_config", "max_model_len", "gpu_memory_utilization")
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[2:])
+        print(json.dumps({k: getattr(args, k) for k in keys}))
+        sys.path.insert(0, sys.argv[1])
+        import vllm_server
+        args, engine_args = vllm_server.parse_args(sys.argv[2:])
+        both = {**vars(engine_args), "port": args.port, "host": args.host}
+        print(json.dumps({k: both[k] for k in keys}))
         """
     )
     result = subprocess.run(
-        [PYTHON, "-c", script, *argv[3:]], capture_output=True, text=True, timeout=300
+        [PYTHON, "-c", script, str(SCRIPTS), *argv[3:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    parsed = json.loads(result.stdout.strip().splitlines()[-1])
+    parsed, inprocess = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert inprocess == parsed
     assert parsed == {
         "tensor_parallel_size": 2,
         "distributed_executor_backend": "mp",
@@ -461,7 +478,7 @@ def test_restart_is_bounded(tmp_path):
 def _name(pid: int) -> str:
     """A short name for a process of an engine, for the measurements."""
     args = _cmdline(pid).split(b"\0")
-    for known in (b"engines.py", b"api_server", b"resource_tracker", b"EngineCore"):
+    for known in (b"engines.py", b"vllm_server", b"api_server", b"resource_tracker", b"EngineCore"):
         if any(known in arg for arg in args[:4]):
             return f"{known.decode()} ({pid})"
     return f"{args[0].decode()} ({pid})"
@@ -576,6 +593,123 @@ def test_pool_restarts_a_failed_engine_then_gives_up():
         pass
 
 
+def test_pool_fails_waiting_ranks_when_nothing_progresses():
+    """A rank stuck in its request (the engine up, never answering) holds the only
+    slot: the ranks waiting behind it fail after stall_timeout, naming what they wait
+    for, instead of hanging the run."""
+    engine = FakeEngine("a")
+    engine.log_path = "/logs/a.log"
+    pool = EnginePool([engine], max_in_flight=1, stall_timeout=0.3)
+    with pool.route():
+        started = time.monotonic()
+        with pytest.raises(EngineUnavailable) as caught, pool.route():
+            pass
+        assert time.monotonic() - started >= 0.3
+    text = str(caught.value)
+    assert "warm.stall_timeout_s" in text and "a ready, 1 in flight (log /logs/a.log)" in text
+    # a freed slot is progress: the next rank is served at once
+    with pool.route() as again:
+        assert again is engine
+
+
+def test_pool_never_leaves_an_engine_restarting_when_its_restart_breaks():
+    class Broken(FakeEngine):
+        def restart(self, timeout):
+            raise OSError("cannot fork")  # not an EngineError
+
+    good, broken = FakeEngine("good"), Broken("broken")
+    pool = EnginePool([good, broken], max_in_flight=1)
+    pool.mark_failed(broken, background=False)
+    assert pool.members[1].state == "failed" and broken.stopped
+    with pool.route() as engine:
+        assert engine is good
+
+
+def echo_engine(tmp_path: Path, name: str, **env) -> Engine:
+    port = free_port()
+    argv = [PYTHON, str(SCRIPTS / "echo_server.py"), "--port", str(port)]
+    base = {**os.environ, "TMPDIR": str(tmp_path / name), **env}
+    return Engine(argv, base, tmp_path / f"{name}.log", port, name=name, stop_grace=5)
+
+
+def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int = 1) -> str:
+    import infer
+
+    data = tmp_path / f"{rank}.in"
+    data.write_text("".join(f"{p}\n" for p in prompts))
+    settings = infer.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
+    return infer.serve_rank(
+        rank,
+        settings,
+        data,
+        tmp_path / f"{rank}.out",
+        tmp_path / f"{rank}.json",
+        pool,
+        echo_in_process=False,
+        retries=retries,
+    )
+
+
+def test_a_rank_whose_engine_dies_is_retried_once_and_a_killer_request_fails_alone(tmp_path):
+    """Echo servers that die on one prompt: the rank holding it kills the engine it is
+    sent to, is sent once more to the other one, kills that too, and fails naming both
+    logs; the engines come back (max_restarts) and the other ranks are served."""
+    deadly = {"ECHO_SERVER_DIE_ON": "poison"}
+    a, b = echo_engine(tmp_path, "a", **deadly), echo_engine(tmp_path, "b", **deadly)
+    pool = EnginePool([a, b], max_in_flight=1, ready_timeout=60)
+    pool.start()
+    try:
+        with pytest.raises(engines.EngineError) as caught:
+            echo_rank(tmp_path, 0, ["fine", "poison"], pool)
+        text = str(caught.value)
+        assert "failed on 2 engine(s) in a row" in text and "retry_after_engine_death 1" in text
+        assert str(a.log_path) in text and str(b.log_path) in text
+        assert not (tmp_path / "0.out").exists() and not (tmp_path / "0.json").exists()
+        # both engines restart in the background; the next ranks wait for them
+        for rank in (1, 2, 3):
+            echo_rank(tmp_path, rank, ["one", "two"], pool)
+            record = json.loads((tmp_path / f"{rank}.json").read_text())
+            assert record["engine_deaths"] == [] and record["engine_name"] in ("a", "b")
+        assert a.restarts == 1 and b.restarts == 1
+        assert "dying on prompt 'poison'" in a.log_path.read_text()
+    finally:
+        pool.stop()
+    assert not a.pids() and not b.pids()
+
+
+def running_on(engine: Engine) -> float:
+    """vllm:num_requests_running of an echo server's /metrics (0 when it does not answer)."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(f"{engine.url}/metrics", timeout=2) as answer:
+            lines = answer.read().decode().splitlines()
+    except OSError:
+        return 0.0
+    return sum(
+        float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("vllm:num_requests_running")
+    )
+
+
+def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path):
+    slow = echo_engine(tmp_path, "slow", ECHO_SERVER_DELAY_S="60")
+    fast = echo_engine(tmp_path, "fast")
+    pool = EnginePool([slow, fast], max_in_flight=1, ready_timeout=60)  # ties: the first
+    pool.start()
+    try:
+        done = []
+        rank = threading.Thread(target=lambda: done.append(echo_rank(tmp_path, 7, ["x"], pool)))
+        rank.start()
+        assert wait_until(lambda: running_on(slow) > 0, 30) is not None
+        os.kill(next(p for p in slow.pids() if p != slow.pgid), signal.SIGKILL)
+        rank.join(60)
+        assert done, "the rank did not finish"
+        record = json.loads((tmp_path / "7.json").read_text())
+        assert record["engine_deaths"] == ["slow"] and record["engine_name"] == "fast"
+        assert (tmp_path / "7.out").read_text() == "Prompt: 'x', Generated text: 'x'\n\n"
+    finally:
+        pool.stop()
+
+
 # ----------------------------------------------------------------------------- real vLLM
 
 OWNER = """
@@ -595,7 +729,7 @@ time.sleep(3600)
 def owned_child(tmp_path_factory):
     """A separate owner process with its own real engine, started without waiting for it."""
     work = tmp_path_factory.mktemp("owner")
-    spec = engine_spec(work, "owned", tile=1)
+    spec = engine_spec(work, "owned", tile=1, server="vllm")
     code = OWNER.format(scripts=str(SCRIPTS), timeout=READY_TIMEOUT)
     out = (work / "owner.out").open("w+")
     child = subprocess.Popen(
@@ -743,11 +877,11 @@ def test_real_server_sigkill_then_restart(engine):
     """Last real test: it kills the shared engine's server and restarts it."""
     pgid = engine.pgid
     # Not the watchdog (the group leader): its argv holds the server's argv too.
-    server = next(p for p in engine.pids() if p != pgid and b"api_server" in _cmdline(p))
+    server = next(p for p in engine.pids() if p != pgid and b"vllm_server" in _cmdline(p))
     os.kill(server, signal.SIGKILL)
     down = wait_until(lambda: not engine.alive(), engine.stop_grace + 10)
     assert down is not None, "engine still alive after its server was SIGKILLed"
-    assert process_group(pgid) == []  # EngineCore did not survive its server
+    assert process_group(pgid) == []
     with pytest.raises(EngineUnavailable):
         complete(engine.url, PROMPTS, SAMPLING, timeout=10)
     MEASURED["restart_ready_s"] = round(engine.restart(READY_TIMEOUT), 1)

@@ -1,0 +1,253 @@
+"""A warm engine with vLLM's engine in this process: the OpenAI endpoints our client uses.
+
+Config `warm.server: inprocess` (the default) starts this instead of vLLM's own server
+(`python -m vllm.entrypoints.openai.api_server`, `warm.server: vllm`). vLLM's server
+splits an engine into two processes, the API front end and an EngineCore it talks to
+over ZeroMQ. On a 2-core Intel Xeon (AVX-512/AMX) that split went wrong: the front end
+shut its live EngineCore down in the middle of a request (`[shutdown] Process manager:
+send sigterm to process EngineCore`, then `engine core exited unexpectedly`, HTTP 500),
+timing-dependent, once in four fresh servers; an in-process `LLM.generate` of the same
+requests never failed (README, "Warm engines"). Here the engine runs as `LLM.generate`
+runs it (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one `LLMEngine` stepped by one thread),
+so there is no second process to lose, and one `import vllm` per engine instead of two.
+
+    GET  /health           200 once the engine is built; 503 after an engine failure
+    POST /tokenize         the engine's tokenizer: tokens, count, max_model_len
+    POST /v1/completions   prompts (strings or token ids), sampling fields, in prompt order
+    GET  /metrics          vllm:num_requests_running, vllm:request_success_total
+
+Every prompt of a request is one engine request, so the prompts of all ranks in flight
+are batched together (continuous batching, as in vLLM's server). The argv is vLLM's
+engine arguments (parsed by vLLM's own parser) plus --host and --port. An engine step
+that raises ends the server (exit 3) after answering HTTP 500 to the requests in flight:
+the watchdog sees it exit and the pool restarts it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from http.server import ThreadingHTTPServer
+
+# Before vLLM is imported: the engine core in this process (as LLM.generate with it).
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+from echo_server import BadRequest, Handler, prompts_of, serve  # noqa: E402
+
+SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
+
+
+@dataclass
+class _Batch:
+    """The prompts of one /v1/completions request, answered together."""
+
+    prompts: list[list[int]]  # token ids
+    params: object
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: dict = field(default_factory=dict)  # prompt index -> vLLM CompletionOutput
+    prompt_tokens: int = 0
+    error: Exception | None = None
+
+
+class VllmServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024
+
+    def __init__(self, address, engine, model_name: str):
+        super().__init__(address, Handler)
+        self.engine = engine
+        self.model = model_name
+        self.max_model_len = engine.model_config.max_model_len
+        self.tokenizer = engine.get_tokenizer()
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not thread-safe
+        self._incoming: queue.Queue[_Batch] = queue.Queue()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self.running = 0
+        self.succeeded = 0
+        self.failure: str | None = None
+        self._stepper = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._stepper.start()
+
+    # --- the engine thread: the only one that touches the engine ---------------------
+
+    def _run(self) -> None:
+        batches: dict[str, tuple[_Batch, int]] = {}  # engine request id -> (batch, index)
+        try:
+            while True:
+                block = not self.engine.has_unfinished_requests()
+                try:
+                    while True:
+                        self._admit(self._incoming.get(block=block, timeout=0.5), batches)
+                        block = False
+                except queue.Empty:
+                    pass
+                if self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        if output.finished:
+                            self._finish(output, batches)
+        except Exception as error:  # the engine is broken: answer, then end the server
+            self.failure = f"engine step failed: {type(error).__name__}: {error}"
+            print(f"vllm_server: {self.failure}", file=sys.stderr, flush=True)
+            for batch, _index in list(batches.values()):
+                batch.error = RuntimeError(self.failure)
+                batch.done.set()
+            while True:  # requests that arrive until the server is down
+                batch = self._incoming.get()
+                batch.error = RuntimeError(self.failure)
+                batch.done.set()
+
+    def _admit(self, batch: _Batch, batches: dict) -> None:
+        added = []
+        for index, prompt in enumerate(batch.prompts):
+            request_id = f"{next(self._ids)}"
+            try:
+                self.engine.add_request(request_id, {"prompt_token_ids": prompt}, batch.params)
+            except ValueError as error:  # vLLM's validation: too long, bad value
+                if added:
+                    self.engine.abort_request(added)
+                for rid in added:
+                    batches.pop(rid, None)
+                with self._lock:
+                    self.running -= len(added)
+                batch.error = BadRequest(str(error))
+                batch.done.set()
+                return
+            added.append(request_id)
+            batches[request_id] = (batch, index)
+            with self._lock:
+                self.running += 1
+
+    def _finish(self, output, batches: dict) -> None:
+        batch, index = batches.pop(output.request_id)
+        batch.outputs[index] = output.outputs[0]
+        batch.prompt_tokens += len(output.prompt_token_ids or ())
+        with self._lock:
+            self.running -= 1
+            self.succeeded += 1
+        if len(batch.outputs) == len(batch.prompts):
+            batch.done.set()
+
+    # --- the HTTP side (Handler's threads) -------------------------------------------
+
+    def healthy(self) -> bool:
+        return self.failure is None
+
+    def completion(self, body: dict) -> dict:
+        from vllm import SamplingParams
+
+        prompts = prompts_of(body)
+        given = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        try:
+            params = SamplingParams(**given)
+        except (TypeError, ValueError) as error:
+            raise BadRequest(f"bad sampling fields: {error}") from None
+        if self.failure:
+            raise RuntimeError(self.failure)
+        # Tokenized here, as vLLM's server does, so that its length check and message hold.
+        ids = [p if isinstance(p, list) else self._encode(p, True) for p in prompts]
+        for prompt_ids in ids:
+            if len(prompt_ids) >= self.max_model_len:
+                raise BadRequest(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, your prompt contains {len(prompt_ids)} input tokens. "
+                    "Please reduce the length of the input prompt."
+                )
+        batch = _Batch(ids, params)
+        self._incoming.put(batch)
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        echoed = [self._prompt_text(p) for p in prompts] if body.get("echo") else None
+        choices = [
+            {
+                "index": i,
+                "text": (echoed[i] if echoed else "") + batch.outputs[i].text,
+                "finish_reason": batch.outputs[i].finish_reason,
+                "logprobs": None,
+            }
+            for i in range(len(prompts))
+        ]
+        completion_tokens = sum(len(o.token_ids) for o in batch.outputs.values())
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": batch.prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": batch.prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        with self._tokenizer_lock:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def _prompt_text(self, prompt: str | list[int]) -> str:
+        if isinstance(prompt, str):
+            return prompt
+        with self._tokenizer_lock:
+            return self.tokenizer.decode(prompt)
+
+    def tokens(self, body: dict) -> dict:
+        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+            raise BadRequest("the request has no prompt string")
+        ids = self._encode(body["prompt"], bool(body.get("add_special_tokens", True)))
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def metrics(self) -> str:
+        with self._lock:
+            running, succeeded = self.running, self.succeeded
+        label = f'model_name="{self.model}"'
+        return (
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{label}}} {running}\n"
+            "# TYPE vllm:request_success_total counter\n"
+            f"vllm:request_success_total{{{label}}} {succeeded}\n"
+        )
+
+
+def parse_args(argv: Sequence[str]):
+    """vLLM's engine arguments, by vLLM's own parser, plus --host and --port."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    EngineArgs.add_cli_args(parser)
+    args = parser.parse_args(list(argv))
+    return args, EngineArgs.from_cli_args(args)
+
+
+def main(argv: Sequence[str]) -> int:
+    args, engine_args = parse_args(argv)
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    # The engine first: /health is refused (no listener) until it can serve.
+    engine = LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
+    try:
+        server = VllmServer((args.host, args.port), engine, engine_args.model)
+    except OSError as error:
+        print(f"vllm_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    print(f"vllm_server: serving {engine_args.model} on {args.host}:{args.port}", file=sys.stderr)
+    serve(server, stopped=lambda: server.failure is not None)
+    sys.stderr.flush()
+    # No vLLM teardown: the watchdog ends what is left of the process group.
+    os._exit(3 if server.failure else 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
