@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -396,26 +397,37 @@ def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) ->
 
 
 def serve_rank(
-    rank: int, settings: dict, prompts_path, output, record_path, pool, echo_in_process=True
+    rank: int,
+    settings: dict,
+    prompts_path,
+    output,
+    record_path,
+    pool,
+    echo_in_process=True,
+    retries: int = 1,
+    request_timeout: float = 600.0,
 ) -> str:
     """One rank on a warm engine of ``pool`` (engines.EnginePool): read the prompts,
     wait for a free engine, one request, write the outputs; return the lines for the
     rank's log (a warning for an empty rank file, the summary).
 
     An engine found dead before the rank's request is marked (the pool restarts it)
-    and the rank goes to another one; an engine that fails during the request fails
-    this rank, naming the engine's log. ``echo_in_process``: the echo engine runs here,
+    and the rank goes to another one. An engine that fails during the request is
+    marked too, and the request is sent again to a healthy engine, at most ``retries``
+    times (a death is not the rank's fault); after that the rank fails, naming the
+    logs of the engines it failed on. ``echo_in_process``: the echo engine runs here,
     not as an engine of the pool (scripts/echo_server.py).
     """
     import engines
 
     started = time.monotonic()
     prompts = read_prompts(prompts_path)
-    placement, wait_s = {}, 0.0
+    placement, wait_s, died_on = {}, 0.0, []
     if not prompts or (settings["engine"] == "echo" and echo_in_process):
         result = run_echo(prompts)
     else:
-        for attempt in range(1, 4):
+        unanswered = 0
+        while True:
             with pool.route() as engine:
                 wait_s = time.monotonic() - started
                 try:
@@ -424,20 +436,29 @@ def serve_rank(
                     )
                 except engines.EngineUnavailable as error:
                     pool.mark_failed(engine)
-                    if attempt == 3:
+                    unanswered += 1
+                    if unanswered == 3:
                         raise engines.EngineError(
                             f"no engine answered ({error}); last tried {engine.name}, "
                             f"its log: {engine.log_path}"
                         ) from error
                     continue
                 try:
-                    done = engines.complete(engine.url, inputs, settings["sampling"])
+                    done = engines.complete(
+                        engine.url, inputs, settings["sampling"], timeout=request_timeout
+                    )
                 except engines.EngineUnavailable as error:
                     pool.mark_failed(engine)
-                    raise engines.EngineError(
-                        f"engine {engine.name} failed during the request ({error}); "
-                        f"its log: {engine.log_path}"
-                    ) from error
+                    died_on.append(engine)
+                    if len(died_on) > retries:
+                        logs = ", ".join(dict.fromkeys(str(e.log_path) for e in died_on))
+                        raise engines.EngineError(
+                            f"engine {engine.name} failed during the request ({error}); "
+                            f"the request failed on {len(died_on)} engine(s) in a row "
+                            f"(config warm.retry_after_engine_death {retries}); "
+                            f"engine log(s): {logs}"
+                        ) from error
+                    continue
                 placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": str(engine.log_path)}
                 break
         result = {
@@ -456,6 +477,8 @@ def serve_rank(
         "client_pid": os.getpid(),
         "wait_s": round(wait_s, 6),
         "request_s": round(result["generate_s"], 6),
+        # engines that died during this rank's request before one answered it
+        "engine_deaths": [e.name for e in died_on],
     }
     summary = write_outputs(prompts, result, record, output, record_path)
     return f"WARNING: {prompts_path} has no prompts\n{summary}" if not prompts else summary
@@ -560,6 +583,8 @@ def write_outputs(prompts: list[Prompt], result: dict, record: dict, output, rec
     # When the rank finished: the files' mtimes do not keep it (Snakemake touches
     # outputs when it checks them, in a PBS submission only at its end).
     record["written_at"] = round(time.time(), 6)
+    # Proves the .out whole after a kill (pipeline.forget_finished_incomplete).
+    record["out_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     # Record first, .out last: the .out existing means the rank finished.
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     write_atomic(output, text)
