@@ -15,6 +15,7 @@ BENCH_MODEL := models/opt-125m-shaped
 .PHONY: run test lint format bench lock openpbs clean
 
 run: $(VENV)/.installed $(TINY_MODEL)/config.json
+	$(BIN)/python scripts/unlock_stale.py profiles/local $(BIN)/snakemake
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 

@@ -23,6 +23,8 @@ validate(config, "config/schema.yaml")
 
 DATA, RESULTS = config["data_dir"], config["results_dir"]
 RANKS = ranks.discover_ranks(DATA)
+# Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
+ranks.report_kept(ranks.forget_finished_incomplete(RESULTS))
 MODEL = pipeline.check_model(config["model"])
 MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.

@@ -1,6 +1,12 @@
 """Find the rank files of a run: ``<data_dir>/<rank>.in`` with ``rank`` a non-negative integer."""
 
+import base64
+import contextlib
+import hashlib
+import json
+import os
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -43,3 +49,54 @@ def discover_ranks(data_dir: str | Path) -> list[str]:
     if not names_of:
         raise RankFileError(f"data folder {str(data)!r} has no <rank>.in files")
     return [names[0].removesuffix(".in") for _, names in sorted(names_of.items())]
+
+
+def rank_is_whole(results_dir: str | Path, rank: str) -> bool:
+    """Whether ``<rank>.out`` is the whole file its record describes (out_sha256).
+
+    The task writes the record, then the .out, each atomically; the record carries the
+    .out's digest, so this holds exactly for a rank that finished writing."""
+    results = Path(results_dir)
+    try:
+        record = json.loads((results / "records" / f"{rank}.json").read_text())
+        digest = hashlib.sha256((results / f"{rank}.out").read_bytes()).hexdigest()
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("out_sha256") == digest
+
+
+def forget_finished_incomplete(
+    results_dir: str, marker_dir: str | Path = ".snakemake/incomplete"
+) -> list[str]:
+    """Drop Snakemake's "incomplete" marks of ranks whose outputs are whole; return them.
+
+    Snakemake records a job as finished only after the job returns: a Snakemake killed
+    between a rank's last write and that record (up to a second when many warm-engine
+    ranks finish together) leaves the rank marked, and --rerun-incomplete would redo
+    it although its output is whole. A rank still being written has no .out yet (atomic
+    writes), so its mark is kept."""
+    folder = re.escape(str(results_dir).rstrip("/"))
+    pattern = re.compile(rf"{folder}/(?:records/)?(\d+)\.(?:out|json)")
+    forgotten = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(marker_dir):
+            try:
+                path = base64.urlsafe_b64decode(entry.name).decode()
+            except ValueError:
+                continue  # Snakemake's own files (migration_underway)
+            match = pattern.fullmatch(path)
+            if match and rank_is_whole(results_dir, match.group(1)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(entry.path)
+                forgotten.append(match.group(1))
+    return sorted(set(forgotten), key=int)
+
+
+def report_kept(kept: list[str], stream=None) -> None:
+    if kept:
+        shown = ", ".join(kept[:10]) + (f" and {len(kept) - 10} more" if len(kept) > 10 else "")
+        print(
+            f"Kept {len(kept)} rank(s) that an interrupted run had finished but Snakemake had "
+            f"not yet recorded (their records prove the outputs whole): {shown}",
+            file=stream or sys.stderr,
+        )

@@ -1,8 +1,13 @@
+import base64
+import hashlib
+import json
 import os
 import time
+from pathlib import Path
 
 import pipeline
 import pytest
+import ranks
 from ranks import RankFileError, discover_ranks
 
 
@@ -56,3 +61,45 @@ def test_pending_ranks_need_both_outputs_newer_than_the_input(tmp_path):
     # A model still to be fetched makes every rank pending.
     missing = [str(tmp_path / "no-marker.json")]
     assert pipeline.pending_ranks(ranks, str(data), str(results), missing) == ranks
+
+
+def _finished_rank(results, rank: str, text: str) -> None:
+    """A rank as the task leaves it: the record (with the .out's digest), then the .out."""
+    (results / "records").mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    (results / "records" / f"{rank}.json").write_text(json.dumps({"out_sha256": digest}))
+    (results / f"{rank}.out").write_text(text)
+
+
+def _mark(tmp_path, path: str) -> Path:
+    marker = (
+        tmp_path / ".snakemake" / "incomplete" / base64.urlsafe_b64encode(path.encode()).decode()
+    )
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("")
+    return marker
+
+
+def test_marks_of_whole_outputs_are_dropped_the_others_kept(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results"
+    _finished_rank(results, "2", "Prompt: 'a', Generated text: 'b'\n\n")
+    _finished_rank(results, "3", "whole\n")
+    (results / "3.out").write_text("changed after its record\n")  # not what the record says
+    (results / "records" / "4.json").write_text("{}")  # record, no .out: still being written
+    whole = [_mark(tmp_path, "results/2.out"), _mark(tmp_path, "results/records/2.json")]
+    kept = [_mark(tmp_path, f"results/{r}.out") for r in (3, 4, 5)]
+    kept.append(_mark(tmp_path, "elsewhere/2.out"))
+    (tmp_path / ".snakemake" / "incomplete" / "migration_underway").write_text("")
+    assert ranks.forget_finished_incomplete("results") == ["2"]
+    assert not any(m.exists() for m in whole) and all(m.exists() for m in kept)
+    assert ranks.forget_finished_incomplete("results") == []
+    assert ranks.forget_finished_incomplete("results", tmp_path / "no-such-folder") == []
+
+
+def test_kept_ranks_are_reported(capsys):
+    ranks.report_kept([])
+    assert capsys.readouterr().err == ""
+    ranks.report_kept([str(r) for r in range(12)])
+    err = capsys.readouterr().err
+    assert err.startswith("Kept 12 rank(s)") and "0, 1, 2" in err and "and 2 more" in err
