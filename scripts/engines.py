@@ -46,6 +46,34 @@ from pathlib import Path
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 INPROCESS_SERVER = Path(__file__).with_name("vllm_server.py")
 SERVERS = ("inprocess", "vllm")
+# config warm.ready_timeout_s: null: this, from the model's size (rule fetch_model).
+READY_BASE_S = 300.0
+READY_S_PER_GIB = 3.0
+
+
+def ready_timeout(configured: float | None, weights_bytes: int | None) -> float:
+    """Seconds engines may take to become ready: the configured value, else one that
+    grows with the weights (an engine loads them; a 120B model took ~4 minutes on
+    Aurora), else the base for a model of unknown size (the echo engine)."""
+    if configured is not None:
+        return float(configured)
+    return READY_BASE_S + READY_S_PER_GIB * (weights_bytes or 0) / 2**30
+
+
+# Where each flag of server_argv comes from, for messages about a flag vLLM refuses.
+FLAG_KEYS = {
+    "--model": "model",
+    "--host": "tiles (the engine's address)",
+    "--port": "tiles.base_port",
+    "--dtype": "vllm.dtype",
+    "--max-model-len": "vllm.max_model_len",
+    "--enforce-eager": "vllm.enforce_eager",
+    "--gpu-memory-utilization": "vllm.gpu_memory_utilization",
+    "--generation-config": "scripts/engines.py server_argv (always vllm)",
+    "--tensor-parallel-size": "tiles.per_job",
+    "--distributed-executor-backend": "tiles.per_job",
+    "--disable-custom-all-reduce": "tiles.per_job",
+}
 # sun_path holds 108 bytes with the terminating NUL.
 SOCKET_PATH_MAX = 107
 # vLLM names its IPC sockets <VLLM_RPC_BASE_PATH>/<uuid4>: 1 + 36 characters, plus slack
@@ -112,7 +140,14 @@ def server_argv(
         # ALCF's and the seed author's tensor-parallel recipe for Aurora (aurora.md).
         argv += ["--tensor-parallel-size", str(tiles_per_engine)]
         argv += ["--distributed-executor-backend", "mp", "--disable-custom-all-reduce"]
-    return argv
+    return argv + list(settings.get("engine_args") or ())
+
+
+def flag_key(flag: str, settings: Mapping) -> str:
+    """The config key a flag of server_argv comes from."""
+    if any(a == flag or a.startswith(f"{flag}=") for a in settings.get("engine_args") or ()):
+        return "vllm.engine_args"
+    return FLAG_KEYS.get(flag, "vllm.engine_args")
 
 
 # ----------------------------------------------------------------------------- environment

@@ -6,10 +6,14 @@
 1. Weights: a local folder is used as it is. A hub id is looked up in the read-only
    shared cache first (ALCF keeps common models there), then in ``--hf-home``, and
    only then downloaded into ``--hf-home`` (compute nodes have no internet).
-2. vLLM's model-info cache (``VLLM_CACHE_ROOT/modelinfos``) is built for the
+2. The engines' command line of this config (``--engine-argv``) is parsed with the
+   installed vLLM's own parser: a flag or value this vLLM does not know stops the run
+   here, before any job is submitted, naming the flag, its config key and the version.
+3. vLLM's model-info cache (``VLLM_CACHE_ROOT/modelinfos``) is built for the
    model's architectures with vLLM itself: without it an engine's first run on a
    node can fail with "validation error for ModelConfig".
-3. The marker (written last, atomically) names the folder the engines load.
+4. The marker (written last, atomically) names the folder the engines load and the
+   versions of vLLM, torch and IPEX they will run with.
 
 Run by the interpreter that runs inference (config key ``python``), with
 VLLM_CACHE_ROOT set to the folder every engine uses.
@@ -18,12 +22,58 @@ VLLM_CACHE_ROOT set to the folder every engine uses.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 from prompts import write_atomic
+
+
+class CheckError(Exception):
+    """What stops the rule: printed as one line naming the cause."""
+
+
+def versions() -> dict:
+    """vLLM, torch and (where installed) IPEX, as the engines will import them."""
+    import torch
+    import vllm
+
+    try:
+        ipex = importlib.metadata.version("intel-extension-for-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        ipex = None
+    return {"vllm": vllm.__version__, "torch": torch.__version__, "ipex": ipex}
+
+
+def check_engine_argv(argv: list[str], server: str, keys: dict, vllm_version: str) -> None:
+    """Parse the engines' argv (from --model on) with the installed vLLM's parser:
+    vLLM's OpenAI server's for `warm.server: vllm`, vllm_server.py's (vLLM's engine
+    arguments) otherwise. ``keys``: flag -> the config key it comes from."""
+    if server == "vllm":
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+        parser = make_arg_parser(FlexibleArgumentParser())
+    else:
+        import vllm_server
+
+        parser = vllm_server.argument_parser()
+
+    def refuse(message: str):
+        flags = re.findall(r"(?<![\w-])(--[A-Za-z0-9][\w.-]*)", message)
+        named = "; ".join(
+            f"{flag} comes from config key {keys.get(flag, 'vllm.engine_args')}" for flag in flags
+        )
+        raise CheckError(
+            f"vLLM {vllm_version} does not accept the engines' command line "
+            f"(warm.server: {server}): {message}" + (f" ({named})" if named else "")
+        )
+
+    parser.error = refuse  # argparse reports every refusal through error()
+    parser.parse_args(argv[argv.index("--model") :])
 
 
 def find_weights(model: str, shared_hf_home: str, hf_home: str) -> tuple[str, str]:
@@ -58,11 +108,25 @@ def build_modelinfo_cache(folder: str) -> list[str]:
     # vLLM inspects a model class in a second interpreter (one more `import vllm`,
     # ~20 s on 2 cores) only to keep CUDA uninitialised in its caller. This process
     # never touches a device: inspect here; vLLM still hashes the module and writes
-    # the cache file itself.
-    registry._run_in_subprocess = lambda inspect: inspect()
+    # the cache file itself. Private names: checked, not assumed.
+    if callable(getattr(registry, "_run_in_subprocess", None)):
+        registry._run_in_subprocess = lambda inspect: inspect()
+    else:
+        print(
+            "fetch_model: this vLLM has no vllm.model_executor.models.registry."
+            "_run_in_subprocess; the model class is inspected in vLLM's own second "
+            "interpreter (one more import of vLLM)",
+            file=sys.stderr,
+        )
+    models = getattr(getattr(registry, "ModelRegistry", None), "models", None)
+    if not isinstance(models, dict):
+        raise CheckError(
+            "this vLLM has no vllm.model_executor.models.registry.ModelRegistry.models; "
+            "scripts/fetch_model.py cannot build the model-info cache with it"
+        )
     built = []
     for arch in architectures:
-        registered = registry.ModelRegistry.models.get(arch)
+        registered = models.get(arch)
         if registered is None:
             raise SystemExit(f"vLLM does not support architecture {arch!r} of {folder}")
         registered.inspect_model_cls()  # writes VLLM_CACHE_ROOT/modelinfos/<class>.json
@@ -76,11 +140,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--marker", required=True)
     parser.add_argument("--shared-hf-home", default="")
     parser.add_argument("--hf-home", required=True)
+    parser.add_argument("--engine-argv", default="[]", help="JSON: the engines' argv")
+    parser.add_argument("--server", default="inprocess", help="config warm.server")
+    parser.add_argument("--flag-keys", default="{}", help="JSON: flag -> config key")
     args = parser.parse_args(argv)
-    folder, how = find_weights(args.model, args.shared_hf_home, args.hf_home)
-    print(f"{args.model}: weights from {how}: {folder}", file=sys.stderr)
-    cache_root = os.environ.get("VLLM_CACHE_ROOT", "")
-    architectures = build_modelinfo_cache(folder)
+    try:
+        found = versions()
+        print(f"versions: {json.dumps(found)}", file=sys.stderr)
+        engine_argv = json.loads(args.engine_argv)
+        if engine_argv:
+            check_engine_argv(engine_argv, args.server, json.loads(args.flag_keys), found["vllm"])
+            print(f"engine command line parses with vLLM {found['vllm']}", file=sys.stderr)
+        folder, how = find_weights(args.model, args.shared_hf_home, args.hf_home)
+        print(f"{args.model}: weights from {how}: {folder}", file=sys.stderr)
+        cache_root = os.environ.get("VLLM_CACHE_ROOT", "")
+        architectures = build_modelinfo_cache(folder)
+    except CheckError as error:
+        print(f"ERROR: {error}", file=sys.stderr)
+        return 1
     cached = sorted(p.name for p in Path(cache_root, "modelinfos").glob("*.json"))
     print(f"model-info cache in {cache_root}: {', '.join(cached)}", file=sys.stderr)
     marker = {
@@ -89,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         "how": how,
         "vllm_cache_root": cache_root,
         "architectures": architectures,
+        "versions": found,
+        # config warm.ready_timeout_s null: engines.ready_timeout of this size
+        "weights_bytes": sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()),
     }
     Path(args.marker).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.marker, json.dumps(marker, indent=2) + "\n")

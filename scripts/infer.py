@@ -63,6 +63,7 @@ DEFAULT_SETTINGS: dict = {
     "cpu_kv_cache_gib": None,
     "gpu_memory_utilization": 0.9,
     "long_prompts": "error",
+    "engine_args": [],
     # The seed's SamplingParams(temperature=0.8, top_p=0.95) with vLLM's max_tokens 16.
     "sampling": {
         "temperature": 0.8,
@@ -128,6 +129,9 @@ def parse_settings(text: str) -> dict:
     kv = settings["cpu_kv_cache_gib"]
     if kv is not None and not (_is_number(kv) and kv > 0):
         raise bad("cpu_kv_cache_gib", "a positive number or null")
+    extra = settings["engine_args"]
+    if not isinstance(extra, list) or not all(isinstance(a, str) and a for a in extra):
+        raise bad("engine_args", "a list of non-empty strings")
     gmu = settings["gpu_memory_utilization"]
     if not (_is_number(gmu) and 0 < gmu <= 1):
         raise bad("gpu_memory_utilization", "a number in (0, 1]")
@@ -304,7 +308,21 @@ def llm_args(settings: dict, tile_ids: str) -> dict:
     # chosen by ZE_AFFINITY_MASK in the environment. No engine seed either: LLM's
     # seed must be an int (default 0); reproducible sampling comes from the
     # per-request SamplingParams(seed=...).
-    return args
+    return args | extra_engine_args(settings["engine_args"])
+
+
+def extra_engine_args(argv: list[str]) -> dict:
+    """Config vllm.engine_args (vLLM command-line flags) as LLM keyword arguments, read
+    by vLLM's own parser: the values that differ from its defaults."""
+    if not argv:
+        return {}
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    defaults = vars(parser.parse_args(["--model", "m"]))
+    given = vars(parser.parse_args(["--model", "m", *argv]))
+    return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}
 
 
 def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
@@ -343,7 +361,11 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
     generate_s = time.monotonic() - t0
     if len(outputs) != len(prompts):
         raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    import torch
+    import vllm
+
     return {
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
         "generated": [o.outputs[0].text for o in outputs],
         "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
         "import_s": import_s,
@@ -406,6 +428,7 @@ def serve_rank(
     echo_in_process=True,
     retries: int = 1,
     request_timeout: float = 600.0,
+    versions: dict | None = None,
 ) -> str:
     """One rank on a warm engine of ``pool`` (engines.EnginePool): read the prompts,
     wait for a free engine, one request, write the outputs; return the lines for the
@@ -467,6 +490,7 @@ def serve_rank(
             "import_s": 0.0,
             "generate_s": done.seconds,
             "truncated": truncated,
+            "versions": versions or {},
         }
     result["load_s"] = wait_s
     record = build_record(rank, settings, len(prompts), result, None, placement)
@@ -511,6 +535,8 @@ def build_record(
         "model": settings["model"],
         "engine": settings["engine"],
         "truncated": result["truncated"],
+        # vLLM, torch, IPEX: what generated it (warm engines: rule fetch_model's marker)
+        "versions": result.get("versions", {}),
     }
 
 

@@ -4,6 +4,7 @@ Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
 
 import atexit
+import contextlib
 import json
 import os
 import re
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import engines
@@ -152,9 +154,28 @@ def fetch_env(config: dict, environ=os.environ) -> dict:
     return env
 
 
+def engine_check_argv(config: dict, model: str) -> tuple[list[str], str, dict]:
+    """The engines' command line of this config, the server that parses it (config
+    warm.server; vLLM's engine arguments for per-rank engines) and each flag's config key."""
+    server = config["warm"]["server"] if config["warm_engines"] else "inprocess"
+    settings = config["vllm"]
+    argv = engines.server_argv(
+        inference_python(config),
+        model,
+        config["tiles"]["base_port"] + 1000,
+        settings,
+        config["tiles"]["per_job"],
+        server=server,
+    )
+    keys = {a: engines.flag_key(a, settings) for a in argv if a.startswith("--")}
+    return argv, server, keys
+
+
 def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
-    """Find or fetch the model's weights and build vLLM's model-info cache (rule fetch_model)."""
+    """Find or fetch the model's weights, check the engines' command line against the
+    installed vLLM and build vLLM's model-info cache (rule fetch_model)."""
     weights = config["weights"]
+    argv, server, keys = engine_check_argv(config, model)
     command = [
         inference_python(config),
         str(Path(__file__).with_name("fetch_model.py")),
@@ -166,13 +187,33 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
         weights["shared_hf_home"],
         "--hf-home",
         os.path.abspath(os.path.expanduser(weights["hf_home"])),
+        "--engine-argv",
+        json.dumps(argv),
+        "--server",
+        server,
+        "--flag-keys",
+        json.dumps(keys),
     ]
     with open(log, "w") as stream:
         code = subprocess.run(
             command, env=fetch_env(config), stdout=stream, stderr=stream
         ).returncode
     if code != 0:
-        raise RuntimeError(f"preparing model {model!r} failed; see {log}")
+        errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
+        cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
+        raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
+
+
+def marker_field(marker, name: str):
+    """A field of rule fetch_model's marker (None for the echo engine, which has none)."""
+    if not marker:
+        return None
+    return json.loads(Path(marker[0]).read_text()).get(name)
+
+
+def marker_versions(marker) -> dict:
+    """The vLLM, torch and IPEX versions rule fetch_model found ({} for echo)."""
+    return marker_field(marker, "versions") or {}
 
 
 def engine_model(config: dict, model: str, marker) -> str:
@@ -204,7 +245,7 @@ class WarmEngines:
         self._pool = None
         self._failure: str | None = None
 
-    def pool(self, config: dict, model: str):
+    def pool(self, config: dict, model: str, marker=()):
         """The started pool (the first caller starts it; the others wait for it)."""
         with self._lock:
             if self._failure:
@@ -213,7 +254,9 @@ class WarmEngines:
                 pool = engines.EnginePool(
                     local_engines(config, model),
                     max_in_flight=config["warm"]["ranks_in_flight"],
-                    ready_timeout=config["warm"]["ready_timeout_s"],
+                    ready_timeout=engines.ready_timeout(
+                        config["warm"]["ready_timeout_s"], marker_field(marker, "weights_bytes")
+                    ),
                     stall_timeout=config["warm"]["stall_timeout_s"],
                 )
                 atexit.register(pool.stop)
@@ -238,14 +281,14 @@ WARM = WarmEngines()
 class _LazyPool:
     """What infer.serve_rank routes through: the run's pool, started on first use."""
 
-    def __init__(self, config: dict, model: str):
-        self.config, self.model = config, model
+    def __init__(self, config: dict, model: str, marker=()):
+        self.config, self.model, self.marker = config, model, marker
 
     def route(self, timeout=None):
-        return WARM.pool(self.config, self.model).route(timeout)
+        return WARM.pool(self.config, self.model, self.marker).route(timeout)
 
     def mark_failed(self, engine) -> None:
-        WARM.pool(self.config, self.model).mark_failed(engine)
+        WARM.pool(self.config, self.model, self.marker).mark_failed(engine)
 
 
 def local_engines(config: dict, model: str) -> list:
@@ -328,7 +371,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
     settings = task_settings(config, model)
     spec = os.environ.get(serve.SPEC_VARIABLE)
     # In a PBS submission: its engines on all its nodes (echo too: echo servers).
-    pool = JOB_ENGINES.pool(spec) if spec else _LazyPool(config, model)
+    pool = JOB_ENGINES.pool(spec) if spec else _LazyPool(config, model, input.model)
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         try:
@@ -342,6 +385,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 echo_in_process=not spec,
                 retries=config["warm"]["retry_after_engine_death"],
                 request_timeout=config["warm"]["stall_timeout_s"],
+                versions=marker_versions(input.model),
             )
         except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
             out.write(f"ERROR: {error}\n")
@@ -400,16 +444,45 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
         raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")
 
 
-def report_failures(ranks, results_dir: str, log_pattern: str, stream=sys.stderr) -> None:
-    """Print which ranks ran and failed (a log but no output), and where to look."""
+# When this run's Snakemake loaded the workflow: reports older than this are not its.
+STARTED = time.time()
+
+
+def preflight_failures(pbs_logs: str = "logs/pbs", since: float = STARTED) -> list[str]:
+    """This run's submissions that ended at their preflight (scripts/stage_model.py)."""
+    lines = []
+    for path in sorted(Path(pbs_logs).glob("*.failed.json")):
+        with contextlib.suppress(OSError, ValueError):
+            if path.stat().st_mtime < since:
+                continue
+            failure = json.loads(path.read_text())
+            name = path.name[: -len(".failed.json")]
+            lines.append(
+                f"Submission {name} (job {failure['job_id']}) ended before any engine started "
+                f"(its PBS log: {path.with_name(name + '.log')}); its ranks did not run:"
+            )
+            lines += [f"  {cause}" for cause in failure["causes"]]
+    return lines
+
+
+def report_failures(
+    ranks, results_dir: str, log_pattern: str, stream=None, pbs_logs: str = "logs/pbs"
+) -> None:
+    """Print which ranks ran and failed (a log but no output), which submissions ended
+    at their preflight, and where to look."""
+    stream = stream or sys.stderr
     logs = {rank: log_pattern.format(rank=rank) for rank in ranks}
     failed = [
         (rank, log)
         for rank, log in logs.items()
         if not os.path.exists(f"{results_dir}/{rank}.out") and os.path.exists(log)
     ]
+    preflight = preflight_failures(pbs_logs)
+    if preflight:
+        print("\n".join(preflight), file=stream)
     if not failed:
-        print("No rank failed; the error is in the messages above.", file=stream)
+        if not preflight:
+            print("No rank failed; the error is in the messages above.", file=stream)
         return
     lines = [f"{len(failed)} rank(s) failed; their outputs are missing, the others are kept:"]
     lines += [f"  rank {rank}: {log}" for rank, log in failed]

@@ -217,16 +217,21 @@ class VllmServer(ThreadingHTTPServer):
         )
 
 
-def parse_args(argv: Sequence[str]):
-    """vLLM's engine arguments, by vLLM's own parser, plus --host and --port."""
+def argument_parser():
+    """vLLM's own parser of its engine arguments, plus --host and --port."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     parser = FlexibleArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    EngineArgs.add_cli_args(parser)
-    args = parser.parse_args(list(argv))
+    return EngineArgs.add_cli_args(parser)
+
+
+def parse_args(argv: Sequence[str]):
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = argument_parser().parse_args(list(argv))
     return args, EngineArgs.from_cli_args(args)
 
 

@@ -230,8 +230,9 @@ def test_argv_tensor_parallel_two_tiles():
 def test_argv_parses_with_vllms_own_parser():
     """Every flag we emit (tensor-parallel ones included) exists in the installed vLLM,
     for its server and for scripts/vllm_server.py's parser."""
-    settings = {**SETTINGS, "max_model_len": 128}
+    settings = {**SETTINGS, "max_model_len": 128, "engine_args": ["--max-num-seqs", "8"]}
     argv = server_argv(PYTHON, str(tiny_model_path()), 8123, settings, 2, server="vllm")
+    assert argv[-2:] == ["--max-num-seqs", "8"]
     script = textwrap.dedent(
         """
         import json, sys
@@ -247,6 +248,14 @@ def test_argv_parses_with_vllms_own_parser():
         args, engine_args = vllm_server.parse_args(sys.argv[2:])
         both = {**vars(engine_args), "port": args.port, "host": args.host}
         print(json.dumps({k: both[k] for k in keys}))
+        # rule fetch_model's check: a value this vLLM refuses, named with its config key
+        import fetch_model
+        bad = sys.argv[2:-2] + ["--max-num-seqs", "many"]
+        for server in ("vllm", "inprocess"):
+            try:
+                fetch_model.check_engine_argv(bad, server, {}, "0.32.0")
+            except fetch_model.CheckError as error:
+                print(json.dumps(str(error)))
         """
     )
     result = subprocess.run(
@@ -256,8 +265,13 @@ def test_argv_parses_with_vllms_own_parser():
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    parsed, inprocess = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    lines = result.stdout.strip().splitlines()
+    parsed, inprocess, *refused = (json.loads(line) for line in lines[-4:])
     assert inprocess == parsed
+    assert len(refused) == 2
+    for message in refused:
+        assert "vLLM 0.32.0 does not accept the engines' command line" in message
+        assert "--max-num-seqs" in message and "config key vllm.engine_args" in message
     assert parsed == {
         "tensor_parallel_size": 2,
         "distributed_executor_backend": "mp",

@@ -4,6 +4,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,9 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
     assert len(ranks) == 48
     work = make_workdir(tmp_path, ranks)
     assert_ok(snakemake(work, configfiles=local_config(work, warm_engines=warm)))
+    (marker,) = (work / "results" / "model").glob("*.json")
+    versions = json.loads(marker.read_text())["versions"]
+    assert versions["vllm"] and versions["torch"] and "ipex" in versions
     served_by = set()
     for name in ranks:
         rank = name.removesuffix(".in")
@@ -125,6 +129,9 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
         assert all(generated for _, generated in records)
         record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
         assert record["prompts"] == len(records) and record["output_tokens"] > 0
+        # what generated it: the engine's vLLM and torch (per-rank: the task's own)
+        for package in ("vllm", "torch"):
+            assert record["versions"][package] == versions[package]
         log = (work / "logs" / "infer" / f"{rank}.log").read_text()
         if warm:  # served by one of the run's two engines, named in the record
             served_by.add((record["engine_name"], record["mask"]))
@@ -141,6 +148,20 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
     summary = (work / "results" / "summary.tsv").read_text().splitlines()
     assert len(summary) == 1 + 48
     assert processes_in(work) == []
+
+
+@pytest.mark.vllm
+def test_an_engine_option_this_vllm_lacks_stops_the_run_before_any_rank(tmp_path):
+    work = make_workdir(tmp_path, {"0.in": FOUR, "1.in": FOUR})
+    extra = ["--max-num-seqs", "8", "--no-such-option", "1"]
+    result = snakemake(work, configfiles=local_config(work, vllm={"engine_args": extra}))
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert "does not accept the engines' command line (warm.server: inprocess)" in text
+    assert "--no-such-option comes from config key vllm.engine_args" in text
+    assert re.search(r"vLLM \d+\.\d+\S* does not accept", text)
+    assert not (work / "logs" / "infer").exists()  # no rank started
+    assert not (work / "logs" / "engines").exists()  # nor any engine
 
 
 @pytest.mark.vllm
