@@ -118,6 +118,11 @@ def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
 # ----------------------------------------------------------------------------- engines
 
 
+def spec_ready_timeout(spec: Mapping) -> float:
+    """config warm.ready_timeout_s, else from the model's size (engines.ready_timeout)."""
+    return engines.ready_timeout(spec["ready_timeout_s"], spec.get("weights_bytes"))
+
+
 def engine_model(spec: Mapping, job_id: str, host: str) -> str:
     """The node's staged copy (config weights.stage), else the shared folder."""
     if spec["stage"]:
@@ -164,8 +169,11 @@ def make_engine(
     )
 
 
-def write_state(path: Path, engine: engines.Engine, state: str, **extra) -> None:
-    """One engine's registry entry, replaced atomically."""
+def write_state(
+    path: Path, engine: engines.Engine, state: str, versions: Mapping | None = None, **extra
+) -> None:
+    """One engine's registry entry, replaced atomically; ``versions``: vLLM, torch and
+    IPEX as rule fetch_model found them (the spec's)."""
     record = {
         "name": engine.name,
         "url": engine.url,
@@ -174,6 +182,7 @@ def write_state(path: Path, engine: engines.Engine, state: str, **extra) -> None
         "restarts": engine.restarts,
         "time": time.time(),
         "env": {k: engine.env.get(k, "") for k in ("ZE_AFFINITY_MASK", "TILE_HOST", "TILE_IDS")},
+        "versions": dict(versions or {}),
         **extra,
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}")
@@ -198,6 +207,12 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
     placement = spec["tiles"]
     slots = tiles.engine_slots(placement["per_node"], placement["per_job"], host)[index::count]
     stopping = threading.Event()
+
+    ready_s = spec_ready_timeout(spec)
+
+    def report(path: Path, engine: engines.Engine, state: str, **extra) -> None:
+        write_state(path, engine, state, versions=spec.get("versions"), **extra)
+
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
     members = [
@@ -214,20 +229,21 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
         engine = member.engine
         try:
             if restart:
-                write_state(member.path, engine, "restarting")
-                seconds = engine.restart(spec["ready_timeout_s"])
+                report(member.path, engine, "restarting")
+                seconds = engine.restart(ready_s)
             else:
                 engine.start()
-                seconds = engine.wait_ready(spec["ready_timeout_s"])
+                seconds = engine.wait_ready(ready_s)
             state, extra = "ready", {"ready_s": round(seconds, 3)}
-        except engines.EngineError as error:
+        # Whatever it was: an engine left "starting" would never be restarted.
+        except Exception as error:
             engine.stop()
             state, extra = "failed", {"error": str(error)[:2000]}
             _log(f"{engine.name}: {error}")
         with lock:
             if not stopping.is_set():
                 member.state = state
-                write_state(member.path, engine, state, **extra)
+                report(member.path, engine, state, **extra)
             member.busy = False
 
     def launch(member: _Supervised, restart: bool) -> None:
@@ -235,7 +251,7 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
         threading.Thread(target=bring_up, args=(member, restart), daemon=True).start()
 
     for member in members:
-        write_state(member.path, member.engine, "starting")
+        report(member.path, member.engine, "starting")
         launch(member, restart=False)
     stop_file = registry / STOP_FILE
     while not stopping.wait(NODE_POLL_S):
@@ -246,7 +262,7 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
                 if member.state == "ready" and not member.busy and not member.engine.alive():
                     if member.engine.restarts >= member.engine.max_restarts:
                         member.state = "failed"
-                        write_state(member.path, member.engine, "failed", error="exited")
+                        report(member.path, member.engine, "failed", error="exited")
                     else:
                         _log(f"{member.engine.name} exited; restarting it")
                         launch(member, restart=True)
@@ -258,7 +274,7 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
     for member, thread in zip(members, stoppers, strict=True):
         thread.join()
         if member.state != "failed":  # a failed engine's entry keeps its error
-            write_state(member.path, member.engine, "stopped")
+            report(member.path, member.engine, "stopped")
     _log(f"{host}: engines stopped")
     return 0
 
@@ -410,7 +426,7 @@ class RegistryPool:
             registry_dir(spec, job_id),
             expected,
             spec["ranks_in_flight"],
-            spec["ready_timeout_s"],
+            spec_ready_timeout(spec),
             stall_timeout=spec["stall_timeout_s"],
         )
 

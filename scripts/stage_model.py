@@ -1,15 +1,25 @@
-"""Node-local copies of the model for one PBS submission (config weights.stage).
+"""Every node of a PBS submission checked, and given its copy of the model, before any
+engine starts (preflight; config weights.stage for the copy).
+
+A broken setting found only when engines fail to become ready costs
+warm.ready_timeout_s on every node (at 256 nodes, node-hours per typo). So each node
+first checks what its engines will run with: the inference Python (config python,
+after pbs.setup) imports vLLM of the version rule fetch_model checked the engines
+against; it sees the node's tiles (torch.xpu.device_count(), where XPU is present;
+skipped on a CPU); and the staging folder has room for the model with a margin. A
+failed check ends the submission within a minute, naming node and cause in the PBS
+log and in a file the main Snakemake reports from (``failure_file``).
 
 At scale, Lustre serves one big read per node far better than one per engine: the
 seed's author and Aegis copy the weights to each node's /tmp before starting
 engines. The submission's jobscript (written by pbs-submit) runs
 
-    python stage_model.py copy <stage.json>     before the rank jobs start
-    python stage_model.py remove <stage.json>   when the job script ends
+    python stage_model.py prepare <stage.json>  before the engines and ranks start
+    python stage_model.py remove <stage.json>   when the job script ends (with staging)
 
 Each runs ONE launcher call (config node_launcher, e.g. PALS ``mpiexec -n {nodes}
---ppn 1`` or PBS's ``pbsdsh --``) that starts one process per node, which copies
-to (or removes) ``<stage_dir>/model-<job id>/<host>/<model folder name>``; the host
+--ppn 1`` or PBS's ``pbsdsh --``) that starts one process per node, which checks and
+copies to (or removes) ``<stage_dir>/model-<job id>/<host>/<model folder name>``; the host
 name is that node's line in PBS_NODEFILE, so engines find the copy of their node.
 The job id and the hosts are passed on the command line (PBS_NODEFILE lies on the
 first node only, and a launcher need not pass the job's variables on); each node
@@ -62,6 +72,89 @@ def this_host(hosts: Sequence[str], environ: Mapping[str, str]) -> str:
         raise SystemExit(f"stage_model: {error}") from None
 
 
+# What a node's inference Python reports: its vLLM, and the XPU devices it sees.
+PROBE = """
+import json
+found = {}
+try:
+    import vllm
+    found["vllm"] = vllm.__version__
+except Exception as error:
+    found["error"] = f"import vllm failed: {type(error).__name__}: {error}"
+try:
+    import torch
+    xpu = getattr(torch, "xpu", None)
+    found["xpu_devices"] = xpu.device_count() if xpu is not None and xpu.is_available() else None
+except Exception as error:
+    found.setdefault("error", f"import torch failed: {type(error).__name__}: {error}")
+print(json.dumps(found))
+"""
+PROBE_TIMEOUT_S = 300
+# Room a copy needs beyond the model itself.
+SPACE_MARGIN = 0.10
+SPACE_MARGIN_MIN = 256 * 2**20
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def expected_devices(settings: Mapping, environ: Mapping[str, str]) -> int:
+    """XPU devices a node must show: every tile (FLAT), or every card (COMPOSITE)."""
+    per_node = settings["tiles"]["per_node"]
+    hierarchy = tiles.resolve_hierarchy(settings["tiles"]["hierarchy"], environ)
+    return per_node if hierarchy == "FLAT" else -(-per_node // 2)
+
+
+def node_checks(settings: Mapping, host: str, environ: Mapping[str, str]) -> list[str]:
+    """What is wrong on this node for its engines ([] if nothing); prints what it checked."""
+    env = {**environ, **settings["env"]}
+    try:
+        probe = subprocess.run(
+            [settings["python"], "-c", PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
+        )
+        found = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError) as error:
+        return [f"the inference Python (config python {settings['python']}) did not run: {error}"]
+    if found.get("error"):
+        return [f"{found['error']} (config python {settings['python']}, pbs.setup)"]
+    problems = []
+    checked = (settings.get("versions") or {}).get("vllm")
+    if checked and found["vllm"] != checked:
+        problems.append(
+            f"vLLM {found['vllm']} here, but rule fetch_model checked the engines against "
+            f"vLLM {checked} (config python, pbs.setup)"
+        )
+    devices = found.get("xpu_devices")
+    if devices is None:
+        print(f"preflight: {host}: tile check skipped: no XPU here (torch.xpu)", flush=True)
+    elif devices < (wanted := expected_devices(settings, env)):
+        shown = ", ".join(
+            f"{k}={env[k]}" for k in ("ZE_AFFINITY_MASK", tiles.HIERARCHY_VARIABLE) if k in env
+        )
+        problems.append(
+            f"{devices} of {wanted} tiles visible ({shown or 'ZE_AFFINITY_MASK unset'})"
+        )
+    if settings.get("stage"):
+        stage_dir = Path(settings["stage_dir"])
+        folder = next(p for p in (stage_dir, *stage_dir.parents) if p.exists())
+        free = shutil.disk_usage(folder).free
+        size = settings.get("weights_bytes") or 0
+        need = size + max(size * SPACE_MARGIN, SPACE_MARGIN_MIN)
+        if free < need:
+            problems.append(
+                f"{folder} has {_size(free)} free, the model needs {_size(need)} "
+                f"({_size(size)} and a margin; config weights.stage_dir)"
+            )
+    print(f"preflight: {host}: vLLM {found['vllm']}, XPU devices {devices}", flush=True)
+    return problems
+
+
 def copy_here(model: str, target: Path) -> None:
     """Copy the model folder to ``target`` (a temp name first: never a half copy)."""
     if target.is_dir():
@@ -81,7 +174,18 @@ def node_step(
     host = this_host(hosts, environ)
     target = staged_path(settings["stage_dir"], job_id, host, settings["model"])
     started = time.monotonic()
-    if action == "copy-node":
+    if action == "prepare-node":
+        problems = node_checks(settings, host, environ)
+        if problems:
+            for problem in problems:
+                print(f"preflight: node {host}: {problem}", file=sys.stderr, flush=True)
+            done_file(settings_file, job_id, host).write_text(
+                "failed\n" + "".join(f"node {host}: {p}\n" for p in problems)
+            )
+            return 1
+        if not settings.get("stage"):
+            done_file(settings_file, job_id, host).write_text("ok\n")
+            return 0
         copy_here(settings["model"], target)
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         print(
@@ -95,7 +199,7 @@ def node_step(
         with contextlib.suppress(OSError):
             target.parent.parent.rmdir()
         print(f"stage_model: {host}: removed {target.parent}", flush=True)
-    done_file(settings_file, job_id, host).write_text(f"{action} {target}\n")
+    done_file(settings_file, job_id, host).write_text(f"ok {action} {target}\n")
     return 0
 
 
@@ -127,26 +231,44 @@ def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> in
     print(f"stage_model: {action} on {len(hosts)} node(s): {json.dumps(argv)}", flush=True)
     code = subprocess.run(argv, stdin=subprocess.DEVNULL).returncode
     # Launchers differ in passing a failed task's exit code on (pbsdsh does not).
-    missing = [host for host, report in zip(hosts, reports, strict=True) if not report.exists()]
-    for report in reports:
+    texts = {}
+    for host, report in zip(hosts, reports, strict=True):
+        with contextlib.suppress(OSError):
+            texts[host] = report.read_text()
         report.unlink(missing_ok=True)
-    if code != 0 or missing:
+    missing = [host for host in hosts if host not in texts]
+    causes = [
+        line
+        for text in texts.values()
+        if text.startswith("failed")
+        for line in text.split("\n")[1:]
+        if line
+    ]
+    if code != 0 or missing or causes:
+        causes += [f"node {host}: no report (launcher exit {code})" for host in missing]
         print(
-            f"stage_model: {action} failed (launcher exit {code}; no report from "
-            f"{', '.join(missing) or 'none'})",
+            f"stage_model: {action} failed on {len(causes)} node(s); no engine is started:\n"
+            + "".join(f"  {cause}\n" for cause in causes),
             file=sys.stderr,
             flush=True,
         )
+        if settings.get("failure_file") and action == "prepare":
+            write_failure(settings["failure_file"], job_id, causes)
         return code or 1
     return 0
 
 
+def write_failure(path: str, job_id: str, causes: Sequence[str]) -> None:
+    """What the main Snakemake reports for the submission (pipeline.report_failures)."""
+    Path(path).write_text(json.dumps({"job_id": job_id, "causes": list(causes)}) + "\n")
+
+
 def main(argv: Sequence[str]) -> int:
-    if len(argv) == 4 and argv[0] in ("copy-node", "remove-node"):
+    if len(argv) == 4 and argv[0] in ("prepare-node", "remove-node"):
         action, settings_file, job_id, hosts = argv
         return node_step(action, settings_file, job_id, hosts.split(","))
-    if len(argv) != 2 or argv[0] not in ("copy", "remove"):
-        print("usage: stage_model.py copy|remove <stage.json>", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("prepare", "remove"):
+        print("usage: stage_model.py prepare|remove <stage.json>", file=sys.stderr)
         return 2
     return run_on_every_node(*argv)
 

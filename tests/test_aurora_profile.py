@@ -12,6 +12,7 @@ output file); the model is copied to every node with ``pbsdsh``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -549,7 +550,9 @@ def test_workflow_runs_vllm_through_the_scheduler_on_node_local_model_copies(pbs
         assert record["model"] == str(copy)
     # one copy per node, by one pbsdsh call, and gone when the submission ended
     log = (work / "logs" / "pbs" / "r0-3.log").read_text()
-    assert log.count("stage_model: copy on 2 node(s)") == 1
+    assert log.count("stage_model: prepare on 2 node(s)") == 1
+    # preflight: each node's vLLM imported, no XPU here
+    assert sorted(re.findall(r"preflight: (node\d): tile check skipped", log)) == sorted(hosts)
     assert sorted(re.findall(r"stage_model: (node\d): [\d.]+ MiB to", log)) == sorted(hosts)
     assert sorted(re.findall(r"stage_model: (node\d): removed", log)) == sorted(hosts)
     assert list((tmp_path / "node-local").iterdir()) == []
@@ -675,6 +678,134 @@ def test_warm_vllm_engines_through_the_scheduler_on_node_local_model_copies(pbs_
     assert launcher_calls(log) == [("4", "2")]
     assert set(engine_states(work, job_id).values()) == {"stopped"}
     assert list((tmp_path / "node-local").iterdir()) == []
+
+
+# ------------------------------------------------- preflight: checked before engines start
+
+PROBING_PYTHON = """#!/bin/sh
+# Test stand-in for config `python`: the real interpreter, except that the nodes'
+# preflight probe (`python -c ...`) imports the packages in {site} first, as a node
+# whose modules differ from the login node's would.
+if [ "$1" = "-c" ]; then export PYTHONPATH={site}; fi
+exec {real} "$@"
+"""
+
+
+def probing_python(tmp_path: Path, vllm: str, xpu_devices: int | None = None) -> Path:
+    """config `python` whose preflight sees vLLM ``vllm`` and ``xpu_devices`` XPU devices."""
+    site = tmp_path / "node-site"
+    (site / "vllm").mkdir(parents=True)
+    (site / "vllm" / "__init__.py").write_text(f"__version__ = {vllm!r}\n")
+    if xpu_devices is not None:
+        (site / "torch").mkdir()
+        (site / "torch" / "__init__.py").write_text(
+            "class xpu:\n    is_available = staticmethod(lambda: True)\n"
+            f"    device_count = staticmethod(lambda: {xpu_devices})\n"
+        )
+    path = tmp_path / "python"
+    path.write_text(PROBING_PYTHON.format(site=site, real=sys.executable))
+    path.chmod(0o755)
+    return path
+
+
+@functools.cache
+def installed_vllm() -> str:
+    """vllm.__version__ of this environment (imported elsewhere: a second of vLLM here)."""
+    code = "import vllm; print(vllm.__version__)"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    ).stdout.split()[-1]
+
+
+def job_seconds(cluster: PbsCluster, job_id: str) -> float:
+    """From the job's start to its end, as PBS recorded them."""
+    info = cluster.wait_job(job_id, timeout=120)
+    start, end = (
+        time.mktime(time.strptime(info[k], "%a %b %d %H:%M:%S %Y")) for k in ("stime", "obittime")
+    )
+    return end - start
+
+
+def preflight_run(cluster: PbsCluster, tmp_path: Path, **config):
+    """Four warm vLLM ranks on 2 nodes x 2 tiles whose preflight fails: the run's
+    result, its one submission and the submission's PBS log."""
+    work = warm_folder(
+        tmp_path,
+        {f"{i}.in": f"rank {i} prompt\n" for i in range(4)},
+        **wf.deep_merge(
+            {
+                "engine": "vllm",
+                "vllm": {"dtype": "bfloat16", "enforce_eager": True, "cpu_kv_cache_gib": 1},
+                "task_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"},
+                "tiles": {"per_node": 2},
+                "pbs": {"nodes_per_submission": 2},
+                "weights": {"stage_dir": str(tmp_path / "node-local")},
+            },
+            config,
+        ),
+    )
+    try:
+        res = run_aurora(cluster, work)
+    finally:
+        delete_our_jobs(cluster, work)
+    assert res.returncode != 0, output_of(res)
+    (submission,) = submissions(work)
+    log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
+    # no engine was started, no rank ran
+    assert engine_states(work, submission["id"]) == {}
+    assert "launcher call for" not in log and not list((work / "results").glob("*.out"))
+    assert job_seconds(cluster, submission["id"]) < 60
+    return res, submission, log
+
+
+@pytest.mark.pbs
+@pytest.mark.vllm
+def test_preflight_too_little_room_for_the_model_ends_the_submission_naming_node(
+    pbs_cluster, tmp_path
+):
+    small = tmp_path / "small-tmpfs"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], check=True)
+    try:
+        res, submission, log = preflight_run(
+            pbs_cluster, tmp_path, weights={"stage_dir": str(small)}
+        )
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    cause = re.compile(
+        rf"node (node\d): {re.escape(str(small))} has 16.0 MiB free, the model needs [\d.]+ MiB "
+        r"\([\d.]+ MiB and a margin; config weights.stage_dir\)"
+    )
+    assert len(set(cause.findall(log))) == 2  # both nodes, in the PBS log
+    terminal = res.stdout + res.stderr
+    assert (
+        f"Submission {submission['name']} (job {submission['id']}) ended before any engine"
+        in terminal
+    )
+    assert cause.search(terminal)
+
+
+@pytest.mark.pbs
+def test_preflight_a_node_with_another_vllm_ends_the_submission(pbs_cluster, tmp_path):
+    python = probing_python(tmp_path, vllm="0.15.0")
+    res, submission, log = preflight_run(pbs_cluster, tmp_path, python=str(python))
+    cause = (
+        f"vLLM 0.15.0 here, but rule fetch_model checked the engines against vLLM "
+        f"{installed_vllm()} (config python, pbs.setup)"
+    )
+    assert re.search(rf"preflight: node node\d: {re.escape(cause)}", log)
+    assert re.search(rf"node node\d: {re.escape(cause)}", res.stdout + res.stderr)
+    marker = json.loads(next((tmp_path / "run" / "results" / "model").glob("*.json")).read_text())
+    assert marker["versions"]["vllm"] == installed_vllm()
+
+
+@pytest.mark.pbs
+def test_preflight_a_node_that_sees_too_few_tiles_ends_the_submission(pbs_cluster, tmp_path):
+    python = probing_python(tmp_path, vllm=installed_vllm(), xpu_devices=1)
+    res, submission, log = preflight_run(pbs_cluster, tmp_path, python=str(python))
+    cause = re.compile(r"node (node\d): 1 of 2 tiles visible \(ZE_AFFINITY_MASK unset\)")
+    assert len(set(cause.findall(log))) == 2
+    assert cause.search(res.stdout + res.stderr)
 
 
 @pytest.mark.pbs

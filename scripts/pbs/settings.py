@@ -76,6 +76,8 @@ def settings_from_config(
         "start_minutes": config["warm"]["start_minutes"],
         "rank_minutes": config["warm"]["rank_minutes"],
         "engines": dict(engines or {}),
+        "engine": config["engine"],
+        "tiles_hierarchy": tiles["hierarchy"],
         "state_dir": os.path.abspath(STATE_DIR),
         "log_dir": os.path.abspath(LOG_DIR),
         # Node-local staging of the model (scripts/stage_model.py, one call per submission).

@@ -3,6 +3,7 @@ jobscript PBS runs, and the qsub call."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -131,10 +132,10 @@ def plan_submission(properties: Mapping, settings: Mapping, jobscript_text: str 
 
 
 def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | None) -> list[str]:
-    """Jobscript lines after the site setup: copy the model to every node first
-    (config weights.stage), start the warm engines with one launcher call (config
-    warm_engines), and undo both when the job script ends. Only paths the provider
-    made reach the shell, quoted."""
+    """Jobscript lines after the site setup: check every node and copy the model to it
+    first (preflight; config weights.stage), start the warm engines with one launcher
+    call (config warm_engines), and undo both when the job script ends. Only paths the
+    provider made reach the shell, quoted."""
     python = settings["task_python"]
     lines, cleanup = [], []
     if engines_file is not None:
@@ -142,14 +143,18 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
         cleanup.append(shlex.join([*serve, "stop", str(engines_file)]))
     if stage_file is not None:
         stage = [python, str(STAGE_SCRIPT)]
-        cleanup.append(shlex.join([*stage, "remove", str(stage_file)]))
+        if settings.get("stage"):
+            cleanup.append(shlex.join([*stage, "remove", str(stage_file)]))
     if cleanup:
         lines.append(f"trap {shlex.quote('; '.join(cleanup))} EXIT")
     if stage_file is not None:
         lines += [
-            "# the model, once per node, to node-local space (config weights.stage)",
-            f"{shlex.join([*stage, 'copy', str(stage_file)])} || exit 1",
+            "# preflight: every node checks vLLM, its tiles and (config weights.stage) its",
+            "# room, then gets its copy of the model; a failed check ends the job here",
+            f"{shlex.join([*stage, 'prepare', str(stage_file)])} || exit 1",
         ]
+    elif preflight_skipped(settings):
+        lines.append("echo 'preflight: skipped: config node_launcher is empty'")
     if engines_file is not None:
         lines += [
             "# warm engines (config warm_engines): ONE launcher call starts them on every",
@@ -177,6 +182,8 @@ def write_engines_file(settings: Mapping, path: Path) -> None:
     spec = dict(settings["engines"])
     spec |= {
         "model": model_path(settings) if spec.get("engine") != "echo" else "",
+        "versions": marker_versions(settings),
+        "weights_bytes": marker_field(settings, "weights_bytes"),
         "stage": bool(settings.get("stage") and settings.get("model")),
         "stage_dir": settings["stage_dir"],
         "python": settings["task_python"],
@@ -247,15 +254,49 @@ def model_path(settings: Mapping) -> str:
     return settings["model"]
 
 
-def write_stage_file(settings: Mapping, path: Path) -> None:
-    """What scripts/stage_model.py needs: the model folder, where to copy it, how."""
+def marker_field(settings: Mapping, name: str):
+    """A field of rule fetch_model's marker (None without one: the echo engine)."""
+    marker = settings.get("model_marker")
+    if not marker:
+        return None
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(Path(marker).read_text()).get(name)
+    return None
+
+
+def marker_versions(settings: Mapping) -> dict:
+    """vLLM, torch and IPEX as rule fetch_model found them ({} without a marker)."""
+    return marker_field(settings, "versions") or {}
+
+
+def runs_preflight(settings: Mapping) -> bool:
+    """Whether the nodes are checked (and given their copy) before engines start: for
+    vLLM engines, with a launcher that starts one process per node."""
+    return settings["engine"] != "echo" and bool(settings["node_launcher"])
+
+
+def preflight_skipped(settings: Mapping) -> bool:
+    return settings["engine"] != "echo" and not settings["node_launcher"]
+
+
+def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
+    """What scripts/stage_model.py needs: what to check on every node, the model folder,
+    where to copy it, how, and where a failed check is reported."""
+    engines = settings["engines"]
+    tiles = {"per_node": settings["tiles_per_node"], "hierarchy": settings["tiles_hierarchy"]}
     path.write_text(
         json.dumps(
             {
                 "model": model_path(settings),
+                "stage": bool(settings.get("stage") and settings.get("model")),
                 "stage_dir": settings["stage_dir"],
                 "node_launcher": settings["node_launcher"],
                 "python": settings["task_python"],
+                "env": dict(engines.get("env") or {}),
+                "tiles": tiles,
+                "versions": marker_versions(settings),
+                "weights_bytes": marker_field(settings, "weights_bytes"),
+                "failure_file": str(failure_file),
             }
         )
     )
@@ -274,9 +315,11 @@ def submit(jobscript: str, settings: Mapping, *, run=subprocess.run, now=time.ti
     log_dir.mkdir(parents=True, exist_ok=True)
     script = log_dir / f"{plan.name}.sh"
     stage_file = engines_file = None
-    if settings.get("stage") and settings.get("model"):
+    failure_file = log_dir / f"{plan.name}.failed.json"
+    failure_file.unlink(missing_ok=True)  # an earlier run's
+    if (settings.get("stage") and settings.get("model")) or runs_preflight(settings):
         stage_file = log_dir / f"{plan.name}.stage.json"
-        write_stage_file(settings, stage_file)
+        write_stage_file(settings, stage_file, failure_file)
     if settings.get("warm_engines"):
         engines_file = log_dir / f"{plan.name}.engines.json"
         write_engines_file(settings, engines_file)
