@@ -868,7 +868,7 @@ def echo_servers(work: Path) -> dict[str, int]:
 
 
 @pytest.mark.pbs
-def test_warm_engine_killed_mid_submission_fails_only_its_ranks_and_is_restarted(
+def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restarted(
     pbs_cluster, tmp_path
 ):
     ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(16)}
@@ -888,17 +888,18 @@ def test_warm_engine_killed_mid_submission_fails_only_its_ranks_and_is_restarted
         os.kill(echo_servers(work)[victim], signal.SIGKILL)
         killed_at = time.time()
         output, _ = proc.communicate(timeout=300)
-    assert proc.returncode != 0, output[-4000:]
-    failed = sorted(set(range(16)) - {int(p.stem) for p in results.glob("*.out")})
-    assert len(failed) == 1, (failed, output[-4000:])  # the one in flight on the victim
-    log = (work / "logs" / "infer" / f"{failed[0]}.log").read_text()
-    assert "failed during the request" in log and f"{victim}.log" in log
+    # the rank in flight on the victim was sent again to the other engine: none failed
+    assert proc.returncode == 0, output[-4000:]
+    assert sorted(int(p.stem) for p in results.glob("*.out")) == list(range(16))
+    records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
+    retried = [r for r in records if r["engine_deaths"]]
+    assert [r["engine_deaths"] for r in retried] == [[victim.replace("-", "/")]], records
+    assert retried[0]["engine_name"] != victim.replace("-", "/")
     (submission,) = submissions(work)
     entry = work / "logs" / "engines" / submission["id"] / f"{victim}.json"
     state = json.loads(entry.read_text())
     assert (state["restarts"], state["state"]) == (1, "stopped")
     # the restarted engine served ranks again
-    records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     after = [
         r for r in records
         if r["engine_name"] == victim.replace("-", "/")
@@ -906,9 +907,6 @@ def test_warm_engine_killed_mid_submission_fails_only_its_ranks_and_is_restarted
     ]  # fmt: skip
     assert after, records
     assert not processes_running(ECHO_SERVER)
-    res = run_aurora(pbs_cluster, work, "--rerun-incomplete")
-    assert res.returncode == 0, output_of(res)
-    assert [s["ranks"] for s in submissions(work)][1:] == [str(failed[0])]
 
 
 @pytest.mark.pbs
