@@ -11,6 +11,9 @@ prompt itself.
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
+With VLLM_API_KEY in its environment (as every warm engine has), a POST without
+`Authorization: Bearer <key>` is refused with HTTP 401.
+
 A prompt of more than --max-model-len words is refused with HTTP 400 in vLLM's error
 shape. As in vLLM, every prompt of a request counts as one request in /metrics.
 Unknown arguments (vLLM's --dtype, --tensor-parallel-size, ...) are ignored, so the
@@ -25,6 +28,7 @@ Stdlib only.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import os
 import signal
@@ -36,6 +40,9 @@ import zlib
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+# The engine's key (engines.API_KEY_VARIABLE): requests to /v1/* and /tokenize must
+# carry it; /health and /metrics stay open.
+API_KEY_VARIABLE = "VLLM_API_KEY"
 VOCAB_SIZE = 50000
 BOS = 2  # OPT's
 
@@ -180,7 +187,8 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(data).encode())
 
     def _error(self, status: int, message: str) -> None:
-        kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+        kinds = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}
+        kind = kinds.get(status, "InternalServerError")
         self._json(status, {"error": {"message": message, "type": kind, "code": status}})
 
     def do_GET(self):
@@ -195,6 +203,11 @@ class Handler(BaseHTTPRequestHandler):
         answer = {"/v1/completions": self.server.completion, "/tokenize": self.server.tokens}
         if self.path not in answer:
             self._error(404, f"no such path: {self.path}")
+            return
+        key = os.environ.get(API_KEY_VARIABLE)
+        given = self.headers.get("Authorization") or ""
+        if key and not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            self._error(401, "Unauthorized: this engine needs its run's key (Authorization)")
             return
         try:
             size = int(self.headers.get("Content-Length") or 0)

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import select
 import shlex
 import signal
@@ -80,6 +81,24 @@ SOCKET_PATH_MAX = 107
 # for other socket names under TMPDIR.
 SOCKET_NAME_RESERVE = 40
 LOCAL_HOSTS = ("localhost", "127.0.0.1")
+# Every engine requires this run's (or submission's) key, from its environment: vLLM
+# reads it for /v1/*, scripts/vllm_server.py and echo_server.py for all but /health
+# and /metrics. Never on a command line, in a log, a record or the registry.
+API_KEY_VARIABLE = "VLLM_API_KEY"
+
+
+def new_api_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def write_key_file(path: Path | str, key: str) -> None:
+    """The key in a file only its owner can read (created 0600, replaced atomically)."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(key)
+    os.replace(partial, path)
 
 
 class EngineError(RuntimeError):
@@ -278,6 +297,7 @@ class Engine:
         max_restarts: int = 2,
         stop_grace: float = 20.0,
         cwd: Path | str | None = None,
+        api_key: str | None = None,
     ):
         self.argv = list(argv)
         self.env = dict(env)
@@ -289,6 +309,9 @@ class Engine:
         self.restarts = 0
         self.stop_grace = stop_grace
         self.cwd = cwd
+        self.api_key = api_key or None
+        if self.api_key:
+            self.env[API_KEY_VARIABLE] = self.api_key
         self._proc: subprocess.Popen | None = None
         self._starts = 0
 
@@ -488,11 +511,12 @@ def _error_message(body: bytes) -> str:
     return body.decode(errors="replace")[:500]
 
 
-def _post(url: str, path: str, body: Mapping, timeout: float) -> dict:
+def _post(url: str, path: str, body: Mapping, timeout: float, key: str | None = None) -> dict:
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     request = urllib.request.Request(
-        url.rstrip("/") + path,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
+        url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers
     )
     try:
         with _OPENER.open(request, timeout=timeout) as response:
@@ -558,6 +582,7 @@ def complete(
     sampling: Mapping,
     timeout: float = 600.0,
     extra: Mapping | None = None,
+    key: str | None = None,
 ) -> Completion:
     """All prompts in one POST /v1/completions; texts come back in prompt order.
 
@@ -568,16 +593,20 @@ def complete(
         return Completion([], [], 0, 0, 0.0)
     body = {**_request_body(prompts, sampling), **(extra or {})}
     started = time.monotonic()
-    data = _post(url, "/v1/completions", body, timeout)
+    data = _post(url, "/v1/completions", body, timeout, key)
     return _parse_completion(data, len(prompts), time.monotonic() - started)
 
 
 def tokenize(
-    url: str, prompt: str, add_special_tokens: bool = True, timeout: float = 60.0
+    url: str,
+    prompt: str,
+    add_special_tokens: bool = True,
+    timeout: float = 60.0,
+    key: str | None = None,
 ) -> Tokens:
     """The engine's token ids for `prompt` (POST /tokenize), and its max_model_len."""
     body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
-    data = _post(url, "/tokenize", body, timeout)
+    data = _post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
 
 
@@ -719,7 +748,7 @@ class EnginePool:
         for attempt in range(1, self.attempts + 1):
             with self.route() as engine:
                 try:
-                    return complete(engine.url, prompts, sampling, timeout, extra)
+                    return complete(engine.url, prompts, sampling, timeout, extra, engine.api_key)
                 except EngineUnavailable:
                     if attempt == self.attempts:
                         raise

@@ -394,18 +394,20 @@ def checked_inputs(
     )
 
 
-def engine_inputs(prompts: list[Prompt], settings: dict, path: str, url: str) -> tuple:
+def engine_inputs(
+    prompts: list[Prompt], settings: dict, path: str, url: str, key: str | None = None
+) -> tuple:
     """The request's prompts and the truncated lines, checked as `run_vllm` checks them
     with the engine's own tokenizer (/tokenize, which also tells the context length):
     the server alone would cut a generation short silently."""
     import engines
 
-    answers = [engines.tokenize(url, p.text) for p in prompts]
+    answers = [engines.tokenize(url, p.text, key=key) for p in prompts]
     token_ids = [answer.ids for answer in answers]
     inputs, truncated = checked_inputs(
         prompts,
         token_ids,
-        lambda text: engines.tokenize(url, text, add_special_tokens=False).ids,
+        lambda text: engines.tokenize(url, text, add_special_tokens=False, key=key).ids,
         answers[0].max_model_len if answers else 0,
         settings,
         path,
@@ -455,7 +457,7 @@ def serve_rank(
                 wait_s = time.monotonic() - started
                 try:
                     inputs, truncated = engine_inputs(
-                        prompts, settings, str(prompts_path), engine.url
+                        prompts, settings, str(prompts_path), engine.url, engine.api_key
                     )
                 except engines.EngineUnavailable as error:
                     pool.mark_failed(engine)
@@ -468,7 +470,11 @@ def serve_rank(
                     continue
                 try:
                     done = engines.complete(
-                        engine.url, inputs, settings["sampling"], timeout=request_timeout
+                        engine.url,
+                        inputs,
+                        settings["sampling"],
+                        timeout=request_timeout,
+                        key=engine.api_key,
                     )
                 except engines.EngineUnavailable as error:
                     pool.mark_failed(engine)

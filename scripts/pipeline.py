@@ -252,7 +252,8 @@ class WarmEngines:
                 raise engines.EngineError(self._failure)
             if self._pool is None:
                 pool = engines.EnginePool(
-                    local_engines(config, model),
+                    # one key for the run's engines, in memory only
+                    local_engines(config, model, engines.new_api_key()),
                     max_in_flight=config["warm"]["ranks_in_flight"],
                     ready_timeout=engines.ready_timeout(
                         config["warm"]["ready_timeout_s"], marker_field(marker, "weights_bytes")
@@ -291,8 +292,9 @@ class _LazyPool:
         WARM.pool(self.config, self.model, self.marker).mark_failed(engine)
 
 
-def local_engines(config: dict, model: str) -> list:
-    """One engines.Engine per tile slot of this host (not started)."""
+def local_engines(config: dict, model: str, api_key: str | None = None) -> list:
+    """One engines.Engine per tile slot of this host (not started), each requiring
+    ``api_key``."""
     placement = config["tiles"]
     hierarchy = tiles.resolve_hierarchy(placement["hierarchy"], os.environ)
     host = socket.gethostname()
@@ -318,6 +320,7 @@ def local_engines(config: dict, model: str) -> list:
                 name=f"{host}/tile{tiles.tile_ids(slot.tiles)}",
                 max_restarts=config["warm"]["max_restarts"],
                 server=config["warm"]["server"],
+                api_key=api_key,
             )
         )
     return result

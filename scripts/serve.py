@@ -166,6 +166,7 @@ def make_engine(
         host=slot.host,
         name=f"{slot.host}/tile{tiles.tile_ids(slot.tiles)}",
         max_restarts=spec["max_restarts"],
+        api_key=spec_api_key(spec),
     )
 
 
@@ -370,6 +371,13 @@ class RemoteEngine:
     url: str
     log_path: str
     env: dict = field(default_factory=dict, compare=False, hash=False)
+    api_key: str | None = field(default=None, compare=False, hash=False, repr=False)
+
+
+def spec_api_key(spec: Mapping) -> str | None:
+    """The submission's engine key, from the 0600 file pbs-submit wrote (none: no key)."""
+    path = spec.get("api_key_file")
+    return Path(path).read_text().strip() if path else None
 
 
 @dataclass
@@ -399,12 +407,14 @@ class RegistryPool:
         ready_timeout: float,
         clock=time.monotonic,
         stall_timeout: float = 600.0,
+        api_key: str | None = None,
     ):
         self.registry = Path(registry)
         self.members = {name: _Remote(name) for name in expected}
         self.max_in_flight = max_in_flight
         self.ready_timeout = ready_timeout
         self.stall_timeout = stall_timeout
+        self.api_key = api_key
         self.clock = clock
         self.created = clock()
         self._progress_at = self.created  # a request slot freed or an engine's state changed
@@ -428,6 +438,7 @@ class RegistryPool:
             spec["ranks_in_flight"],
             spec_ready_timeout(spec),
             stall_timeout=spec["stall_timeout_s"],
+            api_key=spec_api_key(spec),
         )
 
     def _refresh(self) -> None:
@@ -461,7 +472,11 @@ class RegistryPool:
 
     def _update(self, member: _Remote, record: Mapping) -> None:
         member.engine = RemoteEngine(
-            record["name"], record["url"], record["log"], dict(record.get("env") or {})
+            record["name"],
+            record["url"],
+            record["log"],
+            dict(record.get("env") or {}),
+            api_key=self.api_key,
         )
         state = record["state"]
         if member.state == "suspect" and state == "ready" and record["time"] < member.suspect_since:

