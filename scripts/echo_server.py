@@ -151,16 +151,20 @@ class EchoServer(ThreadingHTTPServer):
 
     def metrics(self) -> str:
         with self.lock:
-            running, succeeded = self.running, self.succeeded
-        label = f'model_name="{self.model}"'
-        return (
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{{{label}}} {running}\n"
-            "# HELP vllm:request_success_total Count of successfully processed requests.\n"
-            "# TYPE vllm:request_success_total counter\n"
-            f'vllm:request_success_total{{finished_reason="length",{label}}} {succeeded}\n'
-        )
+            return metrics_text(self.model, self.running, self.succeeded)
+
+
+def metrics_text(model: str, running: int, succeeded: int) -> str:
+    """The two Prometheus metrics of vLLM's /metrics that the tests and benchmarks read."""
+    label = f'model_name="{model}"'
+    return (
+        "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+        "# TYPE vllm:num_requests_running gauge\n"
+        f"vllm:num_requests_running{{{label}}} {running}\n"
+        "# HELP vllm:request_success_total Count of successfully processed requests.\n"
+        "# TYPE vllm:request_success_total counter\n"
+        f'vllm:request_success_total{{finished_reason="length",{label}}} {succeeded}\n'
+    )
 
 
 class Handler(BaseHTTPRequestHandler):

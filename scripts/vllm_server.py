@@ -39,7 +39,7 @@ from http.server import ThreadingHTTPServer
 # Before vLLM is imported: the engine core in this process (as LLM.generate with it).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from echo_server import BadRequest, Handler, prompts_of, serve  # noqa: E402
+from echo_server import BadRequest, Handler, metrics_text, prompts_of, serve  # noqa: E402
 
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
 
@@ -207,14 +207,7 @@ class VllmServer(ThreadingHTTPServer):
 
     def metrics(self) -> str:
         with self._lock:
-            running, succeeded = self.running, self.succeeded
-        label = f'model_name="{self.model}"'
-        return (
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{{{label}}} {running}\n"
-            "# TYPE vllm:request_success_total counter\n"
-            f"vllm:request_success_total{{{label}}} {succeeded}\n"
-        )
+            return metrics_text(self.model, self.running, self.succeeded)
 
 
 def argument_parser():
