@@ -263,7 +263,7 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, wa
     )  # fmt: skip
     assert unlock.returncode == 0, unlock.stderr
     assert "No Snakemake is alive" in unlock.stderr
-    assert not list((work / ".snakemake" / "locks").iterdir())
+    assert not list((work / ".snakemake" / "locks").glob("*"))  # Snakemake drops the folder
     # profiles/local reruns incomplete ranks by itself
     rerun = snakemake(work, configfiles=config)
     assert_ok(rerun)
@@ -332,9 +332,9 @@ def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp
     done = sorted(results.glob("*.out"))
     assert len(done) < ranks, "the run was not interrupted"
     assert all(len(read_records(out)) == 4 for out in done)  # whole files only
-    # Finished: written and recorded as complete by Snakemake (see the SIGKILL test).
-    incomplete = marked_incomplete(work)
-    mtimes = {o.name: o.stat().st_mtime_ns for o in done if f"results/{o.name}" not in incomplete}
+    # Finished: every .out that exists, also those Snakemake had not yet recorded
+    # (see the SIGKILL test).
+    mtimes = {o.name: o.stat().st_mtime_ns for o in done}
 
     rerun = snakemake(work, "--rerun-incomplete", configfiles=config)
     assert_ok(rerun)
