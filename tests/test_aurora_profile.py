@@ -739,6 +739,8 @@ def preflight_run(cluster: PbsCluster, tmp_path: Path, **config):
                 "vllm": {"dtype": "bfloat16", "enforce_eager": True, "cpu_kv_cache_gib": 1},
                 "task_env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1"},
                 "tiles": {"per_node": 2},
+                # one rank per engine: the 4 ranks take both nodes
+                "warm": {"ranks_per_engine": 1},
                 "pbs": {"nodes_per_submission": 2},
                 "weights": {"stage_dir": str(tmp_path / "node-local")},
             },
@@ -751,6 +753,7 @@ def preflight_run(cluster: PbsCluster, tmp_path: Path, **config):
         delete_our_jobs(cluster, work)
     assert res.returncode != 0, output_of(res)
     (submission,) = submissions(work)
+    assert submission["nodes"] == "2"
     log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
     # no engine was started, no rank ran
     assert engine_states(work, submission["id"]) == {}
