@@ -679,6 +679,12 @@ def test_warm_vllm_engines_through_the_scheduler_on_node_local_model_copies(pbs_
     assert launcher_calls(log) == [("4", "2")]
     assert set(engine_states(work, job_id).values()) == {"stopped"}
     assert list((tmp_path / "node-local").iterdir()) == []
+    # the versions rule fetch_model found, in every registry entry and record
+    for entry in registry.glob("*.json"):
+        assert json.loads(entry.read_text())["versions"]["vllm"] == installed_vllm()
+    for rank in prompts:
+        record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+        assert record["versions"]["vllm"] == installed_vllm()
 
 
 # ------------------------------------------------- preflight: checked before engines start
