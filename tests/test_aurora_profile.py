@@ -896,6 +896,8 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
         victim = next(name for name in echo_servers(work) if name.endswith("-tile0"))
         # the engines require the submission's key
         (entry,) = (work / "logs" / "engines").glob(f"*/{victim}.json")
+        ready = lambda: json.loads(entry.read_text())["state"] == "ready"  # noqa: E731
+        wait_for(ready, "the victim never became ready", proc=proc)
         url = json.loads(entry.read_text())["url"]
         sampling = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 16, "seed": None,
                     "ignore_eos": False}  # fmt: skip
@@ -917,8 +919,8 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
     assert sorted(int(p.stem) for p in results.glob("*.out")) == list(range(16))
     records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     retried = [r for r in records if r["engine_deaths"]]
+    # (served by the other engine, or by the victim once it was back)
     assert [r["engine_deaths"] for r in retried] == [[victim.replace("-", "/")]], records
-    assert retried[0]["engine_name"] != victim.replace("-", "/")
     (submission,) = submissions(work)
     entry = work / "logs" / "engines" / submission["id"] / f"{victim}.json"
     state = json.loads(entry.read_text())

@@ -345,6 +345,14 @@ def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp
     assert {name: (results / name).stat().st_mtime_ns for name in mtimes} == mtimes
 
 
+def cmdline_of(proc: Path) -> bytes:
+    """A process's command line; empty if it ended while /proc was being read."""
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def metric(url: str, name: str) -> float:
     """One value of a vLLM server's Prometheus /metrics (summed over its labels)."""
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -381,8 +389,8 @@ def test_an_engine_killed_mid_run_retries_its_in_flight_ranks_and_comes_back(tmp
             int(p.name)
             for p in Path("/proc").iterdir()
             if p.name.isdigit()
-            and b"--port\x0030500" in (p / "cmdline").read_bytes()
-            and b"engines.py" not in (p / "cmdline").read_bytes()
+            and b"--port\x0030500" in (argv := cmdline_of(p))
+            and b"engines.py" not in argv
         ]
         killed_at = time.time()
         os.kill(server, signal.SIGKILL)
