@@ -85,6 +85,8 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1")
 # reads it for /v1/*, scripts/vllm_server.py and echo_server.py for all but /health
 # and /metrics. Never on a command line, in a log, a record or the registry.
 API_KEY_VARIABLE = "VLLM_API_KEY"
+# In a PBS submission: the node whose Snakemake serves a rank (scripts/serve.py ranks).
+NODE_VARIABLE = "AURORA_NODE"
 
 
 def new_api_key() -> str:
@@ -645,6 +647,7 @@ class EnginePool:
         self.stall_timeout = stall_timeout
         self._cond = threading.Condition()
         self._progress_at = time.monotonic()  # a request slot freed or an engine came back
+        self._stopped = False
 
     def start(self) -> None:
         """Start all engines at once (they load in parallel), then wait for each."""
@@ -661,12 +664,14 @@ class EnginePool:
             self._progress_at = time.monotonic()
 
     def stop(self) -> None:
+        with self._cond:
+            self._stopped = True  # no restart after this (see _recover)
         for member in self.members:
             member.engine.stop()
 
     def _pick(self) -> _Member | None:
         ready = [m for m in self.members if m.state == "ready"]
-        if not ready and all(m.state == "failed" for m in self.members):
+        if not ready and all(m.state in ("failed", "stopped") for m in self.members):
             raise EngineUnavailable("no engine left: all failed beyond their max_restarts")
         free = [m for m in ready if m.in_flight < self.max_in_flight]
         return min(free, key=lambda m: m.in_flight) if free else None
@@ -724,7 +729,7 @@ class EnginePool:
     def _recover(self, member: _Member) -> None:
         engine = member.engine
         state = "ready"
-        if not (engine.alive() and health(engine.url)):
+        if not (engine.alive() and health(engine.url)) and not self._stopped:
             try:
                 engine.restart(self.ready_timeout)
             # Whatever it was: a member left "restarting" would hold its ranks forever.
@@ -733,9 +738,12 @@ class EnginePool:
                 engine.stop()
                 state = "failed"
         with self._cond:
-            member.state = state
+            stopped = self._stopped  # the pool stopped while this one restarted
+            member.state = "stopped" if stopped else state
             self._progress_at = time.monotonic()
             self._cond.notify_all()
+        if stopped:
+            engine.stop()
 
     def complete(
         self,

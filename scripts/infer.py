@@ -505,6 +505,8 @@ def serve_rank(
         "engine_log": placement.get("ENGINE_LOG", ""),
         # one process serves all ranks of a run or submission: no interpreter per rank
         "client_pid": os.getpid(),
+        # in a PBS submission: the node whose Snakemake served it (its engine's node)
+        "client_node": os.environ.get(engines.NODE_VARIABLE, ""),
         "wait_s": round(wait_s, 6),
         "request_s": round(result["generate_s"], 6),
         # engines that died during this rank's request before one answered it

@@ -345,6 +345,7 @@ def engine_spec(config: dict) -> dict:
         "ranks_in_flight": warm["ranks_in_flight"],
         "server": warm["server"],
         "stall_timeout_s": warm["stall_timeout_s"],
+        "listen": warm["listen"],
         "registry_root": os.path.abspath("logs/engines"),
     }
 

@@ -29,10 +29,12 @@ Stdlib only.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -107,12 +109,28 @@ def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
         "engines_per_node": str(per_host),
         "cpu_lists": cpu_lists,
     }
-    argv = []
-    for element in spec["launcher"]:
-        for name, value in values.items():
-            element = element.replace("{" + name + "}", value)
-        argv.append(element)
-    return argv
+    return tiles.render_launcher(spec["launcher"], values, "engine_launcher")
+
+
+def listen_address(spec: Mapping, host: str) -> str:
+    """The address an engine of ``host`` listens on (config warm.listen): a loopback
+    address, so that only processes of its own node reach it. "{host}" stands for the
+    node's name (the test cluster gives each of its hosts a loopback address)."""
+    address = str(spec.get("listen") or "127.0.0.1").replace("{host}", host)
+    try:
+        infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except OSError as error:
+        raise engines.EngineStartError(
+            f"config key warm.listen: {address!r} does not resolve: {error}"
+        ) from None
+    for info in infos:
+        ip = info[4][0]
+        if not ipaddress.ip_address(ip).is_loopback:
+            raise engines.EngineStartError(
+                f"config key warm.listen: {address!r} is {ip}, not a loopback address: "
+                "an engine must be reachable from its own node only"
+            )
+    return infos[0][4][0]
 
 
 # ----------------------------------------------------------------------------- engines
@@ -133,16 +151,18 @@ def engine_model(spec: Mapping, job_id: str, host: str) -> str:
 def make_engine(
     spec: Mapping, slot: tiles.Slot, job_id: str, registry: Path, environ=os.environ
 ) -> engines.Engine:
-    """The server of one slot, bound to its node's address (the submission's Snakemake
-    runs on another node)."""
+    """The server of one slot, listening on its node's loopback address (config
+    warm.listen), its internal ports too: the node's own Snakemake is its only client."""
     placement = spec["tiles"]
     hierarchy = tiles.resolve_hierarchy(placement["hierarchy"], environ)
     tmp_root = tiles.default_tmp_root(environ) / _safe(slot.host)
     env = tiles.engine_env(slot, hierarchy, placement["base_port"], tmp_root)
+    address = listen_address(spec, slot.host)
+    env["VLLM_HOST_IP"] = env["MASTER_ADDR"] = address
     port = engine_port(spec, slot)
     settings = spec["vllm"]
     if spec["engine"] == "echo":
-        argv = [spec["python"], str(ECHO_SERVER), "--host", slot.host, "--port", str(port)]
+        argv = [spec["python"], str(ECHO_SERVER), "--host", address, "--port", str(port)]
     else:
         argv = engines.server_argv(
             spec["python"],
@@ -150,20 +170,20 @@ def make_engine(
             port,
             settings,
             len(slot.tiles),
-            host=slot.host,
+            host=address,
             server=spec["server"],
         )
     base = {**environ, **spec["env"]}
     env = engines.engine_environment(env, settings, base)
-    # Clients on other nodes, and vLLM's own requests, must not go through the proxy.
+    # The node's clients, and vLLM's own requests, must not go through the proxy.
     for name in ("no_proxy", "NO_PROXY"):
-        env[name] = ",".join(dict.fromkeys([*env[name].split(","), slot.host]))
+        env[name] = ",".join(dict.fromkeys([*env[name].split(","), address]))
     return engines.Engine(
         argv,
         env,
         registry / f"{engine_file(slot)}.log",
         port,
-        host=slot.host,
+        host=address,
         name=f"{slot.host}/tile{tiles.tile_ids(slot.tiles)}",
         max_restarts=spec["max_restarts"],
         api_key=spec_api_key(spec),
@@ -360,6 +380,123 @@ def read_registry(registry: Path) -> dict[str, dict]:
     return found
 
 
+# ----------------------------------------------------------------------------- ranks
+
+
+def cpu_numbers(lists: Sequence[str]) -> set[int]:
+    """CPU numbers of config tiles.cpu_bind lists ("1-8", "53-60,61")."""
+    found = set()
+    for text in lists:
+        for part in str(text).split(","):
+            first, _, last = part.strip().partition("-")
+            if first.isdigit():
+                found.update(range(int(first), int(last or first) + 1))
+    return found
+
+
+def node_share(nodes: Mapping, index: int, count: int) -> list[int]:
+    """The ranks of the node at ``index`` of ``count`` (share i goes to node i mod count:
+    PBS gave fewer nodes than planned only if the plan was wrong, and no rank is lost)."""
+    shares = nodes["shares"]
+    return sorted(r for i, share in enumerate(shares) if i % count == index for r in share)
+
+
+def ranks_dir(spec: Mapping, job_id: str) -> Path:
+    """Where each node's Snakemake leaves its exit status (``<host>.exit``)."""
+    return registry_dir(spec, job_id) / "ranks"
+
+
+def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
+    """The job's ranks: ONE launcher call (config node_launcher) runs ``ranks-node`` on
+    every node; fails unless every node with ranks reported success."""
+    spec_path, nodes_path = os.path.abspath(spec_path), os.path.abspath(nodes_path)
+    spec = json.loads(Path(spec_path).read_text())
+    nodes = json.loads(Path(nodes_path).read_text())
+    job_id, hosts = job_hosts(environ)
+    done = ranks_dir(spec, job_id)
+    done.mkdir(parents=True, exist_ok=True)
+    for old in done.glob("*.exit"):
+        old.unlink()
+    command = [spec["python"], os.path.abspath(__file__), "ranks-node", spec_path, nodes_path]
+    command += [job_id, ",".join(hosts)]
+    if nodes["node_launcher"]:
+        launcher = tiles.render_launcher(
+            nodes["node_launcher"], {"nodes": str(len(hosts))}, "node_launcher"
+        )
+    elif len(hosts) == 1:
+        launcher = []  # the job's own node is its only one
+    else:
+        raise SystemExit(
+            f"ranks: config key node_launcher is empty but the job has {len(hosts)} nodes: "
+            "each node's ranks run on that node, started by one launcher call"
+        )
+    argv = launcher + command
+    _log(f"ranks: launcher call for {len(hosts)} node Snakemake(s): {json.dumps(argv)}")
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = process.wait()
+    failed = []
+    for index, host in enumerate(hosts):
+        if not node_share(nodes, index, len(hosts)):
+            continue
+        try:
+            status = (done / f"{_safe(host)}.exit").read_text().strip()
+        except OSError:
+            status = "no report (its Snakemake never ended)"
+        if status != "0":
+            failed.append(f"{host}: {status}")
+    if failed:
+        _log(f"ranks: launcher exited with status {code}; node Snakemakes failed: {failed}")
+        return 1
+    _log(f"ranks: every node's Snakemake succeeded (launcher status {code})")
+    return 0
+
+
+def ranks_node(
+    spec_path: str, nodes_path: str, job_id: str, hosts: Sequence[str], environ=os.environ
+) -> int:
+    """This node's Snakemake: its share of the job's ranks, as threads, against this
+    node's engines only, on CPUs no engine is bound to (config tiles.cpu_bind)."""
+    spec = json.loads(Path(spec_path).read_text())
+    nodes = json.loads(Path(nodes_path).read_text())
+    host = tiles.this_host(hosts, environ)
+    share = node_share(nodes, hosts.index(host), len(hosts))
+    report = ranks_dir(spec, job_id) / f"{_safe(host)}.exit"
+    if not share:
+        _log(f"ranks: {host}: no ranks")
+        report.write_text("0\n")
+        return 0
+    bound = cpu_numbers(spec["tiles"]["cpu_bind"])
+    with contextlib.suppress(AttributeError, OSError):
+        free = os.sched_getaffinity(0) - bound
+        if bound and free:
+            os.sched_setaffinity(0, free)  # its Snakemake inherits it
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    argv = nodes["argv"] + ["--target-jobs", *(f"infer:rank={r}" for r in share)]
+    env = {**environ, SPEC_VARIABLE: spec_path, engines.NODE_VARIABLE: host, "PBS_JOBID": job_id}
+    _log(f"ranks: {host}: {len(share)} rank(s) in one Snakemake on {len(cpus)} CPU(s)")
+    process = subprocess.Popen(argv, cwd=nodes["workdir"], env=env, stdin=subprocess.DEVNULL)
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    code = process.wait()
+    partial = report.with_name(f".{report.name}.{os.getpid()}")
+    partial.write_text(f"{code}\n")
+    os.replace(partial, report)
+    _log(f"ranks: {host}: its Snakemake exited with status {code}")
+    return code
+
+
 # ----------------------------------------------------------------------------- client
 
 
@@ -425,7 +562,11 @@ class RegistryPool:
 
     @classmethod
     def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
-        job_id, hosts = job_hosts(environ)
+        """The engines of this node (``ranks-node`` names it), else of the whole job."""
+        if environ.get(engines.NODE_VARIABLE) and environ.get("PBS_JOBID"):
+            job_id, hosts = environ["PBS_JOBID"], [environ[engines.NODE_VARIABLE]]
+        else:
+            job_id, hosts = job_hosts(environ)
         per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
         expected = [
             engine_file(slot)
@@ -466,9 +607,6 @@ class RegistryPool:
                     self._update(member, record)
         with contextlib.suppress(OSError, ValueError):
             self._launcher_exit = int((self.registry / LAUNCHER_EXIT).read_text())
-        for member in self.members.values():
-            if member.state == "suspect" and engines.health(member.engine.url, timeout=1.0):
-                member.state = "ready"
 
     def _update(self, member: _Remote, record: Mapping) -> None:
         member.engine = RemoteEngine(
@@ -548,17 +686,37 @@ class RegistryPool:
                 self._cond.notify()
 
     def mark_failed(self, engine: RemoteEngine) -> None:
+        """Leave the engine out until its node process reports it restarted, or it
+        answers /health again (asked by a thread of its own: no lock is held across a
+        network call)."""
         with self._cond:
             for member in self.members.values():
                 same = member.engine is not None and member.engine.name == engine.name
                 if same and member.state == "ready":
                     member.state = "suspect"
                     member.suspect_since = time.time()
+                    threading.Thread(target=self._probe, args=(member,), daemon=True).start()
+
+    def _probe(self, member: _Remote) -> None:
+        while True:
+            with self._cond:
+                if member.state != "suspect":
+                    return
+                url = member.engine.url
+            if engines.health(url, timeout=1.0):
+                with self._cond:
+                    if member.state == "suspect":
+                        member.state = "ready"
+                        self._progress_at = self.clock()
+                        self._cond.notify_all()
+                return
+            time.sleep(max(REFRESH_S, 0.2))
 
 
 # ----------------------------------------------------------------------------- main
 
-USAGE = """usage: serve.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,HOST,..."""
+USAGE = """usage: serve.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,HOST,...
+                | ranks SPEC NODES | ranks-node SPEC NODES JOB_ID HOST,HOST,..."""
 
 
 def main(argv: Sequence[str]) -> int:
@@ -566,6 +724,10 @@ def main(argv: Sequence[str]) -> int:
         return (launch if argv[0] == "launch" else stop)(argv[1])
     if len(argv) == 4 and argv[0] == "node":
         return node(argv[1], argv[2], argv[3].split(","))
+    if len(argv) == 3 and argv[0] == "ranks":
+        return ranks(argv[1], argv[2])
+    if len(argv) == 5 and argv[0] == "ranks-node":
+        return ranks_node(argv[1], argv[2], argv[3], argv[4].split(","))
     print(USAGE, file=sys.stderr)
     return 2
 

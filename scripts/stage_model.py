@@ -204,7 +204,7 @@ def node_step(
 
 
 def launcher_argv(template: Sequence[str], nodes: int) -> list[str]:
-    return [element.replace("{nodes}", str(nodes)) for element in template]
+    return tiles.render_launcher(template, {"nodes": str(nodes)}, "node_launcher")
 
 
 def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> int:

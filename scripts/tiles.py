@@ -327,6 +327,7 @@ def engine_env(
         "VLLM_PORT": str(port),
         "MASTER_PORT": str(port + 5),
         "VLLM_HOST_IP": "127.0.0.1",
+        "MASTER_ADDR": "127.0.0.1",
         "TILE_HOST": slot.host,
         "TILE_IDS": tile_ids(slot.tiles),
     }
@@ -338,6 +339,26 @@ def _placeholders(element: str) -> list[str]:
     except ValueError as error:
         raise ValueError(f"launcher element {element!r} is malformed: {error}") from error
     return [field for _, field, _, _ in parsed if field is not None]
+
+
+def render_launcher(template: Sequence[str], values: Mapping[str, str], key: str) -> list[str]:
+    """A launcher argument list (config ``key``) with its {placeholders} filled in from
+    ``values``; an unknown or malformed placeholder is a ValueError naming the key."""
+    argv = []
+    for element in template:
+        try:
+            fields = _placeholders(element)
+        except ValueError as error:
+            raise ValueError(f"config key {key}: {error}") from None
+        unknown = [f for f in fields if f not in values]
+        if unknown:
+            allowed = ", ".join("{" + p + "}" for p in values)
+            raise ValueError(
+                f"config key {key}: placeholder {{{unknown[0]}}} in {element!r} is unknown; "
+                f"allowed: {allowed}"
+            )
+        argv.append(element.format_map(values))
+    return argv
 
 
 def launch_argv(

@@ -568,13 +568,21 @@ def warm_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
     """A run folder for warm engines: engines start with ONE pbsdsh call (one process
     per node, which runs all the node's engines), each rank asks them from the
     submission's Snakemake."""
-    warm = {"ranks_per_engine": 10, "start_minutes": 1, "rank_minutes": 1, "ready_timeout_s": 120}
+    # "{host}": each host of the test cluster has a loopback address of its own (Aurora's
+    # engines all use 127.0.0.1, one node each)
+    warm = {"ranks_per_engine": 10, "start_minutes": 1, "rank_minutes": 1, "ready_timeout_s": 120,
+            "listen": "{host}"}  # fmt: skip
     base = {"warm_engines": True, "warm": warm, "engine_launcher": PBSDSH}
     return aurora_folder(tmp_path, ranks, **wf.deep_merge(base, config))
 
 
 def launcher_calls(job_log: str) -> list[str]:
     return re.findall(r"engines: launcher call for (\d+) engine\(s\) on (\d+) node", job_log)
+
+
+def engine_urls(work: Path, job_id: str) -> dict[str, str]:
+    registry = work / "logs" / "engines" / re.sub(r"[^A-Za-z0-9._-]", "_", job_id)
+    return {path.stem: json.loads(path.read_text())["url"] for path in registry.glob("*.json")}
 
 
 def engine_states(work: Path, job_id: str) -> dict[str, str]:
@@ -604,24 +612,40 @@ def test_warm_engines_one_launcher_call_starts_48_engines_that_serve_480_ranks(
     assert (submission["name"], submission["nodes"]) == ("r0-479", "4")
     # walltime: engine start 1 min + 10 ranks per engine x 1 min + the 10 min margin
     assert submission["walltime"] == "00:21:00"
-    engines_used, clients = set(), set()
+    engines_used, clients = set(), {}
     for rank, lines in prompts.items():
         assert wf.read_records(work / "results" / f"{rank}.out") == [(p, p) for p in lines]
         record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
         engines_used.add((record["host"], record["tiles"], record["engine_name"]))
-        clients.add(record["client_pid"])
-    # 48 distinct (host, tile) engines served ranks, all from ONE process: the
-    # submission's Snakemake runs its ranks as threads, no interpreter per rank
+        # no rank request crosses nodes: its node's Snakemake, its node's engine
+        assert record["client_node"] == record["host"], record
+        clients.setdefault(record["client_node"], set()).add(record["client_pid"])
+    # 48 distinct (host, tile) engines served ranks, from ONE process per node: each
+    # node's Snakemake runs its share of the ranks as threads, no interpreter per rank
     assert sorted((h, t) for h, t, _ in engines_used) == sorted(
         (f"node{n}", str(t)) for n in range(1, 5) for t in range(12)
     )
-    assert len(clients) == 1
+    assert sorted(clients) == [f"node{n}" for n in range(1, 5)]
+    assert all(len(pids) == 1 for pids in clients.values()), clients
+    assert len(set().union(*clients.values())) == 4
     job_log = (work / "logs" / "pbs" / "r0-479.log").read_text()
-    assert launcher_calls(job_log) == [("48", "4")]  # exactly one launcher call
-    script = (work / "logs" / "pbs" / "r0-479.sh").read_text()
-    assert "--force-use-threads --keep-going --cores 192 --scheduler greedy --mode" in script
+    # two launcher calls in all: the engines, and the node Snakemakes
+    assert launcher_calls(job_log) == [("48", "4")]
+    assert re.findall(r"ranks: launcher call for (\d+) node Snakemake", job_log) == ["4"]
+    nodes = json.loads((work / "logs" / "pbs" / "r0-479.nodes.json").read_text())
+    assert [len(share) for share in nodes["shares"]] == [120] * 4
+    # 12 engines x 4 ranks in flight per node's Snakemake
+    at = nodes["argv"].index("--force-use-threads")
+    assert nodes["argv"][at : at + 7] == [
+        "--force-use-threads", "--keep-going", "--cores", "48", "--scheduler", "greedy", "--mode",
+    ]  # fmt: skip
     states = engine_states(work, submission["id"])
     assert len(states) == 48 and set(states.values()) == {"stopped"}, states
+    # each engine listened on its host's loopback address only (the test cluster's
+    # node<N> is 127.0.0.1<N>)
+    for name, url in engine_urls(work, submission["id"]).items():
+        host = name.split("-")[0]
+        assert url.startswith(f"http://127.0.0.1{host[-1]}:"), (name, url)
     assert not processes_running(ECHO_SERVER)
 
 
@@ -1262,7 +1286,7 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
     # walltime is the engines' start (15 min) + 4 ranks x 1 min + the 10 min margin
     assert (
         "PBS plan: 48 rank job(s) -> 1 submission(s) to queue 'capacity' with warm engines: "
-        "1 x (1 node(s), 12 engines, 48 ranks, 4 per engine, walltime 00:29:00); at most "
+        "1 x (1 node(s), 12 engines, 48 ranks, 48 per node, 4 per engine, walltime 00:29:00); at most "
         "0.48 node-hours"
     ) in res.stdout + res.stderr
     assert len(wf.planned_ranks(res.stdout)) == 48
@@ -1282,7 +1306,7 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
     assert res.returncode == 0, output_of(res)
     assert (
         "PBS plan: 12 rank job(s) -> 1 submission(s) to queue 'capacity' with warm engines: "
-        "1 x (1 node(s), 12 engines, 12 ranks, 1 per engine, walltime 00:26:00); at most "
+        "1 x (1 node(s), 12 engines, 12 ranks, 12 per node, 1 per engine, walltime 00:26:00); at most "
         "0.43 node-hours"
     ) in res.stdout + res.stderr
     assert wf.planned_ranks(res.stdout) == [str(rank) for rank in range(36, 48)]

@@ -1056,17 +1056,17 @@ def warm(tmp_path: Path | None = None, **changes) -> dict:
     ("pending", "changes", "text"),
     [
         (480, {}, "480 rank job(s) -> 1 submission(s) to queue 'capacity' with warm "
-                  "engines: 1 x (4 node(s), 48 engines, 480 ranks, 10 per engine, walltime "
+                  "engines: 1 x (4 node(s), 48 engines, 480 ranks, 120 per node, 10 per engine, walltime "
                   "00:35:00); at most 2.33 node-hours"),
         (1000, {}, "1000 rank job(s) -> 3 submission(s) to queue 'capacity' with warm "
-                   "engines: 2 x (4 node(s), 48 engines, 480 ranks, 10 per engine, walltime "
-                   "00:35:00), 1 x (1 node(s), 12 engines, 40 ranks, 4 per engine, walltime "
+                   "engines: 2 x (4 node(s), 48 engines, 480 ranks, 120 per node, 10 per engine, walltime "
+                   "00:35:00), 1 x (1 node(s), 12 engines, 40 ranks, 40 per node, 4 per engine, walltime "
                    "00:29:00); at most 5.15 node-hours; 2 in the system or running at once, "
                    "the rest wait"),
         # prod: 256 nodes = 3,072 engines per submission
         (10000, {"queue": "prod", "nodes_per_submission": 256}, "10000 rank job(s) -> 1 "
          "submission(s) to queue 'prod' with warm engines: 1 x (256 node(s), 3072 engines, "
-         "10000 ranks, 4 per engine, walltime 00:29:00); at most 123.73 node-hours"),
+         "10000 ranks, 40 per node, 4 per engine, walltime 00:29:00); at most 123.73 node-hours"),
     ],
 )  # fmt: skip
 def test_describe_plan_with_warm_engines(pending, changes, text):
@@ -1112,22 +1112,52 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     lines = submitted.splitlines()
     launch = next(i for i, line in enumerate(lines) if " launch " in line)
     assert lines[launch].endswith(f"serve.py launch {tmp_path}/logs/r0-129.engines.json &")
-    assert lines[launch + 1] == f"export AURORA_ENGINES={tmp_path}/logs/r0-129.engines.json"
-    assert (
-        lines.index("module load frameworks")
-        < launch
-        < lines.index(next(line for line in lines if "--mode" in line))
+    # the group job's one Snakemake is replaced by one Snakemake per node
+    (ranks,) = [line for line in lines if " ranks " in line]
+    assert ranks.endswith(
+        f"serve.py ranks {tmp_path}/logs/r0-129.engines.json {tmp_path}/logs/r0-129.nodes.json"
     )
+    assert "-m snakemake" not in submitted
+    assert lines.index("module load frameworks") < launch < lines.index(ranks)
     trap = next(line for line in lines if line.startswith("trap ") and "stop" in line)
     assert "serve.py stop" in trap and trap.endswith(" EXIT")
-    # threads, 24 engines x 4 ranks in flight, after Snakemake's own --cores
-    assert (
-        "--cores 2400 --force-use-threads --keep-going --cores 96 --scheduler greedy " in submitted
-    )
+    nodes = json.loads((tmp_path / "logs" / "r0-129.nodes.json").read_text())
+    assert nodes["workdir"] == "/w"
+    # threads, 12 engines x 4 ranks in flight per node, after Snakemake's own --cores;
+    # each node gets its own --target-jobs
+    assert nodes["argv"] == [
+        "python", "-m", "snakemake", "--cores", "2400", "--force-use-threads", "--keep-going",
+        "--cores", "48", "--scheduler", "greedy", "--mode", "remote",
+    ]  # fmt: skip
+    # no rank files here: one prompt each, 65 ranks per node, every rank once
+    assert [len(share) for share in nodes["shares"]] == [65, 65]
+    assert sorted(r for share in nodes["shares"] for r in share) == list(range(130))
     spec = json.loads((tmp_path / "logs" / "r0-129.engines.json").read_text())
     assert (spec["engine"], spec["model"], spec["stage"]) == ("echo", "", False)
 
 
-def test_threaded_exec_job_needs_the_mode_option():
+def test_node_shares_balance_prompts_not_rank_numbers():
+    # rank 0 holds as many prompts as ranks 1-9 together
+    weights = {0: 9, **{r: 1 for r in range(1, 10)}}
+    assert pbs.submission.node_shares(weights, 2) == [[0], list(range(1, 10))]
+    weights = {r: 1 + r % 7 for r in range(1000)}
+    loads = [sum(weights[r] for r in s) for s in pbs.submission.node_shares(weights, 4)]
+    assert max(loads) - min(loads) <= 1
+
+
+def test_the_group_jobs_command_is_split_without_a_shell():
+    line = (
+        "cd '/w/my run' && /v/bin/python3 -m snakemake --snakefile '/w/my run/Snakefile' "
+        "--target-jobs 'infer:rank=0' 'infer:rank=1' --cores all --mode remote "
+        "&& exit 0 || exit 1"
+    )
+    number, workdir, argv = pbs.submission.exec_job_argv(f"#!/bin/bash\n# x\n{line}\n")
+    assert (number, workdir) == (2, "/w/my run")
+    assert argv[:5] == ["/v/bin/python3", "-m", "snakemake", "--snakefile", "/w/my run/Snakefile"]
+    node = pbs.submission.node_argv(argv, 48)
+    assert "--target-jobs" not in node and "infer:rank=0" not in node
+    assert node[-6:] == ["--cores", "48", "--scheduler", "greedy", "--mode", "remote"]
+    with pytest.raises(pbs.SubmitError, match="pre-commands"):
+        pbs.submission.exec_job_argv("cd /w && export A='1' && python -m snakemake --mode remote")
     with pytest.raises(pbs.SubmitError, match="no --mode"):
-        pbs.submission.threaded_exec_job("python -m snakemake --cores 4", 8)
+        pbs.submission.node_argv(["python", "-m", "snakemake", "--cores", "4"], 8)

@@ -69,11 +69,17 @@ def test_engine_command_and_environment_on_aurora(tmp_path):
         "TMPDIR": f"/var/tmp/pbs.{job}",
         "no_proxy": "localhost",
     }
-    the_spec = spec(tiles={"per_job": 2}) | {"python": "python3"}
+    engines.write_key_file(tmp_path / "job.key", "secret-of-this-job")
+    the_spec = spec(tiles={"per_job": 2}) | {
+        "python": "python3",
+        "api_key_file": str(tmp_path / "job.key"),
+    }
     slot = tiles.Slot("x4102c5s2b0n0.hostmgmt2102", (2, 3))
     engine = serve.make_engine(the_spec, slot, job, tmp_path, environ)
     argv = engine.argv
-    assert argv[argv.index("--host") + 1] == slot.host  # reachable from the head node
+    # loopback only: the node's own Snakemake is the engine's only client
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    assert (engine.env["VLLM_HOST_IP"], engine.env["MASTER_ADDR"]) == ("127.0.0.1", "127.0.0.1")
     assert argv[argv.index("--port") + 1] == str(29500 + 1000 + 2)
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     assert "--enforce-eager" in argv and "--disable-custom-all-reduce" in argv
@@ -83,11 +89,24 @@ def test_engine_command_and_environment_on_aurora(tmp_path):
     assert env["VLLM_WORKER_MULTIPROC_METHOD"] == "spawn"
     assert env["TORCH_COMPILE_DISABLE"] == "1"
     assert env["HF_HUB_OFFLINE"] == "1"
-    assert slot.host in env["no_proxy"].split(",") and "127.0.0.1" in env["no_proxy"]
+    assert "127.0.0.1" in env["no_proxy"].split(",")
+    # the key reaches the engine through its environment, never its command line
+    assert env["VLLM_API_KEY"] == engine.api_key == "secret-of-this-job"
+    assert not any(engine.api_key in a for a in argv)
     # sun_path: vLLM's socket name (1 + 36 characters) must fit under 107
     assert len(env["VLLM_RPC_BASE_PATH"]) + 37 <= 107
     assert env["TMPDIR"] == env["VLLM_RPC_BASE_PATH"]
     assert engine.log_path == tmp_path / "x4102c5s2b0n0.hostmgmt2102-tile2.log"
+
+
+def test_engines_listen_on_loopback_only(tmp_path):
+    slot = tiles.Slot("x1", (0,))
+    with pytest.raises(engines.EngineStartError, match="warm.listen: '8.8.8.8' is 8.8.8.8, not"):
+        serve.make_engine(spec() | {"listen": "8.8.8.8"}, slot, "1", tmp_path, {})
+    # the test cluster: each host's name is its own loopback address
+    assert serve.listen_address({"listen": "{host}"}, "localhost") in ("127.0.0.1", "::1")
+    with pytest.raises(engines.EngineStartError, match="does not resolve"):
+        serve.listen_address({"listen": "{host}"}, "no-such-host.invalid")
 
 
 def test_staged_model_per_node():
@@ -195,3 +214,34 @@ def test_a_launcher_that_exited_with_no_engine_ready_fails_the_ranks(pool, tmp_p
     (tmp_path / "launcher.exit").write_text("127\n")
     with pytest.raises(engines.EngineUnavailable, match="exited with status 127"), pool.route():
         pass
+
+
+def test_a_suspect_engines_health_check_holds_no_lock(pool, tmp_path):
+    """The check of a suspect engine that hangs (a socket that accepts and never
+    answers) does not hold up the ranks routed meanwhile to the other engine."""
+    import socket
+    import threading
+
+    pool, _ = pool
+    hung = socket.create_server(("127.0.0.1", 0))
+    asked = threading.Event()
+
+    def accept():
+        connection, _ = hung.accept()
+        asked.set()
+        time.sleep(5)
+        connection.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    report(tmp_path, "a-tile0", "ready", when=time.time() - 10)
+    report(tmp_path, "b-tile0", "ready", when=time.time() - 10)
+    entry = json.loads((tmp_path / "a-tile0.json").read_text())
+    entry["url"] = f"http://127.0.0.1:{hung.getsockname()[1]}"
+    (tmp_path / "a-tile0.json").write_text(json.dumps(entry))
+    with pool.route() as first, pool.route() as second:
+        victim = next(e for e in (first, second) if e.name == "a/tile0")
+    pool.mark_failed(victim)
+    assert asked.wait(10)  # the check is under way, stuck on the hung engine
+    with pool.route() as engine:  # served at once by the other engine
+        assert engine.name == "b/tile0"
+    hung.close()

@@ -292,6 +292,7 @@ def test_engine_env_is_unique_per_tile(tmp_path):
         "VLLM_PORT": "29530",
         "MASTER_PORT": "29535",
         "VLLM_HOST_IP": "127.0.0.1",
+        "MASTER_ADDR": "127.0.0.1",
         "TILE_HOST": "n1",
         "TILE_IDS": "3",
     }

@@ -5,13 +5,18 @@ the dry run's plan. Called by the Snakefile when it loads (`export_settings`,
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import math
 import os
+import socket
 import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+
+import tiles  # stdlib only, like this package (scripts/ is on the path)
 
 from .settings import (
     SETTINGS_VARIABLE,
@@ -158,8 +163,42 @@ def settings_problems(settings: Mapping, *, jobs: int | None = None) -> list[str
             f"tiles.per_node ({settings['tiles_per_node']}): a job must fit on one node"
         )
     nodes = settings["nodes_per_submission"]
+    problems += launcher_problems(settings)
     minutes = submission_minutes(settings, expected_group_size(settings), nodes)
     problems += queue_problems(settings["queue"], nodes, minutes, jobs, settings["warm_engines"])
+    return problems
+
+
+def launcher_problems(settings: Mapping) -> list[str]:
+    """The launchers' placeholders, and with warm engines the node-local ranks' needs."""
+    problems = []
+    launchers = [("node_launcher", settings["node_launcher"], ("nodes",))]
+    spec = settings.get("engines") or {}
+    if settings["warm_engines"]:
+        placeholders = ("nodes", "engines", "engines_per_node", "cpu_lists")
+        launchers.append(("engine_launcher", spec.get("launcher") or [], placeholders))
+    for key, template, names in launchers:
+        try:
+            tiles.render_launcher(template, dict.fromkeys(names, "1"), key)
+        except ValueError as error:
+            problems.append(str(error))
+    if settings["warm_engines"] and settings["nodes_per_submission"] > 1:
+        if not settings["node_launcher"]:
+            problems.append(
+                "config key node_launcher is empty: with warm engines every node of a "
+                "submission runs its own ranks, started by one node_launcher call (Aurora: "
+                "mpiexec -n {nodes} --ppn 1)"
+            )
+    listen = str(spec.get("listen") or "127.0.0.1")
+    if settings["warm_engines"] and "{host}" not in listen:
+        with contextlib.suppress(OSError, ValueError):
+            for info in socket.getaddrinfo(listen, None, type=socket.SOCK_STREAM):
+                if not ipaddress.ip_address(info[4][0]).is_loopback:
+                    problems.append(
+                        f"config key warm.listen is {listen!r} ({info[4][0]}), not a loopback "
+                        "address: an engine must be reachable from its own node only"
+                    )
+                    break
     return problems
 
 
@@ -293,7 +332,8 @@ def describe_plan(pending_jobs: int, settings: Mapping, jobs: int | None = None)
             minutes = submission_minutes(settings, ranks, nodes)
             parts.append(
                 f"{count} x ({nodes} node(s), {engines} engines, {ranks} ranks, "
-                f"{math.ceil(ranks / engines)} per engine, walltime {format_walltime(minutes)})"
+                f"{math.ceil(ranks / nodes)} per node, {math.ceil(ranks / engines)} per "
+                f"engine, walltime {format_walltime(minutes)})"
             )
         text = (
             f"PBS plan: {pending_jobs} rank job(s) -> {len(plan)} submission(s) to queue "

@@ -86,6 +86,7 @@ def settings_from_config(
         "model_marker": os.path.abspath(marker) if marker else "",
         "stage_dir": weights["stage_dir"],
         "node_launcher": list(config["node_launcher"]),
+        "data_dir": config["data_dir"],
         "task_python": config["python"] or sys.executable,
         # The profile's commands re-run themselves with this interpreter when the
         # `python3` on PATH is too old (e.g. a login node's system Python).

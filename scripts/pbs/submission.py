@@ -4,6 +4,7 @@ jobscript PBS runs, and the qsub call."""
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import math
 import re
@@ -32,8 +33,6 @@ from .status import QUERY_TIMEOUT, StateStore, new_job_record
 SETUP_MARKER = "# @site-setup@"
 STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "stage_model.py"
 SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "serve.py"
-# The submission's engines, for the ranks (scripts/serve.py SPEC_VARIABLE).
-ENGINES_VARIABLE = "AURORA_ENGINES"
 
 
 class SubmitError(RuntimeError):
@@ -160,23 +159,120 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
     if engines_file is not None:
         lines += [
             "# warm engines (config warm_engines): ONE launcher call starts them on every",
-            "# node; the ranks below are threads of one Snakemake that stream through them",
+            "# node, listening on the node's loopback address only",
             f"{shlex.join([*serve, 'launch', str(engines_file)])} &",
-            f"export {ENGINES_VARIABLE}={shlex.quote(str(engines_file))}",
         ]
     return lines
 
 
-def threaded_exec_job(jobscript_text: str, cores: int) -> str:
-    """The group job's Snakemake with its rank jobs as threads of itself (no Snakemake,
-    interpreter or launcher per rank), ``cores`` of them at once, greedy scheduling
-    (thousands of jobs), and the ranks after a failed one still run (--keep-going).
-    Later options win, so they go right before ``--mode``."""
-    extra = f" --force-use-threads --keep-going --cores {int(cores)} --scheduler greedy"
-    text, count = re.subn(r" --mode(?=[ '])", extra + " --mode", jobscript_text, count=1)
-    if count != 1:
+def node_local_lines(settings: Mapping, engines_file: Path, nodes_file: Path) -> list[str]:
+    """The ranks of a warm submission: ONE more launcher call (config node_launcher)
+    runs a Snakemake on every node, serving the node's share of the ranks (as threads)
+    against the node's own engines. Replaces the group job's one Snakemake."""
+    serve = [settings["task_python"], str(SERVE_SCRIPT)]
+    return [
+        "# the ranks: every node runs its share in a Snakemake of its own, against its",
+        "# own engines (scripts/serve.py ranks); the job fails if any node's does",
+        shlex.join([*serve, "ranks", str(engines_file), str(nodes_file)]),
+    ]
+
+
+def exec_job_argv(jobscript_text: str) -> tuple[int, str, list[str]]:
+    """The line of the group job's Snakemake command in the jobscript, its folder and
+    its argument list.
+
+    cluster-generic writes ``cd DIR && PYTHON -m snakemake ... --mode remote ...
+    && exit 0 || exit 1``; the parts are split here, in Python, so that the node-local
+    Snakemakes start from an argument list (no shell)."""
+    lines = jobscript_text.splitlines()
+    for number, line in enumerate(lines):
+        if " -m snakemake " not in line:
+            continue
+        words = shlex.split(line)
+        parts, part = [], []
+        for word in words:
+            if word in ("&&", "||"):
+                parts.append(part)
+                part = []
+            else:
+                part.append(word)
+        parts.append(part)
+        if len(parts[0]) != 2 or parts[0][0] != "cd":
+            raise SubmitError(f"the jobscript's Snakemake command does not start with cd: {line}")
+        commands = [p for p in parts[1:] if "snakemake" in p and "-m" in p]
+        rest = [p for p in parts[1:] if p not in commands and p not in (["exit", "0"], ["exit", "1"])]
+        if len(commands) != 1 or rest:
+            raise SubmitError(
+                "the jobscript's Snakemake command has parts a node-local Snakemake cannot "
+                f"run (environment or pre-commands): {line}"
+            )
+        return number, parts[0][1], commands[0]
+    raise SubmitError("the jobscript has no Snakemake command ('-m snakemake')")
+
+
+def node_argv(argv: Sequence[str], cores: int) -> list[str]:
+    """One node's Snakemake: the group job's command without its target jobs (each node
+    gets its own), its rank jobs as threads of itself (no Snakemake, interpreter or
+    launcher per rank), ``cores`` of them at once, greedy scheduling (thousands of
+    jobs), and the ranks after a failed one still run (--keep-going). Later options win,
+    so they go right before ``--mode``."""
+    kept, skipping = [], False
+    for word in argv:
+        if word == "--target-jobs":
+            skipping = True
+            continue
+        if skipping and not word.startswith("-"):
+            continue
+        skipping = False
+        kept.append(word)
+    if "--mode" not in kept:
         raise SubmitError("the jobscript's Snakemake command has no --mode option")
-    return text
+    at = kept.index("--mode")
+    extra = ["--force-use-threads", "--keep-going", "--cores", str(int(cores))]
+    return kept[:at] + extra + ["--scheduler", "greedy"] + kept[at:]
+
+
+def prompt_count(path: Path) -> int:
+    """Non-blank lines of a rank file (its prompts); 1 for a file that cannot be read
+    (its rank fails on its node, naming the file)."""
+    try:
+        with open(path, "rb") as lines:
+            return max(1, sum(1 for line in lines if line.strip()))
+    except OSError:
+        return 1
+
+
+def node_shares(weights: Mapping[int, int], nodes: int) -> list[list[int]]:
+    """Ranks per node, balanced by prompt count (largest first onto the lightest node;
+    ties by rank number), each share in rank order."""
+    loads = [(0, node) for node in range(nodes)]
+    heapq.heapify(loads)
+    shares: list[list[int]] = [[] for _ in range(nodes)]
+    for rank in sorted(weights, key=lambda r: (-weights[r], r)):
+        load, node = heapq.heappop(loads)
+        shares[node].append(rank)
+        heapq.heappush(loads, (load + weights[rank], node))
+    return [sorted(share) for share in shares]
+
+
+def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: Path) -> int:
+    """What each node's Snakemake needs (scripts/serve.py ranks): the folder, the group
+    job's command and each node's share of the ranks. Returns the jobscript line of the
+    group job's command, which the node-local launch replaces."""
+    number, workdir, argv = exec_job_argv(jobscript_text)
+    data = Path(workdir, settings["data_dir"])
+    weights = {rank: prompt_count(data / f"{rank}.in") for rank in plan.ranks}
+    per_node = jobs_per_node(settings) * settings["ranks_in_flight"]
+    shares = node_shares(weights, plan.nodes)
+    nodes = {
+        "workdir": workdir,
+        "argv": node_argv(argv, per_node),
+        "shares": shares,
+        "prompts": [sum(weights[r] for r in share) for share in shares],
+        "node_launcher": settings["node_launcher"],
+    }
+    path.write_text(json.dumps(nodes))
+    return number
 
 
 def write_engines_file(settings: Mapping, path: Path) -> None:
@@ -329,8 +425,11 @@ def submit(jobscript: str, settings: Mapping, *, run=subprocess.run, now=time.ti
     if settings.get("warm_engines"):
         engines_file = log_dir / f"{plan.name}.engines.json"
         write_engines_file(settings, engines_file)
-        engines = plan.nodes * jobs_per_node(settings)
-        text = threaded_exec_job(text, engines * settings["ranks_in_flight"])
+        nodes_file = log_dir / f"{plan.name}.nodes.json"
+        number = write_nodes_file(settings, plan, text, nodes_file)
+        lines = text.splitlines()
+        lines[number : number + 1] = node_local_lines(settings, engines_file, nodes_file)
+        text = "\n".join(lines) + "\n"
     after = job_lines(settings, stage_file, engines_file)
     script.write_text(insert_setup(text, settings["setup"], after))
     script.chmod(0o755)
