@@ -20,7 +20,9 @@ Unknown arguments (vLLM's --dtype, --tensor-parallel-size, ...) are ignored, so 
 server takes the same argv as vLLM's. --delay (default: the environment variable
 ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time.
 --die-on PROMPT (ECHO_SERVER_DIE_ON) makes the server exit at once on a request holding
-that prompt: a stand-in for a request that crashes its engine.
+that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_FAIL_HOSTS
+(comma-separated node names) makes the server exit at start on those nodes (its
+TILE_HOST): a stand-in for a node whose engines cannot start.
 
 Stdlib only.
 """
@@ -258,6 +260,11 @@ def serve(server: ThreadingHTTPServer, stopped=lambda: False) -> None:
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
+    failing = [h for h in os.environ.get("ECHO_SERVER_FAIL_HOSTS", "").split(",") if h]
+    if os.environ.get("TILE_HOST") in failing:
+        print(f"echo_server: failing at start on {os.environ['TILE_HOST']} "
+              "(ECHO_SERVER_FAIL_HOSTS)", file=sys.stderr)  # fmt: skip
+        return 1
     try:
         server = EchoServer(
             (args.host, args.port), args.model, args.max_model_len, args.delay, args.die_on

@@ -95,12 +95,9 @@ def new_api_key() -> str:
 
 def write_key_file(path: Path | str, key: str) -> None:
     """The key in a file only its owner can read (created 0600, replaced atomically)."""
-    path = Path(path)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(key)
-    os.replace(partial, path)
+    import prompts  # here: the watchdog (engines.py watch) runs with -I, without scripts/
+
+    prompts.write_atomic(path, key, mode=0o600)
 
 
 class EngineError(RuntimeError):

@@ -68,12 +68,17 @@ def format_record(prompt: str, generated: str) -> str:
     return f"Prompt: {prompt!r}, Generated text: {generated!r}\n\n"
 
 
-def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
+def write_atomic(path: str | os.PathLike, content: str | bytes, mode: int | None = None) -> None:
     """Write ``content`` (str as UTF-8, or bytes) to ``path`` atomically.
 
     The data goes to a temporary file in the same folder, is flushed and fsynced,
     and then replaces ``path`` with ``os.replace``. On any error the temporary
-    file is removed and ``path`` is left as it was.
+    file is removed and ``path`` is left as it was. ``mode``: the file's permissions
+    (e.g. 0o600 for a secret, which is never readable by others, not even briefly);
+    default: what a plain open() would give.
+
+    The one atomic write of the project: outputs, records, registry entries, the
+    scheduler status store, key files.
     """
     path = Path(path)
     if isinstance(content, str):
@@ -89,10 +94,12 @@ def write_atomic(path: str | os.PathLike, content: str | bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp makes the file 0600; give it the mode asked, or a plain open()'s.
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

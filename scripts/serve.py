@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import engines
+import prompts
 import stage_model
 import tiles
 
@@ -206,9 +207,7 @@ def write_state(
         "versions": dict(versions or {}),
         **extra,
     }
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps(record))
-    os.replace(partial, path)
+    prompts.write_atomic(path, json.dumps(record))
 
 
 @dataclass
@@ -394,6 +393,19 @@ def cpu_numbers(lists: Sequence[str]) -> set[int]:
     return found
 
 
+def cpu_list_text(cpus: set[int]) -> str:
+    """ "0,52-60" for {0, 52, ..., 60}."""
+    parts, run = [], []
+    for cpu in sorted(cpus):
+        if run and cpu != run[-1] + 1:
+            parts.append(run)
+            run = []
+        run.append(cpu)
+    if run:
+        parts.append(run)
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in parts)
+
+
 def node_share(nodes: Mapping, index: int, count: int) -> list[int]:
     """The ranks of the node at ``index`` of ``count`` (share i goes to node i mod count:
     PBS gave fewer nodes than planned only if the plan was wrong, and no rank is lost)."""
@@ -472,16 +484,22 @@ def ranks_node(
         _log(f"ranks: {host}: no ranks")
         report.write_text("0\n")
         return 0
-    bound = cpu_numbers(spec["tiles"]["cpu_bind"])
-    with contextlib.suppress(AttributeError, OSError):
-        free = os.sched_getaffinity(0) - bound
-        if bound and free:
-            os.sched_setaffinity(0, free)  # its Snakemake inherits it
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
+    free = cpus - cpu_numbers(spec["tiles"]["cpu_bind"])
+    pin = None
+    if free and free != cpus:
+        # In the child before it runs: every thread of its Snakemake stays off the
+        # engines' cores.
+        def pin():
+            os.sched_setaffinity(0, free)
+
     argv = nodes["argv"] + ["--target-jobs", *(f"infer:rank={r}" for r in share)]
     env = {**environ, SPEC_VARIABLE: spec_path, engines.NODE_VARIABLE: host, "PBS_JOBID": job_id}
-    _log(f"ranks: {host}: {len(share)} rank(s) in one Snakemake on {len(cpus)} CPU(s)")
-    process = subprocess.Popen(argv, cwd=nodes["workdir"], env=env, stdin=subprocess.DEVNULL)
+    on = f"CPUs {cpu_list_text(free)}" if pin else "all its CPUs"
+    _log(f"ranks: {host}: {len(share)} rank(s) in one Snakemake on {on}")
+    process = subprocess.Popen(
+        argv, cwd=nodes["workdir"], env=env, stdin=subprocess.DEVNULL, preexec_fn=pin
+    )
 
     def forward(signum, _frame):
         with contextlib.suppress(ProcessLookupError):
@@ -490,9 +508,7 @@ def ranks_node(
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = process.wait()
-    partial = report.with_name(f".{report.name}.{os.getpid()}")
-    partial.write_text(f"{code}\n")
-    os.replace(partial, report)
+    prompts.write_atomic(report, f"{code}\n")
     _log(f"ranks: {host}: its Snakemake exited with status {code}")
     return code
 
@@ -545,8 +561,10 @@ class RegistryPool:
         clock=time.monotonic,
         stall_timeout: float = 600.0,
         api_key: str | None = None,
+        scope: str = "this job",
     ):
         self.registry = Path(registry)
+        self.scope = scope  # what the engines are, for messages
         self.members = {name: _Remote(name) for name in expected}
         self.max_in_flight = max_in_flight
         self.ready_timeout = ready_timeout
@@ -563,8 +581,10 @@ class RegistryPool:
     @classmethod
     def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
         """The engines of this node (``ranks-node`` names it), else of the whole job."""
+        scope = "this job"
         if environ.get(engines.NODE_VARIABLE) and environ.get("PBS_JOBID"):
             job_id, hosts = environ["PBS_JOBID"], [environ[engines.NODE_VARIABLE]]
+            scope = f"node {hosts[0]}"
         else:
             job_id, hosts = job_hosts(environ)
         per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
@@ -580,6 +600,7 @@ class RegistryPool:
             spec_ready_timeout(spec),
             stall_timeout=spec["stall_timeout_s"],
             api_key=spec_api_key(spec),
+            scope=scope,
         )
 
     def _refresh(self) -> None:
@@ -638,7 +659,9 @@ class RegistryPool:
         ready = [m for m in self.members.values() if m.state == "ready"]
         if not ready:
             if all(m.state in ("failed", "stopped") for m in self.members.values()):
-                raise engines.EngineUnavailable(self._failure("every engine of this job failed"))
+                raise engines.EngineUnavailable(
+                    self._failure(f"every engine of {self.scope} failed")
+                )
             if self._launcher_exit is not None:
                 raise engines.EngineUnavailable(
                     self._failure(
@@ -650,7 +673,7 @@ class RegistryPool:
             if self.clock() - self.created > self.ready_timeout:
                 raise engines.EngineUnavailable(
                     self._failure(
-                        f"no engine of this job was ready within {self.ready_timeout:.0f} s "
+                        f"no engine of {self.scope} was ready within {self.ready_timeout:.0f} s "
                         "(config warm.ready_timeout_s)"
                     )
                 )

@@ -53,11 +53,9 @@ def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
 
 
 def node_hosts(environ: Mapping[str, str]) -> list[str]:
-    nodefile = environ.get("PBS_NODEFILE")
-    if not nodefile or not environ.get("PBS_JOBID"):
+    if not environ.get("PBS_NODEFILE") or not environ.get("PBS_JOBID"):
         raise SystemExit("stage_model: PBS_NODEFILE or PBS_JOBID is not set (not in a PBS job)")
-    lines = Path(nodefile).read_text().split()
-    return list(dict.fromkeys(lines))
+    return tiles.read_hosts(environ)
 
 
 def done_file(settings_file: str, job_id: str, host: str) -> Path:

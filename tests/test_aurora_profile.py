@@ -17,6 +17,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -576,6 +577,16 @@ def warm_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
     return aurora_folder(tmp_path, ranks, **wf.deep_merge(base, config))
 
 
+def loopback_of(host: str) -> str:
+    """The address a test host's engines listen on (warm.listen "{host}": node<N> is
+    127.0.0.1<N> in /etc/hosts)."""
+    return socket.gethostbyname(host)
+
+
+def host_of(address: str) -> str:
+    return socket.gethostbyaddr(address)[0].split(".")[0]
+
+
 def launcher_calls(job_log: str) -> list[str]:
     return re.findall(r"engines: launcher call for (\d+) engine\(s\) on (\d+) node", job_log)
 
@@ -646,6 +657,18 @@ def test_warm_engines_one_launcher_call_starts_48_engines_that_serve_480_ranks(
     for name, url in engine_urls(work, submission["id"]).items():
         host = name.split("-")[0]
         assert url.startswith(f"http://127.0.0.1{host[-1]}:"), (name, url)
+    # the submission's key: in one 0600 file, in no log, record or registry entry
+    key_file = work / "logs" / "pbs" / "r0-479.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip().encode()
+    assert len(key) >= 32
+    leaked = [
+        path
+        for folder in (work / "logs", work / "results")
+        for path in folder.rglob("*")
+        if path.is_file() and path != key_file and key in path.read_bytes()
+    ]
+    assert not leaked, leaked
     assert not processes_running(ECHO_SERVER)
 
 
@@ -686,7 +709,8 @@ def test_warm_vllm_engines_through_the_scheduler_on_node_local_model_copies(pbs_
         # each engine loaded its node's copy of the model
         engine_log = Path(record["engine_log"]).read_text()
         copy = tmp_path / "node-local" / f"model-{job_id}" / record["host"] / "tiny-opt"
-        assert f"--model {copy} --host {record['host']}" in engine_log
+        address = loopback_of(record["host"])
+        assert f"--model {copy} --host {address}" in engine_log
     # All four were started by the one launcher call, each on its host with that
     # host's copy. Ranks start on the first engine ready, and these 12 short ranks may
     # all be done before the others are up (seen on a loaded machine: one was stopped
@@ -697,7 +721,8 @@ def test_warm_vllm_engines_through_the_scheduler_on_node_local_model_copies(pbs_
         copy = tmp_path / "node-local" / f"model-{job_id}" / host / "tiny-opt"
         for tile in range(2):
             engine_log = (registry / f"{host}-tile{tile}.log").read_text()
-            assert f"--model {copy} --host {host} --port {30500 + tile}" in engine_log
+            address = loopback_of(host)
+            assert f"--model {copy} --host {address} --port {30500 + tile}" in engine_log
     assert served and served <= {f"{h}/tile{t}" for h in hosts for t in range(2)}
     log = (work / "logs" / "pbs" / "r0-11.log").read_text()
     assert launcher_calls(log) == [("4", "2")]
@@ -895,9 +920,9 @@ def echo_servers(work: Path) -> dict[str, int]:
     for pid in processes_running(ECHO_SERVER):
         with contextlib.suppress(OSError):
             argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
-            host = argv[argv.index(b"--host") + 1].decode()
+            address = argv[argv.index(b"--host") + 1].decode()
             port = int(argv[argv.index(b"--port") + 1])
-            found[f"{host}-tile{port - 30500}"] = pid
+            found[f"{host_of(address)}-tile{port - 30500}"] = pid
     return found
 
 
@@ -975,10 +1000,49 @@ def test_warm_engines_that_never_come_up_fail_the_ranks_naming_their_logs(pbs_cl
     assert set(engine_states(work, submission["id"]).values()) == {"failed"}
     for rank in range(3):
         log = (work / "logs" / "infer" / f"{rank}.log").read_text()
-        assert "every engine of this job failed; engine logs:" in log, log
+        assert "every engine of node node1 failed; engine logs:" in log, log
         assert str(registry / "node1-tile0.log") in log
         assert not (work / "results" / f"{rank}.out").exists()
     assert "could not convert string to float: 'soon'" in (registry / "node1-tile0.log").read_text()
+    assert not processes_running(ECHO_SERVER)
+
+
+@pytest.mark.pbs
+def test_a_node_whose_engines_all_fail_fails_only_its_own_ranks(pbs_cluster, tmp_path):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(16)}
+    # 4 nodes x 2 engines; node2's engines exit at start
+    config = {"tiles": {"per_node": 2}, "warm": {"ranks_per_engine": 2},
+              "task_env": {"ECHO_SERVER_FAIL_HOSTS": "node2"}}  # fmt: skip
+    work = warm_folder(tmp_path, ranks, pbs={"nodes_per_submission": 4}, **config)
+    try:
+        res = run_aurora(pbs_cluster, work)
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode != 0
+    (submission,) = submissions(work)
+    registry = work / "logs" / "engines" / submission["id"]
+    states = engine_states(work, submission["id"])
+    assert {n: s for n, s in states.items() if s == "failed"} == {
+        "node2-tile0": "failed", "node2-tile1": "failed",
+    }, states  # fmt: skip
+    nodes = json.loads((work / "logs" / "pbs" / f"{submission['name']}.nodes.json").read_text())
+    failed, done = [], []
+    for rank in range(16):
+        out = work / "results" / f"{rank}.out"
+        if out.exists():
+            record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+            assert record["client_node"] == record["host"] != "node2"
+            done.append(rank)
+        else:
+            log = (work / "logs" / "infer" / f"{rank}.log").read_text()
+            assert "every engine of node node2 failed; engine logs:" in log, log
+            assert str(registry / "node2-tile0.log") in log
+            failed.append(rank)
+    # one node's share failed, the three others' finished
+    assert len(failed) == 4 and sorted(failed) in [sorted(s) for s in nodes["shares"]]
+    assert len(done) == 12
+    job_log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
+    assert re.search(r"node Snakemakes failed: \['node2: 1'\]", job_log), job_log[-3000:]
     assert not processes_running(ECHO_SERVER)
 
 
@@ -1286,8 +1350,8 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
     # walltime is the engines' start (15 min) + 4 ranks x 1 min + the 10 min margin
     assert (
         "PBS plan: 48 rank job(s) -> 1 submission(s) to queue 'capacity' with warm engines: "
-        "1 x (1 node(s), 12 engines, 48 ranks, 48 per node, 4 per engine, walltime 00:29:00); at most "
-        "0.48 node-hours"
+        "1 x (1 node(s), 12 engines, 48 ranks, 48 per node, 4 per engine, walltime 00:29:00); "
+        "at most 0.48 node-hours"
     ) in res.stdout + res.stderr
     assert len(wf.planned_ranks(res.stdout)) == 48
     # 36 ranks done (outputs newer than their inputs, the model prepared): 12 left,
@@ -1306,7 +1370,7 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
     assert res.returncode == 0, output_of(res)
     assert (
         "PBS plan: 12 rank job(s) -> 1 submission(s) to queue 'capacity' with warm engines: "
-        "1 x (1 node(s), 12 engines, 12 ranks, 12 per node, 1 per engine, walltime 00:26:00); at most "
-        "0.43 node-hours"
+        "1 x (1 node(s), 12 engines, 12 ranks, 12 per node, 1 per engine, walltime 00:26:00); "
+        "at most 0.43 node-hours"
     ) in res.stdout + res.stderr
     assert wf.planned_ranks(res.stdout) == [str(rank) for rank in range(36, 48)]

@@ -1056,13 +1056,13 @@ def warm(tmp_path: Path | None = None, **changes) -> dict:
     ("pending", "changes", "text"),
     [
         (480, {}, "480 rank job(s) -> 1 submission(s) to queue 'capacity' with warm "
-                  "engines: 1 x (4 node(s), 48 engines, 480 ranks, 120 per node, 10 per engine, walltime "
-                  "00:35:00); at most 2.33 node-hours"),
+                  "engines: 1 x (4 node(s), 48 engines, 480 ranks, 120 per node, 10 per "
+                  "engine, walltime 00:35:00); at most 2.33 node-hours"),
         (1000, {}, "1000 rank job(s) -> 3 submission(s) to queue 'capacity' with warm "
-                   "engines: 2 x (4 node(s), 48 engines, 480 ranks, 120 per node, 10 per engine, walltime "
-                   "00:35:00), 1 x (1 node(s), 12 engines, 40 ranks, 40 per node, 4 per engine, walltime "
-                   "00:29:00); at most 5.15 node-hours; 2 in the system or running at once, "
-                   "the rest wait"),
+                   "engines: 2 x (4 node(s), 48 engines, 480 ranks, 120 per node, 10 per "
+                   "engine, walltime 00:35:00), 1 x (1 node(s), 12 engines, 40 ranks, 40 per "
+                   "node, 4 per engine, walltime 00:29:00); at most 5.15 node-hours; 2 in "
+                   "the system or running at once, the rest wait"),
         # prod: 256 nodes = 3,072 engines per submission
         (10000, {"queue": "prod", "nodes_per_submission": 256}, "10000 rank job(s) -> 1 "
          "submission(s) to queue 'prod' with warm engines: 1 x (256 node(s), 3072 engines, "

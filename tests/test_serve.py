@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -245,3 +246,47 @@ def test_a_suspect_engines_health_check_holds_no_lock(pool, tmp_path):
     with pool.route() as engine:  # served at once by the other engine
         assert engine.name == "b/tile0"
     hung.close()
+
+
+NODE_SNAKEMAKE = """
+import json, os, sys
+json.dump({"argv": sys.argv[1:], "node": os.environ["AURORA_NODE"], "cwd": os.getcwd(),
+           "job": os.environ["PBS_JOBID"], "spec": os.environ["AURORA_ENGINES"],
+           "cpus": sorted(os.sched_getaffinity(0))}, open(os.environ["NOTE"], "w"))
+sys.exit(3)
+"""
+
+
+def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path):
+    """serve.py ranks-node as a launcher starts it on the second of two nodes: its share
+    of the ranks as --target-jobs, its node named for the pool, the CPUs no engine is
+    bound to, and its exit status reported for the job script."""
+    cpus = sorted(os.sched_getaffinity(0))
+    bound = [str(cpus[0])] if len(cpus) > 1 else []
+    registry = tmp_path / "engines"
+    spec_file = tmp_path / "job.engines.json"
+    spec_file.write_text(json.dumps({"registry_root": str(registry), "tiles": {"cpu_bind": bound}}))
+    nodes_file = tmp_path / "job.nodes.json"
+    argv = [sys.executable, "-c", NODE_SNAKEMAKE, "--mode", "remote"]
+    nodes_file.write_text(
+        json.dumps({"workdir": str(tmp_path), "argv": argv, "shares": [[0, 3], [1, 2, 4]]})
+    )
+    (registry / "7.pbs" / "ranks").mkdir(parents=True)
+    environ = {**os.environ, "PBS_NODENUM": "1", "NOTE": str(tmp_path / "note.json")}
+    code = serve.ranks_node(str(spec_file), str(nodes_file), "7.pbs", ["x0", "x1"], environ)
+    assert code == 3
+    note = json.loads((tmp_path / "note.json").read_text())
+    assert note["argv"] == ["--mode", "remote", "--target-jobs"] + [
+        f"infer:rank={r}" for r in (1, 2, 4)
+    ]
+    assert (note["node"], note["job"], note["cwd"]) == ("x1", "7.pbs", str(tmp_path))
+    assert note["spec"] == str(spec_file)
+    assert note["cpus"] == (cpus[1:] if bound else cpus)
+    assert (registry / "7.pbs" / "ranks" / "x1.exit").read_text() == "3\n"
+
+
+def test_shares_of_more_planned_nodes_than_the_job_got_are_not_lost():
+    nodes = {"shares": [[0], [1], [2]]}
+    assert serve.node_share(nodes, 0, 2) == [0, 2] and serve.node_share(nodes, 1, 2) == [1]
+    assert serve.cpu_numbers(["1-3", "7,9-10"]) == {1, 2, 3, 7, 9, 10}
+    assert serve.cpu_list_text({0, 52, 53, 54, 60}) == "0,52-54,60"

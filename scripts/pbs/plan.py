@@ -171,7 +171,7 @@ def settings_problems(settings: Mapping, *, jobs: int | None = None) -> list[str
 
 def launcher_problems(settings: Mapping) -> list[str]:
     """The launchers' placeholders, and with warm engines the node-local ranks' needs."""
-    problems = []
+    problems, warm_engines = [], settings["warm_engines"]
     launchers = [("node_launcher", settings["node_launcher"], ("nodes",))]
     spec = settings.get("engines") or {}
     if settings["warm_engines"]:
@@ -182,13 +182,12 @@ def launcher_problems(settings: Mapping) -> list[str]:
             tiles.render_launcher(template, dict.fromkeys(names, "1"), key)
         except ValueError as error:
             problems.append(str(error))
-    if settings["warm_engines"] and settings["nodes_per_submission"] > 1:
-        if not settings["node_launcher"]:
-            problems.append(
-                "config key node_launcher is empty: with warm engines every node of a "
-                "submission runs its own ranks, started by one node_launcher call (Aurora: "
-                "mpiexec -n {nodes} --ppn 1)"
-            )
+    if warm_engines and settings["nodes_per_submission"] > 1 and not settings["node_launcher"]:
+        problems.append(
+            "config key node_launcher is empty: with warm engines every node of a "
+            "submission runs its own ranks, started by one node_launcher call (Aurora: "
+            "mpiexec -n {nodes} --ppn 1)"
+        )
     listen = str(spec.get("listen") or "127.0.0.1")
     if settings["warm_engines"] and "{host}" not in listen:
         with contextlib.suppress(OSError, ValueError):

@@ -12,10 +12,11 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+
+import prompts  # stdlib only, like this package (scripts/ is on the path)
 
 from .parse import (
     FAILED,
@@ -161,10 +162,7 @@ class StateStore:
         return state if isinstance(state, dict) and "jobs" in state else empty_state()
 
     def write(self, state: dict) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".status.")
-        with os.fdopen(fd, "w") as out:
-            json.dump(state, out)
-        os.replace(tmp, self.path)
+        prompts.write_atomic(self.path, json.dumps(state))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict]:

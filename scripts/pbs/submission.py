@@ -200,7 +200,9 @@ def exec_job_argv(jobscript_text: str) -> tuple[int, str, list[str]]:
         if len(parts[0]) != 2 or parts[0][0] != "cd":
             raise SubmitError(f"the jobscript's Snakemake command does not start with cd: {line}")
         commands = [p for p in parts[1:] if "snakemake" in p and "-m" in p]
-        rest = [p for p in parts[1:] if p not in commands and p not in (["exit", "0"], ["exit", "1"])]
+        rest = [
+            p for p in parts[1:] if p not in commands and p not in (["exit", "0"], ["exit", "1"])
+        ]
         if len(commands) != 1 or rest:
             raise SubmitError(
                 "the jobscript's Snakemake command has parts a node-local Snakemake cannot "
