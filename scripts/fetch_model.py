@@ -36,6 +36,21 @@ class CheckError(Exception):
     """What stops the rule: printed as one line naming the cause."""
 
 
+_MARKERS: dict[str, tuple[int, dict]] = {}
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    """The marker this rule wrote (``path``: folder the engines load, ``versions``,
+    ``weights_bytes``), read once per process while the file stays the same: every
+    warm rank asks for it (stdlib only: the PBS provider reads it too)."""
+    path = os.fspath(path)
+    stamp = os.stat(path).st_mtime_ns
+    cached = _MARKERS.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = _MARKERS[path] = (stamp, json.loads(Path(path).read_text()))
+    return cached[1]
+
+
 def versions() -> dict:
     """vLLM, torch and (where installed) IPEX, as the engines will import them."""
     import torch

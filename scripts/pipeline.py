@@ -20,6 +20,7 @@ import infer
 import serve
 import stage_model
 import tiles
+from fetch_model import read_marker
 
 
 class ConfigError(ValueError):
@@ -206,9 +207,7 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
 
 def marker_field(marker, name: str):
     """A field of rule fetch_model's marker (None for the echo engine, which has none)."""
-    if not marker:
-        return None
-    return json.loads(Path(marker[0]).read_text()).get(name)
+    return read_marker(marker[0]).get(name) if marker else None
 
 
 def marker_versions(marker) -> dict:
@@ -218,9 +217,7 @@ def marker_versions(marker) -> dict:
 
 def engine_model(config: dict, model: str, marker) -> str:
     """The folder (or id) the engine loads: the one rule fetch_model found, else ``model``."""
-    if marker:
-        return json.loads(Path(marker[0]).read_text())["path"]
-    return model
+    return marker_field(marker, "path") if marker else model
 
 
 def staged(config: dict, model: str, environ=os.environ):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import engines  # stdlib only, like this package (scripts/ is on the path)
+import fetch_model
 
 from .plan import (
     AURORA_QUEUES,
@@ -352,7 +353,7 @@ def model_path(settings: Mapping) -> str:
     marker = settings.get("model_marker")
     if marker:
         try:
-            return json.loads(Path(marker).read_text())["path"]
+            return fetch_model.read_marker(marker)["path"]
         except (OSError, ValueError, KeyError) as error:
             raise SubmitError(f"cannot read the model marker {marker}: {error}") from error
     return settings["model"]
@@ -364,7 +365,7 @@ def marker_field(settings: Mapping, name: str):
     if not marker:
         return None
     with contextlib.suppress(OSError, ValueError):
-        return json.loads(Path(marker).read_text()).get(name)
+        return fetch_model.read_marker(marker).get(name)
     return None
 
 
