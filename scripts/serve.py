@@ -444,7 +444,11 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
         )
     argv = launcher + command
     _log(f"ranks: launcher call for {len(hosts)} node Snakemake(s): {json.dumps(argv)}")
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    try:
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        _log(f"ranks: cannot run the launcher (config key node_launcher): {error}")
+        return 1
 
     def forward(signum, _frame):
         with contextlib.suppress(ProcessLookupError):

@@ -1127,7 +1127,8 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     # each node gets its own --target-jobs
     assert nodes["argv"] == [
         "python", "-m", "snakemake", "--cores", "2400", "--force-use-threads", "--keep-going",
-        "--cores", "48", "--scheduler", "greedy", "--mode", "remote",
+        "--cores", "48", "--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s",
+        "--mode", "remote",
     ]  # fmt: skip
     # no rank files here: one prompt each, 65 ranks per node, every rank once
     assert [len(share) for share in nodes["shares"]] == [65, 65]
@@ -1156,7 +1157,8 @@ def test_the_group_jobs_command_is_split_without_a_shell():
     assert argv[:5] == ["/v/bin/python3", "-m", "snakemake", "--snakefile", "/w/my run/Snakefile"]
     node = pbs.submission.node_argv(argv, 48)
     assert "--target-jobs" not in node and "infer:rank=0" not in node
-    assert node[-6:] == ["--cores", "48", "--scheduler", "greedy", "--mode", "remote"]
+    assert node[-8:] == ["--cores", "48", "--scheduler", "greedy",
+                         "--max-jobs-per-timespan", "100000/1s", "--mode", "remote"]  # fmt: skip
     with pytest.raises(pbs.SubmitError, match="pre-commands"):
         pbs.submission.exec_job_argv("cd /w && export A='1' && python -m snakemake --mode remote")
     with pytest.raises(pbs.SubmitError, match="no --mode"):

@@ -217,8 +217,9 @@ def node_argv(argv: Sequence[str], cores: int) -> list[str]:
     """One node's Snakemake: the group job's command without its target jobs (each node
     gets its own), its rank jobs as threads of itself (no Snakemake, interpreter or
     launcher per rank), ``cores`` of them at once, greedy scheduling (thousands of
-    jobs), and the ranks after a failed one still run (--keep-going). Later options win,
-    so they go right before ``--mode``."""
+    jobs), no cap on jobs started per second (Snakemake's default, 100/1s, protects a
+    batch scheduler; here it made dispatch come in bursts), and the ranks after a failed
+    one still run (--keep-going). Later options win, so they go right before ``--mode``."""
     kept, skipping = [], False
     for word in argv:
         if word == "--target-jobs":
@@ -232,7 +233,8 @@ def node_argv(argv: Sequence[str], cores: int) -> list[str]:
         raise SubmitError("the jobscript's Snakemake command has no --mode option")
     at = kept.index("--mode")
     extra = ["--force-use-threads", "--keep-going", "--cores", str(int(cores))]
-    return kept[:at] + extra + ["--scheduler", "greedy"] + kept[at:]
+    extra += ["--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s"]
+    return kept[:at] + extra + kept[at:]
 
 
 def prompt_count(path: Path) -> int:
