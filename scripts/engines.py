@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import math
 import os
@@ -262,6 +263,21 @@ def _exited(pid: int) -> bool:
     except ChildProcessError:
         return True
     return info is not None
+
+
+def not_loopback(infos: Sequence[tuple]) -> str | None:
+    """The first address of a getaddrinfo answer that is not a loopback one."""
+    for info in infos:
+        if not ipaddress.ip_address(info[4][0]).is_loopback:
+            return info[4][0]
+    return None
+
+
+def not_loopback_message(address: str, ip: str) -> str:
+    return (
+        f"config key warm.listen: {address!r} is {ip}, not a loopback address: an engine "
+        "must be reachable from its own node only"
+    )
 
 
 def _port_taken(host: str, port: int) -> bool:

@@ -29,7 +29,6 @@ Stdlib only.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import os
 import re
@@ -50,7 +49,6 @@ import tiles
 
 SPEC_VARIABLE = "AURORA_ENGINES"
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
-LAUNCHER_PLACEHOLDERS = ("nodes", "engines", "engines_per_node", "cpu_lists")
 STOP_FILE = "stop"
 LAUNCHER_EXIT = "launcher.exit"
 # Seconds between a node process's looks at its engines and at the stop file.
@@ -124,13 +122,9 @@ def listen_address(spec: Mapping, host: str) -> str:
         raise engines.EngineStartError(
             f"config key warm.listen: {address!r} does not resolve: {error}"
         ) from None
-    for info in infos:
-        ip = info[4][0]
-        if not ipaddress.ip_address(ip).is_loopback:
-            raise engines.EngineStartError(
-                f"config key warm.listen: {address!r} is {ip}, not a loopback address: "
-                "an engine must be reachable from its own node only"
-            )
+    outside = engines.not_loopback(infos)
+    if outside:
+        raise engines.EngineStartError(engines.not_loopback_message(address, outside))
     return infos[0][4][0]
 
 
@@ -302,6 +296,18 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
 # ----------------------------------------------------------------------------- job script
 
 
+def forward_signals(process: subprocess.Popen) -> None:
+    """SIGTERM, SIGINT and SIGHUP of this process go on to ``process`` (a launcher or a
+    node's Snakemake), which ends its own children."""
+
+    def forward(signum, _frame):
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+
+
 def launch(spec_path: str, environ=os.environ) -> int:
     """The one launcher call of the submission; runs until the engines end."""
     spec = json.loads(Path(spec_path).read_text())
@@ -325,13 +331,7 @@ def launch(spec_path: str, environ=os.environ) -> int:
     )
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
     (registry / "launcher.pid").write_text(f"{os.getpid()}\n")
-
-    def forward(signum, _frame):
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    forward_signals(process)
     code = process.wait()
     _log(f"launcher exited with status {code}")
     # The ranks stop waiting for engines that will never come (see RegistryPool).
@@ -432,9 +432,7 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     command = [spec["python"], os.path.abspath(__file__), "ranks-node", spec_path, nodes_path]
     command += [job_id, ",".join(hosts)]
     if nodes["node_launcher"]:
-        launcher = tiles.render_launcher(
-            nodes["node_launcher"], {"nodes": str(len(hosts))}, "node_launcher"
-        )
+        launcher = stage_model.launcher_argv(nodes["node_launcher"], len(hosts))
     elif len(hosts) == 1:
         launcher = []  # the job's own node is its only one
     else:
@@ -449,13 +447,7 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     except OSError as error:
         _log(f"ranks: cannot run the launcher (config key node_launcher): {error}")
         return 1
-
-    def forward(signum, _frame):
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    forward_signals(process)
     code = process.wait()
     failed = []
     for index, host in enumerate(hosts):
@@ -486,7 +478,7 @@ def ranks_node(
     report = ranks_dir(spec, job_id) / f"{_safe(host)}.exit"
     if not share:
         _log(f"ranks: {host}: no ranks")
-        report.write_text("0\n")
+        prompts.write_atomic(report, "0\n")
         return 0
     cpus = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     free = cpus - cpu_numbers(spec["tiles"]["cpu_bind"])
@@ -504,13 +496,7 @@ def ranks_node(
     process = subprocess.Popen(
         argv, cwd=nodes["workdir"], env=env, stdin=subprocess.DEVNULL, preexec_fn=pin
     )
-
-    def forward(signum, _frame):
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
+    forward_signals(process)
     code = process.wait()
     prompts.write_atomic(report, f"{code}\n")
     _log(f"ranks: {host}: its Snakemake exited with status {code}")

@@ -202,7 +202,8 @@ def node_step(
 
 
 def launcher_argv(template: Sequence[str], nodes: int) -> list[str]:
-    return tiles.render_launcher(template, {"nodes": str(nodes)}, "node_launcher")
+    values = dict.fromkeys(tiles.NODE_LAUNCHER_PLACEHOLDERS, str(nodes))
+    return tiles.render_launcher(template, values, "node_launcher")
 
 
 def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> int:

@@ -31,7 +31,11 @@ from pathlib import Path
 
 HIERARCHIES = ("FLAT", "COMPOSITE")
 HIERARCHY_VARIABLE = "ZE_FLAT_DEVICE_HIERARCHY"
+# What each launcher setting may name: config launcher (one per-rank engine),
+# engine_launcher (all engines of a submission), node_launcher (one process per node).
 LAUNCHER_PLACEHOLDERS = ("host", "cpus", "tiles")
+ENGINE_LAUNCHER_PLACEHOLDERS = ("nodes", "engines", "engines_per_node", "cpu_lists")
+NODE_LAUNCHER_PLACEHOLDERS = ("nodes",)
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Values of these variables are kept out of the job log (they still reach the child).
@@ -341,24 +345,30 @@ def _placeholders(element: str) -> list[str]:
     return [field for _, field, _, _ in parsed if field is not None]
 
 
-def render_launcher(template: Sequence[str], values: Mapping[str, str], key: str) -> list[str]:
-    """A launcher argument list (config ``key``) with its {placeholders} filled in from
-    ``values``; an unknown or malformed placeholder is a ValueError naming the key."""
-    argv = []
+def launcher_fields(template: Sequence[str], allowed: Sequence[str], key: str) -> set[str]:
+    """The {placeholders} a launcher argument list (config ``key``) uses; an unknown or
+    malformed one is a ValueError naming the key."""
+    used = set()
     for element in template:
         try:
             fields = _placeholders(element)
         except ValueError as error:
             raise ValueError(f"config key {key}: {error}") from None
-        unknown = [f for f in fields if f not in values]
+        unknown = [f for f in fields if f not in allowed]
         if unknown:
-            allowed = ", ".join("{" + p + "}" for p in values)
             raise ValueError(
                 f"config key {key}: placeholder {{{unknown[0]}}} in {element!r} is unknown; "
-                f"allowed: {allowed}"
+                f"allowed: {', '.join('{' + p + '}' for p in allowed)}"
             )
-        argv.append(element.format_map(values))
-    return argv
+        used.update(fields)
+    return used
+
+
+def render_launcher(template: Sequence[str], values: Mapping[str, str], key: str) -> list[str]:
+    """A launcher argument list (config ``key``) with its {placeholders} filled in from
+    ``values`` (checked by `launcher_fields`)."""
+    launcher_fields(template, list(values), key)
+    return [element.format_map(values) for element in template]
 
 
 def launch_argv(
@@ -375,15 +385,7 @@ def launch_argv(
     passed through `env` on the command line, since mpiexec/srun may not
     forward the caller's environment.
     """
-    used: set[str] = set()
-    for element in template:
-        for field in _placeholders(element):
-            if field not in LAUNCHER_PLACEHOLDERS:
-                raise ValueError(
-                    f"launcher placeholder {{{field}}} in {element!r} is unknown; "
-                    f"allowed: {', '.join('{' + p + '}' for p in LAUNCHER_PLACEHOLDERS)}",
-                )
-            used.add(field)
+    used = launcher_fields(template, LAUNCHER_PLACEHOLDERS, "launcher")
     if not cpus:
         if "cpus" in used:
             raise ValueError("the launcher uses {cpus} but tiles.cpu_bind is empty")
@@ -405,7 +407,7 @@ def launch_argv(
         # `env` would take it for another variable assignment.
         raise ValueError(f"command {command[0]!r} contains '='; `env` cannot run it")
     return (
-        [element.format(**values) for element in template]
+        render_launcher(template, values, "launcher")
         + ["env"]
         + [f"{name}={env[name]}" for name in sorted(env)]
         + list(command)

@@ -6,7 +6,6 @@ the dry run's plan. Called by the Snakefile when it loads (`export_settings`,
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import math
 import os
@@ -16,7 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
-import tiles  # stdlib only, like this package (scripts/ is on the path)
+import engines  # stdlib only, like this package (scripts/ is on the path)
+import tiles
 
 from .settings import (
     SETTINGS_VARIABLE,
@@ -172,14 +172,15 @@ def settings_problems(settings: Mapping, *, jobs: int | None = None) -> list[str
 def launcher_problems(settings: Mapping) -> list[str]:
     """The launchers' placeholders, and with warm engines the node-local ranks' needs."""
     problems, warm_engines = [], settings["warm_engines"]
-    launchers = [("node_launcher", settings["node_launcher"], ("nodes",))]
     spec = settings.get("engines") or {}
-    if settings["warm_engines"]:
-        placeholders = ("nodes", "engines", "engines_per_node", "cpu_lists")
-        launchers.append(("engine_launcher", spec.get("launcher") or [], placeholders))
+    launchers = [("node_launcher", settings["node_launcher"], tiles.NODE_LAUNCHER_PLACEHOLDERS)]
+    if warm_engines:
+        launchers.append(
+            ("engine_launcher", spec.get("launcher") or [], tiles.ENGINE_LAUNCHER_PLACEHOLDERS)
+        )
     for key, template, names in launchers:
         try:
-            tiles.render_launcher(template, dict.fromkeys(names, "1"), key)
+            tiles.launcher_fields(template, names, key)
         except ValueError as error:
             problems.append(str(error))
     if warm_engines and settings["nodes_per_submission"] > 1 and not settings["node_launcher"]:
@@ -189,15 +190,14 @@ def launcher_problems(settings: Mapping) -> list[str]:
             "mpiexec -n {nodes} --ppn 1)"
         )
     listen = str(spec.get("listen") or "127.0.0.1")
-    if settings["warm_engines"] and "{host}" not in listen:
-        with contextlib.suppress(OSError, ValueError):
-            for info in socket.getaddrinfo(listen, None, type=socket.SOCK_STREAM):
-                if not ipaddress.ip_address(info[4][0]).is_loopback:
-                    problems.append(
-                        f"config key warm.listen is {listen!r} ({info[4][0]}), not a loopback "
-                        "address: an engine must be reachable from its own node only"
-                    )
-                    break
+    if warm_engines and "{host}" not in listen:
+        # A name this login node cannot resolve is left to the nodes (serve.listen_address).
+        with contextlib.suppress(OSError):
+            outside = engines.not_loopback(
+                socket.getaddrinfo(listen, None, type=socket.SOCK_STREAM)
+            )
+            if outside:
+                problems.append(engines.not_loopback_message(listen, outside))
     return problems
 
 

@@ -268,12 +268,10 @@ def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: P
     data = Path(workdir, settings["data_dir"])
     weights = {rank: prompt_count(data / f"{rank}.in") for rank in plan.ranks}
     per_node = jobs_per_node(settings) * settings["ranks_in_flight"]
-    shares = node_shares(weights, plan.nodes)
     nodes = {
         "workdir": workdir,
         "argv": node_argv(argv, per_node),
-        "shares": shares,
-        "prompts": [sum(weights[r] for r in share) for share in shares],
+        "shares": node_shares(weights, plan.nodes),
         "node_launcher": settings["node_launcher"],
     }
     path.write_text(json.dumps(nodes))
