@@ -1,10 +1,11 @@
 """The warm engines of one PBS submission (config warm_engines with profiles/aurora).
 
-pbs-submit writes ``<job>.engines.json`` (the spec) next to the job script and puts
-into that script, after the model is staged:
+pbs-submit writes ``<job>.engines.json`` (the spec) and ``<job>.nodes.json`` (each
+node's share of the ranks and the group job's Snakemake command) next to the job
+script and puts into that script, after the model is staged:
 
     python serve.py launch SPEC &     ONE launcher call starts every engine of the job
-    export AURORA_ENGINES=SPEC        the ranks (threads of the job's Snakemake) use them
+    python serve.py ranks SPEC NODES  ONE launcher call runs a Snakemake on every node
     python serve.py stop SPEC         at exit: engines down, the launcher ended
 
 ``launch`` reads PBS_NODEFILE and runs config ``engine_launcher`` once, e.g. PALS
@@ -13,15 +14,18 @@ process per engine, each taking its tile from its local rank index, as in the se
 or ``pbsdsh --`` (one process per node, running all its node's engines). Each such
 process (``node``) finds its node (tiles.this_host) and its share of the node's tile
 slots (local rank i of n takes slots i, i+n, ...), starts one server per slot
-(engines.Engine: vLLM's OpenAI server, or echo_server.py for ``engine: echo``) bound
-to the node's address, restarts one that exits (warm.max_restarts), and reports each
-engine's state in the registry, a folder on the shared file system:
+(engines.Engine: scripts/vllm_server.py or vLLM's OpenAI server, or echo_server.py for
+``engine: echo``) listening on the node's loopback address (config warm.listen),
+restarts one that exits (warm.max_restarts), and reports each engine's state in the
+registry, a folder on the shared file system:
 ``<logs/engines>/<job id>/<host>-tile<N>.json`` (and ``.log``). Engines end when
 ``stop`` asks, when their process is killed (the lifeline of engines.Engine), or when
 PBS ends the job.
 
-`RegistryPool` is the client side: the Snakemake of the submission routes each rank
-to the least busy ready engine of the registry.
+``ranks`` runs config ``node_launcher`` once (e.g. ``mpiexec -n {nodes} --ppn 1``);
+each ``ranks-node`` process runs its node's share of the ranks in a Snakemake of its
+own (threads, on the CPUs no engine is bound to), and `RegistryPool` routes each rank
+to the least busy ready engine of that node.
 
 Stdlib only.
 """
