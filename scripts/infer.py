@@ -432,7 +432,7 @@ def serve_rank(
     request_timeout: float = 600.0,
     versions: dict | None = None,
 ) -> str:
-    """One rank on a warm engine of ``pool`` (engines.EnginePool): read the prompts,
+    """One rank on a warm engine of ``pool`` (serve.RegistryPool): read the prompts,
     wait for a free engine, one request, write the outputs; return the lines for the
     rank's log (a warning for an empty rank file, the summary).
 
