@@ -650,4 +650,7 @@ def end_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    # Its Snakemake is gone (tiles.end_with_parent) or the run is stopped: end now,
+    # with the engine's processes, writing nothing more.
+    signal.signal(signal.SIGTERM, lambda *_: end_now(128 + signal.SIGTERM))
     end_now(main())
