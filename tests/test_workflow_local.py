@@ -397,6 +397,7 @@ def test_an_engine_killed_mid_run_retries_its_in_flight_ranks_and_comes_back(tmp
             if p.name.isdigit()
             and b"--port\x0030500" in (argv := cmdline_of(p))
             and b"engines.py" not in argv
+            and cwd_of(p) == work.resolve()  # not another run's engine on this machine
         ]
         killed_at = time.time()
         os.kill(server, signal.SIGKILL)
@@ -421,6 +422,13 @@ def test_an_engine_killed_mid_run_retries_its_in_flight_ranks_and_comes_back(tmp
     assert later_on_tile0, "tile 0's engine was not restarted for the ranks after"
     assert engine_log.read_text().count("Application startup complete") == 2
     assert processes_in(work) == []
+
+
+def cwd_of(process: Path) -> Path | None:
+    try:
+        return (process / "cwd").resolve()
+    except OSError:
+        return None
 
 
 def hub_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
