@@ -17,6 +17,7 @@ from pathlib import Path
 
 import engines
 import infer
+import progress
 import serve
 import stage_model
 import tiles
@@ -374,6 +375,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
     # In a PBS submission: its engines on all its nodes (echo too: echo servers).
     pool = JOB_ENGINES.pool(spec) if spec else _LazyPool(config, model, input.model)
     Path(log).parent.mkdir(parents=True, exist_ok=True)
+    progress.clear_failure_note(log, rank)
     with open(log, "w") as out:
         try:
             line = infer.serve_rank(
@@ -390,6 +392,10 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
             )
         except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
             out.write(f"ERROR: {error}\n")
+            # Its input is at fault unless an engine failed: then a continuation of its
+            # PBS submission runs it again (pbs.resubmit).
+            cause = "engine" if isinstance(error, engines.EngineError) else progress.INPUT_FAULT
+            progress.write_failure_note(log, rank, cause, str(error))
             raise RuntimeError(f"rank {rank} failed: {error} (log: {log})") from None
         out.write(line + "\n")
 
@@ -430,6 +436,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
 
     placement = config["tiles"]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
+    progress.clear_failure_note(log, rank)
     code = tiles.run_placed(
         command,
         log_path=Path(log),
@@ -442,6 +449,9 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
         extra_env=offline_env(config),
     )
     if code != 0:
+        # scripts/infer.py exits 2 for a bad rank file or prompt (its input is at fault)
+        cause = progress.INPUT_FAULT if code == 2 else "task"
+        progress.write_failure_note(log, rank, cause, f"exit code {code}")
         raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")
 
 

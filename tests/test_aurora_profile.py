@@ -56,6 +56,10 @@ def provider_settings(work: Path, **changes) -> dict:
         "nodes_per_submission": 2,
         "state_dir": str(work / ".snakemake" / "pbs"),
         "log_dir": str(work / "logs" / "pbs"),
+        "results_dir": str(work / "results"),
+        "failed_dir": str(work / "logs" / "infer" / "failed"),
+        "registry_root": str(work / "logs" / "engines"),
+        "progress_log": str(work / "logs" / "progress.log"),
     }
     return conf | changes
 
@@ -912,6 +916,63 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
             assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
     finally:
         delete_our_jobs(pbs_cluster, work)
+
+
+PROGRESS = re.compile(
+    r"^(?P<name>r[\w.-]+) (?P<id>\S+) (?P<phase>[a-z ]+?)(?: [\d:]+)?"
+    r"(?: \| engines (?P<ready>\d+)/(?P<engines>\d+) ready[^|]*)?"
+    r" \| ranks (?P<done>[\d,]+)/(?P<total>[\d,]+) done(?:, (?P<failed>[\d,]+) failed)?"
+)
+
+
+def progress_lines(text: str) -> list[dict]:
+    """The progress lines pbs-status printed (scripts/progress.py), parsed."""
+    found = []
+    for line in text.splitlines():
+        if match := PROGRESS.match(line):
+            found.append({k: v.replace(",", "") if v else v for k, v in match.groupdict().items()})
+    return found
+
+
+@pytest.mark.pbs
+def test_warm_submission_shows_progress_lines_that_grow_to_the_total(pbs_cluster, tmp_path):
+    ranks = {f"{i}.in": f"rank {i} prompt a\nrank {i} prompt b\n" for i in range(48)}
+    # 2 nodes x 4 echo engines, one rank at a time each, 1 s a request: 6 ranks per
+    # engine, several status rounds while it runs
+    config = {
+        "tiles": {"per_node": 4},
+        "warm": {"ranks_per_engine": 6, "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": "1"},
+        "pbs": {"nodes_per_submission": 2},
+    }
+    work = warm_folder(tmp_path, ranks, **config)
+    try:
+        res = run_aurora(pbs_cluster, work, "--group-components", "node=48", "--cores", "48")
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode == 0, output_of(res)
+    (submission,) = submissions(work)
+    Path("/tmp/progress_run.txt").write_text(res.stderr)  # DEBUG
+    # what the terminal showed: Snakemake's stderr, where the status command's goes
+    shown = [p for p in progress_lines(res.stderr) if p["id"] == submission["id"]]
+    assert len(shown) >= 3, res.stderr[-4000:]
+    assert {p["name"] for p in shown} == {"r0-47"} and {p["total"] for p in shown} == {"48"}
+    done = [int(p["done"]) for p in shown]
+    assert done == sorted(done) and done[-1] == 48, done
+    assert any(0 < d < 48 for d in done), done  # seen while it ran
+    assert shown[-1]["phase"] == "finished" and shown[-1]["failed"] is None
+    ready = [int(p["ready"]) for p in shown if p["ready"] is not None]
+    assert {p["engines"] for p in shown if p["engines"]} == {"8"} and 8 in ready, shown
+    # the same lines, with their times, in the progress log the README names
+    logged = progress_lines(
+        "\n".join(
+            line.split(" ", 2)[2]
+            for line in (work / "logs" / "progress.log").read_text().splitlines()
+        )
+    )
+    assert logged == progress_lines(
+        "\n".join(line for line in res.stderr.splitlines() if PROGRESS.match(line))
+    )
 
 
 def echo_servers(work: Path) -> dict[str, int]:
