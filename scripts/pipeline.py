@@ -328,6 +328,30 @@ def stop_engines() -> None:
     WARM.stop()
 
 
+def engine_states(config: dict):
+    """For the local progress line (progress.LOCAL): a callable giving (engines ready,
+    engines, what the ranks wait for), or None without warm engines of their own."""
+    per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
+    logs = f"logs/engines/{socket.gethostname()}-tile*.log"
+
+    def states():
+        if not config["warm_engines"] or config["engine"] == "echo":
+            return None  # echo ranks run in the rank's thread: no engine
+        pool = getattr(WARM, "_pool", None)
+        if pool is None:
+            failure = getattr(WARM, "_failure", None)
+            if failure:
+                return 0, per_node, failure
+            return 0, per_node, f"waiting for {per_node} engine(s) to load the model ({logs})"
+        members = list(getattr(pool, "members", ()))
+        ready = sum(1 for m in members if m.state == "ready")
+        trouble = [f"{m.engine.name} {m.state} ({m.engine.log_path})" for m in members
+                   if m.state != "ready"]  # fmt: skip
+        return ready, len(members), ", ".join(trouble)
+
+    return states
+
+
 def engine_spec(config: dict) -> dict:
     """What the warm engines of a PBS submission need (scripts/serve.py; pbs-submit
     adds the model folder and the staging)."""
@@ -409,6 +433,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     Paths are absolute and the task writes its own log: a launcher may start it in
     another folder (pbs_tmrsh: $HOME) and send its output elsewhere.
     """
+    progress.LOCAL.start()  # the local run's progress line (its first rank starts it)
     if config["warm_engines"]:
         return serve_rank(config, model, rank, input, output, log)
     script = Path(__file__).with_name("infer.py")

@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -264,7 +266,7 @@ def figures(progress: Progress, now: float) -> list[str]:
     parts = [p for p in (engines_part(progress), ranks_part(progress)) if p]
     tok_s, eta = rates(progress, now)
     if tok_s is not None:
-        parts.append(f"{tok_s:,.0f} tok/s")
+        parts.append(f"{tok_s:,.1f} tok/s" if tok_s < 10 else f"{tok_s:,.0f} tok/s")
     if eta is not None and progress.done + len(progress.failed) < progress.total:
         parts.append(f"ETA {_minutes(eta)}")
     return parts
@@ -293,9 +295,84 @@ def progress_line(
     return " | ".join([head, *figures(progress, now)])
 
 
-def local_line(progress: Progress, now: float, started: float) -> str:
-    """A local run's line: ``ranks 12/48 done | engines 2/2 ready | 310 tok/s | ETA 1 min``."""
+def local_line(progress: Progress, now: float, started: float, engines=None) -> str:
+    """A local run's line: ``progress 0:40 | engines 2/2 ready | ranks 12/48 done |
+    310 tok/s | ETA 1 min``; ``engines()`` gives (ready, total, what they wait for)."""
+    if engines is not None:
+        with contextlib.suppress(Exception):  # a line without engines rather than none
+            ready, total, waiting = engines() or (0, 0, "")
+            progress.engines_total, progress.engines_ready = total, ready
+            progress.engines_seen = total
+            line = local_line(progress, now, started)
+            return line.replace(" | ", f" | {waiting} | ", 1) if waiting else line
     return " | ".join([f"progress {_clock(now - started)}", *figures(progress, now)])
+
+
+class LocalWatch:
+    """A local run's progress line every ``interval`` seconds (stderr and the progress
+    log), from a thread of the main Snakemake that the first rank job starts: a dry run,
+    ``--dag`` or ``--summary`` never starts it, nor do the Snakemakes of a PBS
+    submission (they are not the main process)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._settings: dict | None = None
+        self._thread: threading.Thread | None = None
+
+    def configure(self, workflow, results_dir: str, interval: float, engines=None, log=None):
+        """From the Snakefile: ``engines()`` gives (ready, total, what they wait for)."""
+        if not interval or not getattr(workflow, "is_main_process", False):
+            return
+        self._settings = {
+            "workflow": workflow,
+            "records": os.path.join(results_dir, "records"),
+            "failed": os.path.join("logs", "infer", FAILED_DIR),
+            "interval": float(interval),
+            "engines": engines,
+            "log": log or os.path.join("logs", "progress.log"),
+        }
+
+    def start(self) -> None:
+        """From each rank job (cheap after the first): start the thread once."""
+        if self._settings is None or self._thread is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="progress", args=(time.time(),), daemon=True
+                )
+                self._thread.start()
+
+    def _ranks(self) -> frozenset[int]:
+        """The rank jobs this run runs (Snakemake's DAG; none if that cannot be read)."""
+        workflow = self._settings["workflow"]
+        with contextlib.suppress(Exception):  # Snakemake's internals: may change
+            jobs = workflow.dag.needrun_jobs(exclude_finished=False)
+            return frozenset(
+                int(job.wildcards_dict["rank"]) for job in jobs if job.rule.name == "infer"
+            )
+        return frozenset()
+
+    def _run(self, started: float) -> None:
+        settings = self._settings
+        ranks = self._ranks()
+        if not ranks:
+            return
+        memory: dict = {}
+        sub = Submission("local", ranks)
+        while True:
+            time.sleep(settings["interval"])
+            now = time.time()
+            found = read_progress([sub], settings["records"], settings["failed"], memory)
+            line = local_line(found["local"], now, started, settings["engines"])
+            print(line, file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                append_log(settings["log"], [line], now)
+            if found["local"].done + len(found["local"].failed) >= len(ranks):
+                return
+
+
+LOCAL = LocalWatch()
 
 
 def append_log(path: str | os.PathLike, lines: Iterable[str], now: float | None = None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -60,6 +61,8 @@ def provider_settings(work: Path, **changes) -> dict:
         "failed_dir": str(work / "logs" / "infer" / "failed"),
         "registry_root": str(work / "logs" / "engines"),
         "progress_log": str(work / "logs" / "progress.log"),
+        # these tests check what PBS's end of a job reads as, not its continuation
+        "resubmit": 0,
     }
     return conf | changes
 
@@ -885,7 +888,12 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
         "tiles": {"per_node": 2},
         "warm": {"ranks_per_engine": 2, "start_minutes": 0, "ranks_in_flight": 1},
         "task_env": {"ECHO_SERVER_DELAY_S": "70"},
-        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0},
+        "pbs": {
+            "queue": "short",
+            "nodes_per_submission": 1,
+            "walltime_margin_minutes": 0,
+            "resubmit": 0,
+        },  # fmt: skip
     }
     work = warm_folder(tmp_path, ranks, **config)
     packing = ("--group-components", "node=4", "--cores", "4")
@@ -952,7 +960,6 @@ def test_warm_submission_shows_progress_lines_that_grow_to_the_total(pbs_cluster
         delete_our_jobs(pbs_cluster, work)
     assert res.returncode == 0, output_of(res)
     (submission,) = submissions(work)
-    Path("/tmp/progress_run.txt").write_text(res.stderr)  # DEBUG
     # what the terminal showed: Snakemake's stderr, where the status command's goes
     shown = [p for p in progress_lines(res.stderr) if p["id"] == submission["id"]]
     assert len(shown) >= 3, res.stderr[-4000:]
@@ -973,6 +980,90 @@ def test_warm_submission_shows_progress_lines_that_grow_to_the_total(pbs_cluster
     assert logged == progress_lines(
         "\n".join(line for line in res.stderr.splitlines() if PROGRESS.match(line))
     )
+
+
+def continued_run(cluster: PbsCluster, tmp_path: Path, ranks: dict, delay_s: int, jobs: int):
+    """A warm run whose submission PBS kills at its walltime mid-request (2 engines,
+    one rank at a time each, ``delay_s`` a request, no start or margin allowance),
+    with pbs.resubmit 1. Returns the folder, the run's output, its exit code, and the
+    ranks done (with their .out mtimes) when the continuation was submitted."""
+    cluster.add_queue("short", resources_max__walltime="01:00:00")
+    config = {
+        "tiles": {"per_node": 2},
+        "warm": {"ranks_per_engine": math.ceil(jobs / 2), "start_minutes": 0,
+                 "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": str(delay_s)},
+        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0,
+                "resubmit": 1},
+    }  # fmt: skip
+    work = warm_folder(tmp_path, ranks, **config)
+    results = work / "results"
+    packing = ("--group-components", f"node={jobs}", "--cores", str(jobs))
+    with aurora_in_background(cluster, work, *packing) as proc:
+        wait_for(lambda: len(submissions(work)) == 2, "no continuation submitted", 600, proc)
+        mtimes = {int(p.stem): p.stat().st_mtime_ns for p in results.glob("*.out")}
+        out = proc.communicate(timeout=900)[0]
+    return work, out, proc.returncode, mtimes
+
+
+@pytest.mark.pbs
+def test_warm_walltime_kill_mid_submission_is_continued_with_only_the_unfinished_ranks(
+    pbs_cluster, tmp_path
+):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    # walltime 2 min: 2 ranks end after ~70 s, PBS kills the other 2 mid-request
+    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 70, 4)
+    assert code == 0, out[-4000:]
+    first, more = submissions(work)
+    assert (first["name"], first["walltime"]) == ("r0-3", "00:02:00")
+    job = pbs_cluster.job(first["id"])
+    assert (job["job_state"], job["Exit_status"]) == ("F", -29), job
+    assert len(done) == 2, done
+    left = sorted(set(range(4)) - set(done))
+    # one continuation of only the unfinished ranks, its walltime at the pace seen
+    # (70 s a rank and engine: 2 min for one rank per engine)
+    assert (more["name"], more["ranks"], more["walltime"]) == (
+        "r0-3.c1",
+        ",".join(map(str, left)),
+        "00:02:00",
+    )
+    assert "submission r0-3 (job " in out and "killed by PBS: walltime exceeded" in out
+    assert f"the 2 unfinished go on in r0-3.c1 (job {more['id']}" in out, out[-4000:]
+    results = work / "results"
+    assert {r: (results / f"{r}.out").stat().st_mtime_ns for r in done} == done
+    for rank in range(4):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    nodes = json.loads((work / "logs" / "pbs" / "r0-3.c1.nodes.json").read_text())
+    assert sorted(r for share in nodes["shares"] for r in share) == left
+    wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the jobs", 15)
+
+
+@pytest.mark.pbs
+def test_a_rank_with_bad_input_is_not_continued_and_fails_alone_naming_its_line(
+    pbs_cluster, tmp_path
+):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    ranks["4.in"] = b"fine\n\xff\xfe broken\n"  # invalid UTF-8 on line 2
+    # 2 engines, 3 ranks each at most, 100 s a request: walltime 3 min; 2 ranks end
+    # after ~100 s, rank 4 fails at once, PBS kills the 2 in flight at 180 s
+    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 100, 5)
+    assert code != 0, out[-4000:]
+    first, more = submissions(work)
+    assert first["walltime"] == "00:03:00"
+    assert len(done) == 2 and 4 not in done, done
+    left = sorted(set(range(4)) - set(done))
+    assert (more["name"], more["ranks"]) == ("r0-4.c1", ",".join(map(str, left)))
+    assert "not run again, their input is at fault: rank 4 (logs/infer/4.log)" in out
+    results = work / "results"
+    assert {r: (results / f"{r}.out").stat().st_mtime_ns for r in done} == done
+    for rank in range(4):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    assert not (results / "4.out").exists()
+    log = (work / "logs" / "infer" / "4.log").read_text()
+    assert "4.in" in log and "line 2" in log, log
+    # the run's end names it
+    assert "rank 4: logs/infer/4.log" in out, out[-4000:]
+    wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the jobs", 15)
 
 
 def echo_servers(work: Path) -> dict[str, int]:
@@ -1143,7 +1234,13 @@ def test_walltime_kill_is_noticed_and_rerun_incomplete_runs_only_the_killed_rank
     config = {
         "runtime_minutes": 1,
         "tiles": {"per_node": 4},
-        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0},
+        # resubmit 0: PBS's end of the submission fails it (no continuation)
+        "pbs": {
+            "queue": "short",
+            "nodes_per_submission": 1,
+            "walltime_margin_minutes": 0,
+            "resubmit": 0,
+        },  # fmt: skip
     }
     sleeper = python_wrapper(tmp_path / "python", sleep_ranks=[3])
     work = aurora_folder(tmp_path, ranks, python=str(sleeper), **config)
@@ -1266,10 +1363,10 @@ def interrupt_and_check_nothing_is_left(cluster, proc, work, tasks=None) -> str:
 
 
 @contextlib.contextmanager
-def aurora_in_background(cluster: PbsCluster, work: Path, **kwargs):
+def aurora_in_background(cluster: PbsCluster, work: Path, *args: str, **kwargs):
     """A ``snakemake --profile profiles/aurora`` run in a session of its own; killed,
     and its submissions deleted, if the test ends before it does."""
-    proc = run_aurora(cluster, work, popen=True, **kwargs)
+    proc = run_aurora(cluster, work, *args, popen=True, **kwargs)
     try:
         yield proc
     finally:

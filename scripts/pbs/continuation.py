@@ -141,7 +141,8 @@ def continue_submission(
         _record(store, job_id, state="failed", detail=detail)
         warn(f"pbs-status: {detail}; PBS log: {LOG_DIR}/{name}.log")
         return None
-    _record(store, job_id, continued_by=new_id)
+    # The job itself has ended; its id now stands for the continuation (status.current_job).
+    _record(store, job_id, continued_by=new_id, state="failed")
     pace = f", {per_rank_s:.0f} s per rank and engine so far" if per_rank_s else ""
     lines = [
         f"pbs-status: {why}; {len(done)} of its {len(ranks)} rank(s) are done and kept, "

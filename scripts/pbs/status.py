@@ -323,7 +323,10 @@ def _query_round(state, store, query, t, interval, bounds, warn, resubmit=0):
     ids = [
         i
         for i, j in jobs.items()
-        if j["state"] not in FINAL and not j.get("continuing") and t - j["seen"] < stale
+        if j["state"] not in FINAL
+        and not j.get("continuing")
+        and not j.get("continued_by")
+        and t - j["seen"] < stale
     ]
     try:
         answers, whole = query(ids), None
