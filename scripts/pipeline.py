@@ -342,7 +342,7 @@ def engine_states(config: dict):
             failure = getattr(WARM, "_failure", None)
             if failure:
                 return 0, per_node, failure
-            return 0, per_node, f"waiting for {per_node} engine(s) to load the model ({logs})"
+            return 0, per_node, f"starting: the ranks wait for them to load the model; {logs}"
         members = list(getattr(pool, "members", ()))
         ready = sum(1 for m in members if m.state == "ready")
         trouble = [f"{m.engine.name} {m.state} ({m.engine.log_path})" for m in members

@@ -110,6 +110,7 @@ class Progress:
     engines_total: int = 0
     engines_ready: int = 0
     engines_starting: int = 0
+    engines_stopped: int = 0
     # (name, state, restarts, log) of engines that failed or were restarted
     engines_trouble: list[tuple[str, str, int, str]] = field(default_factory=list)
     engines_seen: int = 0
@@ -200,6 +201,7 @@ def _read_engines(registry: str, known: dict, progress: Progress, reads: Reads) 
     progress.engines_total = max(progress.engines_total, len(states))
     progress.engines_ready = sum(1 for s in states if s[1] == "ready")
     progress.engines_starting = sum(1 for s in states if s[1] in ("starting", "restarting"))
+    progress.engines_stopped = sum(1 for s in states if s[1] == "stopped")
     progress.engines_trouble = sorted(
         (name, s[1], s[2], s[3])
         for name, s in ((n, known[n]) for n in entries if n in known)
@@ -240,7 +242,11 @@ def rates(progress: Progress, now: float) -> tuple[float | None, float | None]:
 def engines_part(progress: Progress, limit: int = 3) -> str:
     if not progress.engines_total:
         return ""
-    text = f"engines {progress.engines_ready}/{progress.engines_total} ready"
+    if progress.engines_stopped and not progress.engines_ready:
+        # the end of the submission: its job script stopped them
+        text = f"engines {progress.engines_stopped}/{progress.engines_total} stopped"
+    else:
+        text = f"engines {progress.engines_ready}/{progress.engines_total} ready"
     if progress.engines_seen < progress.engines_total and not progress.engines_ready:
         text += f" ({progress.engines_seen} reported)"
     trouble = progress.engines_trouble
@@ -303,8 +309,10 @@ def local_line(progress: Progress, now: float, started: float, engines=None) -> 
             ready, total, waiting = engines() or (0, 0, "")
             progress.engines_total, progress.engines_ready = total, ready
             progress.engines_seen = total
-            line = local_line(progress, now, started)
-            return line.replace(" | ", f" | {waiting} | ", 1) if waiting else line
+            parts = figures(progress, now)
+            if waiting and total:
+                parts[0] += f" ({waiting})"  # what the ranks wait for
+            return " | ".join([f"progress {_clock(now - started)}", *parts])
     return " | ".join([f"progress {_clock(now - started)}", *figures(progress, now)])
 
 
@@ -360,15 +368,22 @@ class LocalWatch:
             return
         memory: dict = {}
         sub = Submission("local", ranks)
+        shown = started
+        # Looks every second at most, prints every interval, and once more at the end
+        # (the line that reaches the total).
         while True:
-            time.sleep(settings["interval"])
+            time.sleep(min(1.0, settings["interval"]))
             now = time.time()
             found = read_progress([sub], settings["records"], settings["failed"], memory)
+            ended = found["local"].done + len(found["local"].failed) >= len(ranks)
+            if now - shown < settings["interval"] and not ended:
+                continue
+            shown = now
             line = local_line(found["local"], now, started, settings["engines"])
             print(line, file=sys.stderr, flush=True)
             with contextlib.suppress(OSError):
                 append_log(settings["log"], [line], now)
-            if found["local"].done + len(found["local"].failed) >= len(ranks):
+            if ended:
                 return
 
 

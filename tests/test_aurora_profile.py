@@ -928,7 +928,7 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
 
 PROGRESS = re.compile(
     r"^(?P<name>r[\w.-]+) (?P<id>\S+) (?P<phase>[a-z ]+?)(?: [\d:]+)?"
-    r"(?: \| engines (?P<ready>\d+)/(?P<engines>\d+) ready[^|]*)?"
+    r"(?: \| engines (?:(?P<ready>\d+)/(?P<engines>\d+) ready|(?P<stopped>\d+)/\d+ stopped)[^|]*)?"
     r" \| ranks (?P<done>[\d,]+)/(?P<total>[\d,]+) done(?:, (?P<failed>[\d,]+) failed)?"
 )
 
@@ -968,6 +968,7 @@ def test_warm_submission_shows_progress_lines_that_grow_to_the_total(pbs_cluster
     assert done == sorted(done) and done[-1] == 48, done
     assert any(0 < d < 48 for d in done), done  # seen while it ran
     assert shown[-1]["phase"] == "finished" and shown[-1]["failed"] is None
+    assert shown[-1]["stopped"] == "8"  # the job script stopped its engines
     ready = [int(p["ready"]) for p in shown if p["ready"] is not None]
     assert {p["engines"] for p in shown if p["engines"]} == {"8"} and 8 in ready, shown
     # the same lines, with their times, in the progress log the README names

@@ -323,3 +323,16 @@ def test_nothing_left_but_bad_ranks_fails_without_a_continuation(tmp_path):
     job = pbs.StateStore(conf["state_dir"]).read()["jobs"]["1"]
     assert (job["state"], job["continuing"]) == ("failed", False)
     assert "rank 1 (logs/infer/1.log)" in warned[0] and "walltime exceeded" in warned[0]
+
+
+def test_the_local_line_says_what_the_ranks_wait_for():
+    p = progress.Progress(total=6)
+
+    def engines():
+        return 0, 2, "starting: the ranks wait for them to load the model; logs/engines/h-tile*.log"
+
+    assert progress.local_line(p, 15.0, 10.0, engines) == (
+        "progress 0:05 | engines 0/2 ready (starting: the ranks wait for them to load the "
+        "model; logs/engines/h-tile*.log) | ranks 0/6 done"
+    )
+    assert progress.local_line(p, 15.0, 10.0, lambda: None) == "progress 0:05 | ranks 0/6 done"
