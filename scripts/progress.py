@@ -158,9 +158,8 @@ def read_progress(
             sub.key, {"read": [], "tokens": 0, "first": None, "last": None, "engines": {}}
         )
         read = set(mine["read"])
-        for rank in sub.ranks:
-            if rank in read or rank not in records:
-                continue
+        present = records.keys() & sub.ranks  # set operations: no Python loop per rank
+        for rank in present - read:
             record = _read_json(Path(records_dir, records[rank] + ".json"), reads)
             if record is None:
                 continue
@@ -174,8 +173,8 @@ def read_progress(
         mine["read"] = sorted(read)
         progress = Progress(
             total=len(sub.ranks),
-            done=sum(1 for r in sub.ranks if r in records),
-            failed=sorted(r for r in sub.ranks if r in failed_ranks and r not in records),
+            done=len(present),
+            failed=sorted((failed_ranks.keys() & sub.ranks) - present),
             tokens=mine["tokens"],
             first=mine["first"],
             last=mine["last"],
