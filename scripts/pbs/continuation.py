@@ -135,6 +135,8 @@ def continue_submission(
     )
     try:
         with submitting(settings):  # the watchdog waits for it
+            if not store.read()["jobs"][job_id].get("continuing"):
+                return None  # cancelled meanwhile (Ctrl-C: pbs-cancel)
             new_id = submit_fn(more.source, settings, continuation=more)
     except (SubmitError, OSError, ValueError) as error:
         detail = f"{why}; its continuation could not be submitted: {error}"

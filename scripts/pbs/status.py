@@ -429,10 +429,10 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
     """The progress lines of this round, from the answers PBS just gave (no query of
     its own) and what the submissions wrote (scripts/progress.py); what was read is
     kept in state_dir/progress.json for the next round."""
-    run = run_id(settings)
-    # Every submission PBS answered about this round: those that ended in it too
-    # (their last line ends at their total).
-    flying = [(i, j) for i, j in state["jobs"].items() if j.get("run") == run and i in answers]
+    # Every submission PBS answered about this round (the open ones Snakemake asks
+    # about, also those resumed from an earlier run), those that ended in it too:
+    # their last line ends at their total.
+    flying = [(i, j) for i, j in state["jobs"].items() if i in answers]
     # Its own file, read and written once per round (the status cache is read by
     # every status call, and this holds the ranks read so far).
     memory_path = Path(settings["state_dir"]) / "progress.json"
@@ -555,7 +555,9 @@ def cancel(
         open_ids = [i for i in ids if known.get(i, {}).get("state") not in FINAL]
         for job_id in open_ids:
             if job_id in known:
-                known[job_id].update(state=FAILED, detail="cancelled (pbs-cancel)")
+                known[job_id].update(
+                    state=FAILED, detail="cancelled (pbs-cancel)", continuing=False
+                )
     qdel(open_ids, store, popen=popen, wait=wait)
     return open_ids
 
