@@ -353,11 +353,13 @@ class LocalWatch:
     def _ranks(self) -> frozenset[int]:
         """The rank jobs this run runs (Snakemake's DAG; none if that cannot be read)."""
         workflow = self._settings["workflow"]
-        with contextlib.suppress(Exception):  # Snakemake's internals: may change
-            jobs = workflow.dag.needrun_jobs(exclude_finished=False)
-            return frozenset(
-                int(job.wildcards_dict["rank"]) for job in jobs if job.rule.name == "infer"
-            )
+        for _ in range(5):  # the scheduler may change the set while it is read
+            with contextlib.suppress(Exception):  # Snakemake's internals: may change
+                jobs = list(workflow.dag.needrun_jobs(exclude_finished=False))
+                return frozenset(
+                    int(job.wildcards_dict["rank"]) for job in jobs if job.rule.name == "infer"
+                )
+            time.sleep(0.2)
         return frozenset()
 
     def _run(self, started: float) -> None:
