@@ -927,7 +927,7 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
 
 
 PROGRESS = re.compile(
-    r"^(?P<name>r[\w.-]+) (?P<id>\S+) (?P<phase>[a-z ]+?)(?: [\d:]+)?"
+    r"^(?P<name>r[\w.-]+) (?P<id>\S+) (?P<phase>[A-Za-z ]+?)(?: [\d:]+)?"
     r"(?: \| engines (?:(?P<ready>\d+)/(?P<engines>\d+) ready|(?P<stopped>\d+)/\d+ stopped)[^|]*)?"
     r" \| ranks (?P<done>[\d,]+)/(?P<total>[\d,]+) done(?:, (?P<failed>[\d,]+) failed)?"
 )
