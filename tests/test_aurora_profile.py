@@ -1143,6 +1143,9 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
     entry = work / "logs" / "engines" / submission["id"] / f"{victim}.json"
     state = json.loads(entry.read_text())
     assert (state["restarts"], state["state"]) == (1, "stopped")
+    # the progress lines named it, with its log
+    named = f"{victim} ready after 1 restart(s) ({state['log']})"
+    assert any(named in line for line in output.splitlines() if PROGRESS.match(line)), output
     # the restarted engine served ranks again
     after = [
         r for r in records
