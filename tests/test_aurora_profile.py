@@ -338,7 +338,9 @@ def test_held_submissions(pbs_cluster, tmp_path):
         assert f"qdel {system}" in (tmp_path / ".snakemake" / "pbs" / "cancel.log").read_text()
         time.sleep(INTERVAL / 2 + 0.1)
         again = commands.status(user)  # warned once, not every round
-        assert again.stdout.strip() == "running" and "held" not in again.stderr
+        assert again.stdout.strip() == "running" and "qrls" not in again.stderr
+        # the round's progress line still says so, with PBS's comment
+        assert f"r1 {user} held (Job held by " in again.stderr
     finally:
         delete_our_jobs(pbs_cluster, tmp_path)
         pbs_cluster.qmgr("delete queue parked", check=False)
