@@ -13,7 +13,7 @@ configfile: "config/config.yaml"
 
 
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
-import pbs, pipeline, ranks, summarize  # noqa: E402, E401
+import pbs, pipeline, progress, ranks, summarize  # noqa: E402, E401
 
 # --config 'pbs={nodes_per_submission: 8}' passes "8": read it as the schema's type.
 pipeline.load_config(config, "config/schema.yaml")
@@ -43,6 +43,10 @@ def count_pending():  # ranks whose outputs are missing or outdated
 
 # With profiles/aurora: print the PBS plan of the pending ranks.
 pbs.announce_plan(workflow, config, count_pending)
+# Run here: a progress line every progress_interval_s (the first rank job starts it).
+progress.LOCAL.configure(
+    workflow, RESULTS, config["progress_interval_s"], pipeline.engine_states(config)
+)
 
 
 wildcard_constraints:

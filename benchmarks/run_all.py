@@ -23,6 +23,7 @@ import common  # noqa: E402
 import dag_scale  # noqa: E402
 import dispatch  # noqa: E402
 import engine_efficiency  # noqa: E402
+import progress_reader  # noqa: E402
 import scheduler_load  # noqa: E402
 import time_breakdown  # noqa: E402
 import warm_engines  # noqa: E402
@@ -37,6 +38,7 @@ BENCHMARKS = {
         scheduler_load,
         warm_engines,
         dispatch,
+        progress_reader,
     )
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import engines
 import infer
+import progress
 import serve
 import stage_model
 import tiles
@@ -234,6 +235,30 @@ def stop_engines() -> None:
     ENGINES.stop()
 
 
+def engine_states(config: dict):
+    """For the local progress line (progress.LOCAL): a callable giving (engines ready,
+    engines, what the ranks wait for), or None without warm engines of their own."""
+    per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
+    logs = f"logs/engines/{socket.gethostname()}-tile*.log"
+
+    def states():
+        if not config["warm_engines"] or config["engine"] == "echo":
+            return None  # echo ranks run in the rank's thread: no engine
+        pool = getattr(WARM, "_pool", None)
+        if pool is None:
+            failure = getattr(WARM, "_failure", None)
+            if failure:
+                return 0, per_node, failure
+            return 0, per_node, f"starting: the ranks wait for them to load the model; {logs}"
+        members = list(getattr(pool, "members", ()))
+        ready = sum(1 for m in members if m.state == "ready")
+        trouble = [f"{m.engine.name} {m.state} ({m.engine.log_path})" for m in members
+                   if m.state != "ready"]  # fmt: skip
+        return ready, len(members), ", ".join(trouble)
+
+    return states
+
+
 def engine_spec(config: dict) -> dict:
     """What the warm engines of a PBS submission need (scripts/serve.py; pbs-submit
     adds the model folder and the staging)."""
@@ -306,6 +331,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
     pool = ENGINES.pool(config, model, input.model)
     settings = task_settings(config, engine_model(config, model, input.model))
     Path(log).parent.mkdir(parents=True, exist_ok=True)
+    progress.clear_failure_note(log, rank)
     with open(log, "w") as out:
         try:
             line = infer.serve_rank(
@@ -322,6 +348,10 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
             )
         except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
             out.write(f"ERROR: {error}\n")
+            # Its input is at fault unless an engine failed: then a continuation of its
+            # PBS submission runs it again (pbs.resubmit).
+            cause = "engine" if isinstance(error, engines.EngineError) else progress.INPUT_FAULT
+            progress.write_failure_note(log, rank, cause, str(error))
             raise RuntimeError(f"rank {rank} failed: {error} (log: {log})") from None
         out.write(line + "\n")
 
@@ -335,6 +365,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     Paths are absolute and the task writes its own log: a launcher may start it in
     another folder (pbs_tmrsh: $HOME) and send its output elsewhere.
     """
+    progress.LOCAL.start()  # the local run's progress line (its first rank starts it)
     if config["warm_engines"]:
         return serve_rank(config, model, rank, input, output, log)
     script = Path(__file__).with_name("infer.py")
@@ -362,6 +393,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
 
     placement = config["tiles"]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
+    progress.clear_failure_note(log, rank)
     code = tiles.run_placed(
         command,
         log_path=Path(log),
@@ -374,6 +406,9 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
         extra_env=offline_env(config),
     )
     if code != 0:
+        # scripts/infer.py exits 2 for a bad rank file or prompt (its input is at fault)
+        cause = progress.INPUT_FAULT if code == 2 else "task"
+        progress.write_failure_note(log, rank, cause, f"exit code {code}")
         raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import signal
@@ -56,6 +57,12 @@ def provider_settings(work: Path, **changes) -> dict:
         "nodes_per_submission": 2,
         "state_dir": str(work / ".snakemake" / "pbs"),
         "log_dir": str(work / "logs" / "pbs"),
+        "results_dir": str(work / "results"),
+        "failed_dir": str(work / "logs" / "infer" / "failed"),
+        "registry_root": str(work / "logs" / "engines"),
+        "progress_log": str(work / "logs" / "progress.log"),
+        # these tests check what PBS's end of a job reads as, not its continuation
+        "resubmit": 0,
     }
     return conf | changes
 
@@ -331,7 +338,9 @@ def test_held_submissions(pbs_cluster, tmp_path):
         assert f"qdel {system}" in (tmp_path / ".snakemake" / "pbs" / "cancel.log").read_text()
         time.sleep(INTERVAL / 2 + 0.1)
         again = commands.status(user)  # warned once, not every round
-        assert again.stdout.strip() == "running" and "held" not in again.stderr
+        assert again.stdout.strip() == "running" and "qrls" not in again.stderr
+        # the round's progress line still says so, with PBS's comment
+        assert f"r1 {user} held (Job held by " in again.stderr
     finally:
         delete_our_jobs(pbs_cluster, tmp_path)
         pbs_cluster.qmgr("delete queue parked", check=False)
@@ -881,7 +890,12 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
         "tiles": {"per_node": 2},
         "warm": {"ranks_per_engine": 2, "start_minutes": 0, "ranks_in_flight": 1},
         "task_env": {"ECHO_SERVER_DELAY_S": "70"},
-        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0},
+        "pbs": {
+            "queue": "short",
+            "nodes_per_submission": 1,
+            "walltime_margin_minutes": 0,
+            "resubmit": 0,
+        },  # fmt: skip
     }
     work = warm_folder(tmp_path, ranks, **config)
     packing = ("--group-components", "node=4", "--cores", "4")
@@ -912,6 +926,162 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
             assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
     finally:
         delete_our_jobs(pbs_cluster, work)
+
+
+PROGRESS = re.compile(
+    r"^(?P<name>r[\w.-]+) (?P<id>\S+) (?P<phase>[A-Za-z ]+?)(?: [\d:]+)?"
+    r"(?: \| engines (?:(?P<ready>\d+)/(?P<engines>\d+) ready|(?P<stopped>\d+)/\d+ stopped)[^|]*)?"
+    r" \| ranks (?P<done>[\d,]+)/(?P<total>[\d,]+) done(?:, (?P<failed>[\d,]+) failed)?"
+)
+
+
+def progress_lines(text: str) -> list[dict]:
+    """The progress lines pbs-status printed (scripts/progress.py), parsed."""
+    found = []
+    for line in text.splitlines():
+        if match := PROGRESS.match(line):
+            found.append({k: v.replace(",", "") if v else v for k, v in match.groupdict().items()})
+    return found
+
+
+@pytest.mark.pbs
+def test_warm_submission_shows_progress_lines_that_grow_to_the_total(pbs_cluster, tmp_path):
+    ranks = {f"{i}.in": f"rank {i} prompt a\nrank {i} prompt b\n" for i in range(48)}
+    # 2 nodes x 4 echo engines, one rank at a time each, 1 s a request: 6 ranks per
+    # engine, several status rounds while it runs
+    config = {
+        "tiles": {"per_node": 4},
+        "warm": {"ranks_per_engine": 6, "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": "1"},
+        "pbs": {"nodes_per_submission": 2},
+    }
+    work = warm_folder(tmp_path, ranks, **config)
+    try:
+        res = run_aurora(pbs_cluster, work, "--group-components", "node=48", "--cores", "48")
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode == 0, output_of(res)
+    (submission,) = submissions(work)
+    # what the terminal showed: Snakemake's stderr, where the status command's goes
+    shown = [p for p in progress_lines(res.stderr) if p["id"] == submission["id"]]
+    assert len(shown) >= 3, res.stderr[-4000:]
+    assert {p["name"] for p in shown} == {"r0-47"} and {p["total"] for p in shown} == {"48"}
+    done = [int(p["done"]) for p in shown]
+    assert done == sorted(done) and done[-1] == 48, done
+    assert any(0 < d < 48 for d in done), done  # seen while it ran
+    assert shown[-1]["phase"] == "finished" and shown[-1]["failed"] is None
+    assert shown[-1]["stopped"] == "8"  # the job script stopped its engines
+    ready = [int(p["ready"]) for p in shown if p["ready"] is not None]
+    assert {p["engines"] for p in shown if p["engines"]} == {"8"} and 8 in ready, shown
+    # the same lines, with their times, in the progress log the README names
+    logged = progress_lines(
+        "\n".join(
+            line.split(" ", 2)[2]
+            for line in (work / "logs" / "progress.log").read_text().splitlines()
+        )
+    )
+    assert logged == progress_lines(
+        "\n".join(line for line in res.stderr.splitlines() if PROGRESS.match(line))
+    )
+
+
+def continued_run(cluster: PbsCluster, tmp_path: Path, ranks: dict, delay_s: int, jobs: int):
+    """A warm run whose submission PBS kills at its walltime mid-request (2 engines,
+    one rank at a time each, ``delay_s`` a request, no start or margin allowance),
+    with pbs.resubmit 1. Returns the folder, the run's output, its exit code, and the
+    ranks done (with their .out mtimes) when the continuation was submitted."""
+    cluster.add_queue("short", resources_max__walltime="01:00:00")
+    config = {
+        "tiles": {"per_node": 2},
+        "warm": {"ranks_per_engine": math.ceil(jobs / 2), "start_minutes": 0,
+                 "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": str(delay_s)},
+        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0,
+                "resubmit": 1},
+    }  # fmt: skip
+    work = warm_folder(tmp_path, ranks, **config)
+    results = work / "results"
+    slots = 2 * math.ceil(jobs / 2)  # a submission: 2 engines x ranks_per_engine
+    packing = ("--group-components", f"node={slots}", "--cores", str(slots))
+    with aurora_in_background(cluster, work, *packing) as proc:
+        wait_for(lambda: len(submissions(work)) == 2, "no continuation submitted", 600, proc)
+        done = {int(p.stem): finished_rank(work, int(p.stem)) for p in results.glob("*.out")}
+        out = proc.communicate(timeout=900)[0]
+    return work, out, proc.returncode, done
+
+
+def finished_rank(work: Path, rank: int) -> tuple:
+    """What a rank that ran again would change: its output, its record's written_at and
+    its log (Snakemake touches every output of a job that succeeded, so the outputs'
+    modification times change at the run's end whether the rank ran again or not;
+    it leaves an existing log alone)."""
+    record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+    log = work / "logs" / "infer" / f"{rank}.log"
+    return (
+        (work / "results" / f"{rank}.out").read_text(),
+        record["written_at"],
+        log.stat().st_mtime_ns,
+    )
+
+
+@pytest.mark.pbs
+def test_warm_walltime_kill_mid_submission_is_continued_with_only_the_unfinished_ranks(
+    pbs_cluster, tmp_path
+):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    # walltime 2 min: 2 ranks end after ~70 s, PBS kills the other 2 mid-request
+    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 70, 4)
+    assert code == 0, out[-4000:]
+    first, more = submissions(work)
+    assert (first["name"], first["walltime"]) == ("r0-3", "00:02:00")
+    job = pbs_cluster.job(first["id"])
+    assert (job["job_state"], job["Exit_status"]) == ("F", -29), job
+    assert len(done) == 2, done
+    left = sorted(set(range(4)) - set(done))
+    # one continuation of only the unfinished ranks, its walltime at the pace seen
+    # (70 s a rank and engine: 2 min for one rank per engine)
+    assert (more["name"], more["ranks"], more["walltime"]) == (
+        "r0-3.c1",
+        ",".join(map(str, left)),
+        "00:02:00",
+    )
+    assert "submission r0-3 (job " in out and "killed by PBS: walltime exceeded" in out
+    assert f"the 2 unfinished go on in r0-3.c1 (job {more['id']}" in out, out[-4000:]
+    results = work / "results"
+    assert {r: finished_rank(work, r) for r in done} == done  # not run again
+    for rank in range(4):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    nodes = json.loads((work / "logs" / "pbs" / "r0-3.c1.nodes.json").read_text())
+    assert sorted(r for share in nodes["shares"] for r in share) == left
+    wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the jobs", 15)
+
+
+@pytest.mark.pbs
+def test_a_rank_with_bad_input_is_not_continued_and_fails_alone_naming_its_line(
+    pbs_cluster, tmp_path
+):
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    ranks["4.in"] = b"fine\n\xff\xfe broken\n"  # invalid UTF-8 on line 2
+    # 2 engines, 3 ranks each at most, 100 s a request: walltime 3 min; 2 ranks end
+    # after ~100 s, rank 4 fails at once, PBS kills the 2 in flight at 180 s
+    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 100, 5)
+    assert code != 0, out[-4000:]
+    first, more = submissions(work)
+    assert first["walltime"] == "00:03:00"
+    assert len(done) == 2 and 4 not in done, done
+    left = sorted(set(range(4)) - set(done))
+    assert (more["name"], more["ranks"]) == ("r0-4.c1", ",".join(map(str, left)))
+    assert "not run again, their input is at fault: rank 4 (logs/infer/4.log)" in out
+    results = work / "results"
+    assert {r: finished_rank(work, r) for r in done} == done  # not run again
+    for rank in range(4):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    assert not (results / "4.out").exists()
+    log = (work / "logs" / "infer" / "4.log").read_text()
+    assert "4.in" in log and "line 2" in log, log
+    # the run's end names it
+    assert "rank 4: logs/infer/4.log" in out, out[-4000:]
+    wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the jobs", 15)
 
 
 def echo_servers(work: Path) -> dict[str, int]:
@@ -975,6 +1145,9 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
     entry = work / "logs" / "engines" / submission["id"] / f"{victim}.json"
     state = json.loads(entry.read_text())
     assert (state["restarts"], state["state"]) == (1, "stopped")
+    # the progress lines named it, with its log
+    named = f"{victim} ready after 1 restart(s) ({state['log']})"
+    assert any(named in line for line in output.splitlines() if PROGRESS.match(line)), output
     # the restarted engine served ranks again
     after = [
         r for r in records
@@ -1082,7 +1255,13 @@ def test_walltime_kill_is_noticed_and_rerun_incomplete_runs_only_the_killed_rank
     config = {
         "runtime_minutes": 1,
         "tiles": {"per_node": 4},
-        "pbs": {"queue": "short", "nodes_per_submission": 1, "walltime_margin_minutes": 0},
+        # resubmit 0: PBS's end of the submission fails it (no continuation)
+        "pbs": {
+            "queue": "short",
+            "nodes_per_submission": 1,
+            "walltime_margin_minutes": 0,
+            "resubmit": 0,
+        },  # fmt: skip
     }
     sleeper = python_wrapper(tmp_path / "python", sleep_ranks=[3])
     work = aurora_folder(tmp_path, ranks, python=str(sleeper), **config)
@@ -1205,10 +1384,10 @@ def interrupt_and_check_nothing_is_left(cluster, proc, work, tasks=None) -> str:
 
 
 @contextlib.contextmanager
-def aurora_in_background(cluster: PbsCluster, work: Path, **kwargs):
+def aurora_in_background(cluster: PbsCluster, work: Path, *args: str, **kwargs):
     """A ``snakemake --profile profiles/aurora`` run in a session of its own; killed,
     and its submissions deleted, if the test ends before it does."""
-    proc = run_aurora(cluster, work, popen=True, **kwargs)
+    proc = run_aurora(cluster, work, *args, popen=True, **kwargs)
     try:
         yield proc
     finally:

@@ -68,6 +68,10 @@ def settings(tmp_path: Path | None = None, **changes) -> dict:
     if tmp_path is not None:
         result["state_dir"] = str(tmp_path / "state")
         result["log_dir"] = str(tmp_path / "logs")
+        result["results_dir"] = str(tmp_path / "results")
+        result["failed_dir"] = str(tmp_path / "logs-infer-failed")
+        result["registry_root"] = str(tmp_path / "engines")
+        result["progress_log"] = str(tmp_path / "progress.log")
     result.update(changes)
     return result
 

@@ -202,6 +202,41 @@ def test_failed_ranks_are_listed_and_the_others_kept(tmp_path):
     assert "WARNING" in (work / "logs/infer/3.log").read_text()
 
 
+LOCAL_PROGRESS = re.compile(
+    r"^progress (?P<clock>[\d:]+)(?: \| [^|]*engines? [^|]*)?"
+    r" \| ranks (?P<done>\d+)/(?P<total>\d+) done(?:, (?P<failed>\d+) failed)?"
+)
+
+
+def test_a_local_run_prints_progress_lines_up_to_its_total(tmp_path):
+    # per-rank echo engines: a process per rank, two at a time, so the run lasts
+    # several progress intervals
+    ranks = {f"{i}.in": FOUR for i in range(16)}
+    ranks["16.in"] = b"fine\n\xff\xfe broken\n"
+    work = make_workdir(tmp_path, ranks)
+    config = local_config(work, engine="echo", warm_engines=False, progress_interval_s=0.5)
+    result = snakemake(work, "--cores", "2", configfiles=config)
+    assert result.returncode != 0  # rank 16
+    lines = [m.groupdict() for m in map(LOCAL_PROGRESS.match, result.stderr.splitlines()) if m]
+    assert len(lines) >= 2, result.stderr[-3000:]
+    assert {line["total"] for line in lines} == {"17"}
+    done = [int(line["done"]) for line in lines]
+    assert done == sorted(done) and done[-1] == 16, done
+    assert lines[-1]["failed"] == "1"
+    logged = (work / "logs" / "progress.log").read_text().splitlines()
+    assert [line.split(" ", 2)[2] for line in logged] == [
+        line for line in result.stderr.splitlines() if LOCAL_PROGRESS.match(line)
+    ]
+
+
+def test_no_progress_line_in_a_dry_run(tmp_path):
+    work = make_workdir(tmp_path, {f"{i}.in": FOUR for i in range(4)})
+    config = local_config(work, engine="echo", progress_interval_s=0.1)
+    result = snakemake(work, "-n", configfiles=config)
+    assert_ok(result)
+    assert not any(LOCAL_PROGRESS.match(line) for line in result.stderr.splitlines())
+
+
 @pytest.mark.vllm
 def test_prompt_longer_than_the_context_fails_naming_line_and_tokens(tmp_path):
     long_prompt = " ".join(["word"] * 2000)

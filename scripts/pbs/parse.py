@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,13 @@ class Verdict:
     delete: bool = False
     # A user hold: waits until released; worth a warning.
     held: bool = False
+    # Failed because PBS ended it (walltime, qdel from outside, a node failure), not
+    # because its script failed: its unfinished ranks may be continued (pbs.resubmit).
+    ended_by_pbs: bool = False
+    # For the progress line: queued, running, held, ...; PBS's comment; when it started.
+    phase: str = ""
+    comment: str = ""
+    started: float | None = None
 
 
 def parse_json(text: str) -> dict[str, dict]:
@@ -98,29 +106,59 @@ def exit_meaning(code: int) -> str:
     return f"Exit_status {code}"
 
 
+# What a job_state letter means, in the progress line.
+PHASES = {"Q": "queued", "W": "waiting", "H": "held", "R": "running", "E": "exiting",
+          "T": "moving", "S": "suspended", "U": "suspended", "B": "running",
+          "M": "moving"}  # fmt: skip
+
+
+def pbs_time(value) -> float | None:
+    """Epoch seconds of a PBS time attribute (``Tue Dec  1 05:25:12 2026``), else None."""
+    try:
+        return time.mktime(time.strptime(" ".join(str(value).split()), "%a %b %d %H:%M:%S %Y"))
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def ended_by_pbs(code: int | None, substate: int | None, comment: str) -> bool:
+    """PBS ended the job, its script did not fail: a walltime or other limit (Exit_status
+    below 0, e.g. -29; a node that failed: also below 0), a signal PBS sent (256 + N,
+    e.g. 271 for SIGTERM: how PBS Pro reports some walltime kills and qdel), or qdel
+    while it ran (substate 91)."""
+    if substate == SUBSTATE_TERMINATED or "terminated" in comment:
+        return True
+    return code is not None and (code < 0 or code > 256)
+
+
 def verdict(job: Mapping) -> Verdict:
     """running, success or failed for one job's attributes (JSON or text form)."""
     letter = str(job.get("job_state", "?"))
     comment = " ".join(str(job.get("comment", "")).split())
     said = f"; comment: {comment}" if comment else ""
+    phase = PHASES.get(letter, f"job_state {letter}")
+    seen = {"phase": phase, "comment": comment, "started": pbs_time(job.get("stime"))}
     if letter in ("F", "X"):
         code, substate = _int(job.get("Exit_status")), _int(job.get("substate"))
+        by_pbs = ended_by_pbs(code, substate, comment)
         if substate == SUBSTATE_TERMINATED or "terminated" in comment:
             # qdel while running: Exit_status is 0 although nothing finished.
-            return Verdict(FAILED, f"deleted while running (qdel){said}")
+            return Verdict(FAILED, f"deleted while running (qdel){said}", ended_by_pbs=True, **seen)
         if code is None:
             # e.g. deleted before it ran
-            return Verdict(FAILED, f"job_state {letter} without Exit_status{said}")
-        return Verdict(SUCCESS if code == 0 else FAILED, exit_meaning(code) + said)
+            return Verdict(FAILED, f"job_state {letter} without Exit_status{said}", **seen)
+        state = SUCCESS if code == 0 else FAILED
+        return Verdict(state, exit_meaning(code) + said, ended_by_pbs=by_pbs, **seen)
     if letter == "H":
         holds = str(job.get("Hold_Types", ""))
         if "s" in holds or FAILED_ATTEMPTS in comment:
-            return Verdict(FAILED, f"held by the system (Hold_Types {holds}){said}", delete=True)
-        return Verdict(RUNNING, f"held (Hold_Types {holds}){said}", held=True)
+            return Verdict(
+                FAILED, f"held by the system (Hold_Types {holds}){said}", delete=True, **seen
+            )
+        return Verdict(RUNNING, f"held (Hold_Types {holds}){said}", held=True, **seen)
     detail = f"job_state {letter}"
     if letter not in PBS_RUNNING_STATES:
         detail += " (unknown state, read as running)"
-    return Verdict(RUNNING, detail + said)
+    return Verdict(RUNNING, detail + said, **seen)
 
 
 def match_ids(wanted: Iterable[str], found: Mapping[str, object]) -> dict:

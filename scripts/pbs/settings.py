@@ -17,6 +17,9 @@ from pathlib import Path
 SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
 STATE_DIR = ".snakemake/pbs"
 LOG_DIR = "logs/pbs"
+REGISTRY_ROOT = "logs/engines"  # scripts/serve.py's registry (pipeline.engine_spec)
+FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/progress.py)
+PROGRESS_LOG = "logs/progress.log"  # the progress lines of the terminal, with times
 # The profile command whose presence next to a loaded config file marks the profile.
 SUBMIT_COMMAND = "pbs-submit"
 
@@ -65,6 +68,8 @@ def settings_from_config(
         "walltime_margin_minutes": pbs["walltime_margin_minutes"],
         "setup": list(pbs["setup"]),
         "status_interval": pbs["status_interval"],
+        # Continuations of a submission PBS ended (walltime, qdel, node failure).
+        "resubmit": pbs.get("resubmit", 0),
         "tiles_per_node": tiles["per_node"],
         "tiles_per_job": tiles["per_job"],
         "runtime_minutes": config["runtime_minutes"],
@@ -87,6 +92,11 @@ def settings_from_config(
         "stage_dir": weights["stage_dir"],
         "node_launcher": list(config["node_launcher"]),
         "data_dir": config["data_dir"],
+        # What the status rounds read for the progress lines (scripts/progress.py).
+        "results_dir": os.path.abspath(config["results_dir"]),
+        "registry_root": os.path.abspath(REGISTRY_ROOT),
+        "failed_dir": os.path.abspath(FAILED_DIR),
+        "progress_log": os.path.abspath(PROGRESS_LOG),
         "task_python": config["python"] or sys.executable,
         # The profile's commands re-run themselves with this interpreter when the
         # `python3` on PATH is too old (e.g. a login node's system Python).

@@ -10,18 +10,21 @@ import fcntl
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import prompts  # stdlib only, like this package (scripts/ is on the path)
+import progress  # stdlib only, like this package (scripts/ is on the path)
+import prompts
 
 from .parse import (
     FAILED,
     FINAL,
     RUNNING,
+    SUCCESS,
     QueryError,
     Verdict,
     match_ids,
@@ -137,6 +140,13 @@ def new_job_record(now: float, name: str = "", run: str = "", queue: str = "") -
         "problems": 0,
         "since": None,
         "warned": "",
+        # Continuations (pbs.resubmit): which one this is (0: the first submission),
+        # the job that continues it, set while its continuation is being submitted,
+        # and the ranks left out of it because their input is at fault.
+        "attempt": 0,
+        "continued_by": None,
+        "continuing": False,
+        "left_out": [],
     }
 
 
@@ -197,6 +207,8 @@ def job_status(
     problem_seconds: float | None = None,
     warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
     delete: Callable[[Sequence[str]], object] | None = None,
+    resubmit: Callable[[str, Mapping], object] | None = None,
+    show_progress: bool = True,
 ) -> str:
     """running, success or failed for one job, from at most one query per round.
 
@@ -208,6 +220,12 @@ def job_status(
     Jobs the provider fails while PBS may still hold them are deleted (``delete``).
     The unknown-job bounds come from the arguments, else from the settings (tests
     shorten them), else PROBLEM_ROUNDS and PROBLEM_SECONDS.
+
+    A job PBS ended (walltime, qdel, node failure) is continued (``resubmit``, by
+    default `continuation.continue_submission`) at most settings' resubmit times: its
+    id then stands for its latest continuation. Each round also prints one progress
+    line per submission in flight (stderr reaches the user's terminal: cluster-generic
+    does not capture it) and appends them to the progress log.
     """
     if problem_rounds is None:
         problem_rounds = settings.get("problem_rounds", PROBLEM_ROUNDS)
@@ -221,6 +239,8 @@ def job_status(
 
     interval = float(settings["status_interval"])
     doomed: list[str] = []
+    ended: list[str] = []
+    lines: list[str] = []
     with store.locked() as state:
         if query is None:
 
@@ -229,40 +249,85 @@ def job_status(
 
         t = now()
         jobs = state["jobs"]
-        job = jobs.setdefault(job_id, new_job_record(t))  # e.g. resumed from an older run
-        job["seen"] = t
+        jobs.setdefault(job_id, new_job_record(t))  # e.g. resumed from an older run
+        job = jobs[current_job(jobs, job_id)]
+        job["seen"] = jobs[job_id]["seen"] = t
         if job["state"] not in FINAL:
             age = t - state["queried_at"] if state["queried_at"] is not None else math.inf
             new_round = (
                 job_id in state["answered"]
-                or job_id not in state["queried_ids"]
+                or current_job(jobs, job_id) not in state["queried_ids"]
                 or age > 3 * interval
             )
             if new_round and age >= interval / 2:
-                doomed = _query_round(
-                    state, store, query, t, interval, (problem_rounds, problem_seconds), warn
+                doomed, ended, answers = _query_round(
+                    state,
+                    store,
+                    query,
+                    t,
+                    interval,
+                    (problem_rounds, problem_seconds),
+                    warn,
+                    int(settings.get("resubmit", 0)),
                 )
+                if show_progress:
+                    lines = _progress(state, answers, settings, store, t)
         if job_id not in state["answered"]:
             state["answered"].append(job_id)
         for old in [i for i, j in jobs.items() if t - j["seen"] > FORGET_SECONDS]:
             del jobs[old]
-        answer = job["state"]
+    if lines:
+        # After the lock, like the deletions: the other status calls go on meanwhile.
+        for line in lines:
+            print(line, file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            progress.append_log(_progress_log(settings), lines, t)
     if doomed:
         # After the lock: qdel may take a while, other status calls go on meanwhile.
         delete(doomed)
-    return answer
+    if ended:
+        if resubmit is None:
+            from .continuation import continue_submission as resubmit
+        for ended_id in ended:
+            resubmit(ended_id, settings)
+    return _answer(store.read()["jobs"], job_id)
 
 
-def _query_round(state, store, query, t, interval, bounds, warn) -> list[str]:
+def current_job(jobs: Mapping, job_id: str) -> str:
+    """The job that stands for ``job_id`` now: its latest continuation, or itself."""
+    seen = set()
+    while job_id in jobs and jobs[job_id].get("continued_by") and job_id not in seen:
+        seen.add(job_id)
+        job_id = jobs[job_id]["continued_by"]
+    return job_id
+
+
+def _answer(jobs: Mapping, job_id: str) -> str:
+    job = jobs.get(current_job(jobs, job_id))
+    if job is None or job.get("continuing"):
+        return RUNNING
+    return job["state"]
+
+
+def _query_round(state, store, query, t, interval, bounds, warn, resubmit=0):
     """Ask the scheduler once about every open job of the run and record the answers.
 
-    Returns the ids that were failed while PBS may still hold them (to be deleted).
+    Returns the ids that were failed while PBS may still hold them (to be deleted),
+    the ids PBS ended that are to be continued (marked ``continuing``, read as
+    running meanwhile), and PBS's answers ({id: Verdict}).
     """
     problem_rounds, problem_seconds = bounds
     jobs = state["jobs"]
     # Jobs nobody asked about for this long belong to a run that is gone.
     stale = max(600.0, 30 * interval)
-    ids = [i for i, j in jobs.items() if j["state"] not in FINAL and t - j["seen"] < stale]
+    ids = [
+        i
+        for i, j in jobs.items()
+        if j["state"] not in FINAL
+        and not j.get("continuing")
+        and not j.get("continued_by")
+        and t - j["seen"] < stale
+    ]
     try:
         answers, whole = query(ids), None
     except QueryError as error:
@@ -274,7 +339,7 @@ def _query_round(state, store, query, t, interval, bounds, warn) -> list[str]:
         counts[answer.state] = counts.get(answer.state, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no answer"
     store.log(f"query for {len(ids)} job(s): {summary}", t)
-    doomed = []
+    doomed, ended = [], []
     for job_id in ids:
         job = jobs[job_id]
         job["rounds"] += 1
@@ -282,7 +347,23 @@ def _query_round(state, store, query, t, interval, bounds, warn) -> list[str]:
             answer = answers[job_id]
             job["state"], job["detail"] = answer.state, answer.detail
             job["problems"], job["since"], job["listed"] = 0, None, True
-            if answer.state == FAILED:
+            if answer.state == SUCCESS and job.get("left_out"):
+                # A continuation that ran all it was given; ranks left out of it
+                # because their input is at fault still fail the submission.
+                bad = ", ".join(f"rank {r} (logs/infer/{r}.log)" for r in job["left_out"][:5])
+                more = len(job["left_out"]) - 5
+                job["state"] = FAILED
+                job["detail"] = (
+                    f"{answer.detail}; failed by their input and not run again: {bad}"
+                    + (f" and {more} more" if more > 0 else "")
+                )
+                answer = Verdict(FAILED, job["detail"])
+            if answer.ended_by_pbs and job.get("attempt", 0) < resubmit and job.get("name"):
+                # Read as running until its continuation is submitted (after the lock).
+                job["state"], job["continuing"] = RUNNING, True
+                store.log(f"{job_id}: ended by PBS: {answer.detail}; continuing it", t)
+                ended.append(job_id)
+            elif answer.state == FAILED:
                 store.log(f"{job_id}: failed: {answer.detail}", t)
                 warn(_failure_message(job_id, job))
                 if answer.delete:
@@ -328,7 +409,101 @@ def _query_round(state, store, query, t, interval, bounds, warn) -> list[str]:
                 f"as running for now (details: {store.log_path})"
             )
     state["queried_at"], state["queried_ids"], state["answered"] = t, ids, []
-    return doomed
+    return doomed, ended, answers
+
+
+def _progress_log(settings: Mapping) -> str:
+    return settings.get("progress_log") or str(Path(settings["log_dir"]).parent / "progress.log")
+
+
+def _progress(state, answers, settings, store, t) -> list[str]:
+    """One line per submission of this run still in flight (never breaks a round)."""
+    try:
+        return progress_lines(state, answers, settings, t)
+    except Exception as error:  # a progress line is not worth a failed status call
+        store.log(f"progress: {type(error).__name__}: {error}", t)
+        return []
+
+
+def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -> list[str]:
+    """The progress lines of this round, from the answers PBS just gave (no query of
+    its own) and what the submissions wrote (scripts/progress.py); what was read is
+    kept in state_dir/progress.json for the next round."""
+    # Every submission PBS answered about this round (the open ones Snakemake asks
+    # about, also those resumed from an earlier run), those that ended in it too:
+    # their last line ends at their total.
+    flying = [(i, j) for i, j in state["jobs"].items() if i in answers]
+    # Its own file, read and written once per round (the status cache is read by
+    # every status call, and this holds the ranks read so far).
+    memory_path = Path(settings["state_dir"]) / "progress.json"
+    memory = progress.load_memory(memory_path)
+    known = memory.setdefault("jobs", {})
+    missing = [i for i, _ in flying if i not in known]
+    if missing:
+        known.update(submission_ranks(settings, missing))
+    for old in [i for i in known if i not in dict(flying)]:
+        del known[old]
+    subs = []
+    registry_root = settings.get("registry_root") or ""
+    for job_id, _job in flying:
+        info = known.get(job_id)
+        if not info:
+            continue
+        registry = (
+            str(Path(registry_root, _safe(job_id))) if registry_root and info["engines"] else ""
+        )
+        subs.append(
+            progress.Submission(job_id, frozenset(info["ranks"]), info["engines"], registry)
+        )
+    results = settings.get("results_dir") or "results"
+    failed_dir = settings.get("failed_dir") or "logs/infer/failed"
+    read = progress.read_progress(subs, Path(results, "records"), failed_dir, memory)
+    prompts.write_atomic(memory_path, json.dumps(memory))
+    lines = []
+    for job_id, job in flying:
+        answer = answers[job_id]
+        name = job.get("name") or job_id
+        if job.get("continuing"):
+            phase = "ended by PBS"
+        elif job["state"] in FINAL:
+            phase = "finished" if job["state"] == SUCCESS else "failed"
+        else:
+            phase = answer.phase or "running"
+        lines.append(
+            progress.progress_line(
+                name,
+                job_id,
+                phase,
+                read.get(job_id),
+                t,
+                since=answer.started,
+                comment=answer.comment if phase in ("queued", "held", "waiting") else "",
+            )
+        )
+    return lines
+
+
+def _safe(name: str) -> str:
+    """A job id as scripts/serve.py names its registry folder."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def submission_ranks(settings: Mapping, ids: Sequence[str]) -> dict[str, dict]:
+    """{job id: {"ranks": [...], "engines": n}} from logs/pbs/submissions.tsv (read
+    once per new submission: its ranks are its last column)."""
+    found = {}
+    path = Path(settings["log_dir"]) / "submissions.tsv"
+    wanted = set(ids)
+    per_node = settings.get("tiles_per_node", 12) // max(1, settings.get("tiles_per_job", 1))
+    with contextlib.suppress(OSError), open(path) as lines:
+        for line in lines:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) >= 7 and fields[1] in wanted:
+                ranks = [int(r) for r in fields[6].split(",") if r.strip().isdigit()]
+                nodes = int(fields[3]) if fields[3].isdigit() else 0
+                engines = nodes * per_node if settings.get("warm_engines") else 0
+                found[fields[1]] = {"ranks": ranks, "engines": engines}
+    return found
 
 
 def _vanished(job: Mapping, t: float) -> bool:
@@ -375,10 +550,14 @@ def cancel(
     store = StateStore(settings["state_dir"])
     with store.locked() as state:
         known = state["jobs"]
+        # A continued submission: its latest continuation is what runs now.
+        ids = list(dict.fromkeys(current_job(known, i) for i in ids))
         open_ids = [i for i in ids if known.get(i, {}).get("state") not in FINAL]
         for job_id in open_ids:
             if job_id in known:
-                known[job_id].update(state=FAILED, detail="cancelled (pbs-cancel)")
+                known[job_id].update(
+                    state=FAILED, detail="cancelled (pbs-cancel)", continuing=False
+                )
     qdel(open_ids, store, popen=popen, wait=wait)
     return open_ids
 

@@ -23,9 +23,11 @@ from .plan import (
     check_settings,
     format_walltime,
     jobs_per_node,
+    max_walltime,
     queue_nodes,
     ranks_per_job_slot,
     submission_minutes,
+    submission_nodes,
 )
 from .settings import run_id
 from .status import QUERY_TIMEOUT, StateStore, new_job_record
@@ -407,17 +409,77 @@ def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
     )
 
 
-def submit(jobscript: str, settings: Mapping, *, run=subprocess.run, now=time.time) -> str:
+@dataclass(frozen=True)
+class Continuation:
+    """A submission of the unfinished ranks of one that PBS ended (pbs.resubmit)."""
+
+    name: str  # e.g. r0-479.c1
+    ranks: tuple[int, ...]
+    attempt: int  # 1 for the first continuation
+    minutes: int  # its walltime
+    source: str  # Snakemake's jobscript of the first submission (kept by `submit`)
+    left_out: tuple[int, ...] = ()  # ranks not run again: their input is at fault
+
+
+def restrict_targets(jobscript_text: str, ranks: Sequence[int]) -> str:
+    """The jobscript with its group job's Snakemake targeting only ``ranks`` (the rank
+    jobs of the other members are left out; any other target is kept)."""
+    number, workdir, argv = exec_job_argv(jobscript_text)
+    keep = {f"infer:rank={r}" for r in ranks}
+    kept, targets = [], False
+    for word in argv:
+        if word == "--target-jobs":
+            targets = True
+        elif targets and word.startswith("-"):
+            targets = False
+        elif targets and word.startswith("infer:rank=") and word not in keep:
+            continue
+        kept.append(word)
+    lines = jobscript_text.splitlines()
+    lines[number] = f"cd {shlex.quote(workdir)} && {shlex.join(kept)} && exit 0 || exit 1"
+    return "\n".join(lines) + "\n"
+
+
+def continuation_plan(plan: Plan, settings: Mapping, more: Continuation) -> Plan:
+    """The plan of a continuation: its ranks on the nodes they need (at most the first
+    submission's), its own name and walltime (capped at the queue's limit)."""
+    jobs = len(more.ranks)
+    nodes = min(plan.nodes, submission_nodes(jobs, settings))
+    minutes = more.minutes
+    limits = AURORA_QUEUES.get(settings["queue"])
+    if limits is not None:
+        minutes = min(minutes, max_walltime(limits, nodes)[0])
+    return Plan(more.name, jobs, nodes, format_walltime(minutes), tuple(more.ranks))
+
+
+def submit(
+    jobscript: str,
+    settings: Mapping,
+    *,
+    run=subprocess.run,
+    now=time.time,
+    continuation: Continuation | None = None,
+) -> str:
     """Submit one Snakemake jobscript with qsub; return the scheduler's job id.
 
     The id goes into the status store (with this run's id) before it is returned, so
-    the watchdog can delete the submission if Snakemake never learns it.
+    the watchdog can delete the submission if Snakemake never learns it. Snakemake's
+    jobscript is kept as ``<name>.job.sh``: a continuation of the submission starts
+    from it (``continuation``: only its unfinished ranks, its own walltime).
     """
     check_settings(settings)
     text = Path(jobscript).read_text()
-    plan = plan_submission(read_properties(text), settings, text)
     log_dir = Path(settings["log_dir"])
     log_dir.mkdir(parents=True, exist_ok=True)
+    if continuation is None:
+        plan = plan_submission(read_properties(text), settings, text)
+        source = log_dir / f"{plan.name}.job.sh"
+        source.write_text(text)
+    else:
+        source = Path(continuation.source)
+        plan = plan_submission(read_properties(text), settings, text)
+        plan = continuation_plan(plan, settings, continuation)
+        text = restrict_targets(text, plan.ranks)
     script = log_dir / f"{plan.name}.sh"
     stage_file = engines_file = None
     failure_file = log_dir / f"{plan.name}.failed.json"
@@ -460,9 +522,12 @@ def submit(jobscript: str, settings: Mapping, *, run=subprocess.run, now=time.ti
     job_id = lines[0]
     store = StateStore(settings["state_dir"])
     with store.locked() as state:
-        state["jobs"][job_id] = new_job_record(
-            now(), plan.name, run_id(settings), settings["queue"]
-        )
+        record = new_job_record(now(), plan.name, run_id(settings), settings["queue"])
+        record["source"] = str(source)
+        if continuation is not None:
+            record["attempt"] = continuation.attempt
+            record["left_out"] = list(continuation.left_out)
+        state["jobs"][job_id] = record
     with open(log_dir / "submissions.tsv", "a") as index:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now()))
         ranks = ",".join(str(r) for r in plan.ranks)

@@ -1,0 +1,338 @@
+"""Progress lines (scripts/progress.py) and continuations of submissions PBS ended
+(scripts/pbs/continuation.py): fast tests on files as the ranks and engines write them,
+and on recorded qstat answers (tests/data/openpbs/)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pbs
+import progress
+import pytest
+from pbs import continuation
+from pbs.submission import restrict_targets
+
+OPENPBS = Path(__file__).parent / "data" / "openpbs"
+
+
+def write_record(folder: Path, rank: int, tokens: int, written: float, request: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"rank": rank, "output_tokens": tokens, "written_at": written, "request_s": request}
+    (folder / f"{rank}.json").write_text(json.dumps(record))
+
+
+def write_engine(registry: Path, name: str, state: str, restarts: int = 0) -> None:
+    registry.mkdir(parents=True, exist_ok=True)
+    entry = {"name": name, "state": state, "restarts": restarts, "log": f"/logs/{name}.log"}
+    path = registry / f"{name}.json"
+    tmp = registry / f".{name}.tmp"
+    tmp.write_text(json.dumps(entry))
+    os.replace(tmp, path)  # as serve.write_state does: a new inode
+
+
+# ------------------------------------------------------------------------ the line
+
+
+def test_the_line_of_a_running_submission():
+    p = progress.Progress(total=480, done=212, failed=[7], tokens=31_000, first=1000.0, last=1010.0)
+    p.engines_total, p.engines_ready, p.engines_seen = 48, 48, 48
+    line = progress.progress_line("r0-479", "123.aurora-pbs", "running", p, 1100.0, since=376.0)
+    assert line == (
+        "r0-479 123.aurora-pbs running 12:04 | engines 48/48 ready | ranks 212/480 done, "
+        "1 failed | 3,100 tok/s | ETA 2 min"
+    )
+
+
+def test_a_queued_submission_says_so_with_the_pbs_comment():
+    comment = "Not Running: User has reached queue capacity running job limit."
+    line = progress.progress_line(
+        "r480-959", "124.aurora-pbs", "queued", progress.Progress(480), 0, comment=comment
+    )
+    assert line == f"r480-959 124.aurora-pbs queued ({comment})"
+
+
+def test_an_engine_that_failed_or_restarted_is_named_with_its_log():
+    p = progress.Progress(total=10, engines_total=4, engines_ready=2, engines_seen=4)
+    p.engines_trouble = [
+        ("node1-tile0", "failed", 2, "/l/node1-tile0.log"),
+        ("node1-tile3", "ready", 1, "/l/node1-tile3.log"),
+    ]
+    assert progress.engines_part(p) == (
+        "engines 2/4 ready: node1-tile0 failed after 2 restart(s) (/l/node1-tile0.log), "
+        "node1-tile3 ready after 1 restart(s) (/l/node1-tile3.log)"
+    )
+
+
+def test_no_rate_nor_eta_before_the_first_rank():
+    p = progress.Progress(total=48, engines_total=12, engines_seen=3)
+    assert progress.figures(p, 50.0) == ["engines 0/12 ready (3 reported)", "ranks 0/48 done"]
+
+
+def test_the_local_line():
+    p = progress.Progress(total=48, done=12, tokens=192, first=100.0, last=104.0)
+    assert progress.local_line(p, 110.0, 70.0) == (
+        "progress 0:40 | ranks 12/48 done | 48 tok/s | ETA < 1 min"
+    )
+
+
+# ---------------------------------------------------------------------- the reader
+
+
+def test_each_file_is_read_once_and_again_only_when_replaced(tmp_path):
+    records, failed, registry = tmp_path / "records", tmp_path / "failed", tmp_path / "reg"
+    for rank in range(5):
+        write_record(records, rank, 16, 1000.0 + rank, 2.0)
+    for tile in range(3):
+        write_engine(registry, f"node1-tile{tile}", "ready")
+    sub = progress.Submission("1.pbs", frozenset(range(8)), 4, str(registry))
+    memory, reads = {}, progress.Reads()
+    first = progress.read_progress([sub], records, failed, memory, reads)["1.pbs"]
+    assert (first.done, first.tokens, first.engines_ready, first.engines_total) == (5, 80, 3, 4)
+    assert (first.first, first.last) == (998.0, 1004.0)
+    assert reads.files == 5 + 3
+    memory = json.loads(json.dumps(memory))  # kept between rounds as JSON
+    reads = progress.Reads()
+    again = progress.read_progress([sub], records, failed, memory, reads)["1.pbs"]
+    assert (again.done, again.tokens, reads.files) == (5, 80, 0)
+    write_record(records, 5, 4, 1006.0, 1.0)
+    write_engine(registry, "node1-tile1", "restarting", restarts=1)
+    reads = progress.Reads()
+    later = progress.read_progress([sub], records, failed, memory, reads)["1.pbs"]
+    assert (later.done, later.tokens, later.engines_ready, reads.files) == (6, 84, 2, 2)
+    assert later.engines_trouble == [("node1-tile1", "restarting", 1, "/logs/node1-tile1.log")]
+    assert reads.listings == 3  # records, failure notes, registry: one listing each
+
+
+def test_ranks_of_other_submissions_are_not_counted(tmp_path):
+    records = tmp_path / "records"
+    for rank in (1, 2, 9):
+        write_record(records, rank, 1, 1.0, 0.0)
+    subs = [
+        progress.Submission("a", frozenset({1, 2, 3})),
+        progress.Submission("b", frozenset({9})),
+    ]
+    found = progress.read_progress(subs, records, tmp_path / "failed", {})
+    assert (found["a"].done, found["a"].total, found["b"].done) == (2, 3, 1)
+
+
+def test_failure_notes_count_failed_ranks_until_they_start_again(tmp_path):
+    log = tmp_path / "logs" / "infer" / "3.log"
+    progress.write_failure_note(log, 3, progress.INPUT_FAULT, "data/3.in: line 2: not valid UTF-8")
+    sub = progress.Submission("local", frozenset(range(4)))
+    memory = {}
+    failed_dir = tmp_path / "logs" / "infer" / "failed"
+    found = progress.read_progress([sub], tmp_path / "records", failed_dir, memory)["local"]
+    assert found.failed == [3]
+    assert progress.ranks_part(found) == "ranks 0/4 done, 1 failed"
+    progress.clear_failure_note(log, 3)
+    found = progress.read_progress([sub], tmp_path / "records", failed_dir, memory)["local"]
+    assert found.failed == []
+
+
+# ------------------------------------------------------------ what PBS's end means
+
+
+@pytest.mark.parametrize(
+    ("number", "by_pbs"), [(0, False), (2, True), (3, True), (4, False), (7, False)]
+)
+def test_which_ends_are_pbs_s_on_recorded_answers(number, by_pbs):
+    (job,) = pbs.parse.parse_json((OPENPBS / f"json-{number}.json").read_text()).values()
+    assert pbs.verdict(job).ended_by_pbs is by_pbs
+
+
+def test_a_signal_pbs_sent_counts_as_its_end():
+    # PBS Pro reports some walltime kills and qdel as 256 + SIGTERM
+    answer = pbs.verdict({"job_state": "F", "Exit_status": 271, "substate": 93})
+    assert (answer.state, answer.ended_by_pbs) == ("failed", True)
+
+
+def test_phase_comment_and_start_for_the_line():
+    (queued,) = pbs.parse.parse_json((OPENPBS / "json-9.json").read_text()).values()
+    answer = pbs.verdict(queued)
+    assert (answer.phase, answer.started) == ("queued", None)
+    assert answer.comment.startswith("Not Running: User has reached")
+    (running,) = pbs.parse.parse_json((OPENPBS / "json-7.json").read_text()).values()
+    answer = pbs.verdict(running)
+    assert answer.phase == "running" and answer.started == pbs.parse.pbs_time(
+        "Tue Dec  1 05:27:02 2026"
+    )
+
+
+# ------------------------------------------------------------------ continuations
+
+
+def settings(tmp_path: Path, **changes) -> dict:
+    base = {
+        "warm_engines": True,
+        "tiles_per_node": 12,
+        "tiles_per_job": 1,
+        "ranks_per_engine": 10,
+        "start_minutes": 15,
+        "rank_minutes": 1,
+        "runtime_minutes": 30,
+        "walltime_margin_minutes": 10,
+        "queue": "capacity",
+        "results_dir": str(tmp_path / "results"),
+        "failed_dir": str(tmp_path / "failed"),
+        "state_dir": str(tmp_path / "state"),
+        "log_dir": str(tmp_path / "logs"),
+        "status_interval": 10,
+        "resubmit": 1,
+        "owner": {"pid": 1, "start": "x"},
+    }
+    return base | changes
+
+
+def finish(tmp_path: Path, rank: int, written: float, request: float) -> None:
+    results = tmp_path / "results"
+    write_record(results / "records", rank, 16, written, request)
+    (results / f"{rank}.out").write_text("x")
+
+
+def test_done_bad_and_left_ranks(tmp_path):
+    conf = settings(tmp_path)
+    finish(tmp_path, 0, 100.0, 50.0)
+    (tmp_path / "results" / "records" / "1.json").write_text("{}")  # its .out not yet
+    log = tmp_path / "logs" / "infer" / "2.log"
+    progress.write_failure_note(log, 2, progress.INPUT_FAULT, "bad")
+    progress.write_failure_note(log.with_name("3.log"), 3, "engine", "died")
+    conf["failed_dir"] = str(log.parent / "failed")
+    assert continuation.rank_states(range(5), conf) == ([0], [2], [1, 3, 4])
+
+
+def test_the_continuation_s_walltime_follows_the_pace_seen(tmp_path):
+    conf = settings(tmp_path, start_minutes=0, walltime_margin_minutes=0)
+    # 2 engines served 2 ranks in 70 s: 70 s per rank and engine
+    finish(tmp_path, 0, 1070.0, 70.0)
+    finish(tmp_path, 1, 1071.0, 70.0)
+    pace = continuation.seconds_per_rank([0, 1], conf, engines=2)
+    assert pace == pytest.approx(71.0)
+    conf["tiles_per_node"] = 2
+    assert continuation.continuation_minutes(conf, left=2, nodes=1, per_rank_s=pace) == 2
+    # 100 ranks left on 12 engines at 30 s: 9 rounds x 1 min (rank_minutes is the floor)
+    conf = settings(tmp_path)
+    assert continuation.continuation_minutes(conf, left=100, nodes=1, per_rank_s=30) == 15 + 9 + 10
+    # nothing finished: the engines' start is what did not fit, its allowance doubles
+    assert (
+        continuation.continuation_minutes(conf, left=100, nodes=1, per_rank_s=None) == 30 + 9 + 10
+    )
+
+
+def test_continuation_names_fit_pbs():
+    assert continuation.continuation_name("r0-479", 1) == "r0-479.c1"
+    assert continuation.continuation_name("r0-479.c1", 2) == "r0-479.c2"
+    assert continuation.continuation_name("r1000-29999_96", 1) == "r1000-29999_.c1"
+
+
+def test_restrict_targets_keeps_only_the_left_ranks():
+    text = (
+        "#!/bin/bash\n# properties = {}\n"
+        "cd /w && python -m snakemake --target-jobs 'infer:rank=0' 'infer:rank=1' "
+        "'infer:rank=2' --cores 4 --mode remote && exit 0 || exit 1\n"
+    )
+    line = restrict_targets(text, [1, 2]).splitlines()[2]
+    assert line == (
+        "cd /w && python -m snakemake --target-jobs infer:rank=1 infer:rank=2 --cores 4 "
+        "--mode remote && exit 0 || exit 1"
+    )
+
+
+class Ended:
+    """A scheduler that says job "1" was killed at its walltime, and "2" succeeded."""
+
+    def __call__(self, ids):
+        walltime = {"job_state": "F", "Exit_status": -29, "substate": 93}
+        done = {"job_state": "F", "Exit_status": 0, "substate": 92}
+        answers = {"1": walltime, "2": done}
+        return {i: pbs.verdict(answers[i]) for i in ids if i in answers}
+
+
+def test_a_job_pbs_ended_reads_running_while_its_continuation_runs(tmp_path):
+    conf = settings(tmp_path)
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+    continued = []
+
+    def resubmit(job_id, conf):
+        continued.append(job_id)
+        with pbs.StateStore(conf["state_dir"]).locked() as state:
+            state["jobs"]["1"] |= {"continued_by": "2", "continuing": False}
+            state["jobs"]["2"] = pbs.new_job_record(0, "r0-3.c1", pbs.settings.run_id(conf)) | {
+                "attempt": 1
+            }
+
+    def ask(t):
+        return pbs.job_status(
+            "1", conf, query=Ended(), now=lambda: t, warn=lambda m: None, resubmit=resubmit
+        )
+
+    assert ask(100.0) == "running" and continued == ["1"]
+    assert ask(120.0) == "success"  # its continuation's answer
+    assert continued == ["1"]
+
+
+def test_no_continuation_beyond_pbs_resubmit(tmp_path):
+    conf = settings(tmp_path, resubmit=0)
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+    answer = pbs.job_status(
+        "1",
+        conf,
+        query=Ended(),
+        now=lambda: 100.0,
+        warn=lambda m: None,
+        resubmit=lambda *a: pytest.fail("continued"),
+    )
+    assert answer == "failed"
+
+
+def test_a_continuation_that_left_out_bad_ranks_fails_naming_them(tmp_path):
+    conf = settings(tmp_path)
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["2"] = pbs.new_job_record(0, "r0-3.c1", pbs.settings.run_id(conf)) | {
+            "attempt": 1,
+            "left_out": [3],
+        }
+    warned = []
+    answer = pbs.job_status("2", conf, query=Ended(), now=lambda: 100.0, warn=warned.append)
+    assert answer == "failed"
+    assert "rank 3 (logs/infer/3.log)" in warned[0]
+
+
+def test_nothing_left_but_bad_ranks_fails_without_a_continuation(tmp_path):
+    conf = settings(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "submissions.tsv").write_text(
+        "2026-12-03 07:00:00\t1\tr0-1\t1\t00:35:00\tcapacity\t0,1\n"
+    )
+    finish(tmp_path, 0, 1.0, 1.0)
+    progress.write_failure_note(tmp_path / "x" / "1.log", 1, progress.INPUT_FAULT, "bad")
+    conf["failed_dir"] = str(tmp_path / "x" / "failed")
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-1", pbs.settings.run_id(conf)) | {
+            "continuing": True,
+            "detail": "Exit_status -29 (killed by PBS: walltime exceeded)",
+        }
+    warned = []
+    new = continuation.continue_submission(
+        "1", conf, warn=warned.append, submit_fn=lambda *a, **k: pytest.fail("submitted")
+    )
+    assert new is None
+    job = pbs.StateStore(conf["state_dir"]).read()["jobs"]["1"]
+    assert (job["state"], job["continuing"]) == ("failed", False)
+    assert "rank 1 (logs/infer/1.log)" in warned[0] and "walltime exceeded" in warned[0]
+
+
+def test_the_local_line_says_what_the_ranks_wait_for():
+    p = progress.Progress(total=6)
+
+    def engines():
+        return 0, 2, "starting: the ranks wait for them to load the model; logs/engines/h-tile*.log"
+
+    assert progress.local_line(p, 15.0, 10.0, engines) == (
+        "progress 0:05 | engines 0/2 ready (starting: the ranks wait for them to load the "
+        "model; logs/engines/h-tile*.log) | ranks 0/6 done"
+    )
+    assert progress.local_line(p, 15.0, 10.0, lambda: None) == "progress 0:05 | ranks 0/6 done"
