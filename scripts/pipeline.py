@@ -237,24 +237,27 @@ def stop_engines() -> None:
 
 def engine_states(config: dict):
     """For the local progress line (progress.LOCAL): a callable giving (engines ready,
-    engines, what the ranks wait for), or None without warm engines of their own."""
+    engines, what the ranks wait for), or None without warm engines; read from the
+    run's engine registry (serve.LocalService)."""
     per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
-    logs = f"logs/engines/{socket.gethostname()}-tile*.log"
 
     def states():
-        if not config["warm_engines"] or config["engine"] == "echo":
-            return None  # echo ranks run in the rank's thread: no engine
-        pool = getattr(WARM, "_pool", None)
-        if pool is None:
-            failure = getattr(WARM, "_failure", None)
-            if failure:
-                return 0, per_node, failure
-            return 0, per_node, f"starting: the ranks wait for them to load the model; {logs}"
-        members = list(getattr(pool, "members", ()))
-        ready = sum(1 for m in members if m.state == "ready")
-        trouble = [f"{m.engine.name} {m.state} ({m.engine.log_path})" for m in members
-                   if m.state != "ready"]  # fmt: skip
-        return ready, len(members), ", ".join(trouble)
+        if not config["warm_engines"]:
+            return None
+        registry = ENGINES.local_registry()
+        if registry is None:
+            return 0, per_node, "starting: the ranks wait for them to load the model"
+        entries = serve.read_registry(registry).values()
+        ready = sum(1 for e in entries if e.get("state") == "ready")
+        starting = [e for e in entries if e.get("state") in ("starting", "restarting")]
+        trouble = [f"{e['name']} {e['state']} ({e['log']})" for e in entries
+                   if e.get("state") not in ("ready", "starting", "restarting")]  # fmt: skip
+        if starting and not ready:
+            trouble.append(
+                f"{len(starting)} starting: the ranks wait for them to load the model; "
+                f"{registry}/*-tile*.log"
+            )
+        return ready, max(per_node, len(entries)), ", ".join(trouble)
 
     return states
 
@@ -321,6 +324,11 @@ class RankEngines:
         with self._lock:
             if self._local is not None:
                 self._local.stop()
+
+    def local_registry(self) -> Path | None:
+        """The registry folder of a local run's engines, once they are being started."""
+        local = self._local
+        return local.registry if local is not None else None
 
 
 ENGINES = RankEngines()
