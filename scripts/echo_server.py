@@ -7,8 +7,12 @@ client uses, as infer.py's `run_echo` answers in-process: the generated text is 
 prompt itself.
 
     GET  /health           200, empty body
-    POST /tokenize         one token per whitespace-separated word (+ BOS 2)
+    POST /tokenize         one token per whitespace-separated word (+ BOS 2); with
+                           "messages": the words of their rendered chat
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
+    POST /v1/chat/completions  the messages rendered with render_chat
+                           ("<|role|> content" per message, then "<|assistant|>") as
+                           the answer's content
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 With VLLM_API_KEY in its environment (as every warm engine has), a POST without
@@ -47,6 +51,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 API_KEY_VARIABLE = "VLLM_API_KEY"
 VOCAB_SIZE = 50000
 BOS = 2  # OPT's
+
+
+def render_chat(messages: list[dict]) -> str:
+    """The echo engine's chat template: markers the tests can find in the answer."""
+    turns = [f"<|{m['role']}|> {m['content']}" for m in messages]
+    return "\n".join([*turns, "<|assistant|>"])
+
+
+def messages_of(body: object) -> list[dict]:
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise BadRequest("the request has no messages")
+    messages = body["messages"]
+    if not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise BadRequest("messages must be a non-empty list of {role, content} with strings")
+    return messages
 
 
 class BadRequest(ValueError):
@@ -143,12 +165,24 @@ class EchoServer(ThreadingHTTPServer):
             },
         }
 
+    def chat(self, body: object) -> dict:
+        """/v1/chat/completions: the rendered messages as one echoed prompt."""
+        prompt = render_chat(messages_of(body))
+        answer = self.completion({**body, "prompt": prompt})
+        choice = answer["choices"][0]
+        message = {"role": "assistant", "content": choice.pop("text")}
+        choice["message"] = message
+        return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+
     def tokens(self, body: object) -> dict:
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        if isinstance(body, dict) and "messages" in body:
+            ids = word_ids(render_chat(messages_of(body)))
+        elif isinstance(body, dict) and isinstance(body.get("prompt"), str):
+            ids = word_ids(body["prompt"])
+            if body.get("add_special_tokens", True):
+                ids.insert(0, BOS)
+        else:
             raise BadRequest("the request has no prompt string")
-        ids = word_ids(body["prompt"])
-        if body.get("add_special_tokens", True):
-            ids.insert(0, BOS)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def metrics(self) -> str:
@@ -171,7 +205,7 @@ def metrics_text(model: str, running: int, succeeded: int) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     """The HTTP side of EchoServer and vllm_server.VllmServer: they answer healthy(),
-    completion(body), tokens(body) and metrics()."""
+    completion(body), chat(body), tokens(body) and metrics()."""
 
     server: EchoServer
     server_version = "echo_server"
@@ -206,7 +240,11 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such path: {self.path}")
 
     def do_POST(self):
-        answer = {"/v1/completions": self.server.completion, "/tokenize": self.server.tokens}
+        answer = {
+            "/v1/completions": self.server.completion,
+            "/v1/chat/completions": self.server.chat,
+            "/tokenize": self.server.tokens,
+        }
         if self.path not in answer:
             self._error(404, f"no such path: {self.path}")
             return
