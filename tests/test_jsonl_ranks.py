@@ -62,7 +62,13 @@ def test_short_and_batch_lines(tmp_path):
         ],
     )
     short, chat, batch_chat, batch_text = read_requests(path)
-    assert (short.line, short.id, short.batch, short.prompt, short.chat) == (1, 1, False, "The sky is", False)  # fmt: skip
+    assert (short.line, short.id, short.batch, short.prompt, short.chat) == (
+        1,
+        1,
+        False,
+        "The sky is",
+        False,
+    )
     assert (chat.line, chat.id, chat.chat) == (3, "q7", True)
     assert chat.messages == [{"role": "user", "content": "Hi"}]
     assert chat.sampling == {"top_p": 0.5, "stop": ["\n"], "seed": 3}
@@ -136,7 +142,9 @@ def test_in_and_jsonl_of_one_rank_fail_naming_both(tmp_path):
 
 
 def test_answer_lines_short_and_openai_batch_shape(tmp_path):
-    path = write_lines(tmp_path / "4.jsonl", [{"prompt": "p", "id": "a"}, CHAT_LINE, COMPLETION_LINE])  # fmt: skip
+    path = write_lines(
+        tmp_path / "4.jsonl", [{"prompt": "p", "id": "a"}, CHAT_LINE, COMPLETION_LINE]
+    )
     short, chat, text = read_requests(path)
     answer = Answer("generated", "stop", 11, 3)
     assert json.loads(jsonl_ranks.answer_line(short, answer, 4, "ab" * 32, "/m")) == {
@@ -158,7 +166,7 @@ def test_answer_lines_short_and_openai_batch_shape(tmp_path):
         {"index": 0, "message": {"role": "assistant", "content": "generated"},
          "finish_reason": "stop", "logprobs": None}]  # fmt: skip
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
-    body = json.loads(jsonl_ranks.answer_line(text, answer, 4, "ab" * 32, "/m"))["response"]["body"]  # fmt: skip
+    body = json.loads(jsonl_ranks.answer_line(text, answer, 4, "ab" * 32, "/m"))["response"]["body"]
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"] == [
         {"index": 0, "text": "generated", "finish_reason": "stop", "logprobs": None}]  # fmt: skip
@@ -221,7 +229,7 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
              {"messages": [{"role": "user", "content": "hi"}]}]  # fmt: skip
     out = serve(tmp_path, "6.jsonl", lines, echo_pool)
     answers = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [a.get("custom_id", a.get("id")) for a in answers] == ["a", "request-1", "request-2", 4]  # fmt: skip
+    assert [a.get("custom_id", a.get("id")) for a in answers] == ["a", "request-1", "request-2", 4]
     assert answers[0] == {"id": "a", "text": "one two", "finish_reason": "length",
                           "prompt_tokens": 2, "output_tokens": 2}  # fmt: skip
     chat = answers[1]["response"]["body"]
