@@ -259,3 +259,19 @@ def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_pa
         serve(tmp_path, "3.jsonl", chat, echo_pool)
     with pytest.raises(infer.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
         serve(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool)
+
+
+def test_pbs_submissions_find_jsonl_ranks_and_their_rule(tmp_path):
+    from pbs.submission import job_ranks
+
+    outputs = ["results/3.jsonl", "results/records/3.json", "results/4.out"]
+    assert job_ranks({"output": outputs}) == [3, 4]
+    assert job_ranks({"input": ["data/3.jsonl", "data/4.in"]}) == [3, 4]
+    assert job_ranks({}, "--target-jobs 'infer:rank=4' 'infer_jsonl:rank=3'") == [3, 4]
+    import ranks
+
+    (tmp_path / "3.jsonl").write_text("{}\n")
+    (tmp_path / "4.in").write_text("a\n")
+    assert ranks.rule_of(ranks.input_file(tmp_path, "3").name) == "infer_jsonl"
+    assert ranks.rule_of(ranks.input_file(tmp_path, "4").name) == "infer"
+    assert ranks.output_file("results", tmp_path, "3") == Path("results/3.jsonl")
