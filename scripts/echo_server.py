@@ -22,7 +22,9 @@ A prompt of more than --max-model-len words is refused with HTTP 400 in vLLM's e
 shape. As in vLLM, every prompt of a request counts as one request in /metrics.
 Unknown arguments (vLLM's --dtype, --tensor-parallel-size, ...) are ignored, so the
 server takes the same argv as vLLM's. --delay (default: the environment variable
-ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time.
+ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time;
+--max-num-seqs N (vLLM's flag) holds at most N requests at once, the others wait, so
+that a rank's answers come one after another as from a busy engine.
 --die-on PROMPT (ECHO_SERVER_DIE_ON) makes the server exit at once on a request holding
 that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_FAIL_HOSTS
 (comma-separated node names) makes the server exit at start on those nodes (its
@@ -110,9 +112,16 @@ class EchoServer(ThreadingHTTPServer):
     request_queue_size = 1024  # thousands of ranks may connect at once
 
     def __init__(
-        self, address, model: str, max_model_len: int, delay: float, die_on: str | None = None
+        self,
+        address,
+        model: str,
+        max_model_len: int,
+        delay: float,
+        die_on: str | None = None,
+        max_num_seqs: int | None = None,
     ):
         super().__init__(address, Handler)
+        self.slots = threading.BoundedSemaphore(max_num_seqs) if max_num_seqs else None
         self.model = model
         self.max_model_len = max_model_len
         self.delay = delay
@@ -139,9 +148,15 @@ class EchoServer(ThreadingHTTPServer):
         with self.lock:
             self.running += len(prompts)
         try:
-            if self.delay > 0:
-                time.sleep(self.delay)
-            texts = [text_of(p) for p in prompts]
+            if self.slots is not None:
+                self.slots.acquire()
+            try:
+                if self.delay > 0:
+                    time.sleep(self.delay)
+                texts = [text_of(p) for p in prompts]
+            finally:
+                if self.slots is not None:
+                    self.slots.release()
         finally:
             with self.lock:
                 self.running -= len(prompts)
@@ -277,6 +292,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--delay", type=float, default=delay, help="seconds per completion")
     die_on = os.environ.get("ECHO_SERVER_DIE_ON") or None
     parser.add_argument("--die-on", default=die_on, help="exit at once on this prompt")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="requests held at once")
     args, _vllm_only = parser.parse_known_args(argv)
     return args
 
@@ -305,7 +321,12 @@ def main(argv: Sequence[str]) -> int:
         return 1
     try:
         server = EchoServer(
-            (args.host, args.port), args.model, args.max_model_len, args.delay, args.die_on
+            (args.host, args.port),
+            args.model,
+            args.max_model_len,
+            args.delay,
+            args.die_on,
+            args.max_num_seqs,
         )
     except OSError as error:
         print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
