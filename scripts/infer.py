@@ -1,4 +1,4 @@
-"""One rank of the inference test: read a prompt file, generate, write the results.
+"""One rank of the inference test: read a rank file, generate, write the results.
 
 This is the seed's simple_test.py made robust. It knows nothing of PBS, Snakemake
 or tiles: whoever starts it sets the device environment (ZE_AFFINITY_MASK, ...)
@@ -7,6 +7,11 @@ and passes everything else on the command line:
     python scripts/infer.py --rank 0 --prompts data/0.in --output results/0.out \\
         --record results/records/0.json --settings '{"engine": "vllm", ...}' \\
         [--log logs/infer/0.log]
+
+A rank file is a ``.in`` (one prompt a line) or a ``.jsonl`` of requests
+(scripts/jsonl_ranks.py: prompts or chat messages, per-request sampling, OpenAI batch
+lines). Each answer is kept in ``results/.partial/`` as it finishes, so a rank stopped
+mid-way and run again generates only the rest.
 
 Launchers may start it in another folder ($HOME under pbs_tmrsh): give absolute paths.
 
@@ -22,15 +27,17 @@ error):
                            vllm is imported, unless the environment already sets it
     gpu_memory_utilization number in (0, 1]
     long_prompts           "error" or "truncate" (see check_prompt_lengths)
+    chat_template          a chat template file for models without one, or null
     sampling               {temperature, top_p, max_tokens, seed, ignore_eos}
 
 Outputs, both written atomically, the record first and the .out last (so an
 existing .out means the rank is complete):
-    --record   JSON: rank, prompts, output_tokens, load_s, generate_s, tokens_per_s,
-               import_s, python_start_s, host, hostname, mask, tiles, model, engine,
-               truncated, written_at (UNIX time of the write)
-    --output   one seed record per prompt, in input order:
+    --record   JSON: rank, prompts, output_tokens, prompt_tokens, load_s, generate_s,
+               tokens_per_s, import_s, python_start_s, host, hostname, mask, tiles,
+               model, engine, truncated, resumed, written_at (UNIX time of the write)
+    --output   .in: one seed record per prompt, in input order:
                Prompt: '...', Generated text: '...'<blank line>
+               .jsonl: one answer line per request, in input order
 
 Exit status: 0 success; 2 an expected error (bad settings, unreadable prompt file,
 prompt too long with long_prompts "error"), reported as one "ERROR: ..." line on
