@@ -16,7 +16,9 @@ from pathlib import Path
 import engines
 import infer
 import pytest
+import tiles
 from engines import Engine, EnginePool
+from jsonl_ranks import Answer, Partial
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 
@@ -109,6 +111,14 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
             settings(TINY_OPT, chat_template=str(template)),
         ),
     }
+    # a rank stopped after its first answer: that answer is kept, the rest generated
+    kept = write_rank(work / "kept", 3, LINES)
+    key = infer.partial_key(kept, infer.parse_settings(json.dumps(settings(tiny_chat))))
+    partial = Partial(work / "kept" / "results" / "3.jsonl", key)
+    partial.open({})
+    partial.add(0, Answer("KEPT", "stop", 99, 1))
+    partial.close()
+    runs["kept"] = (work / "kept", kept, settings(tiny_chat))
     started = {name: per_rank(*spec) for name, spec in runs.items()}
     done = {}
     for name, proc in started.items():
@@ -147,6 +157,20 @@ def test_per_rank_chat_renders_the_models_template_and_repeats_when_seeded(
 
 
 @pytest.mark.vllm
+def test_a_per_rank_engine_keeps_the_answers_of_a_stopped_attempt(per_rank_runs, tiny_chat):
+    run = per_rank_runs["kept"]
+    assert run["code"] == 0, run["stderr"][-3000:]
+    batch, short, plain = answers(run["dir"] / "results" / "3.jsonl")
+    body = batch["response"]["body"]
+    assert body["choices"][0]["message"]["content"] == "KEPT" and usage(batch) == (99, 1)
+    assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+    assert usage(plain)[1] == 16
+    record = json.loads((run["dir"] / "results" / "3.json").read_text())
+    assert record["resumed"] == 1 and record["output_tokens"] == 1 + 6 + 16
+    assert not (run["dir"] / "results" / ".partial").exists()
+
+
+@pytest.mark.vllm
 def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
     none, given = per_rank_runs["none"], per_rank_runs["file"]
     assert none["code"] == 2
@@ -164,8 +188,9 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
     port = free_port()
     key = engines.new_api_key()
     argv = engines.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
-    env = {**os.environ, **TASK_ENV, engines.API_KEY_VARIABLE: key,
-           "TMPDIR": str(tmp_path / "tmp")}  # fmt: skip
+    placement = tiles.engine_env(tiles.Slot("localhost", (0,)), "FLAT", free_port(), tmp_path / "t")
+    base = {**os.environ, **TASK_ENV, engines.API_KEY_VARIABLE: key}
+    env = engines.engine_environment(placement, SETTINGS, base)  # its KV cache size too
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)
     pool = EnginePool([engine], max_in_flight=2, ready_timeout=READY_TIMEOUT)
     pool.start()
