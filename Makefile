@@ -35,7 +35,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(BENCH_MODEL)/config.json openpbs
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(BENCH_MODEL)/config.json openpbs
 	$(BIN)/python benchmarks/run_all.py
 
 # Real OpenPBS 23.06 (built from ../shared/vendor, into /opt/pbs) for tests/pbs_cluster.py.

@@ -9,7 +9,8 @@ A request line is one of:
   ``{"custom_id": ..., "method": "POST", "url": "/v1/completions" or
   "/v1/chat/completions", "body": {"prompt" or "messages", ...}}``;
 * a short line: ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}, ...]}``
-  with optional ``id``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``.
+  with optional ``id``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``
+  (and vLLM's ``ignore_eos``).
 
 Each line's sampling fields override config ``sampling`` for that request. Blank lines
 are skipped; line numbers count every line. The answers keep the input order: a short
@@ -34,8 +35,9 @@ from prompts import PromptFileError, read_prompts
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
-# Per-request sampling fields; config `sampling` gives the rest.
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop")
+# Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
+# extension of the OpenAI API, which its run-batch takes too).
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
 SHORT_KEYS = {"id", "prompt", "messages", *SAMPLING_KEYS}
 # Batch body fields we read; "model" names the run's one model and is only checked to be
 # a string; "n" must be 1 and "stream" false (one answer per line).
@@ -100,6 +102,7 @@ def _check_sampling(given: dict, where) -> dict:
         "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
         "seed": (_is_int, "an integer"),
+        "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
         "stop": (
             lambda v: (
                 isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))

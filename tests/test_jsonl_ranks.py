@@ -97,6 +97,7 @@ BAD_LINES = [
     ({"prompt": "a", "top_p": 2}, "top_p must be a number in (0, 1]"),
     ({"prompt": "a", "seed": 1.5}, "seed must be an integer"),
     ({"prompt": "a", "stop": [1]}, "stop must be a string or a list of strings"),
+    ({"prompt": "a", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
     ({"prompt": "a", "id": [1]}, "id must be a non-empty string or an integer"),
     ({"prompt": "a", "max_token": 5}, "unknown fields ['max_token']"),
     (CHAT_LINE | {"url": "/v1/embeddings"}, "endpoint '/v1/embeddings' is not served here"),
