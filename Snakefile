@@ -28,6 +28,7 @@ RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 ranks.report_kept(ranks.forget_finished_incomplete(RESULTS))
 MODEL = pipeline.check_model(config["model"])
+pipeline.check_chat_template(config)
 MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(

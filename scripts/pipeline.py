@@ -72,6 +72,14 @@ def load_config(config: dict, schema_path: str) -> dict:
         return coerce_config(config, yaml.safe_load(handle))
 
 
+def check_chat_template(config: dict) -> None:
+    """Config vllm.chat_template must name a readable file: else every chat rank would
+    fail (or every warm engine fail to start) only once the run is under way."""
+    path = config["vllm"].get("chat_template")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"config key 'vllm.chat_template': no such file {path!r}")
+
+
 def is_local_model(model: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything that exists or looks like a path is local."""
     return (

@@ -76,3 +76,12 @@ def test_a_rank_as_both_in_and_jsonl_fails_the_dry_run_naming_both(tmp_path):
     result = snakemake(work, "-n", configfiles=local_config(work, engine="echo"))
     assert result.returncode != 0
     assert "several files for one rank: 7.in and 7.jsonl" in result.stdout + result.stderr
+
+
+def test_a_missing_chat_template_file_fails_the_dry_run_naming_the_key(tmp_path):
+    chat = lines({"messages": [{"role": "user", "content": "a"}]})
+    work = make_workdir(tmp_path, {"0.jsonl": chat})
+    config = local_config(work, engine="echo", vllm={"chat_template": "missing.jinja"})
+    result = snakemake(work, "-n", configfiles=config)
+    assert result.returncode != 0
+    assert "config key 'vllm.chat_template': no such file 'missing.jinja'" in result.stdout
