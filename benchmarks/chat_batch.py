@@ -64,7 +64,9 @@ def warm_run(folder: Path, ranks: dict[int, list[dict]]) -> dict:
     }
     work = run_folder(folder, files)
     overrides = work / "bench.yaml"
-    overrides.write_text(json.dumps({"sampling": SAMPLING, "model": CHAT_MODEL}))
+    # Engine ports apart from the default ones: tests on this shared machine use those.
+    tiles = {"base_port": 34500}
+    overrides.write_text(json.dumps({"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": tiles}))
     argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
     argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
     timed = run_timed(argv, cwd=work, timeout=5400)
