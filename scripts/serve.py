@@ -216,8 +216,13 @@ class _Supervised:
     busy: bool = False  # a thread is starting it
 
 
-def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) -> int:
-    """The engines of this launcher process: start, report, restart, stop."""
+def node(
+    spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ, lifeline: bool = False
+) -> int:
+    """The engines of this launcher process: start, report, restart, stop.
+
+    ``lifeline``: standard input is a pipe from the owner (a local run's Snakemake):
+    end of file, even after a SIGKILL of the owner, stops the engines."""
     spec = json.loads(Path(spec_path).read_text())
     registry = registry_dir(spec, job_id)
     host = tiles.this_host(hosts, environ)
@@ -233,6 +238,8 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
+    if lifeline:
+        threading.Thread(target=_watch_owner, args=(stopping,), daemon=True).start()
     members = [
         _Supervised(
             make_engine(spec, slot, job_id, registry, environ),
@@ -295,6 +302,14 @@ def node(spec_path: str, job_id: str, hosts: Sequence[str], environ=os.environ) 
             report(member.path, member.engine, "stopped")
     _log(f"{host}: engines stopped")
     return 0
+
+
+def _watch_owner(stopping: threading.Event) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(0, 4096):
+            pass
+    _log("owner is gone (lifeline closed); stopping the engines")
+    stopping.set()
 
 
 # ----------------------------------------------------------------------------- job script
@@ -540,9 +555,15 @@ class _Remote:
     suspect_since: float = 0.0
 
 
+PBS_LAUNCHER = (
+    "the engines' launcher (config engine_launcher) exited with status {status} "
+    "(the job's PBS log has its output)"
+)
+
+
 class RegistryPool:
-    """The engines of this PBS job, as the registry reports them; the interface of
-    engines.EnginePool that infer.serve_rank uses (`route`, `mark_failed`).
+    """The engines of a PBS job's node, or of a local run, as the registry reports
+    them; what infer.serve_rank routes through (`route`, `mark_failed`).
 
     Ranks wait while no engine is ready; a rank fails, naming engine logs, when none
     became ready within ``ready_timeout`` seconds of the pool's creation, or when all
@@ -560,9 +581,11 @@ class RegistryPool:
         stall_timeout: float = 600.0,
         api_key: str | None = None,
         scope: str = "this job",
+        launcher: str = PBS_LAUNCHER,
     ):
         self.registry = Path(registry)
         self.scope = scope  # what the engines are, for messages
+        self.launcher = launcher  # what started them, for messages
         self.members = {name: _Remote(name) for name in expected}
         self.max_in_flight = max_in_flight
         self.ready_timeout = ready_timeout
@@ -579,12 +602,22 @@ class RegistryPool:
     @classmethod
     def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
         """The engines of this node (``ranks-node`` names it), else of the whole job."""
-        scope = "this job"
         if environ.get(engines.NODE_VARIABLE) and environ.get("PBS_JOBID"):
-            job_id, hosts = environ["PBS_JOBID"], [environ[engines.NODE_VARIABLE]]
-            scope = f"node {hosts[0]}"
-        else:
-            job_id, hosts = job_hosts(environ)
+            host = environ[engines.NODE_VARIABLE]
+            return cls.for_hosts(spec, environ["PBS_JOBID"], [host], f"node {host}")
+        job_id, hosts = job_hosts(environ)
+        return cls.for_hosts(spec, job_id, hosts, "this job")
+
+    @classmethod
+    def for_hosts(
+        cls,
+        spec: Mapping,
+        job_id: str,
+        hosts: Sequence[str],
+        scope: str,
+        launcher: str = PBS_LAUNCHER,
+    ) -> RegistryPool:
+        """The engines that ``node`` starts for ``hosts`` under ``job_id``."""
         per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
         expected = [
             engine_file(slot)
@@ -599,6 +632,7 @@ class RegistryPool:
             stall_timeout=spec["stall_timeout_s"],
             api_key=spec_api_key(spec),
             scope=scope,
+            launcher=launcher,
         )
 
     def _refresh(self) -> None:
@@ -663,9 +697,7 @@ class RegistryPool:
             if self._launcher_exit is not None:
                 raise engines.EngineUnavailable(
                     self._failure(
-                        f"the engines' launcher (config engine_launcher) exited with status "
-                        f"{self._launcher_exit} and no engine is ready (the job's PBS log "
-                        "has its output)"
+                        self.launcher.format(status=self._launcher_exit) + " and no engine is ready"
                     )
                 )
             if self.clock() - self.created > self.ready_timeout:
@@ -693,9 +725,11 @@ class RegistryPool:
         deadline = None if timeout is None else self.clock() + timeout
         with self._cond:
             while (member := self._pick()) is None:
-                left = REFRESH_S if deadline is None else min(REFRESH_S, deadline - self.clock())
-                if left <= 0:
-                    raise engines.EngineUnavailable(f"no engine free within {timeout} s")
+                left = REFRESH_S
+                if deadline is not None:
+                    left = min(left, deadline - self.clock())
+                    if left <= 0:
+                        raise engines.EngineUnavailable(f"no engine free within {timeout} s")
                 self._cond.wait(left)
             member.in_flight += 1
         try:
@@ -734,17 +768,89 @@ class RegistryPool:
             time.sleep(max(REFRESH_S, 0.2))
 
 
+# ----------------------------------------------------------------------------- local run
+
+LOCAL_LAUNCHER = "the engines' supervisor exited with status {status} (its log: {log})"
+
+
+class LocalService:
+    """The engines of a local run: the one-node case of a submission.
+
+    ``start`` writes the run's spec and a new key (``<registry root>/<run>.engines.json``
+    and ``.key``, 0600, as pbs-submit does per submission), runs ``node`` (the
+    supervisor a submission's launcher starts on each node) as a child in a session of
+    its own, and returns the RegistryPool of its engines. The child's standard input is
+    a pipe only this process holds: when this process ends, even by SIGKILL, the child
+    reads end of file and stops the engines. ``stop`` closes that pipe and waits.
+    """
+
+    def __init__(self, spec: Mapping, host: str | None = None, run_id: str | None = None):
+        self.spec = dict(spec)
+        self.host = host or socket.gethostname()
+        self.run_id = run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.registry = registry_dir(self.spec, self.run_id)
+        self.log_path = self.registry / "supervisor.log"
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> RegistryPool:
+        self.registry.mkdir(parents=True, exist_ok=True)
+        root = self.registry.parent
+        key_file = root / f"{self.run_id}.key"
+        engines.write_key_file(key_file, engines.new_api_key())
+        spec_path = root / f"{self.run_id}.engines.json"
+        prompts.write_atomic(spec_path, json.dumps(self.spec | {"api_key_file": str(key_file)}))
+        argv = [sys.executable, os.path.abspath(__file__), "node", str(spec_path)]
+        argv += [self.run_id, self.host, "--lifeline"]
+        # Launchers' local-rank variables would give this one process a share of the node.
+        local_rank = {name for pair in tiles.LOCAL_RANK_VARIABLES for name in pair}
+        env = {k: v for k, v in os.environ.items() if k not in local_rank}
+        with self._lock, open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        threading.Thread(target=self._report_exit, args=(self._process,), daemon=True).start()
+        spec = json.loads(spec_path.read_text())
+        launcher = LOCAL_LAUNCHER.replace("{log}", str(self.log_path))
+        return RegistryPool.for_hosts(spec, self.run_id, [self.host], "this run", launcher)
+
+    def _report_exit(self, process: subprocess.Popen) -> None:
+        """As ``launch`` does: ranks stop waiting for engines that will never come."""
+        code = process.wait()
+        prompts.write_atomic(self.registry / LAUNCHER_EXIT, f"{code}\n")
+
+    def stop(self, grace: float = 60.0) -> None:
+        """Stop the engines (all at once) and wait for the supervisor, at most ``grace`` s."""
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            # Its engines' own lifelines end them once it is gone.
+            process.kill()
+            process.wait()
+
+
 # ----------------------------------------------------------------------------- main
 
-USAGE = """usage: serve.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,HOST,...
+USAGE = """usage: serve.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,... [--lifeline]
                 | ranks SPEC NODES | ranks-node SPEC NODES JOB_ID HOST,HOST,..."""
 
 
 def main(argv: Sequence[str]) -> int:
     if len(argv) == 2 and argv[0] in ("launch", "stop"):
         return (launch if argv[0] == "launch" else stop)(argv[1])
-    if len(argv) == 4 and argv[0] == "node":
-        return node(argv[1], argv[2], argv[3].split(","))
+    if len(argv) in (4, 5) and argv[0] == "node" and argv[4:] in ([], ["--lifeline"]):
+        return node(argv[1], argv[2], argv[3].split(","), lifeline=len(argv) == 5)
     if len(argv) == 3 and argv[0] == "ranks":
         return ranks(argv[1], argv[2])
     if len(argv) == 5 and argv[0] == "ranks-node":

@@ -463,6 +463,20 @@ def _wait_forwarding_signals(process: subprocess.Popen) -> int:
             signal.signal(sig, handler)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def end_with_parent() -> None:
+    """In a child before it runs (Linux): SIGTERM when the thread that started it ends,
+    e.g. when its Snakemake is SIGKILLed, so that a rank's task does not outlive its run
+    (infer.py ends its engine's processes on SIGTERM)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
 def run_placed(
     command: Sequence[str] | Callable[[Slot], Sequence[str]],
     *,
@@ -520,6 +534,7 @@ def run_placed(
                 stderr=subprocess.STDOUT,
                 env={**os.environ, **env},
                 pass_fds=fds,
+                preexec_fn=end_with_parent,
             )
             code = _wait_forwarding_signals(process)
             log.write(f"placement: exit code {code}\n".encode())

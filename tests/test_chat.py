@@ -17,10 +17,11 @@ import engines
 import infer
 import pytest
 import tiles
-from engines import Engine, EnginePool
+from engines import Engine
 from jsonl_ranks import Answer, Partial
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
+from test_jsonl_ranks import registry_pool
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -192,9 +193,10 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
     base = {**os.environ, **TASK_ENV, engines.API_KEY_VARIABLE: key}
     env = engines.engine_environment(placement, SETTINGS, base)  # its KV cache size too
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)
-    pool = EnginePool([engine], max_in_flight=2, ready_timeout=READY_TIMEOUT)
-    pool.start()
+    engine.start()
     try:
+        engine.wait_ready(READY_TIMEOUT)
+        pool = registry_pool(tmp_path / "registry", engine)
         counted = engines.tokenize_messages(engine.url, CHAT, key=key)
         assert counted.ids == rendered_ids(tiny_chat, CHAT)
         config = infer.parse_settings(json.dumps(settings(tiny_chat)))
@@ -212,4 +214,4 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
         assert isinstance(batch["response"]["body"]["choices"][0]["message"]["content"], str)
         assert usage(plain)[1] == 16
     finally:
-        pool.stop()
+        engine.stop()

@@ -1,8 +1,9 @@
-"""scripts/engines.py: warm vLLM servers, their lifetime, their client and the pool.
+"""scripts/engines.py: warm vLLM servers, their lifetime and their client.
 
 Unit tests (fast) check the generated command and environment, the client's error
-paths against a stub HTTP server, process-group handling with stand-in processes,
-and the pool's routing with fake engines.
+paths against a stub HTTP server, and process-group handling with stand-in processes.
+The engine service (supervisor, registry, pool) is tested in tests/test_serve.py and
+tests/test_service.py.
 
 Real tests (marked `vllm`, never skipped) run both servers of config warm.server on
 the tiny local model. A server start costs ~40-80 s on 2 cores, so the file starts
@@ -25,7 +26,6 @@ import sys
 import textwrap
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -34,7 +34,6 @@ import pytest
 import tiles
 from engines import (
     Engine,
-    EnginePool,
     EngineStartError,
     EngineUnavailable,
     RequestRejected,
@@ -507,225 +506,6 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
-HEALTH_SERVER = """
-import http.server, sys
-class Health(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/health" else 404)
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
-"""
-
-
-def test_pool_starts_all_and_stops_all(tmp_path):
-    members = []
-    for i in range(2):
-        port = free_port()
-        argv = [PYTHON, "-c", HEALTH_SERVER, str(port)]
-        env = {**os.environ, "TMPDIR": str(tmp_path / f"t{i}")}
-        members.append(Engine(argv, env, tmp_path / f"{i}.log", port, stop_grace=2))
-    pool = EnginePool(members, ready_timeout=30)
-    pool.start()
-    groups = [engine.pgid for engine in members]
-    assert all(engine.alive() and health(engine.url) for engine in members)
-    pool.stop()
-    assert not any(engine.alive() for engine in members)
-    assert all(process_group(pgid) == [] for pgid in groups)
-
-
-def test_pool_start_failure_stops_the_others(tmp_path):
-    port = free_port()
-    good = Engine([PYTHON, "-c", HEALTH_SERVER, str(port)], os.environ, tmp_path / "good.log", port)
-    bad = stand_in(tmp_path, "raise SystemExit('no model here')")
-    pool = EnginePool([good, bad], ready_timeout=30)
-    with pytest.raises(EngineStartError, match="no model here"):
-        pool.start()
-    assert not good.alive() and not bad.alive()
-
-
-# ----------------------------------------------------------------------------- pool, fakes
-
-
-class FakeEngine:
-    def __init__(self, name, restart_fails=False):
-        self.name = name
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.restart_fails = restart_fails
-        self.restarts = 0
-        self.stopped = False
-
-    def alive(self):
-        return False
-
-    def restart(self, timeout):
-        self.restarts += 1
-        if self.restart_fails:
-            raise EngineStartError(f"{self.name} will not start")
-        return 0.0
-
-    def stop(self):
-        self.stopped = True
-
-
-def test_pool_routes_to_least_busy_within_the_limit():
-    a, b = FakeEngine("a"), FakeEngine("b")
-    pool = EnginePool([a, b], max_in_flight=2)
-    with pool.route() as first, pool.route() as second, pool.route() as third:
-        assert {first, second} == {a, b}
-        assert third in (a, b)
-        with pool.route() as fourth:
-            assert {third, fourth} == {a, b}
-            with pytest.raises(EngineUnavailable, match="no engine free"), pool.route(0.2):
-                pass
-    assert [m.in_flight for m in pool.members] == [0, 0]
-
-
-def test_pool_waits_for_a_free_slot():
-    engine = FakeEngine("a")
-    pool = EnginePool([engine], max_in_flight=1)
-    got = []
-    with pool.route():
-        waiter = threading.Thread(target=lambda: got.append(pool.route(5).__enter__()))
-        waiter.start()
-        time.sleep(0.2)
-        assert got == []
-    waiter.join(5)
-    assert got == [engine]
-
-
-def test_pool_restarts_a_failed_engine_then_gives_up():
-    good, bad = FakeEngine("good"), FakeEngine("bad", restart_fails=True)
-    pool = EnginePool([good, bad], max_in_flight=1)
-    pool.mark_failed(good, background=False)
-    assert good.restarts == 1 and pool.members[0].state == "ready"
-    pool.mark_failed(bad, background=False)
-    assert bad.restarts == 1 and bad.stopped and pool.members[1].state == "failed"
-    with pool.route() as engine:
-        assert engine is good
-    pool.members[0].state = "failed"
-    with pytest.raises(EngineUnavailable, match="no engine left"), pool.route():
-        pass
-
-
-def test_pool_fails_waiting_ranks_when_nothing_progresses():
-    """A rank stuck in its request (the engine up, never answering) holds the only
-    slot: the ranks waiting behind it fail after stall_timeout, naming what they wait
-    for, instead of hanging the run."""
-    engine = FakeEngine("a")
-    engine.log_path = "/logs/a.log"
-    pool = EnginePool([engine], max_in_flight=1, stall_timeout=0.3)
-    with pool.route():
-        started = time.monotonic()
-        with pytest.raises(EngineUnavailable) as caught, pool.route():
-            pass
-        assert time.monotonic() - started >= 0.3
-    text = str(caught.value)
-    assert "warm.stall_timeout_s" in text and "a ready, 1 in flight (log /logs/a.log)" in text
-    # a freed slot is progress: the next rank is served at once
-    with pool.route() as again:
-        assert again is engine
-
-
-def test_pool_never_leaves_an_engine_restarting_when_its_restart_breaks():
-    class Broken(FakeEngine):
-        def restart(self, timeout):
-            raise OSError("cannot fork")  # not an EngineError
-
-    good, broken = FakeEngine("good"), Broken("broken")
-    pool = EnginePool([good, broken], max_in_flight=1)
-    pool.mark_failed(broken, background=False)
-    assert pool.members[1].state == "failed" and broken.stopped
-    with pool.route() as engine:
-        assert engine is good
-
-
-def echo_engine(tmp_path: Path, name: str, **env) -> Engine:
-    port = free_port()
-    argv = [PYTHON, str(SCRIPTS / "echo_server.py"), "--port", str(port)]
-    base = {**os.environ, "TMPDIR": str(tmp_path / name), **env}
-    return Engine(argv, base, tmp_path / f"{name}.log", port, name=name, stop_grace=5)
-
-
-def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int = 1) -> str:
-    import infer
-
-    data = tmp_path / f"{rank}.in"
-    data.write_text("".join(f"{p}\n" for p in prompts))
-    settings = infer.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
-    return infer.serve_rank(
-        rank,
-        settings,
-        data,
-        tmp_path / f"{rank}.out",
-        tmp_path / f"{rank}.json",
-        pool,
-        echo_in_process=False,
-        retries=retries,
-    )
-
-
-def test_a_rank_whose_engine_dies_is_retried_once_and_a_killer_request_fails_alone(tmp_path):
-    """Echo servers that die on one prompt: the rank holding it kills the engine it is
-    sent to, is sent once more to the other one, kills that too, and fails naming both
-    logs; the engines come back (max_restarts) and the other ranks are served."""
-    deadly = {"ECHO_SERVER_DIE_ON": "poison"}
-    a, b = echo_engine(tmp_path, "a", **deadly), echo_engine(tmp_path, "b", **deadly)
-    pool = EnginePool([a, b], max_in_flight=1, ready_timeout=60)
-    pool.start()
-    try:
-        with pytest.raises(engines.EngineError) as caught:
-            echo_rank(tmp_path, 0, ["fine", "poison"], pool)
-        text = str(caught.value)
-        assert "failed on 2 engine(s) in a row" in text and "retry_after_engine_death 1" in text
-        assert str(a.log_path) in text and str(b.log_path) in text
-        assert not (tmp_path / "0.out").exists() and not (tmp_path / "0.json").exists()
-        # both engines restart in the background; the next ranks wait for them
-        for rank in (1, 2, 3):
-            echo_rank(tmp_path, rank, ["one", "two"], pool)
-            record = json.loads((tmp_path / f"{rank}.json").read_text())
-            assert record["engine_deaths"] == [] and record["engine_name"] in ("a", "b")
-        assert a.restarts == 1 and b.restarts == 1
-        assert "dying on prompt 'poison'" in a.log_path.read_text()
-    finally:
-        pool.stop()
-    assert not a.pids() and not b.pids()
-
-
-def running_on(engine: Engine) -> float:
-    """vllm:num_requests_running of an echo server's /metrics (0 when it does not answer)."""
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with direct.open(f"{engine.url}/metrics", timeout=2) as answer:
-            lines = answer.read().decode().splitlines()
-    except OSError:
-        return 0.0
-    return sum(
-        float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("vllm:num_requests_running")
-    )
-
-
-def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path):
-    slow = echo_engine(tmp_path, "slow", ECHO_SERVER_DELAY_S="60")
-    fast = echo_engine(tmp_path, "fast")
-    pool = EnginePool([slow, fast], max_in_flight=1, ready_timeout=60)  # ties: the first
-    pool.start()
-    try:
-        done = []
-        rank = threading.Thread(target=lambda: done.append(echo_rank(tmp_path, 7, ["x"], pool)))
-        rank.start()
-        assert wait_until(lambda: running_on(slow) > 0, 30) is not None
-        os.kill(next(p for p in slow.pids() if p != slow.pgid), signal.SIGKILL)
-        rank.join(60)
-        assert done, "the rank did not finish"
-        record = json.loads((tmp_path / "7.json").read_text())
-        assert record["engine_deaths"] == ["slow"] and record["engine_name"] == "fast"
-        assert (tmp_path / "7.out").read_text() == "Prompt: 'x', Generated text: 'x'\n\n"
-    finally:
-        pool.stop()
-
-
 # ----------------------------------------------------------------------------- real vLLM
 
 
@@ -862,19 +642,26 @@ def test_real_tokenize_and_over_long_prompts(engine):
 
 
 @pytest.mark.vllm
-def test_real_pool_serves_concurrent_ranks(engine, monkeypatch):
-    pool = EnginePool([engine], max_in_flight=2)
+def test_real_pool_serves_concurrent_ranks(engine, tmp_path, monkeypatch):
+    """The ranks' pool (serve.RegistryPool) over the real engine's registry entry."""
+    import serve
+
+    serve.write_state(tmp_path / "real.json", engine, "ready")
+    pool = serve.RegistryPool(tmp_path, ["real"], max_in_flight=2, ready_timeout=60)
+    pool.api_key = engine.api_key
     results, in_flight = [], []
     original = engines.complete
 
     def counting(*args, **kwargs):
-        in_flight.append(pool.members[0].in_flight)
+        in_flight.append(pool.members["real"].in_flight)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(engines, "complete", counting)
 
     def rank(i):
-        results.append(pool.complete([f"{p} {i}" for p in PROMPTS], SAMPLING))
+        with pool.route() as routed:
+            prompts = [f"{p} {i}" for p in PROMPTS]
+            results.append(engines.complete(routed.url, prompts, SAMPLING, key=routed.api_key))
 
     started = time.monotonic()
     threads = [threading.Thread(target=rank, args=(i,)) for i in range(8)]
@@ -884,7 +671,7 @@ def test_real_pool_serves_concurrent_ranks(engine, monkeypatch):
         thread.join(120)
     MEASURED["pool_8_ranks_2_in_flight_s"] = round(time.monotonic() - started, 2)
     assert len(results) == 8 and all(len(r.texts) == 4 for r in results)
-    assert len(in_flight) == 8 and max(in_flight) == 2 and pool.members[0].in_flight == 0
+    assert len(in_flight) == 8 and max(in_flight) == 2 and pool.members["real"].in_flight == 0
 
 
 @pytest.mark.vllm

@@ -6,16 +6,21 @@ echo server (scripts/echo_server.py)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import infer
 import jsonl_ranks
 import pytest
-from engines import EnginePool
+import serve
+from engines import Engine
 from jsonl_ranks import Answer, Partial, RequestFileError, read_requests
 from ranks import RankFileError, discover_rank_files
-from test_engines import echo_engine
+from test_engines import free_port
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 CHAT_LINE = {
     "custom_id": "request-1",
@@ -200,7 +205,7 @@ def test_partial_answers_survive_a_torn_line_and_drop_on_another_key(tmp_path):
 # ----------------------------------------------------------------------------- echo engines
 
 
-def serve(tmp_path, name: str, lines, pool, **settings) -> Path:
+def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
     rank_file = write_lines(tmp_path / name, lines)
     config = {"engine": "echo", "model": "echo"} | settings
     infer.serve_rank(
@@ -215,20 +220,34 @@ def serve(tmp_path, name: str, lines, pool, **settings) -> Path:
     return tmp_path / "results" / name
 
 
+def registry_pool(folder: Path, engine: Engine) -> serve.RegistryPool:
+    """The ranks' pool (serve.RegistryPool) over one started engine's registry entry."""
+    folder.mkdir(parents=True, exist_ok=True)
+    serve.write_state(folder / f"{engine.name}.json", engine, "ready")
+    return serve.RegistryPool(
+        folder, [engine.name], max_in_flight=4, ready_timeout=60, api_key=engine.api_key
+    )
+
+
 @pytest.fixture
 def echo_pool(tmp_path):
-    engine = echo_engine(tmp_path, "e", ECHO_SERVER_DELAY_S="0")
-    engine.argv += ["--max-model-len", "40"]
-    pool = EnginePool([engine], max_in_flight=4, ready_timeout=60)
-    pool.start()
-    yield pool
-    pool.stop()
+    port = free_port()
+    argv = [sys.executable, str(SCRIPTS / "echo_server.py"), "--port", str(port)]
+    argv += ["--max-model-len", "40"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    engine = Engine(argv, env, tmp_path / "echo.log", port, name="e", stop_grace=5)
+    engine.start()
+    try:
+        engine.wait_ready(60)
+        yield registry_pool(tmp_path / "registry", engine)
+    finally:
+        engine.stop()
 
 
 def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
     lines = [{"prompt": "one two", "id": "a"}, CHAT_LINE, COMPLETION_LINE,
              {"messages": [{"role": "user", "content": "hi"}]}]  # fmt: skip
-    out = serve(tmp_path, "6.jsonl", lines, echo_pool)
+    out = serve_lines(tmp_path, "6.jsonl", lines, echo_pool)
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     assert [a.get("custom_id", a.get("id")) for a in answers] == ["a", "request-1", "request-2", 4]
     assert answers[0] == {"id": "a", "text": "one two", "finish_reason": "length",
@@ -249,7 +268,7 @@ def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_pa
     long = " ".join(["w"] * 36)
     lines = [{"prompt": "short"}, {"prompt": long, "max_tokens": 4}]
     with pytest.raises(infer.UsageError) as caught:
-        serve(tmp_path, "2.jsonl", lines, echo_pool)
+        serve_lines(tmp_path, "2.jsonl", lines, echo_pool)
     text = str(caught.value)
     assert f"{tmp_path / '2.jsonl'}: line 2: request is 37 tokens, more than the 36 allowed" in text
     assert "max_tokens 4 + request tokens must be <= max_model_len 40" in text
@@ -257,9 +276,9 @@ def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_pa
     # a chat counts its template's markers: 35 words and 2 markers
     chat = [{"messages": [{"role": "user", "content": " ".join(["w"] * 35)}], "max_tokens": 4}]
     with pytest.raises(infer.UsageError, match=r"line 1: request is 37 tokens, more than the 36"):
-        serve(tmp_path, "3.jsonl", chat, echo_pool)
+        serve_lines(tmp_path, "3.jsonl", chat, echo_pool)
     with pytest.raises(infer.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
-        serve(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool)
+        serve_lines(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool)
 
 
 def test_pbs_submissions_find_jsonl_ranks_and_their_rule(tmp_path):

@@ -248,6 +248,45 @@ def test_a_suspect_engines_health_check_holds_no_lock(pool, tmp_path):
     hung.close()
 
 
+def test_a_rank_waits_for_a_free_slot(pool, tmp_path):
+    import threading
+
+    pool, _ = pool
+    report(tmp_path, "a-tile0", "ready")
+    report(tmp_path, "b-tile0", "failed")
+    got = []
+
+    def rank():
+        with pool.route() as engine:
+            got.append(engine.name)
+
+    with pool.route(), pool.route():  # both of a's slots
+        waiter = threading.Thread(target=rank)
+        waiter.start()
+        waiter.join(0.3)
+        assert got == []  # still waiting
+    waiter.join(10)
+    assert got == ["a/tile0"]
+
+
+def test_waiting_ranks_fail_when_nothing_progresses(pool, tmp_path):
+    """Ranks stuck in their requests (engines up, never answering) hold every slot: the
+    ranks waiting behind them fail after warm.stall_timeout_s, naming what they wait
+    for, instead of hanging the run; a freed slot is progress."""
+    pool, clock = pool
+    pool.stall_timeout = 50
+    report(tmp_path, "a-tile0", "ready")
+    report(tmp_path, "b-tile0", "failed")
+    with pool.route(), pool.route():
+        clock.now = 51
+        with pytest.raises(engines.EngineUnavailable) as caught, pool.route():
+            pass
+    text = str(caught.value)
+    assert "for 50 s (config warm.stall_timeout_s)" in text and "a-tile0 2 in flight" in text
+    with pool.route() as engine:
+        assert engine.name == "a/tile0"
+
+
 NODE_SNAKEMAKE = """
 import json, os, sys
 json.dump({"argv": sys.argv[1:], "node": os.environ["AURORA_NODE"], "cwd": os.getcwd(),

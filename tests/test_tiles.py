@@ -506,10 +506,14 @@ time.sleep(30)
 """
 
 
-def _start_parent(tmp_path):
+# A child that takes its time to end after SIGTERM (as vLLM shutting down).
+STUBBORN = SLEEPER.replace("    sys.exit(7)\n", "")
+
+
+def _start_parent(tmp_path, child=SLEEPER):
     log_path = tmp_path / "parent.log"
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(log_path), str(tmp_path / "locks"), SLEEPER],
+        [sys.executable, "-c", PARENT, str(log_path), str(tmp_path / "locks"), child],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": SCRIPTS},
@@ -541,12 +545,39 @@ def test_run_placed_forwards_sigterm_to_child(tmp_path):
             os.kill(child_pid, signal.SIGKILL)
 
 
+def _child_got_sigterm(log_path) -> bool:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if "child got SIGTERM" in log_path.read_text().splitlines():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_a_child_ends_when_the_process_that_placed_it_is_killed(tmp_path):
+    """SIGKILL of Snakemake (here: the parent) does not leave its rank tasks running."""
+    parent, log_path, child_pid = _start_parent(tmp_path)
+    try:
+        parent.kill()
+        parent.wait(5)
+        assert _child_got_sigterm(log_path)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not Path(f"/proc/{child_pid}").exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)
+        parent.stdout.close()
+
+
 def test_tile_stays_taken_while_orphaned_child_runs(tmp_path):
-    parent, _, child_pid = _start_parent(tmp_path)
+    parent, log_path, child_pid = _start_parent(tmp_path, STUBBORN)
     host = [socket.gethostname()]
     try:
         parent.kill()
         parent.wait(5)
+        assert _child_got_sigterm(log_path)  # and it goes on for a while
         # The engine outlived its launcher: its tile must not be handed out...
         with pytest.raises(TimeoutError), acquire(tmp_path / "locks", host, 1, 1, timeout=0.3):
             pass

@@ -1,6 +1,7 @@
-"""Warm engines as the workflow sets them up (scripts/pipeline.py): which engines, with
-which ports, masks and environment. The engines themselves run in
-tests/test_engines.py and in the local workflow tests."""
+"""Warm engines as a local run sets them up (pipeline.local_spec, then serve.node's
+make_engine, as in a submission): which engines, with which ports, masks and
+environment. The engines themselves run in tests/test_engines.py, tests/test_serve.py
+and in the local workflow tests."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from pathlib import Path
 
 import pipeline
+import serve
 import tiles
 import yaml
 from workflow import deep_merge
@@ -22,10 +24,21 @@ def local_config(**changes) -> dict:
     return deep_merge(config, local) | changes
 
 
-def test_local_profile_runs_two_warm_engines_one_per_core():
+def local_engines(config: dict, model: str, registry: Path) -> list:
+    """The engines a local run's supervisor starts (serve.node), one per tile slot."""
+    spec = pipeline.local_spec(config, model)
+    host = os.uname().nodename
+    per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
+    return [
+        serve.make_engine(spec, slot, "local-1", registry, os.environ)
+        for slot in tiles.engine_slots(per_node, per_job, host)
+    ]
+
+
+def test_local_profile_runs_two_warm_engines_one_per_core(tmp_path):
     config = local_config()
     assert config["warm_engines"] is True
-    engines = pipeline.local_engines(config, "/models/m")
+    engines = local_engines(config, "/models/m", tmp_path)
     host = os.uname().nodename
     assert [e.name for e in engines] == [f"{host}/tile0", f"{host}/tile1"]
     assert [e.port for e in engines] == [30500, 30501]  # apart from VLLM_PORT's range
@@ -36,18 +49,20 @@ def test_local_profile_runs_two_warm_engines_one_per_core():
             str(29500 + 10 * tile),
             str(29505 + 10 * tile),
         )
+        # every port of the engine on loopback, as in a submission
+        assert env["VLLM_HOST_IP"] == env["MASTER_ADDR"] == engine.host == "127.0.0.1"
         assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
         assert env["VLLM_CACHE_ROOT"] == os.path.abspath("cache/vllm")
         assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["OMP_NUM_THREADS"] == "1"
         assert engine.argv[engine.argv.index("--model") + 1] == "/models/m"
         assert "--enforce-eager" in engine.argv
-        assert engine.log_path == Path("logs", "engines", f"{host}-tile{tile}.log").resolve()
+        assert engine.log_path == tmp_path / f"{host}-tile{tile}.log"
 
 
-def test_two_tile_engines_get_tensor_parallel_and_a_two_tile_mask():
+def test_two_tile_engines_get_tensor_parallel_and_a_two_tile_mask(tmp_path):
     config = local_config(tiles={"per_node": 12, "per_job": 2, "hierarchy": "FLAT",
                                  "cpu_bind": [], "base_port": 29500})  # fmt: skip
-    engines = pipeline.local_engines(config, "/models/m")
+    engines = local_engines(config, "/models/m", tmp_path)
     assert len(engines) == 6
     argv, env = engines[1].argv, engines[1].env
     assert env["ZE_AFFINITY_MASK"] == "2,3"

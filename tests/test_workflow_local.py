@@ -111,6 +111,12 @@ def test_missing_local_model_fails_before_any_job(tmp_path):
 # --- runs -------------------------------------------------------------------
 
 
+def the_engine_log(work: Path, host: str, tile: int) -> Path:
+    """The log of a warm engine of the run (logs/engines/<run>/<host>-tile<N>.log)."""
+    (log,) = (work / "logs" / "engines").glob(f"local-*/{host}-tile{tile}.log")
+    return log
+
+
 @pytest.mark.vllm
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
 def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
@@ -143,7 +149,7 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
         assert served_by == {(f"{os.uname().nodename}/tile{t}", str(t)) for t in (0, 1)}
         # each engine started once for the whole run
         for tile in (0, 1):
-            engine_log = work / "logs" / "engines" / f"{os.uname().nodename}-tile{tile}.log"
+            engine_log = the_engine_log(work, os.uname().nodename, tile)
             assert engine_log.read_text().count("Application startup complete") == 1
     summary = (work / "results" / "summary.tsv").read_text().splitlines()
     assert len(summary) == 1 + 48
@@ -402,7 +408,7 @@ def test_an_engine_killed_mid_run_retries_its_in_flight_ranks_and_comes_back(tmp
     # The ranks in flight on tile 0 were sent again to a healthy engine: none failed.
     assert run.returncode == 0, output[-3000:]
     assert all(len(read_records(results / f"{r}.out")) == 4 for r in range(ranks))
-    engine_log = work / "logs" / "engines" / f"{host}-tile0.log"
+    engine_log = the_engine_log(work, host, 0)
     records = [json.loads(p.read_text()) for p in (results / "records").glob("*.json")]
     retried = [r for r in records if r["engine_deaths"]]
     assert retried, "no rank was in flight on the killed engine"

@@ -1,0 +1,245 @@
+"""The engine service of a local run (serve.LocalService): the one-node case of a PBS
+submission, the same supervisor (serve.node), registry and pool (serve.RegistryPool),
+here on echo servers, in seconds. Real vLLM engines run through it in
+tests/test_workflow_local.py; the submission's case on OpenPBS in
+tests/test_aurora_profile.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import engines
+import infer
+import pipeline
+import pytest
+import serve
+from test_warm import local_config
+
+PYTHON = sys.executable
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+HOST = os.uname().nodename
+
+
+def echo_spec(tmp_path: Path, **env) -> dict:
+    """A local run's spec for two echo engines, its registry under tmp_path; every
+    process of its engines carries a tag of its own in its environment."""
+    config = local_config(engine="echo", warm={**local_config()["warm"], "ranks_in_flight": 1})
+    spec = pipeline.local_spec(config, "unused")
+    tag = uuid.uuid4().hex
+    return spec | {
+        "registry_root": str(tmp_path / "engines"),
+        "env": spec["env"] | {"SERVICE_TEST_TAG": tag, **env},
+        "tag": tag,
+    }
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes whose environment holds SERVICE_TEST_TAG=tag."""
+    wanted = f"SERVICE_TEST_TAG={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ours = wanted in (entry / "environ").read_bytes().split(b"\0")
+            if ours and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until(predicate, timeout: float, poll: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
+
+
+@pytest.fixture
+def service(tmp_path):
+    services = []
+
+    def start(**env):
+        spec = echo_spec(tmp_path, **env)
+        started = serve.LocalService(spec)
+        services.append((started, spec["tag"]))
+        return started, started.start()
+
+    yield start
+    for started, tag in services:
+        started.stop()
+        assert wait_until(lambda tag=tag: not tagged(tag), 30), f"left running: {tagged(tag)}"
+
+
+def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int = 1) -> dict:
+    data = tmp_path / f"{rank}.in"
+    data.write_text("".join(f"{p}\n" for p in prompts))
+    settings = infer.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
+    infer.serve_rank(
+        rank,
+        settings,
+        data,
+        tmp_path / f"{rank}.out",
+        tmp_path / f"{rank}.json",
+        pool,
+        echo_in_process=False,
+        retries=retries,
+    )
+    return json.loads((tmp_path / f"{rank}.json").read_text())
+
+
+def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them(tmp_path, service):
+    started, pool = service()
+    with pool.route() as first, pool.route() as second:  # one in flight each
+        assert {first.name, second.name} == {f"{HOST}/tile0", f"{HOST}/tile1"}
+        # loopback only, and the run's key is required
+        assert first.url.startswith("http://127.0.0.1:")
+        with pytest.raises(engines.RequestRejected) as refused:
+            engines.complete(first.url, ["x"], local_config()["sampling"])
+        assert refused.value.status == 401
+    record = echo_rank(tmp_path, 3, ["one", "two"], pool)
+    assert (tmp_path / "3.out").read_text() == (
+        "Prompt: 'one', Generated text: 'one'\n\nPrompt: 'two', Generated text: 'two'\n\n"
+    )
+    assert record["engine_name"] in (first.name, second.name)
+    # the registry says it as a submission's does; the key is in its 0600 file only
+    entries = serve.read_registry(started.registry)
+    assert {e["state"] for e in entries.values()} == {"ready"} and len(entries) == 2
+    key_file = started.registry.parent / f"{started.run_id}.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = key_file.read_text().strip()
+    for path in started.registry.iterdir():
+        assert key not in path.read_text(), path
+    started.stop()
+    assert {e["state"] for e in serve.read_registry(started.registry).values()} == {"stopped"}
+
+
+def test_engines_that_all_fail_fail_the_ranks_naming_their_logs(tmp_path, service):
+    _, pool = service(ECHO_SERVER_FAIL_HOSTS=HOST)
+    started = time.monotonic()
+    with pytest.raises(engines.EngineError) as caught:
+        echo_rank(tmp_path, 0, ["x"], pool)
+    assert time.monotonic() - started < 30  # not the ready timeout (300 s)
+    text = str(caught.value)
+    assert "every engine of this run failed" in text
+    assert f"{HOST}-tile0.log" in text and f"{HOST}-tile1.log" in text
+    assert not (tmp_path / "0.out").exists()
+
+
+def test_a_killer_request_fails_its_rank_alone_and_the_engines_come_back(tmp_path, service):
+    """Echo servers that die on one prompt: the rank holding it kills the engine it is
+    sent to, is sent once more to the other one, kills that too, and fails naming both
+    logs; the supervisor restarts both (warm.max_restarts) and the other ranks run."""
+    started, pool = service(ECHO_SERVER_DIE_ON="poison")
+    with pytest.raises(engines.EngineError) as caught:
+        echo_rank(tmp_path, 0, ["fine", "poison"], pool)
+    text = str(caught.value)
+    assert "failed on 2 engine(s) in a row" in text and "retry_after_engine_death 1" in text
+    logs = [started.registry / f"{HOST}-tile{t}.log" for t in (0, 1)]
+    assert all(str(log) in text for log in logs)
+    assert not (tmp_path / "0.out").exists() and not (tmp_path / "0.json").exists()
+    for rank in (1, 2, 3):  # they wait for the restarted engines
+        record = echo_rank(tmp_path, rank, ["one", "two"], pool)
+        assert record["engine_deaths"] == []
+    entries = serve.read_registry(started.registry).values()
+    assert sorted(e["restarts"] for e in entries) == [1, 1]
+    assert all("dying on prompt 'poison'" in log.read_text() for log in logs)
+
+
+def running(url: str) -> float:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with direct.open(f"{url}/metrics", timeout=2) as answer:
+            lines = answer.read().decode().splitlines()
+    except OSError:
+        return 0.0
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("vllm:num_requests_run"))
+
+
+def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path, service):
+    started, pool = service(ECHO_SERVER_DELAY_S="3")
+    with pool.route(), pool.route():
+        pass  # both engines are ready
+    urls = {e["name"]: e["url"] for e in serve.read_registry(started.registry).values()}
+    done = []
+    rank = threading.Thread(target=lambda: done.append(echo_rank(tmp_path, 7, ["x"], pool)))
+    rank.start()
+    assert wait_until(lambda: any(running(u) for u in urls.values()), 30)
+    victim = next(name for name, url in urls.items() if running(url))
+    port = urls[victim].rsplit(":", 1)[1].encode()
+    (server,) = [
+        pid
+        for pid in tagged(started.spec["env"]["SERVICE_TEST_TAG"])
+        if b"echo_server.py" in (argv := Path(f"/proc/{pid}/cmdline").read_bytes())
+        and b"--port\0" + port in argv
+        and b"engines.py" not in argv
+    ]
+    os.kill(server, signal.SIGKILL)
+    rank.join(60)
+    assert done, "the rank did not finish"
+    record = done[0]
+    assert record["engine_deaths"] == [victim] and record["engine_name"] != victim
+    assert (tmp_path / "7.out").read_text() == "Prompt: 'x', Generated text: 'x'\n\n"
+
+
+OWNER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import serve
+service = serve.LocalService(json.loads(sys.argv[2]))
+pool = service.start()
+with pool.route(), pool.route():
+    print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sigkill_of_the_runs_process_leaves_no_engine(tmp_path):
+    """What a SIGKILLed Snakemake leaves: nothing. The supervisor's lifeline closes,
+    it stops the engines, and ends."""
+    spec = echo_spec(tmp_path)
+    owner = subprocess.Popen(
+        [PYTHON, "-c", OWNER, str(SCRIPTS), json.dumps(spec)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout.readline().strip() == "ready"
+        assert len(tagged(spec["tag"])) >= 4  # two echo servers and their watchdogs
+        assert len(tagged_supervisors(tmp_path)) == 1
+        owner.kill()
+        owner.wait()
+        assert wait_until(lambda: not tagged(spec["tag"]) and not tagged_supervisors(tmp_path), 30)
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
+    (registry,) = [p for p in (tmp_path / "engines").iterdir() if p.is_dir()]
+    assert "owner is gone" in (registry / "supervisor.log").read_text()
+
+
+def tagged_supervisors(tmp_path: Path) -> list[int]:
+    """serve.py node processes whose spec lies under tmp_path."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"serve.py\0node\0" in argv and str(tmp_path).encode() in argv:
+                found.append(int(entry.name))
+    return found
