@@ -256,7 +256,8 @@ def engine_spec(config: dict) -> dict:
     warm = config["warm"]
     return {
         "engine": config["engine"],
-        "vllm": config["vllm"],
+        # file names absolute: a node's supervisor may run in another folder
+        "vllm": {k: v for k, v in task_settings(config, "").items() if k in config["vllm"]},
         "tiles": config["tiles"],
         "env": offline_env(config),
         "launcher": config["engine_launcher"],
