@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 TORCH_WHEELS ?= /opt/wheels
 UV := $(BIN)/uv
 TINY_MODEL := models/tiny-opt
+# The tiny model as an instruct model (a chat template): the chat tests' model.
+TINY_CHAT := models/tiny-chat
 BENCH_MODEL := models/opt-125m-shaped
 
 .PHONY: run test lint format bench lock openpbs clean
@@ -19,7 +21,7 @@ run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 
-test: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
+test: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json openpbs
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -33,7 +35,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(BENCH_MODEL)/config.json openpbs
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(BENCH_MODEL)/config.json openpbs
 	$(BIN)/python benchmarks/run_all.py
 
 # Real OpenPBS 23.06 (built from ../shared/vendor, into /opt/pbs) for tests/pbs_cluster.py.
@@ -49,6 +51,9 @@ $(VENV)/.installed: requirements.lock requirements-exclude.txt
 
 $(TINY_MODEL)/config.json: scripts/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/build_model.py tiny $(TINY_MODEL)
+
+$(TINY_CHAT)/config.json: scripts/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/build_model.py tiny-chat $(TINY_CHAT)
 
 $(BENCH_MODEL)/config.json: scripts/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/build_model.py opt125m $(BENCH_MODEL)

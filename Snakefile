@@ -1,4 +1,5 @@
-# One vLLM engine per GPU tile: data/<rank>.in -> results/<rank>.out.
+# One vLLM engine per GPU tile: data/<rank>.in -> results/<rank>.out,
+# data/<rank>.jsonl (requests, OpenAI batch lines too) -> results/<rank>.jsonl.
 # Profiles decide where jobs run: profiles/local (this machine's CPU) or
 # profiles/aurora (PBS submissions packing 12 tile-jobs per node).
 import sys
@@ -22,10 +23,12 @@ pipeline.load_config(config, "config/schema.yaml")
 validate(config, "config/schema.yaml")
 
 DATA, RESULTS = config["data_dir"], config["results_dir"]
-RANKS = ranks.discover_ranks(DATA)
+RANK_FILES = ranks.discover_rank_files(DATA)  # rank -> its .in or .jsonl
+RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 ranks.report_kept(ranks.forget_finished_incomplete(RESULTS))
 MODEL = pipeline.check_model(config["model"])
+pipeline.check_chat_template(config)
 MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
@@ -61,7 +64,7 @@ localrules:
 
 rule all:
     input:
-        expand(f"{RESULTS}/{{rank}}.out", rank=RANKS),
+        ranks.outputs(RESULTS, RANK_FILES),
         f"{RESULTS}/summary.tsv",
 
 
@@ -95,6 +98,16 @@ rule infer:
         model=MODEL,
     run:
         pipeline.run_rank(config, params.model, wildcards.rank, input, output, log[0])
+
+
+# JSONL ranks: the same job, answers in results/<rank>.jsonl.
+use rule infer as infer_jsonl with:
+    input:
+        prompts=f"{DATA}/{{rank}}.jsonl",
+        model=ancient(MODEL_MARKER),
+    output:
+        out=f"{RESULTS}/{{rank}}.jsonl",
+        record=f"{RESULTS}/records/{{rank}}.json",
 
 
 rule summary:

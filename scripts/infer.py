@@ -1,4 +1,4 @@
-"""One rank of the inference test: read a prompt file, generate, write the results.
+"""One rank of the inference test: read a rank file, generate, write the results.
 
 This is the seed's simple_test.py made robust. It knows nothing of PBS, Snakemake
 or tiles: whoever starts it sets the device environment (ZE_AFFINITY_MASK, ...)
@@ -7,6 +7,11 @@ and passes everything else on the command line:
     python scripts/infer.py --rank 0 --prompts data/0.in --output results/0.out \\
         --record results/records/0.json --settings '{"engine": "vllm", ...}' \\
         [--log logs/infer/0.log]
+
+A rank file is a ``.in`` (one prompt a line) or a ``.jsonl`` of requests
+(scripts/jsonl_ranks.py: prompts or chat messages, per-request sampling, OpenAI batch
+lines). Each answer is kept in ``results/.partial/`` as it finishes, so a rank stopped
+mid-way and run again generates only the rest.
 
 Launchers may start it in another folder ($HOME under pbs_tmrsh): give absolute paths.
 
@@ -22,15 +27,17 @@ error):
                            vllm is imported, unless the environment already sets it
     gpu_memory_utilization number in (0, 1]
     long_prompts           "error" or "truncate" (see check_prompt_lengths)
+    chat_template          a chat template file for models without one, or null
     sampling               {temperature, top_p, max_tokens, seed, ignore_eos}
 
 Outputs, both written atomically, the record first and the .out last (so an
 existing .out means the rank is complete):
-    --record   JSON: rank, prompts, output_tokens, load_s, generate_s, tokens_per_s,
-               import_s, python_start_s, host, hostname, mask, tiles, model, engine,
-               truncated, written_at (UNIX time of the write)
-    --output   one seed record per prompt, in input order:
+    --record   JSON: rank, prompts, output_tokens, prompt_tokens, load_s, generate_s,
+               tokens_per_s, import_s, python_start_s, host, hostname, mask, tiles,
+               model, engine, truncated, resumed, written_at (UNIX time of the write)
+    --output   .in: one seed record per prompt, in input order:
                Prompt: '...', Generated text: '...'<blank line>
+               .jsonl: one answer line per request, in input order
 
 Exit status: 0 success; 2 an expected error (bad settings, unreadable prompt file,
 prompt too long with long_prompts "error"), reported as one "ERROR: ..." line on
@@ -49,10 +56,12 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
-from prompts import Prompt, PromptFileError, format_record, read_prompts, write_atomic
+from jsonl_ranks import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
+from prompts import Prompt, PromptFileError, format_record, write_atomic
 
 DEFAULT_SETTINGS: dict = {
     "engine": "vllm",
@@ -64,6 +73,8 @@ DEFAULT_SETTINGS: dict = {
     "gpu_memory_utilization": 0.9,
     "long_prompts": "error",
     "engine_args": [],
+    # A chat template file for models without one (null: the model's own).
+    "chat_template": None,
     # The seed's SamplingParams(temperature=0.8, top_p=0.95) with vLLM's max_tokens 16.
     "sampling": {
         "temperature": 0.8,
@@ -137,6 +148,9 @@ def parse_settings(text: str) -> dict:
         raise bad("gpu_memory_utilization", "a number in (0, 1]")
     if settings["long_prompts"] not in ("error", "truncate"):
         raise bad("long_prompts", '"error" or "truncate"')
+    template = settings["chat_template"]
+    if template is not None and not (isinstance(template, str) and template):
+        raise bad("chat_template", "a file name or null")
     if not (_is_number(s["temperature"]) and s["temperature"] >= 0):
         raise bad("temperature", "a number >= 0")
     if not (_is_number(s["top_p"]) and 0 < s["top_p"] <= 1):
@@ -270,15 +284,36 @@ def check_prompt_lengths(
 
 # ----------------------------------------------------------------------------- engines
 
+# Requests of one rank in flight at once on a warm engine: each is its own HTTP request
+# (so each answer is kept as it comes), and the engine batches all of them.
+REQUESTS_IN_FLIGHT = 64
 
-def run_echo(prompts: list[Prompt]) -> dict:
-    """The echo engine: each prompt is its own generated text; no model at all."""
+
+def partial_key(path, settings: dict) -> dict:
+    """What a rank's kept answers depend on (jsonl_ranks.Partial): the rank file's bytes
+    and the settings that shape answers."""
+    from jsonl_ranks import file_digest
+
+    shaping = ("engine", "model", "sampling", "chat_template", "long_prompts", "max_model_len")
+    return {"input": file_digest(path)} | {k: settings[k] for k in shaping}
+
+
+def echo_answer(request: Request) -> Answer:
+    """The echo engine: the prompt (or the messages in echo_server's chat rendering) is
+    its own answer; one token per word."""
+    from echo_server import render_chat
+
+    text = render_chat(request.messages) if request.chat else request.prompt
+    words = len(text.split())
+    return Answer(text, "length", words, words)
+
+
+def run_echo(requests: list[Request]) -> dict:
+    """The echo engine for a whole rank, in this process; no model at all."""
     t0 = time.monotonic()
-    generated = [p.text for p in prompts]
-    tokens = sum(len(p.text.split()) for p in prompts)
+    answers = {i: echo_answer(r) for i, r in enumerate(requests)}
     return {
-        "generated": generated,
-        "output_tokens": tokens,
+        "answers": answers,
         "import_s": 0.0,
         "load_s": 0.0,
         "generate_s": time.monotonic() - t0,
@@ -325,8 +360,39 @@ def extra_engine_args(argv: list[str]) -> dict:
     return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}
 
 
-def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
-    """Start one vLLM engine and generate for all prompts in one batched call."""
+def read_chat_template(settings: dict) -> str | None:
+    """Config vllm.chat_template's text (None: the model's own template)."""
+    path = settings["chat_template"]
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config vllm.chat_template: cannot read {path}: {exc}") from None
+
+
+def chat_token_ids(tokenizer, messages: list, template: str | None, where: str) -> list[int]:
+    """``messages`` as the model's chat template (or ``template``) renders them for a
+    reply, in token ids: what vLLM's LLM.chat and its chat server do (render to text with
+    the generation prompt, then tokenize without adding special tokens again)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except ValueError as exc:  # transformers: no template
+        raise UsageError(
+            f"{where}: messages need a chat template and the model has none ({exc}); "
+            "set config vllm.chat_template to a template file"
+        ) from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def run_vllm(
+    requests: list[Request], settings: dict, path: str, partial: Partial, kept: dict
+) -> dict:
+    """Start one vLLM engine and generate the rank's requests that ``kept`` lacks, all
+    in flight together (continuous batching, as LLM.generate and LLM.chat run them),
+    each answer kept in ``partial`` as it finishes."""
     # Timed on its own: importing vLLM (and torch) is a large part of a rank's start.
     # `import vllm` alone is lazy; importing LLM pulls in the engine.
     t0 = time.monotonic()
@@ -339,40 +405,65 @@ def run_vllm(prompts: list[Prompt], settings: dict, path: str) -> dict:
     llm = LLM(**engine_args)
     load_s = time.monotonic() - t0
 
-    sampling = settings["sampling"]
     tokenizer = llm.get_tokenizer()
-    inputs, truncated = checked_inputs(
-        prompts,
-        [tokenizer.encode(p.text) for p in prompts],
+    template = read_chat_template(settings)
+
+    def token_ids(request: Request) -> list[int]:
+        if request.chat:
+            where = f"{path}: line {request.line}"
+            return chat_token_ids(tokenizer, request.messages, template, where)
+        return list(tokenizer.encode(request.prompt))
+
+    ids = [token_ids(r) for r in requests]
+    inputs, truncated = checked_requests(
+        requests,
+        ids,
         lambda text: tokenizer.encode(text, add_special_tokens=False),
         llm.llm_engine.model_config.max_model_len,
         settings,
         path,
     )
-    params = SamplingParams(
-        temperature=sampling["temperature"],
-        top_p=sampling["top_p"],
-        max_tokens=sampling["max_tokens"],
-        seed=sampling["seed"],
-        ignore_eos=sampling["ignore_eos"],
-    )
+    answers = dict(kept)
+    engine = llm.llm_engine
     t0 = time.monotonic()
-    outputs = llm.generate(inputs, params, use_tqdm=False)
+    for i, request in enumerate(requests):
+        if i in answers:
+            continue
+        prompt_ids = inputs[i]["prompt_token_ids"] if isinstance(inputs[i], dict) else ids[i]
+        params = SamplingParams(**sampling_params(sampling_of(request, settings["sampling"])))
+        engine.add_request(str(i), {"prompt_token_ids": prompt_ids}, params)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done = output.outputs[0]
+                answer = Answer(
+                    done.text,
+                    done.finish_reason,
+                    len(output.prompt_token_ids or ()),
+                    len(done.token_ids),
+                )
+                answers[int(output.request_id)] = answer
+                partial.add(int(output.request_id), answer)
     generate_s = time.monotonic() - t0
-    if len(outputs) != len(prompts):
-        raise RuntimeError(f"vLLM returned {len(outputs)} outputs for {len(prompts)} prompts")
+    if len(answers) != len(requests):
+        raise RuntimeError(f"vLLM answered {len(answers)} of {len(requests)} requests")
     import torch
     import vllm
 
     return {
         "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
-        "generated": [o.outputs[0].text for o in outputs],
-        "output_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+        "answers": answers,
         "import_s": import_s,
         "load_s": load_s,
         "generate_s": generate_s,
         "truncated": truncated,
     }
+
+
+def sampling_params(sampling: dict) -> dict:
+    """SamplingParams' arguments of one request's sampling fields."""
+    keys = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
+    return {k: sampling[k] for k in keys if sampling.get(k) is not None}
 
 
 def checked_inputs(
@@ -394,30 +485,116 @@ def checked_inputs(
     )
 
 
+def checked_requests(
+    requests: list[Request], token_ids, content_of, max_model_len, settings: dict, path: str
+) -> tuple[list, list[int]]:
+    """The engine inputs of a rank's requests and the truncated lines.
+
+    ``.in`` ranks: `checked_inputs` (config long_prompts). JSONL ranks: a request
+    longer than its context (its own max_tokens counted) fails the rank naming the line
+    and the token count: a chat cut short would no longer be the conversation asked."""
+    if not is_jsonl(path):
+        prompts = [Prompt(r.prompt, r.line) for r in requests]
+        return checked_inputs(prompts, token_ids, content_of, max_model_len, settings, path)
+    long = []
+    for request, ids in zip(requests, token_ids, strict=True):
+        max_tokens = sampling_of(request, settings["sampling"])["max_tokens"]
+        limit = _token_limit(max_model_len, max_tokens)
+        if limit < 1:
+            raise UsageError(
+                f"{path}: line {request.line}: max_tokens {max_tokens} leaves no room for a "
+                f"request in max_model_len {max_model_len}"
+            )
+        if len(ids) > limit:
+            rule = (
+                f"max_tokens {max_tokens} + request tokens must be <= max_model_len {max_model_len}"
+                if max_tokens is not None
+                else f"request tokens must be < max_model_len {max_model_len}"
+            )
+            long.append(
+                f"line {request.line}: request is {len(ids)} tokens, "
+                f"more than the {limit} allowed ({rule})"
+            )
+    if long:
+        more = f"; {len(long) - 1} more too long" if len(long) > 1 else ""
+        raise UsageError(f"{path}: {long[0]}{more}")
+    return [r.messages if r.chat else r.prompt for r in requests], []
+
+
 def engine_inputs(
-    prompts: list[Prompt], settings: dict, path: str, url: str, key: str | None = None
+    requests: list[Request], settings: dict, path: str, url: str, key: str | None = None
 ) -> tuple:
-    """The request's prompts and the truncated lines, checked as `run_vllm` checks them
-    with the engine's own tokenizer (/tokenize, which also tells the context length):
-    the server alone would cut a generation short silently."""
+    """The requests' engine inputs and the truncated lines, checked as `run_vllm` checks
+    them with the engine's own tokenizer (/tokenize, which also tells the context
+    length, and renders chats with the engine's template): the server alone would cut a
+    generation short silently."""
     import engines
 
-    answers = [engines.tokenize(url, p.text, key=key) for p in prompts]
+    answers = [
+        engines.tokenize_messages(url, r.messages, key=key)
+        if r.chat
+        else engines.tokenize(url, r.prompt, key=key)
+        for r in requests
+    ]
     token_ids = [answer.ids for answer in answers]
-    inputs, truncated = checked_inputs(
-        prompts,
+    inputs, truncated = checked_requests(
+        requests,
         token_ids,
         lambda text: engines.tokenize(url, text, add_special_tokens=False, key=key).ids,
         answers[0].max_model_len if answers else 0,
         settings,
         path,
     )
-    if truncated:  # one request takes either texts or token ids
-        inputs = [
-            x["prompt_token_ids"] if isinstance(x, dict) else ids
-            for x, ids in zip(inputs, token_ids, strict=True)
-        ]
+    # a truncated prompt goes as its kept token ids
+    inputs = [x["prompt_token_ids"] if isinstance(x, dict) else x for x in inputs]
     return inputs, truncated
+
+
+def send_requests(engine, requests, inputs, todo, settings, partial, answers, timeout) -> float:
+    """Send the requests ``todo`` (indices) to ``engine``, REQUESTS_IN_FLIGHT at a time;
+    keep each answer in ``answers`` and ``partial`` as it comes; return the seconds.
+    The first failure stops the sending and is raised once the requests in flight end
+    (their answers are kept)."""
+    import concurrent.futures
+
+    import engines
+
+    lock = threading.Lock()
+    failed = threading.Event()
+
+    def send(i: int) -> None:
+        if failed.is_set():
+            return
+        request, given = requests[i], inputs[i]
+        try:
+            reply = engines.complete_one(
+                engine.url,
+                sampling_of(request, settings["sampling"]),
+                prompt=None if request.chat else given,
+                messages=given if request.chat else None,
+                timeout=timeout,
+                key=engine.api_key,
+            )
+        except BaseException:
+            failed.set()
+            raise
+        answer = Answer(
+            reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens
+        )
+        with lock:
+            answers[i] = answer
+            partial.add(i, answer)
+
+    started = time.monotonic()
+    width = max(1, min(REQUESTS_IN_FLIGHT, len(todo)))
+    with concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="request") as pool:
+        futures = [pool.submit(send, i) for i in todo]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        # an engine that is gone first: the rank goes to another engine for the rest
+        errors.sort(key=lambda e: not isinstance(e, engines.EngineUnavailable))
+        raise errors[0]
+    return time.monotonic() - started
 
 
 def serve_rank(
@@ -432,74 +609,88 @@ def serve_rank(
     request_timeout: float = 600.0,
     versions: dict | None = None,
 ) -> str:
-    """One rank on a warm engine of ``pool`` (serve.RegistryPool): read the prompts,
-    wait for a free engine, one request, write the outputs; return the lines for the
-    rank's log (a warning for an empty rank file, the summary).
+    """One rank on a warm engine of ``pool`` (serve.RegistryPool): read the requests,
+    wait for a free engine, send them (one HTTP request each, many in flight), keep
+    each answer as it comes, write the outputs; return the lines for the rank's log
+    (a warning for an empty rank file, the summary).
 
-    An engine found dead before the rank's request is marked (the pool restarts it)
-    and the rank goes to another one. An engine that fails during the request is
-    marked too, and the request is sent again to a healthy engine, at most ``retries``
-    times (a death is not the rank's fault); after that the rank fails, naming the
-    logs of the engines it failed on. ``echo_in_process``: the echo engine runs here,
-    not as an engine of the pool (scripts/echo_server.py).
+    Answers kept by an earlier attempt at this rank (killed, or its engine died) are
+    not asked again. An engine found dead before the rank's requests is marked (the
+    pool restarts it) and the rank goes to another one. An engine that fails during
+    the requests is marked too, and the requests still unanswered are sent to a
+    healthy engine, at most ``retries`` times (a death is not the rank's fault); after
+    that the rank fails, naming the logs of the engines it failed on.
+    ``echo_in_process``: the echo engine runs here, not as an engine of the pool
+    (scripts/echo_server.py).
     """
     import engines
 
     started = time.monotonic()
-    prompts = read_prompts(prompts_path)
+    requests = read_rank(prompts_path)
     placement, wait_s, died_on = {}, 0.0, []
-    if not prompts or (settings["engine"] == "echo" and echo_in_process):
-        result = run_echo(prompts)
+    if not requests or (settings["engine"] == "echo" and echo_in_process):
+        result = run_echo(requests)
     else:
-        unanswered = 0
-        while True:
-            with pool.route() as engine:
-                wait_s = time.monotonic() - started
-                try:
-                    inputs, truncated = engine_inputs(
-                        prompts, settings, str(prompts_path), engine.url, engine.api_key
-                    )
-                except engines.EngineUnavailable as error:
-                    pool.mark_failed(engine)
-                    unanswered += 1
-                    if unanswered == 3:
-                        raise engines.EngineError(
-                            f"no engine answered ({error}); last tried {engine.name}, "
-                            f"its log: {engine.log_path}"
-                        ) from error
-                    continue
-                try:
-                    done = engines.complete(
-                        engine.url,
-                        inputs,
-                        settings["sampling"],
-                        timeout=request_timeout,
-                        key=engine.api_key,
-                    )
-                except engines.EngineUnavailable as error:
-                    pool.mark_failed(engine)
-                    died_on.append(engine)
-                    if len(died_on) > retries:
-                        logs = ", ".join(dict.fromkeys(str(e.log_path) for e in died_on))
-                        raise engines.EngineError(
-                            f"engine {engine.name} failed during the request ({error}); "
-                            f"the request failed on {len(died_on)} engine(s) in a row "
-                            f"(config warm.retry_after_engine_death {retries}); "
-                            f"engine log(s): {logs}"
-                        ) from error
-                    continue
-                placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": str(engine.log_path)}
-                break
+        partial = Partial(output, partial_key(prompts_path, settings))
+        answers = partial.load()
+        resumed = len(answers)
+        partial.open(answers)
+        unanswered, request_s, truncated = 0, 0.0, []
+        try:
+            while len(answers) < len(requests):
+                with pool.route() as engine:
+                    wait_s = time.monotonic() - started
+                    try:
+                        inputs, truncated = engine_inputs(
+                            requests, settings, str(prompts_path), engine.url, engine.api_key
+                        )
+                    except engines.EngineUnavailable as error:
+                        pool.mark_failed(engine)
+                        unanswered += 1
+                        if unanswered == 3:
+                            raise engines.EngineError(
+                                f"no engine answered ({error}); last tried {engine.name}, "
+                                f"its log: {engine.log_path}"
+                            ) from error
+                        continue
+                    todo = [i for i in range(len(requests)) if i not in answers]
+                    try:
+                        request_s += send_requests(
+                            engine,
+                            requests,
+                            inputs,
+                            todo,
+                            settings,
+                            partial,
+                            answers,
+                            request_timeout,
+                        )
+                    except engines.EngineUnavailable as error:
+                        pool.mark_failed(engine)
+                        died_on.append(engine)
+                        if len(died_on) > retries:
+                            logs = ", ".join(dict.fromkeys(str(e.log_path) for e in died_on))
+                            raise engines.EngineError(
+                                f"engine {engine.name} failed during the requests ({error}); "
+                                f"the rank failed on {len(died_on)} engine(s) in a row "
+                                f"(config warm.retry_after_engine_death {retries}); "
+                                f"engine log(s): {logs}"
+                            ) from error
+                        continue
+                    log = str(engine.log_path)
+                    placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": log}
+        finally:
+            partial.close()
         result = {
-            "generated": done.texts,
-            "output_tokens": done.completion_tokens,
+            "answers": answers,
             "import_s": 0.0,
-            "generate_s": done.seconds,
+            "generate_s": request_s,
             "truncated": truncated,
             "versions": versions or {},
+            "resumed": resumed,
         }
     result["load_s"] = wait_s
-    record = build_record(rank, settings, len(prompts), result, None, placement)
+    record = build_record(rank, settings, requests, result, None, placement)
     record |= {
         "engine_name": placement.get("ENGINE", ""),
         "engine_log": placement.get("ENGINE_LOG", ""),
@@ -509,28 +700,33 @@ def serve_rank(
         "client_node": os.environ.get(engines.NODE_VARIABLE, ""),
         "wait_s": round(wait_s, 6),
         "request_s": round(result["generate_s"], 6),
-        # engines that died during this rank's request before one answered it
+        # engines that died during this rank's requests
         "engine_deaths": [e.name for e in died_on],
     }
-    summary = write_outputs(prompts, result, record, output, record_path)
-    return f"WARNING: {prompts_path} has no prompts\n{summary}" if not prompts else summary
+    summary = write_outputs(prompts_path, requests, result, record, output, record_path)
+    return f"WARNING: {prompts_path} has no prompts\n{summary}" if not requests else summary
 
 
 # ----------------------------------------------------------------------------- main
 
 
 def build_record(
-    rank: int, settings: dict, n_prompts: int, result: dict, started, placement=None
+    rank: int, settings: dict, requests: list[Request], result: dict, started, placement=None
 ) -> dict:
-    """The rank's record; ``placement``: the engine's environment (default: this one)."""
+    """The rank's record; ``placement``: the engine's environment (default: this one).
+
+    Both kinds of rank count alike: "prompts" is the number of requests (prompts of a
+    ``.in``, lines of a ``.jsonl``), the tokens are the engine's counts."""
     generate_s = result["generate_s"]
-    tokens = result["output_tokens"]
+    answers = result["answers"].values()
+    tokens = sum(a.output_tokens for a in answers)
     hostname = socket.gethostname()
     placement = os.environ if placement is None else placement
     return {
         "rank": rank,
-        "prompts": n_prompts,
+        "prompts": len(requests),
         "output_tokens": tokens,
+        "prompt_tokens": sum(a.prompt_tokens for a in answers),
         "load_s": round(result["load_s"], 6),
         "generate_s": round(generate_s, 6),
         "tokens_per_s": round(tokens / generate_s, 1) if generate_s > 0 and tokens else 0.0,
@@ -543,6 +739,8 @@ def build_record(
         "model": settings["model"],
         "engine": settings["engine"],
         "truncated": result["truncated"],
+        # answers kept from an earlier, stopped attempt at this rank (not generated again)
+        "resumed": result.get("resumed", 0),
         # vLLM, torch, IPEX: what generated it (warm engines: rule fetch_model's marker)
         "versions": result.get("versions", {}),
     }
@@ -551,8 +749,10 @@ def build_record(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="One rank of the inference test.")
     parser.add_argument("--rank", type=int, required=True)
-    parser.add_argument("--prompts", required=True, help="prompt file, one prompt a line")
-    parser.add_argument("--output", required=True, help="seed-format results (.out)")
+    parser.add_argument(
+        "--prompts", required=True, help="rank file: .in (one prompt a line) or .jsonl"
+    )
+    parser.add_argument("--output", required=True, help="results (.out or .jsonl)")
     parser.add_argument("--record", required=True, help="JSON record of the run")
     parser.add_argument("--settings", default="{}", help="JSON object (see module doc)")
     parser.add_argument(
@@ -582,51 +782,69 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(args.settings)
         check_model_folder(settings)
-        prompts = read_prompts(args.prompts)  # file errors come before any engine start
+        requests = read_rank(args.prompts)  # file errors come before any engine start
         prepare_environment(settings)
-        if not prompts:
-            _warn(f"{args.prompts} has no prompts")
-            result = {
-                "generated": [],
-                "output_tokens": 0,
-                "import_s": 0.0,
-                "load_s": 0.0,
-                "generate_s": 0.0,
-                "truncated": [],
-            }
-        elif settings["engine"] == "echo":
-            result = run_echo(prompts)
+        if not requests or settings["engine"] == "echo":
+            if not requests:
+                _warn(f"{args.prompts} has no prompts")
+            result = run_echo(requests)
         else:
-            result = run_vllm(prompts, settings, args.prompts)
+            partial = Partial(args.output, partial_key(args.prompts, settings))
+            kept = partial.load()
+            partial.open(kept)
+            try:
+                result = run_vllm(requests, settings, args.prompts, partial, kept)
+            finally:
+                partial.close()
+            result["resumed"] = len(kept)
     except (UsageError, PromptFileError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
         return 2
 
-    record = build_record(args.rank, settings, len(prompts), result, started)
-    print(write_outputs(prompts, result, record, args.output, args.record), file=sys.stderr)
+    record = build_record(args.rank, settings, requests, result, started)
+    summary = write_outputs(args.prompts, requests, result, record, args.output, args.record)
+    print(summary, file=sys.stderr)
     return 0
 
 
-def write_outputs(prompts: list[Prompt], result: dict, record: dict, output, record_path) -> str:
-    """Write the record, then the .out (both atomically); return the one-line summary."""
-    text = "".join(
-        format_record(p.text, g) for p, g in zip(prompts, result["generated"], strict=True)
+def output_text(rank_file, requests: list[Request], answers: dict, rank: int, model: str) -> str:
+    """The rank's output: seed records for a ``.in``, answer lines for a ``.jsonl``."""
+    ordered = [answers[i] for i in range(len(requests))]
+    if not is_jsonl(rank_file):
+        return "".join(
+            format_record(r.prompt, a.text) for r, a in zip(requests, ordered, strict=True)
+        )
+    from jsonl_ranks import file_digest
+
+    digest = file_digest(rank_file)
+    return "".join(
+        answer_line(r, a, rank, digest, model) for r, a in zip(requests, ordered, strict=True)
     )
+
+
+def write_outputs(
+    rank_file, requests: list[Request], result: dict, record: dict, output, record_path
+) -> str:
+    """Write the record, then the output (both atomically), then drop the rank's partial
+    answers; return the one-line summary."""
+    text = output_text(rank_file, requests, result["answers"], record["rank"], record["model"])
     for target in (record_path, output):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
     # When the rank finished: the files' mtimes do not keep it (Snakemake touches
     # outputs when it checks them, in a PBS submission only at its end).
     record["written_at"] = round(time.time(), 6)
-    # Proves the .out whole after a kill (pipeline.forget_finished_incomplete).
+    # Proves the output whole after a kill (pipeline.forget_finished_incomplete).
     record["out_sha256"] = hashlib.sha256(text.encode()).hexdigest()
-    # Record first, .out last: the .out existing means the rank finished.
+    # Record first, output last: the output existing means the rank finished.
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")
     write_atomic(output, text)
+    Partial(output, {}).remove()
     r = record
     return (
         f"rank {r['rank']}: {r['prompts']} prompts, {r['output_tokens']} tokens, "
         f"load {r['load_s']:.2f} s, generate {r['generate_s']:.2f} s, "
         f"{r['tokens_per_s']:.1f} tok/s, host {r['host']}, mask {r['mask'] or '-'}"
+        + (f", {r['resumed']} answers kept from a stopped attempt" if r["resumed"] else "")
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import engines
 import infer
 import progress
+import ranks as rank_files
 import serve
 import stage_model
 import tiles
@@ -71,6 +72,14 @@ def load_config(config: dict, schema_path: str) -> dict:
         return coerce_config(config, yaml.safe_load(handle))
 
 
+def check_chat_template(config: dict) -> None:
+    """Config vllm.chat_template must name a readable file: else every chat rank would
+    fail (or every warm engine fail to start) only once the run is under way."""
+    path = config["vllm"].get("chat_template")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"config key 'vllm.chat_template': no such file {path!r}")
+
+
 def is_local_model(model: str) -> bool:
     """A hub id is ``name`` or ``org/name``; anything that exists or looks like a path is local."""
     return (
@@ -96,7 +105,8 @@ def model_slug(model: str) -> str:
 
 
 def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str]:
-    """Ranks whose outputs (``.out`` and record) are missing or older than the input.
+    """Ranks whose outputs (``.out`` or ``.jsonl``, and record) are missing or older than
+    the input.
 
     What a run will redo: rule infer writes both, and rule summary needs the records.
 
@@ -107,18 +117,24 @@ def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str
         return list(ranks)
     pending = []
     for rank in ranks:
-        since = Path(data_dir, f"{rank}.in").stat().st_mtime
-        outputs = (Path(results_dir, f"{rank}.out"), Path(results_dir, "records", f"{rank}.json"))
+        since = rank_files.input_file(data_dir, rank).stat().st_mtime
+        outputs = (
+            rank_files.output_file(results_dir, data_dir, rank),
+            Path(results_dir, "records", f"{rank}.json"),
+        )
         if any(not out.exists() or out.stat().st_mtime < since for out in outputs):
             pending.append(rank)
     return pending
 
 
 def task_settings(config: dict, model: str) -> dict:
-    """What scripts/infer.py needs, as one JSON-able mapping."""
-    return {"engine": config["engine"], "model": model, "sampling": config["sampling"]} | config[
-        "vllm"
-    ]
+    """What scripts/infer.py needs, as one JSON-able mapping (file names absolute: a
+    launcher may start the task in another folder)."""
+    settings = {"engine": config["engine"], "model": model, "sampling": config["sampling"]}
+    settings |= config["vllm"]
+    if settings.get("chat_template"):
+        settings["chat_template"] = os.path.abspath(settings["chat_template"])
+    return settings
 
 
 def inference_python(config: dict) -> str:
@@ -268,7 +284,8 @@ def engine_spec(config: dict) -> dict:
     warm = config["warm"]
     return {
         "engine": config["engine"],
-        "vllm": config["vllm"],
+        # file names absolute: a node's supervisor may run in another folder
+        "vllm": {k: v for k, v in task_settings(config, "").items() if k in config["vllm"]},
         "tiles": config["tiles"],
         "env": offline_env(config),
         "launcher": config["engine_launcher"],
@@ -451,7 +468,8 @@ def report_failures(
     failed = [
         (rank, log)
         for rank, log in logs.items()
-        if not os.path.exists(f"{results_dir}/{rank}.out") and os.path.exists(log)
+        if not any(os.path.exists(f"{results_dir}/{rank}{x}") for x in (".out", ".jsonl"))
+        and os.path.exists(log)
     ]
     preflight = preflight_failures(pbs_logs)
     if preflight:

@@ -1,4 +1,6 @@
-"""Find the rank files of a run: ``<data_dir>/<rank>.in`` with ``rank`` a non-negative integer."""
+"""Find the rank files of a run: ``<data_dir>/<rank>.in`` (one prompt a line, answered
+in ``<rank>.out``) or ``<data_dir>/<rank>.jsonl`` (requests, answered in ``<rank>.jsonl``),
+with ``rank`` a non-negative integer."""
 
 import base64
 import contextlib
@@ -10,7 +12,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-RANK_FILE = re.compile(r"(\d+)\.in")
+RANK_FILE = re.compile(r"(\d+)\.(?:in|jsonl)")
+# input suffix -> output suffix
+OUTPUT_OF = {".in": ".out", ".jsonl": ".jsonl"}
 
 
 class RankFileError(ValueError):
@@ -20,15 +24,21 @@ class RankFileError(ValueError):
 def discover_ranks(data_dir: str | Path) -> list[str]:
     """The ranks of the data folder, as spelled in their file names, in numeric order.
 
-    Every ``*.in`` must be named by a non-negative integer, and no two files may
-    name the same rank (``7.in`` and ``07.in``): the user meant one of them, and
-    guessing which would silently drop prompts.
+    Every ``*.in`` and ``*.jsonl`` must be named by a non-negative integer, and no two
+    files may name the same rank (``7.in`` and ``07.in``, or ``7.in`` and ``7.jsonl``):
+    the user meant one of them, and guessing which would silently drop prompts.
     """
+    return list(discover_rank_files(data_dir))
+
+
+def discover_rank_files(data_dir: str | Path) -> dict[str, str]:
+    """Rank -> its file's name, in numeric order (`discover_ranks`)."""
     data = Path(data_dir)
     if not data.is_dir():
         raise RankFileError(f"data folder {str(data)!r} does not exist (config key data_dir)")
     bad, names_of = [], defaultdict(list)
-    for path in sorted(data.glob("*.in")):
+    found = [*data.glob("*.in"), *data.glob("*.jsonl")]
+    for path in sorted(found, key=lambda p: p.name):
         match = RANK_FILE.fullmatch(path.name)
         if match:
             names_of[int(match.group(1))].append(path.name)
@@ -47,22 +57,53 @@ def discover_ranks(data_dir: str | Path) -> list[str]:
     if problems:
         raise RankFileError(f"data folder {str(data)!r}: " + "; ".join(problems))
     if not names_of:
-        raise RankFileError(f"data folder {str(data)!r} has no <rank>.in files")
-    return [names[0].removesuffix(".in") for _, names in sorted(names_of.items())]
+        raise RankFileError(f"data folder {str(data)!r} has no <rank>.in or <rank>.jsonl files")
+    return {names[0].split(".")[0]: names[0] for _, names in sorted(names_of.items())}
+
+
+def input_file(data_dir: str | Path, rank: str) -> Path:
+    """The rank's file: ``<rank>.jsonl`` if there is one, else ``<rank>.in``."""
+    jsonl = Path(data_dir, f"{rank}.jsonl")
+    return jsonl if jsonl.exists() else Path(data_dir, f"{rank}.in")
+
+
+def output_file(results_dir: str | Path, data_dir: str | Path, rank: str) -> Path:
+    """Where the rank's answers go: ``<rank>.out`` for a ``.in``, ``<rank>.jsonl`` for a
+    ``.jsonl``."""
+    return Path(results_dir, rank + OUTPUT_OF[input_file(data_dir, rank).suffix])
+
+
+def outputs(results_dir: str, rank_files: dict[str, str]) -> list[str]:
+    """The answer files of ``rank_files`` (`discover_rank_files`), for rule all."""
+    return [
+        f"{results_dir}/{rank}{OUTPUT_OF[Path(name).suffix]}" for rank, name in rank_files.items()
+    ]
+
+
+def rule_of(rank_file: str) -> str:
+    """The Snakefile rule that answers a rank file."""
+    return "infer_jsonl" if rank_file.endswith(".jsonl") else "infer"
 
 
 def rank_is_whole(results_dir: str | Path, rank: str) -> bool:
-    """Whether ``<rank>.out`` is the whole file its record describes (out_sha256).
+    """Whether ``<rank>.out`` (or ``<rank>.jsonl``) is the whole file its record
+    describes (out_sha256).
 
-    The task writes the record, then the .out, each atomically; the record carries the
-    .out's digest, so this holds exactly for a rank that finished writing."""
+    The task writes the record, then the output, each atomically; the record carries
+    the output's digest, so this holds exactly for a rank that finished writing."""
     results = Path(results_dir)
     try:
         record = json.loads((results / "records" / f"{rank}.json").read_text())
-        digest = hashlib.sha256((results / f"{rank}.out").read_bytes()).hexdigest()
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and record.get("out_sha256") == digest
+    for suffix in (".out", ".jsonl"):
+        try:
+            digest = hashlib.sha256((results / f"{rank}{suffix}").read_bytes()).hexdigest()
+        except OSError:
+            continue
+        if isinstance(record, dict) and record.get("out_sha256") == digest:
+            return True
+    return False
 
 
 def forget_finished_incomplete(
@@ -76,7 +117,7 @@ def forget_finished_incomplete(
     it although its output is whole. A rank still being written has no .out yet (atomic
     writes), so its mark is kept."""
     folder = re.escape(str(results_dir).rstrip("/"))
-    pattern = re.compile(rf"{folder}/(?:records/)?(\d+)\.(?:out|json)")
+    pattern = re.compile(rf"{folder}/(?:records/)?(\d+)\.(?:out|json|jsonl)")
     forgotten = []
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(marker_dir):

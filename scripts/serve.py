@@ -508,7 +508,11 @@ def ranks_node(
         def pin():
             os.sched_setaffinity(0, free)
 
-    argv = nodes["argv"] + ["--target-jobs", *(f"infer:rank={r}" for r in share)]
+    rules = nodes.get("rules", {})  # infer_jsonl for a .jsonl rank
+    argv = nodes["argv"] + [
+        "--target-jobs",
+        *(f"{rules.get(str(r), 'infer')}:rank={r}" for r in share),
+    ]
     env = {**environ, SPEC_VARIABLE: spec_path, engines.NODE_VARIABLE: host, "PBS_JOBID": job_id}
     on = f"CPUs {cpu_list_text(free)}" if pin else "all its CPUs"
     _log(f"ranks: {host}: {len(share)} rank(s) in one Snakemake on {on}")

@@ -12,8 +12,11 @@ runs it (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one `LLMEngine` stepped by one thre
 so there is no second process to lose, and one `import vllm` per engine instead of two.
 
     GET  /health           200 once the engine is built; 503 after an engine failure
-    POST /tokenize         the engine's tokenizer: tokens, count, max_model_len
+    POST /tokenize         the engine's tokenizer: tokens, count, max_model_len (of a
+                           prompt, or of messages as their chat template renders them)
     POST /v1/completions   prompts (strings or token ids), sampling fields, in prompt order
+    POST /v1/chat/completions  messages rendered with the model's chat template (or the
+                           --chat-template file), then as one completion
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 Every prompt of a request is one engine request, so the prompts of all ranks in flight
@@ -39,7 +42,14 @@ from http.server import ThreadingHTTPServer
 # Before vLLM is imported: the engine core in this process (as LLM.generate with it).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
-from echo_server import BadRequest, Handler, metrics_text, prompts_of, serve  # noqa: E402
+from echo_server import (  # noqa: E402
+    BadRequest,
+    Handler,
+    messages_of,
+    metrics_text,
+    prompts_of,
+    serve,
+)
 
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
 
@@ -60,8 +70,9 @@ class VllmServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, engine, model_name: str):
+    def __init__(self, address, engine, model_name: str, chat_template: str | None = None):
         super().__init__(address, Handler)
+        self.chat_template = chat_template
         self.engine = engine
         self.model = model_name
         self.max_model_len = engine.model_config.max_model_len
@@ -199,10 +210,34 @@ class VllmServer(ThreadingHTTPServer):
         with self._tokenizer_lock:
             return self.tokenizer.decode(prompt)
 
+    def _chat_ids(self, messages: list) -> list[int]:
+        """The messages as LLM.chat renders them (infer.chat_token_ids)."""
+        import infer
+
+        try:
+            with self._tokenizer_lock:
+                return infer.chat_token_ids(
+                    self.tokenizer, messages, self.chat_template, "messages"
+                )
+        except infer.UsageError as error:
+            raise BadRequest(str(error)) from None
+
+    def chat(self, body: dict) -> dict:
+        """/v1/chat/completions: the rendered messages as one completion."""
+        ids = self._chat_ids(messages_of(body))
+        rest = {k: v for k, v in body.items() if k not in ("messages", "echo")}
+        answer = self.completion({**rest, "prompt": ids})
+        choice = answer["choices"][0]
+        choice["message"] = {"role": "assistant", "content": choice.pop("text")}
+        return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+
     def tokens(self, body: dict) -> dict:
-        if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        if isinstance(body, dict) and "messages" in body:
+            ids = self._chat_ids(messages_of(body))
+        elif isinstance(body, dict) and isinstance(body.get("prompt"), str):
+            ids = self._encode(body["prompt"], bool(body.get("add_special_tokens", True)))
+        else:
             raise BadRequest("the request has no prompt string")
-        ids = self._encode(body["prompt"], bool(body.get("add_special_tokens", True)))
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def metrics(self) -> str:
@@ -218,6 +253,8 @@ def argument_parser():
     parser = FlexibleArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    # as vLLM's own server takes it: a template file for a model without its own
+    parser.add_argument("--chat-template", default=None)
     return EngineArgs.add_cli_args(parser)
 
 
@@ -235,8 +272,12 @@ def main(argv: Sequence[str]) -> int:
 
     # The engine first: /health is refused (no listener) until it can serve.
     engine = LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as handle:
+            template = handle.read()
     try:
-        server = VllmServer((args.host, args.port), engine, engine_args.model)
+        server = VllmServer((args.host, args.port), engine, engine_args.model, template)
     except OSError as error:
         print(f"vllm_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1

@@ -162,6 +162,17 @@ def test_token_id_prompts(server):
         engines.complete(server.url, [list(range(MAX_MODEL_LEN + 1))], SAMPLING)
 
 
+def test_chat_is_rendered_with_the_echo_template(server):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    reply = engines.complete_one(server.url, SAMPLING, messages=messages)
+    assert reply.text == "<|system|> be brief\n<|user|> hi\n<|assistant|>"
+    # the markers are part of the prompt the engine counts, as /tokenize says
+    counted = engines.tokenize_messages(server.url, messages)
+    assert reply.prompt_tokens == len(counted.ids) == 6
+    one = engines.complete_one(server.url, SAMPLING, prompt="just text")
+    assert (one.text, one.prompt_tokens, one.completion_tokens) == ("just text", 2, 2)
+
+
 def test_bad_requests(server):
     status, data = post(server.url + "/v1/completions", b"{not json")
     assert status == 400
@@ -172,7 +183,11 @@ def test_bad_requests(server):
     assert status == 400
     status, data = post(server.url + "/tokenize", b'{"add_special_tokens": true}')
     assert status == 400
-    assert post(server.url + "/v1/chat/completions", b"{}")[0] == 404
+    status, data = post(server.url + "/v1/chat/completions", b"{}")
+    assert status == 400 and "messages" in data["error"]["message"]
+    bad_role = b'{"messages": [{"role": "user", "content": 3}]}'
+    assert post(server.url + "/v1/chat/completions", bad_role)[0] == 400
+    assert post(server.url + "/v1/embeddings", b"{}")[0] == 404
     assert get(server.url + "/nowhere")[0] == 404
     status, body = get(server.url + "/health")
     assert (status, body) == (200, "")

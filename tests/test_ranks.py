@@ -38,7 +38,7 @@ def test_two_names_for_one_rank(tmp_path):
 
 
 def test_empty_or_missing_folder(tmp_path):
-    with pytest.raises(RankFileError, match="has no <rank>.in files"):
+    with pytest.raises(RankFileError, match="has no <rank>.in or <rank>.jsonl files"):
         discover_ranks(tmp_path)
     with pytest.raises(RankFileError, match="does not exist"):
         discover_ranks(tmp_path / "missing")

@@ -96,7 +96,7 @@ def test_empty_data_folder_fails_clearly(tmp_path):
     work = make_workdir(tmp_path, {})
     result = snakemake(work, "-n", configfiles=local_config(work))
     assert result.returncode != 0
-    assert "has no <rank>.in files" in result.stdout + result.stderr
+    assert "has no <rank>.in or <rank>.jsonl files" in result.stdout + result.stderr
 
 
 def test_missing_local_model_fails_before_any_job(tmp_path):

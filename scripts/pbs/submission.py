@@ -17,6 +17,7 @@ from pathlib import Path
 
 import engines  # stdlib only, like this package (scripts/ is on the path)
 import fetch_model
+import ranks as rank_files
 
 from .plan import (
     AURORA_QUEUES,
@@ -51,19 +52,21 @@ def read_properties(jobscript_text: str) -> dict:
 
 
 def job_ranks(properties: Mapping, jobscript_text: str = "") -> list[int]:
-    """Ranks of the ``<rank>.out`` outputs, else of the ``<rank>.in`` inputs, else of
-    the jobs the script's Snakemake targets (``--target-jobs 'infer:rank=7' ...``).
+    """Ranks of the ``<rank>.out`` / ``<rank>.jsonl`` outputs, else of the ``<rank>.in`` /
+    ``<rank>.jsonl`` inputs, else of the jobs the script's Snakemake targets
+    (``--target-jobs 'infer:rank=7' 'infer_jsonl:rank=8' ...``).
 
     Snakemake leaves a list out of the properties beyond 100 files (96 outputs for
     48 ranks); with more than 100 ranks per submission both are missing.
     """
-    for key, suffix in (("output", "out"), ("input", "in")):
+    for key, suffix in (("output", "(?:out|jsonl)"), ("input", "(?:in|jsonl)")):
         pattern = re.compile(rf"(?:^|/)(\d+)\.{suffix}$")
         found = (pattern.search(f) for f in properties.get(key) or ())
         ranks = sorted({int(m.group(1)) for m in found if m})
         if ranks:
             return ranks
-    return sorted({int(r) for r in re.findall(r"'infer:rank=(\d+)'", jobscript_text)})
+    found = re.findall(r"'infer(?:_jsonl)?:rank=(\d+)'", jobscript_text)
+    return sorted({int(r) for r in found})
 
 
 @dataclass(frozen=True)
@@ -268,12 +271,15 @@ def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: P
     group job's command, which the node-local launch replaces."""
     number, workdir, argv = exec_job_argv(jobscript_text)
     data = Path(workdir, settings["data_dir"])
-    weights = {rank: prompt_count(data / f"{rank}.in") for rank in plan.ranks}
+    files = {rank: rank_files.input_file(data, str(rank)) for rank in plan.ranks}
+    weights = {rank: prompt_count(path) for rank, path in files.items()}
     per_node = jobs_per_node(settings) * settings["ranks_in_flight"]
     nodes = {
         "workdir": workdir,
         "argv": node_argv(argv, per_node),
         "shares": node_shares(weights, plan.nodes),
+        # the rule of each rank: infer (.in) or infer_jsonl (.jsonl)
+        "rules": {str(rank): rank_files.rule_of(path.name) for rank, path in files.items()},
         "node_launcher": settings["node_launcher"],
     }
     path.write_text(json.dumps(nodes))

@@ -1,0 +1,173 @@
+"""Benchmark 7: a chat workload on warm engines against vLLM's own `run-batch`.
+
+480 JSONL ranks of 4 chat requests each (the sample prompts as user messages, 16
+tokens each with ignore_eos) on the tiny instruct model (models/tiny-chat) with
+profiles/local's warm engines: output tokens per second end to end (start of
+`snakemake` to its end). Baseline: the same 1,920 requests as ONE OpenAI batch file
+through `python -m vllm.entrypoints.openai.run_batch` with the same engine settings and
+both cores, its start included. Goal: warm / run-batch >= 0.8.
+
+Both render the chats with the model's template: the prompt tokens of every request
+must agree between the two (a check, reported in the table).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from common import (
+    PYTHON,
+    REPO,
+    engine_environment,
+    fmt,
+    local_profile_config,
+    log,
+    markdown_table,
+    run_folder,
+    run_timed,
+)
+
+NAME = "chat_batch"
+CHAT_MODEL = "./models/tiny-chat"
+SAMPLING = {"max_tokens": 16, "ignore_eos": True}
+SYSTEM = "You answer in one sentence."
+
+
+def chat_requests(times: int) -> dict[int, list[dict]]:
+    """Rank -> its requests: the sample ranks' prompts as chats, ``times`` over."""
+    names = sorted((REPO / "data").glob("*.in"), key=lambda p: int(p.stem))
+    ranks = {}
+    for k in range(times):
+        for path in names:
+            prompts = [x.strip() for x in path.read_text().splitlines() if x.strip()]
+            ranks[k * len(names) + int(path.stem)] = [
+                {
+                    "messages": [
+                        {"role": "system", "content": SYSTEM},
+                        {"role": "user", "content": p},
+                    ]
+                }  # fmt: skip
+                for p in prompts
+            ]
+    return ranks
+
+
+def warm_run(folder: Path, ranks: dict[int, list[dict]]) -> dict:
+    files = {
+        f"{rank}.jsonl": "".join(
+            json.dumps({"id": f"{rank}-{i}", **r}) + "\n" for i, r in enumerate(requests)
+        )  # fmt: skip
+        for rank, requests in ranks.items()
+    }
+    work = run_folder(folder, files)
+    overrides = work / "bench.yaml"
+    # Engine ports apart from the default ones: tests on this shared machine use those.
+    tiles = {"base_port": 34500}
+    overrides.write_text(json.dumps({"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": tiles}))
+    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
+    argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
+    timed = run_timed(argv, cwd=work, timeout=5400)
+    prompt_tokens, tokens = {}, 0
+    for rank in ranks:
+        for line in (work / "results" / f"{rank}.jsonl").read_text().splitlines():
+            answer = json.loads(line)
+            prompt_tokens[answer["id"]] = answer["prompt_tokens"]
+            tokens += answer["output_tokens"]
+    return {"wall_s": timed.wall_s, "max_rss_mb": timed.max_rss_mb, "output_tokens": tokens,
+            "tokens_per_s": tokens / timed.wall_s, "prompt_tokens": prompt_tokens}  # fmt: skip
+
+
+def run_batch(folder: Path, ranks: dict[int, list[dict]]) -> dict:
+    folder.mkdir(parents=True)
+    batch = folder / "batch.jsonl"
+    model = str((REPO / CHAT_MODEL).resolve())
+    with batch.open("w") as handle:
+        for rank, requests in ranks.items():
+            for i, request in enumerate(requests):
+                body = {"model": model, **request, **SAMPLING}
+                line = {"custom_id": f"{rank}-{i}", "method": "POST",
+                        "url": "/v1/chat/completions", "body": body}  # fmt: skip
+                handle.write(json.dumps(line) + "\n")
+    config = local_profile_config()
+    vllm = config["vllm"]
+    argv = [PYTHON, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
+            str(folder / "out.jsonl"), "--model", model, "--dtype", vllm["dtype"]]  # fmt: skip
+    if vllm["enforce_eager"]:
+        argv.append("--enforce-eager")
+    # The same engine settings as the warm engines, and both cores (they run two engines).
+    cores = str(os.cpu_count() or 2)
+    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": cores}
+    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
+    prompt_tokens, tokens, failed = {}, 0, 0
+    for line in (folder / "out.jsonl").read_text().splitlines():
+        answer = json.loads(line)
+        if answer.get("error") or answer["response"]["status_code"] != 200:
+            failed += 1
+            continue
+        usage = answer["response"]["body"]["usage"]
+        prompt_tokens[answer["custom_id"]] = usage["prompt_tokens"]
+        tokens += usage["completion_tokens"]
+    return {"wall_s": timed.wall_s, "max_rss_mb": timed.max_rss_mb, "output_tokens": tokens,
+            "tokens_per_s": tokens / timed.wall_s, "failed": failed,
+            "prompt_tokens": prompt_tokens}  # fmt: skip
+
+
+def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> dict:
+    ranks = chat_requests(1 if quick else 10)
+    if quick:
+        ranks = dict(list(ranks.items())[:8])
+    requests = sum(len(r) for r in ranks.values())
+    with tempfile.TemporaryDirectory(prefix="bench-chat-") as tmp:
+        folder = Path(tmp)
+        log(f"chat: {len(ranks)} JSONL ranks, {requests} chat requests, warm engines")
+        warm = warm_run(folder / "warm", ranks)
+        log(f"chat: the same {requests} requests in one OpenAI batch file, vLLM run-batch")
+        batch = run_batch(folder / "run-batch", ranks)
+    agree = sum(warm["prompt_tokens"].get(k) == v for k, v in batch["prompt_tokens"].items())
+    ratio = warm["tokens_per_s"] / batch["tokens_per_s"]
+    rows = [
+        [f"{len(ranks)} JSONL ranks on warm engines: output tok/s end to end "
+         f"({warm['output_tokens']} tokens in {warm['wall_s']:.0f} s)",
+         f"{warm['tokens_per_s']:.0f}"],
+        [f"vLLM run-batch, one file of {requests} requests: output tok/s end to end "
+         f"({batch['output_tokens']} tokens in {batch['wall_s']:.0f} s, {batch['failed']} failed)",
+         f"{batch['tokens_per_s']:.0f}"],
+        ["warm / run-batch, end to end (goal >= 0.8)", f"**{fmt(ratio)}**"],
+        ["requests whose prompt tokens (the rendered chat) agree between the two",
+         f"{agree} of {requests}"],
+        ["peak RSS, MB: warm run (Snakemake + engines) / run-batch",
+         f"{warm['max_rss_mb'] or 0:.0f} / {batch['max_rss_mb'] or 0:.0f}"],
+    ]  # fmt: skip
+    for result in (warm, batch):
+        result.pop("prompt_tokens")
+    return {
+        "name": NAME,
+        "title": (
+            "Chat workload: JSONL ranks of chat requests on warm engines against vLLM's "
+            "run-batch over the same requests in one OpenAI batch file; tiny instruct model "
+            "(models/tiny-chat), 16 tokens per request, profiles/local"
+        ),
+        "table": markdown_table(["measure", "value"], rows),
+        "warm": warm,
+        "run_batch": batch,
+        "summary": {
+            "ratio": ratio,
+            "prompt_tokens_agree": agree,
+            "requests": requests,
+            "goal_met": ratio >= 0.8 and agree == requests,
+            "goal": [
+                f"{len(ranks)} chat ranks, warm / vLLM run-batch end to end",
+                fmt(ratio),
+                ">= 0.8",
+            ],
+        },
+    }
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

@@ -1,0 +1,415 @@
+"""JSONL rank files: ``<rank>.jsonl`` requests in, ``<rank>.jsonl`` answers out; and
+the partial answers that let any rank resume where a kill stopped it.
+
+Pure Python: no vLLM, no torch. Used by scripts/infer.py and the tests.
+
+A request line is one of:
+
+* an OpenAI batch line, as OpenAI's and vLLM's ``run-batch`` tooling writes it:
+  ``{"custom_id": ..., "method": "POST", "url": "/v1/completions" or
+  "/v1/chat/completions", "body": {"prompt" or "messages", ...}}``;
+* a short line: ``{"prompt": "..."}`` or ``{"messages": [{"role", "content"}, ...]}``
+  with optional ``id``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``
+  (and vLLM's ``ignore_eos``).
+
+Each line's sampling fields override config ``sampling`` for that request. Blank lines
+are skipped; line numbers count every line. The answers keep the input order: a short
+line gets ``{"id", "text", "finish_reason", "prompt_tokens", "output_tokens"}`` (the id
+is the line's ``id``, else its line number), a batch line gets the OpenAI batch output
+line (``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"error"}``, the body a ``text_completion`` or ``chat.completion``), so the file goes
+straight back into the user's tooling. Its ids are derived from the rank file's digest
+and the line (not random), so a seeded rerun writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prompts import PromptFileError, read_prompts
+
+ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
+# extension of the OpenAI API, which its run-batch takes too).
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+SHORT_KEYS = {"id", "prompt", "messages", *SAMPLING_KEYS}
+# Batch body fields we read; "model" names the run's one model and is only checked to be
+# a string; "n" must be 1 and "stream" false (one answer per line).
+BODY_KEYS = {
+    "model",
+    "prompt",
+    "messages",
+    "max_completion_tokens",
+    "n",
+    "stream",
+    "user",
+    *SAMPLING_KEYS,
+}
+
+
+class RequestFileError(PromptFileError):
+    """A request line that cannot be served, named by file and line."""
+
+
+@dataclass(frozen=True)
+class Request:
+    line: int  # 1-based line number in the rank file
+    id: str | int  # custom_id, id, or the line number
+    batch: bool  # an OpenAI batch line (answered in the batch output shape)
+    prompt: str | None = None  # completions
+    messages: list | None = None  # chat
+    sampling: dict = field(default_factory=dict)  # this request's overrides
+    model: str | None = None  # the batch body's "model", answered back
+
+    @property
+    def chat(self) -> bool:
+        return self.messages is not None
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    output_tokens: int
+
+
+def is_jsonl(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".jsonl")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_sampling(given: dict, where) -> dict:
+    """The sampling overrides of one line, each checked as config `sampling` is."""
+    checks = {
+        "max_tokens": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+        "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "seed": (_is_int, "an integer"),
+        "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
+        "stop": (
+            lambda v: (
+                isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
+            ),
+            "a string or a list of strings",
+        ),
+    }
+    sampling = {}
+    for key, (ok, expected) in checks.items():
+        if given.get(key) is None:
+            continue
+        if not ok(given[key]):
+            raise where(f"{key} must be {expected}, not {given[key]!r}")
+        sampling[key] = given[key]
+    return sampling
+
+
+def _check_messages(messages, where) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise where(
+            f"messages must be a non-empty list of {{role, content}} objects, not {messages!r}"
+        )
+    for number, message in enumerate(messages, start=1):
+        if not isinstance(message, dict):
+            raise where(
+                f"message {number} must be an object with role and content, not {message!r}"
+            )
+        role = message.get("role")
+        if role not in ROLES:
+            raise where(f"message {number}: unknown role {role!r} (roles: {', '.join(ROLES)})")
+        if not isinstance(message.get("content"), str):
+            raise where(
+                f"message {number}: content must be a string, not {message.get('content')!r}"
+            )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _one_of_prompt_or_messages(fields: dict, where, endpoint: str | None = None):
+    """The prompt or the messages of a line (exactly one of them)."""
+    has_prompt, has_messages = "prompt" in fields, "messages" in fields
+    if endpoint == "completions" and has_messages:
+        raise where("url /v1/completions takes a prompt, not messages (use /v1/chat/completions)")
+    if endpoint == "chat" and has_prompt:
+        raise where("url /v1/chat/completions takes messages, not a prompt (use /v1/completions)")
+    if has_prompt == has_messages:
+        what = "both prompt and messages" if has_prompt else "neither prompt nor messages"
+        raise where(f"the request has {what}: give one of them")
+    if has_prompt:
+        if not isinstance(fields["prompt"], str):
+            raise where(f"prompt must be a string, not {fields['prompt']!r}")
+        return fields["prompt"], None
+    return None, _check_messages(fields["messages"], where)
+
+
+def _batch_request(data: dict, number: int, where) -> Request:
+    unknown = sorted(set(data) - {"custom_id", "method", "url", "body"})
+    if unknown:
+        raise where(f"batch line: unknown fields {unknown}")
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        raise where(f"batch line: custom_id must be a non-empty string, not {custom_id!r}")
+    if data.get("method", "POST") != "POST":
+        raise where(f"batch line: method must be POST, not {data.get('method')!r}")
+    url = data.get("url")
+    if url not in ENDPOINTS:
+        raise where(
+            f"batch line: endpoint {url!r} is not served here (served: {', '.join(ENDPOINTS)})"
+        )
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise where(f"batch line: body must be an object, not {body!r}")
+    unknown = sorted(set(body) - BODY_KEYS)
+    if unknown:
+        raise where(f"batch line: body fields not supported: {unknown}")
+    if body.get("n", 1) != 1:
+        raise where(f"batch line: n must be 1 (one answer per line), not {body['n']!r}")
+    if body.get("stream", False) is not False:
+        raise where("batch line: stream must be false")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise where(f"batch line: model must be a string, not {model!r}")
+    fields = dict(body)
+    if fields.get("max_completion_tokens") is not None:
+        if fields.get("max_tokens") is not None:
+            raise where("batch line: give max_tokens or max_completion_tokens, not both")
+        fields["max_tokens"] = fields["max_completion_tokens"]
+    prompt, messages = _one_of_prompt_or_messages(fields, where, ENDPOINTS[url])
+    return Request(
+        line=number,
+        id=custom_id,
+        batch=True,
+        prompt=prompt,
+        messages=messages,
+        sampling=_check_sampling(fields, where),
+        model=model,
+    )
+
+
+def _short_request(data: dict, number: int, where) -> Request:
+    unknown = sorted(set(data) - SHORT_KEYS)
+    if unknown:
+        raise where(
+            f"unknown fields {unknown} (a line has prompt or messages, and optionally "
+            f"{', '.join(['id', *SAMPLING_KEYS])}; or is an OpenAI batch line)"
+        )
+    given_id = data.get("id", number)
+    if not (isinstance(given_id, str) and given_id) and not _is_int(given_id):
+        raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
+    prompt, messages = _one_of_prompt_or_messages(data, where)
+    return Request(
+        line=number,
+        id=given_id,
+        batch=False,
+        prompt=prompt,
+        messages=messages,
+        sampling=_check_sampling(data, where),
+    )
+
+
+def read_requests(path: str | os.PathLike) -> list[Request]:
+    """The requests of a JSONL rank file, in order; RequestFileError names the first bad
+    line (and the file)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise RequestFileError(f"{path}: cannot read rank file: {exc.strerror or exc}") from exc
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    requests, seen = [], {}
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+
+        def where(message, number=number):
+            return RequestFileError(f"{path}: line {number}: {message}")
+
+        if not raw.strip():
+            continue
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise where(
+                f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+            ) from None
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise where(f"not JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(fields, dict):
+            raise where(f"a request must be a JSON object, not {type(fields).__name__}")
+        is_batch = any(k in fields for k in ("custom_id", "url", "body", "method"))
+        request = (_batch_request if is_batch else _short_request)(fields, number, where)
+        key = (type(request.id).__name__, request.id)
+        if key in seen:
+            raise where(f"id {request.id!r} repeats line {seen[key]}'s (ids must be unique)")
+        seen[key] = number
+        requests.append(request)
+    return requests
+
+
+def read_rank(path: str | os.PathLike) -> list[Request]:
+    """A rank's requests: a JSONL rank file, or a ``.in`` file (one prompt a line)."""
+    if is_jsonl(path):
+        return read_requests(path)
+    return [Request(line=p.line, id=p.line, batch=False, prompt=p.text) for p in read_prompts(path)]
+
+
+def sampling_of(request: Request, defaults: dict) -> dict:
+    """Config `sampling` with the request's own fields on top."""
+    return {**defaults, **request.sampling}
+
+
+# ----------------------------------------------------------------------------- answers
+
+
+def answer_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
+    """The output line of one request (see the module doc)."""
+    if not request.batch:
+        fields = {
+            "id": request.id,
+            "text": answer.text,
+            "finish_reason": answer.finish_reason,
+            "prompt_tokens": answer.prompt_tokens,
+            "output_tokens": answer.output_tokens,
+        }
+        return json.dumps(fields, ensure_ascii=False) + "\n"
+    # Stable ids: from the rank file's content and the line, so reruns write the same bytes.
+    tag = f"{digest[:16]}-{rank}-{request.line}"
+    if request.chat:
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}}
+        kind, prefix = "chat.completion", "chatcmpl"
+    else:
+        choice = {"index": 0, "text": answer.text}
+        kind, prefix = "text_completion", "cmpl"
+    choice |= {"finish_reason": answer.finish_reason, "logprobs": None}
+    body = {
+        "id": f"{prefix}-{tag}",
+        "object": kind,
+        # not the clock: a seeded rerun, or a resumed rank, writes the same bytes
+        "created": 0,
+        "model": request.model or model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": answer.prompt_tokens,
+            "completion_tokens": answer.output_tokens,
+            "total_tokens": answer.prompt_tokens + answer.output_tokens,
+        },
+    }
+    line = {
+        "id": f"batch_req_{tag}",
+        "custom_id": request.id,
+        "response": {"status_code": 200, "request_id": f"req-{tag}", "body": body},
+        "error": None,
+    }
+    return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- partial answers
+
+
+def partial_path(output: str | os.PathLike) -> Path:
+    """Where a rank keeps the answers it has so far: results/.partial/<output name>."""
+    output = Path(output)
+    return output.parent / ".partial" / output.name
+
+
+class Partial:
+    """The answers a rank has so far, one JSON line per finished request, appended and
+    fsynced as each finishes: a rank stopped by SIGKILL, walltime, Ctrl-C or an engine
+    crash keeps them, and its rerun sends only the rest.
+
+    The first line is a key: the digest of the rank file and the settings that shape
+    the answers (model, sampling, template). Answers under another key are dropped (the
+    input or the settings changed); so is a last line a kill cut short."""
+
+    def __init__(self, output: str | os.PathLike, key: dict):
+        self.path = partial_path(output)
+        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        self._handle = None
+        self._kept: dict[int, Answer] = {}
+
+    def load(self) -> dict[int, Answer]:
+        """Answers kept from an earlier attempt, by request index."""
+        try:
+            lines = self.path.read_bytes().split(b"\n")
+        except FileNotFoundError:
+            return {}
+        answers = {}
+        try:
+            if json.loads(lines[0]).get("key") != self.key:
+                return {}
+        except (ValueError, AttributeError):
+            return {}
+        for raw in lines[1:]:
+            try:
+                entry = json.loads(raw)
+                answers[int(entry["index"])] = Answer(
+                    entry["text"],
+                    entry["finish_reason"],
+                    entry["prompt_tokens"],
+                    entry["output_tokens"],
+                )
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        return answers
+
+    def open(self, kept: dict[int, Answer]) -> None:
+        """Get ready to append after the ``kept`` answers. The file is written afresh at
+        the first new answer (key, kept answers, no torn last line), so a rank that
+        fails before any answer (bad input) leaves nothing behind."""
+        self._kept = dict(kept)
+
+    @staticmethod
+    def _line(index: int, answer: Answer) -> str:
+        entry = {"index": index, **answer.__dict__}
+        return json.dumps(entry, ensure_ascii=False) + "\n"
+
+    def add(self, index: int, answer: Answer) -> None:
+        """Append one finished answer, on disk before this returns."""
+        if self._handle is None:
+            from prompts import write_atomic
+
+            lines = [json.dumps({"key": self.key}) + "\n"]
+            lines += [self._line(i, a) for i, a in sorted(self._kept.items())]
+            for attempt in range(3):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    write_atomic(self.path, "".join(lines))
+                    break
+                except FileNotFoundError:  # another rank's remove() took the empty folder
+                    if attempt == 2:
+                        raise
+            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._handle.write(self._line(index, answer))
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def remove(self) -> None:
+        """After the whole output is written: the partial answers are in it."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # kept while other ranks have answers in it
+            self.path.parent.rmdir()

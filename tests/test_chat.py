@@ -1,0 +1,217 @@
+"""Chat requests on a real instruct model (models/tiny-chat: scripts/build_model.py
+tiny-chat, a chat template in its tokenizer_config.json) through both kinds of engine:
+per-rank (infer.py, vLLM in the task) and warm (scripts/vllm_server.py). The template's
+markers reach the engine (the prompt tokens it reports are the rendered chat's), a
+seeded rerun is identical, and a model without a template takes config
+vllm.chat_template."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import engines
+import infer
+import pytest
+import tiles
+from engines import Engine
+from jsonl_ranks import Answer, Partial
+from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
+from test_infer import VLLM_ENV, settings
+from test_jsonl_ranks import registry_pool
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPTS = REPO / "scripts"
+PYTHON = sys.executable
+TINY_CHAT = REPO / "models" / "tiny-chat"
+TINY_OPT = REPO / "models" / "tiny-opt"
+MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+CHAT = [{"role": "system", "content": "You are brief."},
+        {"role": "user", "content": "The secret to a long life is"}]  # fmt: skip
+LINES = [
+    {"custom_id": "b-1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "tiny-chat", "messages": CHAT, "max_completion_tokens": 8}},
+    {"id": "s-1", "messages": CHAT[1:], "seed": 7, "max_tokens": 6},
+    {"prompt": "To solve climate change, the world must"},
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_chat() -> Path:
+    """The repo's tiny instruct model (`make test` builds it), built here if missing."""
+    if not (TINY_CHAT / "config.json").exists():
+        build = [PYTHON, str(SCRIPTS / "build_model.py"), "tiny-chat", str(TINY_CHAT)]
+        subprocess.run(build, check=True, timeout=600)
+    return TINY_CHAT
+
+
+def rendered_ids(model: Path, messages: list, template: str | None = None) -> list[int]:
+    """The chat as the model's tokenizer renders it for a reply (transformers alone)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    return infer.chat_token_ids(tokenizer, messages, template, "test")
+
+
+def write_rank(folder: Path, rank: int, lines) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{rank}.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def per_rank(folder: Path, rank_file: Path, config: dict) -> subprocess.Popen:
+    rank = rank_file.stem
+    argv = [PYTHON, str(SCRIPTS / "infer.py"), "--rank", rank, "--prompts", str(rank_file),
+            "--output", str(folder / "results" / f"{rank}.jsonl"),
+            "--record", str(folder / "results" / f"{rank}.json"),
+            "--settings", json.dumps(config)]  # fmt: skip
+    return subprocess.Popen(
+        argv,
+        env={**os.environ, **VLLM_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def answers(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def usage(line: dict) -> tuple[int, int]:
+    """(prompt, output) tokens of an answer line, short or batch."""
+    if "response" in line:
+        used = line["response"]["body"]["usage"]
+        return used["prompt_tokens"], used["completion_tokens"]
+    return line["prompt_tokens"], line["output_tokens"]
+
+
+@pytest.fixture(scope="module")
+def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
+    """Per-rank engines, concurrently: the chat rank twice (seeded), and tiny-opt (no
+    template) without and with config vllm.chat_template."""
+    work = tmp_path_factory.mktemp("chat")
+    template = work / "template.jinja"
+    template.write_text(
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+    )
+    chat_only = [{"messages": CHAT, "max_tokens": 4}]
+    runs = {
+        "a": (work / "a", write_rank(work / "a", 3, LINES), settings(tiny_chat)),
+        "b": (work / "b", write_rank(work / "b", 3, LINES), settings(tiny_chat)),
+        "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_OPT)),
+        "file": (
+            work / "file",
+            write_rank(work / "file", 1, chat_only),
+            settings(TINY_OPT, chat_template=str(template)),
+        ),
+    }
+    # a rank stopped after its first answer: that answer is kept, the rest generated
+    kept = write_rank(work / "kept", 3, LINES)
+    key = infer.partial_key(kept, infer.parse_settings(json.dumps(settings(tiny_chat))))
+    partial = Partial(work / "kept" / "results" / "3.jsonl", key)
+    partial.open({})
+    partial.add(0, Answer("KEPT", "stop", 99, 1))
+    partial.close()
+    runs["kept"] = (work / "kept", kept, settings(tiny_chat))
+    started = {name: per_rank(*spec) for name, spec in runs.items()}
+    done = {}
+    for name, proc in started.items():
+        out, err = proc.communicate(timeout=900)
+        done[name] = {"code": proc.returncode, "stderr": err, "dir": runs[name][0]}
+    done["template"] = template.read_text()
+    return done
+
+
+@pytest.mark.vllm
+def test_per_rank_chat_renders_the_models_template_and_repeats_when_seeded(
+    per_rank_runs, tiny_chat
+):
+    a, b = per_rank_runs["a"], per_rank_runs["b"]
+    assert a["code"] == 0, a["stderr"][-3000:]
+    assert b["code"] == 0, b["stderr"][-3000:]
+    first = (a["dir"] / "results" / "3.jsonl").read_bytes()
+    assert first == (b["dir"] / "results" / "3.jsonl").read_bytes()  # seeded rerun: same bytes
+    batch, short, plain = answers(a["dir"] / "results" / "3.jsonl")
+    assert batch["custom_id"] == "b-1" and short["id"] == "s-1" and plain["id"] == 3
+    # the prompt the engine counted is the rendered chat, markers (special tokens) included
+    ids = rendered_ids(tiny_chat, CHAT)
+    assert usage(batch) == (len(ids), 8)
+    assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_chat))
+    marker_ids = tokenizer.convert_tokens_to_ids(MARKERS)  # one special token each
+    assert all(i in ids for i in marker_ids) and tokenizer.unk_token_id not in marker_ids
+    assert usage(plain)[1] == 16
+    record = json.loads((a["dir"] / "results" / "3.json").read_text())
+    assert record["prompts"] == 3
+    assert record["prompt_tokens"] == sum(usage(x)[0] for x in (batch, short, plain))
+    assert record["output_tokens"] == 8 + 6 + 16
+    assert not (a["dir"] / "results" / ".partial" / "3.jsonl").exists()
+
+
+@pytest.mark.vllm
+def test_a_per_rank_engine_keeps_the_answers_of_a_stopped_attempt(per_rank_runs, tiny_chat):
+    run = per_rank_runs["kept"]
+    assert run["code"] == 0, run["stderr"][-3000:]
+    batch, short, plain = answers(run["dir"] / "results" / "3.jsonl")
+    body = batch["response"]["body"]
+    assert body["choices"][0]["message"]["content"] == "KEPT" and usage(batch) == (99, 1)
+    assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+    assert usage(plain)[1] == 16
+    record = json.loads((run["dir"] / "results" / "3.json").read_text())
+    assert record["resumed"] == 1 and record["output_tokens"] == 1 + 6 + 16
+    assert not (run["dir"] / "results" / ".partial").exists()
+
+
+@pytest.mark.vllm
+def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
+    none, given = per_rank_runs["none"], per_rank_runs["file"]
+    assert none["code"] == 2
+    assert "1.jsonl: line 1: messages need a chat template" in none["stderr"]
+    assert "config vllm.chat_template" in none["stderr"]
+    assert not (none["dir"] / "results" / "1.jsonl").exists()
+    assert given["code"] == 0, given["stderr"][-3000:]
+    (line,) = answers(given["dir"] / "results" / "1.jsonl")
+    ids = rendered_ids(TINY_OPT, CHAT, per_rank_runs["template"])
+    assert usage(line) == (len(ids), 4)
+
+
+@pytest.mark.vllm
+def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
+    port = free_port()
+    key = engines.new_api_key()
+    argv = engines.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
+    placement = tiles.engine_env(tiles.Slot("localhost", (0,)), "FLAT", free_port(), tmp_path / "t")
+    base = {**os.environ, **TASK_ENV, engines.API_KEY_VARIABLE: key}
+    env = engines.engine_environment(placement, SETTINGS, base)  # its KV cache size too
+    engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)
+    engine.start()
+    try:
+        engine.wait_ready(READY_TIMEOUT)
+        pool = registry_pool(tmp_path / "registry", engine)
+        counted = engines.tokenize_messages(engine.url, CHAT, key=key)
+        assert counted.ids == rendered_ids(tiny_chat, CHAT)
+        config = infer.parse_settings(json.dumps(settings(tiny_chat)))
+        outputs = []
+        for name in ("first", "again"):
+            rank_file = write_rank(tmp_path / name, 3, LINES)
+            out = tmp_path / name / "results" / "3.jsonl"
+            infer.serve_rank(3, config, rank_file, out, out.with_suffix(".json"), pool)
+            outputs.append(out.read_bytes())
+        assert outputs[0] == outputs[1]  # seeded rerun: same bytes
+        batch, short, plain = answers(tmp_path / "first" / "results" / "3.jsonl")
+        assert usage(batch) == (len(counted.ids), 8)
+        assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+        assert batch["response"]["body"]["object"] == "chat.completion"
+        assert isinstance(batch["response"]["body"]["choices"][0]["message"]["content"], str)
+        assert usage(plain)[1] == 16
+    finally:
+        engine.stop()
