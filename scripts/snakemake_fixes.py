@@ -1,10 +1,10 @@
 """Work-arounds for Snakemake costs that grow with the square of a group's size.
 
 profiles/aurora packs all rank jobs of a submission into one Snakemake group (30,720
-in a ``prod`` submission of 256 nodes x 12 engines x 10 ranks). Snakemake 9.27 handles
-a group of n jobs in three places with n x n steps, all in the main Snakemake before
-its ``qsub`` (py-spy of ``snakemake -n`` at 10,000 ranks, 2026-12-03: 94 % of its CPU;
-at 30,720 ranks it had not reached the ``qsub`` after 12 minutes):
+in a ``prod`` submission of 256 nodes x 12 engines x 10 ranks). Snakemake 9.27 takes
+n x n steps for n rank jobs in four places of the main Snakemake, three before its
+``qsub`` (py-spy of ``snakemake -n`` at 10,000 ranks, 2026-12-03: 94 % of its CPU; at
+30,720 ranks it had not reached the ``qsub`` after 12 minutes) and one after:
 
 - ``DAG._check_groups`` loops over ``self._group``, a map from every job to its group,
   so checks each group once per member, every member each time;
@@ -12,12 +12,16 @@ at 30,720 ranks it had not reached the ``qsub`` after 12 minutes):
   a debug message that is built even when not shown), and ``_ready`` of a member walks
   the whole group;
 - ``GroupResources._get_layers`` re-adds every job already placed in a layer for each
-  job it places.
+  job it places;
+- after the submission, ``Job.prepare`` of rule summary (one input per rank) asks
+  ``Job.is_pipe_or_service_input`` of each input, which scans the job's dependencies
+  (one per rank) for the one that makes it.
 
 `apply` replaces each with code that gives the same answer in linear time: the group
 check and the readiness test are Snakemake's own, asked once per group; the layers are
 Snakemake's first-fit packing with each layer's sums kept (its own constraint test on
-them; a job that fits no layer goes back to Snakemake's code for its error).
+them; a job that fits no layer goes back to Snakemake's code for its error); while a job
+prepares, its inputs' makers are looked up in an index of its dependencies' files.
 tests/test_snakemake_fixes.py compares each with the original.
 """
 
@@ -28,13 +32,15 @@ import operator
 
 
 def apply() -> None:
-    """Install the three replacements (idempotent). Only inside Snakemake."""
+    """Install the replacements (idempotent). Only inside Snakemake."""
     from snakemake.dag import DAG
+    from snakemake.jobs import Job
     from snakemake.resources import GroupResources
 
     check_each_group_once(DAG)
     ready_once_per_group(DAG)
     layers_with_sums(GroupResources)
+    inputs_indexed_while_preparing(Job)
 
 
 def _patch(cls, name: str, make) -> bool:
@@ -142,3 +148,37 @@ def first_fit_layers(check, resources, constraints, sortby=None):
             rows.append([group])
             sums.append(list(group))
     return rows
+
+
+def inputs_indexed_while_preparing(job_class) -> bool:
+    """During ``Job.prepare``, ``is_pipe_or_service_input`` answers from an index of the
+    job's dependencies' files (the first dependency making a file decides, as Snakemake's
+    scan does), built once per prepare."""
+    indexes = {}  # job -> {file: whether its maker marks it pipe or service output}
+
+    def make_prepare(original):
+        @functools.wraps(original)
+        async def prepare(self):
+            index = {}
+            for dep, files in self.dag.dependencies[self].items():
+                for f in files:
+                    if f not in index:
+                        index[f] = f in dep.pipe_or_service_output
+            indexes[self] = index
+            try:
+                return await original(self)
+            finally:
+                indexes.pop(self, None)
+
+        return prepare
+
+    def make_lookup(original):
+        @functools.wraps(original)
+        def is_pipe_or_service_input(self, path) -> bool:
+            index = indexes.get(self)
+            return original(self, path) if index is None else index.get(path, False)
+
+        return is_pipe_or_service_input
+
+    patched = _patch(job_class, "prepare", make_prepare)
+    return _patch(job_class, "is_pipe_or_service_input", make_lookup) or patched

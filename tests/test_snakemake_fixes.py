@@ -168,3 +168,95 @@ def test_layers_too_big_job_gets_snakemakes_error():
     with pytest.raises(ResourceError, match="_cores: 9/4"):
         Patched._get_layers(resources, [4, None])
     assert Patched._get_layers({"_cores": [3, 2, 1]}, [4]) == [[(3,), (1,)], [(2,)]]
+
+
+# A local run: rule gather has one input per job (as rule summary has one per rank);
+# a pipe pair checks that a pipe input is still seen as one. Every answer of
+# Job.is_pipe_or_service_input is compared with Snakemake's own scan.
+RUN_SNAKEFILE = """
+import atexit, os, sys
+from snakemake.jobs import Job
+
+answers = {{"checked": 0, "pipe": 0, "scans": 0}}
+scan = Job.is_pipe_or_service_input
+
+
+def counted_scan(self, path):
+    answers["scans"] += 1
+    return scan(self, path)
+
+
+Job.is_pipe_or_service_input = counted_scan
+if os.environ.get("FIXES"):
+    sys.path.insert(0, {scripts!r})
+    import snakemake_fixes
+
+    snakemake_fixes.apply()
+answer = Job.is_pipe_or_service_input
+
+
+def compared(self, path):
+    got = answer(self, path)
+    assert got == scan(self, path), path
+    answers["checked"] += 1
+    answers["pipe"] += got
+    return got
+
+
+Job.is_pipe_or_service_input = compared
+atexit.register(lambda: print("ANSWERS", *answers.values(), file=sys.stderr))
+
+
+rule all:
+    input:
+        "gathered.txt",
+        "read.txt",
+
+
+rule job:
+    output:
+        "out/{{i}}.txt",
+    run:
+        open(output[0], "w").close()
+
+
+rule gather:
+    input:
+        expand("out/{{i}}.txt", i=range({jobs})),
+    output:
+        "gathered.txt",
+    run:
+        open(output[0], "w").write(str(len(input)))
+
+
+rule write_pipe:
+    output:
+        pipe("piped.txt"),
+    shell:
+        "echo through > {{output}}"
+
+
+rule read_pipe:
+    input:
+        "piped.txt",
+    output:
+        "read.txt",
+    shell:
+        "cat {{input}} > {{output}}"
+"""
+
+
+@pytest.mark.parametrize("fixes", [False, True])
+def test_preparing_a_job_with_many_inputs(tmp_path, fixes):
+    jobs = 60
+    (tmp_path / "Snakefile").write_text(RUN_SNAKEFILE.format(scripts=str(SCRIPTS), jobs=jobs))
+    env = {**os.environ, "FIXES": "1" if fixes else ""}
+    argv = [sys.executable, "-m", "snakemake", "--cores", "2", "--force-use-threads"]
+    result = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "gathered.txt").read_text() == str(jobs)
+    assert (tmp_path / "read.txt").read_text() == "through\n"
+    checked, pipe, scans = map(int, re.search(r"ANSWERS (\d+) (\d+) (\d+)", result.stderr).groups())
+    assert checked >= jobs + 1 and pipe == 1  # every input asked; the pipe seen as one
+    # Snakemake scans the dependencies for every input; with the fixes, never
+    assert scans == (0 if fixes else checked)
