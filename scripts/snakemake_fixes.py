@@ -3,8 +3,9 @@
 profiles/aurora packs all rank jobs of a submission into one Snakemake group (30,720
 in a ``prod`` submission of 256 nodes x 12 engines x 10 ranks). Snakemake 9.27 takes
 n x n steps for n rank jobs in four places of the main Snakemake, three before its
-``qsub`` (py-spy of ``snakemake -n`` at 10,000 ranks, 2026-12-03: 94 % of its CPU; at
-30,720 ranks it had not reached the ``qsub`` after 12 minutes) and one after:
+``qsub`` (2026-12-03: ``snakemake -n`` at 10,000 ranks with the first fixed, 240 s of
+CPU, 94 % in the other two by py-spy, 17 s with all three; at 30,720 ranks with none,
+still in the group check after 10 minutes) and one after:
 
 - ``DAG._check_groups`` loops over ``self._group``, a map from every job to its group,
   so checks each group once per member, every member each time;
