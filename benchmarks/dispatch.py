@@ -26,8 +26,10 @@ threads (same ``--cores``, greedy scheduler, no jobs-per-second cap), timed the 
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import resource
 import subprocess
 import tempfile
 import threading
@@ -35,12 +37,14 @@ import time
 from pathlib import Path
 
 import yaml
-from common import PYTHON, REPO, log, markdown_table, run_folder
+from common import PYTHON, REPO, log, markdown_table, metadata_path, run_folder, run_timed
 
 NAME = "dispatch"
 QUEUE = "bench"
 HOSTS, PER_NODE, IN_FLIGHT = 4, 12, 4
 BUSY_DELAY_S = 0.2
+# ranks of the login-side submissions: baseline and prod-sized (256 x 12 x 10), by quick
+LOGIN_RANKS = {False: (3_072, 30_720), True: (480, 960)}
 TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 TRIVIAL_SNAKEFILE = """
@@ -160,17 +164,26 @@ def written_span(records: list[dict]) -> tuple[int, float, float]:
     return len(times), times[0], times[-1]
 
 
-def busy_fraction(records: list[dict]) -> tuple[float, float]:
+def busy_fraction(records: list[dict], per_node: bool = False) -> tuple[float, float]:
     """(mean over engines of the time with at least one request in flight / the serving
-    time, the serving time): requests are [written_at - request_s, written_at]."""
-    spans = {}
+    time, the serving time): requests are [written_at - request_s, written_at]. The
+    serving time is the submission's (first request to last written), or with
+    ``per_node`` each engine's node's (nodes start their Snakemakes at different times)."""
+    spans, nodes = {}, {}
     for r in records:
         end = r["written_at"]
         spans.setdefault(r["engine_name"], []).append((end - r["request_s"], end))
-    begin = min(a for s in spans.values() for a, _ in s)
-    finish = max(b for s in spans.values() for _, b in s)
+        nodes[r["engine_name"]] = r["client_node"] if per_node else ""
+    windows = {}
+    for engine, intervals in spans.items():
+        a, b = windows.get(nodes[engine], (float("inf"), 0.0))
+        windows[nodes[engine]] = (
+            min(a, *(x for x, _ in intervals)),
+            max(b, *(y for _, y in intervals)),
+        )
     fractions = []
-    for intervals in spans.values():
+    for engine, intervals in spans.items():
+        begin, finish = windows[nodes[engine]]
         busy, reach = 0.0, begin
         for a, b in sorted(intervals):
             a = max(a, reach)
@@ -178,6 +191,8 @@ def busy_fraction(records: list[dict]) -> tuple[float, float]:
                 busy += b - a
                 reach = b
         fractions.append(busy / (finish - begin))
+    begin = min(a for a, _ in windows.values())
+    finish = max(b for _, b in windows.values())
     return sum(fractions) / len(fractions), finish - begin
 
 
@@ -194,22 +209,31 @@ def baseline(root: Path, jobs: int, cores: int) -> dict:
     return {"jobs": count, "seconds": last - first, "per_s": (count - 1) / (last - first)}
 
 
+def main_run(
+    root: Path, hosts: int, per_node: int, ranks: int, delay_s: float = 0.0
+) -> tuple[Path, list[str]]:
+    """A run folder of ``ranks`` one-prompt ranks and the main Snakemake's command that
+    runs them in one submission on ``hosts`` x ``per_node`` echo engines."""
+    work = run_folder(root, {f"{r}.in": f"rank {r} prompt\n" for r in range(ranks)})
+    config = work / "dispatch.yaml"
+    per_engine = -(-ranks // (hosts * per_node))
+    config.write_text(yaml.safe_dump(bench_config(hosts, per_node, per_engine, delay_s=delay_s)))
+    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/aurora", "--configfile"]
+    argv += [str(REPO / "profiles" / "aurora" / "aurora.yaml"), str(config)]
+    argv += ["--group-components", f"node={ranks}", "--cores", str(ranks)]
+    argv += ["--seconds-between-status-checks", "2"]
+    return work, argv
+
+
 def submission(
     cluster, root: Path, hosts: int, per_node: int, ranks: int, delay_s: float = 0.0
 ) -> dict:
     """One submission of ``ranks`` ranks on ``hosts`` x ``per_node`` echo engines, each
     request held ``delay_s`` by its engine; what its node Snakemakes did and cost."""
     engines = hosts * per_node
-    work = run_folder(root, {f"{r}.in": f"rank {r} prompt\n" for r in range(ranks)})
-    config = work / "dispatch.yaml"
-    config.write_text(
-        yaml.safe_dump(bench_config(hosts, per_node, -(-ranks // engines), delay_s=delay_s))
-    )
-    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/aurora", "--configfile"]
-    argv += [str(REPO / "profiles" / "aurora" / "aurora.yaml"), str(config)]
-    argv += ["--group-components", f"node={ranks}", "--cores", str(ranks)]
-    argv += ["--seconds-between-status-checks", "2"]
+    work, argv = main_run(root, hosts, per_node, ranks, delay_s)
     log(f"dispatch: {ranks} ranks on {hosts} host(s) x {per_node} echo engines, delay {delay_s}")
+    load_before = os.getloadavg()[0]
     sampler = Sampler(work)
     sampler.start()
     result = subprocess.run(
@@ -229,6 +253,7 @@ def submission(
         n, a, b = written_span([r for r in records if r["client_node"] == node])
         per_node_rates.append((n - 1) / (b - a))
     fraction, serving_s = busy_fraction(records)
+    node_fraction, _ = busy_fraction(records, per_node=True)
     cpu_s = sampler.cpu_between(first, last)
     peaks = [max(s[1] for s in samples) for samples in sampler.samples.values()]
     return {
@@ -243,8 +268,121 @@ def submission(
         "cpu_ms_per_rank": cpu_s / count * 1000,
         "peak_mib_per_node": max(peaks) if peaks else 0.0,
         "busy_fraction": fraction,
+        "busy_fraction_node_spans": node_fraction,
         "serving_s": serving_s,
+        "load_average": [load_before, os.getloadavg()[0]],
     }
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime
+
+
+def login_side(cluster, root: Path, ranks: int) -> dict:
+    """The main Snakemake (the login node's) of one submission of ``ranks`` ranks on 4
+    hosts x 12 echo engines: its seconds from its start to the ``qsub``, and from the
+    submission's end to its own end, with what the times are made of.
+
+    Times from the files the run leaves: pbs-submit writes the submission's engines
+    file, then its nodes file (each node's share of the ranks, weighed by prompt count),
+    then the job script, then calls ``qsub``; PBS copies the job's log back when the job
+    ends; the main Snakemake then records each rank job finished (its metadata files) and
+    runs rule summary (whose metadata has its start and end). ``snakemake -n`` of the
+    same run (parse and DAG, the plan printed) is timed separately, before the run."""
+    work, argv = main_run(root, HOSTS, PER_NODE, ranks)
+    log(f"dispatch: login side, snakemake -n of {ranks} ranks")
+    load_before = os.getloadavg()[0]
+    dry = run_timed([*argv, "-n"], cwd=work, env=cluster.env, timeout=3600)
+    log(f"dispatch: login side, {ranks} ranks in one submission")
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.time()
+    result = subprocess.run(
+        argv, cwd=work, env=cluster.env, capture_output=True, text=True, timeout=7200
+    )
+    end = time.time()
+    now = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"the run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    pbs_logs = work / "logs" / "pbs"
+    (script,) = [p for p in pbs_logs.glob("*.sh")]
+    engines_at = _mtime(script.with_suffix(".engines.json"))
+    nodes_at = _mtime(script.with_suffix(".nodes.json"))
+    qsub_at = _mtime(script)
+    job_end = _mtime(script.with_suffix(".log"))
+    records = [json.loads(p.read_text()) for p in (work / "results/records").glob("*")]
+    count, first, last = written_span(records)
+    if count != ranks:
+        raise RuntimeError(f"{count} of {ranks} ranks written")
+    summary = json.loads(metadata_path(work, "results/summary.tsv").read_text())
+    rank_meta = metadata_path(work, "results/0.out").parent
+    recorded = max(
+        e.stat().st_mtime
+        for e in os.scandir(rank_meta)
+        if "summary" not in base64.urlsafe_b64decode(e.name).decode()
+    )
+    cpu = (now.ru_utime + now.ru_stime) - (used.ru_utime + used.ru_stime)
+    return {
+        "ranks": ranks,
+        "dry_run_s": dry.wall_s,
+        "dry_run_cpu_s": dry.cpu_s,
+        "to_qsub_s": qsub_at - start,
+        "before_submit_s": engines_at - start,  # parse, DAG, group job, jobscript
+        "node_shares_s": nodes_at - engines_at,
+        "job_script_s": qsub_at - nodes_at,
+        "serving_s": last - first,
+        "job_end_after_last_rank_s": job_end - last,
+        "after_job_s": end - job_end,
+        "ranks_recorded_s": recorded - job_end,  # notice (status poll) + bookkeeping
+        "summary_prepare_s": summary["starttime"] - recorded,  # its inputs checked
+        "summary_s": summary["endtime"] - summary["starttime"],
+        "summary_end_to_exit_s": end - summary["endtime"],
+        "wall_s": end - start,
+        "cpu_s": cpu,  # the main Snakemake and its children (pbs-submit, -status, rule summary)
+        "load_average": [load_before, os.getloadavg()[0]],
+    }
+
+
+def login_table(small: dict, large: dict) -> str:
+    """The login side at two sizes, and the per-rank ratio large / small."""
+
+    def per_rank(run: dict, key: str) -> float:
+        return 1000 * run[key] / run["ranks"]
+
+    rows = []
+    for label, key in (
+        ("start to `qsub`, s", "to_qsub_s"),
+        ("  `snakemake -n` alone (parse, DAG, plan printed; run before), s", "dry_run_s"),
+        ("  start to pbs-submit's engines file (parse, DAG, group job, jobscript), s",
+         "before_submit_s"),
+        ("  pbs-submit: the ranks split into node shares (reads every rank file), s",
+         "node_shares_s"),
+        ("  pbs-submit: job script written, `qsub`, s", "job_script_s"),
+        ("serving: first to last rank written (not the login side), s", "serving_s"),
+        ("submission's end (its PBS log back) to the run's end, s", "after_job_s"),
+        ("  to the last rank recorded finished (status poll every 2 s, outputs "
+         "checked, metadata), s", "ranks_recorded_s"),
+        ("  rule summary prepared (one input per rank), s", "summary_prepare_s"),
+        ("  rule summary's job (reads every record, plots), s", "summary_s"),
+        ("  summary to exit (rule all prepared, one input per rank; onsuccess: run "
+         "summary from every record), s", "summary_end_to_exit_s"),
+        ("whole run, wall s", "wall_s"),
+        ("whole run, CPU s of the main Snakemake and its children", "cpu_s"),
+    ):  # fmt: skip
+        rows.append(
+            [label, f"{small[key]:.1f}", f"{large[key]:.1f}",
+             f"{per_rank(small, key):.2f}", f"{per_rank(large, key):.2f}",
+             f"{per_rank(large, key) / per_rank(small, key):.2f}"
+             if small[key] > 0 else "-"]
+        )  # fmt: skip
+    rows.append(
+        ["load average (1 min) before / after", *(
+            f"{r['load_average'][0]:.1f} / {r['load_average'][1]:.1f}" for r in (small, large)
+        ), "", "", ""]
+    )  # fmt: skip
+    header = ["measure", f"{small['ranks']:,} ranks", f"{large['ranks']:,} ranks",
+              f"ms per rank, {small['ranks']:,}", f"ms per rank, {large['ranks']:,}",
+              "per-rank ratio (1 = linear)"]  # fmt: skip
+    return markdown_table(header, rows)
 
 
 def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
@@ -259,6 +397,14 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         one = submission(cluster, root / "one", 1, engines, ranks)
         node = submission(cluster, root / "node", 1, PER_NODE, ranks // HOSTS)
         busy = submission(cluster, root / "busy", HOSTS, PER_NODE, ranks * 5 // 8, BUSY_DELAY_S)
+        # one node alone (what a prod node sees: nodes share nothing but the file system)
+        busy_node = submission(
+            cluster, root / "busy-node", 1, PER_NODE, ranks * 5 // 32, BUSY_DELAY_S
+        )
+        # the login side: a prod-sized submission (256 nodes x 12 engines x 10 ranks),
+        # here on 4 hosts x 12 engines; baseline the same at a tenth of the ranks
+        login_small = login_side(cluster, root / "login-small", LOGIN_RANKS[quick][0])
+        login_large = login_side(cluster, root / "login-large", LOGIN_RANKS[quick][1])
         log("dispatch: baseline, Snakemake alone with the same number of threaded jobs")
         base = baseline(root, ranks // HOSTS, PER_NODE * IN_FLIGHT)
     speedup = local["per_s"] / one["per_s"]
@@ -287,7 +433,19 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         [f"busy: engines holding each request {BUSY_DELAY_S} s, {busy['ranks']:,} ranks on "
          f"{engines}: engine busy fraction of the serving time ({busy['serving_s']:.1f} s) "
          "(goal >= 0.8)", f"**{busy['busy_fraction']:.2f}**"],
+        ["  the same, each engine over its own node's serving time (nodes start apart)",
+         f"{busy['busy_fraction_node_spans']:.2f}"],
+        ["  node Snakemakes' ranks per second; CPU ms per rank",
+         f"{busy['per_s']:.0f}; {busy['cpu_ms_per_rank']:.1f}"],
+        [f"  one node alone (1 host x {PER_NODE}, {busy_node['ranks']:,} ranks): busy "
+         "fraction; its ranks per second; CPU ms per rank",
+         f"{busy_node['busy_fraction']:.2f}; {busy_node['per_s']:.0f}; "
+         f"{busy_node['cpu_ms_per_rank']:.1f}"],
+        ["load average (1 min) before / after: busy; busy, one node",
+         f"{busy['load_average'][0]:.1f} / {busy['load_average'][1]:.1f}; "
+         f"{busy_node['load_average'][0]:.1f} / {busy_node['load_average'][1]:.1f}"],
     ]  # fmt: skip
+    login_rows = login_table(login_small, login_large)
     notes = [
         f"What this means for a 256-node prod submission ({full_engines:,} engines): each "
         f"node's Snakemake feeds only its own 12 engines, and nothing but the file system is "
@@ -298,6 +456,10 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         "On this machine the 4 test hosts share 2 cores, so the node-local figure is "
         "bounded by the machine, not by the design."
     ]
+    notes.append(
+        "**The login side: the main Snakemake of one submission, 4 hosts x 12 echo engines "
+        "(a prod submission is 256 nodes x 12 engines x 10 ranks = 30,720 ranks)**\n\n" + login_rows
+    )
     return {
         "name": NAME,
         "title": (
@@ -310,6 +472,8 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         "one_snakemake": one,
         "one_node": node,
         "busy": busy,
+        "busy_node": busy_node,
+        "login": [login_small, login_large],
         "baseline": base,
         "summary": {
             "ranks_per_s": local["per_s"],
@@ -318,6 +482,9 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
             "node_per_s": node_rate,
             "node_cpu_ms_per_rank": node["cpu_ms_per_rank"],
             "busy_fraction": busy["busy_fraction"],
+            "busy_fraction_one_node": busy_node["busy_fraction"],
+            "login_to_qsub_ms_per_rank": 1000 * login_large["to_qsub_s"] / login_large["ranks"],
+            "login_after_job_ms_per_rank": 1000 * login_large["after_job_s"] / login_large["ranks"],
             "smallest_rank_s_at_256_nodes": smallest_rank_s,
             "goal_met": node_rate >= 70 and speedup >= 1.6 and busy["busy_fraction"] >= 0.8,
             "goal": [

@@ -258,6 +258,11 @@ def node_group(workflow, config: Mapping, name: str = "node") -> Callable | None
     """
     if not profile_in_use(run_info(workflow).configfiles):
         return None
+    # One group holds a whole submission's ranks (30,720 in prod): without these,
+    # Snakemake's group handling takes time quadratic in that (snakemake_fixes).
+    import snakemake_fixes
+
+    snakemake_fixes.apply()
     checked = []
 
     def group(wildcards) -> str:

@@ -1,0 +1,201 @@
+"""Work-arounds for Snakemake costs that grow with the square of a group's size.
+
+profiles/aurora packs all rank jobs of a submission into one Snakemake group (30,720
+in a ``prod`` submission of 256 nodes x 12 engines x 10 ranks). Snakemake 9.27 takes
+n x n steps for n rank jobs in four places of the main Snakemake, three before its
+``qsub`` (2026-12-03: ``snakemake -n`` at 10,000 ranks with the first fixed, 240 s of
+CPU, 94 % in the other two by py-spy, 17 s with all three; at 30,720 ranks with none,
+still in the group check after 10 minutes) and one after:
+
+- ``DAG._check_groups`` loops over ``self._group``, a map from every job to its group,
+  so checks each group once per member, every member each time;
+- ``DAG.update_ready`` asks ``DAG._ready`` of every member of a group (and once more in
+  a debug message that is built even when not shown), and ``_ready`` of a member walks
+  the whole group;
+- ``GroupResources._get_layers`` re-adds every job already placed in a layer for each
+  job it places;
+- after the submission, ``Job.prepare`` of rule summary (one input per rank) asks
+  ``Job.is_pipe_or_service_input`` of each input, which scans the job's dependencies
+  (one per rank) for the one that makes it.
+
+`apply` replaces each with code that gives the same answer in linear time: the group
+check and the readiness test are Snakemake's own, asked once per group; the layers are
+Snakemake's first-fit packing with each layer's sums kept (its own constraint test on
+them; a job that fits no layer goes back to Snakemake's code for its error); while a job
+prepares, its inputs' makers are looked up in an index of its dependencies' files.
+tests/test_snakemake_fixes.py compares each with the original.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+import sys
+
+# The Snakemake whose code these replacements were written against and tested with
+# (requirements.lock pins it); another one runs unpatched, saying so.
+FOR_VERSION = "9.27."
+
+
+def apply() -> bool:
+    """Install the replacements (idempotent). Only inside Snakemake; False (and a
+    warning) when Snakemake is not the version they were written for."""
+    import snakemake
+
+    if not snakemake.__version__.startswith(FOR_VERSION):
+        print(
+            f"snakemake_fixes: Snakemake {snakemake.__version__} is not {FOR_VERSION}x; "
+            "its own group handling is used (quadratic in a submission's ranks)",
+            file=sys.stderr,
+        )
+        return False
+    from snakemake.dag import DAG
+    from snakemake.jobs import Job
+    from snakemake.resources import GroupResources
+
+    check_each_group_once(DAG)
+    ready_once_per_group(DAG)
+    layers_with_sums(GroupResources)
+    inputs_indexed_while_preparing(Job)
+    return True
+
+
+def _patch(cls, name: str, make) -> bool:
+    original = getattr(cls, name)
+    if getattr(original, "snakemake_fix", False):
+        return False
+    replacement = make(original)
+    replacement.snakemake_fix = True
+    setattr(cls, name, replacement)
+    return True
+
+
+def check_each_group_once(dag_class) -> bool:
+    """``_check_groups`` sees each group once (one entry per distinct group)."""
+
+    def make(original):
+        @functools.wraps(original)
+        def _check_groups(self):
+            by_job = self._group
+            self._group = {group: group for group in set(by_job.values())}
+            try:
+                return original(self)
+            finally:
+                self._group = by_job
+
+        return _check_groups
+
+    return _patch(dag_class, "_check_groups", make)
+
+
+def ready_once_per_group(dag_class) -> bool:
+    """Within one ``update_ready`` call, ``_ready`` of a grouped job is asked once per
+    group: its answer is about the whole group, and nothing it reads changes during the
+    call."""
+
+    def make(original):
+        @functools.wraps(original)
+        def update_ready(self, jobs=None):
+            ready = type(self)._ready
+            answers = {}
+
+            def once_per_group(job):
+                group = self._group.get(job)
+                if group is None:
+                    return ready(self, job)
+                if group not in answers:
+                    answers[group] = ready(self, job)
+                return answers[group]
+
+            self._ready = once_per_group  # shadows the method for this call only
+            try:
+                return original(self, jobs)
+            finally:
+                del self._ready
+
+        return update_ready
+
+    return _patch(dag_class, "update_ready", make)
+
+
+def layers_with_sums(resources_class) -> bool:
+    """``_get_layers`` keeps each layer's resource sums instead of re-adding the layer."""
+
+    def make(original):
+        function = original.__func__
+
+        @functools.wraps(function)
+        def _get_layers(cls, resources, constraints, sortby=None):
+            rows = first_fit_layers(cls._check_constraint, resources, constraints, sortby)
+            if rows is None:  # a job fits no layer: Snakemake's code raises its error
+                return function(cls, resources, constraints, sortby)
+            return rows
+
+        _get_layers.snakemake_fix = True  # seen through the class's bound method
+        return classmethod(_get_layers)
+
+    return _patch(resources_class, "_get_layers", make)
+
+
+def first_fit_layers(check, resources, constraints, sortby=None):
+    """Snakemake's ``GroupResources._get_layers`` (9.27): jobs (one tuple of resource
+    values each) sorted by their largest share of a constraint, then by ``sortby``, each
+    put into the first layer where ``check`` (Snakemake's ``_check_constraint``) passes
+    for the layer's sums plus the job. None if a job fits no layer."""
+
+    def highest_proportion(group):
+        return max([r / c if c else 0 for r, c in zip(group, constraints, strict=False)])
+
+    ordered = sorted(zip(*resources.values(), strict=False), key=highest_proportion, reverse=True)
+    for res in sortby or []:
+        if res in resources:
+            key = operator.itemgetter(list(resources).index(res))
+            ordered = sorted(ordered, key=key, reverse=True)
+    rows, sums = [], []
+    for group in ordered:
+        for row, total in zip(rows, sums, strict=True):
+            trial = tuple(s + g for s, g in zip(total, group, strict=False))
+            if check([trial], constraints):
+                row.append(group)
+                total[:] = trial
+                break
+        else:
+            if not check([group], constraints):
+                return None
+            rows.append([group])
+            sums.append(list(group))
+    return rows
+
+
+def inputs_indexed_while_preparing(job_class) -> bool:
+    """During ``Job.prepare``, ``is_pipe_or_service_input`` answers from an index of the
+    job's dependencies' files (the first dependency making a file decides, as Snakemake's
+    scan does), built once per prepare."""
+    indexes = {}  # job -> {file: whether its maker marks it pipe or service output}
+
+    def make_prepare(original):
+        @functools.wraps(original)
+        async def prepare(self):
+            index = {}
+            for dep, files in self.dag.dependencies[self].items():
+                for f in files:
+                    if f not in index:
+                        index[f] = f in dep.pipe_or_service_output
+            indexes[self] = index
+            try:
+                return await original(self)
+            finally:
+                indexes.pop(self, None)
+
+        return prepare
+
+    def make_lookup(original):
+        @functools.wraps(original)
+        def is_pipe_or_service_input(self, path) -> bool:
+            index = indexes.get(self)
+            return original(self, path) if index is None else index.get(path, False)
+
+        return is_pipe_or_service_input
+
+    patched = _patch(job_class, "prepare", make_prepare)
+    return _patch(job_class, "is_pipe_or_service_input", make_lookup) or patched
