@@ -264,7 +264,7 @@ def test_preparing_a_job_with_many_inputs(tmp_path, fixes):
 
 def test_the_fixes_apply_only_to_the_snakemake_they_were_written_for(monkeypatch, capsys):
     import snakemake
-    import snakemake_fixes
+    import snakemake.api  # noqa: F401  (loads snakemake.dag as Snakemake itself does)
 
     assert snakemake_fixes.apply() is True  # the pinned one (requirements.lock)
     monkeypatch.setattr(snakemake, "__version__", "9.28.0")
