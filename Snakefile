@@ -14,10 +14,10 @@ configfile: "config/config.yaml"
 
 
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
-import pbs, pipeline, progress, ranks, summarize  # noqa: E402, E401
+import models, pbs, progress, rank_job, ranks, summarize, workflow_config  # noqa: E402, E401
 
 # --config 'pbs={nodes_per_submission: 8}' passes "8": read it as the schema's type.
-pipeline.load_config(config, "config/schema.yaml")
+workflow_config.load_config(config, "config/schema.yaml")
 
 
 validate(config, "config/schema.yaml")
@@ -27,28 +27,28 @@ RANK_FILES = ranks.discover_rank_files(DATA)  # rank -> its .in or .jsonl
 RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 ranks.report_kept(ranks.forget_finished_incomplete(RESULTS))
-MODEL = pipeline.check_model(config["model"])
-pipeline.check_chat_template(config)
-MODEL_MARKER = pipeline.model_marker(config, MODEL)  # [] for the echo engine
+MODEL = models.check_model(config["model"])
+workflow_config.check_chat_template(config)
+MODEL_MARKER = models.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
     config,
     workflow=workflow,
     model=MODEL,
     marker="".join(MODEL_MARKER),
-    engines=pipeline.engine_spec(config),
+    engines=rank_job.engine_spec(config),
 )
 
 
 def count_pending():  # ranks whose outputs are missing or outdated
-    return len(pipeline.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
+    return len(ranks.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
 
 
 # With profiles/aurora: print the PBS plan of the pending ranks.
 pbs.announce_plan(workflow, config, count_pending)
 # Run here: a progress line every progress_interval_s (the first rank job starts it).
 progress.LOCAL.configure(
-    workflow, RESULTS, config["progress_interval_s"], pipeline.engine_states(config)
+    workflow, RESULTS, config["progress_interval_s"], rank_job.engine_states(config)
 )
 
 
@@ -70,11 +70,11 @@ rule all:
 
 rule fetch_model:
     output:
-        f"{RESULTS}/model/{pipeline.model_slug(MODEL)}.json",
+        f"{RESULTS}/model/{models.model_slug(MODEL)}.json",
     log:
         "logs/fetch_model.log",
     run:
-        pipeline.fetch_model(config, MODEL, output[0], log[0])
+        models.fetch_model(config, MODEL, output[0], log[0])
 
 
 rule infer:
@@ -97,7 +97,7 @@ rule infer:
     params:
         model=MODEL,
     run:
-        pipeline.run_rank(config, params.model, wildcards.rank, input, output, log[0])
+        rank_job.run_rank(config, params.model, wildcards.rank, input, output, log[0])
 
 
 # JSONL ranks: the same job, answers in results/<rank>.jsonl.
@@ -133,12 +133,12 @@ rule summary:
 
 
 onsuccess:
-    pipeline.stop_engines()
+    rank_job.stop_engines()
     summarize.print_run_summary(f"{RESULTS}/records", RANKS)
 
 
 onerror:
-    pipeline.stop_engines()
+    rank_job.stop_engines()
     # What did finish, then what failed.
     summarize.print_run_summary(f"{RESULTS}/records", RANKS)
-    pipeline.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")
+    summarize.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")

@@ -833,7 +833,7 @@ def write_outputs(
     # When the rank finished: the files' mtimes do not keep it (Snakemake touches
     # outputs when it checks them, in a PBS submission only at its end).
     record["written_at"] = round(time.time(), 6)
-    # Proves the output whole after a kill (pipeline.forget_finished_incomplete).
+    # Proves the output whole after a kill (ranks.forget_finished_incomplete).
     record["out_sha256"] = hashlib.sha256(text.encode()).hexdigest()
     # Record first, output last: the output existing means the rank finished.
     write_atomic(record_path, json.dumps(record, indent=2) + "\n")

@@ -141,3 +141,26 @@ def report_kept(kept: list[str], stream=None) -> None:
             f"not yet recorded (their records prove the outputs whole): {shown}",
             file=stream or sys.stderr,
         )
+
+
+def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str]:
+    """Ranks whose outputs (``.out`` or ``.jsonl``, and record) are missing or older than
+    the input.
+
+    What a run will redo: rule infer writes both, and rule summary needs the records.
+
+    All of them while the model still has to be fetched (``marker`` missing): the
+    fetch job then updates every rank's input.
+    """
+    if any(not os.path.exists(path) for path in marker):
+        return list(ranks)
+    pending = []
+    for rank in ranks:
+        since = input_file(data_dir, rank).stat().st_mtime
+        outputs = (
+            output_file(results_dir, data_dir, rank),
+            Path(results_dir, "records", f"{rank}.json"),
+        )
+        if any(not out.exists() or out.stat().st_mtime < since for out in outputs):
+            pending.append(rank)
+    return pending

@@ -258,7 +258,7 @@ def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> in
 
 
 def write_failure(path: str, job_id: str, causes: Sequence[str]) -> None:
-    """What the main Snakemake reports for the submission (pipeline.report_failures)."""
+    """What the main Snakemake reports for the submission (summarize.report_failures)."""
     Path(path).write_text(json.dumps({"job_id": job_id, "causes": list(causes)}) + "\n")
 
 

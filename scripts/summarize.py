@@ -14,12 +14,14 @@ matplotlib is imported inside :func:`plot_png` only.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import statistics
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -293,3 +295,52 @@ def _main(argv: Sequence[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_main(sys.argv[1:]))
+
+
+# ----------------------------------------------------------------------------- failures
+
+# When this run's Snakemake loaded the workflow: reports older than this are not its.
+STARTED = time.time()
+
+
+def preflight_failures(pbs_logs: str = "logs/pbs", since: float = STARTED) -> list[str]:
+    """This run's submissions that ended at their preflight (scripts/stage_model.py)."""
+    lines = []
+    for path in sorted(Path(pbs_logs).glob("*.failed.json")):
+        with contextlib.suppress(OSError, ValueError):
+            if path.stat().st_mtime < since:
+                continue
+            failure = json.loads(path.read_text())
+            name = path.name[: -len(".failed.json")]
+            lines.append(
+                f"Submission {name} (job {failure['job_id']}) ended before any engine started "
+                f"(its PBS log: {path.with_name(name + '.log')}); its ranks did not run:"
+            )
+            lines += [f"  {cause}" for cause in failure["causes"]]
+    return lines
+
+
+def report_failures(
+    ranks, results_dir: str, log_pattern: str, stream=None, pbs_logs: str = "logs/pbs"
+) -> None:
+    """Print which ranks ran and failed (a log but no output), which submissions ended
+    at their preflight, and where to look."""
+    stream = stream or sys.stderr
+    logs = {rank: log_pattern.format(rank=rank) for rank in ranks}
+    failed = [
+        (rank, log)
+        for rank, log in logs.items()
+        if not any(os.path.exists(f"{results_dir}/{rank}{x}") for x in (".out", ".jsonl"))
+        and os.path.exists(log)
+    ]
+    preflight = preflight_failures(pbs_logs)
+    if preflight:
+        print("\n".join(preflight), file=stream)
+    if not failed:
+        if not preflight:
+            print("No rank failed; the error is in the messages above.", file=stream)
+        return
+    lines = [f"{len(failed)} rank(s) failed; their outputs are missing, the others are kept:"]
+    lines += [f"  rank {rank}: {log}" for rank, log in failed]
+    lines.append("Fix the cause and run the same command again: only these ranks run.")
+    print("\n".join(lines), file=stream)

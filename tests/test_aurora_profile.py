@@ -26,10 +26,11 @@ from pathlib import Path
 
 import engines
 import pbs
-import pipeline
 import pytest
 import workflow as wf
 from pbs_cluster import PbsCluster, clear_stale_pyenv_lock
+
+import models
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
@@ -1541,9 +1542,7 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
         (work / "results" / f"{rank}.out").write_text("")
         (work / "results" / "records" / f"{rank}.json").write_text("{}")
     config = ("pbs={account: P}", f"model={wf.TINY_MODEL}")
-    marker = (
-        work / "results" / "model" / f"{pipeline.model_slug(str(wf.TINY_MODEL.resolve()))}.json"
-    )
+    marker = work / "results" / "model" / f"{models.model_slug(str(wf.TINY_MODEL.resolve()))}.json"
     marker.parent.mkdir()
     marker.write_text(json.dumps({"path": str(wf.TINY_MODEL)}))
     res = wf.snakemake(work, "-n", "--config", *config, profile="profiles/aurora")

@@ -5,7 +5,6 @@ import os
 import time
 from pathlib import Path
 
-import pipeline
 import pytest
 import ranks
 from ranks import RankFileError, discover_ranks
@@ -56,11 +55,11 @@ def test_pending_ranks_need_both_outputs_newer_than_the_input(tmp_path):
     for rank in (0, 2, 3):
         (results / "records" / f"{rank}.json").write_text("{}")
     os.utime(data / "3.in", (time.time() + 60, time.time() + 60))  # edited after its run
-    ranks = [str(r) for r in range(5)]
-    assert pipeline.pending_ranks(ranks, str(data), str(results)) == ["1", "2", "3", "4"]
+    names = [str(r) for r in range(5)]
+    assert ranks.pending_ranks(names, str(data), str(results)) == ["1", "2", "3", "4"]
     # A model still to be fetched makes every rank pending.
     missing = [str(tmp_path / "no-marker.json")]
-    assert pipeline.pending_ranks(ranks, str(data), str(results), missing) == ranks
+    assert ranks.pending_ranks(names, str(data), str(results), missing) == names
 
 
 def _finished_rank(results, rank: str, text: str) -> None:

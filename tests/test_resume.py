@@ -27,7 +27,7 @@ SCRIPTS = REPO / "scripts"
 PYTHON = sys.executable
 REQUESTS = 40
 
-# One warm rank job, as pipeline.serve_rank runs it, against one engine.
+# One warm rank job, as rank_job.serve_rank runs it, against one engine.
 RANK_JOB = """
 import contextlib, json, sys, types
 sys.path.insert(0, {scripts!r})

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 import engines
-import pipeline
 import pytest
+import rank_job
 import serve
 import tiles
 import workflow as wf
@@ -28,7 +28,7 @@ def aurora_config(**changes) -> dict:
 
 
 def spec(**changes) -> dict:
-    result = pipeline.engine_spec(aurora_config(**changes))
+    result = rank_job.engine_spec(aurora_config(**changes))
     return result | {"model": "/flare/p/models/opt-125m", "stage": False, "stage_dir": "/tmp"}
     # python: as pbs-submit sets it
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import engines
 import infer
-import pipeline
 import pytest
+import rank_job
 import serve
 from test_warm import local_config
 
@@ -33,7 +33,7 @@ def echo_spec(tmp_path: Path, **env) -> dict:
     """A local run's spec for two echo engines, its registry under tmp_path; every
     process of its engines carries a tag of its own in its environment."""
     config = local_config(engine="echo", warm={**local_config()["warm"], "ranks_in_flight": 1})
-    spec = pipeline.local_spec(config, "unused")
+    spec = rank_job.local_spec(config, "unused")
     tag = uuid.uuid4().hex
     return spec | {
         "registry_root": str(tmp_path / "engines"),

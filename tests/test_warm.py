@@ -1,4 +1,4 @@
-"""Warm engines as a local run sets them up (pipeline.local_spec, then serve.node's
+"""Warm engines as a local run sets them up (rank_job.local_spec, then serve.node's
 make_engine, as in a submission): which engines, with which ports, masks and
 environment. The engines themselves run in tests/test_engines.py, tests/test_serve.py
 and in the local workflow tests."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pipeline
+import rank_job
 import serve
 import tiles
 import yaml
@@ -26,7 +26,7 @@ def local_config(**changes) -> dict:
 
 def local_engines(config: dict, model: str, registry: Path) -> list:
     """The engines a local run's supervisor starts (serve.node), one per tile slot."""
-    spec = pipeline.local_spec(config, model)
+    spec = rank_job.local_spec(config, model)
     host = os.uname().nodename
     per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
     return [

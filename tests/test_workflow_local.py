@@ -12,7 +12,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pipeline
 import pytest
 from workflow import (
     REPO,
@@ -24,6 +23,8 @@ from workflow import (
     read_records,
     snakemake,
 )
+
+import models
 
 FOUR = "one\ntwo\nthree\nfour\n"
 
@@ -51,7 +52,7 @@ def test_dry_run_lists_exactly_the_missing_ranks(tmp_path):
         (work / "results" / "records" / f"{rank}.json").write_text("{}")
     (work / "results" / "records" / "2.json").write_text("{}")  # its .out is missing
     # rule fetch_model's marker, as an earlier run left it (else every rank is pending)
-    marker = work / "results" / "model" / f"{pipeline.model_slug(str(TINY_MODEL.resolve()))}.json"
+    marker = work / "results" / "model" / f"{models.model_slug(str(TINY_MODEL.resolve()))}.json"
     marker.parent.mkdir()
     marker.write_text(json.dumps({"path": str(TINY_MODEL.resolve())}))
     # newer than the outputs: only its existence counts (ancient), not its time

@@ -17,7 +17,7 @@ from pathlib import Path
 SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
 STATE_DIR = ".snakemake/pbs"
 LOG_DIR = "logs/pbs"
-REGISTRY_ROOT = "logs/engines"  # scripts/serve.py's registry (pipeline.engine_spec)
+REGISTRY_ROOT = "logs/engines"  # scripts/serve.py's registry (rank_job.engine_spec)
 FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/progress.py)
 PROGRESS_LOG = "logs/progress.log"  # the progress lines of the terminal, with times
 # The profile command whose presence next to a loaded config file marks the profile.
@@ -52,7 +52,7 @@ def settings_from_config(
     fetch_model's output that names the folder the engines load ("" for none).
 
     ``engines``: with config warm_engines, what each submission's engines need
-    (pipeline.engine_spec; scripts/serve.py reads it).
+    (rank_job.engine_spec; scripts/serve.py reads it).
 
     ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
     run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).

@@ -1,0 +1,152 @@
+"""The model a run uses: checks of config model, rule fetch_model (weights and vLLM's
+model-info cache, on the login side) and its marker, the environment engines load the
+model with, and a node's staged copy in a PBS submission.
+
+Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import engines
+import stage_model
+from fetch_model import read_marker
+from workflow_config import ConfigError
+
+
+def is_local_model(model: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything that exists or looks like a path is local."""
+    return (
+        Path(model).expanduser().exists()
+        or model.startswith(("/", "./", "../", "~"))
+        or model.count("/") > 1
+    )
+
+
+def check_model(model: str) -> str:
+    """Return the model as the engine should see it, failing early on a missing local folder."""
+    if not is_local_model(model):
+        return model
+    path = Path(model).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise ConfigError(f"config key 'model': local model folder {model!r} {what}")
+    return str(path)
+
+
+def model_slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model)
+
+
+def model_marker(config: dict, model: str) -> list[str]:
+    """Rule fetch_model's output that rank jobs wait for (none for the echo engine): it
+    names the model folder the engines load, with vLLM's model-info cache built."""
+    if config["engine"] == "echo":
+        return []
+    return [f"{config['results_dir']}/model/{model_slug(model)}.json"]
+
+
+def vllm_cache_root(config: dict) -> str:
+    return os.path.abspath(os.path.expanduser(config["vllm_cache_root"]))
+
+
+def offline_env(config: dict) -> dict:
+    """What every engine runs with: no hub (compute nodes have no internet), and the
+    model-info cache rule fetch_model built (else vLLM fails on a node's first run)."""
+    return {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_CACHE_ROOT": vllm_cache_root(config),
+    } | config["task_env"]
+
+
+def fetch_env(config: dict, environ=os.environ) -> dict:
+    """The task's environment, online: the login node may download what jobs may not."""
+    env = {**environ, **offline_env(config)}
+    env.pop("HF_HUB_OFFLINE", None)
+    env.pop("TRANSFORMERS_OFFLINE", None)
+    return env
+
+
+def inference_python(config: dict) -> str:
+    return config["python"] or sys.executable
+
+
+def engine_check_argv(config: dict, model: str) -> tuple[list[str], str, dict]:
+    """The engines' command line of this config, the server that parses it (config
+    warm.server; vLLM's engine arguments for per-rank engines) and each flag's config key."""
+    server = config["warm"]["server"] if config["warm_engines"] else "inprocess"
+    settings = config["vllm"]
+    argv = engines.server_argv(
+        inference_python(config),
+        model,
+        config["tiles"]["base_port"] + 1000,
+        settings,
+        config["tiles"]["per_job"],
+        server=server,
+    )
+    keys = {a: engines.flag_key(a, settings) for a in argv if a.startswith("--")}
+    return argv, server, keys
+
+
+def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
+    """Find or fetch the model's weights, check the engines' command line against the
+    installed vLLM and build vLLM's model-info cache (rule fetch_model)."""
+    weights = config["weights"]
+    argv, server, keys = engine_check_argv(config, model)
+    command = [
+        inference_python(config),
+        str(Path(__file__).with_name("fetch_model.py")),
+        "--model",
+        model,
+        "--marker",
+        marker,
+        "--shared-hf-home",
+        weights["shared_hf_home"],
+        "--hf-home",
+        os.path.abspath(os.path.expanduser(weights["hf_home"])),
+        "--engine-argv",
+        json.dumps(argv),
+        "--server",
+        server,
+        "--flag-keys",
+        json.dumps(keys),
+    ]
+    with open(log, "w") as stream:
+        code = subprocess.run(
+            command, env=fetch_env(config), stdout=stream, stderr=stream
+        ).returncode
+    if code != 0:
+        errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
+        cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
+        raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
+
+
+def marker_field(marker, name: str):
+    """A field of rule fetch_model's marker (None for the echo engine, which has none)."""
+    return read_marker(marker[0]).get(name) if marker else None
+
+
+def marker_versions(marker) -> dict:
+    """The vLLM, torch and IPEX versions rule fetch_model found ({} for echo)."""
+    return marker_field(marker, "versions") or {}
+
+
+def engine_model(config: dict, model: str, marker) -> str:
+    """The folder (or id) the engine loads: the one rule fetch_model found, else ``model``."""
+    return marker_field(marker, "path") if marker else model
+
+
+def staged(config: dict, model: str, environ=os.environ):
+    """With config weights.stage on inside a PBS job: host -> that node's copy of the
+    model (scripts/stage_model.py made it). Otherwise None."""
+    job = environ.get("PBS_JOBID")
+    if not (config["weights"]["stage"] and job and config["engine"] != "echo"):
+        return None
+    return lambda host: str(
+        stage_model.staged_path(config["weights"]["stage_dir"], job, host, model)
+    )

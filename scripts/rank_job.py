@@ -1,0 +1,227 @@
+"""One rank's job, as rule infer runs it: on the run's warm engines (serve.py's engine
+service: in a PBS submission its node's engines, locally the one-node case), or on an
+engine of its own placed on a free tile (tiles.run_placed, then scripts/infer.py).
+
+Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
+"""
+
+import atexit
+import json
+import os
+import threading
+from pathlib import Path
+
+import engines
+import infer
+import progress
+import serve
+import tiles
+
+from models import (
+    engine_model,
+    inference_python,
+    marker_field,
+    marker_versions,
+    offline_env,
+    staged,
+)
+
+
+def task_settings(config: dict, model: str) -> dict:
+    """What scripts/infer.py needs, as one JSON-able mapping (file names absolute: a
+    launcher may start the task in another folder)."""
+    settings = {"engine": config["engine"], "model": model, "sampling": config["sampling"]}
+    settings |= config["vllm"]
+    if settings.get("chat_template"):
+        settings["chat_template"] = os.path.abspath(settings["chat_template"])
+    return settings
+
+
+def engine_spec(config: dict) -> dict:
+    """What the warm engines of a PBS submission need (scripts/serve.py; pbs-submit
+    adds the model folder and the staging)."""
+    warm = config["warm"]
+    return {
+        "engine": config["engine"],
+        # file names absolute: a node's supervisor may run in another folder
+        "vllm": {k: v for k, v in task_settings(config, "").items() if k in config["vllm"]},
+        "tiles": config["tiles"],
+        "env": offline_env(config),
+        "launcher": config["engine_launcher"],
+        "max_restarts": warm["max_restarts"],
+        "ready_timeout_s": warm["ready_timeout_s"],
+        "ranks_in_flight": warm["ranks_in_flight"],
+        "server": warm["server"],
+        "stall_timeout_s": warm["stall_timeout_s"],
+        "listen": warm["listen"],
+        "registry_root": os.path.abspath("logs/engines"),
+    }
+
+
+def local_spec(config: dict, model: str, marker=()) -> dict:
+    """The engine spec of a local run: a submission's (engine_spec plus what pbs-submit
+    adds) for this host, with the model rule fetch_model found and no staging."""
+    return engine_spec(config) | {
+        "model": engine_model(config, model, marker) if config["engine"] != "echo" else "",
+        "versions": marker_versions(marker),
+        "weights_bytes": marker_field(marker, "weights_bytes"),
+        "stage": False,
+        "stage_dir": config["weights"]["stage_dir"],
+        "python": inference_python(config),
+    }
+
+
+class RankEngines:
+    """The engines this process's rank threads route through, made once: in a PBS
+    submission, its node's engines that the job's launcher call started (the spec file
+    named by serve.SPEC_VARIABLE); in a local run, the one-node case of the same service
+    (serve.LocalService), started when the first rank needs it and stopped by
+    `stop_engines` (onsuccess/onerror) or at exit."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pool = None
+        self._local = None
+
+    def pool(self, config: dict, model: str, marker=(), environ=os.environ):
+        with self._lock:
+            if self._pool is None:
+                spec_path = environ.get(serve.SPEC_VARIABLE)
+                if spec_path:
+                    spec = json.loads(Path(spec_path).read_text())
+                    self._pool = serve.RegistryPool.for_job(spec, environ)
+                else:
+                    self._local = serve.LocalService(local_spec(config, model, marker))
+                    atexit.register(self._local.stop)
+                    self._pool = self._local.start()
+            return self._pool
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._local is not None:
+                self._local.stop()
+
+    def local_registry(self) -> Path | None:
+        """The registry folder of a local run's engines, once they are being started."""
+        local = self._local
+        return local.registry if local is not None else None
+
+
+ENGINES = RankEngines()
+
+
+def stop_engines() -> None:
+    ENGINES.stop()
+
+
+def engine_states(config: dict):
+    """For the local progress line (progress.LOCAL): a callable giving (engines ready,
+    engines, what the ranks wait for), or None without warm engines; read from the
+    run's engine registry (serve.LocalService)."""
+    per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
+
+    def states():
+        if not config["warm_engines"]:
+            return None
+        registry = ENGINES.local_registry()
+        if registry is None:
+            return 0, per_node, "starting: the ranks wait for them to load the model"
+        entries = serve.read_registry(registry).values()
+        ready = sum(1 for e in entries if e.get("state") == "ready")
+        starting = [e for e in entries if e.get("state") in ("starting", "restarting")]
+        trouble = [f"{e['name']} {e['state']} ({e['log']})" for e in entries
+                   if e.get("state") not in ("ready", "starting", "restarting")]  # fmt: skip
+        if starting and not ready:
+            trouble.append(
+                f"{len(starting)} starting: the ranks wait for them to load the model; "
+                f"{registry}/*-tile*.log"
+            )
+        return ready, max(per_node, len(entries)), ", ".join(trouble)
+
+    return states
+
+
+def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
+    """One rank on the run's warm engines, in this thread; raise if it failed."""
+    pool = ENGINES.pool(config, model, input.model)
+    settings = task_settings(config, engine_model(config, model, input.model))
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    progress.clear_failure_note(log, rank)
+    with open(log, "w") as out:
+        try:
+            line = infer.serve_rank(
+                int(rank),
+                infer.parse_settings(json.dumps(settings)),
+                input.prompts,
+                output.out,
+                output.record,
+                pool,
+                echo_in_process=False,  # echo engines are echo servers, as in a submission
+                retries=config["warm"]["retry_after_engine_death"],
+                request_timeout=config["warm"]["stall_timeout_s"],
+                versions=marker_versions(input.model),
+            )
+        except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
+            out.write(f"ERROR: {error}\n")
+            # Its input is at fault unless an engine failed: then a continuation of its
+            # PBS submission runs it again (pbs.resubmit).
+            cause = "engine" if isinstance(error, engines.EngineError) else progress.INPUT_FAULT
+            progress.write_failure_note(log, rank, cause, str(error))
+            raise RuntimeError(f"rank {rank} failed: {error} (log: {log})") from None
+        out.write(line + "\n")
+
+
+def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
+    """Run one rank's inference on a tile of this allocation; raise if it failed.
+
+    With config warm_engines: on the run's warm engines (in a PBS submission, on the
+    engines its job script started).
+
+    Paths are absolute and the task writes its own log: a launcher may start it in
+    another folder (pbs_tmrsh: $HOME) and send its output elsewhere.
+    """
+    progress.LOCAL.start()  # the local run's progress line (its first rank starts it)
+    if config["warm_engines"]:
+        return serve_rank(config, model, rank, input, output, log)
+    script = Path(__file__).with_name("infer.py")
+    model = engine_model(config, model, input.model)
+    on_node = staged(config, model)
+
+    def command(slot: tiles.Slot) -> list[str]:
+        settings = task_settings(config, on_node(slot.host) if on_node else model)
+        return [
+            inference_python(config),
+            str(script),
+            "--rank",
+            rank,
+            "--prompts",
+            os.path.abspath(input.prompts),
+            "--output",
+            os.path.abspath(output.out),
+            "--record",
+            os.path.abspath(output.record),
+            "--settings",
+            json.dumps(settings),
+            "--log",
+            os.path.abspath(log),
+        ]
+
+    placement = config["tiles"]
+    Path(log).parent.mkdir(parents=True, exist_ok=True)
+    progress.clear_failure_note(log, rank)
+    code = tiles.run_placed(
+        command,
+        log_path=Path(log),
+        tiles_per_job=placement["per_job"],
+        tiles_per_node=placement["per_node"],
+        hierarchy_setting=placement["hierarchy"],
+        base_port=placement["base_port"],
+        cpu_bind=placement["cpu_bind"],
+        launcher=config["launcher"],
+        extra_env=offline_env(config),
+    )
+    if code != 0:
+        # scripts/infer.py exits 2 for a bad rank file or prompt (its input is at fault)
+        cause = progress.INPUT_FAULT if code == 2 else "task"
+        progress.write_failure_note(log, rank, cause, f"exit code {code}")
+        raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")
