@@ -447,7 +447,7 @@ def serve_rank(
 
     started = time.monotonic()
     prompts = read_prompts(prompts_path)
-    placement, wait_s, died_on = {}, 0.0, []
+    placement, wait_s, died_on, timing = {}, 0.0, [], {}
     if not prompts or (settings["engine"] == "echo" and echo_in_process):
         result = run_echo(prompts)
     else:
@@ -489,6 +489,12 @@ def serve_rank(
                         ) from error
                     continue
                 placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": str(engine.log_path)}
+                # this run's own engines (not a submission's: those are in its registry)
+                timing = {
+                    f"engine_{name}": getattr(engine, name)
+                    for name in ("started_at", "ready_at", "restarts", "restart_s")
+                    if hasattr(engine, name)
+                }
                 break
         result = {
             "generated": done.texts,
@@ -511,6 +517,7 @@ def serve_rank(
         "request_s": round(result["generate_s"], 6),
         # engines that died during this rank's request before one answered it
         "engine_deaths": [e.name for e in died_on],
+        **timing,
     }
     summary = write_outputs(prompts, result, record, output, record_path)
     return f"WARNING: {prompts_path} has no prompts\n{summary}" if not prompts else summary
