@@ -264,3 +264,34 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
 
 def _logs(_folder, names):
     return [n for n in names if not n.endswith(".json")]
+
+
+@pytest.mark.vllm
+def test_local_warm_vllm_engines_note_their_start_and_ready_times(tmp_path):
+    ranks = {f"{i}.in": f"Rank {i} says hello\nThe sky is\n" for i in range(4)}
+    work = wf.make_workdir(tmp_path, ranks)
+    sampling = {"max_tokens": 4}
+    # ports of their own: other sessions on this machine may run engines on the default
+    config = wf.local_config(work, sampling=sampling, tiles={"base_port": 33500})
+    result = wf.snakemake(work, configfiles=config)
+    assert result.returncode == 0, result.stderr[-4000:]
+    results = work / "results"
+    records = summarize.read_records((results / "records").glob("*.json"))
+    engines = accounting.parse_tsv((results / "engines.tsv").read_text())
+    # the run's two engines (profiles/local), each started and ready once
+    assert sorted(e["engine"] for e in engines) == sorted({r["engine_name"] for r in records})
+    assert len(engines) == 2
+    for engine in engines:
+        mine = [r for r in records if r["engine_name"] == engine["engine"]]
+        ready = mine[0]["engine_ready_at"] - mine[0]["engine_started_at"]
+        assert math.isclose(float(engine["ready_s"]), ready, abs_tol=1e-3) and ready > 0
+        assert engine["restarts"] == "0" and int(engine["ranks"]) == len(mine)
+    (row,) = accounting.parse_tsv((results / "submissions.tsv").read_text())
+    parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}
+    assert abs(sum(parts.values()) - float(row["node_hours_used"])) <= ROUNDING_H
+    # loading the model is most of a tiny run
+    assert parts["engine_start"] > parts["serving"] > 0
+    assert "wait for an engine" in panel_title((results / "summary.png").read_bytes())
+    assert accounting.png_rows((results / "timeline.png").read_bytes()) == [
+        e["engine"] for e in engines
+    ]
