@@ -111,16 +111,16 @@ rule summary:
     log:
         "logs/summary.log",
     run:
-        summarize.write_run_summary(input.records, output, log[0], len(RANKS))
+        summarize.write_run_summary(input.records, output, log[0], len(RANKS), config)
 
 
 onsuccess:
     pipeline.stop_engines()
-    summarize.print_run_summary(f"{RESULTS}/records", RANKS)
+    summarize.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
 
 
 onerror:
     pipeline.stop_engines()
     # What did finish, then what failed.
-    summarize.print_run_summary(f"{RESULTS}/records", RANKS)
+    summarize.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
     pipeline.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")

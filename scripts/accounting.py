@@ -376,8 +376,11 @@ def account(
     staged: float,
     ranks_done: float,
     end: float,
+    tile_slots: int | None = None,
 ) -> dict:
-    """Node-seconds per part; they add up to ``len(hosts) x (end - start)``."""
+    """Node-seconds per part; they add up to ``len(hosts) x (end - start)``.
+    ``tile_slots``: per-rank engines' slots per node (config tiles); the slots no rank
+    used count as idle."""
     staged = min(max(staged, start), end)
     ranks_done = min(max(ranks_done, staged), end)
     nodes = len(hosts)
@@ -389,12 +392,12 @@ def account(
         per_host.setdefault(slot.host, []).append(slot)
     for host in hosts:
         members = per_host[host]
-        if not members:
-            parts["idle"] += ranks_done - staged
-            continue
+        share = max(len(members), tile_slots or 0, 1)  # a node with no engine: idle
+        if share > len(members):
+            parts["idle"] += (ranks_done - staged) * (share - len(members)) / share
         for slot in members:
             for part, seconds in slot_parts(slot, staged, ranks_done).items():
-                parts[part] += seconds / len(members)
+                parts[part] += seconds / share
     return parts
 
 
@@ -421,9 +424,10 @@ def submissions(
     records: Sequence[Mapping],
     pbs_logs: str | os.PathLike = "logs/pbs",
     engine_logs: str | os.PathLike = "logs/engines",
+    tile_slots: int | None = None,
 ) -> list[Submission]:
     """The submissions that wrote ``records`` (read with summarize.read_records), then
-    the local run if some records came from one."""
+    the local run if some records came from one. ``tile_slots``: see `account`."""
     index = read_index(pbs_logs)
     phases = {}
     for row in index:
@@ -461,7 +465,7 @@ def submissions(
                 ranks_done=ranks_done,
                 end=end,
                 slots=slots,
-                parts=account(slots, hosts, start, staged, ranks_done, end),
+                parts=account(slots, hosts, start, staged, ranks_done, end, tile_slots),
                 estimated=not {"start", "end"} <= set(marks),
             )
         )
@@ -483,7 +487,7 @@ def submissions(
                 ranks_done=last,
                 end=last,
                 slots=slots,
-                parts=account(slots, hosts, first, first, last, last),
+                parts=account(slots, hosts, first, first, last, last, tile_slots),
             )
         )
     return result
@@ -679,6 +683,14 @@ def png_rows(data: bytes) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- entry points
+
+
+def tile_slots(config: Mapping) -> int | None:
+    """Engine slots per node of a run with per-rank engines (None: warm engines, whose
+    engines the registry or the records name)."""
+    if config.get("warm_engines", True):
+        return None
+    return max(1, config["tiles"]["per_node"] // config["tiles"]["per_job"])
 
 
 def write_accounting(records, submissions_path, engines_path, timeline_path, **logs) -> list:

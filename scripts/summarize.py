@@ -300,22 +300,28 @@ def write_summary(record_paths, table_path, plot_path, log_path=None, expected=N
     return text
 
 
-def write_run_summary(record_paths, output, log_path, expected) -> None:
+def write_run_summary(record_paths, output, log_path, expected, config=None) -> None:
     """Rule summary: summary.tsv and .png, then (scripts/accounting.py) where the
     node-hours went: submissions.tsv, engines.tsv, timeline.png; ``output``: the
-    rule's named outputs."""
+    rule's named outputs; ``config``: the run's (its tiles per node)."""
     import accounting
 
     write_summary(record_paths, output.table, output.plot, log_path, expected)
     accounting.write_accounting(
-        read_records(record_paths), output.submissions, output.engines, output.timeline
+        read_records(record_paths),
+        output.submissions,
+        output.engines,
+        output.timeline,
+        tile_slots=accounting.tile_slots(config or {}),
     )
 
 
-def print_run_summary(records_dir, ranks: Sequence[str], stream=sys.stderr, **logs) -> None:
+def print_run_summary(
+    records_dir, ranks: Sequence[str], stream=sys.stderr, config=None, **logs
+) -> None:
     """The end-of-run paragraphs (Snakefile ``onsuccess``): the ranks, then where the
-    node-hours went (scripts/accounting.py; ``logs``: its pbs_logs and engine_logs
-    folders); never fails the run."""
+    node-hours went (scripts/accounting.py; ``config``: the run's, for its tiles per
+    node; ``logs``: the pbs_logs and engine_logs folders); never fails the run."""
     import accounting
 
     records = []
@@ -326,7 +332,9 @@ def print_run_summary(records_dir, ranks: Sequence[str], stream=sys.stderr, **lo
         text = f"Run summary unavailable: {exc}"
     try:
         if records:
-            text += "\n" + accounting.paragraph(accounting.submissions(records, **logs))
+            slots = accounting.tile_slots(config or {})
+            subs = accounting.submissions(records, tile_slots=slots, **logs)
+            text += "\n" + accounting.paragraph(subs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         text += f"\nNode-hours unavailable: {exc}"
     print(text, file=stream, flush=True)

@@ -295,3 +295,56 @@ def test_local_warm_vllm_engines_note_their_start_and_ready_times(tmp_path):
     assert accounting.png_rows((results / "timeline.png").read_bytes()) == [
         e["engine"] for e in engines
     ]
+
+
+@pytest.mark.pbs
+def test_per_rank_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
+    from test_aurora_profile import aurora_folder, delete_our_jobs, output_of, run_aurora
+
+    ranks = {f"{i}.in": "".join(f"rank {i} p{j}\n" for j in range(1 + i % 2)) for i in range(8)}
+    work = aurora_folder(tmp_path, ranks, tiles={"per_node": 4}, pbs={"nodes_per_submission": 2})
+    try:
+        res = run_aurora(pbs_cluster, work)
+    finally:
+        delete_our_jobs(pbs_cluster, work)
+    assert res.returncode == 0, output_of(res)
+    (row,) = accounting.parse_tsv((work / "results" / "submissions.tsv").read_text())
+    assert (row["nodes"], row["engines"], row["ranks"]) == ("2", "8", "8")
+    parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}
+    assert abs(sum(parts.values()) - float(row["node_hours_used"])) <= ROUNDING_H, row
+    # each rank's own engine: its interpreter start and load, then its request
+    assert parts["engine_start"] > 0 and parts["serving"] > 0, row
+    phases = json.loads(
+        accounting.phases_path(work / "logs" / "pbs", row["submission"]).read_text()
+    )
+    assert sorted(phases["phases"]) == sorted(accounting.PHASES)
+    engines = accounting.parse_tsv((work / "results" / "engines.tsv").read_text())
+    assert (
+        sorted(e["engine"] for e in engines)
+        == sorted(f"node{n}/tile{t}" for n in (1, 2) for t in range(4))
+        or len(engines) == 8
+    )
+    assert sum(int(e["ranks"]) for e in engines) == 8
+
+
+def test_per_rank_tiles_no_rank_used_are_idle():
+    used = accounting.Slot(
+        name="a/tile0",
+        host="a",
+        tile="0",
+        records=[{}],
+        start_intervals=[(10, 30)],
+        busy_intervals=[(30, 50)],
+    )
+    parts = accounting.account([used], ["a"], 0, 10, 110, 110, tile_slots=4)
+    assert parts == {
+        "setup": 10,
+        "engine_start": 20 / 4,
+        "serving": 20 / 4,
+        "idle": 60 / 4 + 3 * 100 / 4,
+        "stop": 0,
+    }
+    assert accounting.tile_slots({"warm_engines": True}) is None
+    assert (
+        accounting.tile_slots({"warm_engines": False, "tiles": {"per_node": 12, "per_job": 2}}) == 6
+    )
