@@ -636,6 +636,8 @@ def timeline_png(subs: Sequence[Submission]) -> bytes:
     axes.set_yticks(range(len(names)))
     axes.set_yticklabels(names, fontsize=7 if len(names) > 24 else 9)
     axes.set_ylim(len(names) - 0.5, -0.5)
+    if subs:  # (an image of node rows would otherwise narrow the axes to its own span)
+        axes.set_xlim(0, max(s.end for s in subs) - origin)
     axes.set_xlabel("seconds since the start")
     handles = [
         Patch(color="#f4c27a", alpha=0.5, label="set-up (site setup, staging)"),
@@ -644,32 +646,52 @@ def timeline_png(subs: Sequence[Submission]) -> bytes:
         Patch(color="white", label="idle"),
         Patch(color="#c9a0dc", alpha=0.5, label="stop"),
     ]
-    if per_node:
-        handles[2] = Patch(color=palette(0), label="busy fraction of the node's engines")
+    if per_node:  # engine start and idle: both unshaded
+        handles[1:4] = [Patch(color="tab:blue", label="share of the node's engines serving")]
     figure.legend(handles=handles, loc="outside upper center", ncols=5, fontsize=8)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, metadata={"Rows": "\n".join(names)})
     return buffer.getvalue()
 
 
-def _node_rows(axes, sub: Submission, row: int, origin: float) -> int:
-    """Per node: the share of its engines serving in each of 200 time bins."""
+def busy_shares(sub: Submission, bins: int = 200) -> list[list[float]]:
+    """Per host of ``sub``: the share of its engines serving in each of ``bins`` equal
+    time bins from staged to ranks done (each request adds to the bins it covers)."""
     low, high = sub.staged, sub.ranks_done
-    bins = 200
-    width = (high - low) / bins if high > low else 0.0
+    width = (high - low) / bins
+    shares = []
     for host in sub.hosts:
         members = [slot for slot in sub.slots if slot.host == host]
-        if width > 0 and members:
-            busy = [union(clip(m.busy_intervals, low, high)) for m in members]
-            for b in range(bins):
-                a0, a1 = low + b * width, low + (b + 1) * width
-                share = sum(length(clip(u, a0, a1)) for u in busy) / (width * len(members))
-                if share > 0:
-                    axes.broken_barh(
-                        [(a0 - origin, width)], (row - 0.4, 0.8), color="tab:blue", alpha=share
-                    )
-        row += 1
-    return row
+        row = [0.0] * bins
+        for member in members:
+            for a, b in union(clip(member.busy_intervals, low, high)):
+                first, last = int((a - low) / width), min(bins - 1, int((b - low) / width))
+                for k in range(first, last + 1):
+                    bin_low = low + k * width
+                    overlap = min(b, bin_low + width) - max(a, bin_low)
+                    row[k] += max(0.0, overlap) / (width * len(members))
+        shares.append(row)
+    return shares
+
+
+def _node_rows(axes, sub: Submission, row: int, origin: float) -> int:
+    """Per node: one image row, each time bin shaded by its engines' busy share."""
+    if sub.ranks_done > sub.staged and sub.hosts:
+        axes.imshow(
+            busy_shares(sub),
+            cmap="Blues",
+            vmin=0,
+            vmax=1,
+            aspect="auto",
+            interpolation="nearest",
+            extent=(
+                sub.staged - origin,
+                sub.ranks_done - origin,
+                row + len(sub.hosts) - 0.5,
+                row - 0.5,
+            ),
+        )
+    return row + len(sub.hosts)
 
 
 def png_rows(data: bytes) -> list[str]:

@@ -145,6 +145,11 @@ def test_many_engines_get_one_timeline_row_per_node():
     parts = accounting.account(slots, hosts, 0, 5, 40, 41)
     sub = accounting.Submission("1.s", "r0-119", 10, "00:10:00", hosts, 0, 5, 40, 41, slots, parts)
     assert accounting.row_names([sub]) == [f"1.s {h}" for h in hosts]
+    shares = accounting.busy_shares(sub, bins=35)  # 1 s bins
+    assert len(shares) == 10 and all(0 <= x <= 1 for row in shares for x in row)
+    # each node: 12 engines x 10 s of requests
+    assert all(math.isclose(sum(row) * 12, 120) for row in shares)
+    assert shares[0][:5] == [0] * 5 and shares[0][5] == 1 / 12
     assert accounting.png_rows(accounting.timeline_png([sub])) == [f"1.s {h}" for h in hosts]
 
 
@@ -309,22 +314,27 @@ def test_per_rank_submission_accounts_for_every_node_second(pbs_cluster, tmp_pat
         delete_our_jobs(pbs_cluster, work)
     assert res.returncode == 0, output_of(res)
     (row,) = accounting.parse_tsv((work / "results" / "submissions.tsv").read_text())
-    assert (row["nodes"], row["engines"], row["ranks"]) == ("2", "8", "8")
+    # the tiles the ranks used (one echo rank after another may reuse a tile)
+    records = summarize.read_records((work / "results" / "records").glob("*.json"))
+    used = {(r["host"], r["tiles"]) for r in records}
+    assert (row["nodes"], row["engines"], row["ranks"]) == ("2", str(len(used)), "8")
     parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}
     assert abs(sum(parts.values()) - float(row["node_hours_used"])) <= ROUNDING_H, row
-    # each rank's own engine: its interpreter start and load, then its request
-    assert parts["engine_start"] > 0 and parts["serving"] > 0, row
-    phases = json.loads(
-        accounting.phases_path(work / "logs" / "pbs", row["submission"]).read_text()
-    )
+    # each rank's own engine: its interpreter start and (echo: no) model load
+    assert parts["engine_start"] > 0 and parts["idle"] > 0, row
+    phases_file = accounting.phases_path(work / "logs" / "pbs", row["submission"])
+    phases = json.loads(phases_file.read_text())
     assert sorted(phases["phases"]) == sorted(accounting.PHASES)
     engines = accounting.parse_tsv((work / "results" / "engines.tsv").read_text())
-    assert (
-        sorted(e["engine"] for e in engines)
-        == sorted(f"node{n}/tile{t}" for n in (1, 2) for t in range(4))
-        or len(engines) == 8
-    )
+    assert sorted(e["engine"] for e in engines) == sorted(f"{h}/tile{t}" for h, t in used)
     assert sum(int(e["ranks"]) for e in engines) == 8
+    # 4 tile slots per node: the ones no rank used are idle, not missing
+    (sub,) = accounting.submissions(
+        records, work / "logs" / "pbs", work / "logs" / "engines", tile_slots=4
+    )
+    assert math.isclose(sum(sub.parts.values()), sub.used_s)
+    starting = sum(b - a for s in sub.slots for a, b in s.start_intervals)
+    assert math.isclose(sub.parts["engine_start"], starting / 4, rel_tol=1e-6)
 
 
 def test_per_rank_tiles_no_rank_used_are_idle():
