@@ -331,7 +331,9 @@ def print_run_summary(
     except (RecordError, OSError, ValueError) as exc:
         text = f"Run summary unavailable: {exc}"
     try:
-        if records:
+        # A node's Snakemake inside a warm submission (scripts/serve.py sets the
+        # variable): the submission's node-hours are not known before it ends.
+        if records and not os.environ.get("AURORA_ENGINES"):
             slots = accounting.tile_slots(config or {})
             subs = accounting.submissions(records, tile_slots=slots, **logs)
             text += "\n" + accounting.paragraph(subs)
