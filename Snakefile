@@ -110,35 +110,34 @@ use rule infer as infer_jsonl with:
         record=f"{RESULTS}/records/{{rank}}.json",
 
 
+def reported(name, caption):  # a results file in the --report, with its caption
+    return report(
+        f"{RESULTS}/{name}", caption=f"report/{caption}.rst", category="Run summary"
+    )
+
+
 rule summary:
     input:
         records=expand(f"{RESULTS}/records/{{rank}}.json", rank=RANKS),
     output:
-        table=report(
-            f"{RESULTS}/summary.tsv",
-            caption="report/summary.rst",
-            category="Run summary",
-        ),
-        plot=report(
-            f"{RESULTS}/summary.png",
-            caption="report/throughput.rst",
-            category="Run summary",
-        ),
+        table=reported("summary.tsv", "summary"),
+        plot=reported("summary.png", "throughput"),
+        submissions=reported("submissions.tsv", "submissions"),
+        engines=reported("engines.tsv", "engines"),
+        timeline=reported("timeline.png", "timeline"),
     log:
         "logs/summary.log",
     run:
-        summarize.write_summary(
-            input.records, output.table, output.plot, log[0], len(RANKS)
-        )
+        summarize.write_run_summary(input.records, output, log[0], len(RANKS), config)
 
 
 onsuccess:
     rank_job.stop_engines()
-    summarize.print_run_summary(f"{RESULTS}/records", RANKS)
+    summarize.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summarize.print_run_summary(f"{RESULTS}/records", RANKS)
+    summarize.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
     summarize.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")

@@ -335,6 +335,11 @@ class Engine:
             self.env[API_KEY_VARIABLE] = self.api_key
         self._proc: subprocess.Popen | None = None
         self._starts = 0
+        # For the run's accounting (scripts/accounting.py): first start, first ready
+        # (epoch s), and the seconds its restarts took.
+        self.started_at: float | None = None
+        self.ready_at: float | None = None
+        self.restart_s = 0.0
 
     @property
     def url(self) -> str:
@@ -354,6 +359,8 @@ class Engine:
         Path(self.env.get("TMPDIR") or "/tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._starts += 1
+        if self.started_at is None:
+            self.started_at = time.time()
         # -I: the engine environment's PYTHONPATH is for vLLM, not for this stdlib-only watchdog.
         watch = [sys.executable, "-I", str(Path(__file__).resolve()), "watch"]
         watch += ["--grace", str(self.stop_grace), "--", *self.argv]
@@ -385,6 +392,8 @@ class Engine:
             if not self.alive():
                 raise EngineStartError(self._failure("exited before it was ready"))
             if health(self.url, timeout=min(5.0, max(poll, 1.0))):
+                if self.ready_at is None:
+                    self.ready_at = time.time()
                 return time.monotonic() - started
             if time.monotonic() - started > timeout:
                 raise EngineStartError(self._failure(f"was not ready after {timeout:.0f} s"))
@@ -425,9 +434,12 @@ class Engine:
                 f"(max_restarts {self.max_restarts}); giving up. Log {self.log_path}",
             )
         self.restarts += 1
+        began = time.monotonic()
         self.stop()
         self.start()
-        return self.wait_ready(timeout)
+        seconds = self.wait_ready(timeout)
+        self.restart_s += time.monotonic() - began
+        return seconds
 
 
 # ----------------------------------------------------------------------------- watchdog

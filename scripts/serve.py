@@ -203,6 +203,10 @@ def write_state(
         "time": time.time(),
         "env": {k: engine.env.get(k, "") for k in ("ZE_AFFINITY_MASK", "TILE_HOST", "TILE_IDS")},
         "versions": dict(versions or {}),
+        # first start and first ready (epoch s), seconds of restarts: scripts/accounting.py
+        "started_at": engine.started_at,
+        "ready_at": engine.ready_at,
+        "restart_s": round(engine.restart_s, 3),
         **extra,
     }
     prompts.write_atomic(path, json.dumps(record))

@@ -192,7 +192,8 @@ def paragraph(records: Sequence[dict], expected: int | None = None) -> str:
         f"Aggregate {_number(t['aggregate_tokens_per_s'])} output tok/s in the "
         f"{t['generating_s']:,.1f} s in which some engine was generating "
         f"({_number(t['per_engine_tokens_per_s'])} tok/s per engine); "
-        f"median model load {t['median_load_s']:.1f} s."
+        + ("median wait for an engine" if warm(records) else "median model load")
+        + f" {t['median_load_s']:.1f} s."
     )
     if t["slowest"]:
         slow = ", ".join(
@@ -208,8 +209,14 @@ def paragraph(records: Sequence[dict], expected: int | None = None) -> str:
 # ----------------------------------------------------------------------------- plot
 
 
+def warm(records: Sequence[dict]) -> bool:
+    """Records of warm engines: a wait for an engine and a request, no model load."""
+    return bool(records) and all("wait_s" in r and "request_s" in r for r in records)
+
+
 def plot_png(records: Sequence[dict]) -> bytes:
-    """PNG of output tok/s (top) and model load time (bottom) per rank, coloured by host."""
+    """PNG of output tok/s (top) and, per rank, coloured by host (bottom): the model
+    load (per-rank engines), or the wait for an engine and the request (warm engines)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,10 +229,28 @@ def plot_png(records: Sequence[dict]) -> bytes:
     width = min(16.0, max(7.0, 0.2 * len(ranks)))
     figure = Figure(figsize=(width, 6.5), layout="constrained")
     top, bottom = figure.subplots(2, 1, sharex=True)
-    panels = (
-        (top, "tokens_per_s", "output tok/s", "generation throughput", "tok/s"),
-        (bottom, "load_s", "load s", "model load time", "s"),
-    )
+    panels = [(top, "tokens_per_s", "output tok/s", "generation throughput", "tok/s")]
+    if warm(records):
+        # Stacked: the wait below (hatched), the request on top of it.
+        waits = [float(r["wait_s"]) for r in records]
+        requests = [float(r["request_s"]) for r in records]
+        if len(ranks) <= 400:
+            bottom.bar(ranks, waits, width=0.8, color=colours, alpha=0.35, hatch="//")
+            bottom.bar(ranks, requests, width=0.8, bottom=waits, color=colours)
+        else:
+            bottom.scatter(ranks, waits, s=2, color=colours, alpha=0.35)
+            bottom.scatter(
+                ranks, [w + q for w, q in zip(waits, requests, strict=True)], s=2, color=colours
+            )
+        bottom.set_ylabel("s")
+        bottom_title = (
+            "per rank: wait for an engine (hatched) and request time (solid) "
+            f"(medians {_number(statistics.median(waits))} s and "
+            f"{_number(statistics.median(requests))} s)"
+        )
+        bottom.set_title(bottom_title, fontsize=10)
+    else:
+        panels.append((bottom, "load_s", "load s", "model load time", "s"))
     for axes, key, label, title, unit in panels:
         values = [float(r[key]) for r in records]
         if len(ranks) <= 400:
@@ -238,6 +263,8 @@ def plot_png(records: Sequence[dict]) -> bytes:
             title += f" per rank (dashed: median {_number(median)} {unit})"
         axes.set_ylabel(label)
         axes.set_title(title, fontsize=10)
+        if axes is bottom:
+            bottom_title = title
     bottom.set_xlabel("rank")
     if ranks and len(ranks) <= 64:
         bottom.set_xticks(ranks)
@@ -253,7 +280,8 @@ def plot_png(records: Sequence[dict]) -> bytes:
         f"{_number(t['aggregate_tokens_per_s'])} tok/s aggregate"
     )
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100)
+    # What the lower panel shows, also as text (tests, tools).
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Description": bottom_title})
     return buffer.getvalue()
 
 
@@ -274,12 +302,45 @@ def write_summary(record_paths, table_path, plot_path, log_path=None, expected=N
     return text
 
 
-def print_run_summary(records_dir, ranks: Sequence[str], stream=sys.stderr) -> None:
-    """The end-of-run paragraph (Snakefile ``onsuccess``); never fails the run."""
+def write_run_summary(record_paths, output, log_path, expected, config=None) -> None:
+    """Rule summary: summary.tsv and .png, then (scripts/accounting.py) where the
+    node-hours went: submissions.tsv, engines.tsv, timeline.png; ``output``: the
+    rule's named outputs; ``config``: the run's (its tiles per node)."""
+    import accounting
+
+    write_summary(record_paths, output.table, output.plot, log_path, expected)
+    accounting.write_accounting(
+        read_records(record_paths),
+        output.submissions,
+        output.engines,
+        output.timeline,
+        tile_slots=accounting.tile_slots(config or {}),
+    )
+
+
+def print_run_summary(
+    records_dir, ranks: Sequence[str], stream=sys.stderr, config=None, **logs
+) -> None:
+    """The end-of-run paragraphs (Snakefile ``onsuccess``): the ranks, then where the
+    node-hours went (scripts/accounting.py; ``config``: the run's, for its tiles per
+    node; ``logs``: the pbs_logs and engine_logs folders); never fails the run."""
+    import accounting
+
+    records = []
     try:
-        text = paragraph(existing_records(records_dir, ranks), expected=len(ranks))
+        records = existing_records(records_dir, ranks)
+        text = paragraph(records, expected=len(ranks))
     except (RecordError, OSError, ValueError) as exc:
         text = f"Run summary unavailable: {exc}"
+    try:
+        # A node's Snakemake inside a warm submission (scripts/serve.py sets the
+        # variable): the submission's node-hours are not known before it ends.
+        if records and not os.environ.get("AURORA_ENGINES"):
+            slots = accounting.tile_slots(config or {})
+            subs = accounting.submissions(records, tile_slots=slots, **logs)
+            text += "\n" + accounting.paragraph(subs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        text += f"\nNode-hours unavailable: {exc}"
     print(text, file=stream, flush=True)
 
 

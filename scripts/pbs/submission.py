@@ -37,6 +37,9 @@ from .status import QUERY_TIMEOUT, StateStore, new_job_record
 SETUP_MARKER = "# @site-setup@"
 STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "stage_model.py"
 SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "serve.py"
+ACCOUNTING_SCRIPT = Path(__file__).resolve().parents[1] / "accounting.py"
+# Before the site setup (no Python yet): when the job started, for its phases file.
+START_LINE = "aurora_job_start=$(date +%s.%N)"
 
 
 class SubmitError(RuntimeError):
@@ -144,7 +147,10 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
     call (config warm_engines), and undo both when the job script ends. Only paths the
     provider made reach the shell, quoted."""
     python = settings["task_python"]
-    lines, cleanup = [], []
+    # The job's phases (scripts/accounting.py: where its node-hours went).
+    phase = [python, str(ACCOUNTING_SCRIPT), "phase", str(settings["log_dir"])]
+    lines = [f'{shlex.join([*phase, "setup"])} "start=$aurora_job_start"']
+    cleanup = [shlex.join([*phase, "ranks_done"])]
     if engines_file is not None:
         serve = [python, str(SERVE_SCRIPT)]
         cleanup.append(shlex.join([*serve, "stop", str(engines_file)]))
@@ -152,8 +158,8 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
         stage = [python, str(STAGE_SCRIPT)]
         if settings.get("stage"):
             cleanup.append(shlex.join([*stage, "remove", str(stage_file)]))
-    if cleanup:
-        lines.append(f"trap {shlex.quote('; '.join(cleanup))} EXIT")
+    cleanup.append(shlex.join([*phase, "end"]))
+    lines.append(f"trap {shlex.quote('; '.join(cleanup))} EXIT")
     if stage_file is not None:
         lines += [
             "# preflight: every node checks vLLM, its tiles and (config weights.stage) its",
@@ -162,6 +168,7 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
         ]
     elif preflight_skipped(settings):
         lines.append("echo 'preflight: skipped: config node_launcher is empty'")
+    lines.append(shlex.join([*phase, "staged"]))
     if engines_file is not None:
         lines += [
             "# warm engines (config warm_engines): ONE launcher call starts them on every",
@@ -314,9 +321,9 @@ def insert_setup(jobscript_text: str, setup_lines: Sequence[str], after: Sequenc
         raise SubmitError(
             f"the jobscript has no line {SETUP_MARKER!r} (profiles/aurora/jobscript.sh)"
         ) from None
-    block = []
+    block = [START_LINE]
     if setup_lines:
-        block = [
+        block += [
             "# site setup (config pbs.setup); a failing line ends the job here",
             "trap 'echo \"aurora-pbs: site setup (config pbs.setup) failed\" >&2' EXIT",
             "set -e",
