@@ -24,7 +24,6 @@ and the line (not random), so a seeded rerun writes the same bytes.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -389,14 +388,10 @@ class Partial:
 
             lines = [json.dumps({"key": self.key}) + "\n"]
             lines += [self._line(i, a) for i, a in sorted(self._kept.items())]
-            for attempt in range(3):
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    write_atomic(self.path, "".join(lines))
-                    break
-                except FileNotFoundError:  # another rank's remove() took the empty folder
-                    if attempt == 2:
-                        raise
+            # The folder stays once made: a rank removing it when empty would race the
+            # ranks about to write into it (hundreds at once in a node's Snakemake).
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path, "".join(lines))
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         self._handle.write(self._line(index, answer))
         self._handle.flush()
@@ -411,5 +406,3 @@ class Partial:
         """After the whole output is written: the partial answers are in it."""
         self.close()
         self.path.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # kept while other ranks have answers in it
-            self.path.parent.rmdir()

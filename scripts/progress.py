@@ -25,7 +25,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -408,14 +408,3 @@ def load_memory(path: str | os.PathLike) -> dict:
     except (OSError, ValueError):
         return {}
     return memory if isinstance(memory, dict) else {}
-
-
-def registry_entries(registry: str | os.PathLike) -> Mapping[str, dict]:
-    """Every entry of a registry, read whole (for readers that need all fields once,
-    e.g. an end-of-run summary)."""
-    reads = Reads()
-    return {
-        name: entry
-        for name in listing(registry, ".json", reads)
-        if (entry := _read_json(Path(registry, name + ".json"), reads)) is not None
-    }
