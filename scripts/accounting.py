@@ -452,21 +452,11 @@ def submissions(
         staged = marks.get("staged", marks.get("setup", start))
         ranks_done = marks.get("ranks_done", last)
         end = marks.get("end", max(ranks_done, last))
+        times = (start, staged, ranks_done, end)
+        estimated = not {"start", "end"} <= set(marks)
+        row_name, walltime = row["name"], row["walltime"]
         result.append(
-            Submission(
-                id=row["id"],
-                name=row["name"],
-                nodes=len(hosts),
-                walltime=row["walltime"],
-                hosts=hosts,
-                start=start,
-                staged=staged,
-                ranks_done=ranks_done,
-                end=end,
-                slots=slots,
-                parts=account(slots, hosts, start, staged, ranks_done, end, tile_slots),
-                estimated=not {"start", "end"} <= set(marks),
-            )
+            _submission(row["id"], row_name, walltime, hosts, slots, times, tile_slots, estimated)
         )
     local = owners.get(LOCAL)
     if local:
@@ -474,22 +464,31 @@ def submissions(
         hosts = sorted({s.host for s in slots}, key=_natural)
         first = min([rank_begin(r) for r in local] + [s.started_at for s in slots if s.started_at])
         last = max(r["_end"] for r in local)
-        result.append(
-            Submission(
-                id=LOCAL,
-                name="one local node" if len(hosts) == 1 else f"{len(hosts)} local hosts",
-                nodes=len(hosts),
-                walltime="",
-                hosts=hosts,
-                start=first,
-                staged=first,
-                ranks_done=last,
-                end=last,
-                slots=slots,
-                parts=account(slots, hosts, first, first, last, last, tile_slots),
-            )
-        )
+        name = "one local node" if len(hosts) == 1 else f"{len(hosts)} local hosts"
+        times = (first, first, last, last)  # no set-up or stop of its own
+        result.append(_submission(LOCAL, name, "", hosts, slots, times, tile_slots))
     return result
+
+
+def _submission(
+    id: str, name: str, walltime: str, hosts, slots, times, tile_slots, estimated=False
+) -> Submission:
+    """A Submission and its parts; ``times``: start, staged, ranks done, end."""
+    start, staged, ranks_done, end = times
+    return Submission(
+        id=id,
+        name=name,
+        nodes=len(hosts),
+        walltime=walltime,
+        hosts=hosts,
+        start=start,
+        staged=staged,
+        ranks_done=ranks_done,
+        end=end,
+        slots=slots,
+        parts=account(slots, hosts, *times, tile_slots),
+        estimated=estimated,
+    )
 
 
 # ----------------------------------------------------------------------------- tables

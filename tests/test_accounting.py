@@ -177,8 +177,10 @@ def test_local_echo_run_writes_engines_submission_and_timeline(tmp_path, warm):
     assert abs(sum(parts) - float(row["node_hours_used"])) <= ROUNDING_H
     engines = accounting.parse_tsv((results / "engines.tsv").read_text())
     hosts = {r["host"] for r in records}
-    if warm:  # the echo engine runs in the rank's thread: one engine, this host
-        assert [e["engine"] for e in engines] == sorted(hosts)
+    if warm:  # the run's echo servers, one per tile slot (profiles/local: 2), as registered
+        (host,) = hosts
+        assert [e["engine"] for e in engines] == [f"{host}/tile0", f"{host}/tile1"]
+        assert all(float(e["ready_s"]) > 0 for e in engines)
     else:  # one engine per rank on each tile slot (profiles/local: 2)
         assert sorted(e["engine"] for e in engines) == sorted(
             f"{r['host']}/tile{r['tiles']}" for r in {r["tiles"]: r for r in records}.values()
