@@ -17,6 +17,7 @@ from pathlib import Path
 
 import accounting
 import pytest
+import serve
 import summarize
 import workflow as wf
 
@@ -274,7 +275,7 @@ def _logs(_folder, names):
 
 
 @pytest.mark.vllm
-def test_local_warm_vllm_engines_note_their_start_and_ready_times(tmp_path):
+def test_local_warm_vllm_engines_start_and_ready_times_from_their_registry(tmp_path):
     ranks = {f"{i}.in": f"Rank {i} says hello\nThe sky is\n" for i in range(4)}
     work = wf.make_workdir(tmp_path, ranks)
     sampling = {"max_tokens": 4}
@@ -288,9 +289,13 @@ def test_local_warm_vllm_engines_note_their_start_and_ready_times(tmp_path):
     # the run's two engines (profiles/local), each started and ready once
     assert sorted(e["engine"] for e in engines) == sorted({r["engine_name"] for r in records})
     assert len(engines) == 2
+    # as the run's engine registry has them (the supervisor of a local run, serve.node)
+    folder = Path(records[0]["engine_log"]).parent
+    registry = {e["name"]: e for e in serve.read_registry(folder).values()}
     for engine in engines:
         mine = [r for r in records if r["engine_name"] == engine["engine"]]
-        ready = mine[0]["engine_ready_at"] - mine[0]["engine_started_at"]
+        entry = registry[engine["engine"]]
+        ready = entry["ready_at"] - entry["started_at"]
         assert math.isclose(float(engine["ready_s"]), ready, abs_tol=1e-3) and ready > 0
         assert engine["restarts"] == "0" and int(engine["ranks"]) == len(mine)
     (row,) = accounting.parse_tsv((results / "submissions.tsv").read_text())
