@@ -147,7 +147,10 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
         else:
             assert "placement: " in log
     if warm:
-        assert served_by == {(f"{os.uname().nodename}/tile{t}", str(t)) for t in (0, 1)}
+        # by the run's two engines (ranks start once the first is ready: the other may
+        # come up when they are done), each named with its tile's mask
+        engines = {(f"{os.uname().nodename}/tile{t}", str(t)) for t in (0, 1)}
+        assert served_by and served_by <= engines, served_by
         # each engine started once for the whole run
         for tile in (0, 1):
             engine_log = the_engine_log(work, os.uname().nodename, tile)
