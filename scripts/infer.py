@@ -604,7 +604,6 @@ def serve_rank(
     output,
     record_path,
     pool,
-    echo_in_process=True,
     retries: int = 1,
     request_timeout: float = 600.0,
     versions: dict | None = None,
@@ -619,16 +618,15 @@ def serve_rank(
     pool restarts it) and the rank goes to another one. An engine that fails during
     the requests is marked too, and the requests still unanswered are sent to a
     healthy engine, at most ``retries`` times (a death is not the rank's fault); after
-    that the rank fails, naming the logs of the engines it failed on.
-    ``echo_in_process``: the echo engine runs here, not as an engine of the pool
-    (scripts/echo_server.py).
+    that the rank fails, naming the logs of the engines it failed on. The echo engine
+    is an engine of the pool too (scripts/echo_server.py).
     """
     import engines
 
     started = time.monotonic()
     requests = read_rank(prompts_path)
     placement, wait_s, died_on = {}, 0.0, []
-    if not requests or (settings["engine"] == "echo" and echo_in_process):
+    if not requests:
         result = run_echo(requests)
     else:
         partial = Partial(output, partial_key(prompts_path, settings))

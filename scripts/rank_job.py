@@ -156,7 +156,6 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 output.out,
                 output.record,
                 pool,
-                echo_in_process=False,  # echo engines are echo servers, as in a submission
                 retries=config["warm"]["retry_after_engine_death"],
                 request_timeout=config["warm"]["stall_timeout_s"],
                 versions=marker_versions(input.model),

@@ -215,7 +215,6 @@ def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
         tmp_path / "results" / name,
         tmp_path / "results" / f"{name}.json",
         pool,
-        echo_in_process=False,
     )
     return tmp_path / "results" / name
 

@@ -47,8 +47,8 @@ class OneEngine:
 
 
 settings = infer.parse_settings(json.dumps({{"engine": "echo", "model": "echo"}}))
-print(infer.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine(),
-                       echo_in_process=False), flush=True)
+print(infer.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
+      flush=True)
 """
 
 

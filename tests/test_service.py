@@ -94,7 +94,6 @@ def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int 
         tmp_path / f"{rank}.out",
         tmp_path / f"{rank}.json",
         pool,
-        echo_in_process=False,
         retries=retries,
     )
     return json.loads((tmp_path / f"{rank}.json").read_text())
