@@ -802,8 +802,9 @@ class LocalService:
         root = self.registry.parent
         key_file = root / f"{self.run_id}.key"
         engines.write_key_file(key_file, engines.new_api_key())
+        spec = self.spec | {"api_key_file": str(key_file)}
         spec_path = root / f"{self.run_id}.engines.json"
-        prompts.write_atomic(spec_path, json.dumps(self.spec | {"api_key_file": str(key_file)}))
+        prompts.write_atomic(spec_path, json.dumps(spec))
         argv = [sys.executable, os.path.abspath(__file__), "node", str(spec_path)]
         argv += [self.run_id, self.host, "--lifeline"]
         # Launchers' local-rank variables would give this one process a share of the node.
@@ -819,7 +820,6 @@ class LocalService:
                 start_new_session=True,
             )
         threading.Thread(target=self._report_exit, args=(self._process,), daemon=True).start()
-        spec = json.loads(spec_path.read_text())
         launcher = LOCAL_LAUNCHER.replace("{log}", str(self.log_path))
         return RegistryPool.for_hosts(spec, self.run_id, [self.host], "this run", launcher)
 
