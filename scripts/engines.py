@@ -42,8 +42,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,9 +488,136 @@ def _log(message: str) -> None:
 
 # ----------------------------------------------------------------------------- client
 
-# Never through a proxy: compute nodes set http_proxy, and clients of a local engine
-# do not always have no_proxy.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Never through a proxy (compute nodes set http_proxy, and clients of a local engine do
+# not always have no_proxy) and never a new connection per request: a rank of the
+# seed's size makes several requests, thousands of ranks run on a node, and urllib's
+# connection, request and header-parsing objects cost a rank's client more CPU than
+# everything else it does. So a small HTTP/1.1 client over plain sockets: JSON in, JSON
+# out, keep-alive connections reused across ranks (a few idle ones kept per engine).
+
+
+class _Connection:
+    """One keep-alive connection to an engine."""
+
+    def __init__(self, address: tuple[str, int], timeout: float):
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = self.sock.makefile("rb")
+        self.idle_since = time.monotonic()
+
+    def usable(self) -> bool:
+        """Idle briefly (under any server's keep-alive timeout: uvicorn's is 5 s) and
+        nothing to read: a readable idle socket is one the server closed."""
+        if time.monotonic() - self.idle_since > _Connections.IDLE_S:
+            return False
+        readable, _, _ = select.select([self.sock], [], [], 0)
+        return not readable
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.reader.close()
+            self.sock.close()
+
+
+class _Connections:
+    """Idle keep-alive connections per engine address; the lock guards the lists only,
+    never a network call."""
+
+    IDLE_S = 2.0
+    KEEP = 64  # idle connections kept per engine (a node's ranks in flight x requests)
+
+    def __init__(self):
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, address: tuple[str, int], timeout: float) -> _Connection:
+        while True:
+            with self._lock:
+                idle = self._idle.get(address)
+                connection = idle.pop() if idle else None
+            if connection is None:
+                return _Connection(address, timeout)
+            if connection.usable():
+                return connection
+            connection.close()
+
+    def give(self, address: tuple[str, int], connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
+        with self._lock:
+            idle = self._idle.setdefault(address, [])
+            if len(idle) < self.KEEP:
+                idle.append(connection)
+                return
+        connection.close()
+
+
+_CONNECTIONS = _Connections()
+
+
+def _address(url: str) -> tuple[str, int]:
+    scheme, _, rest = url.partition("://")
+    host, _, port = rest.rstrip("/").rpartition(":")
+    if scheme != "http" or not host or not port.isdigit():
+        raise ValueError(f"engine URL {url!r} is not http://HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def _read_response(reader) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers (lower-case names) and body of one HTTP/1.x response."""
+    status_line = reader.readline(65537)
+    if not status_line:
+        raise ConnectionResetError("the engine closed the connection")
+    version, status = status_line.split(None, 2)[:2]
+    headers = {}
+    while True:
+        line = reader.readline(65537)
+        if line in (b"\r\n", b"\n", b""):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = reader.read(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while size := int(reader.readline(65537).split(b";")[0], 16):
+            parts.append(reader.read(size))
+            reader.readline(65537)
+        while reader.readline(65537) not in (b"\r\n", b"\n", b""):
+            pass  # trailers
+        body = b"".join(parts)
+    else:
+        body = reader.read()
+        headers["connection"] = "close"
+    if version == b"HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
+        headers["connection"] = "close"
+    return int(status), headers, body
+
+
+def _http(
+    url: str, method: str, path: str, body: bytes | None, timeout: float, key: str | None
+) -> tuple[int, bytes]:
+    """One request to an engine on a kept-alive connection: (status, body). Raises
+    OSError (refused, reset, timed out) and ValueError (not HTTP)."""
+    address = _address(url)
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {address[0]}:{address[1]}"]
+    if body is not None:
+        lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
+    if key:
+        lines.append(f"Authorization: Bearer {key}")
+    message = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (body or b"")
+    connection = _CONNECTIONS.take(address, timeout)
+    try:
+        connection.sock.settimeout(timeout)
+        connection.sock.sendall(message)
+        status, headers, answer = _read_response(connection.reader)
+    except BaseException:
+        connection.close()
+        raise
+    if headers.get("connection", "").lower() == "close":
+        connection.close()
+    else:
+        _CONNECTIONS.give(address, connection)
+    return status, answer
 
 
 @dataclass(frozen=True)
@@ -526,24 +651,16 @@ def _error_message(body: bytes) -> str:
 
 
 def _post(url: str, path: str, body: Mapping, timeout: float, key: str | None = None) -> dict:
-    headers = {"Content-Type": "application/json"}
-    if key:
-        headers["Authorization"] = f"Bearer {key}"
-    request = urllib.request.Request(
-        url.rstrip("/") + path, data=json.dumps(body).encode(), headers=headers
-    )
     try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            raw = response.read()
-    except urllib.error.HTTPError as error:
-        message = _error_message(error.read())
-        if error.code >= 500:
-            raise EngineUnavailable(f"{url}{path}: HTTP {error.code}: {message}") from None
-        raise RequestRejected(error.code, message) from None
-    except (urllib.error.URLError, OSError) as error:
-        # URLError wraps refused connections; timeouts and resets come as OSError.
-        reason = getattr(error, "reason", error)
+        status, raw = _http(url, "POST", path, json.dumps(body).encode(), timeout, key)
+    except (OSError, ValueError) as error:
+        # refused, reset, timed out, or not an HTTP answer
+        reason = error or type(error).__name__
         raise EngineUnavailable(f"{url}{path}: no answer: {reason}") from None
+    if status >= 500:
+        raise EngineUnavailable(f"{url}{path}: HTTP {status}: {_error_message(raw)}")
+    if status >= 400:
+        raise RequestRejected(status, _error_message(raw))
     try:
         return json.loads(raw)
     except ValueError:
@@ -553,9 +670,8 @@ def _post(url: str, path: str, body: Mapping, timeout: float, key: str | None = 
 def health(url: str, timeout: float = 2.0) -> bool:
     """GET /health answers 200."""
     try:
-        with _OPENER.open(url.rstrip("/") + "/health", timeout=timeout) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
+        return _http(url, "GET", "/health", None, timeout, None)[0] == 200
+    except (OSError, ValueError):
         return False
 
 

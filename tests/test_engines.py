@@ -411,6 +411,67 @@ def test_client_connection_refused():
     assert complete(url, [], SAMPLING).texts == []  # nothing to ask: no request
 
 
+class KeepAliveHandler(StubHandler):
+    """HTTP/1.1 as vLLM's server: connections kept alive; an idle one is closed after
+    `timeout` seconds (as uvicorn's keep-alive timeout does). Counts connections."""
+
+    protocol_version = "HTTP/1.1"
+    opened = 0
+    closed = 0
+
+    def setup(self):
+        super().setup()
+        type(self).opened += 1
+
+    def finish(self):
+        super().finish()
+        type(self).closed += 1
+
+
+def test_client_keeps_one_connection_and_replaces_one_the_server_closed():
+    handler = type("Handler", (KeepAliveHandler,), {"timeout": 1.0})
+    handler.reply = (200, json.dumps({"choices": [{"index": 0, "text": "x"}]}).encode(), 0.0)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for _ in range(20):
+            assert complete(url, ["p"], SAMPLING).texts == ["x"]
+        assert (handler.opened, handler.closed) == (1, 0)  # one for all twenty requests
+        # idle, the server closes it; the client sees that and opens a new one
+        assert wait_until(lambda: handler.closed == 1, 10) is not None
+        assert complete(url, ["p"], SAMPLING).texts == ["x"]
+        assert handler.opened == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_client_reads_a_chunked_answer():
+    class Chunked(StubHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = json.dumps({"choices": [{"index": 0, "text": "chunked"}]}).encode()
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for part in (body[:7], body[7:]):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
+            self.wfile.write(b"0\r\n\r\n")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Chunked)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        for _ in range(2):  # the second on the same connection: the first read it whole
+            assert complete(url, ["p"], SAMPLING).texts == ["chunked"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # ----------------------------------------------------------------------------- lifetime, stand-ins
 
 
