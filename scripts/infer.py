@@ -53,11 +53,13 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import socket
 import sys
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 from jsonl_ranks import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
@@ -521,15 +523,55 @@ def checked_requests(
     return [r.messages if r.chat else r.prompt for r in requests], []
 
 
+# Special tokens a tokenizer adds to a prompt (BOS, EOS, a leading "▁"), at most.
+SPECIAL_TOKENS_BOUND = 16
+
+
+def token_bound(text: str) -> int:
+    """Most tokens any tokenizer vLLM loads can make of ``text``, without asking it.
+
+    Every token covers at least one byte of the text as the model sees it (byte-level
+    BPE: GPT-2, OPT, Llama 3, Qwen) or one character of it (SentencePiece, WordPiece;
+    byte fallback spends at most a character's bytes). What the model sees is the text
+    after its normalizer: Unicode compatibility forms (NFKC can turn one character into
+    18), lower case (at most 1.5x the bytes), SentencePiece's space-to-"▁" (a 1-byte
+    space becomes 3 bytes, still one character). So: 3x the larger of the NFKC and NFKD
+    byte counts, plus the special tokens. tests/test_infer.py checks it against the real
+    tokenizers of the local models on hostile texts."""
+    size = max(len(unicodedata.normalize(form, text).encode()) for form in ("NFKC", "NFKD"))
+    return 3 * size + SPECIAL_TOKENS_BOUND
+
+
+# Each engine's context length, from its first /tokenize answer (one model per run).
+_MAX_MODEL_LEN: dict[str, int] = {}
+
+
+def surely_fit(requests: list[Request], settings: dict, url: str) -> bool:
+    """Every request is a prompt (not a chat) that fits the engine's context with its
+    whole generation even at ``token_bound`` tokens: nothing to check, so no /tokenize
+    (seed-sized ranks: half of their requests)."""
+    max_model_len = _MAX_MODEL_LEN.get(url)
+    if not max_model_len:
+        return False
+    return all(
+        not r.chat
+        and token_bound(r.prompt)
+        <= _token_limit(max_model_len, sampling_of(r, settings["sampling"])["max_tokens"])
+        for r in requests
+    )
+
+
 def engine_inputs(
     requests: list[Request], settings: dict, path: str, url: str, key: str | None = None
 ) -> tuple:
     """The requests' engine inputs and the truncated lines, checked as `run_vllm` checks
     them with the engine's own tokenizer (/tokenize, which also tells the context
     length, and renders chats with the engine's template): the server alone would cut a
-    generation short silently."""
+    generation short silently. Prompts that `surely_fit` need no check."""
     import engines
 
+    if surely_fit(requests, settings, url):
+        return [r.prompt for r in requests], []
     answers = [
         engines.tokenize_messages(url, r.messages, key=key)
         if r.chat
@@ -537,6 +579,8 @@ def engine_inputs(
         for r in requests
     ]
     token_ids = [answer.ids for answer in answers]
+    if answers and answers[0].max_model_len:
+        _MAX_MODEL_LEN[url] = answers[0].max_model_len
     inputs, truncated = checked_requests(
         requests,
         token_ids,
@@ -550,34 +594,58 @@ def engine_inputs(
     return inputs, truncated
 
 
-def send_requests(engine, requests, inputs, todo, settings, partial, answers, timeout) -> float:
-    """Send the requests ``todo`` (indices) to ``engine``, REQUESTS_IN_FLIGHT at a time;
-    keep each answer in ``answers`` and ``partial`` as it comes; return the seconds.
-    The first failure stops the sending and is raised once the requests in flight end
-    (their answers are kept)."""
-    import concurrent.futures
+class _Senders:
+    """Daemon threads that carry the requests of every rank in this process, kept between
+    ranks: starting a thread per request cost a seed-sized rank more CPU than its HTTP.
+    A task never waits for a busy thread (a new one starts when none is idle), so there
+    are as many threads as requests were ever in flight at once; being daemons, they
+    never hold up the end of the process (Ctrl-C of Snakemake)."""
 
+    def __init__(self):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, task) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1  # that idle thread takes this task
+        if start:
+            threading.Thread(target=self._work, name="request", daemon=True).start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_SENDERS = _Senders()
+
+
+def send_requests(engine, requests, inputs, todo, settings, partial, answers, timeout) -> float:
+    """Send the requests ``todo`` (indices) to ``engine``, REQUESTS_IN_FLIGHT at a time
+    (this thread and the shared senders); keep each answer in ``answers`` and
+    ``partial`` as it comes; return the seconds. The first failure stops the sending
+    and is raised once the requests in flight end (their answers are kept)."""
     import engines
 
     lock = threading.Lock()
-    failed = threading.Event()
+    pending = iter(todo)
+    errors: list[BaseException] = []
 
     def send(i: int) -> None:
-        if failed.is_set():
-            return
         request, given = requests[i], inputs[i]
-        try:
-            reply = engines.complete_one(
-                engine.url,
-                sampling_of(request, settings["sampling"]),
-                prompt=None if request.chat else given,
-                messages=given if request.chat else None,
-                timeout=timeout,
-                key=engine.api_key,
-            )
-        except BaseException:
-            failed.set()
-            raise
+        reply = engines.complete_one(
+            engine.url,
+            sampling_of(request, settings["sampling"]),
+            prompt=None if request.chat else given,
+            messages=given if request.chat else None,
+            timeout=timeout,
+            key=engine.api_key,
+        )
         answer = Answer(
             reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens
         )
@@ -585,11 +653,33 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
             answers[i] = answer
             partial.add(i, answer)
 
+    def work() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(pending, None)
+            if i is None:
+                return
+            try:
+                send(i)
+            except BaseException as error:
+                with lock:
+                    errors.append(error)
+
     started = time.monotonic()
-    width = max(1, min(REQUESTS_IN_FLIGHT, len(todo)))
-    with concurrent.futures.ThreadPoolExecutor(width, thread_name_prefix="request") as pool:
-        futures = [pool.submit(send, i) for i in todo]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+    helpers = max(0, min(REQUESTS_IN_FLIGHT, len(todo)) - 1)
+    finished = threading.Semaphore(0)
+
+    def helper() -> None:
+        try:
+            work()
+        finally:
+            finished.release()
+
+    for _ in range(helpers):
+        _SENDERS.submit(helper)
+    work()
+    for _ in range(helpers):
+        finished.acquire()
     if errors:
         # an engine that is gone first: the rank goes to another engine for the rest
         errors.sort(key=lambda e: not isinstance(e, engines.EngineUnavailable))

@@ -332,8 +332,10 @@ def partial_path(output: str | os.PathLike) -> Path:
 
 class Partial:
     """The answers a rank has so far, one JSON line per finished request, appended and
-    fsynced as each finishes: a rank stopped by SIGKILL, walltime, Ctrl-C or an engine
-    crash keeps them, and its rerun sends only the rest.
+    flushed as each finishes: a rank stopped by SIGKILL, walltime, Ctrl-C or an engine
+    crash keeps them (the kernel has them; no fsync per answer: a node crash is the one
+    case that can lose some, and their rerun asks them again), and its rerun sends only
+    the rest.
 
     The first line is a key: the digest of the rank file and the settings that shape
     the answers (model, sampling, template). Answers under another key are dropped (the
@@ -382,20 +384,23 @@ class Partial:
         return json.dumps(entry, ensure_ascii=False) + "\n"
 
     def add(self, index: int, answer: Answer) -> None:
-        """Append one finished answer, on disk before this returns."""
+        """Append one finished answer, in the file (the kernel's) before this returns."""
         if self._handle is None:
-            from prompts import write_atomic
-
             lines = [json.dumps({"key": self.key}) + "\n"]
             lines += [self._line(i, a) for i, a in sorted(self._kept.items())]
             # The folder stays once made: a rank removing it when empty would race the
             # ranks about to write into it (hundreds at once in a node's Snakemake).
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.path, "".join(lines))
-            self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            if self._kept:  # a kill while rewriting must not lose them
+                from prompts import write_atomic
+
+                write_atomic(self.path, "".join(lines))
+                self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+            else:  # a torn key line only makes the rerun start afresh
+                self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
+                self._handle.write(lines[0])
         self._handle.write(self._line(index, answer))
         self._handle.flush()
-        os.fsync(self._handle.fileno())
 
     def close(self) -> None:
         if self._handle is not None:

@@ -486,3 +486,75 @@ def test_existing_out_is_replaced_whole(tmp_path, poisoned_env):
     run.run(timeout=60)
     assert run.returncode == 0, run.describe()
     assert parse_out(run.output.read_text()) == [("a b", "a b"), ("c", "c")]
+
+
+# ----------------------------------------------------------------------------- no /tokenize
+
+# Texts that grow under a tokenizer's normalizer or split into many tokens.
+HOSTILE_TEXTS = [
+    "\ufdfa" * 12,  # NFKC: one character becomes 18
+    "\u337f" * 20,  # NFKC: one character becomes four
+    "\u0130" * 30,  # lower case: 2 bytes become 3
+    " " * 200,  # SentencePiece: a space becomes "▁"
+    "a\u0301" * 40,  # combining marks
+    "\U0001f600\U0001f680" * 25,  # 4-byte characters, byte fallback
+    "漢字かな交じり文" * 10,
+    "\x00\x01\x1f\x7f" * 10,  # control characters
+    SEED_PROMPTS[0],
+    "",
+]
+
+
+def sentencepiece_like_tokenizer():
+    """A Llama-2-style tokenizer (NFKC, lower case, "▁" for spaces, BPE with byte
+    fallback) trained here on a few words: most characters of HOSTILE_TEXTS are unknown
+    to it, the worst case for token counts."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", *byte_tokens])
+    tokenizer.train_from_iterator(SEED_PROMPTS * 3, trainer)
+    return lambda text: tokenizer.encode(f"<s>{text}").ids
+
+
+def test_token_bound_holds_for_real_tokenizers(tiny_model):
+    import infer
+    from transformers import AutoTokenizer
+
+    opt = AutoTokenizer.from_pretrained(str(tiny_model))
+    counters = {"tiny-opt (byte-level BPE)": lambda t: opt(t)["input_ids"]}
+    counters["SentencePiece-like, byte fallback"] = sentencepiece_like_tokenizer()
+    for name, encode in counters.items():
+        for text in HOSTILE_TEXTS:
+            tokens = len(encode(text))
+            assert tokens <= infer.token_bound(text), (name, text[:20], tokens)
+    assert infer.token_bound("") == infer.SPECIAL_TOKENS_BOUND
+
+
+def test_prompts_that_surely_fit_skip_tokenize(monkeypatch):
+    """Once an engine's context length is known, a rank of short prompts goes without
+    /tokenize (the URL here answers nothing: any request would fail); a long prompt, a
+    chat or an unknown engine still asks."""
+    import engines
+    import infer
+    from jsonl_ranks import Request
+
+    url = "http://127.0.0.1:9"  # discard port: nothing listens
+    settings = {"sampling": {"max_tokens": 16}, "long_prompts": "error"}
+    short = [
+        Request(line=i + 1, id=i + 1, batch=False, prompt=p) for i, p in enumerate(SEED_PROMPTS)
+    ]
+    with pytest.raises(engines.EngineUnavailable):  # context length not known yet
+        infer.engine_inputs(short, settings, "r.in", url)
+    monkeypatch.setitem(infer._MAX_MODEL_LEN, url, 2048)
+    assert infer.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [])
+    long = short + [Request(line=5, id=5, batch=False, prompt="x " * 700)]
+    chat = [Request(line=1, id=1, batch=False, messages=[{"role": "user", "content": "hi"}])]
+    tight = {"sampling": {"max_tokens": 2048 - 20}, "long_prompts": "error"}
+    for requests, given in ((long, settings), (chat, settings), (short, tight)):
+        with pytest.raises(engines.EngineUnavailable):
+            infer.engine_inputs(requests, given, "r.jsonl", url)
