@@ -218,16 +218,7 @@ def _batch_request(data: dict, number: int, where) -> Request:
         if fields.get("max_tokens") is not None:
             raise where("batch line: give max_tokens or max_completion_tokens, not both")
         fields["max_tokens"] = fields["max_completion_tokens"]
-    prompt, messages = _one_of_prompt_or_messages(fields, where, ENDPOINTS[url])
-    return Request(
-        line=number,
-        id=custom_id,
-        batch=True,
-        prompt=prompt,
-        messages=messages,
-        sampling=_check_sampling(fields, where),
-        model=model,
-    )
+    return _request(fields, number, where, custom_id, ENDPOINTS[url], model)
 
 
 def _short_request(data: dict, number: int, where) -> Request:
@@ -240,14 +231,24 @@ def _short_request(data: dict, number: int, where) -> Request:
     given_id = data.get("id", number)
     if not (isinstance(given_id, str) and given_id) and not _is_int(given_id):
         raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
-    prompt, messages = _one_of_prompt_or_messages(data, where)
+    return _request(data, number, where, given_id)
+
+
+def _request(
+    fields: dict, number: int, where, request_id, endpoint: str | None = None, model=None
+) -> Request:
+    """The request of line ``number``: its prompt or messages and its sampling, from
+    ``fields`` (a short line, or a batch line's body); a batch line's ``endpoint`` makes
+    it a batch request (answered in the batch output shape)."""
+    prompt, messages = _one_of_prompt_or_messages(fields, where, endpoint)
     return Request(
         line=number,
-        id=given_id,
-        batch=False,
+        id=request_id,
+        batch=endpoint is not None,
         prompt=prompt,
         messages=messages,
-        sampling=_check_sampling(data, where),
+        sampling=_check_sampling(fields, where),
+        model=model,
     )
 
 
