@@ -33,6 +33,11 @@ MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 CHAT = [{"role": "system", "content": "You are brief."},
         {"role": "user", "content": "The secret to a long life is"}]  # fmt: skip
+# a chat whose user content is two OpenAI text parts, and the string they join into
+PARTS = [{"role": "system", "content": [{"type": "text", "text": "You are brief."}]},
+         {"role": "user", "content": [{"type": "text", "text": "The secret"},
+                                      {"type": "text", "text": "to a long life is"}]}]  # fmt: skip
+JOINED = [CHAT[0], {"role": "user", "content": "The secret\nto a long life is"}]
 LINES = [
     {"custom_id": "b-1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "tiny-chat", "messages": CHAT, "max_completion_tokens": 8}},
@@ -109,7 +114,16 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
         "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_OPT)),
         "file": (
             work / "file",
-            write_rank(work / "file", 1, chat_only),
+            # and a chat as OpenAI text parts, after the string they join into
+            write_rank(
+                work / "file",
+                1,
+                [
+                    *chat_only,
+                    {"messages": JOINED, "max_tokens": 4},
+                    {"messages": PARTS, "max_tokens": 4},
+                ],
+            ),  # fmt: skip
             settings(TINY_OPT, chat_template=str(template)),
         ),
     }
@@ -181,9 +195,12 @@ def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
     assert "config vllm.chat_template" in none["stderr"]
     assert not (none["dir"] / "results" / "1.jsonl").exists()
     assert given["code"] == 0, given["stderr"][-3000:]
-    (line,) = answers(given["dir"] / "results" / "1.jsonl")
+    line, joined, from_parts = answers(given["dir"] / "results" / "1.jsonl")
     ids = rendered_ids(TINY_OPT, CHAT, per_rank_runs["template"])
     assert usage(line) == (len(ids), 4)
+    # a per-rank engine answers text parts as the string they join into (seeded)
+    assert usage(joined) == (len(rendered_ids(TINY_OPT, JOINED, per_rank_runs["template"])), 4)
+    assert from_parts == joined | {"id": 3}
 
 
 @pytest.mark.vllm
@@ -226,12 +243,10 @@ def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
     answered as their string twin, the .in rank in the seed's format."""
     from transformers import AutoTokenizer
 
-    question = "The secret\nto a long life is"
-    parts = [{"type": "text", "text": "The secret"}, {"type": "text", "text": "to a long life is"}]
     jsonl = [
         LINES[0],
-        {"id": "parts", "messages": [{"role": "user", "content": parts}], "seed": 7},
-        {"id": "string", "messages": [{"role": "user", "content": question}], "seed": 7},
+        {"id": "parts", "messages": PARTS[1:], "seed": 7},
+        {"id": "string", "messages": JOINED[1:], "seed": 7},
         {"prompt": "To solve climate change, the world must", "max_tokens": 5},
     ]
     work = make_workdir(
@@ -274,7 +289,7 @@ def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
                              "total_tokens": prompt_tokens + 8}  # fmt: skip
     assert prompt_tokens > raw(CHAT)  # the template's markers reached the engine
 
-    string_chat = [{"role": "user", "content": question}]
+    string_chat = JOINED[1:]
     assert set(from_string) == {"id", "text", "finish_reason", "prompt_tokens", "output_tokens"}
     assert from_string["id"] == "string" and from_string["finish_reason"] == "length"
     assert from_string["prompt_tokens"] == len(rendered_ids(tiny_chat, string_chat))
