@@ -12,6 +12,9 @@ A request line is one of:
   with optional ``id``, ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``
   (and vLLM's ``ignore_eos``).
 
+A message's content is a string or OpenAI's list of text parts, joined as vLLM joins
+them (`_content_text`); any other part (image_url, input_audio, ...) is a bad line.
+
 Each line's sampling fields override config ``sampling`` for that request. Blank lines
 are skipped; line numbers count every line. The answers keep the input order: a short
 line gets ``{"id", "text", "finish_reason", "prompt_tokens", "output_tokens"}`` (the id
@@ -132,11 +135,38 @@ def _check_messages(messages, where) -> list:
         role = message.get("role")
         if role not in ROLES:
             raise where(f"message {number}: unknown role {role!r} (roles: {', '.join(ROLES)})")
-        if not isinstance(message.get("content"), str):
+    return [
+        {"role": m["role"], "content": _content_text(m.get("content"), number, where)}
+        for number, m in enumerate(messages, start=1)
+    ]
+
+
+def _content_text(content, number: int, where) -> str:
+    """A message's content as the one string the chat template gets: a string as it is;
+    OpenAI's list of parts (``[{"type": "text", "text": ...}, ...]``) with its texts
+    joined by newlines, as vLLM joins them for a template that takes content as a string
+    (vllm/renderers/chat_utils.py). So a request gives the same answer whichever way its
+    text is written, on warm and per-rank engines alike."""
+    if isinstance(content, str):
+        return content
+    expected = "a string or a non-empty list of text parts ({type: text, text})"
+    if not isinstance(content, list) or not content:
+        raise where(f"message {number}: content must be {expected}, not {content!r}")
+    texts = []
+    for index, part in enumerate(content, start=1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text" and isinstance(kind, str):
             raise where(
-                f"message {number}: content must be a string, not {message.get('content')!r}"
+                f"message {number}: content part {index} is {kind!r}: only text parts are "
+                "served (the run's model takes text)"
             )
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        if kind != "text" or not isinstance(part.get("text"), str):
+            raise where(
+                f"message {number}: content part {index} must be "
+                f'{{"type": "text", "text": "..."}}, not {part!r}'
+            )
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def _one_of_prompt_or_messages(fields: dict, where, endpoint: str | None = None):
@@ -188,16 +218,7 @@ def _batch_request(data: dict, number: int, where) -> Request:
         if fields.get("max_tokens") is not None:
             raise where("batch line: give max_tokens or max_completion_tokens, not both")
         fields["max_tokens"] = fields["max_completion_tokens"]
-    prompt, messages = _one_of_prompt_or_messages(fields, where, ENDPOINTS[url])
-    return Request(
-        line=number,
-        id=custom_id,
-        batch=True,
-        prompt=prompt,
-        messages=messages,
-        sampling=_check_sampling(fields, where),
-        model=model,
-    )
+    return _request(fields, number, where, custom_id, ENDPOINTS[url], model)
 
 
 def _short_request(data: dict, number: int, where) -> Request:
@@ -210,14 +231,24 @@ def _short_request(data: dict, number: int, where) -> Request:
     given_id = data.get("id", number)
     if not (isinstance(given_id, str) and given_id) and not _is_int(given_id):
         raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
-    prompt, messages = _one_of_prompt_or_messages(data, where)
+    return _request(data, number, where, given_id)
+
+
+def _request(
+    fields: dict, number: int, where, request_id, endpoint: str | None = None, model=None
+) -> Request:
+    """The request of line ``number``: its prompt or messages and its sampling, from
+    ``fields`` (a short line, or a batch line's body); a batch line's ``endpoint`` makes
+    it a batch request (answered in the batch output shape)."""
+    prompt, messages = _one_of_prompt_or_messages(fields, where, endpoint)
     return Request(
         line=number,
-        id=given_id,
-        batch=False,
+        id=request_id,
+        batch=endpoint is not None,
         prompt=prompt,
         messages=messages,
-        sampling=_check_sampling(data, where),
+        sampling=_check_sampling(fields, where),
+        model=model,
     )
 
 

@@ -213,9 +213,27 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
         warm_folder,
     )
 
-    # 30 uneven ranks on 2 nodes x 4 engines, one request per engine at a time: the
-    # last ones leave most engines idle
+    # 32 uneven ranks on 2 nodes x 4 engines, one request per engine at a time: the
+    # last ones leave most engines idle. Two are JSONL ranks (short lines, text parts,
+    # an OpenAI batch line), served by the same engines and counted alike.
     ranks = {f"{i}.in": "".join(f"rank {i} p{j}\n" for j in range(1 + i % 4)) for i in range(30)}
+    text_parts = [{"type": "text", "text": "rank 30"}, {"type": "text", "text": "p1"}]
+    batch = {
+        "custom_id": "r31",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "rank 31 p0"},
+            ],
+        },
+    }
+    jsonl = {"30.jsonl": [{"id": "a", "prompt": "rank 30 p0"},
+                          {"messages": [{"role": "user", "content": text_parts}], "max_tokens": 4}],
+             "31.jsonl": [batch]}  # fmt: skip
+    ranks |= {name: "".join(json.dumps(x) + "\n" for x in lines) for name, lines in jsonl.items()}
     work = warm_folder(
         tmp_path,
         ranks,
@@ -237,7 +255,7 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
         submission["id"],
         "2",
         "8",
-        "30",
+        "32",
     )
     used = float(row["node_hours_used"])
     parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}
@@ -254,11 +272,34 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
     names = sorted(json.loads(p.read_text())["name"] for p in registry.glob("*.json"))
     engines = accounting.parse_tsv((results / "engines.tsv").read_text())
     assert sorted(e["engine"] for e in engines) == names and len(names) == 8
-    assert sum(int(e["ranks"]) for e in engines) == 30
+    assert sum(int(e["ranks"]) for e in engines) == 32
     assert all(0 < float(e["busy_fraction"]) <= 1 for e in engines)
     rows = accounting.png_rows((results / "timeline.png").read_bytes())
     assert rows == [f"{submission['id']} {e['engine']}" for e in engines]
-    assert f"Node-hours, r0-29 ({submission['id']}, 2 node(s), 8 engine(s))" in res.stderr
+    assert f"Node-hours, r0-31 ({submission['id']}, 2 node(s), 8 engine(s))" in res.stderr
+    # the JSONL ranks' answers (echo engines: the prompt, or the rendered chat, back)
+    short, from_parts = [json.loads(x) for x in (results / "30.jsonl").read_text().splitlines()]
+    assert short == {"id": "a", "text": "rank 30 p0", "finish_reason": "length",
+                     "prompt_tokens": 3, "output_tokens": 3}  # fmt: skip
+    # text parts: joined by newlines, as vLLM joins them
+    assert from_parts == {"id": 2, "text": "<|user|> rank 30\np1\n<|assistant|>",
+                          "finish_reason": "length", "prompt_tokens": 5,
+                          "output_tokens": 5}  # fmt: skip
+    (line,) = [json.loads(x) for x in (results / "31.jsonl").read_text().splitlines()]
+    assert (line["custom_id"], line["error"], line["response"]["status_code"]) == ("r31", None, 200)
+    assert line["id"].startswith("batch_req_")
+    body = line["response"]["body"]
+    assert (body["object"], body["model"]) == ("chat.completion", "m")
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content":
+        "<|system|> Be brief.\n<|user|> rank 31 p0\n<|assistant|>"},
+        "finish_reason": "length", "logprobs": None}]  # fmt: skip
+    assert body["usage"] == {"prompt_tokens": 8, "completion_tokens": 8, "total_tokens": 16}
+    for rank, prompts, tokens in ((30, 2, 3 + 5), (31, 1, 8)):
+        record = json.loads((results / "records" / f"{rank}.json").read_text())
+        assert (record["prompts"], record["prompt_tokens"], record["output_tokens"]) == (
+            prompts, tokens, tokens)  # fmt: skip
+        assert record["engine_name"] and record["client_node"] == record["host"], record
+    assert not (results / ".partial").exists() or not any((results / ".partial").iterdir())
     # keep this run for the unit tests above (tests/data/accounting) when asked to
     keep = Path(os.environ.get("KEEP_ACCOUNTING_RUN", ""))
     if keep.name:

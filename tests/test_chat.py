@@ -1,9 +1,9 @@
 """Chat requests on a real instruct model (models/tiny-chat: scripts/build_model.py
 tiny-chat, a chat template in its tokenizer_config.json) through both kinds of engine:
-per-rank (infer.py, vLLM in the task) and warm (scripts/vllm_server.py). The template's
-markers reach the engine (the prompt tokens it reports are the rendered chat's), a
-seeded rerun is identical, and a model without a template takes config
-vllm.chat_template."""
+per-rank (infer.py, vLLM in the task) and warm (scripts/vllm_server.py), and through
+the whole workflow (profiles/local). The template's markers reach the engine (the
+prompt tokens it reports are the rendered chat's), a seeded rerun is identical, and a
+model without a template takes config vllm.chat_template."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from jsonl_ranks import Answer, Partial
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
+from workflow import local_config, make_workdir, read_records, snakemake
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -32,6 +33,11 @@ MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 CHAT = [{"role": "system", "content": "You are brief."},
         {"role": "user", "content": "The secret to a long life is"}]  # fmt: skip
+# a chat whose user content is two OpenAI text parts, and the string they join into
+PARTS = [{"role": "system", "content": [{"type": "text", "text": "You are brief."}]},
+         {"role": "user", "content": [{"type": "text", "text": "The secret"},
+                                      {"type": "text", "text": "to a long life is"}]}]  # fmt: skip
+JOINED = [CHAT[0], {"role": "user", "content": "The secret\nto a long life is"}]
 LINES = [
     {"custom_id": "b-1", "method": "POST", "url": "/v1/chat/completions",
      "body": {"model": "tiny-chat", "messages": CHAT, "max_completion_tokens": 8}},
@@ -108,7 +114,16 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
         "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_OPT)),
         "file": (
             work / "file",
-            write_rank(work / "file", 1, chat_only),
+            # and a chat as OpenAI text parts, after the string they join into
+            write_rank(
+                work / "file",
+                1,
+                [
+                    *chat_only,
+                    {"messages": JOINED, "max_tokens": 4},
+                    {"messages": PARTS, "max_tokens": 4},
+                ],
+            ),  # fmt: skip
             settings(TINY_OPT, chat_template=str(template)),
         ),
     }
@@ -180,9 +195,12 @@ def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
     assert "config vllm.chat_template" in none["stderr"]
     assert not (none["dir"] / "results" / "1.jsonl").exists()
     assert given["code"] == 0, given["stderr"][-3000:]
-    (line,) = answers(given["dir"] / "results" / "1.jsonl")
+    line, joined, from_parts = answers(given["dir"] / "results" / "1.jsonl")
     ids = rendered_ids(TINY_OPT, CHAT, per_rank_runs["template"])
     assert usage(line) == (len(ids), 4)
+    # a per-rank engine answers text parts as the string they join into (seeded)
+    assert usage(joined) == (len(rendered_ids(TINY_OPT, JOINED, per_rank_runs["template"])), 4)
+    assert from_parts == joined | {"id": 3}
 
 
 @pytest.mark.vllm
@@ -216,3 +234,80 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
         assert usage(plain)[1] == 16
     finally:
         engine.stop()
+
+
+@pytest.mark.vllm
+def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
+    """One local run (warm engine) over a .in rank and a JSONL rank of chat requests:
+    each answer line field by field, the rendered chat's tokens counted, content parts
+    answered as their string twin, the .in rank in the seed's format."""
+    from transformers import AutoTokenizer
+
+    jsonl = [
+        LINES[0],
+        {"id": "parts", "messages": PARTS[1:], "seed": 7},
+        {"id": "string", "messages": JOINED[1:], "seed": 7},
+        {"prompt": "To solve climate change, the world must", "max_tokens": 5},
+    ]
+    work = make_workdir(
+        tmp_path,
+        {"0.in": "Hello there\nThe sky is\n",
+         "1.jsonl": "".join(json.dumps(x) + "\n" for x in jsonl)},
+    )  # fmt: skip
+    sampling = dict(temperature=0.8, top_p=0.95, max_tokens=6, seed=1234, ignore_eos=True)
+    # one warm engine: both ranks on it, one vLLM start; ports of its own (other
+    # sessions on this machine may run engines on the default ones)
+    config = local_config(work, model="./models/tiny-chat", sampling=sampling,
+                          tiles={"per_node": 1, "base_port": 34500})  # fmt: skip
+    result = snakemake(work, configfiles=config)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    results = work / "results"
+
+    # the .in rank: the seed's records, its prompts in order
+    records = read_records(results / "0.out")
+    assert [prompt for prompt, _ in records] == ["Hello there", "The sky is"]
+    assert all(isinstance(text, str) and text for _, text in records)
+
+    batch, from_parts, from_string, plain = answers(results / "1.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_chat))
+
+    def raw(messages) -> int:  # the contents' tokens, no template
+        return sum(len(tokenizer.encode(m["content"], add_special_tokens=False)) for m in messages)
+
+    assert set(batch) == {"id", "custom_id", "response", "error"}
+    assert batch["custom_id"] == "b-1" and batch["error"] is None
+    assert batch["id"].startswith("batch_req_")
+    body = batch["response"]["body"]
+    assert batch["response"]["status_code"] == 200
+    assert (body["object"], body["model"], body["created"]) == ("chat.completion", "tiny-chat", 0)
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] == "length"  # ignore_eos: all max_completion_tokens
+    prompt_tokens = len(rendered_ids(tiny_chat, CHAT))
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 8,
+                             "total_tokens": prompt_tokens + 8}  # fmt: skip
+    assert prompt_tokens > raw(CHAT)  # the template's markers reached the engine
+
+    string_chat = JOINED[1:]
+    assert set(from_string) == {"id", "text", "finish_reason", "prompt_tokens", "output_tokens"}
+    assert from_string["id"] == "string" and from_string["finish_reason"] == "length"
+    assert from_string["prompt_tokens"] == len(rendered_ids(tiny_chat, string_chat))
+    assert from_string["prompt_tokens"] > raw(string_chat)
+    assert from_string["output_tokens"] == 6
+    # text parts: the same request as its joined string, the same seeded answer
+    assert from_parts == from_string | {"id": "parts"}
+
+    assert plain["id"] == 4 and plain["finish_reason"] == "length"
+    assert plain["prompt_tokens"] == len(tokenizer.encode(jsonl[3]["prompt"]))
+    assert plain["output_tokens"] == 5
+
+    rank = json.loads((results / "records" / "1.json").read_text())
+    lines = (batch, from_parts, from_string, plain)
+    assert rank["prompts"] == 4
+    assert rank["output_tokens"] == 8 + 6 + 6 + 5
+    assert rank["prompt_tokens"] == sum(usage(x)[0] for x in lines)
+    rows = (results / "summary.tsv").read_text().splitlines()
+    assert [row.split("\t")[:3] for row in rows[1:]] == [["0", "2", "12"], ["1", "4", "25"]]
+    partial = results / ".partial"
+    assert not partial.exists() or not any(partial.iterdir())

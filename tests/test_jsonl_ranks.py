@@ -92,7 +92,55 @@ BAD_LINES = [
     ({"id": "x"}, "neither prompt nor messages"),
     ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "both prompt and messages"),
     ({"messages": [{"role": "wizard", "content": "b"}]}, "unknown role 'wizard'"),
-    ({"messages": [{"role": "user", "content": 5}]}, "content must be a string, not 5"),
+    ({"messages": [{"role": "user", "content": 5}]}, "content must be a string or a non-empty"),
+    ({"messages": [{"role": "user", "content": []}]}, "message 1: content must be a string or"),
+    (
+        {
+            "messages": [
+                {"role": "system", "content": "s"},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                    ],
+                },
+            ]
+        },
+        "message 2: content part 2 is 'image_url': only text parts are served",
+    ),  # fmt: skip
+    (
+        CHAT_LINE
+        | {
+            "body": CHAT_LINE["body"]
+            | {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "input_audio",
+                                "input_audio": {"data": "AAAA", "format": "wav"},
+                            }
+                        ],
+                    }
+                ]
+            }
+        },
+        "message 1: content part 1 is 'input_audio': only text parts are served",
+    ),  # fmt: skip
+    (
+        {"messages": [{"role": "user", "content": [{"text": "no type"}]}]},
+        'message 1: content part 1 must be {"type": "text", "text": "..."}',
+    ),
+    (
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 3}]}]},
+        'message 1: content part 1 must be {"type": "text", "text": "..."}',
+    ),
+    (
+        {"messages": [{"role": "user", "content": ["bare string part"]}]},
+        "message 1: content part 1 must be",
+    ),
     ({"messages": []}, "messages must be a non-empty list"),
     ({"messages": "hello"}, "messages must be a non-empty list"),
     ({"prompt": 42}, "prompt must be a string, not 42"),
@@ -126,6 +174,24 @@ def test_a_bad_line_is_named_by_file_and_line(tmp_path, line, message):
         read_requests(path)
     assert str(caught.value).startswith(f"{path}: line 3: ")
     assert message in str(caught.value)
+
+
+TEXT_PARTS = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+
+
+def test_text_parts_are_the_string_vllm_joins_them_into(tmp_path):
+    """OpenAI's content parts: the texts joined by newlines, as vLLM's chat renderer
+    joins them for a template that takes a string; so both engines get one string."""
+    parts = [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+             {"role": "user", "content": TEXT_PARTS}]  # fmt: skip
+    text = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello\nworld"}]
+    path = write_lines(
+        tmp_path / "1.jsonl",
+        [{"messages": parts}, CHAT_LINE | {"body": CHAT_LINE["body"] | {"messages": parts}},
+         {"messages": text}],
+    )  # fmt: skip
+    short, batch, plain = read_requests(path)
+    assert short.messages == batch.messages == plain.messages == text
 
 
 def test_repeated_ids_and_bad_bytes(tmp_path):
@@ -245,10 +311,16 @@ def echo_pool(tmp_path):
 
 def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
     lines = [{"prompt": "one two", "id": "a"}, CHAT_LINE, COMPLETION_LINE,
-             {"messages": [{"role": "user", "content": "hi"}]}]  # fmt: skip
+             {"messages": [{"role": "user", "content": "hi"}]},
+             {"messages": [{"role": "user", "content": TEXT_PARTS}]},
+             {"messages": [{"role": "user", "content": "Hello\nworld"}]}]  # fmt: skip
     out = serve_lines(tmp_path, "6.jsonl", lines, echo_pool)
     answers = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [a.get("custom_id", a.get("id")) for a in answers] == ["a", "request-1", "request-2", 4]
+    assert [a.get("custom_id", a.get("id")) for a in answers] == [
+        "a", "request-1", "request-2", 4, 5, 6]  # fmt: skip
+    # text parts: the answer of the same text as one string
+    assert answers[4] | {"id": 6} == answers[5]
+    assert answers[5]["text"] == "<|user|> Hello\nworld\n<|assistant|>"
     assert answers[0] == {"id": "a", "text": "one two", "finish_reason": "length",
                           "prompt_tokens": 2, "output_tokens": 2}  # fmt: skip
     chat = answers[1]["response"]["body"]
@@ -258,8 +330,11 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
     assert chat["usage"]["prompt_tokens"] == len(content.split()) == 8
     assert answers[2]["response"]["body"]["choices"][0]["text"] == "Once upon"
     record = json.loads((tmp_path / "results" / "6.jsonl.json").read_text())
-    assert record["prompts"] == 4
-    assert record["prompt_tokens"] == record["output_tokens"] == 2 + 8 + 2 + 3
+    assert record["prompts"] == 6
+    assert record["prompt_tokens"] == record["output_tokens"] == 2 + 8 + 2 + 3 + 4 + 4
+    # the per-rank echo engine (infer.py's own) answers parts as the same string too
+    requests = read_requests(tmp_path / "6.jsonl")
+    assert infer.echo_answer(requests[4]) == infer.echo_answer(requests[5])
     assert not (tmp_path / "results" / ".partial" / "6.jsonl").exists()
 
 
