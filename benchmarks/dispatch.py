@@ -304,7 +304,8 @@ def login_side(cluster, root: Path, ranks: int) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"the run failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     pbs_logs = work / "logs" / "pbs"
-    (script,) = [p for p in pbs_logs.glob("*.sh")]
+    # <name>.sh as submitted; <name>.job.sh is the jobscript a continuation starts from
+    (script,) = [p for p in pbs_logs.glob("*.sh") if not p.name.endswith(".job.sh")]
     engines_at = _mtime(script.with_suffix(".engines.json"))
     nodes_at = _mtime(script.with_suffix(".nodes.json"))
     qsub_at = _mtime(script)
