@@ -510,8 +510,14 @@ class _Connection:
         nothing to read: a readable idle socket is one the server closed."""
         if time.monotonic() - self.idle_since > _Connections.IDLE_S:
             return False
-        readable, _, _ = select.select([self.sock], [], [], 0)
-        return not readable
+        try:
+            self.sock.settimeout(0.0)  # a look, no wait (_http sets the request's timeout)
+            self.sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return True  # nothing to read: still open
+        except OSError:
+            return False
+        return False  # end of file (closed), or bytes nobody asked for
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
