@@ -80,6 +80,11 @@ def outputs(results_dir: str, rank_files: dict[str, str]) -> list[str]:
     ]
 
 
+def records(results_dir: str, ranks: list[str]) -> list[str]:
+    """The records of ``ranks``, written by the rule that writes each rank's answers."""
+    return [f"{results_dir}/records/{rank}.json" for rank in ranks]
+
+
 def rule_of(rank_file: str) -> str:
     """The Snakefile rule that answers a rank file."""
     return "infer_jsonl" if rank_file.endswith(".jsonl") else "infer"
