@@ -327,18 +327,23 @@ def test_local_warm_vllm_engines_start_and_ready_times_from_their_registry(tmp_p
     results = work / "results"
     records = summarize.read_records((results / "records").glob("*.json"))
     engines = accounting.parse_tsv((results / "engines.tsv").read_text())
-    # the run's two engines (profiles/local), each started and ready once, as the run's
-    # engine registry has them (the supervisor of a local run, serve.node)
+    # the run's two engines (profiles/local), each started once, as the run's engine
+    # registry has them (the supervisor of a local run, serve.node); ranks start on the
+    # first engine ready, and four tiny ranks may all be done before the other one is
     folder = Path(records[0]["engine_log"]).parent
     registry = {e["name"]: e for e in serve.read_registry(folder).values()}
     assert sorted(e["engine"] for e in engines) == sorted(registry) and len(engines) == 2
     for engine in engines:
         mine = [r for r in records if r["engine_name"] == engine["engine"]]
         entry = registry[engine["engine"]]
+        assert engine["restarts"] == "0" and int(engine["ranks"]) == len(mine)
+        if entry["ready_at"] is None:  # stopped at the run's end before it was ready
+            assert engine["ready_s"] == "" and not mine
+            continue
         ready = entry["ready_at"] - entry["started_at"]
         # ready_s is the supervisor's own wait, a few ms after the engine's start
         assert math.isclose(float(engine["ready_s"]), ready, abs_tol=0.05) and ready > 0
-        assert engine["restarts"] == "0" and int(engine["ranks"]) == len(mine)
+    assert any(registry[e["engine"]]["ready_at"] for e in engines)
     (row,) = accounting.parse_tsv((results / "submissions.tsv").read_text())
     parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}
     assert abs(sum(parts.values()) - float(row["node_hours_used"])) <= ROUNDING_H
