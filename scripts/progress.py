@@ -181,16 +181,39 @@ def read_progress(
             engines_total=sub.engines,
         )
         if sub.registry:
-            _read_engines(sub.registry, mine["engines"], progress, reads)
+            _read_engines(sub.registry, mine, progress, reads)
         result[sub.key] = progress
     return result
 
 
-def _read_engines(registry: str, known: dict, progress: Progress, reads: Reads) -> None:
-    """Engine states from the registry, opening only the entries replaced since."""
+# A folder's mtime this close to the reader's clock may change again without changing
+# its value (file systems that keep whole seconds): the next round reads it all again.
+SETTLED_S = 2.0
+
+
+def _folder_mtime(folder: str) -> int | None:
+    """The folder's mtime in ns if it settled (see SETTLED_S), else None."""
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+    except OSError:
+        return None
+    return mtime if time.time() - mtime / 1e9 > SETTLED_S else None
+
+
+def _read_engines(registry: str, mine: dict, progress: Progress, reads: Reads) -> None:
+    """Engine states from the registry, opening only the entries replaced since.
+
+    An entry is replaced by a rename, so a new inode says it changed; but an entry
+    replaced twice between two rounds can get its first inode back (ready, restarting,
+    ready again: the restart unseen). Renames change the folder's mtime, so when that
+    changed since the last round (or had not settled), every entry is read again."""
+    known = mine["engines"]
+    mtime = _folder_mtime(registry)
+    every = mtime is None or mtime != mine.get("registry_mtime")
+    mine["registry_mtime"] = mtime
     entries = listing(registry, ".json", reads)
     for name, inode in entries.items():
-        if known.get(name, [None])[0] != inode:
+        if every or known.get(name, [None])[0] != inode:
             entry = _read_json(Path(registry, name + ".json"), reads)
             if entry is not None:
                 log = entry.get("log") or str(Path(registry, name + ".log"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pbs
@@ -30,6 +31,13 @@ def write_engine(registry: Path, name: str, state: str, restarts: int = 0) -> No
     tmp = registry / f".{name}.tmp"
     tmp.write_text(json.dumps(entry))
     os.replace(tmp, path)  # as serve.write_state does: a new inode
+
+
+def settle(folder: Path, age_s: float = 10.0) -> None:
+    """The folder's mtime ``age_s`` in the past, as a round later than its last change
+    sees it (progress.SETTLED_S)."""
+    at = time.time() - age_s
+    os.utime(folder, (at, at))
 
 
 # ------------------------------------------------------------------------ the line
@@ -86,6 +94,7 @@ def test_each_file_is_read_once_and_again_only_when_replaced(tmp_path):
         write_record(records, rank, 16, 1000.0 + rank, 2.0)
     for tile in range(3):
         write_engine(registry, f"node1-tile{tile}", "ready")
+    settle(registry)
     sub = progress.Submission("1.pbs", frozenset(range(8)), 4, str(registry))
     memory, reads = {}, progress.Reads()
     first = progress.read_progress([sub], records, failed, memory, reads)["1.pbs"]
@@ -98,11 +107,36 @@ def test_each_file_is_read_once_and_again_only_when_replaced(tmp_path):
     assert (again.done, again.tokens, reads.files) == (5, 80, 0)
     write_record(records, 5, 4, 1006.0, 1.0)
     write_engine(registry, "node1-tile1", "restarting", restarts=1)
+    settle(registry, 5.0)
     reads = progress.Reads()
     later = progress.read_progress([sub], records, failed, memory, reads)["1.pbs"]
-    assert (later.done, later.tokens, later.engines_ready, reads.files) == (6, 84, 2, 2)
+    # the new record, and the registry's entries again (its folder changed)
+    assert (later.done, later.tokens, later.engines_ready, reads.files) == (6, 84, 2, 1 + 3)
     assert later.engines_trouble == [("node1-tile1", "restarting", 1, "/logs/node1-tile1.log")]
     assert reads.listings == 3  # records, failure notes, registry: one listing each
+
+
+def test_an_engine_replaced_twice_between_rounds_is_seen_even_with_its_old_inode(tmp_path):
+    # ready -> (restarting, unseen) -> ready after a restart, the last entry on the inode
+    # of the first: file systems hand a freed inode out again
+    registry = tmp_path / "reg"
+    write_engine(registry, "node1-tile0", "ready")
+    entry, kept = registry / "node1-tile0.json", registry / ".kept"
+    os.link(entry, kept)  # the first entry's inode, to be handed out again
+    inode = entry.stat().st_ino
+    settle(registry, 10.0)
+    sub = progress.Submission("1.pbs", frozenset(range(4)), 1, str(registry))
+    memory = {}
+    first = progress.read_progress([sub], tmp_path / "records", tmp_path / "failed", memory)
+    assert (first["1.pbs"].engines_ready, first["1.pbs"].engines_trouble) == (1, [])
+    write_engine(registry, "node1-tile0", "restarting", restarts=1)
+    again = {"name": "node1-tile0", "state": "ready", "restarts": 1, "log": "/logs/t0.log"}
+    kept.write_text(json.dumps(again))
+    os.replace(kept, entry)
+    assert entry.stat().st_ino == inode
+    settle(registry, 5.0)
+    later = progress.read_progress([sub], tmp_path / "records", tmp_path / "failed", memory)
+    assert later["1.pbs"].engines_trouble == [("node1-tile0", "ready", 1, "/logs/t0.log")]
 
 
 def test_ranks_of_other_submissions_are_not_counted(tmp_path):
