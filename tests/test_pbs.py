@@ -18,6 +18,9 @@ from pathlib import Path
 import pbs
 import pytest
 import yaml
+from snakemake import cli as snakemake_cli
+from snakemake.settings.enums import Quietness
+from snakemake_interface_executor_plugins.settings import ExecMode
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
@@ -1132,7 +1135,8 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     assert nodes["argv"] == [
         "python", "-m", "snakemake", "--cores", "2400", "--force-use-threads", "--keep-going",
         "--cores", "48", "--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s",
-        "--mode", "remote",
+        "--scheduler-subsample", "48", "--default-resources", "mem_mb=0", "disk_mb=0",
+        "--quiet", "rules", "--mode", "remote",
     ]  # fmt: skip
     # no rank files here: one prompt each, 65 ranks per node, every rank once
     assert [len(share) for share in nodes["shares"]] == [65, 65]
@@ -1161,8 +1165,15 @@ def test_the_group_jobs_command_is_split_without_a_shell():
     assert argv[:5] == ["/v/bin/python3", "-m", "snakemake", "--snakefile", "/w/my run/Snakefile"]
     node = pbs.submission.node_argv(argv, 48)
     assert "--target-jobs" not in node and "infer:rank=0" not in node
-    assert node[-8:] == ["--cores", "48", "--scheduler", "greedy",
-                         "--max-jobs-per-timespan", "100000/1s", "--mode", "remote"]  # fmt: skip
+    assert node[-2:] == ["--mode", "remote"]
+    # what Snakemake makes of it: the node's options win over the group job's
+    _, args = snakemake_cli.parse_args(node[3:])
+    assert (args.cores, args.scheduler, args.scheduler_subsample) == (48, "greedy", 48)
+    assert (args.max_jobs_per_timespan.max_jobs, args.mode) == (100000, ExecMode.REMOTE)
+    assert (args.keep_going, args.force_use_threads, args.quiet) == (True, True, {Quietness.RULES})
+    # constants: no rank's input size evaluated for them
+    sized = [args.default_resources[name] for name in ("mem_mb", "disk_mb")]
+    assert [(r.is_evaluable(), r.value) for r in sized] == [(False, 0), (False, 0)]
     with pytest.raises(pbs.SubmitError, match="pre-commands"):
         pbs.submission.exec_job_argv("cd /w && export A='1' && python -m snakemake --mode remote")
     with pytest.raises(pbs.SubmitError, match="no --mode"):

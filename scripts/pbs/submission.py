@@ -231,7 +231,8 @@ def node_argv(argv: Sequence[str], cores: int) -> list[str]:
     launcher per rank), ``cores`` of them at once, greedy scheduling (thousands of
     jobs), no cap on jobs started per second (Snakemake's default, 100/1s, protects a
     batch scheduler; here it made dispatch come in bursts), and the ranks after a failed
-    one still run (--keep-going). Later options win, so they go right before ``--mode``."""
+    one still run (--keep-going). Later options win, so they go right before ``--mode``
+    (``--default-resources`` and ``--quiet`` replace the group job's)."""
     kept, skipping = [], False
     for word in argv:
         if word == "--target-jobs":
@@ -246,6 +247,13 @@ def node_argv(argv: Sequence[str], cores: int) -> list[str]:
     at = kept.index("--mode")
     extra = ["--force-use-threads", "--keep-going", "--cores", str(int(cores))]
     extra += ["--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s"]
+    # Per rank, Snakemake's own work is most of a node's cost (benchmarks/dispatch.py):
+    # its greedy scheduler looks at every ready rank each round (a sample of as many as
+    # run at once is enough), a cluster run's default mem_mb and disk_mb evaluate each
+    # rank's input size, and each rank's job details fill the PBS log (a rank has its
+    # own log and record; failures are still printed).
+    extra += ["--scheduler-subsample", str(int(cores))]
+    extra += ["--default-resources", "mem_mb=0", "disk_mb=0", "--quiet", "rules"]
     return kept[:at] + extra + kept[at:]
 
 
