@@ -68,6 +68,13 @@ def format_record(prompt: str, generated: str) -> str:
     return f"Prompt: {prompt!r}, Generated text: {generated!r}\n\n"
 
 
+# The process's umask, read once at import: reading it means setting it, and setting it
+# while other threads create files (rank threads writing outputs) would give their
+# files no umask at all.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def write_atomic(path: str | os.PathLike, content: str | bytes, mode: int | None = None) -> None:
     """Write ``content`` (str as UTF-8, or bytes) to ``path`` atomically.
 
@@ -96,9 +103,7 @@ def write_atomic(path: str | os.PathLike, content: str | bytes, mode: int | None
             os.fsync(handle.fileno())
         # mkstemp makes the file 0600; give it the mode asked, or a plain open()'s.
         if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_UMASK
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
