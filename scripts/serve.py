@@ -79,6 +79,41 @@ def engine_port(spec: Mapping, slot: tiles.Slot) -> int:
     return spec["tiles"]["base_port"] + 1000 + slot.tiles[0]
 
 
+def _port_taken(address: str, port: int) -> bool:
+    """Whether something listens on ``port`` of ``address``: a bind as the servers make
+    it (SO_REUSEADDR: a port in TIME_WAIT is free) fails."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_base_port(spec: Mapping, host: str, tries: int = 16) -> int:
+    """tiles.base_port, or the first base 2,000 ports up from it whose engine ports (API,
+    VLLM_PORT, MASTER_PORT of every slot) are all free on ``host``'s listen address.
+    A local run's case: another run on this machine may hold them (a PBS node is its
+    job's own). Nothing free: tiles.base_port (the engines' logs then say why)."""
+    address = listen_address(spec, host)
+    placement = spec["tiles"]
+    slots = tiles.engine_slots(placement["per_node"], placement["per_job"], host)
+    for step in range(tries):
+        base = placement["base_port"] + 2000 * step
+        layout = {**spec, "tiles": {**placement, "base_port": base}}
+        ports = [engine_port(layout, slot) for slot in slots]
+        for slot in slots:
+            env = tiles.engine_env(slot, "FLAT", base, "/")
+            ports += [int(env["VLLM_PORT"]), int(env["MASTER_PORT"])]
+        if max(ports) > 65535:
+            break
+        if not any(_port_taken(address, port) for port in ports):
+            return base
+    return placement["base_port"]
+
+
 def engine_file(slot: tiles.Slot) -> str:
     """The engine's name in the registry (``.json`` state, ``.log`` output)."""
     return f"{_safe(slot.host)}-tile{slot.tiles[0]}"
@@ -802,7 +837,15 @@ class LocalService:
         root = self.registry.parent
         key_file = root / f"{self.run_id}.key"
         engines.write_key_file(key_file, engines.new_api_key())
-        spec = self.spec | {"api_key_file": str(key_file)}
+        base = free_base_port(self.spec, self.host)
+        if base != self.spec["tiles"]["base_port"]:
+            _log(
+                f"ports from tiles.base_port {self.spec['tiles']['base_port']} are in use on "
+                f"this machine (another run's engines?): this run's engines use "
+                f"tiles.base_port {base}"
+            )
+        placement = self.spec["tiles"] | {"base_port": base}
+        spec = self.spec | {"api_key_file": str(key_file), "tiles": placement}
         spec_path = root / f"{self.run_id}.engines.json"
         prompts.write_atomic(spec_path, json.dumps(spec))
         argv = [sys.executable, os.path.abspath(__file__), "node", str(spec_path)]

@@ -6,9 +6,11 @@ tests/test_aurora_profile.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ import infer
 import pytest
 import rank_job
 import serve
+import tiles
 from test_warm import local_config
 
 PYTHON = sys.executable
@@ -123,6 +126,28 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
         assert key not in path.read_text(), path
     started.stop()
     assert {e["state"] for e in serve.read_registry(started.registry).values()} == {"stopped"}
+
+
+def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, service, capfd):
+    # another run's engine listens on this run's first API port (tiles.base_port + 1000)
+    spec = echo_spec(tmp_path)
+    placement = spec["tiles"]
+    slots = tiles.engine_slots(placement["per_node"], placement["per_job"], HOST)
+    first = serve.engine_port(spec, slots[0])
+    holder = socket.socket()
+    with holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
+        with contextlib.suppress(OSError):  # else something else holds it already
+            holder.bind(("127.0.0.1", first))
+            holder.listen()
+        started, pool = service()
+        with pool.route() as one, pool.route() as two:
+            ports = sorted(int(e.url.rsplit(":", 1)[1]) for e in (one, two))
+        assert first not in ports and (ports[0] - first) % 2000 == 0, ports
+        assert ports[1] == ports[0] + 1
+        record = echo_rank(tmp_path, 0, ["x"], pool)
+    assert record["engine_name"] in (one.name, two.name)
+    assert f"this run's engines use tiles.base_port {ports[0] - 1000}" in capfd.readouterr().err
 
 
 def test_engines_that_all_fail_fail_the_ranks_naming_their_logs(tmp_path, service):
