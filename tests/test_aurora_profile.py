@@ -657,9 +657,10 @@ def test_warm_engines_one_launcher_call_starts_48_engines_that_serve_480_ranks(
     assert [len(share) for share in nodes["shares"]] == [120] * 4
     # 12 engines x 4 ranks in flight per node's Snakemake
     at = nodes["argv"].index("--force-use-threads")
-    assert nodes["argv"][at : at + 9] == [
+    assert nodes["argv"][at:] == [
         "--force-use-threads", "--keep-going", "--cores", "48", "--scheduler", "greedy",
-        "--max-jobs-per-timespan", "100000/1s", "--mode",
+        "--max-jobs-per-timespan", "100000/1s", "--scheduler-subsample", "48",
+        "--default-resources", "mem_mb=0", "disk_mb=0", "--quiet", "rules", "--mode", "remote",
     ]  # fmt: skip
     states = engine_states(work, submission["id"])
     assert len(states) == 48 and set(states.values()) == {"stopped"}, states
