@@ -73,6 +73,11 @@ def output_file(results_dir: str | Path, data_dir: str | Path, rank: str) -> Pat
     return Path(results_dir, rank + OUTPUT_OF[input_file(data_dir, rank).suffix])
 
 
+def record_file(results_dir: str | Path, rank: str) -> Path:
+    """The rank's record, ``<results>/records/<rank>.json`` (scripts/infer.py)."""
+    return Path(results_dir, "records", f"{rank}.json")
+
+
 def outputs(results_dir: str, rank_files: dict[str, str]) -> list[str]:
     """The answer files of ``rank_files`` (`discover_rank_files`), for rule all."""
     return [
@@ -82,7 +87,7 @@ def outputs(results_dir: str, rank_files: dict[str, str]) -> list[str]:
 
 def records(results_dir: str, ranks: list[str]) -> list[str]:
     """The records of ``ranks``, written by the rule that writes each rank's answers."""
-    return [f"{results_dir}/records/{rank}.json" for rank in ranks]
+    return [str(record_file(results_dir, rank)) for rank in ranks]
 
 
 def rule_of(rank_file: str) -> str:
@@ -98,7 +103,7 @@ def rank_is_whole(results_dir: str | Path, rank: str) -> bool:
     the output's digest, so this holds exactly for a rank that finished writing."""
     results = Path(results_dir)
     try:
-        record = json.loads((results / "records" / f"{rank}.json").read_text())
+        record = json.loads(record_file(results, rank).read_text())
     except (OSError, ValueError):
         return False
     for suffix in (".out", ".jsonl"):
@@ -164,7 +169,7 @@ def pending_ranks(ranks, data_dir: str, results_dir: str, marker=()) -> list[str
         since = input_file(data_dir, rank).stat().st_mtime
         outputs = (
             output_file(results_dir, data_dir, rank),
-            Path(results_dir, "records", f"{rank}.json"),
+            record_file(results_dir, rank),
         )
         if any(not out.exists() or out.stat().st_mtime < since for out in outputs):
             pending.append(rank)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import progress
+import ranks as rank_files
 
 from .plan import jobs_per_node, submission_nodes, walltime_minutes
 from .settings import LOG_DIR
@@ -36,7 +37,7 @@ def rank_states(ranks: Iterable[int], settings: Mapping) -> tuple[list, list, li
     notes = Path(settings.get("failed_dir") or "logs/infer/failed")
     done, bad, left = [], [], []
     for rank in ranks:
-        if (results / f"{rank}.out").exists() and (results / "records" / f"{rank}.json").exists():
+        if (results / f"{rank}.out").exists() and rank_files.record_file(results, rank).exists():
             done.append(rank)
             continue
         try:
