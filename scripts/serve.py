@@ -75,8 +75,12 @@ def _log(message: str) -> None:
 
 
 def engine_port(spec: Mapping, slot: tiles.Slot) -> int:
-    # vLLM takes its internal ports from VLLM_PORT (base + 10 t) upwards.
-    return spec["tiles"]["base_port"] + 1000 + slot.tiles[0]
+    return api_port(spec["tiles"]["base_port"], slot)
+
+
+def api_port(base_port: int, slot: tiles.Slot) -> int:
+    # apart from the internal ports (tiles.internal_ports: base + 10 t upwards)
+    return base_port + 1000 + slot.tiles[0]
 
 
 def _port_taken(address: str, port: int) -> bool:
@@ -102,11 +106,8 @@ def free_base_port(spec: Mapping, host: str, tries: int = 16) -> int:
     slots = tiles.engine_slots(placement["per_node"], placement["per_job"], host)
     for step in range(tries):
         base = placement["base_port"] + 2000 * step
-        layout = {**spec, "tiles": {**placement, "base_port": base}}
-        ports = [engine_port(layout, slot) for slot in slots]
-        for slot in slots:
-            env = tiles.engine_env(slot, "FLAT", base, "/")
-            ports += [int(env["VLLM_PORT"]), int(env["MASTER_PORT"])]
+        ports = [api_port(base, slot) for slot in slots]
+        ports += [port for slot in slots for port in tiles.internal_ports(slot, base)]
         if max(ports) > 65535:
             break
         if not any(_port_taken(address, port) for port in ports):

@@ -314,6 +314,13 @@ def acquire(
         yield slot
 
 
+def internal_ports(slot: Slot, base_port: int) -> tuple[int, int]:
+    """VLLM_PORT and MASTER_PORT of the engine on ``slot``: base + 10 t and base + 10 t + 5
+    (vLLM takes further internal ports from VLLM_PORT upwards)."""
+    port = base_port + 10 * slot.tiles[0]
+    return port, port + 5
+
+
 def engine_env(
     slot: Slot,
     hierarchy: str,
@@ -322,14 +329,14 @@ def engine_env(
 ) -> dict[str, str]:
     """Placement variables of one engine; 12 engines per node collide without them."""
     first = slot.tiles[0]
-    port = base_port + 10 * first
+    vllm_port, master_port = internal_ports(slot, base_port)
     return {
         "ZE_AFFINITY_MASK": affinity_mask(slot.tiles, hierarchy),
         "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1",
         HIERARCHY_VARIABLE: hierarchy,
         "TMPDIR": str(Path(tmp_root) / f"tile-{first}"),
-        "VLLM_PORT": str(port),
-        "MASTER_PORT": str(port + 5),
+        "VLLM_PORT": str(vllm_port),
+        "MASTER_PORT": str(master_port),
         "VLLM_HOST_IP": "127.0.0.1",
         "MASTER_ADDR": "127.0.0.1",
         "TILE_HOST": slot.host,
