@@ -4,6 +4,7 @@ and on recorded qstat answers (tests/data/openpbs/)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -219,10 +220,17 @@ def settings(tmp_path: Path, **changes) -> dict:
     return base | changes
 
 
-def finish(tmp_path: Path, rank: int, written: float, request: float) -> None:
+def finish(tmp_path: Path, rank: int, written: float, request: float, suffix: str = ".out") -> None:
+    """A finished rank as the task leaves it: its record (with the answers' digest),
+    then its answers."""
     results = tmp_path / "results"
+    answers = f"answers of rank {rank}\n".encode()
     write_record(results / "records", rank, 16, written, request)
-    (results / f"{rank}.out").write_text("x")
+    record_path = results / "records" / f"{rank}.json"
+    record = json.loads(record_path.read_text())
+    record["out_sha256"] = hashlib.sha256(answers).hexdigest()
+    record_path.write_text(json.dumps(record))
+    (results / f"{rank}{suffix}").write_bytes(answers)
 
 
 def test_done_bad_and_left_ranks(tmp_path):
@@ -234,6 +242,17 @@ def test_done_bad_and_left_ranks(tmp_path):
     progress.write_failure_note(log.with_name("3.log"), 3, "engine", "died")
     conf["failed_dir"] = str(log.parent / "failed")
     assert continuation.rank_states(range(5), conf) == ([0], [2], [1, 3, 4])
+
+
+def test_finished_jsonl_ranks_are_done_and_torn_answers_are_not(tmp_path):
+    conf = settings(tmp_path)
+    finish(tmp_path, 0, 100.0, 1.0, suffix=".jsonl")  # a JSONL rank: <rank>.jsonl
+    finish(tmp_path, 1, 100.0, 1.0)
+    finish(tmp_path, 2, 100.0, 1.0, suffix=".jsonl")
+    # a node's crash lost the end of rank 2's answers after they were renamed in place
+    torn = tmp_path / "results" / "2.jsonl"
+    torn.write_bytes(torn.read_bytes()[:5])
+    assert continuation.rank_states(range(3), conf) == ([0, 1], [], [2])
 
 
 def test_the_continuation_s_walltime_follows_the_pace_seen(tmp_path):

@@ -7,7 +7,8 @@ the status command, which sees why PBS ended the job, submits a continuation of 
 its unfinished ranks (`submission.Continuation`) and reports the first job as running
 until the continuation ends: Snakemake sees one job that succeeds or fails.
 
-- Finished ranks (both outputs there) are left alone.
+- Finished ranks are left alone: their answers (``<rank>.out`` or ``<rank>.jsonl``)
+  are whole by their record's digest (`ranks.rank_is_whole`).
 - Ranks that failed by their input (their failure note, scripts/progress.py) are not
   run again; the submission fails in the end, naming them.
 - The walltime covers what is left: the engines' start, then the left ranks per
@@ -32,12 +33,14 @@ from .submission import Continuation, SubmitError, submit
 
 
 def rank_states(ranks: Iterable[int], settings: Mapping) -> tuple[list, list, list]:
-    """(done, failed by their input, left) among ``ranks``."""
+    """(done, failed by their input, left) among ``ranks``. Done: its answers, a
+    prompt file's ``.out`` or a JSONL file's ``.jsonl``, are what its record says (a
+    file torn by a node's crash is not done)."""
     results = Path(settings.get("results_dir") or "results")
     notes = Path(settings.get("failed_dir") or "logs/infer/failed")
     done, bad, left = [], [], []
     for rank in ranks:
-        if (results / f"{rank}.out").exists() and rank_files.record_file(results, rank).exists():
+        if rank_files.rank_is_whole(results, str(rank)):
             done.append(rank)
             continue
         try:
