@@ -653,6 +653,8 @@ def test_warm_engines_one_launcher_call_starts_48_engines_that_serve_480_ranks(
     # two launcher calls in all: the engines, and the node Snakemakes
     assert launcher_calls(job_log) == [("48", "4")]
     assert re.findall(r"ranks: launcher call for (\d+) node Snakemake", job_log) == ["4"]
+    # no line per rank from the node Snakemakes (480 ranks: 1,440 lines before)
+    assert "steps (" not in job_log and "Finished jobid" not in job_log
     nodes = json.loads((work / "logs" / "pbs" / "r0-479.nodes.json").read_text())
     assert [len(share) for share in nodes["shares"]] == [120] * 4
     # 12 engines x 4 ranks in flight per node's Snakemake
@@ -660,7 +662,8 @@ def test_warm_engines_one_launcher_call_starts_48_engines_that_serve_480_ranks(
     assert nodes["argv"][at:] == [
         "--force-use-threads", "--keep-going", "--cores", "48", "--scheduler", "greedy",
         "--max-jobs-per-timespan", "100000/1s", "--scheduler-subsample", "48",
-        "--default-resources", "mem_mb=0", "disk_mb=0", "--quiet", "rules", "--mode", "remote",
+        "--default-resources", "mem_mb=0", "disk_mb=0", "--quiet", "progress", "rules",
+        "--mode", "remote",
     ]  # fmt: skip
     states = engine_states(work, submission["id"])
     assert len(states) == 48 and set(states.values()) == {"stopped"}, states
@@ -1219,6 +1222,9 @@ def test_a_node_whose_engines_all_fail_fails_only_its_own_ranks(pbs_cluster, tmp
     assert len(done) == 12
     job_log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
     assert re.search(r"node Snakemakes failed: \['node2: 1'\]", job_log), job_log[-3000:]
+    # the node's Snakemake prints its failures (not its ranks' progress: node_argv)
+    for rank in failed:
+        assert f"rank {rank} failed: every engine of node node2 failed" in job_log
     assert not processes_running(ECHO_SERVER)
 
 

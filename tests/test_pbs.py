@@ -1136,7 +1136,7 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
         "python", "-m", "snakemake", "--cores", "2400", "--force-use-threads", "--keep-going",
         "--cores", "48", "--scheduler", "greedy", "--max-jobs-per-timespan", "100000/1s",
         "--scheduler-subsample", "48", "--default-resources", "mem_mb=0", "disk_mb=0",
-        "--quiet", "rules", "--mode", "remote",
+        "--quiet", "progress", "rules", "--mode", "remote",
     ]  # fmt: skip
     # no rank files here: one prompt each, 65 ranks per node, every rank once
     assert [len(share) for share in nodes["shares"]] == [65, 65]
@@ -1170,7 +1170,8 @@ def test_the_group_jobs_command_is_split_without_a_shell():
     _, args = snakemake_cli.parse_args(node[3:])
     assert (args.cores, args.scheduler, args.scheduler_subsample) == (48, "greedy", 48)
     assert (args.max_jobs_per_timespan.max_jobs, args.mode) == (100000, ExecMode.REMOTE)
-    assert (args.keep_going, args.force_use_threads, args.quiet) == (True, True, {Quietness.RULES})
+    assert (args.keep_going, args.force_use_threads) == (True, True)
+    assert args.quiet == {Quietness.PROGRESS, Quietness.RULES}
     # constants: no rank's input size evaluated for them
     sized = [args.default_resources[name] for name in ("mem_mb", "disk_mb")]
     assert [(r.is_evaluable(), r.value) for r in sized] == [(False, 0), (False, 0)]

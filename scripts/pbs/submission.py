@@ -250,10 +250,12 @@ def node_argv(argv: Sequence[str], cores: int) -> list[str]:
     # Per rank, Snakemake's own work is most of a node's cost (benchmarks/dispatch.py):
     # its greedy scheduler looks at every ready rank each round (a sample of as many as
     # run at once is enough), a cluster run's default mem_mb and disk_mb evaluate each
-    # rank's input size, and each rank's job details fill the PBS log (a rank has its
-    # own log and record; failures are still printed).
+    # rank's input size, and each rank's job details and three progress lines go to the
+    # PBS log, unlabelled, from every node through the launcher (a rank has its own log
+    # and record; the main Snakemake's progress lines follow the submission; failures
+    # are still printed).
     extra += ["--scheduler-subsample", str(int(cores))]
-    extra += ["--default-resources", "mem_mb=0", "disk_mb=0", "--quiet", "rules"]
+    extra += ["--default-resources", "mem_mb=0", "disk_mb=0", "--quiet", "progress", "rules"]
     return kept[:at] + extra + kept[at:]
 
 
