@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import resource
 import subprocess
 import tempfile
@@ -46,6 +47,7 @@ BUSY_DELAY_S = 0.2
 # ranks of the login-side submissions: baseline and prod-sized (256 x 12 x 10), by quick
 LOGIN_RANKS = {False: (3_072, 30_720), True: (480, 960)}
 TICKS = os.sysconf("SC_CLK_TCK")
+RANK_OUTPUT = re.compile(r"results/(?:records/)?\d+\.(?:out|json|jsonl)")
 PAGE_MIB = os.sysconf("SC_PAGE_SIZE") / 2**20
 TRIVIAL_SNAKEFILE = """
 N = {jobs}
@@ -318,10 +320,11 @@ def login_side(cluster, root: Path, ranks: int) -> dict:
         raise RuntimeError(f"{count} of {ranks} ranks written")
     summary = json.loads(metadata_path(work, "results/summary.tsv").read_text())
     rank_meta = metadata_path(work, "results/0.out").parent
+    # the ranks' outputs only: rule summary's five outputs are recorded at its end
     recorded = max(
         e.stat().st_mtime
         for e in os.scandir(rank_meta)
-        if "summary" not in base64.urlsafe_b64decode(e.name).decode()
+        if RANK_OUTPUT.fullmatch(base64.urlsafe_b64decode(e.name).decode())
     )
     cpu = (now.ru_utime + now.ru_stime) - (used.ru_utime + used.ru_stime)
     return {
