@@ -54,12 +54,12 @@ def rank_states(ranks: Iterable[int], settings: Mapping) -> tuple[list, list, li
 def seconds_per_rank(done: Iterable[int], settings: Mapping, engines: int) -> float | None:
     """Seconds one engine took per rank in the ended submission: its serving time
     (first request's start to last record) x engines / ranks done; None if none."""
-    records = Path(settings.get("results_dir") or "results") / "records"
+    results = Path(settings.get("results_dir") or "results")
     first = last = None
     count = 0
     for rank in done:
         try:
-            record = json.loads((records / f"{rank}.json").read_text())
+            record = json.loads(rank_files.record_file(results, rank).read_text())
             written = float(record["written_at"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
