@@ -19,9 +19,12 @@ from pbs.submission import restrict_targets
 OPENPBS = Path(__file__).parent / "data" / "openpbs"
 
 
-def write_record(folder: Path, rank: int, tokens: int, written: float, request: float) -> None:
+def write_record(
+    folder: Path, rank: int, tokens: int, written: float, request: float, **fields
+) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     record = {"rank": rank, "output_tokens": tokens, "written_at": written, "request_s": request}
+    record |= fields
     (folder / f"{rank}.json").write_text(json.dumps(record))
 
 
@@ -225,11 +228,8 @@ def finish(tmp_path: Path, rank: int, written: float, request: float, suffix: st
     then its answers."""
     results = tmp_path / "results"
     answers = f"answers of rank {rank}\n".encode()
-    write_record(results / "records", rank, 16, written, request)
-    record_path = results / "records" / f"{rank}.json"
-    record = json.loads(record_path.read_text())
-    record["out_sha256"] = hashlib.sha256(answers).hexdigest()
-    record_path.write_text(json.dumps(record))
+    digest = hashlib.sha256(answers).hexdigest()
+    write_record(results / "records", rank, 16, written, request, out_sha256=digest)
     (results / f"{rank}{suffix}").write_bytes(answers)
 
 
