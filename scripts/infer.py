@@ -62,6 +62,7 @@ import time
 import unicodedata
 from pathlib import Path
 
+import console
 from jsonl_ranks import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
 from prompts import Prompt, PromptFileError, format_record, write_atomic
 
@@ -170,7 +171,7 @@ def parse_settings(text: str) -> dict:
 
 
 def _warn(message: str) -> None:
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    console.say(f"WARNING: {message}")
 
 
 def process_age_s() -> float | None:

@@ -22,12 +22,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import console
 
 # A rank's failure note: why it failed and whether its input is at fault (then a
 # continuation of its submission does not run it again).
@@ -404,7 +405,7 @@ class LocalWatch:
                 continue
             shown = now
             line = local_line(found["local"], now, started, settings["engines"])
-            print(line, file=sys.stderr, flush=True)
+            console.say(line)
             with contextlib.suppress(OSError):
                 append_log(settings["log"], [line], now)
             if ended:

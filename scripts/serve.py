@@ -46,6 +46,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import console
 import engines
 import prompts
 import stage_model
@@ -68,7 +69,7 @@ def _safe(name: str) -> str:
 
 
 def _log(message: str) -> None:
-    print(f"engines: {message}", file=sys.stderr, flush=True)
+    console.say(f"engines: {message}")
 
 
 # ----------------------------------------------------------------------------- layout
