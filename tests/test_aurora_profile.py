@@ -1010,7 +1010,8 @@ def continued_run(cluster: PbsCluster, tmp_path: Path, ranks: dict, delay_s: int
     packing = ("--group-components", f"node={slots}", "--cores", str(slots))
     with aurora_in_background(cluster, work, *packing) as proc:
         wait_for(lambda: len(submissions(work)) == 2, "no continuation submitted", 600, proc)
-        done = {int(p.stem): finished_rank(work, int(p.stem)) for p in results.glob("*.out")}
+        outputs = [*results.glob("*.out"), *results.glob("*.jsonl")]
+        done = {int(p.stem): finished_rank(work, int(p.stem)) for p in outputs}
         out = proc.communicate(timeout=900)[0]
     return work, out, proc.returncode, done
 
@@ -1020,10 +1021,12 @@ def finished_rank(work: Path, rank: int) -> tuple:
     its log (Snakemake touches every output of a job that succeeded, so the outputs'
     modification times change at the run's end whether the rank ran again or not;
     it leaves an existing log alone)."""
-    record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+    results = work / "results"
+    record = json.loads((results / "records" / f"{rank}.json").read_text())
     log = work / "logs" / "infer" / f"{rank}.log"
+    (output,) = [p for p in (results / f"{rank}.out", results / f"{rank}.jsonl") if p.exists()]
     return (
-        (work / "results" / f"{rank}.out").read_text(),
+        output.read_text(),
         record["written_at"],
         log.stat().st_mtime_ns,
     )
@@ -1033,7 +1036,9 @@ def finished_rank(work: Path, rank: int) -> tuple:
 def test_warm_walltime_kill_mid_submission_is_continued_with_only_the_unfinished_ranks(
     pbs_cluster, tmp_path
 ):
-    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
+    # three JSONL ranks: at least one is among the 2 done, and one among the 2 continued
+    ranks = {"0.in": "rank 0 prompt\n"}
+    ranks |= {f"{i}.jsonl": json.dumps({"prompt": f"rank {i} prompt"}) + "\n" for i in (1, 2, 3)}
     # walltime 2 min: 2 ranks end after ~70 s, PBS kills the other 2 mid-request
     work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 70, 4)
     assert code == 0, out[-4000:]
@@ -1054,8 +1059,11 @@ def test_warm_walltime_kill_mid_submission_is_continued_with_only_the_unfinished
     assert f"the 2 unfinished go on in r0-3.c1 (job {more['id']}" in out, out[-4000:]
     results = work / "results"
     assert {r: finished_rank(work, r) for r in done} == done  # not run again
-    for rank in range(4):
-        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    assert wf.read_records(results / "0.out") == [("rank 0 prompt",) * 2]
+    for rank in (1, 2, 3):
+        (answer,) = map(json.loads, (results / f"{rank}.jsonl").read_text().splitlines())
+        assert (answer["id"], answer["text"]) == (1, f"rank {rank} prompt"), answer
+    assert not list(results.glob("*.out.*")) and not list(results.glob("*.jsonl.*"))
     nodes = json.loads((work / "logs" / "pbs" / "r0-3.c1.nodes.json").read_text())
     assert sorted(r for share in nodes["shares"] for r in share) == left
     wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the jobs", 15)
