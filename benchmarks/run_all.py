@@ -24,6 +24,7 @@ import common  # noqa: E402
 import dag_scale  # noqa: E402
 import dispatch  # noqa: E402
 import engine_efficiency  # noqa: E402
+import local_scale  # noqa: E402
 import progress_reader  # noqa: E402
 import scheduler_load  # noqa: E402
 import time_breakdown  # noqa: E402
@@ -41,6 +42,7 @@ BENCHMARKS = {
         dispatch,
         progress_reader,
         chat_batch,
+        local_scale,
     )
 }
 
