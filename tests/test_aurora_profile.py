@@ -29,6 +29,7 @@ import pbs
 import pytest
 import workflow as wf
 from pbs_cluster import PbsCluster, clear_stale_pyenv_lock
+from ranks import output_file, record_file
 
 import models
 
@@ -1022,11 +1023,10 @@ def finished_rank(work: Path, rank: int) -> tuple:
     modification times change at the run's end whether the rank ran again or not;
     it leaves an existing log alone)."""
     results = work / "results"
-    record = json.loads((results / "records" / f"{rank}.json").read_text())
+    record = json.loads(record_file(results, str(rank)).read_text())
     log = work / "logs" / "infer" / f"{rank}.log"
-    (output,) = [p for p in (results / f"{rank}.out", results / f"{rank}.jsonl") if p.exists()]
     return (
-        output.read_text(),
+        output_file(results, work / "data", str(rank)).read_text(),
         record["written_at"],
         log.stat().st_mtime_ns,
     )
