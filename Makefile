@@ -17,7 +17,7 @@ BENCH_MODEL := models/opt-125m-shaped
 .PHONY: run test lint format bench lock openpbs clean
 
 run: $(VENV)/.installed $(TINY_MODEL)/config.json
-	$(BIN)/python scripts/unlock_stale.py profiles/local $(BIN)/snakemake
+	$(BIN)/python scripts/tools/unlock_stale.py profiles/local $(BIN)/snakemake
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 
@@ -41,7 +41,7 @@ bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(B
 # Real OpenPBS 23.06 (built from ../shared/vendor, into /opt/pbs) for tests/pbs_cluster.py.
 # A few minutes the first time; instant while /opt/pbs/.build-stamp matches.
 openpbs:
-	bash scripts/install-openpbs.sh
+	bash scripts/tools/install-openpbs.sh
 
 $(VENV)/.installed: requirements.lock requirements-exclude.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,14 +49,14 @@ $(VENV)/.installed: requirements.lock requirements-exclude.txt
 	$(UV) pip sync --python $(BIN)/python --find-links $(TORCH_WHEELS) requirements.lock
 	touch $@
 
-$(TINY_MODEL)/config.json: scripts/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/build_model.py tiny $(TINY_MODEL)
+$(TINY_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/tools/build_model.py tiny $(TINY_MODEL)
 
-$(TINY_CHAT)/config.json: scripts/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/build_model.py tiny-chat $(TINY_CHAT)
+$(TINY_CHAT)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/tools/build_model.py tiny-chat $(TINY_CHAT)
 
-$(BENCH_MODEL)/config.json: scripts/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/build_model.py opt125m $(BENCH_MODEL)
+$(BENCH_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/tools/build_model.py opt125m $(BENCH_MODEL)
 
 # Re-resolve the pinned environment after editing requirements.in.
 lock: $(VENV)/.installed

@@ -14,22 +14,26 @@ configfile: "config/config.yaml"
 
 
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
-import models, pbs, progress, rank_job, ranks, summarize, workflow_config  # noqa: E402, E401
+import pbs  # noqa: E402
+from model import prepare  # noqa: E402
+from pipeline import configuration, rank_job  # noqa: E402
+from rank import layout  # noqa: E402
+from reporting import progress, summary  # noqa: E402
 
 # --config 'pbs={nodes_per_submission: 8}' passes "8": read it as the schema's type.
-workflow_config.load_config(config, "config/schema.yaml")
+configuration.load_config(config, "config/schema.yaml")
 
 
 validate(config, "config/schema.yaml")
 
 DATA, RESULTS = config["data_dir"], config["results_dir"]
-RANK_FILES = ranks.discover_rank_files(DATA)  # rank -> its .in or .jsonl
+RANK_FILES = layout.discover_rank_files(DATA)  # rank -> its .in or .jsonl
 RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
-ranks.report_kept(ranks.forget_finished_incomplete(RESULTS))
-MODEL = models.check_model(config["model"])
-workflow_config.check_chat_template(config)
-MODEL_MARKER = models.model_marker(config, MODEL)  # [] for the echo engine
+layout.report_kept(layout.forget_finished_incomplete(RESULTS))
+MODEL = prepare.check_model(config["model"])
+configuration.check_chat_template(config)
+MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
     config,
@@ -41,7 +45,7 @@ pbs.export_settings(
 
 
 def count_pending():  # ranks whose outputs are missing or outdated
-    return len(ranks.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
+    return len(layout.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
 
 
 # With profiles/aurora: print the PBS plan of the pending ranks.
@@ -64,17 +68,17 @@ localrules:
 
 rule all:
     input:
-        ranks.outputs(RESULTS, RANK_FILES),
+        layout.outputs(RESULTS, RANK_FILES),
         f"{RESULTS}/summary.tsv",
 
 
 rule fetch_model:
     output:
-        f"{RESULTS}/model/{models.model_slug(MODEL)}.json",
+        f"{RESULTS}/model/{prepare.model_slug(MODEL)}.json",
     log:
         "logs/fetch_model.log",
     run:
-        models.fetch_model(config, MODEL, output[0], log[0])
+        prepare.fetch_model(config, MODEL, output[0], log[0])
 
 
 rule infer:
@@ -120,7 +124,7 @@ rule summary:
     input:
         # each written with its record; asking for the records themselves would make
         # Snakemake try both infer rules for each (-n at 10,000 ranks: 29 s, not 24 s)
-        answers=ranks.outputs(RESULTS, RANK_FILES),
+        answers=layout.outputs(RESULTS, RANK_FILES),
     output:
         table=reported("summary.tsv", "summary"),
         plot=reported("summary.png", "throughput"),
@@ -130,18 +134,18 @@ rule summary:
     log:
         "logs/summary.log",
     run:
-        summarize.write_run_summary(
-            ranks.records(RESULTS, RANKS), output, log[0], len(RANKS), config
+        summary.write_run_summary(
+            layout.records(RESULTS, RANKS), output, log[0], len(RANKS), config
         )
 
 
 onsuccess:
     rank_job.stop_engines()
-    summarize.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
+    summary.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summarize.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
-    summarize.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")
+    summary.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
+    summary.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")

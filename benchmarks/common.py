@@ -46,7 +46,7 @@ def engine_environment(config: Mapping) -> dict[str, str]:
     env = {name: str(value) for name, value in (config.get("task_env") or {}).items()}
     kv = config["vllm"].get("cpu_kv_cache_gib")
     if kv is not None:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(kv))  # as scripts/infer.py sets it
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(math.ceil(kv))  # as scripts/rank/task.py sets it
     return env
 
 

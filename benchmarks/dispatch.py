@@ -1,7 +1,7 @@
 """Benchmark 6: how fast a submission feeds its warm engines, node by node.
 
 On the OpenPBS test cluster (tests/pbs_cluster.py; its 4 hosts share this machine's 2
-cores), echo engines (scripts/echo_server.py: vLLM's API, no model) started by one
+cores), echo engines (scripts/engine/echo_server.py: vLLM's API, no model) started by one
 ``pbsdsh`` call, ranks of one prompt each run by profiles/aurora with warm engines:
 
 - **node-local**: 4 hosts x 12 engines, 3,072 ranks; every host runs its share in a

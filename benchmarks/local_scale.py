@@ -2,7 +2,7 @@
 is against the same run without its scheduler subsample.
 
 A scratch run folder with ``count`` ranks of four prompts, ``snakemake --profile
-profiles/local`` on echo engines (scripts/echo_server.py: vLLM's API, no model), so
+profiles/local`` on echo engines (scripts/engine/echo_server.py: vLLM's API, no model), so
 the run's time is the workflow's own. The baseline adds ``--scheduler-subsample 0``
 (Snakemake's default: every ready rank considered for every pick). Runs alternate
 between the two, a fresh folder each; medians of ``repeats`` runs.

@@ -1,4 +1,4 @@
-"""Cost of the progress lines in one PBS status round (scripts/progress.py through
+"""Cost of the progress lines in one PBS status round (scripts/reporting/progress.py through
 pbs.status.progress_lines) at Aurora's largest run: one prod submission of 30,720
 ranks on 256 nodes (3,072 engines), against the status interval (goal: under 5 %).
 
@@ -27,7 +27,7 @@ INTERVAL_S = 10  # pbs.status_interval in profiles/aurora
 
 
 def record(rank: int, written: float) -> str:
-    """A record of the size and shape scripts/infer.py writes (warm engines)."""
+    """A record of the size and shape scripts/rank/task.py writes (warm engines)."""
     return json.dumps(
         {
             "rank": rank,
@@ -122,8 +122,8 @@ class CountingReads:
 
 
 def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
-    import progress
     from pbs import parse, status
+    from reporting import progress
 
     ranks, engines = (3_072, 308) if quick else (RANKS, ENGINES)
     rows, summary = [], {}

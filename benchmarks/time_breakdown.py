@@ -3,13 +3,13 @@
 One rank (the engine benchmark's prompts and sampling) through the workflow with
 the tiny and the 125M-shaped model. The parts:
 
-* Python start (task): scripts/infer.py's interpreter start and imports (record
+* Python start (task): scripts/rank/task.py's interpreter start and imports (record
   ``python_start_s``);
 * import vllm, model load, generation: the record's ``import_s``, ``load_s``,
   ``generate_s``;
 * placement, tokenize, write, exit: the rest of the job's own wall time (from
   Snakemake's job metadata: rule infer's ``run:`` block places the rank and waits
-  for scripts/infer.py);
+  for scripts/rank/task.py);
 * Snakemake outside the job: the rest of the ``snakemake`` command's wall time
   (start, parsing, DAG, scheduling, bookkeeping).
 

@@ -14,7 +14,7 @@ import pytest
 from pbs_cluster import PbsCluster
 
 _REPO = Path(__file__).resolve().parent.parent
-_INSTALL_OPENPBS = _REPO / "scripts" / "install-openpbs.sh"
+_INSTALL_OPENPBS = _REPO / "scripts" / "tools" / "install-openpbs.sh"
 
 # Every process the tests start inherits this variable (engines, Snakemake, servers,
 # the test cluster's daemons): what still carries it when the session ends outlived
@@ -73,7 +73,7 @@ def pbs_cluster() -> Iterator[PbsCluster]:
     """A running OpenPBS 23.06 server ``pbs-head`` with hosts node1..node4, shared by
     the whole session (one per machine). Pass ``env=pbs_cluster.env`` to every qsub/
     qstat/qdel/qmgr/pbsnodes call (or use ``pbs_cluster.run``). Builds OpenPBS first
-    (scripts/install-openpbs.sh, minutes) if /opt/pbs is missing or stale. Fails
+    (scripts/tools/install-openpbs.sh, minutes) if /opt/pbs is missing or stale. Fails
     (never skips) if it cannot be installed or started; stopping it checks that no
     PBS daemon, job process or datastore process is left."""
     check = subprocess.run(

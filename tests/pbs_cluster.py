@@ -1,7 +1,7 @@
 """A real OpenPBS 23.06 server with four execution hosts on loopback, for tests.
 
 OpenPBS (the open-source PBS Pro that Aurora runs as Altair PBS Pro) is built into
-``/opt/pbs`` by ``scripts/install-openpbs.sh`` (recipe: ``../shared/notes/openpbs.md``).
+``/opt/pbs`` by ``scripts/tools/install-openpbs.sh`` (recipe: ``../shared/notes/openpbs.md``).
 This module starts the server side (``pbs_comm``, ``pbs_sched``, ``pbs_server`` and the
 PostgreSQL datastore that ``pbs_server`` runs) with ``/opt/pbs/libexec/pbs_init.d``,
 then one ``pbs_mom`` per host ``node1``..``node4`` (each its own ``PBS_HOME``, host
@@ -451,7 +451,7 @@ class PbsCluster:
         for prog in ("bin/qsub", "bin/qmgr", "sbin/pbs_server", "sbin/pbs_mom"):
             if not (PBS_EXEC / prog).exists():
                 raise PbsClusterError(
-                    f"{PBS_EXEC / prog} not found: run scripts/install-openpbs.sh (as root)"
+                    f"{PBS_EXEC / prog} not found: run scripts/tools/install-openpbs.sh (as root)"
                 )
         if os.geteuid() != 0:
             raise PbsClusterError("the PBS test cluster needs root")

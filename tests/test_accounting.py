@@ -1,4 +1,4 @@
-"""Where the node-hours went (scripts/accounting.py): results/submissions.tsv,
+"""Where the node-hours went (scripts/reporting/accounting.py): results/submissions.tsv,
 results/engines.tsv and results/timeline.png.
 
 The unit tests read tests/data/accounting/, the records, engine registry, phases file
@@ -15,11 +15,10 @@ import os
 import shutil
 from pathlib import Path
 
-import accounting
 import pytest
-import serve
-import summarize
 import workflow as wf
+from engine import supervisor
+from reporting import accounting, summary
 
 DATA = Path(__file__).parent / "data" / "accounting"
 # submissions.tsv's node-hours have 6 decimals: each of the 5 parts may be off by half
@@ -28,7 +27,7 @@ ROUNDING_H = 5 * 0.5e-6 + 1e-9
 
 
 def recorded_run():
-    records = summarize.read_records(sorted((DATA / "records").glob("*.json")))
+    records = summary.read_records(sorted((DATA / "records").glob("*.json")))
     return records, dict(pbs_logs=DATA / "pbs", engine_logs=DATA / "engines")
 
 
@@ -170,7 +169,7 @@ def test_local_echo_run_writes_engines_submission_and_timeline(tmp_path, warm):
     result = wf.snakemake(work, configfiles=wf.local_config(work, engine="echo", warm_engines=warm))
     assert result.returncode == 0, result.stderr[-4000:]
     results = work / "results"
-    records = summarize.read_records((results / "records").glob("*.json"))
+    records = summary.read_records((results / "records").glob("*.json"))
     (row,) = accounting.parse_tsv((results / "submissions.tsv").read_text())
     assert (row["submission"], row["name"], row["nodes"]) == ("local", "one local node", "1")
     assert row["ranks"] == "6" and row["node_hours_requested"] == ""
@@ -325,13 +324,13 @@ def test_local_warm_vllm_engines_start_and_ready_times_from_their_registry(tmp_p
     result = wf.snakemake(work, configfiles=config)
     assert result.returncode == 0, result.stderr[-4000:]
     results = work / "results"
-    records = summarize.read_records((results / "records").glob("*.json"))
+    records = summary.read_records((results / "records").glob("*.json"))
     engines = accounting.parse_tsv((results / "engines.tsv").read_text())
     # the run's two engines (profiles/local), each started once, as the run's engine
-    # registry has them (the supervisor of a local run, serve.node); ranks start on the
+    # registry has them (the supervisor of a local run, supervisor.node); ranks start on the
     # first engine ready, and four tiny ranks may all be done before the other one is
     folder = Path(records[0]["engine_log"]).parent
-    registry = {e["name"]: e for e in serve.read_registry(folder).values()}
+    registry = {e["name"]: e for e in supervisor.read_registry(folder).values()}
     assert sorted(e["engine"] for e in engines) == sorted(registry) and len(engines) == 2
     for engine in engines:
         mine = [r for r in records if r["engine_name"] == engine["engine"]]
@@ -368,7 +367,7 @@ def test_per_rank_submission_accounts_for_every_node_second(pbs_cluster, tmp_pat
     assert res.returncode == 0, output_of(res)
     (row,) = accounting.parse_tsv((work / "results" / "submissions.tsv").read_text())
     # the tiles the ranks used (one echo rank after another may reuse a tile)
-    records = summarize.read_records((work / "results" / "records").glob("*.json"))
+    records = summary.read_records((work / "results" / "records").glob("*.json"))
     used = {(r["host"], r["tiles"]) for r in records}
     assert (row["nodes"], row["engines"], row["ranks"]) == ("2", str(len(used)), "8")
     parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}

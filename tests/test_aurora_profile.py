@@ -24,14 +24,13 @@ import sys
 import time
 from pathlib import Path
 
-import engines
 import pbs
 import pytest
 import workflow as wf
+from engine import client
+from model import prepare
 from pbs_cluster import PbsCluster, clear_stale_pyenv_lock
-from ranks import output_file, record_file
-
-import models
+from rank.layout import output_file, record_file
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
@@ -427,7 +426,9 @@ def submissions(work: Path) -> list[dict[str, str]]:
 WRAPPER = """#!{python}
 # Test stand-in for config `python`: notes where it runs, may wait or sleep, then
 # becomes the real interpreter with the same arguments.
-import os, sys, time
+import os
+import sys
+import time
 
 REAL, NOTES, BARRIER, SLEEP_RANKS = {real!r}, {notes!r}, {barrier!r}, {sleep!r}
 args = sys.argv[1:]
@@ -471,7 +472,7 @@ def python_wrapper(
 
 
 def logged_argv(log: Path) -> list[str]:
-    """The launcher command scripts/tiles.py wrote at the top of a rank's log."""
+    """The launcher command scripts/placement/tiles.py wrote at the top of a rank's log."""
     line = next(x for x in log.read_text().splitlines() if x.startswith("argv: "))
     return json.loads(line.removeprefix("argv: "))
 
@@ -573,7 +574,7 @@ def test_workflow_runs_vllm_through_the_scheduler_on_node_local_model_copies(pbs
 
 # ------------------------------------------------- warm engines in a submission
 
-ECHO_SERVER = REPO / "scripts" / "echo_server.py"
+ECHO_SERVER = REPO / "scripts" / "engine" / "echo_server.py"
 
 
 def warm_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
@@ -942,7 +943,7 @@ PROGRESS = re.compile(
 
 
 def progress_lines(text: str) -> list[dict]:
-    """The progress lines pbs-status printed (scripts/progress.py), parsed."""
+    """The progress lines pbs-status printed (scripts/reporting/progress.py), parsed."""
     found = []
     for line in text.splitlines():
         if match := PROGRESS.match(line):
@@ -1134,8 +1135,8 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
         url = json.loads(entry.read_text())["url"]
         sampling = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 16, "seed": None,
                     "ignore_eos": False}  # fmt: skip
-        with pytest.raises(engines.RequestRejected) as refused:
-            engines.complete(url, ["no key"], sampling, timeout=30)
+        with pytest.raises(client.RequestRejected) as refused:
+            client.complete(url, ["no key"], sampling, timeout=30)
         assert refused.value.status == 401
         time.sleep(1)
         os.kill(echo_servers(work)[victim], signal.SIGKILL)
@@ -1557,7 +1558,7 @@ def test_dry_run_prints_the_pbs_plan_of_the_pending_ranks(tmp_path):
         (work / "results" / f"{rank}.out").write_text("")
         (work / "results" / "records" / f"{rank}.json").write_text("{}")
     config = ("pbs={account: P}", f"model={wf.TINY_MODEL}")
-    marker = work / "results" / "model" / f"{models.model_slug(str(wf.TINY_MODEL.resolve()))}.json"
+    marker = work / "results" / "model" / f"{prepare.model_slug(str(wf.TINY_MODEL.resolve()))}.json"
     marker.parent.mkdir()
     marker.write_text(json.dumps({"path": str(wf.TINY_MODEL)}))
     res = wf.snakemake(work, "-n", "--config", *config, profile="profiles/aurora")

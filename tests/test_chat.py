@@ -1,6 +1,6 @@
-"""Chat requests on a real instruct model (models/tiny-chat: scripts/build_model.py
+"""Chat requests on a real instruct model (models/tiny-chat: scripts/tools/build_model.py
 tiny-chat, a chat template in its tokenizer_config.json) through both kinds of engine:
-per-rank (infer.py, vLLM in the task) and warm (scripts/vllm_server.py), and through
+per-rank (task.py, vLLM in the task) and warm (scripts/engine/vllm_server.py), and through
 the whole workflow (profiles/local). The template's markers reach the engine (the
 prompt tokens it reports are the rendered chat's), a seeded rerun is identical, and a
 model without a template takes config vllm.chat_template."""
@@ -13,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import engines
-import infer
 import pytest
-import tiles
-from engines import Engine
-from jsonl_ranks import Answer, Partial
+from engine import client, lifecycle
+from engine.lifecycle import Engine
+from placement import tiles
+from rank import task
+from rank.jsonl import Answer, Partial
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
@@ -50,7 +50,7 @@ LINES = [
 def tiny_chat() -> Path:
     """The repo's tiny instruct model (`make test` builds it), built here if missing."""
     if not (TINY_CHAT / "config.json").exists():
-        build = [PYTHON, str(SCRIPTS / "build_model.py"), "tiny-chat", str(TINY_CHAT)]
+        build = [PYTHON, str(SCRIPTS / "tools" / "build_model.py"), "tiny-chat", str(TINY_CHAT)]
         subprocess.run(build, check=True, timeout=600)
     return TINY_CHAT
 
@@ -60,7 +60,7 @@ def rendered_ids(model: Path, messages: list, template: str | None = None) -> li
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    return infer.chat_token_ids(tokenizer, messages, template, "test")
+    return task.chat_token_ids(tokenizer, messages, template, "test")
 
 
 def write_rank(folder: Path, rank: int, lines) -> Path:
@@ -72,7 +72,7 @@ def write_rank(folder: Path, rank: int, lines) -> Path:
 
 def per_rank(folder: Path, rank_file: Path, config: dict) -> subprocess.Popen:
     rank = rank_file.stem
-    argv = [PYTHON, str(SCRIPTS / "infer.py"), "--rank", rank, "--prompts", str(rank_file),
+    argv = [PYTHON, str(SCRIPTS / "rank" / "task.py"), "--rank", rank, "--prompts", str(rank_file),
             "--output", str(folder / "results" / f"{rank}.jsonl"),
             "--record", str(folder / "results" / f"{rank}.json"),
             "--settings", json.dumps(config)]  # fmt: skip
@@ -129,7 +129,7 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
     }
     # a rank stopped after its first answer: that answer is kept, the rest generated
     kept = write_rank(work / "kept", 3, LINES)
-    key = infer.partial_key(kept, infer.parse_settings(json.dumps(settings(tiny_chat))))
+    key = task.partial_key(kept, task.parse_settings(json.dumps(settings(tiny_chat))))
     partial = Partial(work / "kept" / "results" / "3.jsonl", key)
     partial.open({})
     partial.add(0, Answer("KEPT", "stop", 99, 1))
@@ -206,24 +206,24 @@ def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
 @pytest.mark.vllm
 def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
     port = free_port()
-    key = engines.new_api_key()
-    argv = engines.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
+    key = lifecycle.new_api_key()
+    argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
     placement = tiles.engine_env(tiles.Slot("localhost", (0,)), "FLAT", free_port(), tmp_path / "t")
-    base = {**os.environ, **TASK_ENV, engines.API_KEY_VARIABLE: key}
-    env = engines.engine_environment(placement, SETTINGS, base)  # its KV cache size too
+    base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
+    env = lifecycle.engine_environment(placement, SETTINGS, base)  # its KV cache size too
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)
     engine.start()
     try:
         engine.wait_ready(READY_TIMEOUT)
         pool = registry_pool(tmp_path / "registry", engine)
-        counted = engines.tokenize_messages(engine.url, CHAT, key=key)
+        counted = client.tokenize_messages(engine.url, CHAT, key=key)
         assert counted.ids == rendered_ids(tiny_chat, CHAT)
-        config = infer.parse_settings(json.dumps(settings(tiny_chat)))
+        config = task.parse_settings(json.dumps(settings(tiny_chat)))
         outputs = []
         for name in ("first", "again"):
             rank_file = write_rank(tmp_path / name, 3, LINES)
             out = tmp_path / name / "results" / "3.jsonl"
-            infer.serve_rank(3, config, rank_file, out, out.with_suffix(".json"), pool)
+            task.serve_rank(3, config, rank_file, out, out.with_suffix(".json"), pool)
             outputs.append(out.read_bytes())
         assert outputs[0] == outputs[1]  # seeded rerun: same bytes
         batch, short, plain = answers(tmp_path / "first" / "results" / "3.jsonl")

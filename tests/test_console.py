@@ -1,4 +1,4 @@
-"""Lines on stderr stay whole beside Snakemake's own output (scripts/console.py)."""
+"""Lines on stderr stay whole beside Snakemake's own output (scripts/reporting/console.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import logging
 import threading
 import time
 
-import console
 import pytest
+from reporting import console
 from snakemake.logging import ColorizingTextHandler
 
 SNAKEMAKE_LINE = "Select jobs to execute..."

@@ -1,6 +1,6 @@
-"""scripts/echo_server.py: the stand-in for vLLM's server that `engine: echo` runs warm.
+"""scripts/engine/echo_server.py: the stand-in for vLLM's server that `engine: echo` runs warm.
 
-Each test talks to a real server process on a free port through engines.py's own client
+Each test talks to a real server process on a free port through lifecycle.py's own client
 (complete, tokenize, health), as the pipeline's ranks do.
 """
 
@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import engines
 import pytest
+from engine import client, lifecycle
 
-SERVER = Path(__file__).resolve().parents[1] / "scripts" / "echo_server.py"
+SERVER = Path(__file__).resolve().parents[1] / "scripts" / "engine" / "echo_server.py"
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0, "ignore_eos": True}
 MAX_MODEL_LEN = 32
 # Arguments only vLLM's server takes: the echo server ignores them.
@@ -53,7 +53,7 @@ def start(log: Path, *args: str, env: dict | None = None) -> Server:
         )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + 20
-    while not engines.health(server.url, timeout=1.0):
+    while not client.health(server.url, timeout=1.0):
         if process.poll() is not None or time.monotonic() > deadline:
             stop(server)
             pytest.fail(f"echo server did not start: {log.read_text()}")
@@ -114,7 +114,7 @@ def test_startup_line(server):
 
 def test_complete_echoes_prompts_in_order(server):
     prompts = ["The capital of France is", "Hello", "one two three", "  spaced   words  "]
-    done = engines.complete(server.url, prompts, SAMPLING)
+    done = client.complete(server.url, prompts, SAMPLING)
     assert done.texts == prompts
     assert done.finish_reasons == ["length"] * 4
     assert done.prompt_tokens == 5 + 1 + 3 + 2
@@ -133,43 +133,43 @@ def test_complete_answers_with_model_name(server):
 
 
 def test_tokenize(server):
-    with_bos = engines.tokenize(server.url, "The capital of France is")
-    without = engines.tokenize(server.url, "The capital of France is", add_special_tokens=False)
+    with_bos = client.tokenize(server.url, "The capital of France is")
+    without = client.tokenize(server.url, "The capital of France is", add_special_tokens=False)
     assert len(with_bos.ids) == 6 and with_bos.ids[0] == 2
     assert with_bos.ids[1:] == without.ids and len(without.ids) == 5
     assert with_bos.max_model_len == without.max_model_len == MAX_MODEL_LEN
     # Stable ids: the same word, the same id.
-    assert engines.tokenize(server.url, "is The", False).ids == [without.ids[4], without.ids[0]]
+    assert client.tokenize(server.url, "is The", False).ids == [without.ids[4], without.ids[0]]
 
 
 def test_overlong_prompt_is_rejected(server):
     long_prompt = " ".join(["word"] * (MAX_MODEL_LEN + 1))
-    with pytest.raises(engines.RequestRejected) as caught:
-        engines.complete(server.url, ["short", long_prompt], SAMPLING)
+    with pytest.raises(client.RequestRejected) as caught:
+        client.complete(server.url, ["short", long_prompt], SAMPLING)
     assert caught.value.status == 400
     assert f"maximum context length is {MAX_MODEL_LEN} tokens" in caught.value.message
     assert f"{MAX_MODEL_LEN + 1} input tokens" in caught.value.message
     # Exactly max_model_len words still fit.
     fits = " ".join(["word"] * MAX_MODEL_LEN)
-    assert engines.complete(server.url, [fits], SAMPLING).texts == [fits]
+    assert client.complete(server.url, [fits], SAMPLING).texts == [fits]
 
 
 def test_token_id_prompts(server):
-    done = engines.complete(server.url, [[2, 31414, 232], [2, 7]], SAMPLING)
+    done = client.complete(server.url, [[2, 31414, 232], [2, 7]], SAMPLING)
     assert done.texts == ["2 31414 232", "2 7"]
     assert done.prompt_tokens == 5
-    with pytest.raises(engines.RequestRejected):
-        engines.complete(server.url, [list(range(MAX_MODEL_LEN + 1))], SAMPLING)
+    with pytest.raises(client.RequestRejected):
+        client.complete(server.url, [list(range(MAX_MODEL_LEN + 1))], SAMPLING)
 
 
 def test_chat_is_rendered_with_the_echo_template(server):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
-    reply = engines.complete_one(server.url, SAMPLING, messages=messages)
+    reply = client.complete_one(server.url, SAMPLING, messages=messages)
     assert reply.text == "<|system|> be brief\n<|user|> hi\n<|assistant|>"
     # the markers are part of the prompt the engine counts, as /tokenize says
-    counted = engines.tokenize_messages(server.url, messages)
+    counted = client.tokenize_messages(server.url, messages)
     assert reply.prompt_tokens == len(counted.ids) == 6
-    one = engines.complete_one(server.url, SAMPLING, prompt="just text")
+    one = client.complete_one(server.url, SAMPLING, prompt="just text")
     assert (one.text, one.prompt_tokens, one.completion_tokens) == ("just text", 2, 2)
 
 
@@ -203,7 +203,7 @@ def test_metrics_count_successes(server):
     status, before = get(server.url + "/metrics")
     assert status == 200
     assert 'vllm:num_requests_running{model_name="tiny-opt"} 0' in before.splitlines()
-    engines.complete(server.url, ["a", "b", "c"], SAMPLING)
+    client.complete(server.url, ["a", "b", "c"], SAMPLING)
     _, after = get(server.url + "/metrics")
     # As in vLLM, each prompt of a request is one request.
     assert success_total(after) == success_total(before) + 3
@@ -211,7 +211,7 @@ def test_metrics_count_successes(server):
 
 def test_requests_running_with_delay(make_server):
     server = make_server("--delay", "1.5", "--model", "tiny-opt")
-    thread = threading.Thread(target=engines.complete, args=(server.url, ["x", "y"], SAMPLING))
+    thread = threading.Thread(target=client.complete, args=(server.url, ["x", "y"], SAMPLING))
     thread.start()
     try:
         deadline = time.monotonic() + 5
@@ -236,7 +236,7 @@ def test_signal_ends_server_cleanly(make_server, sig):
 
     def in_flight() -> None:
         try:
-            engines.complete(server.url, ["x"], SAMPLING, timeout=40)
+            client.complete(server.url, ["x"], SAMPLING, timeout=40)
         except BaseException as error:  # checked below
             outcome.append(error)
 
@@ -247,10 +247,10 @@ def test_signal_ends_server_cleanly(make_server, sig):
     server.process.send_signal(sig)
     assert server.process.wait(timeout=5) == 0
     assert time.monotonic() - started < 5
-    assert not engines.health(server.url, timeout=1.0)
+    assert not client.health(server.url, timeout=1.0)
     thread.join(timeout=5)
     assert not thread.is_alive()
-    assert len(outcome) == 1 and isinstance(outcome[0], engines.EngineUnavailable), outcome
+    assert len(outcome) == 1 and isinstance(outcome[0], client.EngineUnavailable), outcome
 
 
 def test_concurrent_requests(server):
@@ -260,7 +260,7 @@ def test_concurrent_requests(server):
     def one(i: int) -> None:
         prompts = [f"request {i} prompt {j}" for j in range(3)]
         try:
-            results[i] = engines.complete(server.url, prompts, SAMPLING, timeout=60).texts
+            results[i] = client.complete(server.url, prompts, SAMPLING, timeout=60).texts
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -274,24 +274,24 @@ def test_concurrent_requests(server):
 
 
 def test_with_a_key_requests_without_it_are_refused(tmp_path):
-    key = engines.new_api_key()
-    server = start(tmp_path / "keyed.log", env={engines.API_KEY_VARIABLE: key})
+    key = lifecycle.new_api_key()
+    server = start(tmp_path / "keyed.log", env={lifecycle.API_KEY_VARIABLE: key})
     try:
         for wrong in (None, key[:-1]):
-            with pytest.raises(engines.RequestRejected) as caught:
-                engines.complete(server.url, ["a b"], SAMPLING, key=wrong)
+            with pytest.raises(client.RequestRejected) as caught:
+                client.complete(server.url, ["a b"], SAMPLING, key=wrong)
             assert caught.value.status == 401 and "Unauthorized" in caught.value.message
-            with pytest.raises(engines.RequestRejected):
-                engines.tokenize(server.url, "a b", key=wrong)
-        assert engines.complete(server.url, ["a b"], SAMPLING, key=key).texts == ["a b"]
-        assert engines.tokenize(server.url, "a b", key=key).ids[0] == 2
-        assert engines.health(server.url)  # open, for the pools' checks
+            with pytest.raises(client.RequestRejected):
+                client.tokenize(server.url, "a b", key=wrong)
+        assert client.complete(server.url, ["a b"], SAMPLING, key=key).texts == ["a b"]
+        assert client.tokenize(server.url, "a b", key=key).ids[0] == 2
+        assert client.health(server.url)  # open, for the pools' checks
     finally:
         stop(server)
     assert key not in (tmp_path / "keyed.log").read_text()
 
 
 def test_key_file_is_private(tmp_path):
-    engines.write_key_file(tmp_path / "r0-3.key", "secret")
+    lifecycle.write_key_file(tmp_path / "r0-3.key", "secret")
     assert (tmp_path / "r0-3.key").read_text() == "secret"
     assert (tmp_path / "r0-3.key").stat().st_mode & 0o777 == 0o600

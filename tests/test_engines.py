@@ -1,4 +1,4 @@
-"""scripts/engines.py: warm vLLM servers, their lifetime and their client.
+"""scripts/engine/lifecycle.py: warm vLLM servers, their lifetime and their client.
 
 Unit tests (fast) check the generated command and environment, the client's error
 paths against a stub HTTP server, and process-group handling with stand-in processes.
@@ -7,7 +7,7 @@ tests/test_service.py.
 
 Real tests (marked `vllm`, never skipped) run both servers of config warm.server on
 the tiny local model. A server start costs ~40-80 s on 2 cores, so the file starts
-three in all: the shared `engine` (module fixture, `inprocess`: scripts/vllm_server.py),
+three in all: the shared `engine` (module fixture, `inprocess`: scripts/engine/vllm_server.py),
 the engine of a separate owner process that the owner-kill test SIGKILLs (vLLM's own
 server with its EngineCore process, started alongside the first), and one restart in
 the last test.
@@ -29,22 +29,18 @@ import time
 import uuid
 from pathlib import Path
 
-import engines
 import pytest
-import tiles
-from engines import (
-    Engine,
+from engine import client, lifecycle
+from engine.client import (
     EngineStartError,
     EngineUnavailable,
     RequestRejected,
     complete,
-    engine_environment,
     health,
-    process_group,
-    server_argv,
-    short_tmpdir,
     tokenize,
 )
+from engine.lifecycle import Engine, engine_environment, process_group, server_argv, short_tmpdir
+from placement import tiles
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -154,8 +150,8 @@ def engine_spec(workdir: Path, name: str, tile: int, server: str = "inprocess") 
     slot = tiles.Slot("localhost", (tile,))
     placement = tiles.engine_env(slot, "FLAT", free_port(), workdir / "engine-tmp")
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
-    key = engines.new_api_key()
-    base = {**os.environ, **TASK_ENV, "ENGINE_TEST_TAG": tag, engines.API_KEY_VARIABLE: key}
+    key = lifecycle.new_api_key()
+    base = {**os.environ, **TASK_ENV, "ENGINE_TEST_TAG": tag, lifecycle.API_KEY_VARIABLE: key}
     return {
         "api_key": key,
         "argv": server_argv(PYTHON, str(tiny_model_path()), port, SETTINGS, 1, server=server),
@@ -176,7 +172,9 @@ def tiny_model():
     path = tiny_model_path()
     if not (path / "config.json").exists():
         subprocess.run(
-            [PYTHON, str(SCRIPTS / "build_model.py"), "tiny", str(path)], check=True, timeout=600
+            [PYTHON, str(SCRIPTS / "tools" / "build_model.py"), "tiny", str(path)],
+            check=True,
+            timeout=600,
         )
     yield path
     if MEASURED:
@@ -188,7 +186,7 @@ def tiny_model():
 
 def test_argv_one_tile():
     argv = server_argv("/py", "./models/m", 8123, SETTINGS, 1)
-    assert argv[:2] == ["/py", str(SCRIPTS / "vllm_server.py")]  # warm.server: inprocess
+    assert argv[:2] == ["/py", str(SCRIPTS / "engine" / "vllm_server.py")]  # warm.server: inprocess
     vllms = server_argv("/py", "./models/m", 8123, SETTINGS, 1, server="vllm")
     assert vllms[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
     assert vllms[3:] == argv[2:]  # the same engine arguments for both servers
@@ -230,13 +228,14 @@ def test_argv_tensor_parallel_two_tiles():
 @pytest.mark.vllm
 def test_argv_parses_with_vllms_own_parser():
     """Every flag we emit (tensor-parallel ones included) exists in the installed vLLM,
-    for its server and for scripts/vllm_server.py's parser."""
+    for its server and for scripts/engine/vllm_server.py's parser."""
     settings = {**SETTINGS, "max_model_len": 128, "engine_args": ["--max-num-seqs", "8"]}
     argv = server_argv(PYTHON, str(tiny_model_path()), 8123, settings, 2, server="vllm")
     assert argv[-2:] == ["--max-num-seqs", "8"]
     script = textwrap.dedent(
         """
-        import json, sys
+        import json
+        import sys
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         keys = ("tensor_parallel_size", "distributed_executor_backend",
@@ -245,17 +244,17 @@ def test_argv_parses_with_vllms_own_parser():
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(sys.argv[2:])
         print(json.dumps({k: getattr(args, k) for k in keys}))
         sys.path.insert(0, sys.argv[1])
-        import vllm_server
+        from engine import vllm_server
         args, engine_args = vllm_server.parse_args(sys.argv[2:])
         both = {**vars(engine_args), "port": args.port, "host": args.host}
         print(json.dumps({k: both[k] for k in keys}))
         # rule fetch_model's check: a value this vLLM refuses, named with its config key
-        import fetch_model
+        from model import fetch
         bad = sys.argv[2:-2] + ["--max-num-seqs", "many"]
         for server in ("vllm", "inprocess"):
             try:
-                fetch_model.check_engine_argv(bad, server, {}, "0.32.0")
-            except fetch_model.CheckError as error:
+                fetch.check_engine_argv(bad, server, {}, "0.32.0")
+            except fetch.CheckError as error:
                 print(json.dumps(str(error)))
         """
     )
@@ -314,12 +313,12 @@ def test_short_tmpdir_for_the_long_pbs_tmpdir(tmp_path):
     root = tiles.default_tmp_root({"TMPDIR": LONG_PBS_TMPDIR})
     placement = tiles.engine_env(tiles.Slot("h", (11,)), "FLAT", 29500, root)
     socket_name = str(uuid.uuid4())
-    assert len(f"{placement['TMPDIR']}/{socket_name}") > engines.SOCKET_PATH_MAX
+    assert len(f"{placement['TMPDIR']}/{socket_name}") > lifecycle.SOCKET_PATH_MAX
     env = engine_environment(placement, SETTINGS, {"TMPDIR": LONG_PBS_TMPDIR})
     short = env["TMPDIR"]
     assert short.startswith("/tmp/vllm-") and env["VLLM_RPC_BASE_PATH"] == short
     path = f"{short}/{socket_name}"
-    assert len(path) < engines.SOCKET_PATH_MAX
+    assert len(path) < lifecycle.SOCKET_PATH_MAX
     # Stable for the same engine, distinct for another tile.
     assert short_tmpdir(placement["TMPDIR"]) == short
     other = tiles.engine_env(tiles.Slot("h", (10,)), "FLAT", 29500, root)["TMPDIR"]
@@ -496,7 +495,9 @@ def test_wait_ready_names_the_log_when_the_server_exits(tmp_path):
 
 def test_wait_ready_timeout_then_stop_escalates_to_sigkill(tmp_path):
     code = """
-        import signal, subprocess, time
+        import signal
+        import subprocess
+        import time
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         subprocess.Popen(["sleep", "300"])
         print("ignoring SIGTERM", flush=True)
@@ -519,7 +520,8 @@ def test_wait_ready_timeout_then_stop_escalates_to_sigkill(tmp_path):
 def test_killed_server_takes_its_orphans_along(tmp_path):
     """As with vLLM: a SIGKILLed server leaves children behind; the watchdog ends them."""
     code = """
-        import subprocess, time
+        import subprocess
+        import time
         subprocess.Popen(["sleep", "300"])
         time.sleep(300)
     """
@@ -554,7 +556,13 @@ def test_restart_is_bounded(tmp_path):
 def _name(pid: int) -> str:
     """A short name for a process of an engine, for the measurements."""
     args = _cmdline(pid).split(b"\0")
-    for known in (b"engines.py", b"vllm_server", b"api_server", b"resource_tracker", b"EngineCore"):
+    for known in (
+        b"watchdog.py",
+        b"vllm_server",
+        b"api_server",
+        b"resource_tracker",
+        b"EngineCore",
+    ):
         if any(known in arg for arg in args[:4]):
             return f"{known.decode()} ({pid})"
     return f"{args[0].decode()} ({pid})"
@@ -580,11 +588,13 @@ def tok(engine, prompt, **options):
 
 
 OWNER = """
-import json, sys, time
+import json
+import sys
+import time
 sys.path.insert(0, {scripts!r})
-import engines
+from engine import client, lifecycle
 spec = json.loads(sys.argv[1])
-engine = engines.Engine(spec["argv"], spec["env"], spec["log"], spec["port"], stop_grace=5)
+engine = lifecycle.Engine(spec["argv"], spec["env"], spec["log"], spec["port"], stop_grace=5)
 engine.start()
 engine.wait_ready({timeout})
 print(json.dumps({{"pgid": engine.pgid, "pids": engine.pids()}}), flush=True)
@@ -704,25 +714,25 @@ def test_real_tokenize_and_over_long_prompts(engine):
 
 @pytest.mark.vllm
 def test_real_pool_serves_concurrent_ranks(engine, tmp_path, monkeypatch):
-    """The ranks' pool (serve.RegistryPool) over the real engine's registry entry."""
-    import serve
+    """The ranks' pool (supervisor.RegistryPool) over the real engine's registry entry."""
+    from engine import supervisor
 
-    serve.write_state(tmp_path / "real.json", engine, "ready")
-    pool = serve.RegistryPool(tmp_path, ["real"], max_in_flight=2, ready_timeout=60)
+    supervisor.write_state(tmp_path / "real.json", engine, "ready")
+    pool = supervisor.RegistryPool(tmp_path, ["real"], max_in_flight=2, ready_timeout=60)
     pool.api_key = engine.api_key
     results, in_flight = [], []
-    original = engines.complete
+    original = client.complete
 
     def counting(*args, **kwargs):
         in_flight.append(pool.members["real"].in_flight)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(engines, "complete", counting)
+    monkeypatch.setattr(client, "complete", counting)
 
     def rank(i):
         with pool.route() as routed:
             prompts = [f"{p} {i}" for p in PROMPTS]
-            results.append(engines.complete(routed.url, prompts, SAMPLING, key=routed.api_key))
+            results.append(client.complete(routed.url, prompts, SAMPLING, key=routed.api_key))
 
     started = time.monotonic()
     threads = [threading.Thread(target=rank, args=(i,)) for i in range(8)]

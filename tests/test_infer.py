@@ -1,6 +1,6 @@
-"""scripts/infer.py end to end: real subprocesses, the real vLLM engine, a real tiny model.
+"""scripts/rank/task.py end to end: real subprocesses, the real vLLM engine, a real tiny model.
 
-The tiny OPT model is built once per session by scripts/build_model.py. vLLM runs
+The tiny OPT model is built once per session by scripts/tools/build_model.py. vLLM runs
 are grouped in two waves of concurrent processes (the machine has 2 cores; a
 vLLM start costs ~20 s here, mostly `import vllm`), shared by the tests through
 module fixtures.
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-INFER = REPO / "scripts" / "infer.py"
-BUILD_MODEL = REPO / "scripts" / "build_model.py"
+INFER = REPO / "scripts" / "rank" / "task.py"
+BUILD_MODEL = REPO / "scripts" / "tools" / "build_model.py"
 PYTHON = sys.executable
 
 SEED_PROMPTS = [
@@ -69,7 +69,7 @@ def settings(model: Path | str, **over) -> dict:
 
 
 class Run:
-    """One infer.py process: its files, and after wait() its outcome."""
+    """One task.py process: its files, and after wait() its outcome."""
 
     def __init__(
         self,
@@ -171,7 +171,7 @@ def prompt_file(lines: list[str]) -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    """The tiny OPT model, built by scripts/build_model.py (idempotently)."""
+    """The tiny OPT model, built by scripts/tools/build_model.py (idempotently)."""
     dest = tmp_path_factory.mktemp("models") / "tiny-opt"
     for attempt in ("built", "exists, left alone"):
         res = subprocess.run(
@@ -346,10 +346,10 @@ def test_seed_gives_identical_output_across_processes(seeded_runs, wave2):
 
 def processes_of_session(session: int) -> list[str]:
     """Command lines of the live processes of session ``session``."""
-    import engines
+    from engine import watchdog
 
     found = []
-    for pid in engines.live_processes(engines.SESSION, session):
+    for pid in watchdog.live_processes(watchdog.SESSION, session):
         with contextlib.suppress(OSError):  # gone meanwhile
             found.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
     return found
@@ -522,7 +522,7 @@ def sentencepiece_like_tokenizer():
 
 
 def test_token_bound_holds_for_real_tokenizers(tiny_model):
-    import infer
+    from rank import task
     from transformers import AutoTokenizer
 
     opt = AutoTokenizer.from_pretrained(str(tiny_model))
@@ -531,30 +531,30 @@ def test_token_bound_holds_for_real_tokenizers(tiny_model):
     for name, encode in counters.items():
         for text in HOSTILE_TEXTS:
             tokens = len(encode(text))
-            assert tokens <= infer.token_bound(text), (name, text[:20], tokens)
-    assert infer.token_bound("") == infer.SPECIAL_TOKENS_BOUND
+            assert tokens <= task.token_bound(text), (name, text[:20], tokens)
+    assert task.token_bound("") == task.SPECIAL_TOKENS_BOUND
 
 
 def test_prompts_that_surely_fit_skip_tokenize(monkeypatch):
     """Once an engine's context length is known, a rank of short prompts goes without
     /tokenize (the URL here answers nothing: any request would fail); a long prompt, a
     chat or an unknown engine still asks."""
-    import engines
-    import infer
-    from jsonl_ranks import Request
+    from engine import client
+    from rank import task
+    from rank.jsonl import Request
 
     url = "http://127.0.0.1:9"  # discard port: nothing listens
     settings = {"sampling": {"max_tokens": 16}, "long_prompts": "error"}
     short = [
         Request(line=i + 1, id=i + 1, batch=False, prompt=p) for i, p in enumerate(SEED_PROMPTS)
     ]
-    with pytest.raises(engines.EngineUnavailable):  # context length not known yet
-        infer.engine_inputs(short, settings, "r.in", url)
-    monkeypatch.setitem(infer._MAX_MODEL_LEN, url, 2048)
-    assert infer.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [])
+    with pytest.raises(client.EngineUnavailable):  # context length not known yet
+        task.engine_inputs(short, settings, "r.in", url)
+    monkeypatch.setitem(task._MAX_MODEL_LEN, url, 2048)
+    assert task.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [])
     long = short + [Request(line=5, id=5, batch=False, prompt="x " * 700)]
     chat = [Request(line=1, id=1, batch=False, messages=[{"role": "user", "content": "hi"}])]
     tight = {"sampling": {"max_tokens": 2048 - 20}, "long_prompts": "error"}
     for requests, given in ((long, settings), (chat, settings), (short, tight)):
-        with pytest.raises(engines.EngineUnavailable):
-            infer.engine_inputs(requests, given, "r.jsonl", url)
+        with pytest.raises(client.EngineUnavailable):
+            task.engine_inputs(requests, given, "r.jsonl", url)

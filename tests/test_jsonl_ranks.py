@@ -1,7 +1,7 @@
-"""JSONL rank files (scripts/jsonl_ranks.py): reading requests, every bad line named by
+"""JSONL rank files (scripts/rank/jsonl.py): reading requests, every bad line named by
 file and line, the answer lines (OpenAI batch output shape field by field), the partial
-answers a stopped rank keeps; and whole JSONL ranks through infer.serve_rank on a real
-echo server (scripts/echo_server.py)."""
+answers a stopped rank keeps; and whole JSONL ranks through task.serve_rank on a real
+echo server (scripts/engine/echo_server.py)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ import re
 import sys
 from pathlib import Path
 
-import infer
-import jsonl_ranks
 import pytest
-import serve
-from engines import Engine
-from jsonl_ranks import Answer, Partial, RequestFileError, read_requests
-from ranks import RankFileError, discover_rank_files
+from engine import supervisor
+from engine.lifecycle import Engine
+from rank import jsonl, task
+from rank.jsonl import Answer, Partial, RequestFileError, read_requests
+from rank.layout import RankFileError, discover_rank_files
 from test_engines import free_port
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -82,7 +81,7 @@ def test_short_and_batch_lines(tmp_path):
     assert batch_chat.sampling == {"max_tokens": 8, "temperature": 0}
     assert (batch_text.prompt, batch_text.sampling) == ("Once upon", {"max_tokens": 4, "seed": 7})
     defaults = {"temperature": 0.8, "top_p": 0.95, "max_tokens": 16, "seed": None}
-    assert jsonl_ranks.sampling_of(batch_text, defaults) == {
+    assert jsonl.sampling_of(batch_text, defaults) == {
         "temperature": 0.8, "top_p": 0.95, "max_tokens": 4, "seed": 7}  # fmt: skip
 
 
@@ -219,10 +218,10 @@ def test_answer_lines_short_and_openai_batch_shape(tmp_path):
     )
     short, chat, text = read_requests(path)
     answer = Answer("generated", "stop", 11, 3)
-    assert json.loads(jsonl_ranks.answer_line(short, answer, 4, "ab" * 32, "/m")) == {
+    assert json.loads(jsonl.answer_line(short, answer, 4, "ab" * 32, "/m")) == {
         "id": "a", "text": "generated", "finish_reason": "stop", "prompt_tokens": 11,
         "output_tokens": 3}  # fmt: skip
-    line = json.loads(jsonl_ranks.answer_line(chat, answer, 4, "ab" * 32, "/m"))
+    line = json.loads(jsonl.answer_line(chat, answer, 4, "ab" * 32, "/m"))
     assert set(line) == {"id", "custom_id", "response", "error"}
     assert line["custom_id"] == "request-1" and line["error"] is None
     assert re.fullmatch(r"batch_req_[0-9a-f]{16}-4-2", line["id"])
@@ -238,7 +237,7 @@ def test_answer_lines_short_and_openai_batch_shape(tmp_path):
         {"index": 0, "message": {"role": "assistant", "content": "generated"},
          "finish_reason": "stop", "logprobs": None}]  # fmt: skip
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
-    body = json.loads(jsonl_ranks.answer_line(text, answer, 4, "ab" * 32, "/m"))["response"]["body"]
+    body = json.loads(jsonl.answer_line(text, answer, 4, "ab" * 32, "/m"))["response"]["body"]
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"] == [
         {"index": 0, "text": "generated", "finish_reason": "stop", "logprobs": None}]  # fmt: skip
@@ -274,9 +273,9 @@ def test_partial_answers_survive_a_torn_line_and_drop_on_another_key(tmp_path):
 def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
     rank_file = write_lines(tmp_path / name, lines)
     config = {"engine": "echo", "model": "echo"} | settings
-    infer.serve_rank(
+    task.serve_rank(
         int(name.split(".")[0]),
-        infer.parse_settings(json.dumps(config)),
+        task.parse_settings(json.dumps(config)),
         rank_file,
         tmp_path / "results" / name,
         tmp_path / "results" / f"{name}.json",
@@ -285,11 +284,11 @@ def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
     return tmp_path / "results" / name
 
 
-def registry_pool(folder: Path, engine: Engine) -> serve.RegistryPool:
-    """The ranks' pool (serve.RegistryPool) over one started engine's registry entry."""
+def registry_pool(folder: Path, engine: Engine) -> supervisor.RegistryPool:
+    """The ranks' pool (supervisor.RegistryPool) over one started engine's registry entry."""
     folder.mkdir(parents=True, exist_ok=True)
-    serve.write_state(folder / f"{engine.name}.json", engine, "ready")
-    return serve.RegistryPool(
+    supervisor.write_state(folder / f"{engine.name}.json", engine, "ready")
+    return supervisor.RegistryPool(
         folder, [engine.name], max_in_flight=4, ready_timeout=60, api_key=engine.api_key
     )
 
@@ -297,7 +296,7 @@ def registry_pool(folder: Path, engine: Engine) -> serve.RegistryPool:
 @pytest.fixture
 def echo_pool(tmp_path):
     port = free_port()
-    argv = [sys.executable, str(SCRIPTS / "echo_server.py"), "--port", str(port)]
+    argv = [sys.executable, str(SCRIPTS / "engine" / "echo_server.py"), "--port", str(port)]
     argv += ["--max-model-len", "40"]
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     engine = Engine(argv, env, tmp_path / "echo.log", port, name="e", stop_grace=5)
@@ -332,16 +331,16 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
     record = json.loads((tmp_path / "results" / "6.jsonl.json").read_text())
     assert record["prompts"] == 6
     assert record["prompt_tokens"] == record["output_tokens"] == 2 + 8 + 2 + 3 + 4 + 4
-    # the per-rank echo engine (infer.py's own) answers parts as the same string too
+    # the per-rank echo engine (task.py's own) answers parts as the same string too
     requests = read_requests(tmp_path / "6.jsonl")
-    assert infer.echo_answer(requests[4]) == infer.echo_answer(requests[5])
+    assert task.echo_answer(requests[4]) == task.echo_answer(requests[5])
     assert not (tmp_path / "results" / ".partial" / "6.jsonl").exists()
 
 
 def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_path, echo_pool):
     long = " ".join(["w"] * 36)
     lines = [{"prompt": "short"}, {"prompt": long, "max_tokens": 4}]
-    with pytest.raises(infer.UsageError) as caught:
+    with pytest.raises(task.UsageError) as caught:
         serve_lines(tmp_path, "2.jsonl", lines, echo_pool)
     text = str(caught.value)
     assert f"{tmp_path / '2.jsonl'}: line 2: request is 37 tokens, more than the 36 allowed" in text
@@ -349,9 +348,9 @@ def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_pa
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))
     # a chat counts its template's markers: 35 words and 2 markers
     chat = [{"messages": [{"role": "user", "content": " ".join(["w"] * 35)}], "max_tokens": 4}]
-    with pytest.raises(infer.UsageError, match=r"line 1: request is 37 tokens, more than the 36"):
+    with pytest.raises(task.UsageError, match=r"line 1: request is 37 tokens, more than the 36"):
         serve_lines(tmp_path, "3.jsonl", chat, echo_pool)
-    with pytest.raises(infer.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
+    with pytest.raises(task.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
         serve_lines(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool)
 
 
@@ -362,10 +361,10 @@ def test_pbs_submissions_find_jsonl_ranks_and_their_rule(tmp_path):
     assert job_ranks({"output": outputs}) == [3, 4]
     assert job_ranks({"input": ["data/3.jsonl", "data/4.in"]}) == [3, 4]
     assert job_ranks({}, "--target-jobs 'infer:rank=4' 'infer_jsonl:rank=3'") == [3, 4]
-    import ranks
+    from rank import layout
 
     (tmp_path / "3.jsonl").write_text("{}\n")
     (tmp_path / "4.in").write_text("a\n")
-    assert ranks.rule_of(ranks.input_file(tmp_path, "3").name) == "infer_jsonl"
-    assert ranks.rule_of(ranks.input_file(tmp_path, "4").name) == "infer"
-    assert ranks.output_file("results", tmp_path, "3") == Path("results/3.jsonl")
+    assert layout.rule_of(layout.input_file(tmp_path, "3").name) == "infer_jsonl"
+    assert layout.rule_of(layout.input_file(tmp_path, "4").name) == "infer"
+    assert layout.output_file("results", tmp_path, "3") == Path("results/3.jsonl")

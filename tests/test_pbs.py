@@ -1118,16 +1118,16 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     submitted = Path(argv[-1]).read_text()
     lines = submitted.splitlines()
     launch = next(i for i, line in enumerate(lines) if " launch " in line)
-    assert lines[launch].endswith(f"serve.py launch {tmp_path}/logs/r0-129.engines.json &")
+    assert lines[launch].endswith(f"supervisor.py launch {tmp_path}/logs/r0-129.engines.json &")
     # the group job's one Snakemake is replaced by one Snakemake per node
     (ranks,) = [line for line in lines if " ranks " in line]
     assert ranks.endswith(
-        f"serve.py ranks {tmp_path}/logs/r0-129.engines.json {tmp_path}/logs/r0-129.nodes.json"
+        f"supervisor.py ranks {tmp_path}/logs/r0-129.engines.json {tmp_path}/logs/r0-129.nodes.json"
     )
     assert "-m snakemake" not in submitted
     assert lines.index("module load frameworks") < launch < lines.index(ranks)
     trap = next(line for line in lines if line.startswith("trap ") and "stop" in line)
-    assert "serve.py stop" in trap and trap.endswith(" EXIT")
+    assert "supervisor.py stop" in trap and trap.endswith(" EXIT")
     nodes = json.loads((tmp_path / "logs" / "r0-129.nodes.json").read_text())
     assert nodes["workdir"] == "/w"
     # threads, 12 engines x 4 ranks in flight per node, after Snakemake's own --cores;

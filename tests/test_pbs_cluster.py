@@ -313,7 +313,9 @@ def test_watchdog_runs_action_only_when_owner_dies(tmp_path: Path) -> None:
     marker = tmp_path / "action-ran"
     owner = textwrap.dedent(
         f"""\
-        import os, sys, time
+        import os
+        import sys
+        import time
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from pbs_cluster import spawn_watchdog

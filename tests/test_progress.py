@@ -1,4 +1,4 @@
-"""Progress lines (scripts/progress.py) and continuations of submissions PBS ended
+"""Progress lines (scripts/reporting/progress.py) and continuations of submissions PBS ended
 (scripts/pbs/continuation.py): fast tests on files as the ranks and engines write them,
 and on recorded qstat answers (tests/data/openpbs/)."""
 
@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pbs
-import progress
 import pytest
 from pbs import continuation
 from pbs.submission import restrict_targets
+from reporting import progress
 
 OPENPBS = Path(__file__).parent / "data" / "openpbs"
 

@@ -1,4 +1,4 @@
-"""Unit tests for scripts/prompts.py: prompt files, output records, atomic writes."""
+"""Unit tests for scripts/rank/prompts.py: prompt files, output records, atomic writes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
-from prompts import Prompt, PromptFileError, format_record, read_prompts, write_atomic
+from rank.prompts import Prompt, PromptFileError, format_record, read_prompts, write_atomic
 
 SEED_PROMPTS = [
     "The most important invention of the 21st century is",

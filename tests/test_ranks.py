@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-import ranks
-from ranks import RankFileError, discover_ranks
+from rank import layout
+from rank.layout import RankFileError, discover_ranks
 
 
 def touch(folder, *names):
@@ -56,10 +56,10 @@ def test_pending_ranks_need_both_outputs_newer_than_the_input(tmp_path):
         (results / "records" / f"{rank}.json").write_text("{}")
     os.utime(data / "3.in", (time.time() + 60, time.time() + 60))  # edited after its run
     names = [str(r) for r in range(5)]
-    assert ranks.pending_ranks(names, str(data), str(results)) == ["1", "2", "3", "4"]
+    assert layout.pending_ranks(names, str(data), str(results)) == ["1", "2", "3", "4"]
     # A model still to be fetched makes every rank pending.
     missing = [str(tmp_path / "no-marker.json")]
-    assert ranks.pending_ranks(names, str(data), str(results), missing) == names
+    assert layout.pending_ranks(names, str(data), str(results), missing) == names
 
 
 def _finished_rank(results, rank: str, text: str) -> None:
@@ -90,15 +90,15 @@ def test_marks_of_whole_outputs_are_dropped_the_others_kept(tmp_path, monkeypatc
     kept = [_mark(tmp_path, f"results/{r}.out") for r in (3, 4, 5)]
     kept.append(_mark(tmp_path, "elsewhere/2.out"))
     (tmp_path / ".snakemake" / "incomplete" / "migration_underway").write_text("")
-    assert ranks.forget_finished_incomplete("results") == ["2"]
+    assert layout.forget_finished_incomplete("results") == ["2"]
     assert not any(m.exists() for m in whole) and all(m.exists() for m in kept)
-    assert ranks.forget_finished_incomplete("results") == []
-    assert ranks.forget_finished_incomplete("results", tmp_path / "no-such-folder") == []
+    assert layout.forget_finished_incomplete("results") == []
+    assert layout.forget_finished_incomplete("results", tmp_path / "no-such-folder") == []
 
 
 def test_kept_ranks_are_reported(capsys):
-    ranks.report_kept([])
+    layout.report_kept([])
     assert capsys.readouterr().err == ""
-    ranks.report_kept([str(r) for r in range(12)])
+    layout.report_kept([str(r) for r in range(12)])
     err = capsys.readouterr().err
     assert err.startswith("Kept 12 rank(s)") and "0, 1, 2" in err and "and 2 more" in err

@@ -2,9 +2,9 @@
 (results/.partial/<rank>.<ext>, appended and fsynced per answer), and its rerun sends
 the engine only the missing requests; the output equals an uninterrupted run's.
 
-The engine is a real echo server (scripts/echo_server.py) that holds each request
+The engine is a real echo server (scripts/engine/echo_server.py) that holds each request
 (--delay) and at most two at once (--max-num-seqs), so the answers come one after
-another; the rank runs in a child process (infer.serve_rank, as a warm rank job runs
+another; the rank runs in a child process (task.serve_rank, as a warm rank job runs
 it) routed to that engine, and the engine counts the requests it answered (/metrics).
 """
 
@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from engines import Engine
+from engine.lifecycle import Engine
 from test_engines import free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,9 +29,12 @@ REQUESTS = 40
 
 # One warm rank job, as rank_job.serve_rank runs it, against one engine.
 RANK_JOB = """
-import contextlib, json, sys, types
+import contextlib
+import json
+import sys
+import types
 sys.path.insert(0, {scripts!r})
-import infer
+from rank import task
 
 url, rank_file, output = sys.argv[1:4]
 engine = types.SimpleNamespace(url=url, api_key=None, env={{}}, name="echo", log_path="echo.log")
@@ -46,8 +49,8 @@ class OneEngine:
         raise SystemExit("the engine failed")
 
 
-settings = infer.parse_settings(json.dumps({{"engine": "echo", "model": "echo"}}))
-print(infer.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
+settings = task.parse_settings(json.dumps({{"engine": "echo", "model": "echo"}}))
+print(task.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
       flush=True)
 """
 
@@ -91,7 +94,7 @@ def kept(partial: Path) -> int:
 @pytest.fixture
 def held_engine(tmp_path):
     port = free_port()
-    argv = [PYTHON, str(SCRIPTS / "echo_server.py"), "--port", str(port),
+    argv = [PYTHON, str(SCRIPTS / "engine" / "echo_server.py"), "--port", str(port),
             "--delay", "0.3", "--max-num-seqs", "2"]  # fmt: skip
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     engine = Engine(argv, env, tmp_path / "echo.log", port, name="echo", stop_grace=5)

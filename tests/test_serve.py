@@ -1,4 +1,4 @@
-"""scripts/serve.py without a scheduler: the launcher call, which engines a launcher
+"""scripts/engine/supervisor.py without a scheduler: the launcher call, which engines a launcher
 process runs, their command and environment, and the ranks' pool over the registry.
 The whole path runs on OpenPBS in tests/test_aurora_profile.py (warm tests)."""
 
@@ -10,12 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import engines
 import pytest
-import rank_job
-import serve
-import tiles
 import workflow as wf
+from engine import client, lifecycle, supervisor
+from pipeline import rank_job
+from placement import tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +34,7 @@ def spec(**changes) -> dict:
 
 def test_one_mpiexec_for_all_engines_of_the_submission():
     hosts = [f"x{i}.hostmgmt" for i in range(4)]
-    argv = serve.launcher_argv(spec(), hosts)
+    argv = supervisor.launcher_argv(spec(), hosts)
     lists = "1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100"
     assert argv == [
         "mpiexec", "-n", "48", "--ppn", "12", "--cpu-bind", f"list:{lists}", "--no-vni",
@@ -43,7 +42,7 @@ def test_one_mpiexec_for_all_engines_of_the_submission():
 
 
 def test_two_tile_engines_get_both_tiles_cpus():
-    argv = serve.launcher_argv(spec(tiles={"per_job": 2}), ["x0", "x1"])
+    argv = supervisor.launcher_argv(spec(tiles={"per_job": 2}), ["x0", "x1"])
     assert argv[:5] == ["mpiexec", "-n", "12", "--ppn", "6"]
     assert argv[6].startswith("list:1-8,9-16:17-24,25-32:")
 
@@ -70,13 +69,13 @@ def test_engine_command_and_environment_on_aurora(tmp_path):
         "TMPDIR": f"/var/tmp/pbs.{job}",
         "no_proxy": "localhost",
     }
-    engines.write_key_file(tmp_path / "job.key", "secret-of-this-job")
+    lifecycle.write_key_file(tmp_path / "job.key", "secret-of-this-job")
     the_spec = spec(tiles={"per_job": 2}) | {
         "python": "python3",
         "api_key_file": str(tmp_path / "job.key"),
     }
     slot = tiles.Slot("x4102c5s2b0n0.hostmgmt2102", (2, 3))
-    engine = serve.make_engine(the_spec, slot, job, tmp_path, environ)
+    engine = supervisor.make_engine(the_spec, slot, job, tmp_path, environ)
     argv = engine.argv
     # loopback only: the node's own Snakemake is the engine's only client
     assert argv[argv.index("--host") + 1] == "127.0.0.1"
@@ -102,25 +101,25 @@ def test_engine_command_and_environment_on_aurora(tmp_path):
 
 def test_engines_listen_on_loopback_only(tmp_path):
     slot = tiles.Slot("x1", (0,))
-    with pytest.raises(engines.EngineStartError, match="warm.listen: '8.8.8.8' is 8.8.8.8, not"):
-        serve.make_engine(spec() | {"listen": "8.8.8.8"}, slot, "1", tmp_path, {})
+    with pytest.raises(client.EngineStartError, match="warm.listen: '8.8.8.8' is 8.8.8.8, not"):
+        supervisor.make_engine(spec() | {"listen": "8.8.8.8"}, slot, "1", tmp_path, {})
     # the test cluster: each host's name is its own loopback address
-    assert serve.listen_address({"listen": "{host}"}, "localhost") in ("127.0.0.1", "::1")
-    with pytest.raises(engines.EngineStartError, match="does not resolve"):
-        serve.listen_address({"listen": "{host}"}, "no-such-host.invalid")
+    assert supervisor.listen_address({"listen": "{host}"}, "localhost") in ("127.0.0.1", "::1")
+    with pytest.raises(client.EngineStartError, match="does not resolve"):
+        supervisor.listen_address({"listen": "{host}"}, "no-such-host.invalid")
 
 
 def test_staged_model_per_node():
     the_spec = spec() | {"stage": True, "stage_dir": "/tmp", "python": "python3"}
     slot = tiles.Slot("x1", (0,))
-    engine = serve.make_engine(the_spec, slot, "12.pbs", Path("/r"), {"PATH": "/usr/bin"})
+    engine = supervisor.make_engine(the_spec, slot, "12.pbs", Path("/r"), {"PATH": "/usr/bin"})
     assert engine.argv[engine.argv.index("--model") + 1] == "/tmp/model-12.pbs/x1/opt-125m"
 
 
 def test_echo_engines_are_the_light_server():
     the_spec = spec(engine="echo") | {"python": "python3"}
-    engine = serve.make_engine(the_spec, tiles.Slot("x1", (4,)), "1", Path("/r"), {})
-    assert engine.argv[:2] == ["python3", str(REPO / "scripts" / "echo_server.py")]
+    engine = supervisor.make_engine(the_spec, tiles.Slot("x1", (4,)), "1", Path("/r"), {})
+    assert engine.argv[:2] == ["python3", str(REPO / "scripts" / "engine" / "echo_server.py")]
 
 
 # ------------------------------------------------------------------ the ranks' pool
@@ -151,10 +150,10 @@ def report(registry: Path, name: str, state: str, when: float | None = None) -> 
 
 @pytest.fixture
 def pool(tmp_path, monkeypatch):
-    monkeypatch.setattr(serve, "REFRESH_S", 0.0)
-    monkeypatch.setattr(serve, "SETTLED_REFRESH_S", 0.0)
+    monkeypatch.setattr(supervisor, "REFRESH_S", 0.0)
+    monkeypatch.setattr(supervisor, "SETTLED_REFRESH_S", 0.0)
     clock = Clock()
-    return serve.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
+    return supervisor.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
 
 
 def test_ranks_go_to_the_least_busy_ready_engine(pool, tmp_path):
@@ -164,7 +163,7 @@ def test_ranks_go_to_the_least_busy_ready_engine(pool, tmp_path):
     with pool.route() as first, pool.route() as second:
         assert first.name == second.name == "a/tile0"  # the only one ready
         # a's 2 slots are taken, b is not up
-        with pytest.raises(engines.EngineUnavailable, match="no engine free"), pool.route(0.05):
+        with pytest.raises(client.EngineUnavailable, match="no engine free"), pool.route(0.05):
             pass
         report(tmp_path, "b-tile0", "ready")
         with pool.route() as third:
@@ -176,7 +175,7 @@ def test_no_engine_ready_in_time_names_the_logs(pool, tmp_path):
     pool, clock = pool
     report(tmp_path, "a-tile0", "starting")
     clock.now = 101
-    with pytest.raises(engines.EngineUnavailable) as error, pool.route():
+    with pytest.raises(client.EngineUnavailable) as error, pool.route():
         pass
     message = str(error.value)
     assert "within 100 s (config warm.ready_timeout_s)" in message
@@ -188,7 +187,7 @@ def test_all_failed_fails_at_once(pool, tmp_path):
     report(tmp_path, "a-tile0", "failed")
     report(tmp_path, "b-tile0", "failed")
     failed = "every engine of this job failed"
-    with pytest.raises(engines.EngineUnavailable, match=failed), pool.route():
+    with pytest.raises(client.EngineUnavailable, match=failed), pool.route():
         pass
 
 
@@ -213,7 +212,7 @@ def test_a_launcher_that_exited_with_no_engine_ready_fails_the_ranks(pool, tmp_p
     pool, _ = pool
     report(tmp_path, "a-tile0", "starting")
     (tmp_path / "launcher.exit").write_text("127\n")
-    with pytest.raises(engines.EngineUnavailable, match="exited with status 127"), pool.route():
+    with pytest.raises(client.EngineUnavailable, match="exited with status 127"), pool.route():
         pass
 
 
@@ -279,7 +278,7 @@ def test_waiting_ranks_fail_when_nothing_progresses(pool, tmp_path):
     report(tmp_path, "b-tile0", "failed")
     with pool.route(), pool.route():
         clock.now = 51
-        with pytest.raises(engines.EngineUnavailable) as caught, pool.route():
+        with pytest.raises(client.EngineUnavailable) as caught, pool.route():
             pass
     text = str(caught.value)
     assert "for 50 s (config warm.stall_timeout_s)" in text and "a-tile0 2 in flight" in text
@@ -288,7 +287,9 @@ def test_waiting_ranks_fail_when_nothing_progresses(pool, tmp_path):
 
 
 NODE_SNAKEMAKE = """
-import json, os, sys
+import json
+import os
+import sys
 json.dump({"argv": sys.argv[1:], "node": os.environ["AURORA_NODE"], "cwd": os.getcwd(),
            "job": os.environ["PBS_JOBID"], "spec": os.environ["AURORA_ENGINES"],
            "cpus": sorted(os.sched_getaffinity(0))}, open(os.environ["NOTE"], "w"))
@@ -297,7 +298,7 @@ sys.exit(3)
 
 
 def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path):
-    """serve.py ranks-node as a launcher starts it on the second of two nodes: its share
+    """supervisor.py ranks-node as a launcher starts it on the second of two nodes: its share
     of the ranks as --target-jobs, its node named for the pool, the CPUs no engine is
     bound to, and its exit status reported for the job script."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -312,7 +313,7 @@ def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path
     )
     (registry / "7.pbs" / "ranks").mkdir(parents=True)
     environ = {**os.environ, "PBS_NODENUM": "1", "NOTE": str(tmp_path / "note.json")}
-    code = serve.ranks_node(str(spec_file), str(nodes_file), "7.pbs", ["x0", "x1"], environ)
+    code = supervisor.ranks_node(str(spec_file), str(nodes_file), "7.pbs", ["x0", "x1"], environ)
     assert code == 3
     note = json.loads((tmp_path / "note.json").read_text())
     assert note["argv"] == ["--mode", "remote", "--target-jobs"] + [
@@ -326,6 +327,8 @@ def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path
 
 def test_shares_of_more_planned_nodes_than_the_job_got_are_not_lost():
     nodes = {"shares": [[0], [1], [2]]}
-    assert serve.node_share(nodes, 0, 2) == [0, 2] and serve.node_share(nodes, 1, 2) == [1]
-    assert serve.cpu_numbers(["1-3", "7,9-10"]) == {1, 2, 3, 7, 9, 10}
-    assert serve.cpu_list_text({0, 52, 53, 54, 60}) == "0,52-54,60"
+    assert supervisor.node_share(nodes, 0, 2) == [0, 2] and supervisor.node_share(nodes, 1, 2) == [
+        1
+    ]
+    assert supervisor.cpu_numbers(["1-3", "7,9-10"]) == {1, 2, 3, 7, 9, 10}
+    assert supervisor.cpu_list_text({0, 52, 53, 54, 60}) == "0,52-54,60"

@@ -1,5 +1,5 @@
-"""The engine service of a local run (serve.LocalService): the one-node case of a PBS
-submission, the same supervisor (serve.node), registry and pool (serve.RegistryPool),
+"""The engine service of a local run (supervisor.LocalService): the one-node case of a PBS
+submission, the same supervisor (supervisor.node), registry and pool (supervisor.RegistryPool),
 here on echo servers, in seconds. Real vLLM engines run through it in
 tests/test_workflow_local.py; the submission's case on OpenPBS in
 tests/test_aurora_profile.py."""
@@ -19,12 +19,11 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-import engines
-import infer
 import pytest
-import rank_job
-import serve
-import tiles
+from engine import client, supervisor
+from pipeline import rank_job
+from placement import tiles
+from rank import task
 from test_warm import local_config
 
 PYTHON = sys.executable
@@ -76,7 +75,7 @@ def service(tmp_path):
 
     def start(**env):
         spec = echo_spec(tmp_path, **env)
-        started = serve.LocalService(spec)
+        started = supervisor.LocalService(spec)
         services.append((started, spec["tag"]))
         return started, started.start()
 
@@ -89,8 +88,8 @@ def service(tmp_path):
 def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int = 1) -> dict:
     data = tmp_path / f"{rank}.in"
     data.write_text("".join(f"{p}\n" for p in prompts))
-    settings = infer.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
-    infer.serve_rank(
+    settings = task.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
+    task.serve_rank(
         rank,
         settings,
         data,
@@ -108,8 +107,8 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
         assert {first.name, second.name} == {f"{HOST}/tile0", f"{HOST}/tile1"}
         # loopback only, and the run's key is required
         assert first.url.startswith("http://127.0.0.1:")
-        with pytest.raises(engines.RequestRejected) as refused:
-            engines.complete(first.url, ["x"], local_config()["sampling"])
+        with pytest.raises(client.RequestRejected) as refused:
+            client.complete(first.url, ["x"], local_config()["sampling"])
         assert refused.value.status == 401
     record = echo_rank(tmp_path, 3, ["one", "two"], pool)
     assert (tmp_path / "3.out").read_text() == (
@@ -117,7 +116,7 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
     )
     assert record["engine_name"] in (first.name, second.name)
     # the registry says it as a submission's does; the key is in its 0600 file only
-    entries = serve.read_registry(started.registry)
+    entries = supervisor.read_registry(started.registry)
     assert {e["state"] for e in entries.values()} == {"ready"} and len(entries) == 2
     key_file = started.registry.parent / f"{started.run_id}.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -125,7 +124,7 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
     for path in started.registry.iterdir():
         assert key not in path.read_text(), path
     started.stop()
-    assert {e["state"] for e in serve.read_registry(started.registry).values()} == {"stopped"}
+    assert {e["state"] for e in supervisor.read_registry(started.registry).values()} == {"stopped"}
 
 
 def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, service, capfd):
@@ -133,7 +132,7 @@ def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, ser
     spec = echo_spec(tmp_path)
     placement = spec["tiles"]
     slots = tiles.engine_slots(placement["per_node"], placement["per_job"], HOST)
-    first = serve.engine_port(spec, slots[0])
+    first = supervisor.engine_port(spec, slots[0])
     holder = socket.socket()
     with holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
@@ -153,7 +152,7 @@ def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, ser
 def test_engines_that_all_fail_fail_the_ranks_naming_their_logs(tmp_path, service):
     _, pool = service(ECHO_SERVER_FAIL_HOSTS=HOST)
     started = time.monotonic()
-    with pytest.raises(engines.EngineError) as caught:
+    with pytest.raises(client.EngineError) as caught:
         echo_rank(tmp_path, 0, ["x"], pool)
     assert time.monotonic() - started < 30  # not the ready timeout (300 s)
     text = str(caught.value)
@@ -167,7 +166,7 @@ def test_a_killer_request_fails_its_rank_alone_and_the_engines_come_back(tmp_pat
     sent to, is sent once more to the other one, kills that too, and fails naming both
     logs; the supervisor restarts both (warm.max_restarts) and the other ranks run."""
     started, pool = service(ECHO_SERVER_DIE_ON="poison")
-    with pytest.raises(engines.EngineError) as caught:
+    with pytest.raises(client.EngineError) as caught:
         echo_rank(tmp_path, 0, ["fine", "poison"], pool)
     text = str(caught.value)
     assert "failed on 2 engine(s) in a row" in text and "retry_after_engine_death 1" in text
@@ -177,7 +176,7 @@ def test_a_killer_request_fails_its_rank_alone_and_the_engines_come_back(tmp_pat
     for rank in (1, 2, 3):  # they wait for the restarted engines
         record = echo_rank(tmp_path, rank, ["one", "two"], pool)
         assert record["engine_deaths"] == []
-    entries = serve.read_registry(started.registry).values()
+    entries = supervisor.read_registry(started.registry).values()
     assert sorted(e["restarts"] for e in entries) == [1, 1]
     assert all("dying on prompt 'poison'" in log.read_text() for log in logs)
 
@@ -196,7 +195,7 @@ def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path, se
     started, pool = service(ECHO_SERVER_DELAY_S="3")
     with pool.route(), pool.route():
         pass  # both engines are ready
-    urls = {e["name"]: e["url"] for e in serve.read_registry(started.registry).values()}
+    urls = {e["name"]: e["url"] for e in supervisor.read_registry(started.registry).values()}
     done = []
     rank = threading.Thread(target=lambda: done.append(echo_rank(tmp_path, 7, ["x"], pool)))
     rank.start()
@@ -208,7 +207,7 @@ def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path, se
         for pid in tagged(started.spec["env"]["SERVICE_TEST_TAG"])
         if b"echo_server.py" in (argv := Path(f"/proc/{pid}/cmdline").read_bytes())
         and b"--port\0" + port in argv
-        and b"engines.py" not in argv
+        and b"watchdog.py" not in argv
     ]
     os.kill(server, signal.SIGKILL)
     rank.join(60)
@@ -219,10 +218,11 @@ def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path, se
 
 
 OWNER = """
-import json, sys
+import json
+import sys
 sys.path.insert(0, sys.argv[1])
-import serve
-service = serve.LocalService(json.loads(sys.argv[2]))
+from engine import supervisor
+service = supervisor.LocalService(json.loads(sys.argv[2]))
 pool = service.start()
 with pool.route(), pool.route():
     print("ready", flush=True)
@@ -256,7 +256,7 @@ def test_sigkill_of_the_runs_process_leaves_no_engine(tmp_path):
 
 
 def tagged_supervisors(tmp_path: Path) -> list[int]:
-    """serve.py node processes whose spec lies under tmp_path."""
+    """supervisor.py node processes whose spec lies under tmp_path."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -264,6 +264,6 @@ def tagged_supervisors(tmp_path: Path) -> list[int]:
                 argv = (entry / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"serve.py\0node\0" in argv and str(tmp_path).encode() in argv:
+            if b"supervisor.py\0node\0" in argv and str(tmp_path).encode() in argv:
                 found.append(int(entry.name))
     return found

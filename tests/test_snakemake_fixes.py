@@ -1,4 +1,4 @@
-"""scripts/snakemake_fixes.py: the same answers as Snakemake's own code, each group
+"""scripts/pbs/snakemake_fixes.py: the same answers as Snakemake's own code, each group
 handled once (real Snakemake dry runs of a grouped workflow, and Snakemake's own layer
 packing on random resources)."""
 
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import snakemake_fixes
+from pbs import snakemake_fixes
 from snakemake.exceptions import ResourceError
 from snakemake.resources import GroupResources
 
@@ -23,7 +23,9 @@ JOBS = 200
 # outside the group (as rule infer needs fetch_model); counts how often Snakemake asks
 # whether a group is ready and how often it tests a job's membership of a group.
 SNAKEFILE = """
-import atexit, os, sys
+import atexit
+import os
+import sys
 from snakemake.dag import DAG
 from snakemake.jobs import GroupJob
 
@@ -45,7 +47,7 @@ DAG._ready, GroupJob.__contains__ = counted_ready, counted_member
 atexit.register(lambda: print("COUNTS", counts["ready"], counts["member"], file=sys.stderr))
 if os.environ.get("FIXES"):
     sys.path.insert(0, {scripts!r})
-    import snakemake_fixes
+    from pbs import snakemake_fixes
 
     snakemake_fixes.apply()
 
@@ -174,7 +176,9 @@ def test_layers_too_big_job_gets_snakemakes_error():
 # a pipe pair checks that a pipe input is still seen as one. Every answer of
 # Job.is_pipe_or_service_input is compared with Snakemake's own scan.
 RUN_SNAKEFILE = """
-import atexit, os, sys
+import atexit
+import os
+import sys
 from snakemake.jobs import Job
 
 answers = {{"checked": 0, "pipe": 0, "scans": 0}}
@@ -189,7 +193,7 @@ def counted_scan(self, path):
 Job.is_pipe_or_service_input = counted_scan
 if os.environ.get("FIXES"):
     sys.path.insert(0, {scripts!r})
-    import snakemake_fixes
+    from pbs import snakemake_fixes
 
     snakemake_fixes.apply()
 answer = Job.is_pipe_or_service_input

@@ -1,4 +1,4 @@
-"""scripts/stage_model.py: one launcher call checks every node (preflight) and copies
+"""scripts/model/stage.py: one launcher call checks every node (preflight) and copies
 the model to it, and the step fails unless every node reports its copy. The hosts are
 simulated here by a launcher that runs the command once per node index, and the node's
 inference Python by stand-in `vllm` and `torch` packages on its PYTHONPATH; the real
@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
-import stage_model
+from model import stage
 from workflow import TINY_MODEL
 
 # Runs the command once per node index given, as a launcher with one process per node.
@@ -46,7 +46,7 @@ def setup(tmp_path: Path, monkeypatch, nodes: str, **changes) -> Path:
                 "stage": True,
                 "stage_dir": str(tmp_path / "local"),
                 "node_launcher": launcher,
-                "python": stage_model.sys.executable,
+                "python": stage.sys.executable,
                 "env": {"PYTHONPATH": str(stand_in_packages(tmp_path / "site"))},
                 "tiles": {"per_node": 12, "hierarchy": "FLAT"},
                 "versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu", "ipex": None},
@@ -61,42 +61,42 @@ def setup(tmp_path: Path, monkeypatch, nodes: str, **changes) -> Path:
 
 def test_copy_to_every_node_then_remove(tmp_path, monkeypatch, capfd):
     settings = setup(tmp_path, monkeypatch, "0 1")
-    assert stage_model.main(["prepare", str(settings)]) == 0
+    assert stage.main(["prepare", str(settings)]) == 0
     for host in ("nodeA", "nodeB"):
-        copy = stage_model.staged_path(str(tmp_path / "local"), "7.pbs-head", host, str(TINY_MODEL))
+        copy = stage.staged_path(str(tmp_path / "local"), "7.pbs-head", host, str(TINY_MODEL))
         assert (copy / "config.json").read_bytes() == (TINY_MODEL / "config.json").read_bytes()
     out = capfd.readouterr().out
     assert out.count("stage_model: prepare on 2 node(s)") == 1 and "nodeB: " in out
     assert "preflight: nodeA: tile check skipped: no XPU here" in out
-    assert stage_model.main(["remove", str(settings)]) == 0
+    assert stage.main(["remove", str(settings)]) == 0
     assert list((tmp_path / "local").iterdir()) == []
     assert not list(tmp_path.glob("*.done"))
 
 
 def test_a_node_that_did_not_copy_fails_the_step(tmp_path, monkeypatch, capfd):
     settings = setup(tmp_path, monkeypatch, "0")  # the launcher reached one node only
-    assert stage_model.main(["prepare", str(settings)]) == 1
+    assert stage.main(["prepare", str(settings)]) == 1
     assert "node nodeB: no report (launcher exit 0)" in capfd.readouterr().err
 
 
 def test_the_node_is_found_by_its_name_else_by_its_index(monkeypatch):
     hosts = ["x1.hsn.cm.aurora", "x2.hsn.cm.aurora"]
-    assert stage_model.this_host(hosts, {"PALS_NODEID": "1"}) == "x2.hsn.cm.aurora"
-    monkeypatch.setattr(stage_model.tiles.socket, "gethostname", lambda: "x1")
-    assert stage_model.this_host(hosts, {}) == "x1.hsn.cm.aurora"
+    assert stage.this_host(hosts, {"PALS_NODEID": "1"}) == "x2.hsn.cm.aurora"
+    monkeypatch.setattr(stage.tiles.socket, "gethostname", lambda: "x1")
+    assert stage.this_host(hosts, {}) == "x1.hsn.cm.aurora"
     # mpiexec passes the job script's PBS_NODENUM=0 on to every node: the name wins
-    monkeypatch.setattr(stage_model.tiles.socket, "gethostname", lambda: "x2")
-    assert stage_model.this_host(hosts, {"PBS_NODENUM": "0"}) == "x2.hsn.cm.aurora"
-    monkeypatch.setattr(stage_model.tiles.socket, "gethostname", lambda: "elsewhere")
+    monkeypatch.setattr(stage.tiles.socket, "gethostname", lambda: "x2")
+    assert stage.this_host(hosts, {"PBS_NODENUM": "0"}) == "x2.hsn.cm.aurora"
+    monkeypatch.setattr(stage.tiles.socket, "gethostname", lambda: "elsewhere")
     with pytest.raises(SystemExit, match="cannot tell"):
-        stage_model.this_host(["y9"], {})
+        stage.this_host(["y9"], {})
 
 
 def test_empty_node_launcher_is_named(tmp_path, monkeypatch):
     settings = setup(tmp_path, monkeypatch, "0 1")
     settings.write_text(json.dumps(json.loads(settings.read_text()) | {"node_launcher": []}))
     with pytest.raises(SystemExit, match="node_launcher is empty"):
-        stage_model.main(["prepare", str(settings)])
+        stage.main(["prepare", str(settings)])
 
 
 def failure_causes(settings: Path) -> list[str]:
@@ -113,7 +113,7 @@ def test_a_node_with_another_vllm_stops_the_submission_before_its_copy(
     changed = json.loads(settings.read_text())
     changed["env"]["PYTHONPATH"] = str(tmp_path / "old")
     settings.write_text(json.dumps(changed))
-    assert stage_model.main(["prepare", str(settings)]) == 1
+    assert stage.main(["prepare", str(settings)]) == 1
     cause = (
         "vLLM 0.15.0 here, but rule fetch_model checked the engines against vLLM 0.32.0 "
         "(config python, pbs.setup)"
@@ -133,7 +133,7 @@ def test_a_node_that_sees_fewer_tiles_is_named(tmp_path, monkeypatch, capfd):
     changed = json.loads(settings.read_text())
     changed["env"] = {"PYTHONPATH": str(site), "ZE_AFFINITY_MASK": "0,1,2,3,4,5,6,7,8,9,10"}
     settings.write_text(json.dumps(changed))
-    assert stage_model.main(["prepare", str(settings)]) == 1
+    assert stage.main(["prepare", str(settings)]) == 1
     cause = "node nodeA: 11 of 12 tiles visible (ZE_AFFINITY_MASK=0,1,2,3,4,5,6,7,8,9,10)"
     assert cause in capfd.readouterr().err
     assert failure_causes(settings)[0] == cause
@@ -146,14 +146,14 @@ def test_composite_nodes_show_cards_and_twelve_tiles_pass(tmp_path, monkeypatch,
     changed["env"]["PYTHONPATH"] = str(site)
     changed["tiles"]["hierarchy"] = "COMPOSITE"  # 6 cards of 2 tiles
     settings.write_text(json.dumps(changed))
-    assert stage_model.main(["prepare", str(settings)]) == 0
+    assert stage.main(["prepare", str(settings)]) == 0
     assert "preflight: nodeB: vLLM 0.32.0, XPU devices 6" in capfd.readouterr().out
     assert not (tmp_path / "local").exists()  # no staging asked: checks only
 
 
 def test_too_little_room_for_the_copy_is_named_with_both_sizes(tmp_path, monkeypatch, capfd):
     settings = setup(tmp_path, monkeypatch, "0 1", weights_bytes=2**50)  # 1 PiB
-    assert stage_model.main(["prepare", str(settings)]) == 1
+    assert stage.main(["prepare", str(settings)]) == 1
     err = capfd.readouterr().err
     assert "preflight: node nodeA: " in err and " free, the model needs " in err
     assert "(1048576.0 GiB and a margin; config weights.stage_dir)" in err

@@ -9,7 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
-import summarize
+from reporting import summary
 from workflow import local_config, make_workdir, snakemake
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -25,7 +25,7 @@ def record(rank, prompts=2, tokens=20, load=1.5, generate=0.5, end=100.0, host="
         "tokens_per_s": round(tokens / generate, 1) if generate and tokens else 0.0,
         "host": host,
         "mask": mask,
-        summarize.END_KEY: end,
+        summary.END_KEY: end,
     }
 
 
@@ -46,13 +46,13 @@ def assert_png(data: bytes) -> tuple[int, int]:
 
 
 def test_table_has_one_row_per_record_in_rank_order_and_reads_back_exactly():
-    records = summarize.read_records([])  # no files: an empty run
+    records = summary.read_records([])  # no files: an empty run
     assert records == []
     records = sorted(
         [record(10, load=0.123456, generate=2.5), record(2, mask="1.0"), record(0)],
         key=lambda r: int(r["rank"]),
     )
-    text = summarize.tsv_text(summarize.summary_rows(records))
+    text = summary.tsv_text(summary.summary_rows(records))
     lines = text.splitlines()
     assert lines[0].split("\t") == [
         "rank",
@@ -64,7 +64,7 @@ def test_table_has_one_row_per_record_in_rank_order_and_reads_back_exactly():
         "host",
         "tile_mask",
     ]
-    rows = summarize.parse_tsv(text)
+    rows = summary.parse_tsv(text)
     assert [row["rank"] for row in rows] == [0, 2, 10]
     for row, rec in zip(rows, records, strict=True):
         assert row["load_s"] == rec["load_s"] and row["generate_s"] == rec["generate_s"]
@@ -72,8 +72,8 @@ def test_table_has_one_row_per_record_in_rank_order_and_reads_back_exactly():
 
 
 def test_cells_never_break_the_table():
-    rows = summarize.summary_rows([record(0, host="a\tb\nc", mask="")])
-    assert summarize.tsv_text(rows).splitlines()[1].split("\t")[-2:] == ["a b c", ""]
+    rows = summary.summary_rows([record(0, host="a\tb\nc", mask="")])
+    assert summary.tsv_text(rows).splitlines()[1].split("\t")[-2:] == ["a b c", ""]
 
 
 def test_records_are_read_in_numeric_rank_order_with_the_time_they_were_written(tmp_path):
@@ -82,25 +82,25 @@ def test_records_are_read_in_numeric_rank_order_with_the_time_they_were_written(
     # touched later, as Snakemake touches the outputs of a PBS submission at its end
     os.utime(tmp_path / "9.json", (2e9, 2e9))
     (tmp_path / "10.json").write_text(json.dumps(record(10) | {"written_at": 1.5e9}))
-    records = summarize.read_records(tmp_path.glob("*.json"))
+    records = summary.read_records(tmp_path.glob("*.json"))
     assert [r["rank"] for r in records] == [1, 9, 10]
-    assert records[0][summarize.END_KEY] == (tmp_path / "1.json").stat().st_mtime
-    assert records[1][summarize.END_KEY] == 2e9  # no written_at: the file's time
-    assert records[2][summarize.END_KEY] == 1.5e9
+    assert records[0][summary.END_KEY] == (tmp_path / "1.json").stat().st_mtime
+    assert records[1][summary.END_KEY] == 2e9  # no written_at: the file's time
+    assert records[2][summary.END_KEY] == 1.5e9
 
 
 @pytest.mark.parametrize("content, message", [("{", "cannot read"), ("{}", "missing rank")])
 def test_a_bad_record_is_named(tmp_path, content, message):
     (tmp_path / "3.json").write_text(content)
-    with pytest.raises(summarize.RecordError, match=rf"3\.json.*{message}"):
-        summarize.read_records([tmp_path / "3.json"])
+    with pytest.raises(summary.RecordError, match=rf"3\.json.*{message}"):
+        summary.read_records([tmp_path / "3.json"])
 
 
 def test_busy_time_is_the_union_of_the_generation_intervals():
-    assert summarize.busy_seconds([]) == 0
+    assert summary.busy_seconds([]) == 0
     # Two overlapping engines, a gap (queue, model load), then one inside another.
     intervals = [(0.0, 4.0), (1.0, 5.0), (10.0, 12.0), (10.5, 11.0)]
-    assert summarize.busy_seconds(intervals) == pytest.approx(5.0 + 2.0)
+    assert summary.busy_seconds(intervals) == pytest.approx(5.0 + 2.0)
 
 
 def test_totals_and_paragraph_say_what_the_records_say():
@@ -110,7 +110,7 @@ def test_totals_and_paragraph_say_what_the_records_say():
         record(2, prompts=5, tokens=100, generate=1.0, end=20.0, host="n2", mask="0"),
         record(3, prompts=0, tokens=0, generate=0.0, end=21.0, host="n2", mask="1"),
     ]
-    t = summarize.totals(records)
+    t = summary.totals(records)
     assert (t["ranks"], t["prompts"], t["output_tokens"], t["hosts"]) == (4, 12, 600, 2)
     # Generating during [10, 12] and [19, 20]: 600 tokens in 3 s.
     assert t["generating_s"] == pytest.approx(3.0)
@@ -119,7 +119,7 @@ def test_totals_and_paragraph_say_what_the_records_say():
     # A rank without tokens is not "slow": it had nothing to do.
     assert [s["rank"] for s in t["slowest"]] == [1, 2, 0]
 
-    text = summarize.paragraph(records, expected=6)
+    text = summary.paragraph(records, expected=6)
     assert "\n" not in text
     assert "4 of 6 ranks done on 2 host(s): 12 prompts, 600 output tokens" in text
     assert "Aggregate 200 output tok/s" in text
@@ -127,12 +127,12 @@ def test_totals_and_paragraph_say_what_the_records_say():
 
 
 def test_paragraph_of_a_run_without_records():
-    assert "0 of 48 ranks done" in summarize.paragraph([], expected=48)
+    assert "0 of 48 ranks done" in summary.paragraph([], expected=48)
 
 
 def test_plot_is_a_png_for_small_and_large_runs():
-    assert_png(summarize.plot_png([record(r, end=100.0 + r) for r in range(3)]))
-    width, _ = assert_png(summarize.plot_png([record(r, end=float(r)) for r in range(1000)]))
+    assert_png(summary.plot_png([record(r, end=100.0 + r) for r in range(3)]))
+    width, _ = assert_png(summary.plot_png([record(r, end=float(r)) for r in range(1000)]))
     assert width <= 1600
 
 
@@ -144,10 +144,10 @@ def test_write_summary_writes_table_plot_and_log(tmp_path):
         path.write_text(json.dumps(record(rank)))
         paths.append(path)
     out = tmp_path / "out"
-    text = summarize.write_summary(
+    text = summary.write_summary(
         paths, out / "summary.tsv", out / "summary.png", tmp_path / "log" / "s.log", expected=2
     )
-    assert [row["rank"] for row in summarize.parse_tsv((out / "summary.tsv").read_text())] == [
+    assert [row["rank"] for row in summary.parse_tsv((out / "summary.tsv").read_text())] == [
         0,
         1,
     ]
@@ -174,10 +174,10 @@ def read_json(path: Path) -> dict:
 def check_summary(work: Path, stderr: str, ranks: list[str]) -> None:
     """summary.tsv and the paragraph equal what the per-rank records say."""
     records = [read_json(work / "results" / "records" / f"{rank}.json") for rank in ranks]
-    rows = summarize.parse_tsv((work / "results" / "summary.tsv").read_text())
+    rows = summary.parse_tsv((work / "results" / "summary.tsv").read_text())
     assert [row["rank"] for row in rows] == [int(rank) for rank in ranks]
     for row, rec in zip(rows, records, strict=True):
-        for name, key in summarize.COLUMNS:
+        for name, key in summary.COLUMNS:
             assert row[name] == rec[key], (name, row, rec)
     prompts = sum(r["prompts"] for r in records)
     tokens = sum(r["output_tokens"] for r in records)
@@ -188,7 +188,7 @@ def check_summary(work: Path, stderr: str, ranks: list[str]) -> None:
     assert expected in stderr
     # The whole paragraph (aggregate rate, slowest ranks) is what the records give.
     paths = [work / "results" / "records" / f"{rank}.json" for rank in ranks]
-    paragraph = summarize.paragraph(summarize.read_records(paths), expected=len(ranks))
+    paragraph = summary.paragraph(summary.read_records(paths), expected=len(ranks))
     assert paragraph in stderr
     assert (work / "logs" / "summary.log").read_text() == paragraph + "\n"
 
@@ -206,7 +206,7 @@ def echo_run(tmp_path_factory):
 def test_summary_rule_table_and_paragraph_equal_the_records(echo_run):
     work, _, result = echo_run
     check_summary(work, result.stderr, ["0", "1", "2", "10"])
-    rows = summarize.parse_tsv((work / "results" / "summary.tsv").read_text())
+    rows = summary.parse_tsv((work / "results" / "summary.tsv").read_text())
     assert [row["prompts"] for row in rows] == [2, 1, 3, 1]
 
 
@@ -238,6 +238,6 @@ def test_summary_of_a_real_engine_run(tmp_path):
     result = snakemake(work, configfiles=local_config(work, sampling=sampling))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     check_summary(work, result.stderr, ["0", "3"])
-    rows = summarize.parse_tsv((work / "results" / "summary.tsv").read_text())
+    rows = summary.parse_tsv((work / "results" / "summary.tsv").read_text())
     assert [row["output_tokens"] for row in rows] == [16, 8]  # ignore_eos: max_tokens each
     assert all(row["load_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)

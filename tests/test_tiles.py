@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-import tiles
-from tiles import (
+from placement import tiles
+from placement.tiles import (
     Slot,
     acquire,
     affinity_mask,
@@ -26,7 +26,7 @@ from tiles import (
     run_placed,
 )
 
-SCRIPTS = str(Path(tiles.__file__).resolve().parent)
+SCRIPTS = str(Path(tiles.__file__).resolve().parents[1])
 AURORA_LAUNCHER = ["mpiexec", "-n", "1", "--hosts", "{host}", "--cpu-bind", "list:{cpus}"]
 SRUN_LAUNCHER = ["srun", "--nodes=1", "--ntasks=1", "--nodelist={host}", "--overlap"]
 AURORA_CPUS = [
@@ -240,8 +240,9 @@ def test_release_on_exception(tmp_path):
 
 
 HOLDER = """
-import sys, time
-import tiles
+import sys
+import time
+from placement import tiles
 with tiles.acquire(sys.argv[1], ["n1"], 1, 1, timeout=5) as slot:
     print(slot.host, *slot.tiles, flush=True)
     time.sleep(60)
@@ -400,7 +401,9 @@ def test_launch_argv_rejects_bad_env_names():
 # --- run_placed end to end -------------------------------------------------
 
 CHILD = """
-import json, os, sys
+import json
+import os
+import sys
 keys = ["ZE_AFFINITY_MASK", "ZE_FLAT_DEVICE_HIERARCHY", "TILE_HOST", "TILE_IDS", "VLLM_PORT",
         "MASTER_PORT", "VLLM_HOST_IP", "TMPDIR", "TASK_NOTE", "OUTER_VAR"]
 print("CHILD " + json.dumps({k: os.environ.get(k) for k in keys}), flush=True)
@@ -483,7 +486,7 @@ def test_run_placed_hides_secrets_in_log(tmp_path):
 
 PARENT = """
 import sys
-import tiles
+from placement import tiles
 child = sys.argv[3]
 code = tiles.run_placed(
     [sys.executable, "-c", child],
@@ -496,7 +499,10 @@ sys.exit(code)
 """
 
 SLEEPER = """
-import os, signal, sys, time
+import os
+import signal
+import sys
+import time
 def stop(signum, frame):
     print("child got", signal.Signals(signum).name, flush=True)
     sys.exit(7)

@@ -1,4 +1,4 @@
-"""Warm engines as a local run sets them up (rank_job.local_spec, then serve.node's
+"""Warm engines as a local run sets them up (rank_job.local_spec, then supervisor.node's
 make_engine, as in a submission): which engines, with which ports, masks and
 environment. The engines themselves run in tests/test_engines.py, tests/test_serve.py
 and in the local workflow tests."""
@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import rank_job
-import serve
-import tiles
 import yaml
+from engine import supervisor
+from pipeline import rank_job
+from placement import tiles
 from workflow import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,12 +25,12 @@ def local_config(**changes) -> dict:
 
 
 def local_engines(config: dict, model: str, registry: Path) -> list:
-    """The engines a local run's supervisor starts (serve.node), one per tile slot."""
+    """The engines a local run's supervisor starts (supervisor.node), one per tile slot."""
     spec = rank_job.local_spec(config, model)
     host = os.uname().nodename
     per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
     return [
-        serve.make_engine(spec, slot, "local-1", registry, os.environ)
+        supervisor.make_engine(spec, slot, "local-1", registry, os.environ)
         for slot in tiles.engine_slots(per_node, per_job, host)
     ]
 
@@ -77,10 +77,10 @@ def test_engine_slots_cover_the_node_without_overlap():
 
 
 def test_per_rank_engine_on_two_tiles_runs_tensor_parallel():
-    import infer
+    from rank import task
 
-    settings = infer.parse_settings("{}")
-    assert "tensor_parallel_size" not in infer.llm_args(settings, "3")
-    args = infer.llm_args(settings, "4,5")
+    settings = task.parse_settings("{}")
+    assert "tensor_parallel_size" not in task.llm_args(settings, "3")
+    args = task.llm_args(settings, "4,5")
     assert (args["tensor_parallel_size"], args["distributed_executor_backend"]) == (2, "mp")
     assert args["disable_custom_all_reduce"] is True

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from model import prepare
 from workflow import (
     REPO,
     SNAKEMAKE,
@@ -24,9 +25,8 @@ from workflow import (
     snakemake,
 )
 
-import models
-
 FOUR = "one\ntwo\nthree\nfour\n"
+UNLOCK_STALE = REPO / "scripts" / "tools" / "unlock_stale.py"
 
 
 def sample_ranks() -> dict[str, str]:
@@ -52,7 +52,7 @@ def test_dry_run_lists_exactly_the_missing_ranks(tmp_path):
         (work / "results" / "records" / f"{rank}.json").write_text("{}")
     (work / "results" / "records" / "2.json").write_text("{}")  # its .out is missing
     # rule fetch_model's marker, as an earlier run left it (else every rank is pending)
-    marker = work / "results" / "model" / f"{models.model_slug(str(TINY_MODEL.resolve()))}.json"
+    marker = work / "results" / "model" / f"{prepare.model_slug(str(TINY_MODEL.resolve()))}.json"
     marker.parent.mkdir()
     marker.write_text(json.dumps({"path": str(TINY_MODEL.resolve())}))
     # newer than the outputs: only its existence counts (ancient), not its time
@@ -303,7 +303,7 @@ def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, wa
     # A SIGKILLed Snakemake leaves its lock behind, as after a node crash: `make run`
     # removes it when no Snakemake of the folder is alive.
     unlock = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "unlock_stale.py"), "profiles/local", *SNAKEMAKE],
+        [sys.executable, str(UNLOCK_STALE), "profiles/local", *SNAKEMAKE],
         cwd=work, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert unlock.returncode == 0, unlock.stderr
@@ -342,7 +342,7 @@ def processes_in(work: Path) -> list[str]:
 def engines_in(work: Path) -> list[str]:
     """Command lines of the live engines started in ``work``: per-rank infer.py
     processes, or warm vLLM servers."""
-    return [p for p in processes_in(work) if "infer.py" in p or "_server" in p]
+    return [p for p in processes_in(work) if "task.py" in p or "_server" in p]
 
 
 @pytest.mark.vllm
@@ -435,7 +435,7 @@ def test_an_engine_killed_mid_run_retries_its_in_flight_ranks_and_comes_back(tmp
             for p in Path("/proc").iterdir()
             if p.name.isdigit()
             and b"--port\x0030500" in (argv := cmdline_of(p))
-            and b"engines.py" not in argv
+            and b"watchdog.py" not in argv
             and cwd_of(p) == work.resolve()  # not another run's engine on this machine
         ]
         killed_at = time.time()

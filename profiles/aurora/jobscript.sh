@@ -1,7 +1,7 @@
 #!/bin/bash -l
 # properties = {properties}
 # One PBS submission of the Aurora profile: a Snakemake group job whose members run
-# in parallel, one per GPU tile (scripts/tiles.py places them on the PBS_NODEFILE hosts).
+# in parallel, one per GPU tile (scripts/placement/tiles.py places them on the PBS_NODEFILE hosts).
 # A str.format template: literal braces are doubled. pbs-submit replaces the
 # "@site-setup@" line by the lines of config pbs.setup (e.g. module load frameworks).
 # bash -l (as in ALCF's examples): a login shell defines the `module` command.

@@ -8,8 +8,8 @@ its unfinished ranks (`submission.Continuation`) and reports the first job as ru
 until the continuation ends: Snakemake sees one job that succeeds or fails.
 
 - Finished ranks are left alone: their answers (``<rank>.out`` or ``<rank>.jsonl``)
-  are whole by their record's digest (`ranks.rank_is_whole`).
-- Ranks that failed by their input (their failure note, scripts/progress.py) are not
+  are whole by their record's digest (`layout.rank_is_whole`).
+- Ranks that failed by their input (their failure note, scripts/reporting/progress.py) are not
   run again; the submission fails in the end, naming them.
 - The walltime covers what is left: the engines' start, then the left ranks per
   engine at the pace the ranks were served at (at least warm.rank_minutes each).
@@ -23,8 +23,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-import progress
-import ranks as rank_files
+from rank import layout as rank_files
+from reporting import progress
 
 from .plan import jobs_per_node, submission_nodes, walltime_minutes
 from .settings import LOG_DIR

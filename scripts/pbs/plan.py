@@ -15,8 +15,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
-import engines  # stdlib only, like this package (scripts/ is on the path)
-import tiles
+from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
+from placement import tiles
 
 from .settings import (
     SETTINGS_VARIABLE,
@@ -193,11 +193,11 @@ def launcher_problems(settings: Mapping) -> list[str]:
     if warm_engines and "{host}" not in listen:
         # A name this login node cannot resolve is left to the nodes (serve.listen_address).
         with contextlib.suppress(OSError):
-            outside = engines.not_loopback(
+            outside = lifecycle.not_loopback(
                 socket.getaddrinfo(listen, None, type=socket.SOCK_STREAM)
             )
             if outside:
-                problems.append(engines.not_loopback_message(listen, outside))
+                problems.append(lifecycle.not_loopback_message(listen, outside))
     return problems
 
 
@@ -260,7 +260,7 @@ def node_group(workflow, config: Mapping, name: str = "node") -> Callable | None
         return None
     # One group holds a whole submission's ranks (30,720 in prod): without these,
     # Snakemake's group handling takes time quadratic in that (snakemake_fixes).
-    import snakemake_fixes
+    from pbs import snakemake_fixes
 
     snakemake_fixes.apply()
     checked = []

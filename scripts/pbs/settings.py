@@ -17,8 +17,8 @@ from pathlib import Path
 SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
 STATE_DIR = ".snakemake/pbs"
 LOG_DIR = "logs/pbs"
-REGISTRY_ROOT = "logs/engines"  # scripts/serve.py's registry (rank_job.engine_spec)
-FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/progress.py)
+REGISTRY_ROOT = "logs/engines"  # scripts/engine/supervisor.py's registry (rank_job.engine_spec)
+FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/reporting/progress.py)
 PROGRESS_LOG = "logs/progress.log"  # the progress lines of the terminal, with times
 # The profile command whose presence next to a loaded config file marks the profile.
 SUBMIT_COMMAND = "pbs-submit"
@@ -52,7 +52,7 @@ def settings_from_config(
     fetch_model's output that names the folder the engines load ("" for none).
 
     ``engines``: with config warm_engines, what each submission's engines need
-    (rank_job.engine_spec; scripts/serve.py reads it).
+    (rank_job.engine_spec; scripts/engine/supervisor.py reads it).
 
     ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
     run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).
@@ -85,14 +85,14 @@ def settings_from_config(
         "tiles_hierarchy": tiles["hierarchy"],
         "state_dir": os.path.abspath(STATE_DIR),
         "log_dir": os.path.abspath(LOG_DIR),
-        # Node-local staging of the model (scripts/stage_model.py, one call per submission).
+        # Node-local staging of the model (scripts/model/stage.py, one call per submission).
         "stage": bool(weights["stage"]) and config["engine"] != "echo",
         "model": model,
         "model_marker": os.path.abspath(marker) if marker else "",
         "stage_dir": weights["stage_dir"],
         "node_launcher": list(config["node_launcher"]),
         "data_dir": config["data_dir"],
-        # What the status rounds read for the progress lines (scripts/progress.py).
+        # What the status rounds read for the progress lines (scripts/reporting/progress.py).
         "results_dir": os.path.abspath(config["results_dir"]),
         "registry_root": os.path.abspath(REGISTRY_ROOT),
         "failed_dir": os.path.abspath(FAILED_DIR),

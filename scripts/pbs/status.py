@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-import progress  # stdlib only, like this package (scripts/ is on the path)
-import prompts
+from rank import prompts
+from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
 from .parse import (
     FAILED,
@@ -427,7 +427,7 @@ def _progress(state, answers, settings, store, t) -> list[str]:
 
 def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -> list[str]:
     """The progress lines of this round, from the answers PBS just gave (no query of
-    its own) and what the submissions wrote (scripts/progress.py); what was read is
+    its own) and what the submissions wrote (scripts/reporting/progress.py); what was read is
     kept in state_dir/progress.json for the next round."""
     # Every submission PBS answered about this round (the open ones Snakemake asks
     # about, also those resumed from an earlier run), those that ended in it too:
@@ -484,7 +484,7 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
 
 
 def _safe(name: str) -> str:
-    """A job id as scripts/serve.py names its registry folder."""
+    """A job id as scripts/engine/supervisor.py names its registry folder."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 

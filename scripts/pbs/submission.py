@@ -15,9 +15,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import engines  # stdlib only, like this package (scripts/ is on the path)
-import fetch_model
-import ranks as rank_files
+from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
+from model import fetch
+from rank import layout as rank_files
 
 from .plan import (
     AURORA_QUEUES,
@@ -35,9 +35,9 @@ from .status import QUERY_TIMEOUT, StateStore, new_job_record
 
 # The line of profiles/aurora/jobscript.sh that pbs-submit replaces by config pbs.setup.
 SETUP_MARKER = "# @site-setup@"
-STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "stage_model.py"
-SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "serve.py"
-ACCOUNTING_SCRIPT = Path(__file__).resolve().parents[1] / "accounting.py"
+STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "model" / "stage.py"
+SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "engine" / "supervisor.py"
+ACCOUNTING_SCRIPT = Path(__file__).resolve().parents[1] / "reporting" / "accounting.py"
 # Before the site setup (no Python yet): when the job started, for its phases file.
 START_LINE = "aurora_job_start=$(date +%s.%N)"
 
@@ -147,7 +147,7 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
     call (config warm_engines), and undo both when the job script ends. Only paths the
     provider made reach the shell, quoted."""
     python = settings["task_python"]
-    # The job's phases (scripts/accounting.py: where its node-hours went).
+    # The job's phases (scripts/reporting/accounting.py: where its node-hours went).
     phase = [python, str(ACCOUNTING_SCRIPT), "phase", str(settings["log_dir"])]
     lines = [f'{shlex.join([*phase, "setup"])} "start=$aurora_job_start"']
     cleanup = [shlex.join([*phase, "ranks_done"])]
@@ -185,7 +185,7 @@ def node_local_lines(settings: Mapping, engines_file: Path, nodes_file: Path) ->
     serve = [settings["task_python"], str(SERVE_SCRIPT)]
     return [
         "# the ranks: every node runs its share in a Snakemake of its own, against its",
-        "# own engines (scripts/serve.py ranks); the job fails if any node's does",
+        "# own engines (scripts/engine/supervisor.py ranks); the job fails if any node's does",
         shlex.join([*serve, "ranks", str(engines_file), str(nodes_file)]),
     ]
 
@@ -283,7 +283,7 @@ def node_shares(weights: Mapping[int, int], nodes: int) -> list[list[int]]:
 
 
 def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: Path) -> int:
-    """What each node's Snakemake needs (scripts/serve.py ranks): the folder, the group
+    """What each node's Snakemake needs (scripts/engine/supervisor.py ranks): the folder, the group
     job's command and each node's share of the ranks. Returns the jobscript line of the
     group job's command, which the node-local launch replaces."""
     number, workdir, argv = exec_job_argv(jobscript_text)
@@ -304,10 +304,10 @@ def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: P
 
 
 def write_engines_file(settings: Mapping, path: Path) -> None:
-    """What scripts/serve.py needs: the engines' settings, the model folder, and the
+    """What scripts/engine/supervisor.py needs: the engines' settings, the model folder, and the
     file holding the submission's engine key (new for each submission, mode 0600)."""
     key_file = path.with_name(path.name.removesuffix(".engines.json") + ".key")
-    engines.write_key_file(key_file, engines.new_api_key())
+    lifecycle.write_key_file(key_file, lifecycle.new_api_key())
     spec = dict(settings["engines"])
     spec |= {
         "api_key_file": str(key_file),
@@ -378,7 +378,7 @@ def model_path(settings: Mapping) -> str:
     marker = settings.get("model_marker")
     if marker:
         try:
-            return fetch_model.read_marker(marker)["path"]
+            return fetch.read_marker(marker)["path"]
         except (OSError, ValueError, KeyError) as error:
             raise SubmitError(f"cannot read the model marker {marker}: {error}") from error
     return settings["model"]
@@ -390,7 +390,7 @@ def marker_field(settings: Mapping, name: str):
     if not marker:
         return None
     with contextlib.suppress(OSError, ValueError):
-        return fetch_model.read_marker(marker).get(name)
+        return fetch.read_marker(marker).get(name)
     return None
 
 
@@ -410,7 +410,7 @@ def preflight_skipped(settings: Mapping) -> bool:
 
 
 def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
-    """What scripts/stage_model.py needs: what to check on every node, the model folder,
+    """What scripts/model/stage.py needs: what to check on every node, the model folder,
     where to copy it, how, and where a failed check is reported."""
     engines = settings["engines"]
     tiles = {"per_node": settings["tiles_per_node"], "hierarchy": settings["tiles_hierarchy"]}

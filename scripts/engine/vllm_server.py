@@ -41,8 +41,12 @@ from http.server import ThreadingHTTPServer
 
 # Before vLLM is imported: the engine core in this process (as LLM.generate with it).
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+from pathlib import Path
 
-from echo_server import (  # noqa: E402
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from engine.echo_server import (  # noqa: E402
     BadRequest,
     Handler,
     messages_of,
@@ -211,15 +215,13 @@ class VllmServer(ThreadingHTTPServer):
             return self.tokenizer.decode(prompt)
 
     def _chat_ids(self, messages: list) -> list[int]:
-        """The messages as LLM.chat renders them (infer.chat_token_ids)."""
-        import infer
+        """The messages as LLM.chat renders them (task.chat_token_ids)."""
+        from rank import task
 
         try:
             with self._tokenizer_lock:
-                return infer.chat_token_ids(
-                    self.tokenizer, messages, self.chat_template, "messages"
-                )
-        except infer.UsageError as error:
+                return task.chat_token_ids(self.tokenizer, messages, self.chat_template, "messages")
+        except task.UsageError as error:
             raise BadRequest(str(error)) from None
 
     def chat(self, body: dict) -> dict:

@@ -74,7 +74,7 @@ def output_file(results_dir: str | Path, data_dir: str | Path, rank: str) -> Pat
 
 
 def record_file(results_dir: str | Path, rank: str) -> Path:
-    """The rank's record, ``<results>/records/<rank>.json`` (scripts/infer.py)."""
+    """The rank's record, ``<results>/records/<rank>.json`` (scripts/rank/task.py)."""
     return Path(results_dir, "records", f"{rank}.json")
 
 

@@ -1,6 +1,6 @@
-"""One rank's job, as rule infer runs it: on the run's warm engines (serve.py's engine
+"""One rank's job, as rule infer runs it: on the run's warm engines (supervisor.py's engine
 service: in a PBS submission its node's engines, locally the one-node case), or on an
-engine of its own placed on a free tile (tiles.run_placed, then scripts/infer.py).
+engine of its own placed on a free tile (tiles.run_placed, then scripts/rank/task.py).
 
 Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
@@ -11,13 +11,8 @@ import os
 import threading
 from pathlib import Path
 
-import engines
-import infer
-import progress
-import serve
-import tiles
-
-from models import (
+from engine import client, supervisor
+from model.prepare import (
     engine_model,
     inference_python,
     marker_field,
@@ -25,10 +20,13 @@ from models import (
     offline_env,
     staged,
 )
+from placement import tiles
+from rank import task
+from reporting import progress
 
 
 def task_settings(config: dict, model: str) -> dict:
-    """What scripts/infer.py needs, as one JSON-able mapping (file names absolute: a
+    """What scripts/rank/task.py needs, as one JSON-able mapping (file names absolute: a
     launcher may start the task in another folder)."""
     settings = {"engine": config["engine"], "model": model, "sampling": config["sampling"]}
     settings |= config["vllm"]
@@ -38,7 +36,7 @@ def task_settings(config: dict, model: str) -> dict:
 
 
 def engine_spec(config: dict) -> dict:
-    """What the warm engines of a PBS submission need (scripts/serve.py; pbs-submit
+    """What the warm engines of a PBS submission need (scripts/engine/supervisor.py; pbs-submit
     adds the model folder and the staging)."""
     warm = config["warm"]
     return {
@@ -74,8 +72,8 @@ def local_spec(config: dict, model: str, marker=()) -> dict:
 class RankEngines:
     """The engines this process's rank threads route through, made once: in a PBS
     submission, its node's engines that the job's launcher call started (the spec file
-    named by serve.SPEC_VARIABLE); in a local run, the one-node case of the same service
-    (serve.LocalService), started when the first rank needs it and stopped by
+    named by supervisor.SPEC_VARIABLE); in a local run, the one-node case of the same service
+    (supervisor.LocalService), started when the first rank needs it and stopped by
     `stop_engines` (onsuccess/onerror) or at exit."""
 
     def __init__(self):
@@ -86,12 +84,12 @@ class RankEngines:
     def pool(self, config: dict, model: str, marker=(), environ=os.environ):
         with self._lock:
             if self._pool is None:
-                spec_path = environ.get(serve.SPEC_VARIABLE)
+                spec_path = environ.get(supervisor.SPEC_VARIABLE)
                 if spec_path:
                     spec = json.loads(Path(spec_path).read_text())
-                    self._pool = serve.RegistryPool.for_job(spec, environ)
+                    self._pool = supervisor.RegistryPool.for_job(spec, environ)
                 else:
-                    self._local = serve.LocalService(local_spec(config, model, marker))
+                    self._local = supervisor.LocalService(local_spec(config, model, marker))
                     atexit.register(self._local.stop)
                     self._pool = self._local.start()
             return self._pool
@@ -117,7 +115,7 @@ def stop_engines() -> None:
 def engine_states(config: dict):
     """For the local progress line (progress.LOCAL): a callable giving (engines ready,
     engines, what the ranks wait for), or None without warm engines; read from the
-    run's engine registry (serve.LocalService)."""
+    run's engine registry (supervisor.LocalService)."""
     per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
 
     def states():
@@ -126,7 +124,7 @@ def engine_states(config: dict):
         registry = ENGINES.local_registry()
         if registry is None:
             return 0, per_node, "starting: the ranks wait for them to load the model"
-        entries = serve.read_registry(registry).values()
+        entries = supervisor.read_registry(registry).values()
         ready = sum(1 for e in entries if e.get("state") == "ready")
         starting = [e for e in entries if e.get("state") in ("starting", "restarting")]
         trouble = [f"{e['name']} {e['state']} ({e['log']})" for e in entries
@@ -149,9 +147,9 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
     progress.clear_failure_note(log, rank)
     with open(log, "w") as out:
         try:
-            line = infer.serve_rank(
+            line = task.serve_rank(
                 int(rank),
-                infer.parse_settings(json.dumps(settings)),
+                task.parse_settings(json.dumps(settings)),
                 input.prompts,
                 output.out,
                 output.record,
@@ -160,11 +158,11 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 request_timeout=config["warm"]["stall_timeout_s"],
                 versions=marker_versions(input.model),
             )
-        except (infer.UsageError, infer.PromptFileError, engines.EngineError) as error:
+        except (task.UsageError, task.PromptFileError, client.EngineError) as error:
             out.write(f"ERROR: {error}\n")
             # Its input is at fault unless an engine failed: then a continuation of its
             # PBS submission runs it again (pbs.resubmit).
-            cause = "engine" if isinstance(error, engines.EngineError) else progress.INPUT_FAULT
+            cause = "engine" if isinstance(error, client.EngineError) else progress.INPUT_FAULT
             progress.write_failure_note(log, rank, cause, str(error))
             raise RuntimeError(f"rank {rank} failed: {error} (log: {log})") from None
         out.write(line + "\n")
@@ -182,7 +180,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     progress.LOCAL.start()  # the local run's progress line (its first rank starts it)
     if config["warm_engines"]:
         return serve_rank(config, model, rank, input, output, log)
-    script = Path(__file__).with_name("infer.py")
+    script = Path(__file__).resolve().parents[1] / "rank" / "task.py"
     model = engine_model(config, model, input.model)
     on_node = staged(config, model)
 
@@ -220,7 +218,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
         extra_env=offline_env(config),
     )
     if code != 0:
-        # scripts/infer.py exits 2 for a bad rank file or prompt (its input is at fault)
+        # scripts/rank/task.py exits 2 for a bad rank file or prompt (its input is at fault)
         cause = progress.INPUT_FAULT if code == 2 else "task"
         progress.write_failure_note(log, rank, cause, f"exit code {code}")
         raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")

@@ -29,7 +29,10 @@ import re
 import sys
 from pathlib import Path
 
-from prompts import write_atomic
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from rank.prompts import write_atomic
 
 
 class CheckError(Exception):
@@ -73,7 +76,7 @@ def check_engine_argv(argv: list[str], server: str, keys: dict, vllm_version: st
 
         parser = make_arg_parser(FlexibleArgumentParser())
     else:
-        import vllm_server
+        from engine import vllm_server
 
         parser = vllm_server.argument_parser()
 
@@ -137,7 +140,7 @@ def build_modelinfo_cache(folder: str) -> list[str]:
     if not isinstance(models, dict):
         raise CheckError(
             "this vLLM has no vllm.model_executor.models.registry.ModelRegistry.models; "
-            "scripts/fetch_model.py cannot build the model-info cache with it"
+            "scripts/model/fetch.py cannot build the model-info cache with it"
         )
     built = []
     for arch in architectures:

@@ -1,7 +1,7 @@
 """JSONL rank files: ``<rank>.jsonl`` requests in, ``<rank>.jsonl`` answers out; and
 the partial answers that let any rank resume where a kill stopped it.
 
-Pure Python: no vLLM, no torch. Used by scripts/infer.py and the tests.
+Pure Python: no vLLM, no torch. Used by scripts/rank/task.py and the tests.
 
 A request line is one of:
 
@@ -33,7 +33,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prompts import PromptFileError, read_prompts
+from rank.prompts import PromptFileError, read_prompts
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -423,7 +423,7 @@ class Partial:
             # ranks about to write into it (hundreds at once in a node's Snakemake).
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._kept:  # a kill while rewriting must not lose them
-                from prompts import write_atomic
+                from rank.prompts import write_atomic
 
                 write_atomic(self.path, "".join(lines))
                 self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115

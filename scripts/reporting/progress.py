@@ -1,7 +1,7 @@
 """How far a run is, read from what it writes on the shared file system: the ranks'
 records (``results/records/<rank>.json``), their failure notes
 (``logs/infer/failed/<rank>.json``) and a PBS submission's engine registry
-(``logs/engines/<job id>/<host>-tile<N>.json``, written by scripts/serve.py).
+(``logs/engines/<job id>/<host>-tile<N>.json``, written by scripts/engine/supervisor.py).
 
 One reading per status round must stay cheap at 30,720 ranks and 3,072 engines on
 Lustre, where every open and stat is a metadata request: a round lists each folder
@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import console
+from reporting import console
 
 # A rank's failure note: why it failed and whether its input is at fault (then a
 # continuation of its submission does not run it again).
@@ -43,7 +43,7 @@ def failure_note_path(log: str | os.PathLike, rank) -> Path:
 
 def write_failure_note(log: str | os.PathLike, rank, cause: str, error: str) -> None:
     """Record that ``rank`` failed (``cause``: INPUT_FAULT, or what else it was)."""
-    import prompts  # the atomic write; imported here to keep this module light
+    from rank import prompts  # the atomic write; imported here to keep this module light
 
     path = failure_note_path(log, rank)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,10 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import tiles
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from placement import tiles
 
 
 def _safe(name: str) -> str:

@@ -4,12 +4,12 @@ This is the seed's simple_test.py made robust. It knows nothing of PBS, Snakemak
 or tiles: whoever starts it sets the device environment (ZE_AFFINITY_MASK, ...)
 and passes everything else on the command line:
 
-    python scripts/infer.py --rank 0 --prompts data/0.in --output results/0.out \\
+    python scripts/rank/task.py --rank 0 --prompts data/0.in --output results/0.out \\
         --record results/records/0.json --settings '{"engine": "vllm", ...}' \\
         [--log logs/infer/0.log]
 
 A rank file is a ``.in`` (one prompt a line) or a ``.jsonl`` of requests
-(scripts/jsonl_ranks.py: prompts or chat messages, per-request sampling, OpenAI batch
+(scripts/rank/jsonl.py: prompts or chat messages, per-request sampling, OpenAI batch
 lines). Each answer is kept in ``results/.partial/`` as it finishes, so a rank stopped
 mid-way and run again generates only the rest.
 
@@ -62,9 +62,13 @@ import time
 import unicodedata
 from pathlib import Path
 
-import console
-from jsonl_ranks import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
-from prompts import Prompt, PromptFileError, format_record, write_atomic
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from reporting import console
+
+from rank.jsonl import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
+from rank.prompts import Prompt, PromptFileError, format_record, write_atomic
 
 DEFAULT_SETTINGS: dict = {
     "engine": "vllm",
@@ -295,7 +299,7 @@ REQUESTS_IN_FLIGHT = 64
 def partial_key(path, settings: dict) -> dict:
     """What a rank's kept answers depend on (jsonl_ranks.Partial): the rank file's bytes
     and the settings that shape answers."""
-    from jsonl_ranks import file_digest
+    from rank.jsonl import file_digest
 
     shaping = ("engine", "model", "sampling", "chat_template", "long_prompts", "max_model_len")
     return {"input": file_digest(path)} | {k: settings[k] for k in shaping}
@@ -304,7 +308,7 @@ def partial_key(path, settings: dict) -> dict:
 def echo_answer(request: Request) -> Answer:
     """The echo engine: the prompt (or the messages in echo_server's chat rendering) is
     its own answer; one token per word."""
-    from echo_server import render_chat
+    from engine.echo_server import render_chat
 
     text = render_chat(request.messages) if request.chat else request.prompt
     words = len(text.split())
@@ -569,14 +573,14 @@ def engine_inputs(
     them with the engine's own tokenizer (/tokenize, which also tells the context
     length, and renders chats with the engine's template): the server alone would cut a
     generation short silently. Prompts that `surely_fit` need no check."""
-    import engines
+    from engine import client
 
     if surely_fit(requests, settings, url):
         return [r.prompt for r in requests], []
     answers = [
-        engines.tokenize_messages(url, r.messages, key=key)
+        client.tokenize_messages(url, r.messages, key=key)
         if r.chat
-        else engines.tokenize(url, r.prompt, key=key)
+        else client.tokenize(url, r.prompt, key=key)
         for r in requests
     ]
     token_ids = [answer.ids for answer in answers]
@@ -585,7 +589,7 @@ def engine_inputs(
     inputs, truncated = checked_requests(
         requests,
         token_ids,
-        lambda text: engines.tokenize(url, text, add_special_tokens=False, key=key).ids,
+        lambda text: client.tokenize(url, text, add_special_tokens=False, key=key).ids,
         answers[0].max_model_len if answers else 0,
         settings,
         path,
@@ -631,7 +635,7 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
     (this thread and the shared senders); keep each answer in ``answers`` and
     ``partial`` as it comes; return the seconds. The first failure stops the sending
     and is raised once the requests in flight end (their answers are kept)."""
-    import engines
+    from engine import client
 
     lock = threading.Lock()
     pending = iter(todo)
@@ -639,7 +643,7 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
 
     def send(i: int) -> None:
         request, given = requests[i], inputs[i]
-        reply = engines.complete_one(
+        reply = client.complete_one(
             engine.url,
             sampling_of(request, settings["sampling"]),
             prompt=None if request.chat else given,
@@ -683,7 +687,7 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
         finished.acquire()
     if errors:
         # an engine that is gone first: the rank goes to another engine for the rest
-        errors.sort(key=lambda e: not isinstance(e, engines.EngineUnavailable))
+        errors.sort(key=lambda e: not isinstance(e, client.EngineUnavailable))
         raise errors[0]
     return time.monotonic() - started
 
@@ -710,9 +714,9 @@ def serve_rank(
     the requests is marked too, and the requests still unanswered are sent to a
     healthy engine, at most ``retries`` times (a death is not the rank's fault); after
     that the rank fails, naming the logs of the engines it failed on. The echo engine
-    is an engine of the pool too (scripts/echo_server.py).
+    is an engine of the pool too (scripts/engine/echo_server.py).
     """
-    import engines
+    from engine import client, lifecycle
 
     started = time.monotonic()
     requests = read_rank(prompts_path)
@@ -733,11 +737,11 @@ def serve_rank(
                         inputs, truncated = engine_inputs(
                             requests, settings, str(prompts_path), engine.url, engine.api_key
                         )
-                    except engines.EngineUnavailable as error:
+                    except client.EngineUnavailable as error:
                         pool.mark_failed(engine)
                         unanswered += 1
                         if unanswered == 3:
-                            raise engines.EngineError(
+                            raise client.EngineError(
                                 f"no engine answered ({error}); last tried {engine.name}, "
                                 f"its log: {engine.log_path}"
                             ) from error
@@ -754,12 +758,12 @@ def serve_rank(
                             answers,
                             request_timeout,
                         )
-                    except engines.EngineUnavailable as error:
+                    except client.EngineUnavailable as error:
                         pool.mark_failed(engine)
                         died_on.append(engine)
                         if len(died_on) > retries:
                             logs = ", ".join(dict.fromkeys(str(e.log_path) for e in died_on))
-                            raise engines.EngineError(
+                            raise client.EngineError(
                                 f"engine {engine.name} failed during the requests ({error}); "
                                 f"the rank failed on {len(died_on)} engine(s) in a row "
                                 f"(config warm.retry_after_engine_death {retries}); "
@@ -786,7 +790,7 @@ def serve_rank(
         # one process serves all ranks of a run or submission: no interpreter per rank
         "client_pid": os.getpid(),
         # in a PBS submission: the node whose Snakemake served it (its engine's node)
-        "client_node": os.environ.get(engines.NODE_VARIABLE, ""),
+        "client_node": os.environ.get(lifecycle.NODE_VARIABLE, ""),
         "wait_s": round(wait_s, 6),
         "request_s": round(result["generate_s"], 6),
         # engines that died during this rank's requests
@@ -903,7 +907,7 @@ def output_text(rank_file, requests: list[Request], answers: dict, rank: int, mo
         return "".join(
             format_record(r.prompt, a.text) for r, a in zip(requests, ordered, strict=True)
         )
-    from jsonl_ranks import file_digest
+    from rank.jsonl import file_digest
 
     digest = file_digest(rank_file)
     return "".join(
@@ -945,12 +949,12 @@ def end_now(code: int) -> None:
     Child processes (vLLM's EngineCore with multiprocessing) get SIGTERM, their own
     clean shutdown; they hold the tile's lock until they are gone (tiles.run_placed).
     """
-    import engines  # stdlib only
+    from engine import watchdog  # stdlib only
 
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    for child in engines.live_processes(engines.PPID, os.getpid()):
+    for child in watchdog.live_processes(watchdog.PPID, os.getpid()):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child, signal.SIGTERM)
     os._exit(code)

@@ -1,6 +1,6 @@
 """The run report: per-rank records -> results/summary.tsv, a plot, and one paragraph.
 
-Every rank's task writes a JSON record (scripts/infer.py). This module turns the
+Every rank's task writes a JSON record (scripts/rank/task.py). This module turns the
 records of a run into what a user reads at the end of it:
 
 * ``summary.tsv``: one row per rank (rank, prompts, output tokens, load s,
@@ -25,7 +25,10 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from prompts import write_atomic
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from rank.prompts import write_atomic
 
 # (TSV header, record key). Headers keep the record's names, so a row can be
 # checked against its record by eye; only the mask gets a clearer name.
@@ -56,7 +59,7 @@ class RecordError(ValueError):
 def read_record(path: str | os.PathLike) -> dict:
     """One rank's record, with the end of its generation under ``END_KEY``.
 
-    That is its ``written_at``: scripts/infer.py writes the record right after
+    That is its ``written_at``: scripts/rank/task.py writes the record right after
     generation ends. Older records have none; their file's modification time stands in
     (Snakemake may touch outputs later, in a PBS submission all at its end).
     """
@@ -303,10 +306,10 @@ def write_summary(record_paths, table_path, plot_path, log_path=None, expected=N
 
 
 def write_run_summary(record_paths, output, log_path, expected, config=None) -> None:
-    """Rule summary: summary.tsv and .png, then (scripts/accounting.py) where the
+    """Rule summary: summary.tsv and .png, then (scripts/reporting/accounting.py) where the
     node-hours went: submissions.tsv, engines.tsv, timeline.png; ``output``: the
     rule's named outputs; ``config``: the run's (its tiles per node)."""
-    import accounting
+    from reporting import accounting
 
     write_summary(record_paths, output.table, output.plot, log_path, expected)
     accounting.write_accounting(
@@ -322,9 +325,9 @@ def print_run_summary(
     records_dir, ranks: Sequence[str], stream=sys.stderr, config=None, **logs
 ) -> None:
     """The end-of-run paragraphs (Snakefile ``onsuccess``): the ranks, then where the
-    node-hours went (scripts/accounting.py; ``config``: the run's, for its tiles per
+    node-hours went (scripts/reporting/accounting.py; ``config``: the run's, for its tiles per
     node; ``logs``: the pbs_logs and engine_logs folders); never fails the run."""
-    import accounting
+    from reporting import accounting
 
     records = []
     try:
@@ -333,7 +336,7 @@ def print_run_summary(
     except (RecordError, OSError, ValueError) as exc:
         text = f"Run summary unavailable: {exc}"
     try:
-        # A node's Snakemake inside a warm submission (scripts/serve.py sets the
+        # A node's Snakemake inside a warm submission (scripts/engine/supervisor.py sets the
         # variable): the submission's node-hours are not known before it ends.
         if records and not os.environ.get("AURORA_ENGINES"):
             slots = accounting.tile_slots(config or {})
@@ -345,7 +348,8 @@ def print_run_summary(
 
 
 def _main(argv: Sequence[str]) -> int:
-    """``python scripts/summarize.py RECORDS_DIR``: print the paragraph for a results folder."""
+    """``python scripts/reporting/summary.py RECORDS_DIR``: print the paragraph of a results
+    folder."""
     if len(argv) != 1:
         print(__doc__.split("\n\n")[0], "\nusage: summarize.py RECORDS_DIR", file=sys.stderr)
         return 2
@@ -365,7 +369,7 @@ STARTED = time.time()
 
 
 def preflight_failures(pbs_logs: str = "logs/pbs", since: float = STARTED) -> list[str]:
-    """This run's submissions that ended at their preflight (scripts/stage_model.py)."""
+    """This run's submissions that ended at their preflight (scripts/model/stage.py)."""
     lines = []
     for path in sorted(Path(pbs_logs).glob("*.failed.json")):
         with contextlib.suppress(OSError, ValueError):

@@ -1,9 +1,9 @@
 """Build an OPT-shaped model with random weights, locally, without any network.
 
 Usage:
-    python scripts/build_model.py tiny models/tiny-opt
-    python scripts/build_model.py opt125m models/opt-125m-shaped
-    python scripts/build_model.py tiny-chat models/tiny-chat
+    python scripts/tools/build_model.py tiny models/tiny-opt
+    python scripts/tools/build_model.py opt125m models/opt-125m-shaped
+    python scripts/tools/build_model.py tiny-chat models/tiny-chat
 
 The model hub is not reachable from the machines that test this workflow, so the
 tests and the local profile build their own models:

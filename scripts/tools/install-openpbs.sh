@@ -23,7 +23,7 @@ SOURCE_URL="https://github.com/openpbs/openpbs/archive/${OPENPBS_COMMIT}.tar.gz"
 PREFIX=/opt/pbs
 STAMP="$PREFIX/.build-stamp"
 BUILD_DIR=${OPENPBS_BUILD_DIR:-/var/tmp/openpbs-build}
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 VENDOR_TARBALL="$REPO/../shared/vendor/openpbs-cd7ab5eda.tar.gz"
 
 PACKAGES=(autoconf automake libtool m4 libhwloc-dev libedit-dev libical-dev swig

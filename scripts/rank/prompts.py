@@ -1,6 +1,6 @@
 """Prompt files and output records, as the seed test reads and writes them.
 
-Pure Python: no vLLM, no torch. Used by scripts/infer.py and the tests.
+Pure Python: no vLLM, no torch. Used by scripts/rank/task.py and the tests.
 
 * A prompt file holds one prompt per line; a prompt is the line stripped of
   surrounding whitespace (the seed's ``line.strip()``), and blank lines are

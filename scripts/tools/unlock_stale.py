@@ -6,7 +6,8 @@ safe exactly when no Snakemake works in this folder any more: `make run` calls t
 first, so a killed run goes on with the next `make run` (profiles/local reruns
 incomplete ranks by itself).
 
-    python scripts/unlock_stale.py PROFILE SNAKEMAKE [ARG...]    (the command that runs Snakemake)
+    python scripts/tools/unlock_stale.py PROFILE SNAKEMAKE [ARG...]
+        (the command that runs Snakemake)
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ pbs-submit writes ``<job>.engines.json`` (the spec) and ``<job>.nodes.json`` (ea
 node's share of the ranks and the group job's Snakemake command) next to the job
 script and puts into that script, after the model is staged:
 
-    python serve.py launch SPEC &     ONE launcher call starts every engine of the job
-    python serve.py ranks SPEC NODES  ONE launcher call runs a Snakemake on every node
-    python serve.py stop SPEC         at exit: engines down, the launcher ended
+    python supervisor.py launch SPEC &     ONE launcher call starts every engine of the job
+    python supervisor.py ranks SPEC NODES  ONE launcher call runs a Snakemake on every node
+    python supervisor.py stop SPEC         at exit: engines down, the launcher ended
 
 ``launch`` reads PBS_NODEFILE and runs config ``engine_launcher`` once, e.g. PALS
 ``mpiexec -n {engines} --ppn {engines_per_node} --cpu-bind list:{cpu_lists}`` (one
@@ -14,12 +14,12 @@ process per engine, each taking its tile from its local rank index, as in the se
 or ``pbsdsh --`` (one process per node, running all its node's engines). Each such
 process (``node``) finds its node (tiles.this_host) and its share of the node's tile
 slots (local rank i of n takes slots i, i+n, ...), starts one server per slot
-(engines.Engine: scripts/vllm_server.py or vLLM's OpenAI server, or echo_server.py for
+(lifecycle.Engine: scripts/engine/vllm_server.py or vLLM's OpenAI server, or echo_server.py for
 ``engine: echo``) listening on the node's loopback address (config warm.listen),
 restarts one that exits (warm.max_restarts), and reports each engine's state in the
 registry, a folder on the shared file system:
 ``<logs/engines>/<job id>/<host>-tile<N>.json`` (and ``.log``). Engines end when
-``stop`` asks, when their process is killed (the lifeline of engines.Engine), or when
+``stop`` asks, when their process is killed (the lifeline of lifecycle.Engine), or when
 PBS ends the job.
 
 ``ranks`` runs config ``node_launcher`` once (e.g. ``mpiexec -n {nodes} --ppn 1``);
@@ -46,11 +46,15 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import console
-import engines
-import prompts
-import stage_model
-import tiles
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from model import stage
+from placement import tiles
+from rank import prompts
+from reporting import console
+
+from engine import client, lifecycle
 
 SPEC_VARIABLE = "AURORA_ENGINES"
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
@@ -160,12 +164,12 @@ def listen_address(spec: Mapping, host: str) -> str:
     try:
         infos = socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
     except OSError as error:
-        raise engines.EngineStartError(
+        raise client.EngineStartError(
             f"config key warm.listen: {address!r} does not resolve: {error}"
         ) from None
-    outside = engines.not_loopback(infos)
+    outside = lifecycle.not_loopback(infos)
     if outside:
-        raise engines.EngineStartError(engines.not_loopback_message(address, outside))
+        raise client.EngineStartError(lifecycle.not_loopback_message(address, outside))
     return infos[0][4][0]
 
 
@@ -173,20 +177,20 @@ def listen_address(spec: Mapping, host: str) -> str:
 
 
 def spec_ready_timeout(spec: Mapping) -> float:
-    """config warm.ready_timeout_s, else from the model's size (engines.ready_timeout)."""
-    return engines.ready_timeout(spec["ready_timeout_s"], spec.get("weights_bytes"))
+    """config warm.ready_timeout_s, else from the model's size (lifecycle.ready_timeout)."""
+    return lifecycle.ready_timeout(spec["ready_timeout_s"], spec.get("weights_bytes"))
 
 
 def engine_model(spec: Mapping, job_id: str, host: str) -> str:
     """The node's staged copy (config weights.stage), else the shared folder."""
     if spec["stage"]:
-        return str(stage_model.staged_path(spec["stage_dir"], job_id, host, spec["model"]))
+        return str(stage.staged_path(spec["stage_dir"], job_id, host, spec["model"]))
     return spec["model"]
 
 
 def make_engine(
     spec: Mapping, slot: tiles.Slot, job_id: str, registry: Path, environ=os.environ
-) -> engines.Engine:
+) -> lifecycle.Engine:
     """The server of one slot, listening on its node's loopback address (config
     warm.listen), its internal ports too: the node's own Snakemake is its only client."""
     placement = spec["tiles"]
@@ -200,7 +204,7 @@ def make_engine(
     if spec["engine"] == "echo":
         argv = [spec["python"], str(ECHO_SERVER), "--host", address, "--port", str(port)]
     else:
-        argv = engines.server_argv(
+        argv = lifecycle.server_argv(
             spec["python"],
             engine_model(spec, job_id, slot.host),
             port,
@@ -210,11 +214,11 @@ def make_engine(
             server=spec["server"],
         )
     base = {**environ, **spec["env"]}
-    env = engines.engine_environment(env, settings, base)
+    env = lifecycle.engine_environment(env, settings, base)
     # The node's clients, and vLLM's own requests, must not go through the proxy.
     for name in ("no_proxy", "NO_PROXY"):
         env[name] = ",".join(dict.fromkeys([*env[name].split(","), address]))
-    return engines.Engine(
+    return lifecycle.Engine(
         argv,
         env,
         registry / f"{engine_file(slot)}.log",
@@ -227,7 +231,7 @@ def make_engine(
 
 
 def write_state(
-    path: Path, engine: engines.Engine, state: str, versions: Mapping | None = None, **extra
+    path: Path, engine: lifecycle.Engine, state: str, versions: Mapping | None = None, **extra
 ) -> None:
     """One engine's registry entry, replaced atomically; ``versions``: vLLM, torch and
     IPEX as rule fetch_model found them (the spec's)."""
@@ -240,7 +244,7 @@ def write_state(
         "time": time.time(),
         "env": {k: engine.env.get(k, "") for k in ("ZE_AFFINITY_MASK", "TILE_HOST", "TILE_IDS")},
         "versions": dict(versions or {}),
-        # first start and first ready (epoch s), seconds of restarts: scripts/accounting.py
+        # first start and first ready (epoch s), seconds of restarts: reporting/accounting.py
         "started_at": engine.started_at,
         "ready_at": engine.ready_at,
         "restart_s": round(engine.restart_s, 3),
@@ -251,7 +255,7 @@ def write_state(
 
 @dataclass
 class _Supervised:
-    engine: engines.Engine
+    engine: lifecycle.Engine
     path: Path
     state: str = "starting"
     busy: bool = False  # a thread is starting it
@@ -274,7 +278,7 @@ def node(
 
     ready_s = spec_ready_timeout(spec)
 
-    def report(path: Path, engine: engines.Engine, state: str, **extra) -> None:
+    def report(path: Path, engine: lifecycle.Engine, state: str, **extra) -> None:
         write_state(path, engine, state, versions=spec.get("versions"), **extra)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -492,7 +496,7 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     command = [spec["python"], os.path.abspath(__file__), "ranks-node", spec_path, nodes_path]
     command += [job_id, ",".join(hosts)]
     if nodes["node_launcher"]:
-        launcher = stage_model.launcher_argv(nodes["node_launcher"], len(hosts))
+        launcher = stage.launcher_argv(nodes["node_launcher"], len(hosts))
     elif len(hosts) == 1:
         launcher = []  # the job's own node is its only one
     else:
@@ -554,7 +558,7 @@ def ranks_node(
         "--target-jobs",
         *(f"{rules.get(str(r), 'infer')}:rank={r}" for r in share),
     ]
-    env = {**environ, SPEC_VARIABLE: spec_path, engines.NODE_VARIABLE: host, "PBS_JOBID": job_id}
+    env = {**environ, SPEC_VARIABLE: spec_path, lifecycle.NODE_VARIABLE: host, "PBS_JOBID": job_id}
     on = f"CPUs {cpu_list_text(free)}" if pin else "all its CPUs"
     _log(f"ranks: {host}: {len(share)} rank(s) in one Snakemake on {on}")
     process = subprocess.Popen(
@@ -572,7 +576,7 @@ def ranks_node(
 
 @dataclass(frozen=True)
 class RemoteEngine:
-    """What a rank needs of an engine on another node (as engines.Engine offers it)."""
+    """What a rank needs of an engine on another node (as lifecycle.Engine offers it)."""
 
     name: str
     url: str
@@ -643,8 +647,8 @@ class RegistryPool:
     @classmethod
     def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
         """The engines of this node (``ranks-node`` names it), else of the whole job."""
-        if environ.get(engines.NODE_VARIABLE) and environ.get("PBS_JOBID"):
-            host = environ[engines.NODE_VARIABLE]
+        if environ.get(lifecycle.NODE_VARIABLE) and environ.get("PBS_JOBID"):
+            host = environ[lifecycle.NODE_VARIABLE]
             return cls.for_hosts(spec, environ["PBS_JOBID"], [host], f"node {host}")
         job_id, hosts = job_hosts(environ)
         return cls.for_hosts(spec, job_id, hosts, "this job")
@@ -732,17 +736,17 @@ class RegistryPool:
         ready = [m for m in self.members.values() if m.state == "ready"]
         if not ready:
             if all(m.state in ("failed", "stopped") for m in self.members.values()):
-                raise engines.EngineUnavailable(
+                raise client.EngineUnavailable(
                     self._failure(f"every engine of {self.scope} failed")
                 )
             if self._launcher_exit is not None:
-                raise engines.EngineUnavailable(
+                raise client.EngineUnavailable(
                     self._failure(
                         self.launcher.format(status=self._launcher_exit) + " and no engine is ready"
                     )
                 )
             if self.clock() - self.created > self.ready_timeout:
-                raise engines.EngineUnavailable(
+                raise client.EngineUnavailable(
                     self._failure(
                         f"no engine of {self.scope} was ready within {self.ready_timeout:.0f} s "
                         "(config warm.ready_timeout_s)"
@@ -751,7 +755,7 @@ class RegistryPool:
         free = [m for m in ready if m.in_flight < self.max_in_flight]
         if not free and ready and self.clock() - self._progress_at > self.stall_timeout:
             busy = [f"{m.file} {m.in_flight} in flight" for m in ready]
-            raise engines.EngineUnavailable(
+            raise client.EngineUnavailable(
                 self._failure(
                     f"no request finished and no engine changed state for "
                     f"{self.stall_timeout:.0f} s (config warm.stall_timeout_s) while ranks "
@@ -770,7 +774,7 @@ class RegistryPool:
                 if deadline is not None:
                     left = min(left, deadline - self.clock())
                     if left <= 0:
-                        raise engines.EngineUnavailable(f"no engine free within {timeout} s")
+                        raise client.EngineUnavailable(f"no engine free within {timeout} s")
                 self._cond.wait(left)
             member.in_flight += 1
         try:
@@ -799,7 +803,7 @@ class RegistryPool:
                 if member.state != "suspect":
                     return
                 url = member.engine.url
-            if engines.health(url, timeout=1.0):
+            if client.health(url, timeout=1.0):
                 with self._cond:
                     if member.state == "suspect":
                         member.state = "ready"
@@ -838,7 +842,7 @@ class LocalService:
         self.registry.mkdir(parents=True, exist_ok=True)
         root = self.registry.parent
         key_file = root / f"{self.run_id}.key"
-        engines.write_key_file(key_file, engines.new_api_key())
+        lifecycle.write_key_file(key_file, lifecycle.new_api_key())
         base = free_base_port(self.spec, self.host)
         if base != self.spec["tiles"]["base_port"]:
             _log(
@@ -891,7 +895,7 @@ class LocalService:
 
 # ----------------------------------------------------------------------------- main
 
-USAGE = """usage: serve.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,... [--lifeline]
+USAGE = """usage: supervisor.py launch SPEC | stop SPEC | node SPEC JOB_ID HOST,... [--lifeline]
                 | ranks SPEC NODES | ranks-node SPEC NODES JOB_ID HOST,HOST,..."""
 
 

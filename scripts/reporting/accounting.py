@@ -3,11 +3,11 @@
 
 Sources, all written by the run itself:
 
-* the rank records ``results/records/<rank>.json`` (scripts/infer.py): when each
+* the rank records ``results/records/<rank>.json`` (scripts/rank/task.py): when each
   rank's request ended (``written_at``), how long it took (``request_s``, per-rank
   engines: ``generate_s``), how long it waited for an engine or loaded its model,
   and which engine served it (``engine_name``, ``host``, ``tiles``);
-* the engine registry ``logs/engines/<job>/<host>-tile<N>.json`` (scripts/serve.py):
+* the engine registry ``logs/engines/<job>/<host>-tile<N>.json`` (scripts/engine/supervisor.py):
   each engine's first start, first ready time, restarts and seconds spent restarting;
 * ``logs/pbs/submissions.tsv`` (pbs-submit): each submission's job id, name, nodes,
   walltime and ranks;
@@ -45,7 +45,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prompts import write_atomic
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from rank.prompts import write_atomic
 
 PHASES = ("start", "setup", "staged", "ranks_done", "end")
 PARTS = ("setup", "engine_start", "serving", "idle", "stop")
@@ -153,7 +156,7 @@ def read_index(log_dir: str | os.PathLike) -> list[dict]:
 
 def read_registry(folder: str | os.PathLike) -> list[dict]:
     """The engine entries of one registry folder (serve.read_registry)."""
-    from serve import read_registry as entries  # stdlib only, as this module
+    from engine.supervisor import read_registry as entries  # stdlib only, as this module
 
     return [
         e for _, e in sorted(entries(Path(folder)).items()) if isinstance(e, dict) and "name" in e

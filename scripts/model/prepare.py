@@ -12,10 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import engines
-import stage_model
-from fetch_model import read_marker
-from workflow_config import ConfigError
+from engine import lifecycle
+from pipeline.configuration import ConfigError
+
+from model import stage
+from model.fetch import read_marker
 
 
 def is_local_model(model: str) -> bool:
@@ -81,7 +82,7 @@ def engine_check_argv(config: dict, model: str) -> tuple[list[str], str, dict]:
     warm.server; vLLM's engine arguments for per-rank engines) and each flag's config key."""
     server = config["warm"]["server"] if config["warm_engines"] else "inprocess"
     settings = config["vllm"]
-    argv = engines.server_argv(
+    argv = lifecycle.server_argv(
         inference_python(config),
         model,
         config["tiles"]["base_port"] + 1000,
@@ -89,7 +90,7 @@ def engine_check_argv(config: dict, model: str) -> tuple[list[str], str, dict]:
         config["tiles"]["per_job"],
         server=server,
     )
-    keys = {a: engines.flag_key(a, settings) for a in argv if a.startswith("--")}
+    keys = {a: lifecycle.flag_key(a, settings) for a in argv if a.startswith("--")}
     return argv, server, keys
 
 
@@ -100,7 +101,7 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
     argv, server, keys = engine_check_argv(config, model)
     command = [
         inference_python(config),
-        str(Path(__file__).with_name("fetch_model.py")),
+        str(Path(__file__).with_name("fetch.py")),
         "--model",
         model,
         "--marker",
@@ -143,10 +144,8 @@ def engine_model(config: dict, model: str, marker) -> str:
 
 def staged(config: dict, model: str, environ=os.environ):
     """With config weights.stage on inside a PBS job: host -> that node's copy of the
-    model (scripts/stage_model.py made it). Otherwise None."""
+    model (scripts/model/stage.py made it). Otherwise None."""
     job = environ.get("PBS_JOBID")
     if not (config["weights"]["stage"] and job and config["engine"] != "echo"):
         return None
-    return lambda host: str(
-        stage_model.staged_path(config["weights"]["stage_dir"], job, host, model)
-    )
+    return lambda host: str(stage.staged_path(config["weights"]["stage_dir"], job, host, model))
