@@ -29,6 +29,7 @@ import re
 import sys
 from pathlib import Path
 
+from engine import vllm_versions
 from prompts import write_atomic
 
 
@@ -68,10 +69,7 @@ def check_engine_argv(argv: list[str], server: str, keys: dict, vllm_version: st
     vLLM's OpenAI server's for `warm.server: vllm`, vllm_server.py's (vLLM's engine
     arguments) otherwise. ``keys``: flag -> the config key it comes from."""
     if server == "vllm":
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-        parser = make_arg_parser(FlexibleArgumentParser())
+        parser = vllm_versions.server_arg_parser()
     else:
         import vllm_server
 
@@ -124,9 +122,7 @@ def build_modelinfo_cache(folder: str) -> list[str]:
     # ~20 s on 2 cores) only to keep CUDA uninitialised in its caller. This process
     # never touches a device: inspect here; vLLM still hashes the module and writes
     # the cache file itself. Private names: checked, not assumed.
-    if callable(getattr(registry, "_run_in_subprocess", None)):
-        registry._run_in_subprocess = lambda inspect: inspect()
-    else:
+    if not vllm_versions.inspect_models_in_process(registry):
         print(
             "fetch_model: this vLLM has no vllm.model_executor.models.registry."
             "_run_in_subprocess; the model class is inspected in vLLM's own second "

@@ -63,6 +63,7 @@ import unicodedata
 from pathlib import Path
 
 import console
+from engine import vllm_versions
 from jsonl_ranks import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
 from prompts import Prompt, PromptFileError, format_record, write_atomic
 
@@ -354,10 +355,7 @@ def extra_engine_args(argv: list[str]) -> dict:
     by vLLM's own parser: the values that differ from its defaults."""
     if not argv:
         return {}
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    parser = vllm_versions.engine_args_parser()
     defaults = vars(parser.parse_args(["--model", "m"]))
     given = vars(parser.parse_args(["--model", "m", *argv]))
     return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}
