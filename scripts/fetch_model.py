@@ -9,6 +9,8 @@
 2. The engines' command line of this config (``--engine-argv``) is parsed with the
    installed vLLM's own parser: a flag or value this vLLM does not know stops the run
    here, before any job is submitted, naming the flag, its config key and the version.
+   The model's tokenizer is loaded as the engines load it (scripts/engine/vllm_versions.py):
+   a class their transformers lacks stops the run here too.
 3. vLLM's model-info cache (``VLLM_CACHE_ROOT/modelinfos``) is built for the
    model's architectures with vLLM itself: without it an engine's first run on a
    node can fail with "validation error for ModelConfig".
@@ -164,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"engine command line parses with vLLM {found['vllm']}", file=sys.stderr)
         folder, how = find_weights(args.model, args.shared_hf_home, args.hf_home)
         print(f"{args.model}: weights from {how}: {folder}", file=sys.stderr)
+        remote = "--trust-remote-code" in engine_argv
+        if problem := vllm_versions.tokenizer_problem(folder, remote):  # before any qsub
+            raise CheckError(f"model {args.model}: {problem}")
         cache_root = os.environ.get("VLLM_CACHE_ROOT", "")
         architectures = build_modelinfo_cache(folder)
     except CheckError as error:

@@ -23,7 +23,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from workflow import REPO, TINY_MODEL
+from workflow import REPO, TINY_MODEL, local_config, make_workdir, snakemake
 
 pytestmark = [pytest.mark.vllm015, pytest.mark.vllm]
 
@@ -97,10 +97,9 @@ def test_vllm_versions_on_vllm015(transformers5_model):
     assert found["in_process"] is True
     assert found["tokenizer"] is None
     problem = found["tokenizer_tf5"]
-    assert "tokenizer_class TokenizersBackend" in problem
-    assert "vLLM 0.15.0 and transformers 4.57.6" in problem
-    assert "transformers 4.57.6 has no class TokenizersBackend" in problem
-    assert "PreTrainedTokenizerFast" in problem  # the fix
+    assert "names tokenizer class TokenizersBackend, which the engines' vLLM 0.15.0 and " in problem
+    assert "transformers 4.57.6 do not have" in problem
+    assert "set tokenizer_class to PreTrainedTokenizerFast" in problem  # the fix
 
 
 def test_vllm_versions_on_vllm032(transformers5_model, monkeypatch):
@@ -122,3 +121,25 @@ def test_vllm_versions_on_vllm032(transformers5_model, monkeypatch):
     assert registry._run_in_subprocess(lambda: 42) == 42
     assert vv.tokenizer_problem(TINY_MODEL) is None
     assert vv.tokenizer_problem(transformers5_model) is None  # rule fetch_model accepts it
+
+
+# --- rule fetch_model checks the tokenizer with the engines' own stack ------------------
+
+
+def test_fetch_model_refuses_a_transformers5_tokenizer_on_vllm015(tmp_path, transformers5_model):
+    """The engines' transformers (4.57) lacks TokenizersBackend: the run stops in rule
+    fetch_model, naming the model, the class and the versions, before any rank or engine.
+    (Under the main venv the same model is accepted: test_vllm_versions_on_vllm032.)"""
+    work = make_workdir(tmp_path, {"0.in": "one\ntwo\n"})
+    config = local_config(work, python=python015(), model=str(transformers5_model))
+    result = snakemake(work, configfiles=config)
+    text = result.stdout + result.stderr
+    assert result.returncode != 0, text[-3000:]
+    assert (
+        f"preparing model {str(transformers5_model)!r} failed: model {transformers5_model}:" in text
+    )
+    assert "names tokenizer class TokenizersBackend" in text
+    assert "vLLM 0.15.0 and transformers 4.57.6" in text
+    assert not (work / "logs" / "infer").exists()  # no rank started
+    assert not (work / "logs" / "engines").exists()  # nor any engine
+    assert not list((work / "results" / "model").glob("*.json"))  # no marker

@@ -37,6 +37,8 @@ SERVER_PARSER_MODULES = (
     "vllm.entrypoints.launchers.cli_args",  # vLLM 0.32
     "vllm.entrypoints.openai.cli_args",  # vLLM 0.15 (Aurora's)
 )
+# Tokenizer classes that transformers 5 writes and transformers 4.x lacks.
+TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend",)
 # What a transformers-5-only tokenizer_config.json can be rewritten to (loads in 4.x and 5.x).
 PORTABLE_TOKENIZER_CLASS = "PreTrainedTokenizerFast"
 
@@ -107,7 +109,7 @@ def tokenizer_class(folder: str | Path) -> str | None:
     return json.loads(path.read_text(encoding="utf-8")).get("tokenizer_class")
 
 
-def tokenizer_problem(folder: str | Path) -> str | None:
+def tokenizer_problem(folder: str | Path, trust_remote_code: bool = False) -> str | None:
     """Why this vLLM and its transformers cannot load the model's tokenizer (None: they
     can). Loads it as an engine does (vllm.tokenizers.get_tokenizer)."""
     if not any((Path(folder) / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
@@ -116,21 +118,26 @@ def tokenizer_problem(folder: str | Path) -> str | None:
     import vllm
 
     named = tokenizer_class(folder)
+    stack = f"vLLM {vllm.__version__} and transformers {transformers.__version__}"
     try:
         from vllm.tokenizers import get_tokenizer
 
-        get_tokenizer(str(folder))
+        get_tokenizer(str(folder), trust_remote_code=trust_remote_code)
     except Exception as error:  # what the engine would die of
-        hint = ""
         if named and not hasattr(transformers, named):
-            hint = (
-                f"; transformers {transformers.__version__} has no class {named} (a name "
-                f"transformers 5 writes: set tokenizer_class to {PORTABLE_TOKENIZER_CLASS} "
-                "in tokenizer_config.json, or save the model with transformers 4.x)"
+            fix = ""
+            if named in TRANSFORMERS5_TOKENIZER_CLASSES:
+                fix = (
+                    f" ({named} is a transformers 5 name: set tokenizer_class to "
+                    f"{PORTABLE_TOKENIZER_CLASS} in tokenizer_config.json, or save the "
+                    "tokenizer with transformers 4.x)"
+                )
+            return (
+                f"its tokenizer_config.json names tokenizer class {named}, which the engines' "
+                f"{stack} do not have: the engines cannot load it{fix}"
             )
         return (
-            f"the tokenizer of {folder} (tokenizer_class {named or 'not named'}) does not load "
-            f"with vLLM {vllm.__version__} and transformers {transformers.__version__}: "
-            f"{type(error).__name__}: {error}{hint}"
+            f"its tokenizer (tokenizer_class {named or 'not named'}) does not load with "
+            f"the engines' {stack}: {type(error).__name__}: {error}"
         )
     return None
