@@ -23,7 +23,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from workflow import REPO, TINY_MODEL, local_config, make_workdir, snakemake
+from test_workflow_local import processes_in
+from workflow import REPO, TINY_MODEL, local_config, make_workdir, read_records, snakemake
 
 pytestmark = [pytest.mark.vllm015, pytest.mark.vllm]
 
@@ -143,3 +144,88 @@ def test_fetch_model_refuses_a_transformers5_tokenizer_on_vllm015(tmp_path, tran
     assert not (work / "logs" / "infer").exists()  # no rank started
     assert not (work / "logs" / "engines").exists()  # nor any engine
     assert not list((work / "results" / "model").glob("*.json"))  # no marker
+
+
+# --- local runs on vLLM 0.15 (profiles/local, config python = .venv-vllm015) -----------
+
+CHAT = [{"role": "system", "content": "You are brief."},
+        {"role": "user", "content": "The secret to a long life is"}]  # fmt: skip
+CHAT_RANK = [
+    {"custom_id": "b-1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "tiny-chat", "messages": CHAT, "max_completion_tokens": 8}},
+    {"id": "s-1", "messages": CHAT[1:], "seed": 7, "max_tokens": 6},
+    {"prompt": "To solve climate change, the world must", "max_tokens": 5},
+]  # fmt: skip
+IN_RANK = "Hello there\nThe sky is\n"
+SEEDED = dict(temperature=0.8, top_p=0.95, max_tokens=6, seed=1234, ignore_eos=True)
+
+
+def run015(work: Path, ranks: dict[str, str], base_port: int, **config) -> Path:
+    """One local run on tiny-chat with vLLM 0.15 as the engines' python, one engine slot,
+    ports of its own (other sessions on this machine run engines on the default ones)."""
+    make_workdir(work, ranks)
+    files = local_config(work, python=python015(), model="./models/tiny-chat", sampling=SEEDED,
+                         tiles={"per_node": 1, "base_port": base_port}, **config)  # fmt: skip
+    result = snakemake(work, configfiles=files)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert processes_in(work) == []
+    return work
+
+
+def rendered_chat_tokens(messages) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TINY_CHAT))
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer.encode(text, add_special_tokens=False))
+
+
+def assert_ran_on_vllm015(work: Path) -> None:
+    """Rule fetch_model checked the command line and built the model-info cache with vLLM
+    0.15; the engines used that cache (not rebuilt); the chat rank's answers."""
+    (marker,) = (work / "results" / "model").glob("*.json")
+    assert json.loads(marker.read_text())["versions"]["vllm"] == "0.15.0"
+    fetch_log = (work / "logs" / "fetch_model.log").read_text()
+    assert "engine command line parses with vLLM 0.15.0" in fetch_log
+    (modelinfo,) = (work / "cache" / "vllm" / "modelinfos").glob("*OPTForCausalLM.json")
+    assert modelinfo.stat().st_mtime_ns < marker.stat().st_mtime_ns
+    results = work / "results"
+    for record in (results / "records").glob("*.json"):
+        assert json.loads(record.read_text())["versions"]["vllm"] == "0.15.0"
+    if (results / "0.out").exists():
+        assert [p for p, _ in read_records(results / "0.out")] == ["Hello there", "The sky is"]
+    batch, short, plain = (json.loads(x) for x in (results / "1.jsonl").read_text().splitlines())
+    body = batch["response"]["body"]
+    assert batch["error"] is None and body["object"] == "chat.completion"
+    assert body["usage"]["prompt_tokens"] == rendered_chat_tokens(CHAT)  # the template
+    assert body["usage"]["completion_tokens"] == 8
+    assert (short["id"], short["output_tokens"]) == ("s-1", 6)
+    assert short["prompt_tokens"] == rendered_chat_tokens(CHAT[1:])
+    assert (plain["id"], plain["output_tokens"]) == (3, 5)
+
+
+def chat_rank() -> str:
+    return "".join(json.dumps(line) + "\n" for line in CHAT_RANK)
+
+
+@pytest.mark.parametrize("server", ["inprocess", "vllm"])
+def test_warm_engine_with_a_chat_rank_on_vllm015(tmp_path, server):
+    """Config warm.server inprocess (scripts/vllm_server.py) or vllm (vLLM 0.15's own
+    OpenAI server): a .in rank and a chat rank on one warm engine."""
+    port = {"inprocess": 35500, "vllm": 35600}[server]
+    ranks = {"0.in": IN_RANK, "1.jsonl": chat_rank()}
+    work = run015(tmp_path, ranks, port, warm={"server": server})
+    assert_ran_on_vllm015(work)
+    (engine_log,) = (work / "logs" / "engines").glob("local-*/*-tile0.log")
+    text = engine_log.read_text()
+    assert text.count("Application startup complete") == 1
+    assert "Initializing a V1 LLM engine (v0.15.0)" in text
+
+
+def test_per_rank_engine_with_a_chat_rank_on_vllm015(tmp_path):
+    """An engine of the rank's own (infer.py, vLLM 0.15's LLM in the task)."""
+    work = run015(tmp_path, {"1.jsonl": chat_rank()}, 35700, warm_engines=False)
+    assert_ran_on_vllm015(work)
+    log = (work / "logs" / "infer" / "1.log").read_text()
+    assert "placement: " in log and "Initializing a V1 LLM engine (v0.15.0)" in log
+    assert not (work / "logs" / "engines").exists()
