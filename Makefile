@@ -13,15 +13,18 @@ TINY_MODEL := models/tiny-opt
 # The tiny model as an instruct model (a chat template): the chat tests' model.
 TINY_CHAT := models/tiny-chat
 BENCH_MODEL := models/opt-125m-shaped
+# vLLM 0.15.0, the version Aurora's engines run (module frameworks/2025.3.1): the `vllm015`
+# test tier runs the engines under this venv's python (config `python`).
+VENV015 := .venv-vllm015
 
-.PHONY: run test lint format bench lock openpbs clean
+.PHONY: run test lint format bench lock lock-vllm015 openpbs clean
 
 run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/python scripts/tools/unlock_stale.py profiles/local $(BIN)/snakemake
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 
-test: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json openpbs
+test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json openpbs
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -49,6 +52,12 @@ $(VENV)/.installed: requirements.lock requirements-exclude.txt
 	$(UV) pip sync --python $(BIN)/python --find-links $(TORCH_WHEELS) requirements.lock
 	touch $@
 
+# torch 2.10.0 comes from PyPI (its CUDA build runs on a CPU): no --find-links needed.
+$(VENV015)/.installed: requirements-vllm015.lock | $(VENV)/.installed
+	test -x $(VENV015)/bin/python || $(PYTHON) -m venv --without-pip $(VENV015)
+	$(UV) pip sync --python $(VENV015)/bin/python requirements-vllm015.lock
+	touch $@
+
 $(TINY_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py tiny $(TINY_MODEL)
 
@@ -62,6 +71,13 @@ $(BENCH_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 lock: $(VENV)/.installed
 	$(UV) pip compile requirements.in --python-version 3.11 --find-links $(TORCH_WHEELS) \
 	  --excludes requirements-exclude.txt -o requirements.lock
+
+# Re-resolve vLLM 0.15.0's environment: the override swaps torch 2.10.0+cpu (not on PyPI)
+# for PyPI's torch 2.10.0; the excludes are the main lock's.
+lock-vllm015: $(VENV)/.installed
+	$(UV) pip compile requirements-vllm015.in --python-version 3.11 \
+	  --override requirements-vllm015-override.txt --excludes requirements-exclude.txt \
+	  -o requirements-vllm015.lock
 
 clean:
 	rm -rf results/*.out results/records logs .snakemake

@@ -46,6 +46,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from engine import vllm_versions  # noqa: E402
 from engine.echo_server import (  # noqa: E402
     BadRequest,
     Handler,
@@ -249,31 +250,23 @@ class VllmServer(ThreadingHTTPServer):
 
 def argument_parser():
     """vLLM's own parser of its engine arguments, plus --host and --port."""
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = FlexibleArgumentParser(description=__doc__.splitlines()[0])
+    parser = vllm_versions.flexible_argument_parser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     # as vLLM's own server takes it: a template file for a model without its own
     parser.add_argument("--chat-template", default=None)
-    return EngineArgs.add_cli_args(parser)
+    return vllm_versions.engine_args_parser(parser)
 
 
 def parse_args(argv: Sequence[str]):
-    from vllm.engine.arg_utils import EngineArgs
-
     args = argument_parser().parse_args(list(argv))
-    return args, EngineArgs.from_cli_args(args)
+    return args, vllm_versions.engine_args_from(args)
 
 
 def main(argv: Sequence[str]) -> int:
     args, engine_args = parse_args(argv)
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.v1.engine.llm_engine import LLMEngine
-
     # The engine first: /health is refused (no listener) until it can serve.
-    engine = LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
+    engine = vllm_versions.llm_engine(engine_args)
     template = None
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as handle:

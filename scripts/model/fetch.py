@@ -9,6 +9,8 @@
 2. The engines' command line of this config (``--engine-argv``) is parsed with the
    installed vLLM's own parser: a flag or value this vLLM does not know stops the run
    here, before any job is submitted, naming the flag, its config key and the version.
+   The model's tokenizer is loaded as the engines load it (scripts/engine/vllm_versions.py):
+   a class their transformers lacks stops the run here too.
 3. vLLM's model-info cache (``VLLM_CACHE_ROOT/modelinfos``) is built for the
    model's architectures with vLLM itself: without it an engine's first run on a
    node can fail with "validation error for ModelConfig".
@@ -32,6 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from engine import vllm_versions
 from rank.prompts import write_atomic
 
 
@@ -71,10 +74,7 @@ def check_engine_argv(argv: list[str], server: str, keys: dict, vllm_version: st
     vLLM's OpenAI server's for `warm.server: vllm`, vllm_server.py's (vLLM's engine
     arguments) otherwise. ``keys``: flag -> the config key it comes from."""
     if server == "vllm":
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-        parser = make_arg_parser(FlexibleArgumentParser())
+        parser = vllm_versions.server_arg_parser()
     else:
         from engine import vllm_server
 
@@ -127,9 +127,7 @@ def build_modelinfo_cache(folder: str) -> list[str]:
     # ~20 s on 2 cores) only to keep CUDA uninitialised in its caller. This process
     # never touches a device: inspect here; vLLM still hashes the module and writes
     # the cache file itself. Private names: checked, not assumed.
-    if callable(getattr(registry, "_run_in_subprocess", None)):
-        registry._run_in_subprocess = lambda inspect: inspect()
-    else:
+    if not vllm_versions.inspect_models_in_process(registry):
         print(
             "fetch_model: this vLLM has no vllm.model_executor.models.registry."
             "_run_in_subprocess; the model class is inspected in vLLM's own second "
@@ -171,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"engine command line parses with vLLM {found['vllm']}", file=sys.stderr)
         folder, how = find_weights(args.model, args.shared_hf_home, args.hf_home)
         print(f"{args.model}: weights from {how}: {folder}", file=sys.stderr)
+        remote = "--trust-remote-code" in engine_argv
+        if problem := vllm_versions.tokenizer_problem(folder, remote):  # before any qsub
+            raise CheckError(f"model {args.model}: {problem}")
         cache_root = os.environ.get("VLLM_CACHE_ROOT", "")
         architectures = build_modelinfo_cache(folder)
     except CheckError as error:

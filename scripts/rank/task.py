@@ -65,6 +65,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from engine import vllm_versions
 from reporting import console
 
 from rank.jsonl import Answer, Partial, Request, answer_line, is_jsonl, read_rank, sampling_of
@@ -358,10 +359,7 @@ def extra_engine_args(argv: list[str]) -> dict:
     by vLLM's own parser: the values that differ from its defaults."""
     if not argv:
         return {}
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+    parser = vllm_versions.engine_args_parser()
     defaults = vars(parser.parse_args(["--model", "m"]))
     given = vars(parser.parse_args(["--model", "m", *argv]))
     return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}

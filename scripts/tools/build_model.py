@@ -136,9 +136,21 @@ def _build_tiny_tokenizer(out: Path, chat: bool = False):
     if chat:
         fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
+    _portable_tokenizer_class(out)
     if chat:
         _template_in_tokenizer_config(out)
     return fast
+
+
+def _portable_tokenizer_class(out: Path) -> None:
+    """transformers 5 names its own class (TokenizersBackend), which transformers 4.x (vLLM
+    0.15's, on Aurora) lacks; PreTrainedTokenizerFast loads in both."""
+    import json
+
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _template_in_tokenizer_config(out: Path) -> None:
