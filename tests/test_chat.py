@@ -17,7 +17,7 @@ import pytest
 from engine import client, lifecycle
 from engine.lifecycle import Engine
 from placement import tiles
-from rank import task
+from rank import answer_files, checks, offline, warm
 from rank.jsonl import Answer, Partial
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
@@ -60,7 +60,7 @@ def rendered_ids(model: Path, messages: list, template: str | None = None) -> li
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    return task.chat_token_ids(tokenizer, messages, template, "test")
+    return offline.chat_token_ids(tokenizer, messages, template, "test")
 
 
 def write_rank(folder: Path, rank: int, lines) -> Path:
@@ -129,7 +129,7 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
     }
     # a rank stopped after its first answer: that answer is kept, the rest generated
     kept = write_rank(work / "kept", 3, LINES)
-    key = task.partial_key(kept, task.parse_settings(json.dumps(settings(tiny_chat))))
+    key = answer_files.partial_key(kept, checks.parse_settings(json.dumps(settings(tiny_chat))))
     partial = Partial(work / "kept" / "results" / "3.jsonl", key)
     partial.open({})
     partial.add(0, Answer("KEPT", "stop", 99, 1))
@@ -218,12 +218,12 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
         pool = registry_pool(tmp_path / "registry", engine)
         counted = client.tokenize_messages(engine.url, CHAT, key=key)
         assert counted.ids == rendered_ids(tiny_chat, CHAT)
-        config = task.parse_settings(json.dumps(settings(tiny_chat)))
+        config = checks.parse_settings(json.dumps(settings(tiny_chat)))
         outputs = []
         for name in ("first", "again"):
             rank_file = write_rank(tmp_path / name, 3, LINES)
             out = tmp_path / name / "results" / "3.jsonl"
-            task.serve_rank(3, config, rank_file, out, out.with_suffix(".json"), pool)
+            warm.serve_rank(3, config, rank_file, out, out.with_suffix(".json"), pool)
             outputs.append(out.read_bytes())
         assert outputs[0] == outputs[1]  # seeded rerun: same bytes
         batch, short, plain = answers(tmp_path / "first" / "results" / "3.jsonl")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from rank import warm
 
 REPO = Path(__file__).resolve().parent.parent
 INFER = REPO / "scripts" / "rank" / "task.py"
@@ -522,7 +523,6 @@ def sentencepiece_like_tokenizer():
 
 
 def test_token_bound_holds_for_real_tokenizers(tiny_model):
-    from rank import task
     from transformers import AutoTokenizer
 
     opt = AutoTokenizer.from_pretrained(str(tiny_model))
@@ -531,8 +531,8 @@ def test_token_bound_holds_for_real_tokenizers(tiny_model):
     for name, encode in counters.items():
         for text in HOSTILE_TEXTS:
             tokens = len(encode(text))
-            assert tokens <= task.token_bound(text), (name, text[:20], tokens)
-    assert task.token_bound("") == task.SPECIAL_TOKENS_BOUND
+            assert tokens <= warm.token_bound(text), (name, text[:20], tokens)
+    assert warm.token_bound("") == warm.SPECIAL_TOKENS_BOUND
 
 
 def test_prompts_that_surely_fit_skip_tokenize(monkeypatch):
@@ -540,7 +540,6 @@ def test_prompts_that_surely_fit_skip_tokenize(monkeypatch):
     /tokenize (the URL here answers nothing: any request would fail); a long prompt, a
     chat or an unknown engine still asks."""
     from engine import client
-    from rank import task
     from rank.jsonl import Request
 
     url = "http://127.0.0.1:9"  # discard port: nothing listens
@@ -549,12 +548,12 @@ def test_prompts_that_surely_fit_skip_tokenize(monkeypatch):
         Request(line=i + 1, id=i + 1, batch=False, prompt=p) for i, p in enumerate(SEED_PROMPTS)
     ]
     with pytest.raises(client.EngineUnavailable):  # context length not known yet
-        task.engine_inputs(short, settings, "r.in", url)
-    monkeypatch.setitem(task._MAX_MODEL_LEN, url, 2048)
-    assert task.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [])
+        warm.engine_inputs(short, settings, "r.in", url)
+    monkeypatch.setitem(warm._MAX_MODEL_LEN, url, 2048)
+    assert warm.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [])
     long = short + [Request(line=5, id=5, batch=False, prompt="x " * 700)]
     chat = [Request(line=1, id=1, batch=False, messages=[{"role": "user", "content": "hi"}])]
     tight = {"sampling": {"max_tokens": 2048 - 20}, "long_prompts": "error"}
     for requests, given in ((long, settings), (chat, settings), (short, tight)):
         with pytest.raises(client.EngineUnavailable):
-            task.engine_inputs(requests, given, "r.jsonl", url)
+            warm.engine_inputs(requests, given, "r.jsonl", url)

@@ -1,6 +1,6 @@
 """JSONL rank files (scripts/rank/jsonl.py): reading requests, every bad line named by
 file and line, the answer lines (OpenAI batch output shape field by field), the partial
-answers a stopped rank keeps; and whole JSONL ranks through task.serve_rank on a real
+answers a stopped rank keeps; and whole JSONL ranks through warm.serve_rank on a real
 echo server (scripts/engine/echo_server.py)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from engine import supervisor
 from engine.lifecycle import Engine
-from rank import jsonl, task
+from rank import checks, jsonl, offline, warm
 from rank.jsonl import Answer, Partial, RequestFileError, read_requests
 from rank.layout import RankFileError, discover_rank_files
 from test_engines import free_port
@@ -273,9 +273,9 @@ def test_partial_answers_survive_a_torn_line_and_drop_on_another_key(tmp_path):
 def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
     rank_file = write_lines(tmp_path / name, lines)
     config = {"engine": "echo", "model": "echo"} | settings
-    task.serve_rank(
+    warm.serve_rank(
         int(name.split(".")[0]),
-        task.parse_settings(json.dumps(config)),
+        checks.parse_settings(json.dumps(config)),
         rank_file,
         tmp_path / "results" / name,
         tmp_path / "results" / f"{name}.json",
@@ -333,14 +333,14 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
     assert record["prompt_tokens"] == record["output_tokens"] == 2 + 8 + 2 + 3 + 4 + 4
     # the per-rank echo engine (task.py's own) answers parts as the same string too
     requests = read_requests(tmp_path / "6.jsonl")
-    assert task.echo_answer(requests[4]) == task.echo_answer(requests[5])
+    assert offline.echo_answer(requests[4]) == offline.echo_answer(requests[5])
     assert not (tmp_path / "results" / ".partial" / "6.jsonl").exists()
 
 
 def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_path, echo_pool):
     long = " ".join(["w"] * 36)
     lines = [{"prompt": "short"}, {"prompt": long, "max_tokens": 4}]
-    with pytest.raises(task.UsageError) as caught:
+    with pytest.raises(checks.UsageError) as caught:
         serve_lines(tmp_path, "2.jsonl", lines, echo_pool)
     text = str(caught.value)
     assert f"{tmp_path / '2.jsonl'}: line 2: request is 37 tokens, more than the 36 allowed" in text
@@ -348,9 +348,9 @@ def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_pa
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*"))
     # a chat counts its template's markers: 35 words and 2 markers
     chat = [{"messages": [{"role": "user", "content": " ".join(["w"] * 35)}], "max_tokens": 4}]
-    with pytest.raises(task.UsageError, match=r"line 1: request is 37 tokens, more than the 36"):
+    with pytest.raises(checks.UsageError, match=r"line 1: request is 37 tokens, more than the 36"):
         serve_lines(tmp_path, "3.jsonl", chat, echo_pool)
-    with pytest.raises(task.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
+    with pytest.raises(checks.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
         serve_lines(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool)
 
 

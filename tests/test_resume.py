@@ -4,7 +4,7 @@ the engine only the missing requests; the output equals an uninterrupted run's.
 
 The engine is a real echo server (scripts/engine/echo_server.py) that holds each request
 (--delay) and at most two at once (--max-num-seqs), so the answers come one after
-another; the rank runs in a child process (task.serve_rank, as a warm rank job runs
+another; the rank runs in a child process (warm.serve_rank, as a warm rank job runs
 it) routed to that engine, and the engine counts the requests it answered (/metrics).
 """
 
@@ -35,6 +35,8 @@ import sys
 import types
 sys.path.insert(0, {scripts!r})
 from rank import task
+from rank import checks
+from rank import warm
 
 url, rank_file, output = sys.argv[1:4]
 engine = types.SimpleNamespace(url=url, api_key=None, env={{}}, name="echo", log_path="echo.log")
@@ -49,8 +51,8 @@ class OneEngine:
         raise SystemExit("the engine failed")
 
 
-settings = task.parse_settings(json.dumps({{"engine": "echo", "model": "echo"}}))
-print(task.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
+settings = checks.parse_settings(json.dumps({{"engine": "echo", "model": "echo"}}))
+print(warm.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
       flush=True)
 """
 

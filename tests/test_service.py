@@ -23,7 +23,7 @@ import pytest
 from engine import client, supervisor
 from pipeline import rank_job
 from placement import tiles
-from rank import task
+from rank import checks, warm
 from test_warm import local_config
 
 PYTHON = sys.executable
@@ -88,8 +88,8 @@ def service(tmp_path):
 def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int = 1) -> dict:
     data = tmp_path / f"{rank}.in"
     data.write_text("".join(f"{p}\n" for p in prompts))
-    settings = task.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
-    task.serve_rank(
+    settings = checks.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
+    warm.serve_rank(
         rank,
         settings,
         data,

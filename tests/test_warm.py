@@ -12,6 +12,7 @@ import yaml
 from engine import supervisor
 from pipeline import rank_job
 from placement import tiles
+from rank import checks, offline
 from workflow import deep_merge
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,10 +78,9 @@ def test_engine_slots_cover_the_node_without_overlap():
 
 
 def test_per_rank_engine_on_two_tiles_runs_tensor_parallel():
-    from rank import task
 
-    settings = task.parse_settings("{}")
-    assert "tensor_parallel_size" not in task.llm_args(settings, "3")
-    args = task.llm_args(settings, "4,5")
+    settings = checks.parse_settings("{}")
+    assert "tensor_parallel_size" not in offline.llm_args(settings, "3")
+    args = offline.llm_args(settings, "4,5")
     assert (args["tensor_parallel_size"], args["distributed_executor_backend"]) == (2, "mp")
     assert args["disable_custom_all_reduce"] is True

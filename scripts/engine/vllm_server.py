@@ -46,6 +46,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from rank import checks, offline
+
 from engine import vllm_versions  # noqa: E402
 from engine.echo_server import (  # noqa: E402
     BadRequest,
@@ -216,13 +218,14 @@ class VllmServer(ThreadingHTTPServer):
             return self.tokenizer.decode(prompt)
 
     def _chat_ids(self, messages: list) -> list[int]:
-        """The messages as LLM.chat renders them (task.chat_token_ids)."""
-        from rank import task
+        """The messages as LLM.chat renders them (offline.chat_token_ids)."""
 
         try:
             with self._tokenizer_lock:
-                return task.chat_token_ids(self.tokenizer, messages, self.chat_template, "messages")
-        except task.UsageError as error:
+                return offline.chat_token_ids(
+                    self.tokenizer, messages, self.chat_template, "messages"
+                )
+        except checks.UsageError as error:
             raise BadRequest(str(error)) from None
 
     def chat(self, body: dict) -> dict:

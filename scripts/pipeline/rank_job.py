@@ -21,7 +21,7 @@ from model.prepare import (
     staged,
 )
 from placement import tiles
-from rank import task
+from rank import checks, task, warm
 from reporting import progress
 
 
@@ -147,9 +147,9 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
     progress.clear_failure_note(log, rank)
     with open(log, "w") as out:
         try:
-            line = task.serve_rank(
+            line = warm.serve_rank(
                 int(rank),
-                task.parse_settings(json.dumps(settings)),
+                checks.parse_settings(json.dumps(settings)),
                 input.prompts,
                 output.out,
                 output.record,
@@ -158,7 +158,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
                 request_timeout=config["warm"]["stall_timeout_s"],
                 versions=marker_versions(input.model),
             )
-        except (task.UsageError, task.PromptFileError, client.EngineError) as error:
+        except (checks.UsageError, task.PromptFileError, client.EngineError) as error:
             out.write(f"ERROR: {error}\n")
             # Its input is at fault unless an engine failed: then a continuation of its
             # PBS submission runs it again (pbs.resubmit).

@@ -1,0 +1,181 @@
+"""A rank answered by an engine of its own: vLLM's `LLM` in this process (per-rank engines,
+config warm_engines: false), or the echo engine, which returns each prompt as its text.
+
+vLLM is imported only when a rank runs (never by the Snakefile or the tests' imports).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from engine import vllm_versions
+
+from rank.checks import UsageError, checked_requests
+from rank.jsonl import Answer, Partial, Request, sampling_of
+
+
+def echo_answer(request: Request) -> Answer:
+    """The echo engine: the prompt (or the messages in echo_server's chat rendering) is
+    its own answer; one token per word."""
+    from engine.echo_server import render_chat
+
+    text = render_chat(request.messages) if request.chat else request.prompt
+    words = len(text.split())
+    return Answer(text, "length", words, words)
+
+
+def run_echo(requests: list[Request]) -> dict:
+    """The echo engine for a whole rank, in this process; no model at all."""
+    t0 = time.monotonic()
+    answers = {i: echo_answer(r) for i, r in enumerate(requests)}
+    return {
+        "answers": answers,
+        "import_s": 0.0,
+        "load_s": 0.0,
+        "generate_s": time.monotonic() - t0,
+        "truncated": [],
+    }
+
+
+def llm_args(settings: dict, tile_ids: str) -> dict:
+    """vllm.LLM's arguments. An engine on several tiles (TILE_IDS "4,5") runs tensor
+    parallel over all of them, as ALCF and the seed's author run TP on Aurora."""
+    args = {
+        "model": settings["model"],
+        "dtype": settings["dtype"],
+        "enforce_eager": settings["enforce_eager"],
+        "gpu_memory_utilization": settings["gpu_memory_utilization"],
+    }
+    if settings["max_model_len"] is not None:
+        args["max_model_len"] = settings["max_model_len"]
+    tiles = len([t for t in tile_ids.split(",") if t])
+    if tiles > 1:
+        args |= {
+            "tensor_parallel_size": tiles,
+            "distributed_executor_backend": "mp",
+            "disable_custom_all_reduce": True,
+        }
+    # No device=: removed from vLLM (0.10); the platform is detected and the tile is
+    # chosen by ZE_AFFINITY_MASK in the environment. No engine seed either: LLM's
+    # seed must be an int (default 0); reproducible sampling comes from the
+    # per-request SamplingParams(seed=...).
+    return args | extra_engine_args(settings["engine_args"])
+
+
+def extra_engine_args(argv: list[str]) -> dict:
+    """Config vllm.engine_args (vLLM command-line flags) as LLM keyword arguments, read
+    by vLLM's own parser: the values that differ from its defaults."""
+    if not argv:
+        return {}
+    parser = vllm_versions.engine_args_parser()
+    defaults = vars(parser.parse_args(["--model", "m"]))
+    given = vars(parser.parse_args(["--model", "m", *argv]))
+    return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}
+
+
+def read_chat_template(settings: dict) -> str | None:
+    """Config vllm.chat_template's text (None: the model's own template)."""
+    path = settings["chat_template"]
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"config vllm.chat_template: cannot read {path}: {exc}") from None
+
+
+def chat_token_ids(tokenizer, messages: list, template: str | None, where: str) -> list[int]:
+    """``messages`` as the model's chat template (or ``template``) renders them for a
+    reply, in token ids: what vLLM's LLM.chat and its chat server do (render to text with
+    the generation prompt, then tokenize without adding special tokens again)."""
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=True, tokenize=False
+        )
+    except ValueError as exc:  # transformers: no template
+        raise UsageError(
+            f"{where}: messages need a chat template and the model has none ({exc}); "
+            "set config vllm.chat_template to a template file"
+        ) from None
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def run_vllm(
+    requests: list[Request], settings: dict, path: str, partial: Partial, kept: dict
+) -> dict:
+    """Start one vLLM engine and generate the rank's requests that ``kept`` lacks, all
+    in flight together (continuous batching, as LLM.generate and LLM.chat run them),
+    each answer kept in ``partial`` as it finishes."""
+    # Timed on its own: importing vLLM (and torch) is a large part of a rank's start.
+    # `import vllm` alone is lazy; importing LLM pulls in the engine.
+    t0 = time.monotonic()
+    from vllm import LLM, SamplingParams
+
+    import_s = time.monotonic() - t0
+
+    engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
+    t0 = time.monotonic()
+    llm = LLM(**engine_args)
+    load_s = time.monotonic() - t0
+
+    tokenizer = llm.get_tokenizer()
+    template = read_chat_template(settings)
+
+    def token_ids(request: Request) -> list[int]:
+        if request.chat:
+            where = f"{path}: line {request.line}"
+            return chat_token_ids(tokenizer, request.messages, template, where)
+        return list(tokenizer.encode(request.prompt))
+
+    ids = [token_ids(r) for r in requests]
+    inputs, truncated = checked_requests(
+        requests,
+        ids,
+        lambda text: tokenizer.encode(text, add_special_tokens=False),
+        llm.llm_engine.model_config.max_model_len,
+        settings,
+        path,
+    )
+    answers = dict(kept)
+    engine = llm.llm_engine
+    t0 = time.monotonic()
+    for i, request in enumerate(requests):
+        if i in answers:
+            continue
+        prompt_ids = inputs[i]["prompt_token_ids"] if isinstance(inputs[i], dict) else ids[i]
+        params = SamplingParams(**sampling_params(sampling_of(request, settings["sampling"])))
+        engine.add_request(str(i), {"prompt_token_ids": prompt_ids}, params)
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done = output.outputs[0]
+                answer = Answer(
+                    done.text,
+                    done.finish_reason,
+                    len(output.prompt_token_ids or ()),
+                    len(done.token_ids),
+                )
+                answers[int(output.request_id)] = answer
+                partial.add(int(output.request_id), answer)
+    generate_s = time.monotonic() - t0
+    if len(answers) != len(requests):
+        raise RuntimeError(f"vLLM answered {len(answers)} of {len(requests)} requests")
+    import torch
+    import vllm
+
+    return {
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+        "answers": answers,
+        "import_s": import_s,
+        "load_s": load_s,
+        "generate_s": generate_s,
+        "truncated": truncated,
+    }
+
+
+def sampling_params(sampling: dict) -> dict:
+    """SamplingParams' arguments of one request's sampling fields."""
+    keys = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
+    return {k: sampling[k] for k in keys if sampling.get(k) is not None}

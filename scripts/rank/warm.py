@@ -1,0 +1,296 @@
+"""A rank answered by warm engines: its requests sent to the engines of the run's pool,
+many in flight, each answer kept as it arrives (results/.partial/), then the rank's
+outputs and record written (the rank job calls `serve_rank` in Snakemake's thread).
+
+The HTTP side is engine/client.py; which engine serves is engine/pool.py's choice.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+import unicodedata
+
+from rank.answer_files import partial_key, write_outputs
+from rank.checks import _token_limit, checked_requests
+from rank.jsonl import Answer, Partial, Request, read_rank, sampling_of
+from rank.offline import run_echo
+from rank.task import build_record
+
+# Requests of one rank in flight at once on a warm engine: each is its own HTTP request
+# (so each answer is kept as it comes), and the engine batches all of them.
+REQUESTS_IN_FLIGHT = 64
+
+
+# Special tokens a tokenizer adds to a prompt (BOS, EOS, a leading "▁"), at most.
+SPECIAL_TOKENS_BOUND = 16
+
+
+def token_bound(text: str) -> int:
+    """Most tokens any tokenizer vLLM loads can make of ``text``, without asking it.
+
+    Every token covers at least one byte of the text as the model sees it (byte-level
+    BPE: GPT-2, OPT, Llama 3, Qwen) or one character of it (SentencePiece, WordPiece;
+    byte fallback spends at most a character's bytes). What the model sees is the text
+    after its normalizer: Unicode compatibility forms (NFKC can turn one character into
+    18), lower case (at most 1.5x the bytes), SentencePiece's space-to-"▁" (a 1-byte
+    space becomes 3 bytes, still one character). So: 3x the larger of the NFKC and NFKD
+    byte counts, plus the special tokens. tests/test_infer.py checks it against the real
+    tokenizers of the local models on hostile texts."""
+    size = max(len(unicodedata.normalize(form, text).encode()) for form in ("NFKC", "NFKD"))
+    return 3 * size + SPECIAL_TOKENS_BOUND
+
+
+# Each engine's context length, from its first /tokenize answer (one model per run).
+_MAX_MODEL_LEN: dict[str, int] = {}
+
+
+def surely_fit(requests: list[Request], settings: dict, url: str) -> bool:
+    """Every request is a prompt (not a chat) that fits the engine's context with its
+    whole generation even at ``token_bound`` tokens: nothing to check, so no /tokenize
+    (seed-sized ranks: half of their requests)."""
+    max_model_len = _MAX_MODEL_LEN.get(url)
+    if not max_model_len:
+        return False
+    return all(
+        not r.chat
+        and token_bound(r.prompt)
+        <= _token_limit(max_model_len, sampling_of(r, settings["sampling"])["max_tokens"])
+        for r in requests
+    )
+
+
+def engine_inputs(
+    requests: list[Request], settings: dict, path: str, url: str, key: str | None = None
+) -> tuple:
+    """The requests' engine inputs and the truncated lines, checked as `run_vllm` checks
+    them with the engine's own tokenizer (/tokenize, which also tells the context
+    length, and renders chats with the engine's template): the server alone would cut a
+    generation short silently. Prompts that `surely_fit` need no check."""
+    from engine import client
+
+    if surely_fit(requests, settings, url):
+        return [r.prompt for r in requests], []
+    answers = [
+        client.tokenize_messages(url, r.messages, key=key)
+        if r.chat
+        else client.tokenize(url, r.prompt, key=key)
+        for r in requests
+    ]
+    token_ids = [answer.ids for answer in answers]
+    if answers and answers[0].max_model_len:
+        _MAX_MODEL_LEN[url] = answers[0].max_model_len
+    inputs, truncated = checked_requests(
+        requests,
+        token_ids,
+        lambda text: client.tokenize(url, text, add_special_tokens=False, key=key).ids,
+        answers[0].max_model_len if answers else 0,
+        settings,
+        path,
+    )
+    # a truncated prompt goes as its kept token ids
+    inputs = [x["prompt_token_ids"] if isinstance(x, dict) else x for x in inputs]
+    return inputs, truncated
+
+
+class _Senders:
+    """Daemon threads that carry the requests of every rank in this process, kept between
+    ranks: starting a thread per request cost a seed-sized rank more CPU than its HTTP.
+    A task never waits for a busy thread (a new one starts when none is idle), so there
+    are as many threads as requests were ever in flight at once; being daemons, they
+    never hold up the end of the process (Ctrl-C of Snakemake)."""
+
+    def __init__(self):
+        self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def submit(self, task) -> None:
+        with self._lock:
+            start = self._idle == 0
+            if not start:
+                self._idle -= 1  # that idle thread takes this task
+        if start:
+            threading.Thread(target=self._work, name="request", daemon=True).start()
+        self._tasks.put(task)
+
+    def _work(self) -> None:
+        while True:
+            self._tasks.get()()
+            with self._lock:
+                self._idle += 1
+
+
+_SENDERS = _Senders()
+
+
+def send_requests(engine, requests, inputs, todo, settings, partial, answers, timeout) -> float:
+    """Send the requests ``todo`` (indices) to ``engine``, REQUESTS_IN_FLIGHT at a time
+    (this thread and the shared senders); keep each answer in ``answers`` and
+    ``partial`` as it comes; return the seconds. The first failure stops the sending
+    and is raised once the requests in flight end (their answers are kept)."""
+    from engine import client
+
+    lock = threading.Lock()
+    pending = iter(todo)
+    errors: list[BaseException] = []
+
+    def send(i: int) -> None:
+        request, given = requests[i], inputs[i]
+        reply = client.complete_one(
+            engine.url,
+            sampling_of(request, settings["sampling"]),
+            prompt=None if request.chat else given,
+            messages=given if request.chat else None,
+            timeout=timeout,
+            key=engine.api_key,
+        )
+        answer = Answer(
+            reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens
+        )
+        with lock:
+            answers[i] = answer
+            partial.add(i, answer)
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = None if errors else next(pending, None)
+            if i is None:
+                return
+            try:
+                send(i)
+            except BaseException as error:
+                with lock:
+                    errors.append(error)
+
+    started = time.monotonic()
+    helpers = max(0, min(REQUESTS_IN_FLIGHT, len(todo)) - 1)
+    finished = threading.Semaphore(0)
+
+    def helper() -> None:
+        try:
+            work()
+        finally:
+            finished.release()
+
+    for _ in range(helpers):
+        _SENDERS.submit(helper)
+    work()
+    for _ in range(helpers):
+        finished.acquire()
+    if errors:
+        # an engine that is gone first: the rank goes to another engine for the rest
+        errors.sort(key=lambda e: not isinstance(e, client.EngineUnavailable))
+        raise errors[0]
+    return time.monotonic() - started
+
+
+def serve_rank(
+    rank: int,
+    settings: dict,
+    prompts_path,
+    output,
+    record_path,
+    pool,
+    retries: int = 1,
+    request_timeout: float = 600.0,
+    versions: dict | None = None,
+) -> str:
+    """One rank on a warm engine of ``pool`` (serve.RegistryPool): read the requests,
+    wait for a free engine, send them (one HTTP request each, many in flight), keep
+    each answer as it comes, write the outputs; return the lines for the rank's log
+    (a warning for an empty rank file, the summary).
+
+    Answers kept by an earlier attempt at this rank (killed, or its engine died) are
+    not asked again. An engine found dead before the rank's requests is marked (the
+    pool restarts it) and the rank goes to another one. An engine that fails during
+    the requests is marked too, and the requests still unanswered are sent to a
+    healthy engine, at most ``retries`` times (a death is not the rank's fault); after
+    that the rank fails, naming the logs of the engines it failed on. The echo engine
+    is an engine of the pool too (scripts/engine/echo_server.py).
+    """
+    from engine import client, lifecycle
+
+    started = time.monotonic()
+    requests = read_rank(prompts_path)
+    placement, wait_s, died_on = {}, 0.0, []
+    if not requests:
+        result = run_echo(requests)
+    else:
+        partial = Partial(output, partial_key(prompts_path, settings))
+        answers = partial.load()
+        resumed = len(answers)
+        partial.open(answers)
+        unanswered, request_s, truncated = 0, 0.0, []
+        try:
+            while len(answers) < len(requests):
+                with pool.route() as engine:
+                    wait_s = time.monotonic() - started
+                    try:
+                        inputs, truncated = engine_inputs(
+                            requests, settings, str(prompts_path), engine.url, engine.api_key
+                        )
+                    except client.EngineUnavailable as error:
+                        pool.mark_failed(engine)
+                        unanswered += 1
+                        if unanswered == 3:
+                            raise client.EngineError(
+                                f"no engine answered ({error}); last tried {engine.name}, "
+                                f"its log: {engine.log_path}"
+                            ) from error
+                        continue
+                    todo = [i for i in range(len(requests)) if i not in answers]
+                    try:
+                        request_s += send_requests(
+                            engine,
+                            requests,
+                            inputs,
+                            todo,
+                            settings,
+                            partial,
+                            answers,
+                            request_timeout,
+                        )
+                    except client.EngineUnavailable as error:
+                        pool.mark_failed(engine)
+                        died_on.append(engine)
+                        if len(died_on) > retries:
+                            logs = ", ".join(dict.fromkeys(str(e.log_path) for e in died_on))
+                            raise client.EngineError(
+                                f"engine {engine.name} failed during the requests ({error}); "
+                                f"the rank failed on {len(died_on)} engine(s) in a row "
+                                f"(config warm.retry_after_engine_death {retries}); "
+                                f"engine log(s): {logs}"
+                            ) from error
+                        continue
+                    log = str(engine.log_path)
+                    placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": log}
+        finally:
+            partial.close()
+        result = {
+            "answers": answers,
+            "import_s": 0.0,
+            "generate_s": request_s,
+            "truncated": truncated,
+            "versions": versions or {},
+            "resumed": resumed,
+        }
+    result["load_s"] = wait_s
+    record = build_record(rank, settings, requests, result, None, placement)
+    record |= {
+        "engine_name": placement.get("ENGINE", ""),
+        "engine_log": placement.get("ENGINE_LOG", ""),
+        # one process serves all ranks of a run or submission: no interpreter per rank
+        "client_pid": os.getpid(),
+        # in a PBS submission: the node whose Snakemake served it (its engine's node)
+        "client_node": os.environ.get(lifecycle.NODE_VARIABLE, ""),
+        "wait_s": round(wait_s, 6),
+        "request_s": round(result["generate_s"], 6),
+        # engines that died during this rank's requests
+        "engine_deaths": [e.name for e in died_on],
+    }
+    summary = write_outputs(prompts_path, requests, result, record, output, record_path)
+    return f"WARNING: {prompts_path} has no prompts\n{summary}" if not requests else summary
