@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
 from common import (
     PYTHON,
     REPO,

@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from common import PYTHON, REPO, log, markdown_table, metadata_path, run_folder, run_timed
 
 NAME = "dispatch"

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import yaml
+
 from common import PYTHON, fmt, log, markdown_table, median, run_folder, run_timed
 
 NAME = "local_scale"

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import yaml
+
 from common import PYTHON, REPO, log, markdown_table, run_folder, run_timed
 
 NAME = "scheduler_load"

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pbs_cluster import PbsCluster
 
 _REPO = Path(__file__).resolve().parent.parent

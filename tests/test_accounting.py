@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 import workflow as wf
 from engine import supervisor
 from reporting import accounting, summary
@@ -46,7 +47,7 @@ def test_recorded_submission_parts_add_up_to_its_node_seconds():
     assert math.isclose(sub.parts["setup"], sub.nodes * (marks["staged"] - marks["start"]))
     assert math.isclose(sub.parts["stop"], sub.nodes * (marks["end"] - marks["ranks_done"]))
     # every rank on one of the registry's engines, each engine a quarter of its node
-    registry = accounting.read_registry(DATA / "engines" / accounting._safe(row["id"]))
+    registry = accounting.read_registry(DATA / "engines" / safe_name(row["id"]))
     assert sorted(s.name for s in sub.slots) == sorted(e["name"] for e in registry)
     per_node = len(registry) // sub.nodes
     assert sum(len(s.records) for s in sub.slots) == len(records)
@@ -267,7 +268,7 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
     phases = json.loads(phases_file.read_text())
     times = [phases["phases"][p] for p in accounting.PHASES]
     assert times == sorted(times) and len(phases["hosts"]) == 2
-    registry = work / "logs" / "engines" / accounting._safe(submission["id"])
+    registry = work / "logs" / "engines" / safe_name(submission["id"])
     names = sorted(json.loads(p.read_text())["name"] for p in registry.glob("*.json"))
     engines = accounting.parse_tsv((results / "engines.tsv").read_text())
     assert sorted(e["engine"] for e in engines) == names and len(names) == 8

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-import pbs
 import pytest
+
+import pbs
 import workflow as wf
 from engine import client
 from model import prepare

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from engine import client, lifecycle
 from engine.lifecycle import Engine
 from placement import tiles

@@ -8,8 +8,9 @@ import threading
 import time
 
 import pytest
-from reporting import console
 from snakemake.logging import ColorizingTextHandler
+
+from reporting import console
 
 SNAKEMAKE_LINE = "Select jobs to execute..."
 OUR_LINE = "progress 0:01 | ranks 13/17 done, 1 failed | 57 tok/s | ETA < 1 min"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from engine import client, lifecycle
 
 SERVER = Path(__file__).resolve().parents[1] / "scripts" / "engine" / "echo_server.py"

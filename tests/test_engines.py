@@ -30,7 +30,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from engine import client, lifecycle
+
+from engine import client, lifecycle, routing
 from engine.client import (
     EngineStartError,
     EngineUnavailable,
@@ -714,11 +715,11 @@ def test_real_tokenize_and_over_long_prompts(engine):
 
 @pytest.mark.vllm
 def test_real_pool_serves_concurrent_ranks(engine, tmp_path, monkeypatch):
-    """The ranks' pool (supervisor.RegistryPool) over the real engine's registry entry."""
+    """The ranks' pool (routing.RegistryPool) over the real engine's registry entry."""
     from engine import supervisor
 
     supervisor.write_state(tmp_path / "real.json", engine, "ready")
-    pool = supervisor.RegistryPool(tmp_path, ["real"], max_in_flight=2, ready_timeout=60)
+    pool = routing.RegistryPool(tmp_path, ["real"], max_in_flight=2, ready_timeout=60)
     pool.api_key = engine.api_key
     results, in_flight = [], []
     original = client.complete

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from rank import warm
 
 REPO = Path(__file__).resolve().parent.parent

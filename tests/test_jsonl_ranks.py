@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from engine import supervisor
+
+from engine import routing, supervisor
 from engine.lifecycle import Engine
 from rank import checks, jsonl, offline, warm
 from rank.jsonl import Answer, Partial, RequestFileError, read_requests
@@ -284,11 +285,11 @@ def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
     return tmp_path / "results" / name
 
 
-def registry_pool(folder: Path, engine: Engine) -> supervisor.RegistryPool:
-    """The ranks' pool (supervisor.RegistryPool) over one started engine's registry entry."""
+def registry_pool(folder: Path, engine: Engine) -> routing.RegistryPool:
+    """The ranks' pool (routing.RegistryPool) over one started engine's registry entry."""
     folder.mkdir(parents=True, exist_ok=True)
     supervisor.write_state(folder / f"{engine.name}.json", engine, "ready")
-    return supervisor.RegistryPool(
+    return routing.RegistryPool(
         folder, [engine.name], max_in_flight=4, ready_timeout=60, api_key=engine.api_key
     )
 

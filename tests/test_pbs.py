@@ -15,12 +15,13 @@ import threading
 import time
 from pathlib import Path
 
-import pbs
 import pytest
 import yaml
 from snakemake import cli as snakemake_cli
 from snakemake.settings.enums import Quietness
 from snakemake_interface_executor_plugins.settings import ExecMode
+
+import pbs
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
@@ -1122,7 +1123,7 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     # the group job's one Snakemake is replaced by one Snakemake per node
     (ranks,) = [line for line in lines if " ranks " in line]
     assert ranks.endswith(
-        f"supervisor.py ranks {tmp_path}/logs/r0-129.engines.json {tmp_path}/logs/r0-129.nodes.json"
+        f"node.py ranks {tmp_path}/logs/r0-129.engines.json {tmp_path}/logs/r0-129.nodes.json"
     )
     assert "-m snakemake" not in submitted
     assert lines.index("module load frameworks") < launch < lines.index(ranks)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from pbs_cluster import PbsCluster, mom_port
 
 SUBMIT_4 = "select=4,walltime=00:05:00,filesystems=home:flare,place=scatter"

@@ -10,8 +10,9 @@ import os
 import time
 from pathlib import Path
 
-import pbs
 import pytest
+
+import pbs
 from pbs import continuation
 from pbs.submission import restrict_targets
 from reporting import progress

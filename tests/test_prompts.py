@@ -8,7 +8,9 @@ import re
 from pathlib import Path
 
 import pytest
-from rank.prompts import Prompt, PromptFileError, format_record, read_prompts, write_atomic
+
+from formats.files import write_atomic
+from rank.prompts import Prompt, PromptFileError, format_record, read_prompts
 
 SEED_PROMPTS = [
     "The most important invention of the 21st century is",

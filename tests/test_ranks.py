@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from rank import layout
 from rank.layout import RankFileError, discover_ranks
 

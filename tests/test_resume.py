@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from engine.lifecycle import Engine
 from test_engines import free_port, wait_until
 

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+
 import workflow as wf
-from engine import client, lifecycle, supervisor
+from engine import client, lifecycle, routing, supervisor
+from pbs import node
 from pipeline import rank_job
 from placement import tiles
 
@@ -150,10 +152,10 @@ def report(registry: Path, name: str, state: str, when: float | None = None) -> 
 
 @pytest.fixture
 def pool(tmp_path, monkeypatch):
-    monkeypatch.setattr(supervisor, "REFRESH_S", 0.0)
-    monkeypatch.setattr(supervisor, "SETTLED_REFRESH_S", 0.0)
+    monkeypatch.setattr(routing, "REFRESH_S", 0.0)
+    monkeypatch.setattr(routing, "SETTLED_REFRESH_S", 0.0)
     clock = Clock()
-    return supervisor.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
+    return routing.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
 
 
 def test_ranks_go_to_the_least_busy_ready_engine(pool, tmp_path):
@@ -298,7 +300,7 @@ sys.exit(3)
 
 
 def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path):
-    """supervisor.py ranks-node as a launcher starts it on the second of two nodes: its share
+    """node.py ranks-node as a launcher starts it on the second of two nodes: its share
     of the ranks as --target-jobs, its node named for the pool, the CPUs no engine is
     bound to, and its exit status reported for the job script."""
     cpus = sorted(os.sched_getaffinity(0))
@@ -313,7 +315,7 @@ def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path
     )
     (registry / "7.pbs" / "ranks").mkdir(parents=True)
     environ = {**os.environ, "PBS_NODENUM": "1", "NOTE": str(tmp_path / "note.json")}
-    code = supervisor.ranks_node(str(spec_file), str(nodes_file), "7.pbs", ["x0", "x1"], environ)
+    code = node.ranks_node(str(spec_file), str(nodes_file), "7.pbs", ["x0", "x1"], environ)
     assert code == 3
     note = json.loads((tmp_path / "note.json").read_text())
     assert note["argv"] == ["--mode", "remote", "--target-jobs"] + [
@@ -327,8 +329,6 @@ def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path
 
 def test_shares_of_more_planned_nodes_than_the_job_got_are_not_lost():
     nodes = {"shares": [[0], [1], [2]]}
-    assert supervisor.node_share(nodes, 0, 2) == [0, 2] and supervisor.node_share(nodes, 1, 2) == [
-        1
-    ]
-    assert supervisor.cpu_numbers(["1-3", "7,9-10"]) == {1, 2, 3, 7, 9, 10}
-    assert supervisor.cpu_list_text({0, 52, 53, 54, 60}) == "0,52-54,60"
+    assert node.node_share(nodes, 0, 2) == [0, 2] and node.node_share(nodes, 1, 2) == [1]
+    assert node.cpu_numbers(["1-3", "7,9-10"]) == {1, 2, 3, 7, 9, 10}
+    assert node.cpu_list_text({0, 52, 53, 54, 60}) == "0,52-54,60"

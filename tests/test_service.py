@@ -1,5 +1,5 @@
-"""The engine service of a local run (supervisor.LocalService): the one-node case of a PBS
-submission, the same supervisor (supervisor.node), registry and pool (supervisor.RegistryPool),
+"""The engine service of a local run (local.LocalService): the one-node case of a PBS
+submission, the same supervisor (supervisor.node), registry and pool (routing.RegistryPool),
 here on echo servers, in seconds. Real vLLM engines run through it in
 tests/test_workflow_local.py; the submission's case on OpenPBS in
 tests/test_aurora_profile.py."""
@@ -20,9 +20,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-from engine import client, supervisor
+
+from engine import client, local, supervisor
 from pipeline import rank_job
-from placement import tiles
+from placement import ports, tiles
 from rank import checks, warm
 from test_warm import local_config
 
@@ -75,7 +76,7 @@ def service(tmp_path):
 
     def start(**env):
         spec = echo_spec(tmp_path, **env)
-        started = supervisor.LocalService(spec)
+        started = local.LocalService(spec)
         services.append((started, spec["tag"]))
         return started, started.start()
 
@@ -132,7 +133,7 @@ def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, ser
     spec = echo_spec(tmp_path)
     placement = spec["tiles"]
     slots = tiles.engine_slots(placement["per_node"], placement["per_job"], HOST)
-    first = supervisor.engine_port(spec, slots[0])
+    first = ports.engine_port(spec, slots[0])
     holder = socket.socket()
     with holder:
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind
@@ -141,12 +142,12 @@ def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, ser
             holder.listen()
         started, pool = service()
         with pool.route() as one, pool.route() as two:
-            ports = sorted(int(e.url.rsplit(":", 1)[1]) for e in (one, two))
-        assert first not in ports and (ports[0] - first) % 2000 == 0, ports
-        assert ports[1] == ports[0] + 1
+            got = sorted(int(e.url.rsplit(":", 1)[1]) for e in (one, two))
+        assert first not in got and (got[0] - first) % 2000 == 0, got
+        assert got[1] == got[0] + 1
         record = echo_rank(tmp_path, 0, ["x"], pool)
     assert record["engine_name"] in (one.name, two.name)
-    assert f"this run's engines use tiles.base_port {ports[0] - 1000}" in capfd.readouterr().err
+    assert f"this run's engines use tiles.base_port {got[0] - 1000}" in capfd.readouterr().err
 
 
 def test_engines_that_all_fail_fail_the_ranks_naming_their_logs(tmp_path, service):
@@ -221,8 +222,8 @@ OWNER = """
 import json
 import sys
 sys.path.insert(0, sys.argv[1])
-from engine import supervisor
-service = supervisor.LocalService(json.loads(sys.argv[2]))
+from engine import local
+service = local.LocalService(json.loads(sys.argv[2]))
 pool = service.start()
 with pool.route(), pool.route():
     print("ready", flush=True)

@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from pbs import snakemake_fixes
 from snakemake.exceptions import ResourceError
 from snakemake.resources import GroupResources
+
+from pbs import snakemake_fixes
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 JOBS = 200

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from model import stage
 from workflow import TINY_MODEL
 

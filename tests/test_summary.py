@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 
 import pytest
+
 from reporting import summary
 from workflow import local_config, make_workdir, snakemake
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from placement import tiles
 from placement.tiles import (
     Slot,

@@ -23,6 +23,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from test_workflow_local import processes_in
 from workflow import REPO, TINY_MODEL, local_config, make_workdir, read_records, snakemake
 
@@ -107,8 +108,9 @@ def test_vllm_versions_on_vllm032(transformers5_model, monkeypatch):
     """The 0.32 branch, in this process: make_arg_parser from
     vllm.entrypoints.launchers.cli_args; transformers 5 loads TokenizersBackend."""
     import vllm
-    from engine import vllm_versions as vv
     from vllm.model_executor.models import registry
+
+    from engine import vllm_versions as vv
 
     assert vllm.__version__ == "0.32.0"
     assert vv.server_parser_module() == "vllm.entrypoints.launchers.cli_args"

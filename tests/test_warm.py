@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import yaml
+
 from engine import supervisor
 from pipeline import rank_job
 from placement import tiles

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from model import prepare
 from workflow import (
     REPO,

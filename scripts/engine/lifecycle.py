@@ -44,6 +44,7 @@ from pathlib import Path
 
 from engine.client import EngineError, EngineStartError, health
 from engine.watchdog import kill_group, process_group
+from formats.files import write_atomic
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 INPROCESS_SERVER = Path(__file__).with_name("vllm_server.py")
@@ -98,9 +99,7 @@ def new_api_key() -> str:
 
 def write_key_file(path: Path | str, key: str) -> None:
     """The key in a file only its owner can read (created 0600, replaced atomically)."""
-    from rank import prompts  # here: the watchdog (engines.py watch) runs with -I, without scripts/
-
-    prompts.write_atomic(path, key, mode=0o600)
+    write_atomic(path, key, mode=0o600)
 
 
 # ----------------------------------------------------------------------------- command

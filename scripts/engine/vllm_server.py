@@ -46,8 +46,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from rank import checks, offline
-
 from engine import vllm_versions  # noqa: E402
 from engine.echo_server import (  # noqa: E402
     BadRequest,
@@ -57,6 +55,7 @@ from engine.echo_server import (  # noqa: E402
     prompts_of,
     serve,
 )
+from rank import checks, offline
 
 SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
 

@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import vllm_versions
-from rank.prompts import write_atomic
+from formats.files import write_atomic
 
 
 class CheckError(Exception):

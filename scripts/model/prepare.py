@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from engine import lifecycle
-from pipeline.configuration import ConfigError
-
 from model import stage
 from model.fetch import read_marker
+from pipeline.configuration import ConfigError
 
 
 def is_local_model(model: str) -> bool:

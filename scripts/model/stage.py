@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -43,16 +42,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from formats.files import safe_name
 from placement import tiles
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
     """Where ``model`` lies on ``host`` during PBS job ``job_id``."""
-    return Path(stage_dir) / f"model-{_safe(job_id)}" / _safe(host) / Path(model).name
+    return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / Path(model).name
 
 
 def node_hosts(environ: Mapping[str, str]) -> list[str]:
@@ -63,7 +59,7 @@ def node_hosts(environ: Mapping[str, str]) -> list[str]:
 
 def done_file(settings_file: str, job_id: str, host: str) -> Path:
     """Where a node reports its step: next to the stage settings (shared file system)."""
-    return Path(f"{settings_file}.{_safe(job_id)}.{_safe(host)}.done")
+    return Path(f"{settings_file}.{safe_name(job_id)}.{safe_name(host)}.done")
 
 
 def this_host(hosts: Sequence[str], environ: Mapping[str, str]) -> str:

@@ -10,14 +10,13 @@ import fcntl
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-from rank import prompts
+from formats.files import safe_name, write_atomic
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
 from .parse import (
@@ -172,7 +171,7 @@ class StateStore:
         return state if isinstance(state, dict) and "jobs" in state else empty_state()
 
     def write(self, state: dict) -> None:
-        prompts.write_atomic(self.path, json.dumps(state))
+        write_atomic(self.path, json.dumps(state))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict]:
@@ -450,7 +449,7 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
         if not info:
             continue
         registry = (
-            str(Path(registry_root, _safe(job_id))) if registry_root and info["engines"] else ""
+            str(Path(registry_root, safe_name(job_id))) if registry_root and info["engines"] else ""
         )
         subs.append(
             progress.Submission(job_id, frozenset(info["ranks"]), info["engines"], registry)
@@ -458,7 +457,7 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
     results = settings.get("results_dir") or "results"
     failed_dir = settings.get("failed_dir") or "logs/infer/failed"
     read = progress.read_progress(subs, Path(results, "records"), failed_dir, memory)
-    prompts.write_atomic(memory_path, json.dumps(memory))
+    write_atomic(memory_path, json.dumps(memory))
     lines = []
     for job_id, job in flying:
         answer = answers[job_id]
@@ -481,11 +480,6 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
             )
         )
     return lines
-
-
-def _safe(name: str) -> str:
-    """A job id as scripts/engine/supervisor.py names its registry folder."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def submission_ranks(settings: Mapping, ids: Sequence[str]) -> dict[str, dict]:

@@ -37,6 +37,7 @@ from .status import QUERY_TIMEOUT, StateStore, new_job_record
 SETUP_MARKER = "# @site-setup@"
 STAGE_SCRIPT = Path(__file__).resolve().parents[1] / "model" / "stage.py"
 SERVE_SCRIPT = Path(__file__).resolve().parents[1] / "engine" / "supervisor.py"
+NODE_SCRIPT = Path(__file__).resolve().with_name("node.py")
 ACCOUNTING_SCRIPT = Path(__file__).resolve().parents[1] / "reporting" / "accounting.py"
 # Before the site setup (no Python yet): when the job started, for its phases file.
 START_LINE = "aurora_job_start=$(date +%s.%N)"
@@ -182,11 +183,11 @@ def node_local_lines(settings: Mapping, engines_file: Path, nodes_file: Path) ->
     """The ranks of a warm submission: ONE more launcher call (config node_launcher)
     runs a Snakemake on every node, serving the node's share of the ranks (as threads)
     against the node's own engines. Replaces the group job's one Snakemake."""
-    serve = [settings["task_python"], str(SERVE_SCRIPT)]
+    node = [settings["task_python"], str(NODE_SCRIPT)]
     return [
         "# the ranks: every node runs its share in a Snakemake of its own, against its",
-        "# own engines (scripts/engine/supervisor.py ranks); the job fails if any node's does",
-        shlex.join([*serve, "ranks", str(engines_file), str(nodes_file)]),
+        "# own engines (scripts/pbs/node.py ranks); the job fails if any node's does",
+        shlex.join([*node, "ranks", str(engines_file), str(nodes_file)]),
     ]
 
 

@@ -11,7 +11,7 @@ import os
 import threading
 from pathlib import Path
 
-from engine import client, supervisor
+from engine import client, local, routing, supervisor
 from model.prepare import (
     engine_model,
     inference_python,
@@ -73,7 +73,7 @@ class RankEngines:
     """The engines this process's rank threads route through, made once: in a PBS
     submission, its node's engines that the job's launcher call started (the spec file
     named by supervisor.SPEC_VARIABLE); in a local run, the one-node case of the same service
-    (supervisor.LocalService), started when the first rank needs it and stopped by
+    (local.LocalService), started when the first rank needs it and stopped by
     `stop_engines` (onsuccess/onerror) or at exit."""
 
     def __init__(self):
@@ -87,9 +87,9 @@ class RankEngines:
                 spec_path = environ.get(supervisor.SPEC_VARIABLE)
                 if spec_path:
                     spec = json.loads(Path(spec_path).read_text())
-                    self._pool = supervisor.RegistryPool.for_job(spec, environ)
+                    self._pool = routing.RegistryPool.for_job(spec, environ)
                 else:
-                    self._local = supervisor.LocalService(local_spec(config, model, marker))
+                    self._local = local.LocalService(local_spec(config, model, marker))
                     atexit.register(self._local.stop)
                     self._pool = self._local.start()
             return self._pool
@@ -115,7 +115,7 @@ def stop_engines() -> None:
 def engine_states(config: dict):
     """For the local progress line (progress.LOCAL): a callable giving (engines ready,
     engines, what the ranks wait for), or None without warm engines; read from the
-    run's engine registry (supervisor.LocalService)."""
+    run's engine registry (local.LocalService)."""
     per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
 
     def states():

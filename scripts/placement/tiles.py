@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from placement.ports import internal_ports
+
 HIERARCHIES = ("FLAT", "COMPOSITE")
 HIERARCHY_VARIABLE = "ZE_FLAT_DEVICE_HIERARCHY"
 # What each launcher setting may name: config launcher (one per-rank engine),
@@ -312,13 +314,6 @@ def acquire(
         _fds,
     ):
         yield slot
-
-
-def internal_ports(slot: Slot, base_port: int) -> tuple[int, int]:
-    """VLLM_PORT and MASTER_PORT of the engine on ``slot``: base + 10 t and base + 10 t + 5
-    (vLLM takes further internal ports from VLLM_PORT upwards)."""
-    port = base_port + 10 * slot.tiles[0]
-    return port, port + 5
 
 
 def engine_env(

@@ -8,8 +8,9 @@ import json
 import time
 from pathlib import Path
 
+from formats.files import write_atomic
 from rank.jsonl import Partial, Request, answer_line, is_jsonl
-from rank.prompts import format_record, write_atomic
+from rank.prompts import format_record
 
 
 def partial_key(path, settings: dict) -> dict:

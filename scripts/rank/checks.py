@@ -10,10 +10,9 @@ import json
 import os
 import socket
 
-from reporting import console
-
 from rank.jsonl import Request, is_jsonl, sampling_of
 from rank.prompts import Prompt
+from reporting import console
 
 DEFAULT_SETTINGS: dict = {
     "engine": "vllm",

@@ -423,7 +423,7 @@ class Partial:
             # ranks about to write into it (hundreds at once in a node's Snakemake).
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self._kept:  # a kill while rewriting must not lose them
-                from rank.prompts import write_atomic
+                from formats.files import write_atomic
 
                 write_atomic(self.path, "".join(lines))
                 self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115

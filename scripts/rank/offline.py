@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 from engine import vllm_versions
-
 from rank.checks import UsageError, checked_requests
 from rank.jsonl import Answer, Partial, Request, sampling_of
 

@@ -14,14 +14,12 @@ Pure Python: no vLLM, no torch. Used by scripts/rank/task.py and the tests.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Prompt", "PromptFileError", "format_record", "read_prompts", "write_atomic"]
+__all__ = ["Prompt", "PromptFileError", "format_record", "read_prompts"]
 
 _BOM = b"\xef\xbb\xbf"
 _LINE_END = re.compile(rb"\r\n|\r|\n")
@@ -66,54 +64,3 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
 def format_record(prompt: str, generated: str) -> str:
     """One output record, exactly as the seed writes it."""
     return f"Prompt: {prompt!r}, Generated text: {generated!r}\n\n"
-
-
-# The process's umask, read once at import: reading it means setting it, and setting it
-# while other threads create files (rank threads writing outputs) would give their
-# files no umask at all.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-def write_atomic(path: str | os.PathLike, content: str | bytes, mode: int | None = None) -> None:
-    """Write ``content`` (str as UTF-8, or bytes) to ``path`` atomically.
-
-    The data goes to a temporary file in the same folder, is flushed and fsynced,
-    and then replaces ``path`` with ``os.replace``. On any error the temporary
-    file is removed and ``path`` is left as it was. ``mode``: the file's permissions
-    (e.g. 0o600 for a secret, which is never readable by others, not even briefly);
-    default: what a plain open() would give.
-
-    The one atomic write of the project: outputs, records, registry entries, the
-    scheduler status store, key files.
-    """
-    path = Path(path)
-    if isinstance(content, str):
-        data = content.encode("utf-8")
-    elif isinstance(content, bytes | bytearray | memoryview):
-        data = bytes(content)
-    else:
-        raise TypeError(f"write_atomic needs str or bytes, not {type(content).__name__}")
-    folder = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp makes the file 0600; give it the mode asked, or a plain open()'s.
-        if mode is None:
-            mode = 0o666 & ~_UMASK
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable (best effort; not every filesystem allows it).
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)

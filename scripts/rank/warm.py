@@ -2,7 +2,7 @@
 many in flight, each answer kept as it arrives (results/.partial/), then the rank's
 outputs and record written (the rank job calls `serve_rank` in Snakemake's thread).
 
-The HTTP side is engine/client.py; which engine serves is engine/pool.py's choice.
+The HTTP side is engine/client.py; which engine serves is engine/routing.py's choice.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from rank.prompts import write_atomic
+from formats.files import safe_name, write_atomic
 
 PHASES = ("start", "setup", "staged", "ranks_done", "end")
 PARTS = ("setup", "engine_start", "serving", "idle", "stop")
@@ -88,15 +88,11 @@ LOCAL = "local"
 MAX_ENGINE_ROWS = 96
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
-
-
 # ----------------------------------------------------------------------------- phases
 
 
 def phases_path(log_dir: str | os.PathLike, job_id: str) -> Path:
-    return Path(log_dir) / f"{_safe(job_id)}.phases.json"
+    return Path(log_dir) / f"{safe_name(job_id)}.phases.json"
 
 
 def record_phases(
@@ -441,7 +437,7 @@ def submissions(
         mine = owners.get(row["id"])
         if not mine:
             continue
-        registry = read_registry(Path(engine_logs) / _safe(row["id"]))
+        registry = read_registry(Path(engine_logs) / safe_name(row["id"]))
         slots = slots_of(mine, registry)
         known = phases.get(row["id"], {})
         marks = known.get("phases", {})

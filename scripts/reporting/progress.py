@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from formats.files import write_atomic
 from reporting import console
 
 # A rank's failure note: why it failed and whether its input is at fault (then a
@@ -43,13 +44,12 @@ def failure_note_path(log: str | os.PathLike, rank) -> Path:
 
 def write_failure_note(log: str | os.PathLike, rank, cause: str, error: str) -> None:
     """Record that ``rank`` failed (``cause``: INPUT_FAULT, or what else it was)."""
-    from rank import prompts  # the atomic write; imported here to keep this module light
 
     path = failure_note_path(log, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     note = {"rank": int(rank), "cause": cause, "error": error[:500], "log": str(log)}
     note["at"] = round(time.time(), 3)
-    prompts.write_atomic(path, json.dumps(note))
+    write_atomic(path, json.dumps(note))
 
 
 def clear_failure_note(log: str | os.PathLike, rank) -> None:

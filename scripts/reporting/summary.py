@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from rank.prompts import write_atomic
+from formats.files import write_atomic
 
 # (TSV header, record key). Headers keep the record's names, so a row can be
 # checked against its record by eye; only the mask gets a clearer name.

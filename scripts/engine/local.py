@@ -1,0 +1,117 @@
+"""A local run's engine service: the one-node case of a submission.
+
+`LocalService` runs the supervisor (engine/supervisor.py `node`) as a child of
+Snakemake tied by a lifeline (its stdin: EOF after a SIGKILL of Snakemake stops the
+engines), with a registry under logs/engines/local-<date>-<time>-<pid>/ and a 0600 key
+file; the ranks route through the same pool (engine/routing.py) as in a submission.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from engine import lifecycle
+from engine.routing import RegistryPool
+from engine.supervisor import LAUNCHER_EXIT, listen_address, registry_dir
+from formats.files import write_atomic
+from placement import tiles
+from placement.ports import free_base_port
+from reporting import console
+
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
+
+
+def _log(message: str) -> None:
+    console.say(f"engines: {message}")
+
+
+LOCAL_LAUNCHER = "the engines' supervisor exited with status {status} (its log: {log})"
+
+
+class LocalService:
+    """The engines of a local run: the one-node case of a submission.
+
+    ``start`` writes the run's spec and a new key (``<registry root>/<run>.engines.json``
+    and ``.key``, 0600, as pbs-submit does per submission), runs ``node`` (the
+    supervisor a submission's launcher starts on each node) as a child in a session of
+    its own, and returns the RegistryPool of its engines. The child's standard input is
+    a pipe only this process holds: when this process ends, even by SIGKILL, the child
+    reads end of file and stops the engines. ``stop`` closes that pipe and waits.
+    """
+
+    def __init__(self, spec: Mapping, host: str | None = None, run_id: str | None = None):
+        self.spec = dict(spec)
+        self.host = host or socket.gethostname()
+        self.run_id = run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.registry = registry_dir(self.spec, self.run_id)
+        self.log_path = self.registry / "supervisor.log"
+        self._process: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> RegistryPool:
+        self.registry.mkdir(parents=True, exist_ok=True)
+        root = self.registry.parent
+        key_file = root / f"{self.run_id}.key"
+        lifecycle.write_key_file(key_file, lifecycle.new_api_key())
+        placement = self.spec["tiles"]
+        base = free_base_port(
+            self.spec,
+            tiles.engine_slots(placement["per_node"], placement["per_job"], self.host),
+            listen_address(self.spec, self.host),
+        )
+        if base != self.spec["tiles"]["base_port"]:
+            _log(
+                f"ports from tiles.base_port {self.spec['tiles']['base_port']} are in use on "
+                f"this machine (another run's engines?): this run's engines use "
+                f"tiles.base_port {base}"
+            )
+        placement = self.spec["tiles"] | {"base_port": base}
+        spec = self.spec | {"api_key_file": str(key_file), "tiles": placement}
+        spec_path = root / f"{self.run_id}.engines.json"
+        write_atomic(spec_path, json.dumps(spec))
+        argv = [sys.executable, str(SUPERVISOR), "node", str(spec_path)]
+        argv += [self.run_id, self.host, "--lifeline"]
+        # Launchers' local-rank variables would give this one process a share of the node.
+        local_rank = {name for pair in tiles.LOCAL_RANK_VARIABLES for name in pair}
+        env = {k: v for k, v in os.environ.items() if k not in local_rank}
+        with self._lock, open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        threading.Thread(target=self._report_exit, args=(self._process,), daemon=True).start()
+        launcher = LOCAL_LAUNCHER.replace("{log}", str(self.log_path))
+        return RegistryPool.for_hosts(spec, self.run_id, [self.host], "this run", launcher)
+
+    def _report_exit(self, process: subprocess.Popen) -> None:
+        """As ``launch`` does: ranks stop waiting for engines that will never come."""
+        code = process.wait()
+        write_atomic(self.registry / LAUNCHER_EXIT, f"{code}\n")
+
+    def stop(self, grace: float = 60.0) -> None:
+        """Stop the engines (all at once) and wait for the supervisor, at most ``grace`` s."""
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(OSError):
+            process.stdin.close()
+        try:
+            process.wait(grace)
+        except subprocess.TimeoutExpired:
+            # Its engines' own lifelines end them once it is gone.
+            process.kill()
+            process.wait()

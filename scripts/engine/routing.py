@@ -1,0 +1,264 @@
+"""The ranks' routing pool: which engine serves a rank's requests, read from the engine
+registry (formats/registry.py) that the supervisors write; suspect engines asked
+for their health without a lock held, waits and stalls bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from engine import client, lifecycle
+from engine.supervisor import (
+    LAUNCHER_EXIT,
+    engine_file,
+    job_hosts,
+    registry_dir,
+    spec_api_key,
+    spec_ready_timeout,
+)
+from placement import tiles
+
+# Seconds between the client's reads of the registry: while engines start or restart,
+# and once all have settled.
+REFRESH_S = 1.0
+SETTLED_REFRESH_S = 10.0
+
+
+@dataclass(frozen=True)
+class RemoteEngine:
+    """What a rank needs of an engine on another node (as lifecycle.Engine offers it)."""
+
+    name: str
+    url: str
+    log_path: str
+    env: dict = field(default_factory=dict, compare=False, hash=False)
+    api_key: str | None = field(default=None, compare=False, hash=False, repr=False)
+
+
+@dataclass
+class _Remote:
+    file: str
+    engine: RemoteEngine | None = None
+    state: str = "starting"  # starting, ready, suspect, restarting, failed, stopped
+    in_flight: int = 0
+    suspect_since: float = 0.0
+
+
+PBS_LAUNCHER = (
+    "the engines' launcher (config engine_launcher) exited with status {status} "
+    "(the job's PBS log has its output)"
+)
+
+
+class RegistryPool:
+    """The engines of a PBS job's node, or of a local run, as the registry reports
+    them; what infer.serve_rank routes through (`route`, `mark_failed`).
+
+    Ranks wait while no engine is ready; a rank fails, naming engine logs, when none
+    became ready within ``ready_timeout`` seconds of the pool's creation, or when all
+    have failed. An engine a rank found unavailable is left out until its node
+    process reports it restarted, or it answers /health again.
+    """
+
+    def __init__(
+        self,
+        registry: Path,
+        expected: Sequence[str],
+        max_in_flight: int,
+        ready_timeout: float,
+        clock=time.monotonic,
+        stall_timeout: float = 600.0,
+        api_key: str | None = None,
+        scope: str = "this job",
+        launcher: str = PBS_LAUNCHER,
+    ):
+        self.registry = Path(registry)
+        self.scope = scope  # what the engines are, for messages
+        self.launcher = launcher  # what started them, for messages
+        self.members = {name: _Remote(name) for name in expected}
+        self.max_in_flight = max_in_flight
+        self.ready_timeout = ready_timeout
+        self.stall_timeout = stall_timeout
+        self.api_key = api_key
+        self.clock = clock
+        self.created = clock()
+        self._progress_at = self.created  # a request slot freed or an engine's state changed
+        self._cond = threading.Condition()
+        self._read_at = -1.0
+        self._mtimes: dict[str, float] = {}
+        self._launcher_exit: int | None = None
+
+    @classmethod
+    def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
+        """The engines of this node (``ranks-node`` names it), else of the whole job."""
+        if environ.get(lifecycle.NODE_VARIABLE) and environ.get("PBS_JOBID"):
+            host = environ[lifecycle.NODE_VARIABLE]
+            return cls.for_hosts(spec, environ["PBS_JOBID"], [host], f"node {host}")
+        job_id, hosts = job_hosts(environ)
+        return cls.for_hosts(spec, job_id, hosts, "this job")
+
+    @classmethod
+    def for_hosts(
+        cls,
+        spec: Mapping,
+        job_id: str,
+        hosts: Sequence[str],
+        scope: str,
+        launcher: str = PBS_LAUNCHER,
+    ) -> RegistryPool:
+        """The engines that ``node`` starts for ``hosts`` under ``job_id``."""
+        per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
+        expected = [
+            engine_file(slot)
+            for host in hosts
+            for slot in tiles.engine_slots(per_node, per_job, host)
+        ]
+        return cls(
+            registry_dir(spec, job_id),
+            expected,
+            spec["ranks_in_flight"],
+            spec_ready_timeout(spec),
+            stall_timeout=spec["stall_timeout_s"],
+            api_key=spec_api_key(spec),
+            scope=scope,
+            launcher=launcher,
+        )
+
+    def _refresh(self) -> None:
+        """Read the registry entries that changed (at most every REFRESH_S); with the
+        condition held."""
+        now = self.clock()
+        # Once every engine has settled, the registry is read rarely: at 3,072 engines
+        # a read is thousands of stat calls on the shared file system.
+        settled = all(m.state in ("ready", "failed", "stopped") for m in self.members.values())
+        if now - self._read_at < (SETTLED_REFRESH_S if settled else REFRESH_S):
+            return
+        self._read_at = now
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.registry):
+                name = entry.name[:-5]
+                member = self.members.get(name)
+                if member is None or not entry.name.endswith(".json"):
+                    continue
+                with contextlib.suppress(OSError, ValueError):
+                    mtime = entry.stat().st_mtime
+                    if self._mtimes.get(name) == mtime:
+                        continue
+                    record = json.loads(Path(entry.path).read_text())
+                    self._mtimes[name] = mtime
+                    self._update(member, record)
+        with contextlib.suppress(OSError, ValueError):
+            self._launcher_exit = int((self.registry / LAUNCHER_EXIT).read_text())
+
+    def _update(self, member: _Remote, record: Mapping) -> None:
+        member.engine = RemoteEngine(
+            record["name"],
+            record["url"],
+            record["log"],
+            dict(record.get("env") or {}),
+            api_key=self.api_key,
+        )
+        state = record["state"]
+        if member.state == "suspect" and state == "ready" and record["time"] < member.suspect_since:
+            return  # the report predates the failure: wait for the restart's report
+        if state != member.state:
+            self._progress_at = self.clock()
+        member.state = state
+
+    def _failure(self, what: str) -> str:
+        logs = [
+            m.engine.log_path if m.engine else str(self.registry / f"{m.file}.log")
+            for m in self.members.values()
+            if m.state != "ready"
+        ]
+        return f"{what}; engine logs: {', '.join(logs[:3])}" + (
+            f" and {len(logs) - 3} more in {self.registry}" if len(logs) > 3 else ""
+        )
+
+    def _pick(self) -> _Remote | None:
+        self._refresh()
+        ready = [m for m in self.members.values() if m.state == "ready"]
+        if not ready:
+            if all(m.state in ("failed", "stopped") for m in self.members.values()):
+                raise client.EngineUnavailable(
+                    self._failure(f"every engine of {self.scope} failed")
+                )
+            if self._launcher_exit is not None:
+                raise client.EngineUnavailable(
+                    self._failure(
+                        self.launcher.format(status=self._launcher_exit) + " and no engine is ready"
+                    )
+                )
+            if self.clock() - self.created > self.ready_timeout:
+                raise client.EngineUnavailable(
+                    self._failure(
+                        f"no engine of {self.scope} was ready within {self.ready_timeout:.0f} s "
+                        "(config warm.ready_timeout_s)"
+                    )
+                )
+        free = [m for m in ready if m.in_flight < self.max_in_flight]
+        if not free and ready and self.clock() - self._progress_at > self.stall_timeout:
+            busy = [f"{m.file} {m.in_flight} in flight" for m in ready]
+            raise client.EngineUnavailable(
+                self._failure(
+                    f"no request finished and no engine changed state for "
+                    f"{self.stall_timeout:.0f} s (config warm.stall_timeout_s) while ranks "
+                    f"wait for an engine ({', '.join(busy[:3])})"
+                )
+            )
+        return min(free, key=lambda m: m.in_flight) if free else None
+
+    @contextlib.contextmanager
+    def route(self, timeout: float | None = None) -> Iterator[RemoteEngine]:
+        """Hold one request slot of the least busy ready engine (waits while none is free)."""
+        deadline = None if timeout is None else self.clock() + timeout
+        with self._cond:
+            while (member := self._pick()) is None:
+                left = REFRESH_S
+                if deadline is not None:
+                    left = min(left, deadline - self.clock())
+                    if left <= 0:
+                        raise client.EngineUnavailable(f"no engine free within {timeout} s")
+                self._cond.wait(left)
+            member.in_flight += 1
+        try:
+            yield member.engine
+        finally:
+            with self._cond:
+                member.in_flight -= 1
+                self._progress_at = self.clock()
+                self._cond.notify()
+
+    def mark_failed(self, engine: RemoteEngine) -> None:
+        """Leave the engine out until its node process reports it restarted, or it
+        answers /health again (asked by a thread of its own: no lock is held across a
+        network call)."""
+        with self._cond:
+            for member in self.members.values():
+                same = member.engine is not None and member.engine.name == engine.name
+                if same and member.state == "ready":
+                    member.state = "suspect"
+                    member.suspect_since = time.time()
+                    threading.Thread(target=self._probe, args=(member,), daemon=True).start()
+
+    def _probe(self, member: _Remote) -> None:
+        while True:
+            with self._cond:
+                if member.state != "suspect":
+                    return
+                url = member.engine.url
+            if client.health(url, timeout=1.0):
+                with self._cond:
+                    if member.state == "suspect":
+                        member.state = "ready"
+                        self._progress_at = self.clock()
+                        self._cond.notify_all()
+                return
+            time.sleep(max(REFRESH_S, 0.2))
