@@ -19,6 +19,7 @@ import pytest
 
 import workflow as wf
 from engine import supervisor
+from formats.files import safe_name
 from reporting import accounting, summary
 
 DATA = Path(__file__).parent / "data" / "accounting"
