@@ -20,7 +20,7 @@ import pytest
 import workflow as wf
 from engine import supervisor
 from formats.files import safe_name
-from reporting import accounting, summary
+from reporting import accounting, summary, timeline
 
 DATA = Path(__file__).parent / "data" / "accounting"
 # submissions.tsv's node-hours have 6 decimals: each of the 5 parts may be off by half
@@ -61,7 +61,7 @@ def test_recorded_submission_parts_add_up_to_its_node_seconds():
 
 def test_recorded_tables_and_timeline(tmp_path):
     records, logs = recorded_run()
-    subs = accounting.write_accounting(
+    subs = summary.write_accounting(
         records, tmp_path / "s.tsv", tmp_path / "e.tsv", tmp_path / "t.png", **logs
     )
     (row,) = accounting.parse_tsv((tmp_path / "s.tsv").read_text())
@@ -76,7 +76,7 @@ def test_recorded_tables_and_timeline(tmp_path):
         assert engine["host"] and engine["tile"] and float(engine["ready_s"]) > 0
         assert engine["restarts"] == "0" and 0 < float(engine["busy_fraction"]) <= 1
     png = (tmp_path / "t.png").read_bytes()
-    assert accounting.png_rows(png) == [f"{row['submission']} {e['engine']}" for e in engines]
+    assert timeline.png_rows(png) == [f"{row['submission']} {e['engine']}" for e in engines]
     paragraph = accounting.paragraph(subs)
     assert paragraph.startswith(f"Node-hours, {row['name']} ({row['submission']}, 2 node(s)")
 
@@ -146,13 +146,13 @@ def test_many_engines_get_one_timeline_row_per_node():
     ]
     parts = accounting.account(slots, hosts, 0, 5, 40, 41)
     sub = accounting.Submission("1.s", "r0-119", 10, "00:10:00", hosts, 0, 5, 40, 41, slots, parts)
-    assert accounting.row_names([sub]) == [f"1.s {h}" for h in hosts]
-    shares = accounting.busy_shares(sub, bins=35)  # 1 s bins
+    assert timeline.row_names([sub]) == [f"1.s {h}" for h in hosts]
+    shares = timeline.busy_shares(sub, bins=35)  # 1 s bins
     assert len(shares) == 10 and all(0 <= x <= 1 for row in shares for x in row)
     # each node: 12 engines x 10 s of requests
     assert all(math.isclose(sum(row) * 12, 120) for row in shares)
     assert shares[0][:5] == [0] * 5 and shares[0][5] == 1 / 12
-    assert accounting.png_rows(accounting.timeline_png([sub])) == [f"1.s {h}" for h in hosts]
+    assert timeline.png_rows(timeline.timeline_png([sub])) == [f"1.s {h}" for h in hosts]
 
 
 # --- the summary plot fits the mode ----------------------------------------------------
@@ -190,8 +190,8 @@ def test_local_echo_run_writes_engines_submission_and_timeline(tmp_path, warm):
         assert all(float(e["ready_s"]) > 0 for e in engines)
     assert sum(int(e["ranks"]) for e in engines) == 6
     assert sum(int(e["prompts"]) for e in engines) == sum(r["prompts"] for r in records)
-    timeline = (results / "timeline.png").read_bytes()
-    assert accounting.png_rows(timeline) == [e["engine"] for e in engines]
+    picture = (results / "timeline.png").read_bytes()
+    assert timeline.png_rows(picture) == [e["engine"] for e in engines]
     title = panel_title((results / "summary.png").read_bytes())
     if warm:
         assert "wait for an engine" in title and "request time" in title
@@ -275,7 +275,7 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
     assert sorted(e["engine"] for e in engines) == names and len(names) == 8
     assert sum(int(e["ranks"]) for e in engines) == 32
     assert all(0 < float(e["busy_fraction"]) <= 1 for e in engines)
-    rows = accounting.png_rows((results / "timeline.png").read_bytes())
+    rows = timeline.png_rows((results / "timeline.png").read_bytes())
     assert rows == [f"{submission['id']} {e['engine']}" for e in engines]
     assert f"Node-hours, r0-31 ({submission['id']}, 2 node(s), 8 engine(s))" in res.stderr
     # the JSONL ranks' answers (echo engines: the prompt, or the rendered chat, back)
@@ -351,7 +351,7 @@ def test_local_warm_vllm_engines_start_and_ready_times_from_their_registry(tmp_p
     # loading the model is most of a tiny run
     assert parts["engine_start"] > parts["serving"] > 0
     assert "wait for an engine" in panel_title((results / "summary.png").read_bytes())
-    assert accounting.png_rows((results / "timeline.png").read_bytes()) == [
+    assert timeline.png_rows((results / "timeline.png").read_bytes()) == [
         e["engine"] for e in engines
     ]
 

@@ -29,6 +29,8 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from formats.files import write_atomic
+from reporting.accounting import engines_tsv, submissions, submissions_tsv
+from reporting.timeline import timeline_png
 
 # (TSV header, record key). Headers keep the record's names, so a row can be
 # checked against its record by eye; only the mask gets a clearer name.
@@ -312,7 +314,7 @@ def write_run_summary(record_paths, output, log_path, expected, config=None) -> 
     from reporting import accounting
 
     write_summary(record_paths, output.table, output.plot, log_path, expected)
-    accounting.write_accounting(
+    write_accounting(
         read_records(record_paths),
         output.submissions,
         output.engines,
@@ -356,10 +358,6 @@ def _main(argv: Sequence[str]) -> int:
     records = read_records(Path(argv[0]).glob("*.json"))
     print(paragraph(records))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
 
 
 # ----------------------------------------------------------------------------- failures
@@ -409,3 +407,18 @@ def report_failures(
     lines += [f"  rank {rank}: {log}" for rank, log in failed]
     lines.append("Fix the cause and run the same command again: only these ranks run.")
     print("\n".join(lines), file=stream)
+
+
+def write_accounting(records, submissions_path, engines_path, timeline_path, **logs) -> list:
+    """The summary rule's part: submissions.tsv, engines.tsv and timeline.png."""
+    subs = submissions(records, **logs)
+    for target in (submissions_path, engines_path, timeline_path):
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(submissions_path, submissions_tsv(subs))
+    write_atomic(engines_path, engines_tsv(subs))
+    write_atomic(timeline_path, timeline_png(subs))
+    return subs
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
