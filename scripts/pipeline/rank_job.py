@@ -149,7 +149,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
         try:
             line = warm.serve_rank(
                 int(rank),
-                checks.parse_settings(json.dumps(settings)),
+                checks.checked_settings(settings),
                 input.prompts,
                 output.out,
                 output.record,

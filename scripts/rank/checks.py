@@ -57,6 +57,12 @@ def parse_settings(text: str) -> dict:
         raise UsageError(f"--settings is not valid JSON: {exc}") from None
     if not isinstance(given, dict):
         raise UsageError("--settings must be a JSON object")
+    return checked_settings(given)
+
+
+def checked_settings(given: dict) -> dict:
+    """``given`` merged over DEFAULT_SETTINGS and checked: the settings of a rank's task,
+    whether they came on its command line (parse_settings) or from the rule in-process."""
     unknown = sorted(set(given) - set(DEFAULT_SETTINGS))
     if unknown:
         raise UsageError(f"--settings: unknown keys {unknown}")
