@@ -59,13 +59,13 @@ $(VENV015)/.installed: requirements-vllm015.lock | $(VENV)/.installed
 	touch $@
 
 $(TINY_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/tools/build_model.py tiny $(TINY_MODEL)
+	$(BIN)/python scripts/tools/build_model.py --rebuild tiny $(TINY_MODEL)
 
 $(TINY_CHAT)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/tools/build_model.py tiny-chat $(TINY_CHAT)
+	$(BIN)/python scripts/tools/build_model.py --rebuild tiny-chat $(TINY_CHAT)
 
 $(BENCH_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/tools/build_model.py opt125m $(BENCH_MODEL)
+	$(BIN)/python scripts/tools/build_model.py --rebuild opt125m $(BENCH_MODEL)
 
 # Re-resolve the pinned environment after editing requirements.in.
 lock: $(VENV)/.installed

@@ -252,12 +252,13 @@ def build_tiny_chat(out: Path, scratch: Path) -> None:
 BUILDERS = {"tiny": build_tiny, "tiny-chat": build_tiny_chat, "opt125m": build_opt125m}
 
 
-def build(kind: str, dest: str | os.PathLike) -> bool:
-    """Build model ``kind`` into folder ``dest`` unless it exists. True if built."""
+def build(kind: str, dest: str | os.PathLike, rebuild: bool = False) -> bool:
+    """Build model ``kind`` into folder ``dest`` unless it exists (``rebuild``: replace
+    it, e.g. after this builder changed what it writes). True if built."""
     if kind not in BUILDERS:
         raise ValueError(f"unknown model kind {kind!r}; choose from {sorted(BUILDERS)}")
     dest = Path(dest)
-    if dest.exists():
+    if dest.exists() and not rebuild:
         return False
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
@@ -271,6 +272,9 @@ def build(kind: str, dest: str | os.PathLike) -> bool:
         os.umask(umask)
         for path in out.iterdir():
             os.chmod(path, 0o666 & ~umask)
+        if rebuild and dest.exists():
+            # the old model moves aside in one rename; its folder is removed below
+            os.rename(dest, tmp / "old")
         try:
             os.rename(out, dest)
         except OSError:
@@ -287,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=sorted(BUILDERS))
     parser.add_argument("dest", help="folder to create (left alone if it exists)")
+    parser.add_argument("--rebuild", action="store_true", help="replace dest if it exists")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    built = build(args.kind, args.dest)
+    built = build(args.kind, args.dest, rebuild=args.rebuild)
     state = "built" if built else "exists, left alone"
     print(f"{args.kind} model {args.dest}: {state}", file=sys.stderr)
     return 0
