@@ -15,13 +15,14 @@ configfile: "config/config.yaml"
 
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
+from formats import workflow_config  # noqa: E402
 from model import prepare  # noqa: E402
-from pipeline import configuration, rank_job  # noqa: E402
+from pipeline import rank_job  # noqa: E402
 from rank import layout  # noqa: E402
 from reporting import progress, summary  # noqa: E402
 
 # --config 'pbs={nodes_per_submission: 8}' passes "8": read it as the schema's type.
-configuration.load_config(config, "config/schema.yaml")
+workflow_config.load_config(config, "config/schema.yaml")
 
 
 validate(config, "config/schema.yaml")
@@ -32,7 +33,7 @@ RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 layout.report_kept(layout.forget_finished_incomplete(RESULTS))
 MODEL = prepare.check_model(config["model"])
-configuration.check_chat_template(config)
+prepare.check_chat_template(config)
 MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(

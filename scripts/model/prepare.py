@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from engine import lifecycle
+from formats.workflow_config import ConfigError
 from model import stage
 from model.fetch import read_marker
-from pipeline.configuration import ConfigError
 
 
 def is_local_model(model: str) -> bool:
@@ -148,3 +148,11 @@ def staged(config: dict, model: str, environ=os.environ):
     if not (config["weights"]["stage"] and job and config["engine"] != "echo"):
         return None
     return lambda host: str(stage.staged_path(config["weights"]["stage_dir"], job, host, model))
+
+
+def check_chat_template(config: dict) -> None:
+    """Config vllm.chat_template must name a readable file: else every chat rank would
+    fail (or every warm engine fail to start) only once the run is under way."""
+    path = config["vllm"].get("chat_template")
+    if path and not os.path.isfile(os.path.expanduser(path)):
+        raise ConfigError(f"config key 'vllm.chat_template': no such file {path!r}")

@@ -1,10 +1,10 @@
-"""The workflow's config: values from the command line read as the schema's types, and
-checks that need more than the schema (config/schema.yaml), each naming its key.
+"""The workflow's config file (config/config.yaml, its schema config/schema.yaml): values
+from the command line read as the schema's types, and the error of a config value that
+cannot work, named by its key.
 
 Stdlib only at import (yaml is imported where the config is loaded).
 """
 
-import os
 import re
 
 
@@ -54,11 +54,3 @@ def load_config(config: dict, schema_path: str) -> dict:
 
     with open(schema_path) as handle:
         return coerce_config(config, yaml.safe_load(handle))
-
-
-def check_chat_template(config: dict) -> None:
-    """Config vllm.chat_template must name a readable file: else every chat rank would
-    fail (or every warm engine fail to start) only once the run is under way."""
-    path = config["vllm"].get("chat_template")
-    if path and not os.path.isfile(os.path.expanduser(path)):
-        raise ConfigError(f"config key 'vllm.chat_template': no such file {path!r}")
