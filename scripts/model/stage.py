@@ -51,6 +51,13 @@ def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
     return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / Path(model).name
 
 
+def staged_cache_root(stage_dir: str, job_id: str, host: str) -> Path:
+    """Where vLLM's model-info cache (VLLM_CACHE_ROOT, built by rule fetch_model) lies on
+    ``host`` during PBS job ``job_id``: engines read it from node-local space, as
+    ALCF's GettingStarted examples copy it to each node's /tmp."""
+    return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / "vllm-cache"
+
+
 def node_hosts(environ: Mapping[str, str]) -> list[str]:
     if not environ.get("PBS_NODEFILE") or not environ.get("PBS_JOBID"):
         raise SystemExit("stage_model: PBS_NODEFILE or PBS_JOBID is not set (not in a PBS job)")
@@ -184,6 +191,9 @@ def node_step(
             done_file(settings_file, job_id, host).write_text("ok\n")
             return 0
         copy_here(settings["model"], target)
+        cache = (settings.get("env") or {}).get("VLLM_CACHE_ROOT")
+        if cache and Path(cache).is_dir():
+            copy_here(cache, staged_cache_root(settings["stage_dir"], job_id, host))
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         print(
             f"stage_model: {host}: {size / 2**20:.1f} MiB to {target} "

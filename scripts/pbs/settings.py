@@ -72,6 +72,7 @@ def settings_from_config(
         "resubmit": pbs.get("resubmit", 0),
         "tiles_per_node": tiles["per_node"],
         "tiles_per_job": tiles["per_job"],
+        "tiles_cpu_bind": list(tiles.get("cpu_bind") or ()),
         "runtime_minutes": config["runtime_minutes"],
         # Warm engines: one per tile for the whole submission, serving ranks_per_engine
         # ranks each; the walltime is their start plus the ranks.
