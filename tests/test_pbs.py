@@ -798,6 +798,7 @@ def test_aurora_defaults():
         "hf_home": "cache/huggingface",
         "stage": True,
         "stage_dir": "/tmp",
+        "broadcast_host": "{short}.hsn.cm.aurora.alcf.anl.gov",
     }
     assert config["pbs"]["queue"] == "capacity"
     assert "module load frameworks" in config["pbs"]["setup"]

@@ -12,7 +12,16 @@ log and in a file the main Snakemake reports from (``failure_file``).
 
 At scale, Lustre serves one big read per node far better than one per engine: the
 seed's author and Aegis copy the weights to each node's /tmp before starting
-engines. The submission's jobscript (written by pbs-submit) runs
+engines. One read per submission is better still: 256 nodes reading the same files
+at once all hit the few Lustre servers that hold those files' stripes. So only the
+first node reads the model (and vLLM's model-info cache, VLLM_CACHE_ROOT) from the
+shared file system; every other node gets it from a node that already has it, as a
+tar stream over TCP along a binary tree (node i from node (i-1)//2: 8 rounds for 256
+nodes), as ALCF's data-movement guide reads once and broadcasts. A node offers its
+copy on config weights.broadcast_host (Aurora: its Slingshot name) after publishing
+address, port and a one-time token in a 0600 file beside the stage settings; a
+receiver checks every file's size against the sender's list before it uses the copy.
+The submission's jobscript (written by pbs-submit) runs
 
     python stage_model.py prepare <stage.json>  before the engines and ranks start
     python stage_model.py remove <stage.json>   when the job script ends (with staging)
@@ -30,11 +39,16 @@ every node did. Stdlib only.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
+import tarfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -170,6 +184,173 @@ def copy_here(model: str, target: Path) -> None:
     os.replace(partial, target)
 
 
+# ----------------------------------------------------------------- broadcast
+
+# How long a node waits for its source node's copy, and a sender for its receivers.
+BROADCAST_TIMEOUT_S = 3600.0
+POLL_S = 1.0
+CHUNK = 4 * 2**20
+
+
+def tree_parent(index: int) -> int | None:
+    """The node a node gets its copy from: None for the first (it reads the shared
+    file system), else (index - 1) // 2."""
+    return None if index == 0 else (index - 1) // 2
+
+
+def tree_children(index: int, count: int) -> list[int]:
+    return [c for c in (2 * index + 1, 2 * index + 2) if c < count]
+
+
+def source_file(settings_file: str, job_id: str, host: str) -> Path:
+    """Where ``host`` publishes the address, port and token its copy is offered on."""
+    return Path(f"{settings_file}.{safe_name(job_id)}.{safe_name(host)}.source")
+
+
+def broadcast_address(settings: Mapping, host: str) -> str:
+    """config weights.broadcast_host for ``host``: "{host}" its PBS_NODEFILE name,
+    "{short}" that name's first label (Aurora: "{short}.hsn.cm.aurora.alcf.anl.gov",
+    the fast network)."""
+    template = settings.get("broadcast_host") or "{host}"
+    name = template.replace("{host}", host).replace("{short}", host.split(".")[0])
+    return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+
+
+def manifest(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``folder``."""
+    return {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _send(connection: socket.socket, folder: Path) -> None:
+    files = manifest(folder)
+    with connection.makefile("wb", buffering=CHUNK) as stream:
+        stream.write((json.dumps(files) + "\n").encode())
+        with tarfile.open(fileobj=stream, mode="w|") as tar:
+            for name in sorted(os.listdir(folder)):
+                tar.add(folder / name, arcname=name)
+
+
+def serve_copy(
+    folder: Path,
+    settings_file: str,
+    job_id: str,
+    host: str,
+    receivers: Sequence[str],
+    address: str,
+    timeout: float = BROADCAST_TIMEOUT_S,
+) -> list[str]:
+    """Offer ``folder`` (this node's copy) to ``receivers`` until each has taken it or
+    reported a failure; returns the receivers that never came."""
+    if not receivers:
+        return []
+    token = secrets.token_hex(16)
+    with socket.create_server((address, 0)) as server:
+        server.settimeout(POLL_S)
+        published = source_file(settings_file, job_id, host)
+        partial = published.with_name(f".{published.name}.{os.getpid()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({"address": address, "port": server.getsockname()[1],
+                                  "token": token}))  # fmt: skip
+        os.replace(partial, published)
+        waiting, senders = set(receivers), []
+        deadline = time.monotonic() + timeout
+        try:
+            while waiting and time.monotonic() < deadline:
+                # A receiver that failed its checks never comes.
+                waiting -= {r for r in waiting if _failed(settings_file, job_id, r)}
+                try:
+                    connection, _ = server.accept()
+                except TimeoutError:
+                    continue
+                connection.settimeout(timeout)
+                line = connection.makefile("rb").readline(256).decode(errors="replace").split()
+                if (
+                    len(line) != 2
+                    or not hmac.compare_digest(line[0], token)
+                    or line[1] not in waiting
+                ):
+                    connection.close()
+                    continue
+                waiting.discard(line[1])
+                thread = threading.Thread(target=_send_and_close, args=(connection, folder))
+                thread.start()
+                senders.append(thread)
+            for thread in senders:
+                thread.join()
+        finally:
+            published.unlink(missing_ok=True)
+    return sorted(waiting)
+
+
+def _send_and_close(connection: socket.socket, folder: Path) -> None:
+    with connection, contextlib.suppress(OSError):
+        _send(connection, folder)
+
+
+def _failed(settings_file: str, job_id: str, host: str) -> bool:
+    with contextlib.suppress(OSError):
+        return done_file(settings_file, job_id, host).read_text().startswith("failed")
+    return False
+
+
+def _extract(tar: tarfile.TarFile, folder: Path) -> None:
+    """Regular files and folders only, inside ``folder`` (Python's "data" filter where
+    this Python has it, 3.11.4 and 3.10.12 on)."""
+    if hasattr(tarfile, "data_filter"):
+        tar.extractall(folder, filter="data")
+        return
+    for member in tar:
+        inside = (folder / member.name).resolve().is_relative_to(folder.resolve())
+        if not inside or not (member.isfile() or member.isdir()):
+            raise ValueError(f"refused member {member.name!r} of the copy")
+        tar.extract(member, folder)
+
+
+def receive_copy(
+    folder: Path,
+    settings_file: str,
+    job_id: str,
+    host: str,
+    source: str,
+    timeout: float = BROADCAST_TIMEOUT_S,
+) -> None:
+    """This node's copy of ``source``'s folder, into ``folder`` (a temp name first,
+    every file's size checked). RuntimeError when the source fails or never offers it."""
+    if folder.is_dir():
+        return
+    published = source_file(settings_file, job_id, source)
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            offer = json.loads(published.read_text())
+            break
+        if _failed(settings_file, job_id, source):
+            raise RuntimeError(f"node {source}, which this node gets the model from, failed")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node {source} offered no copy of the model within {timeout:.0f} s")
+        time.sleep(POLL_S)
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    with socket.create_connection((offer["address"], offer["port"]), timeout=timeout) as sock:
+        sock.sendall(f"{offer['token']} {host}\n".encode())
+        with sock.makefile("rb", buffering=CHUNK) as stream:
+            expected = json.loads(stream.readline())
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
+                _extract(tar, partial)
+    got = manifest(partial)
+    if got != expected:
+        wrong = sorted(set(got.items()) ^ set(expected.items()))[:3]
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"the copy from node {source} differs from it: {wrong}")
+    os.replace(partial, folder)
+
+
 def node_step(
     action: str, settings_file: str, job_id: str, hosts: Sequence[str], environ=os.environ
 ) -> int:
@@ -190,16 +371,41 @@ def node_step(
         if not settings.get("stage"):
             done_file(settings_file, job_id, host).write_text("ok\n")
             return 0
-        copy_here(settings["model"], target)
-        cache = (settings.get("env") or {}).get("VLLM_CACHE_ROOT")
-        if cache and Path(cache).is_dir():
-            copy_here(cache, staged_cache_root(settings["stage_dir"], job_id, host))
+        index = list(hosts).index(host)
+        parent = tree_parent(index)
+        receivers = [hosts[c] for c in tree_children(index, len(hosts))]
+        try:
+            # Before the copy: a node that cannot offer it fails its receivers at once.
+            address = broadcast_address(settings, host) if receivers else ""
+            if parent is None:  # the submission's one read of the shared file system
+                copy_here(settings["model"], target)
+                cache = (settings.get("env") or {}).get("VLLM_CACHE_ROOT")
+                if cache and Path(cache).is_dir():
+                    copy_here(cache, staged_cache_root(settings["stage_dir"], job_id, host))
+                how = "read from the shared file system"
+            else:
+                source = hosts[parent]
+                receive_copy(target.parent, settings_file, job_id, host, source)
+                how = f"broadcast from {source}"
+        except (OSError, RuntimeError, tarfile.TarError, ValueError) as error:
+            problem = f"node {host}: copying the model failed: {error}"
+            print(f"stage_model: {problem}", file=sys.stderr, flush=True)
+            done_file(settings_file, job_id, host).write_text(f"failed\n{problem}\n")
+            return 1
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         print(
             f"stage_model: {host}: {size / 2**20:.1f} MiB to {target} "
-            f"in {time.monotonic() - started:.1f} s",
+            f"in {time.monotonic() - started:.1f} s ({how})",
             flush=True,
         )
+        # Done before serving: this node's engines may start while it feeds others.
+        done_file(settings_file, job_id, host).write_text(f"ok {action} {target}\n")
+        if receivers:
+            missed = serve_copy(target.parent, settings_file, job_id, host, receivers, address)
+            if missed:
+                print(f"stage_model: {host}: {', '.join(missed)} never took the copy",
+                      file=sys.stderr, flush=True)  # fmt: skip
+        return 0
     else:
         shutil.rmtree(target.parent, ignore_errors=True)
         # The job's folder, once no node's copy is left in it.

@@ -91,6 +91,7 @@ def settings_from_config(
         "model": model,
         "model_marker": os.path.abspath(marker) if marker else "",
         "stage_dir": weights["stage_dir"],
+        "broadcast_host": weights.get("broadcast_host") or "{host}",
         "node_launcher": list(config["node_launcher"]),
         "data_dir": config["data_dir"],
         # What the status rounds read for the progress lines (scripts/reporting/progress.py).
