@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import threading
 from pathlib import Path
 
@@ -238,45 +239,71 @@ def test_broadcast_tree_reads_once_and_reaches_256_nodes_in_8_rounds():
     assert sorted(c for i in range(256) for c in stage.tree_children(i, 256)) == list(range(1, 256))
 
 
-def test_a_node_copy_passes_to_two_receivers_with_every_file_checked(tmp_path):
-    settings_file = str(tmp_path / "job.stage.json")
+def test_a_copy_passes_down_a_tree_of_four_nodes_with_every_file_checked(tmp_path):
+    """h0 offers its copy to h1 and h2; h1 passes each chunk on to h3 as it arrives."""
+    settings_file, job = str(tmp_path / "job.stage.json"), "7.pbs"
     source = tmp_path / "h0"
     (source / "m" / "sub").mkdir(parents=True)
     (source / "m" / "config.json").write_text("{}")
-    (source / "m" / "sub" / "w.bin").write_bytes(bytes(range(256)) * 4096)
+    (source / "m" / "sub" / "w.bin").write_bytes(bytes(range(256)) * 40_000)  # > one chunk
     (source / "vllm-cache" / "modelinfos").mkdir(parents=True)
     (source / "vllm-cache" / "modelinfos" / "Opt.json").write_text("[]")
-    missed = []
-    server = threading.Thread(
-        target=lambda: missed.extend(
-            stage.serve_copy(source, settings_file, "7.pbs", "h0", ["h1", "h2"], "127.0.0.1")
-        )
-    )
-    server.start()
     errors = []
 
-    def receive(host):
+    def root():
+        offer = stage.Offer(settings_file, job, "h0", "127.0.0.1")
         try:
-            stage.receive_copy(tmp_path / host, settings_file, "7.pbs", host, "h0", timeout=60)
-        except Exception as error:  # reported below
-            errors.append(error)
+            outs = offer.gather(["h1", "h2"], timeout=60)
+            stage.send_copy(source, outs)
+            for out in outs:
+                out.close()
+        finally:
+            offer.close()
 
-    receivers = [threading.Thread(target=receive, args=(h,)) for h in ("h1", "h2")]
-    for thread in receivers:
+    def node(host, parent, receivers):
+        try:
+            offer = stage.Offer(settings_file, job, host, "127.0.0.1") if receivers else None
+            with stage.take_offer(settings_file, job, host, parent, 60) as connection:
+                outs = offer.gather(receivers, 60) if offer else []
+                stage.relay_copy(connection, tmp_path / host, outs)
+            for out in outs:
+                out.close()
+            if offer:
+                offer.close()
+        except Exception as error:  # reported below
+            errors.append((host, error))
+
+    threads = [
+        threading.Thread(target=root),
+        threading.Thread(target=node, args=("h1", "h0", ["h3"])),
+        threading.Thread(target=node, args=("h2", "h0", [])),
+        threading.Thread(target=node, args=("h3", "h1", [])),
+    ]
+    for thread in threads:
         thread.start()
-    for thread in [*receivers, server]:
+    for thread in threads:
         thread.join()
-    assert errors == [] and missed == []
-    for host in ("h1", "h2"):
+    assert errors == []
+    for host in ("h1", "h2", "h3"):
         assert stage.manifest(tmp_path / host) == stage.manifest(source)
         copy = tmp_path / host / "m" / "sub" / "w.bin"
         assert copy.read_bytes() == (source / "m" / "sub" / "w.bin").read_bytes()
-    # the offer (address, port, token) is gone once every receiver has its copy
-    assert not stage.source_file(settings_file, "7.pbs", "h0").exists()
+    # the offers (address, port, token) are gone once the copies are made
+    assert not list(tmp_path.glob("job.stage.json.*.source"))
+
+
+def test_a_copy_cut_short_is_refused(tmp_path):
+    left, right = socket.socketpair()
+    with left, right:
+        left.sendall(json.dumps({"w.bin": 10}).encode() + b"\n12345")
+        left.shutdown(socket.SHUT_WR)
+        with pytest.raises(RuntimeError, match="ended within w.bin"):
+            stage.relay_copy(right, tmp_path / "h1", [])
+    assert list(tmp_path.iterdir()) == []  # no partial copy left
 
 
 def test_a_receiver_whose_source_failed_fails_at_once(tmp_path):
     settings_file = str(tmp_path / "job.stage.json")
     stage.done_file(settings_file, "7.pbs", "h0").write_text("failed\nnode h0: no vLLM\n")
     with pytest.raises(RuntimeError, match="node h0, which this node gets the model from"):
-        stage.receive_copy(tmp_path / "h1", settings_file, "7.pbs", "h1", "h0", timeout=60)
+        stage.take_offer(settings_file, "7.pbs", "h1", "h0", timeout=60)

@@ -19,8 +19,10 @@ shared file system; every other node gets it from a node that already has it, as
 tar stream over TCP along a binary tree (node i from node (i-1)//2: 8 rounds for 256
 nodes), as ALCF's data-movement guide reads once and broadcasts. A node offers its
 copy on config weights.broadcast_host (Aurora: its Slingshot name) after publishing
-address, port and a one-time token in a 0600 file beside the stage settings; a
-receiver checks every file's size against the sender's list before it uses the copy.
+address, port and a one-time token in a 0600 file beside the stage settings, and
+passes every chunk on to its receivers as it arrives (so 8 rounds cost about one
+transfer, not eight); a receiver checks every file's size against the sender's list
+before it uses the copy.
 The submission's jobscript (written by pbs-submit) runs
 
     python stage_model.py prepare <stage.json>  before the engines and ranks start
@@ -47,8 +49,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tarfile
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -189,7 +189,10 @@ def copy_here(model: str, target: Path) -> None:
 # How long a node waits for its source node's copy, and a sender for its receivers.
 BROADCAST_TIMEOUT_S = 3600.0
 POLL_S = 1.0
-CHUNK = 4 * 2**20
+# How long a node waits for its receivers to connect: all nodes start together, so a
+# receiver comes once its checks are done (PROBE_TIMEOUT_S at most) or not at all.
+GATHER_TIMEOUT_S = PROBE_TIMEOUT_S + 120.0
+CHUNK = 8 * 2**20
 
 
 def tree_parent(index: int) -> int | None:
@@ -225,104 +228,66 @@ def manifest(folder: Path) -> dict[str, int]:
     }
 
 
-def _send(connection: socket.socket, folder: Path) -> None:
-    files = manifest(folder)
-    with connection.makefile("wb", buffering=CHUNK) as stream:
-        stream.write((json.dumps(files) + "\n").encode())
-        with tarfile.open(fileobj=stream, mode="w|") as tar:
-            for name in sorted(os.listdir(folder)):
-                tar.add(folder / name, arcname=name)
-
-
-def serve_copy(
-    folder: Path,
-    settings_file: str,
-    job_id: str,
-    host: str,
-    receivers: Sequence[str],
-    address: str,
-    timeout: float = BROADCAST_TIMEOUT_S,
-) -> list[str]:
-    """Offer ``folder`` (this node's copy) to ``receivers`` until each has taken it or
-    reported a failure; returns the receivers that never came."""
-    if not receivers:
-        return []
-    token = secrets.token_hex(16)
-    with socket.create_server((address, 0)) as server:
-        server.settimeout(POLL_S)
-        published = source_file(settings_file, job_id, host)
-        partial = published.with_name(f".{published.name}.{os.getpid()}")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            out.write(json.dumps({"address": address, "port": server.getsockname()[1],
-                                  "token": token}))  # fmt: skip
-        os.replace(partial, published)
-        waiting, senders = set(receivers), []
-        deadline = time.monotonic() + timeout
-        try:
-            while waiting and time.monotonic() < deadline:
-                # A receiver that failed its checks never comes.
-                waiting -= {r for r in waiting if _failed(settings_file, job_id, r)}
-                try:
-                    connection, _ = server.accept()
-                except TimeoutError:
-                    continue
-                connection.settimeout(timeout)
-                line = connection.makefile("rb").readline(256).decode(errors="replace").split()
-                if (
-                    len(line) != 2
-                    or not hmac.compare_digest(line[0], token)
-                    or line[1] not in waiting
-                ):
-                    connection.close()
-                    continue
-                waiting.discard(line[1])
-                thread = threading.Thread(target=_send_and_close, args=(connection, folder))
-                thread.start()
-                senders.append(thread)
-            for thread in senders:
-                thread.join()
-        finally:
-            published.unlink(missing_ok=True)
-    return sorted(waiting)
-
-
-def _send_and_close(connection: socket.socket, folder: Path) -> None:
-    with connection, contextlib.suppress(OSError):
-        _send(connection, folder)
-
-
 def _failed(settings_file: str, job_id: str, host: str) -> bool:
     with contextlib.suppress(OSError):
         return done_file(settings_file, job_id, host).read_text().startswith("failed")
     return False
 
 
-def _extract(tar: tarfile.TarFile, folder: Path) -> None:
-    """Regular files and folders only, inside ``folder`` (Python's "data" filter where
-    this Python has it, 3.11.4 and 3.10.12 on)."""
-    if hasattr(tarfile, "data_filter"):
-        tar.extractall(folder, filter="data")
-        return
-    for member in tar:
-        inside = (folder / member.name).resolve().is_relative_to(folder.resolve())
-        if not inside or not (member.isfile() or member.isdir()):
-            raise ValueError(f"refused member {member.name!r} of the copy")
-        tar.extract(member, folder)
+class Offer:
+    """This node's offer of its copy to its receivers: a listening socket on
+    ``address`` and a one-time token, published in a 0600 file on the shared file
+    system before the copy exists, so that the whole tree connects while the data
+    is still on its way (each node passes every chunk on as it arrives)."""
+
+    def __init__(self, settings_file: str, job_id: str, host: str, address: str):
+        self.token = secrets.token_hex(16)
+        self.server = socket.create_server((address, 0))
+        self.published = source_file(settings_file, job_id, host)
+        self.where = (settings_file, job_id)
+        partial = self.published.with_name(f".{self.published.name}.{os.getpid()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            port = self.server.getsockname()[1]
+            out.write(json.dumps({"address": address, "port": port, "token": self.token}))
+        os.replace(partial, self.published)
+
+    def gather(self, receivers: Sequence[str], timeout: float) -> list[socket.socket]:
+        """The receivers' connections, once each has connected or failed."""
+        waiting, connected = set(receivers), []
+        deadline = time.monotonic() + timeout
+        self.server.settimeout(POLL_S)
+        while waiting and time.monotonic() < deadline:
+            # A receiver that failed its checks never comes.
+            waiting -= {r for r in waiting if _failed(*self.where, r)}
+            try:
+                connection, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            connection.settimeout(timeout)
+            words = connection.recv(256).decode(errors="replace").split()
+            if len(words) != 2 or not hmac.compare_digest(words[0], self.token):
+                connection.close()
+                continue
+            if words[1] in waiting:
+                waiting.discard(words[1])
+                connected.append(connection)
+            else:
+                connection.close()
+        if waiting:
+            print(f"stage_model: {', '.join(sorted(waiting))} never came for the copy",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return connected
+
+    def close(self) -> None:
+        self.published.unlink(missing_ok=True)
+        self.server.close()
 
 
-def receive_copy(
-    folder: Path,
-    settings_file: str,
-    job_id: str,
-    host: str,
-    source: str,
-    timeout: float = BROADCAST_TIMEOUT_S,
-) -> None:
-    """This node's copy of ``source``'s folder, into ``folder`` (a temp name first,
-    every file's size checked). RuntimeError when the source fails or never offers it."""
-    if folder.is_dir():
-        return
+def take_offer(
+    settings_file: str, job_id: str, host: str, source: str, timeout: float
+) -> socket.socket:
+    """A connection to ``source``'s offer (waits for it to be published)."""
     published = source_file(settings_file, job_id, source)
     deadline = time.monotonic() + timeout
     while True:
@@ -334,21 +299,87 @@ def receive_copy(
         if time.monotonic() > deadline:
             raise RuntimeError(f"node {source} offered no copy of the model within {timeout:.0f} s")
         time.sleep(POLL_S)
+    connection = socket.create_connection((offer["address"], offer["port"]), timeout=timeout)
+    connection.sendall(f"{offer['token']} {host}\n".encode())
+    return connection
+
+
+def _pass_on(outs: list[socket.socket], data) -> None:
+    """``data`` to every receiver still there; one that fails is dropped (its own
+    receivers see the stream end and fail)."""
+    for out in list(outs):
+        try:
+            out.sendall(data)
+        except OSError as error:
+            print(f"stage_model: a receiver dropped out: {error}", file=sys.stderr, flush=True)
+            outs.remove(out)
+            out.close()
+
+
+def send_copy(folder: Path, outs: list[socket.socket]) -> None:
+    """This node's copy to its receivers: the file list with sizes, then the bytes."""
+    files = manifest(folder)
+    _pass_on(outs, (json.dumps(files) + "\n").encode())
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    for name in files:
+        with open(folder / name, "rb") as source:
+            while count := source.readinto(buffer):
+                _pass_on(outs, view[:count])
+
+
+def _read_line(connection: socket.socket, limit: int = 2**24) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\n" not in data:
+        more = connection.recv(65536)
+        if not more or len(data) > limit:
+            raise RuntimeError("the copy's file list did not arrive")
+        data += more
+    line, _, rest = data.partition(b"\n")
+    return line, rest
+
+
+def relay_copy(source: socket.socket, folder: Path, outs: list[socket.socket]) -> None:
+    """Receive a copy into ``folder`` (a temp name first) and pass every chunk on to
+    ``outs`` as it arrives; every file must come with the size the sender listed."""
+    if folder.is_dir():
+        raise RuntimeError(f"{folder} exists already")
+    line, rest = _read_line(source)
+    files = json.loads(line)
+    _pass_on(outs, line + b"\n")
     partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    with socket.create_connection((offer["address"], offer["port"]), timeout=timeout) as sock:
-        sock.sendall(f"{offer['token']} {host}\n".encode())
-        with sock.makefile("rb", buffering=CHUNK) as stream:
-            expected = json.loads(stream.readline())
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                _extract(tar, partial)
-    got = manifest(partial)
-    if got != expected:
-        wrong = sorted(set(got.items()) ^ set(expected.items()))[:3]
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    try:
+        for name, size in files.items():
+            path = (partial / name).resolve()
+            if not path.is_relative_to(partial.resolve()):
+                raise RuntimeError(f"refused file {name!r} of the copy")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as out:
+                left = size
+                while left:
+                    if rest:
+                        count = min(len(rest), left)
+                        view[:count] = rest[:count]
+                        rest = rest[count:]
+                    else:
+                        count = source.recv_into(view[: min(CHUNK, left)])
+                        if not count:
+                            raise RuntimeError(f"the copy ended within {name}")
+                    out.write(view[:count])
+                    _pass_on(outs, view[:count])
+                    left -= count
+        if rest or source.recv(1):
+            raise RuntimeError("the copy has more bytes than its file list")
+        got = manifest(partial)
+        if got != files:
+            wrong = sorted(set(got.items()) ^ set(files.items()))[:3]
+            raise RuntimeError(f"the copy differs from its file list: {wrong}")
+        os.replace(partial, folder)
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        raise RuntimeError(f"the copy from node {source} differs from it: {wrong}")
-    os.replace(partial, folder)
 
 
 def node_step(
@@ -374,38 +405,46 @@ def node_step(
         index = list(hosts).index(host)
         parent = tree_parent(index)
         receivers = [hosts[c] for c in tree_children(index, len(hosts))]
+        offer, outs = None, []
         try:
-            # Before the copy: a node that cannot offer it fails its receivers at once.
-            address = broadcast_address(settings, host) if receivers else ""
+            if receivers:  # first: the tree connects while the data is on its way
+                offer = Offer(settings_file, job_id, host, broadcast_address(settings, host))
             if parent is None:  # the submission's one read of the shared file system
                 copy_here(settings["model"], target)
                 cache = (settings.get("env") or {}).get("VLLM_CACHE_ROOT")
                 if cache and Path(cache).is_dir():
                     copy_here(cache, staged_cache_root(settings["stage_dir"], job_id, host))
                 how = "read from the shared file system"
+                if offer is not None:
+                    outs = offer.gather(receivers, GATHER_TIMEOUT_S)
+                    send_copy(target.parent, outs)
             else:
                 source = hosts[parent]
-                receive_copy(target.parent, settings_file, job_id, host, source)
+                # Connected to the source first, then the receivers: every node connects
+                # as soon as its checks are done, whatever happens below it.
+                with take_offer(
+                    settings_file, job_id, host, source, BROADCAST_TIMEOUT_S
+                ) as connection:
+                    if offer is not None:
+                        outs = offer.gather(receivers, GATHER_TIMEOUT_S)
+                    relay_copy(connection, target.parent, outs)
                 how = f"broadcast from {source}"
-        except (OSError, RuntimeError, tarfile.TarError, ValueError) as error:
+        except (OSError, RuntimeError, ValueError) as error:
             problem = f"node {host}: copying the model failed: {error}"
             print(f"stage_model: {problem}", file=sys.stderr, flush=True)
             done_file(settings_file, job_id, host).write_text(f"failed\n{problem}\n")
             return 1
+        finally:
+            for out in outs:
+                out.close()
+            if offer is not None:
+                offer.close()
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         print(
             f"stage_model: {host}: {size / 2**20:.1f} MiB to {target} "
             f"in {time.monotonic() - started:.1f} s ({how})",
             flush=True,
         )
-        # Done before serving: this node's engines may start while it feeds others.
-        done_file(settings_file, job_id, host).write_text(f"ok {action} {target}\n")
-        if receivers:
-            missed = serve_copy(target.parent, settings_file, job_id, host, receivers, address)
-            if missed:
-                print(f"stage_model: {host}: {', '.join(missed)} never took the copy",
-                      file=sys.stderr, flush=True)  # fmt: skip
-        return 0
     else:
         shutil.rmtree(target.parent, ignore_errors=True)
         # The job's folder, once no node's copy is left in it.
