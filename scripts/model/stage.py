@@ -416,7 +416,9 @@ def node_step(
                     copy_here(cache, staged_cache_root(settings["stage_dir"], job_id, host))
                 how = "read from the shared file system"
                 if offer is not None:
-                    outs = offer.gather(receivers, GATHER_TIMEOUT_S)
+                    outs = offer.gather(
+                        receivers, settings.get("gather_timeout_s", GATHER_TIMEOUT_S)
+                    )
                     send_copy(target.parent, outs)
             else:
                 source = hosts[parent]
@@ -426,7 +428,9 @@ def node_step(
                     settings_file, job_id, host, source, BROADCAST_TIMEOUT_S
                 ) as connection:
                     if offer is not None:
-                        outs = offer.gather(receivers, GATHER_TIMEOUT_S)
+                        outs = offer.gather(
+                            receivers, settings.get("gather_timeout_s", GATHER_TIMEOUT_S)
+                        )
                     relay_copy(connection, target.parent, outs)
                 how = f"broadcast from {source}"
         except (OSError, RuntimeError, ValueError) as error:
