@@ -7,7 +7,9 @@ Aurora; the whole staging path runs on OpenPBS in tests/test_aurora_profile.py."
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import threading
 from pathlib import Path
@@ -307,3 +309,39 @@ def test_a_receiver_whose_source_failed_fails_at_once(tmp_path):
     stage.done_file(settings_file, "7.pbs", "h0").write_text("failed\nnode h0: no vLLM\n")
     with pytest.raises(RuntimeError, match="node h0, which this node gets the model from"):
         stage.take_offer(settings_file, "7.pbs", "h1", "h0", timeout=60)
+
+
+def test_an_engine_that_does_not_fit_ends_its_node_with_the_reason(tmp_path):
+    """A stand-in for the inference Python prints vLLM 0.15's refusal and exits, as a
+    model too long for a tile's memory makes vLLM do: the node's supervisor restarts
+    nothing, every engine's entry says failed with the reason, and the node process
+    exits 1 (the launcher's exit ends the ranks' wait)."""
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\necho 'ValueError: To serve at least one request with the models'\"'\"'s max "
+        "seq len (131072), (16.00 GiB KV cache is needed, which is larger than the available "
+        "KV cache memory (9.50 GiB).'\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    host = socket.gethostname()
+    base = 41000 + (os.getpid() % 500) * 8  # ports of their own on a shared machine
+    the_spec = engine_spec(
+        tiles={"per_node": 2, "per_job": 1, "base_port": base, "cpu_bind": []},
+        warm={"ready_timeout_s": 600, "max_restarts": 2},
+    ) | {"python": str(fake), "registry_root": str(tmp_path / "engines"), "engine": "vllm"}
+    spec_file = tmp_path / "job.engines.json"
+    spec_file.write_text(json.dumps(the_spec))
+    (tmp_path / "engines" / "7.pbs").mkdir(parents=True)  # supervisor.launch makes it
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("PALS_", "PMI_"))}
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        code = supervisor.node(str(spec_file), "7.pbs", [host], environ)
+    finally:
+        for sig, handler in kept.items():  # node() installs its own
+            signal.signal(sig, handler)
+    assert code == 1
+    entries = supervisor.read_registry(tmp_path / "engines" / "7.pbs")
+    assert len(entries) == 2
+    for entry in entries.values():
+        assert (entry["state"], entry["cause"], entry["restarts"]) == ("failed", "does_not_fit", 0)
+        assert "vllm.max_model_len" in entry["error"] and "(131072)" in entry["error"]
