@@ -264,13 +264,18 @@ class Offer:
                 connection, _ = self.server.accept()
             except TimeoutError:
                 continue
-            connection.settimeout(timeout)
-            words = connection.recv(256).decode(errors="replace").split()
+            connection.settimeout(10.0)  # the token line comes at once, or never
+            try:
+                words = _read_line(connection, limit=256)[0].decode(errors="replace").split()
+            except (OSError, RuntimeError):
+                connection.close()
+                continue
             if len(words) != 2 or not hmac.compare_digest(words[0], self.token):
                 connection.close()
                 continue
             if words[1] in waiting:
                 waiting.discard(words[1])
+                connection.settimeout(BROADCAST_TIMEOUT_S)
                 connected.append(connection)
             else:
                 connection.close()
@@ -333,7 +338,7 @@ def _read_line(connection: socket.socket, limit: int = 2**24) -> tuple[bytes, by
     while b"\n" not in data:
         more = connection.recv(65536)
         if not more or len(data) > limit:
-            raise RuntimeError("the copy's file list did not arrive")
+            raise RuntimeError("the first line of the copy's stream did not arrive")
         data += more
     line, _, rest = data.partition(b"\n")
     return line, rest
