@@ -345,3 +345,20 @@ def test_an_engine_that_does_not_fit_ends_its_node_with_the_reason(tmp_path):
     for entry in entries.values():
         assert (entry["state"], entry["cause"], entry["restarts"]) == ("failed", "does_not_fit", 0)
         assert "vllm.max_model_len" in entry["error"] and "(131072)" in entry["error"]
+
+
+def test_a_gated_model_without_token_names_hf_token(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError
+
+    def snapshot_download(model, cache_dir, local_files_only=False):
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        error = GatedRepoError.__new__(GatedRepoError)  # its __init__ wants an HTTP response
+        Exception.__init__(error, "401 Client Error. Cannot access gated repo")
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(fetch.CheckError, match="model meta-llama/X is gated") as error:
+        fetch.find_weights("meta-llama/X", "", str(tmp_path / "hf"))
+    assert "HF_TOKEN" in str(error.value)

@@ -146,10 +146,18 @@ def find_weights(model: str, shared_hf_home: str, hf_home: str) -> tuple[str, st
             ), f"{how} {home}"
         except (LocalEntryNotFoundError, OSError):
             pass
+    from huggingface_hub.errors import GatedRepoError
+
     print(f"{model}: in no cache, downloading into {hf_home}", file=sys.stderr)
-    return snapshot_download(
-        model, cache_dir=str(Path(hf_home) / "hub")
-    ), f"downloaded to {hf_home}"
+    try:
+        folder = snapshot_download(model, cache_dir=str(Path(hf_home) / "hub"))
+    except GatedRepoError as error:
+        raise CheckError(
+            f"model {model} is gated: accept its licence on huggingface.co, then set "
+            "HF_TOKEN (or run `hf auth login` once) in the shell that runs snakemake; "
+            f"the hub said: {str(error).splitlines()[0]}"
+        ) from None
+    return folder, f"downloaded to {hf_home}"
 
 
 def build_modelinfo_cache(folder: str) -> list[str]:
