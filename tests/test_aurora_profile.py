@@ -379,7 +379,7 @@ def aurora_folder(tmp_path: Path, ranks: dict[str, str], **config) -> Path:
         "node_launcher": PBSDSH,
         "engine_launcher": PBSDSH,
         "tiles": {"cpu_bind": []},
-        "weights": {"shared_hf_home": "", "stage": True},
+        "weights": {"shared_hf_home": "", "stage": True, "broadcast_host": "{host}"},
         "pbs": {"account": "testproj", "queue": "capacity", "setup": [],
                 "status_interval": INTERVAL},
     }  # fmt: skip
@@ -569,6 +569,10 @@ def test_workflow_runs_vllm_through_the_scheduler_on_node_local_model_copies(pbs
     # preflight: each node's vLLM imported, no XPU here
     assert sorted(re.findall(r"preflight: (node\d): tile check skipped", log)) == sorted(hosts)
     assert sorted(re.findall(r"stage_model: (node\d): [\d.]+ MiB to", log)) == sorted(hosts)
+    # one read of the shared file system; the other node's copy came from the first node,
+    # every file's size checked (scripts/model/stage.py), and its engines loaded it
+    how = sorted(re.findall(r"MiB to \S+ in [\d.]+ s \((.*)\)", log))
+    assert how == [f"broadcast from {hosts[0]}", "read from the shared file system"]
     assert sorted(re.findall(r"stage_model: (node\d): removed", log)) == sorted(hosts)
     assert list((tmp_path / "node-local").iterdir()) == []
 

@@ -14,8 +14,12 @@ import pytest
 from model import stage
 from workflow import TINY_MODEL
 
-# Runs the command once per node index given, as a launcher with one process per node.
-PER_NODE = 'for i in {nodes}; do PBS_NODENUM=$i "$@" || exit $?; done'
+# Runs the command once per node index given, all at once, as a launcher with one
+# process per node does (the nodes pass the model on to each other while they run).
+PER_NODE = (
+    'p=; for i in {nodes}; do PBS_NODENUM=$i "$@" & p="$p $!"; done; '
+    "s=0; for j in $p; do wait $j || s=$?; done; exit $s"
+)
 
 
 def stand_in_packages(folder: Path, vllm: str = "0.32.0", xpu_devices: int | None = None) -> Path:
@@ -53,6 +57,9 @@ def setup(tmp_path: Path, monkeypatch, nodes: str, **changes) -> Path:
                 "versions": {"vllm": "0.32.0", "torch": "2.13.0+cpu", "ipex": None},
                 "weights_bytes": 3 * 2**20,
                 "failure_file": str(tmp_path / "r0-3.failed.json"),
+                # a node the launcher never started is given up on after this
+                "gather_timeout_s": 2,
+                "broadcast_host": "127.0.0.1",  # the simulated nodes share this machine
             }
             | changes
         )
@@ -68,6 +75,8 @@ def test_copy_to_every_node_then_remove(tmp_path, monkeypatch, capfd):
         assert (copy / "config.json").read_bytes() == (TINY_MODEL / "config.json").read_bytes()
     out = capfd.readouterr().out
     assert out.count("stage_model: prepare on 2 node(s)") == 1 and "nodeB: " in out
+    # one read of the shared file system; nodeB's copy came from nodeA
+    assert "(read from the shared file system)" in out and "(broadcast from nodeA)" in out
     assert "preflight: nodeA: tile check skipped: no XPU here" in out
     assert stage.main(["remove", str(settings)]) == 0
     assert list((tmp_path / "local").iterdir()) == []
@@ -120,11 +129,8 @@ def test_a_node_with_another_vllm_stops_the_submission_before_its_copy(
         "(config python, pbs.setup)"
     )
     assert f"preflight: node nodeA: {cause}" in capfd.readouterr().err
-    # this launcher stops at the first failing node, as mpiexec ends the others
-    assert failure_causes(settings) == [
-        f"node nodeA: {cause}",
-        "node nodeB: no report (launcher exit 1)",
-    ]
+    # every node checks itself, at once (as mpiexec and pbsdsh start them)
+    assert failure_causes(settings) == [f"node nodeA: {cause}", f"node nodeB: {cause}"]
     assert not (tmp_path / "local").exists()  # no copy
 
 

@@ -287,6 +287,8 @@ def test_engine_env_is_unique_per_tile(tmp_path):
     assert len(set(all_ports)) == 24
     env3 = envs[3]
     assert env3 == {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
         "ZE_AFFINITY_MASK": "3",
         "ZE_ENABLE_PCI_ID_DEVICE_ORDER": "1",
         "ZE_FLAT_DEVICE_HIERARCHY": "FLAT",
@@ -328,7 +330,7 @@ def test_launch_argv_aurora_mpiexec():
 
 def test_launch_argv_multi_tile_rank_gets_the_cores_of_all_its_tiles():
     argv = launch_argv(AURORA_LAUNCHER, Slot("h", (4, 5)), AURORA_CPUS, {}, ["py"])
-    assert argv[:7] == ["mpiexec", "-n", "1", "--hosts", "h", "--cpu-bind", "list:33-40,41-48"]
+    assert argv[:7] == ["mpiexec", "-n", "1", "--hosts", "h", "--cpu-bind", "list:33-48"]
 
 
 def test_launch_argv_srun_and_tiles_placeholder():

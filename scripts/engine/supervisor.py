@@ -66,6 +66,37 @@ def _log(message: str) -> None:
     console.say(f"engines: {message}")
 
 
+# vLLM's refusals that no restart cures: the model with its context (vllm.max_model_len,
+# null: the model's full context) does not fit a tile's memory. Messages of
+# vllm/v1/core/kv_cache_utils.py _check_enough_kv_cache_memory, in 0.15.0 ("models's max
+# seq len") and 0.32.0 ("model's max seq len").
+DOES_NOT_FIT = (
+    "cache is needed, which is larger than the available KV cache memory",
+    "No available memory for the cache blocks",
+)
+DOES_NOT_FIT_HINT = (
+    "the model does not fit the engine's tiles: set config key vllm.max_model_len (ALCF's "
+    "examples use 8192), or more tiles per engine (tiles.per_job), or raise "
+    "vllm.gpu_memory_utilization"
+)
+
+
+def does_not_fit(log_path: Path | str) -> str | None:
+    """The reason, when an engine's log says that the model does not fit (vLLM's line
+    quoted); None otherwise."""
+    try:
+        with open(log_path, "rb") as log:
+            log.seek(0, os.SEEK_END)
+            log.seek(max(0, log.tell() - 65536))
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return None
+    for line in reversed(text.splitlines()):
+        if any(pattern in line for pattern in DOES_NOT_FIT):
+            return f"{DOES_NOT_FIT_HINT}; vLLM said: {line.strip()[:600]}"
+    return None
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -89,13 +120,10 @@ def job_hosts(environ: Mapping[str, str]) -> tuple[str, list[str]]:
 def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
     """config engine_launcher with {nodes}, {engines}, {engines_per_node}, {cpu_lists}."""
     per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
-    per_host = per_node // per_job
+    per_host = tiles.engines_per_node(per_node, per_job)
+    # One CPU list per engine, on its socket, reserved cores refused (tiles.slot_cpus).
     binds = spec["tiles"]["cpu_bind"]
-    # One CPU list per engine (a TP engine gets the lists of all its tiles).
-    cpu_lists = ":".join(
-        ",".join(binds[t] for t in slot.tiles if t < len(binds))
-        for slot in tiles.engine_slots(per_node, per_job, "")
-    )
+    cpu_lists = tiles.engine_cpu_lists(per_node, per_job, binds) if binds else ""
     values = {
         "nodes": str(len(hosts)),
         "engines": str(per_host * len(hosts)),
@@ -169,6 +197,9 @@ def make_engine(
             server=spec["server"],
         )
     base = {**environ, **spec["env"]}
+    cache = stage.staged_cache_root(spec["stage_dir"], job_id, slot.host) if spec["stage"] else None
+    if cache is not None and cache.is_dir():  # the node's copy (scripts/model/stage.py)
+        base["VLLM_CACHE_ROOT"] = str(cache)
     env = lifecycle.engine_environment(env, settings, base)
     # The node's clients, and vLLM's own requests, must not go through the proxy.
     for name in ("no_proxy", "NO_PROXY"):
@@ -230,6 +261,7 @@ def node(
     placement = spec["tiles"]
     slots = tiles.engine_slots(placement["per_node"], placement["per_job"], host)[index::count]
     stopping = threading.Event()
+    fatal: list[str] = []  # a reason no restart cures (does_not_fit)
 
     ready_s = spec_ready_timeout(spec)
 
@@ -264,9 +296,15 @@ def node(
         except Exception as error:
             engine.stop()
             state, extra = "failed", {"error": str(error)[:2000]}
-            _log(f"{engine.name}: {error}")
+            if reason := does_not_fit(engine.log_path):
+                # The node's other engines run the same model on the same tiles: they
+                # fail the same way. Stop them now rather than at their ready timeout.
+                extra = {"error": reason, "cause": "does_not_fit"}
+                fatal.append(reason)
+                stopping.set()
+            _log(f"{engine.name}: {extra['error']}")
         with lock:
-            if not stopping.is_set():
+            if not stopping.is_set() or extra.get("cause"):
                 member.state = state
                 report(member.path, engine, state, **extra)
             member.busy = False
@@ -298,10 +336,14 @@ def node(
         thread.start()
     for member, thread in zip(members, stoppers, strict=True):
         thread.join()
-        if member.state != "failed":  # a failed engine's entry keeps its error
+        if fatal and member.state != "failed":
+            # failed, not stopped: the ranks' pool gives up once every engine has failed.
+            member.state = "failed"
+            report(member.path, member.engine, "failed", error=fatal[0], cause="does_not_fit")
+        elif member.state != "failed":  # a failed engine's entry keeps its error
             report(member.path, member.engine, "stopped")
-    _log(f"{host}: engines stopped")
-    return 0
+    _log(f"{host}: engines stopped" + (f": {fatal[0]}" if fatal else ""))
+    return 1 if fatal else 0
 
 
 def _watch_owner(stopping: threading.Event) -> None:
@@ -343,7 +385,7 @@ def launch(spec_path: str, environ=os.environ) -> int:
         job_id,
         ",".join(hosts),
     ]
-    per_host = spec["tiles"]["per_node"] // spec["tiles"]["per_job"]
+    per_host = tiles.engines_per_node(spec["tiles"]["per_node"], spec["tiles"]["per_job"])
     _log(
         f"launcher call for {per_host * len(hosts)} engine(s) on {len(hosts)} node(s): "
         f"{json.dumps(argv)}"

@@ -57,6 +57,42 @@ def read_marker(path: str | os.PathLike) -> dict:
     return cached[1]
 
 
+# Where model configs keep their attention heads: most, GPT-2 style, multimodal ones.
+HEAD_KEYS = ("num_attention_heads", "n_head", "num_heads")
+
+
+def attention_heads(folder: str | os.PathLike) -> int | None:
+    """The model's attention heads from its config.json (a multimodal model's text part
+    first); None when the file or the field is missing."""
+    try:
+        config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for part in (config.get("text_config"), config.get("llm_config"), config):
+        if isinstance(part, dict):
+            for key in HEAD_KEYS:
+                if isinstance(part.get(key), int) and part[key] > 0:
+                    return part[key]
+    return None
+
+
+def tensor_parallel_problem(folder: str | os.PathLike, model: str, tp: int) -> str | None:
+    """Why ``tp`` tiles per engine (config tiles.per_job) cannot serve the model: vLLM
+    splits the attention heads evenly over the tiles of an engine and refuses the model
+    otherwise, on every node, after the weights are read. None if it can, or if the
+    model's config does not say."""
+    heads = attention_heads(folder)
+    if tp <= 1 or heads is None or heads % tp == 0:
+        return None
+    fits = [n for n in range(1, 13) if heads % n == 0]
+    return (
+        f"model {model} has {heads} attention heads (config.json), which tensor parallel "
+        f"{tp} (config key tiles.per_job) does not divide; vLLM refuses it on every engine. "
+        f"Use tiles.per_job in {', '.join(map(str, fits))} (ALCF prefers 4 or 8 where the "
+        "heads allow it)"
+    )
+
+
 def versions() -> dict:
     """vLLM, torch and (where installed) IPEX, as the engines will import them."""
     import torch
@@ -110,10 +146,18 @@ def find_weights(model: str, shared_hf_home: str, hf_home: str) -> tuple[str, st
             ), f"{how} {home}"
         except (LocalEntryNotFoundError, OSError):
             pass
+    from huggingface_hub.errors import GatedRepoError
+
     print(f"{model}: in no cache, downloading into {hf_home}", file=sys.stderr)
-    return snapshot_download(
-        model, cache_dir=str(Path(hf_home) / "hub")
-    ), f"downloaded to {hf_home}"
+    try:
+        folder = snapshot_download(model, cache_dir=str(Path(hf_home) / "hub"))
+    except GatedRepoError as error:
+        raise CheckError(
+            f"model {model} is gated: accept its licence on huggingface.co, then set "
+            "HF_TOKEN (or run `hf auth login` once) in the shell that runs snakemake; "
+            f"the hub said: {str(error).splitlines()[0]}"
+        ) from None
+    return folder, f"downloaded to {hf_home}"
 
 
 def build_modelinfo_cache(folder: str) -> list[str]:
@@ -169,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"engine command line parses with vLLM {found['vllm']}", file=sys.stderr)
         folder, how = find_weights(args.model, args.shared_hf_home, args.hf_home)
         print(f"{args.model}: weights from {how}: {folder}", file=sys.stderr)
+        if "--tensor-parallel-size" in engine_argv:  # before any qsub
+            tp = int(engine_argv[engine_argv.index("--tensor-parallel-size") + 1])
+            if problem := tensor_parallel_problem(folder, args.model, tp):
+                raise CheckError(problem)
         remote = "--trust-remote-code" in engine_argv
         if problem := vllm_versions.tokenizer_problem(folder, remote):  # before any qsub
             raise CheckError(f"model {args.model}: {problem}")

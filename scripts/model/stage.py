@@ -12,7 +12,18 @@ log and in a file the main Snakemake reports from (``failure_file``).
 
 At scale, Lustre serves one big read per node far better than one per engine: the
 seed's author and Aegis copy the weights to each node's /tmp before starting
-engines. The submission's jobscript (written by pbs-submit) runs
+engines. One read per submission is better still: 256 nodes reading the same files
+at once all hit the few Lustre servers that hold those files' stripes. So only the
+first node reads the model (and vLLM's model-info cache, VLLM_CACHE_ROOT) from the
+shared file system; every other node gets it from a node that already has it, as a
+tar stream over TCP along a binary tree (node i from node (i-1)//2: 8 rounds for 256
+nodes), as ALCF's data-movement guide reads once and broadcasts. A node offers its
+copy on config weights.broadcast_host (Aurora: its Slingshot name) after publishing
+address, port and a one-time token in a 0600 file beside the stage settings, and
+passes every chunk on to its receivers as it arrives (so 8 rounds cost about one
+transfer, not eight); a receiver checks every file's size against the sender's list
+before it uses the copy.
+The submission's jobscript (written by pbs-submit) runs
 
     python stage_model.py prepare <stage.json>  before the engines and ranks start
     python stage_model.py remove <stage.json>   when the job script ends (with staging)
@@ -30,9 +41,12 @@ every node did. Stdlib only.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import json
 import os
+import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -49,6 +63,13 @@ from placement import tiles
 def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
     """Where ``model`` lies on ``host`` during PBS job ``job_id``."""
     return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / Path(model).name
+
+
+def staged_cache_root(stage_dir: str, job_id: str, host: str) -> Path:
+    """Where vLLM's model-info cache (VLLM_CACHE_ROOT, built by rule fetch_model) lies on
+    ``host`` during PBS job ``job_id``: engines read it from node-local space, as
+    ALCF's GettingStarted examples copy it to each node's /tmp."""
+    return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / "vllm-cache"
 
 
 def node_hosts(environ: Mapping[str, str]) -> list[str]:
@@ -163,6 +184,209 @@ def copy_here(model: str, target: Path) -> None:
     os.replace(partial, target)
 
 
+# ----------------------------------------------------------------- broadcast
+
+# How long a node waits for its source node's copy, and a sender for its receivers.
+BROADCAST_TIMEOUT_S = 3600.0
+POLL_S = 1.0
+# How long a node waits for its receivers to connect: all nodes start together, so a
+# receiver comes once its checks are done (PROBE_TIMEOUT_S at most) or not at all.
+GATHER_TIMEOUT_S = PROBE_TIMEOUT_S + 120.0
+CHUNK = 8 * 2**20
+
+
+def tree_parent(index: int) -> int | None:
+    """The node a node gets its copy from: None for the first (it reads the shared
+    file system), else (index - 1) // 2."""
+    return None if index == 0 else (index - 1) // 2
+
+
+def tree_children(index: int, count: int) -> list[int]:
+    return [c for c in (2 * index + 1, 2 * index + 2) if c < count]
+
+
+def source_file(settings_file: str, job_id: str, host: str) -> Path:
+    """Where ``host`` publishes the address, port and token its copy is offered on."""
+    return Path(f"{settings_file}.{safe_name(job_id)}.{safe_name(host)}.source")
+
+
+def broadcast_address(settings: Mapping, host: str) -> str:
+    """config weights.broadcast_host for ``host``: "{host}" its PBS_NODEFILE name,
+    "{short}" that name's first label (Aurora: "{short}.hsn.cm.aurora.alcf.anl.gov",
+    the fast network)."""
+    template = settings.get("broadcast_host") or "{host}"
+    name = template.replace("{host}", host).replace("{short}", host.split(".")[0])
+    return socket.getaddrinfo(name, None, type=socket.SOCK_STREAM)[0][4][0]
+
+
+def manifest(folder: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``folder``."""
+    return {
+        str(path.relative_to(folder)): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _failed(settings_file: str, job_id: str, host: str) -> bool:
+    with contextlib.suppress(OSError):
+        return done_file(settings_file, job_id, host).read_text().startswith("failed")
+    return False
+
+
+class Offer:
+    """This node's offer of its copy to its receivers: a listening socket on
+    ``address`` and a one-time token, published in a 0600 file on the shared file
+    system before the copy exists, so that the whole tree connects while the data
+    is still on its way (each node passes every chunk on as it arrives)."""
+
+    def __init__(self, settings_file: str, job_id: str, host: str, address: str):
+        self.token = secrets.token_hex(16)
+        self.server = socket.create_server((address, 0))
+        self.published = source_file(settings_file, job_id, host)
+        self.where = (settings_file, job_id)
+        partial = self.published.with_name(f".{self.published.name}.{os.getpid()}")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            port = self.server.getsockname()[1]
+            out.write(json.dumps({"address": address, "port": port, "token": self.token}))
+        os.replace(partial, self.published)
+
+    def gather(self, receivers: Sequence[str], timeout: float) -> list[socket.socket]:
+        """The receivers' connections, once each has connected or failed."""
+        waiting, connected = set(receivers), []
+        deadline = time.monotonic() + timeout
+        self.server.settimeout(POLL_S)
+        while waiting and time.monotonic() < deadline:
+            # A receiver that failed its checks never comes.
+            waiting -= {r for r in waiting if _failed(*self.where, r)}
+            try:
+                connection, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            connection.settimeout(10.0)  # the token line comes at once, or never
+            try:
+                words = _read_line(connection, limit=256)[0].decode(errors="replace").split()
+            except (OSError, RuntimeError):
+                connection.close()
+                continue
+            if len(words) != 2 or not hmac.compare_digest(words[0], self.token):
+                connection.close()
+                continue
+            if words[1] in waiting:
+                waiting.discard(words[1])
+                connection.settimeout(BROADCAST_TIMEOUT_S)
+                connected.append(connection)
+            else:
+                connection.close()
+        if waiting:
+            print(f"stage_model: {', '.join(sorted(waiting))} never came for the copy",
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return connected
+
+    def close(self) -> None:
+        self.published.unlink(missing_ok=True)
+        self.server.close()
+
+
+def take_offer(
+    settings_file: str, job_id: str, host: str, source: str, timeout: float
+) -> socket.socket:
+    """A connection to ``source``'s offer (waits for it to be published)."""
+    published = source_file(settings_file, job_id, source)
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            offer = json.loads(published.read_text())
+            break
+        if _failed(settings_file, job_id, source):
+            raise RuntimeError(f"node {source}, which this node gets the model from, failed")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"node {source} offered no copy of the model within {timeout:.0f} s")
+        time.sleep(POLL_S)
+    connection = socket.create_connection((offer["address"], offer["port"]), timeout=timeout)
+    connection.sendall(f"{offer['token']} {host}\n".encode())
+    return connection
+
+
+def _pass_on(outs: list[socket.socket], data) -> None:
+    """``data`` to every receiver still there; one that fails is dropped (its own
+    receivers see the stream end and fail)."""
+    for out in list(outs):
+        try:
+            out.sendall(data)
+        except OSError as error:
+            print(f"stage_model: a receiver dropped out: {error}", file=sys.stderr, flush=True)
+            outs.remove(out)
+            out.close()
+
+
+def send_copy(folder: Path, outs: list[socket.socket]) -> None:
+    """This node's copy to its receivers: the file list with sizes, then the bytes."""
+    files = manifest(folder)
+    _pass_on(outs, (json.dumps(files) + "\n").encode())
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    for name in files:
+        with open(folder / name, "rb") as source:
+            while count := source.readinto(buffer):
+                _pass_on(outs, view[:count])
+
+
+def _read_line(connection: socket.socket, limit: int = 2**24) -> tuple[bytes, bytes]:
+    data = b""
+    while b"\n" not in data:
+        more = connection.recv(65536)
+        if not more or len(data) > limit:
+            raise RuntimeError("the first line of the copy's stream did not arrive")
+        data += more
+    line, _, rest = data.partition(b"\n")
+    return line, rest
+
+
+def relay_copy(source: socket.socket, folder: Path, outs: list[socket.socket]) -> None:
+    """Receive a copy into ``folder`` (a temp name first) and pass every chunk on to
+    ``outs`` as it arrives; every file must come with the size the sender listed."""
+    if folder.is_dir():
+        raise RuntimeError(f"{folder} exists already")
+    line, rest = _read_line(source)
+    files = json.loads(line)
+    _pass_on(outs, line + b"\n")
+    partial = folder.with_name(f".{folder.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    try:
+        for name, size in files.items():
+            path = (partial / name).resolve()
+            if not path.is_relative_to(partial.resolve()):
+                raise RuntimeError(f"refused file {name!r} of the copy")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as out:
+                left = size
+                while left:
+                    if rest:
+                        count = min(len(rest), left)
+                        view[:count] = rest[:count]
+                        rest = rest[count:]
+                    else:
+                        count = source.recv_into(view[: min(CHUNK, left)])
+                        if not count:
+                            raise RuntimeError(f"the copy ended within {name}")
+                    out.write(view[:count])
+                    _pass_on(outs, view[:count])
+                    left -= count
+        if rest or source.recv(1):
+            raise RuntimeError("the copy has more bytes than its file list")
+        got = manifest(partial)
+        if got != files:
+            wrong = sorted(set(got.items()) ^ set(files.items()))[:3]
+            raise RuntimeError(f"the copy differs from its file list: {wrong}")
+        os.replace(partial, folder)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
 def node_step(
     action: str, settings_file: str, job_id: str, hosts: Sequence[str], environ=os.environ
 ) -> int:
@@ -183,11 +407,51 @@ def node_step(
         if not settings.get("stage"):
             done_file(settings_file, job_id, host).write_text("ok\n")
             return 0
-        copy_here(settings["model"], target)
+        index = list(hosts).index(host)
+        parent = tree_parent(index)
+        receivers = [hosts[c] for c in tree_children(index, len(hosts))]
+        offer, outs = None, []
+        try:
+            if receivers:  # first: the tree connects while the data is on its way
+                offer = Offer(settings_file, job_id, host, broadcast_address(settings, host))
+            if parent is None:  # the submission's one read of the shared file system
+                copy_here(settings["model"], target)
+                cache = (settings.get("env") or {}).get("VLLM_CACHE_ROOT")
+                if cache and Path(cache).is_dir():
+                    copy_here(cache, staged_cache_root(settings["stage_dir"], job_id, host))
+                how = "read from the shared file system"
+                if offer is not None:
+                    outs = offer.gather(
+                        receivers, settings.get("gather_timeout_s", GATHER_TIMEOUT_S)
+                    )
+                    send_copy(target.parent, outs)
+            else:
+                source = hosts[parent]
+                # Connected to the source first, then the receivers: every node connects
+                # as soon as its checks are done, whatever happens below it.
+                with take_offer(
+                    settings_file, job_id, host, source, BROADCAST_TIMEOUT_S
+                ) as connection:
+                    if offer is not None:
+                        outs = offer.gather(
+                            receivers, settings.get("gather_timeout_s", GATHER_TIMEOUT_S)
+                        )
+                    relay_copy(connection, target.parent, outs)
+                how = f"broadcast from {source}"
+        except (OSError, RuntimeError, ValueError) as error:
+            problem = f"node {host}: copying the model failed: {error}"
+            print(f"stage_model: {problem}", file=sys.stderr, flush=True)
+            done_file(settings_file, job_id, host).write_text(f"failed\n{problem}\n")
+            return 1
+        finally:
+            for out in outs:
+                out.close()
+            if offer is not None:
+                offer.close()
         size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
         print(
             f"stage_model: {host}: {size / 2**20:.1f} MiB to {target} "
-            f"in {time.monotonic() - started:.1f} s",
+            f"in {time.monotonic() - started:.1f} s ({how})",
             flush=True,
         )
     else:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
+from model import fetch
 from placement import tiles
 
 from .settings import (
@@ -92,7 +93,7 @@ def format_walltime(minutes: int) -> str:
 
 
 def jobs_per_node(settings: Mapping) -> int:
-    return settings["tiles_per_node"] // settings["tiles_per_job"]
+    return tiles.engines_per_node(settings["tiles_per_node"], settings["tiles_per_job"])
 
 
 def max_walltime(limits: QueueLimits, nodes: int) -> tuple[int, str]:
@@ -162,11 +163,26 @@ def settings_problems(settings: Mapping, *, jobs: int | None = None) -> list[str
             f"config key tiles.per_job ({settings['tiles_per_job']}) is larger than "
             f"tiles.per_node ({settings['tiles_per_node']}): a job must fit on one node"
         )
+    problems += tiles.reserved_core_problems(settings.get("tiles_cpu_bind") or ())
+    problems += model_problems(settings)
     nodes = settings["nodes_per_submission"]
     problems += launcher_problems(settings)
     minutes = submission_minutes(settings, expected_group_size(settings), nodes)
     problems += queue_problems(settings["queue"], nodes, minutes, jobs, settings["warm_engines"])
     return problems
+
+
+def model_problems(settings: Mapping) -> list[str]:
+    """Tensor parallel against the model's attention heads, where the model's folder is
+    known here (a local folder, or the one rule fetch_model's marker names)."""
+    if settings.get("engine") == "echo" or not settings.get("model"):
+        return []
+    folder = settings["model"]
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if settings.get("model_marker"):
+            folder = fetch.read_marker(settings["model_marker"])["path"]
+    problem = fetch.tensor_parallel_problem(folder, settings["model"], settings["tiles_per_job"])
+    return [problem] if problem else []
 
 
 def launcher_problems(settings: Mapping) -> list[str]:
@@ -222,7 +238,7 @@ def group_packing_problems(
     expected = expected_group_size(settings)
     how = (
         f"{settings['nodes_per_submission']} nodes (pbs.nodes_per_submission) x "
-        f"{jobs_per_node(settings)} engines per node (tiles.per_node // tiles.per_job)"
+        f"{jobs_per_node(settings)} engines per node (tiles.per_node, tiles.per_job)"
     )
     if settings["warm_engines"]:
         how += f" x {settings['ranks_per_engine']} ranks per engine (warm.ranks_per_engine)"

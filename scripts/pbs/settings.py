@@ -72,6 +72,7 @@ def settings_from_config(
         "resubmit": pbs.get("resubmit", 0),
         "tiles_per_node": tiles["per_node"],
         "tiles_per_job": tiles["per_job"],
+        "tiles_cpu_bind": list(tiles.get("cpu_bind") or ()),
         "runtime_minutes": config["runtime_minutes"],
         # Warm engines: one per tile for the whole submission, serving ranks_per_engine
         # ranks each; the walltime is their start plus the ranks.
@@ -90,6 +91,7 @@ def settings_from_config(
         "model": model,
         "model_marker": os.path.abspath(marker) if marker else "",
         "stage_dir": weights["stage_dir"],
+        "broadcast_host": weights.get("broadcast_host") or "{host}",
         "node_launcher": list(config["node_launcher"]),
         "data_dir": config["data_dir"],
         # What the status rounds read for the progress lines (scripts/reporting/progress.py).

@@ -421,6 +421,7 @@ def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
                 "model": model_path(settings),
                 "stage": bool(settings.get("stage") and settings.get("model")),
                 "stage_dir": settings["stage_dir"],
+                "broadcast_host": settings.get("broadcast_host") or "{host}",
                 "node_launcher": settings["node_launcher"],
                 "python": settings["task_python"],
                 "env": dict(engines.get("env") or {}),

@@ -116,7 +116,7 @@ def engine_states(config: dict):
     """For the local progress line (progress.LOCAL): a callable giving (engines ready,
     engines, what the ranks wait for), or None without warm engines; read from the
     run's engine registry (local.LocalService)."""
-    per_node = config["tiles"]["per_node"] // config["tiles"]["per_job"]
+    per_node = tiles.engines_per_node(config["tiles"]["per_node"], config["tiles"]["per_job"])
 
     def states():
         if not config["warm_engines"]:

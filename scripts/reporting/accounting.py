@@ -48,6 +48,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from formats.files import safe_name, write_atomic
+from placement.tiles import engines_per_node
 
 PHASES = ("start", "setup", "staged", "ranks_done", "end")
 PARTS = ("setup", "engine_start", "serving", "idle", "stop")
@@ -587,7 +588,7 @@ def tile_slots(config: Mapping) -> int | None:
     engines the registry or the records name)."""
     if config.get("warm_engines", True):
         return None
-    return max(1, config["tiles"]["per_node"] // config["tiles"]["per_job"])
+    return max(1, engines_per_node(config["tiles"]["per_node"], config["tiles"]["per_job"]))
 
 
 def _main(argv: Sequence[str]) -> int:
