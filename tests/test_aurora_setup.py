@@ -22,7 +22,7 @@ from model import fetch, stage
 from pbs import plan
 from pbs.settings import settings_from_config
 from pipeline import rank_job
-from placement import tiles
+from placement import launcher, node_layout
 
 REPO = Path(__file__).resolve().parents[1]
 AURORA_CPUS = ["1-8", "9-16", "17-24", "25-32", "33-40", "41-48",
@@ -62,7 +62,7 @@ def test_engine_environment_of_module_frameworks_2025_3_1(tmp_path):
         "RANK": "37",
         "WORLD_SIZE": "3072",
     }
-    slot = tiles.Slot("x4102c5s2b0n0", (6, 7, 8, 9))
+    slot = node_layout.Slot("x4102c5s2b0n0", (6, 7, 8, 9))
     engine = supervisor.make_engine(
         engine_spec(tiles={"per_job": 4}), slot, JOB, tmp_path, module_env
     )
@@ -88,7 +88,7 @@ def test_staged_model_info_cache_is_used_from_node_local_space(tmp_path):
     cache = stage.staged_cache_root(str(tmp_path / "tmp"), JOB, host)
     (cache / "modelinfos").mkdir(parents=True)
     the_spec = engine_spec() | {"stage": True, "stage_dir": str(tmp_path / "tmp")}
-    engine = supervisor.make_engine(the_spec, tiles.Slot(host, (0,)), JOB, tmp_path, {})
+    engine = supervisor.make_engine(the_spec, node_layout.Slot(host, (0,)), JOB, tmp_path, {})
     assert engine.env["VLLM_CACHE_ROOT"] == str(cache)
     model = engine.argv[engine.argv.index("--model") + 1]
     assert Path(model).parent == cache.parent  # the weights' copy beside it
@@ -111,14 +111,14 @@ def test_staged_model_info_cache_is_used_from_node_local_space(tmp_path):
     ],
 )  # fmt: skip
 def test_tensor_parallel_slots_stay_on_one_socket(per_job, slots, cpu_lists):
-    found = tiles.engine_slots(12, per_job, "h")
+    found = node_layout.engine_slots(12, per_job, "h")
     assert [s.tiles for s in found] == slots
-    assert tiles.engines_per_node(12, per_job) == len(slots)
+    assert node_layout.engines_per_node(12, per_job) == len(slots)
     if per_job <= 6:
         assert all(len({t // 6 for t in s.tiles}) == 1 for s in found)
-    assert tiles.engine_cpu_lists(12, per_job, AURORA_CPUS) == cpu_lists
+    assert node_layout.engine_cpu_lists(12, per_job, AURORA_CPUS) == cpu_lists
     for text in cpu_lists.replace(":", ",").split(","):
-        assert not set(tiles.cpu_numbers(text)) & set(tiles.RESERVED_CORES)
+        assert not set(node_layout.cpu_numbers(text)) & set(node_layout.RESERVED_CORES)
 
 
 def test_tp4_launcher_call_is_alcfs(tmp_path):
@@ -136,20 +136,20 @@ def test_tp4_plan_counts_two_engines_per_node():
 @pytest.mark.parametrize("bad", ["0-8", "45-52", "104", "150-160"])
 def test_a_reserved_core_in_cpu_bind_is_an_error_naming_the_key(bad):
     cpus = [bad, *AURORA_CPUS[1:]]
-    (problem,) = tiles.reserved_core_problems(cpus)
+    (problem,) = node_layout.reserved_core_problems(cpus)
     assert problem.startswith("config key tiles.cpu_bind: entry 0")
     assert re.search(r"binds core\(s\) (0|52|104|156)", problem)
     with pytest.raises(ValueError, match="tiles.cpu_bind"):
-        tiles.engine_cpu_lists(12, 1, cpus)
+        node_layout.engine_cpu_lists(12, 1, cpus)
     with pytest.raises(ValueError, match="tiles.cpu_bind"):
-        tiles.launch_argv(["x", "{cpus}"], tiles.Slot("h", (0,)), cpus, {}, ["true"])
+        launcher.launch_argv(["x", "{cpus}"], node_layout.Slot("h", (0,)), cpus, {}, ["true"])
     settings = settings_from_config(aurora_config(tiles={"cpu_bind": cpus}, pbs={"account": "P"}))
     assert any(p.startswith("config key tiles.cpu_bind") for p in plan.settings_problems(settings))
 
 
 def test_aurora_cpu_bind_passes_and_a_malformed_one_is_named():
-    assert tiles.reserved_core_problems(AURORA_CPUS) == []
-    (problem,) = tiles.reserved_core_problems(["1-x"])
+    assert node_layout.reserved_core_problems(AURORA_CPUS) == []
+    (problem,) = node_layout.reserved_core_problems(["1-x"])
     assert "config key tiles.cpu_bind" in problem
 
 

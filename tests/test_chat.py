@@ -17,7 +17,7 @@ import pytest
 
 from engine import client, lifecycle
 from engine.lifecycle import Engine
-from placement import tiles
+from placement import node_layout, tiles
 from rank import answer_files, checks, offline, warm
 from rank.jsonl import Answer, Partial
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
@@ -209,7 +209,8 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
     port = free_port()
     key = lifecycle.new_api_key()
     argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
-    placement = tiles.engine_env(tiles.Slot("localhost", (0,)), "FLAT", free_port(), tmp_path / "t")
+    slot = node_layout.Slot("localhost", (0,))
+    placement = tiles.engine_env(slot, "FLAT", free_port(), tmp_path / "t")
     base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
     env = lifecycle.engine_environment(placement, SETTINGS, base)  # its KV cache size too
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)

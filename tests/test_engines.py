@@ -41,7 +41,7 @@ from engine.client import (
     tokenize,
 )
 from engine.lifecycle import Engine, engine_environment, process_group, server_argv, short_tmpdir
-from placement import tiles
+from placement import launcher, node_layout, tiles
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -148,7 +148,7 @@ def wait_until(predicate, timeout: float, poll: float = 0.1) -> float | None:
 def engine_spec(workdir: Path, name: str, tile: int, server: str = "inprocess") -> dict:
     """Everything an Engine needs for the tiny model on one (pretend) tile."""
     port = free_port()
-    slot = tiles.Slot("localhost", (tile,))
+    slot = node_layout.Slot("localhost", (tile,))
     placement = tiles.engine_env(slot, "FLAT", free_port(), workdir / "engine-tmp")
     tag = f"{name}-{uuid.uuid4().hex[:8]}"
     key = lifecycle.new_api_key()
@@ -219,7 +219,7 @@ def test_argv_tensor_parallel_two_tiles():
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     assert argv[argv.index("--distributed-executor-backend") + 1] == "mp"
     assert "--disable-custom-all-reduce" in argv
-    slot = tiles.Slot("x1000c0s0b0n0", (0, 1))
+    slot = node_layout.Slot("x1000c0s0b0n0", (0, 1))
     flat = engine_environment(tiles.engine_env(slot, "FLAT", 29500, "/tmp/e"), SETTINGS, {})
     assert flat["ZE_AFFINITY_MASK"] == "0,1"
     composite = tiles.engine_env(slot, "COMPOSITE", 29500, "/tmp/e")
@@ -291,7 +291,7 @@ def test_argv_parses_with_vllms_own_parser():
 
 
 def test_environment_placement_kv_cache_and_proxy():
-    slot = tiles.Slot("h", (3,))
+    slot = node_layout.Slot("h", (3,))
     placement = tiles.engine_env(slot, "FLAT", 29500, "/tmp/e")
     base = {"PATH": "/bin", "VLLM_PORT": "1", "no_proxy": "proxy.example", "TMPDIR": "/x"}
     env = engine_environment(placement, {**SETTINGS, "cpu_kv_cache_gib": 1.5}, base)
@@ -311,8 +311,8 @@ def test_environment_placement_kv_cache_and_proxy():
 
 def test_short_tmpdir_for_the_long_pbs_tmpdir(tmp_path):
     """PBS's TMPDIR + the per-tile folder + vLLM's socket name exceed the AF_UNIX limit."""
-    root = tiles.default_tmp_root({"TMPDIR": LONG_PBS_TMPDIR})
-    placement = tiles.engine_env(tiles.Slot("h", (11,)), "FLAT", 29500, root)
+    root = launcher.default_tmp_root({"TMPDIR": LONG_PBS_TMPDIR})
+    placement = tiles.engine_env(node_layout.Slot("h", (11,)), "FLAT", 29500, root)
     socket_name = str(uuid.uuid4())
     assert len(f"{placement['TMPDIR']}/{socket_name}") > lifecycle.SOCKET_PATH_MAX
     env = engine_environment(placement, SETTINGS, {"TMPDIR": LONG_PBS_TMPDIR})
@@ -322,7 +322,7 @@ def test_short_tmpdir_for_the_long_pbs_tmpdir(tmp_path):
     assert len(path) < lifecycle.SOCKET_PATH_MAX
     # Stable for the same engine, distinct for another tile.
     assert short_tmpdir(placement["TMPDIR"]) == short
-    other = tiles.engine_env(tiles.Slot("h", (10,)), "FLAT", 29500, root)["TMPDIR"]
+    other = tiles.engine_env(node_layout.Slot("h", (10,)), "FLAT", 29500, root)["TMPDIR"]
     assert short_tmpdir(other) != short
     # The socket really binds there.
     Path(short).mkdir(mode=0o700, exist_ok=True)

@@ -16,7 +16,7 @@ import workflow as wf
 from engine import client, lifecycle, routing, supervisor
 from pbs import node
 from pipeline import rank_job
-from placement import tiles
+from placement import node_layout, tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_two_tile_engines_get_both_tiles_cpus():
 )
 def test_a_launcher_process_takes_its_share_of_the_node(environ, tiles_run):
     index, count = tiles.local_rank(environ)
-    slots = tiles.engine_slots(12, 1, "x0")[index::count]
+    slots = node_layout.engine_slots(12, 1, "x0")[index::count]
     assert [slot.tiles for slot in slots] == tiles_run
 
 
@@ -76,7 +76,7 @@ def test_engine_command_and_environment_on_aurora(tmp_path):
         "python": "python3",
         "api_key_file": str(tmp_path / "job.key"),
     }
-    slot = tiles.Slot("x4102c5s2b0n0.hostmgmt2102", (2, 3))
+    slot = node_layout.Slot("x4102c5s2b0n0.hostmgmt2102", (2, 3))
     engine = supervisor.make_engine(the_spec, slot, job, tmp_path, environ)
     argv = engine.argv
     # loopback only: the node's own Snakemake is the engine's only client
@@ -103,7 +103,7 @@ def test_engine_command_and_environment_on_aurora(tmp_path):
 
 
 def test_engines_listen_on_loopback_only(tmp_path):
-    slot = tiles.Slot("x1", (0,))
+    slot = node_layout.Slot("x1", (0,))
     with pytest.raises(client.EngineStartError, match="warm.listen: '8.8.8.8' is 8.8.8.8, not"):
         supervisor.make_engine(spec() | {"listen": "8.8.8.8"}, slot, "1", tmp_path, {})
     # the test cluster: each host's name is its own loopback address
@@ -114,14 +114,14 @@ def test_engines_listen_on_loopback_only(tmp_path):
 
 def test_staged_model_per_node():
     the_spec = spec() | {"stage": True, "stage_dir": "/tmp", "python": "python3"}
-    slot = tiles.Slot("x1", (0,))
+    slot = node_layout.Slot("x1", (0,))
     engine = supervisor.make_engine(the_spec, slot, "12.pbs", Path("/r"), {"PATH": "/usr/bin"})
     assert engine.argv[engine.argv.index("--model") + 1] == "/tmp/model-12.pbs/x1/opt-125m"
 
 
 def test_echo_engines_are_the_light_server():
     the_spec = spec(engine="echo") | {"python": "python3"}
-    engine = supervisor.make_engine(the_spec, tiles.Slot("x1", (4,)), "1", Path("/r"), {})
+    engine = supervisor.make_engine(the_spec, node_layout.Slot("x1", (4,)), "1", Path("/r"), {})
     assert engine.argv[:2] == ["python3", str(REPO / "scripts" / "engine" / "echo_server.py")]
 
 

@@ -23,7 +23,7 @@ import pytest
 
 from engine import client, local, supervisor
 from pipeline import rank_job
-from placement import ports, tiles
+from placement import node_layout, ports
 from rank import checks, warm
 from test_warm import local_config
 
@@ -132,7 +132,7 @@ def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, ser
     # another run's engine listens on this run's first API port (tiles.base_port + 1000)
     spec = echo_spec(tmp_path)
     placement = spec["tiles"]
-    slots = tiles.engine_slots(placement["per_node"], placement["per_job"], HOST)
+    slots = node_layout.engine_slots(placement["per_node"], placement["per_job"], HOST)
     first = ports.engine_port(spec, slots[0])
     holder = socket.socket()
     with holder:

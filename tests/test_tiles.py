@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 
 from placement import tiles
+from placement.launcher import launch_argv, run_placed
+from placement.node_layout import Slot
 from placement.tiles import (
-    Slot,
     acquire,
     affinity_mask,
     default_lock_dir,
     engine_env,
-    launch_argv,
     read_hosts,
     resolve_hierarchy,
-    run_placed,
 )
 
 SCRIPTS = str(Path(tiles.__file__).resolve().parents[1])
@@ -490,8 +489,9 @@ def test_run_placed_hides_secrets_in_log(tmp_path):
 PARENT = """
 import sys
 from placement import tiles
+from placement import launcher
 child = sys.argv[3]
-code = tiles.run_placed(
+code = launcher.run_placed(
     [sys.executable, "-c", child],
     log_path=sys.argv[1], tiles_per_job=1, tiles_per_node=1, hierarchy_setting="FLAT",
     base_port=29500, cpu_bind=[], launcher=[], extra_env={}, environ={},

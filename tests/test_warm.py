@@ -12,7 +12,7 @@ import yaml
 
 from engine import supervisor
 from pipeline import rank_job
-from placement import tiles
+from placement import node_layout
 from rank import checks, offline
 from workflow import deep_merge
 
@@ -33,7 +33,7 @@ def local_engines(config: dict, model: str, registry: Path) -> list:
     per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
     return [
         supervisor.make_engine(spec, slot, "local-1", registry, os.environ)
-        for slot in tiles.engine_slots(per_node, per_job, host)
+        for slot in node_layout.engine_slots(per_node, per_job, host)
     ]
 
 
@@ -74,7 +74,7 @@ def test_two_tile_engines_get_tensor_parallel_and_a_two_tile_mask(tmp_path):
 
 
 def test_engine_slots_cover_the_node_without_overlap():
-    slots = tiles.engine_slots(12, 3, "h")
+    slots = node_layout.engine_slots(12, 3, "h")
     assert [s.tiles for s in slots] == [(0, 1, 2), (3, 4, 5), (6, 7, 8), (9, 10, 11)]
 
 

@@ -23,7 +23,7 @@ from engine import lifecycle
 from engine.routing import RegistryPool
 from engine.supervisor import LAUNCHER_EXIT, listen_address, registry_dir
 from formats.files import write_atomic
-from placement import tiles
+from placement import node_layout, tiles
 from placement.ports import free_base_port
 from reporting import console
 
@@ -65,7 +65,7 @@ class LocalService:
         placement = self.spec["tiles"]
         base = free_base_port(
             self.spec,
-            tiles.engine_slots(placement["per_node"], placement["per_job"], self.host),
+            node_layout.engine_slots(placement["per_node"], placement["per_job"], self.host),
             listen_address(self.spec, self.host),
         )
         if base != self.spec["tiles"]["base_port"]:

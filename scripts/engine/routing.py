@@ -23,7 +23,7 @@ from engine.supervisor import (
     spec_api_key,
     spec_ready_timeout,
 )
-from placement import tiles
+from placement import node_layout
 
 # Seconds between the client's reads of the registry: while engines start or restart,
 # and once all have settled.
@@ -118,7 +118,7 @@ class RegistryPool:
         expected = [
             engine_file(slot)
             for host in hosts
-            for slot in tiles.engine_slots(per_node, per_job, host)
+            for slot in node_layout.engine_slots(per_node, per_job, host)
         ]
         return cls(
             registry_dir(spec, job_id),

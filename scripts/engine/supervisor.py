@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 from engine import client, lifecycle
 from formats.files import safe_name, write_atomic
 from model import stage
-from placement import tiles
+from placement import launcher, node_layout, tiles
 from placement.ports import engine_port
 from reporting import console
 
@@ -100,7 +100,7 @@ def does_not_fit(log_path: Path | str) -> str | None:
 # ----------------------------------------------------------------------------- layout
 
 
-def engine_file(slot: tiles.Slot) -> str:
+def engine_file(slot: node_layout.Slot) -> str:
     """The engine's name in the registry (``.json`` state, ``.log`` output)."""
     return f"{safe_name(slot.host)}-tile{slot.tiles[0]}"
 
@@ -120,17 +120,17 @@ def job_hosts(environ: Mapping[str, str]) -> tuple[str, list[str]]:
 def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
     """config engine_launcher with {nodes}, {engines}, {engines_per_node}, {cpu_lists}."""
     per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
-    per_host = tiles.engines_per_node(per_node, per_job)
-    # One CPU list per engine, on its socket, reserved cores refused (tiles.slot_cpus).
+    per_host = node_layout.engines_per_node(per_node, per_job)
+    # One CPU list per engine, on its socket, reserved cores refused (node_layout.slot_cpus).
     binds = spec["tiles"]["cpu_bind"]
-    cpu_lists = tiles.engine_cpu_lists(per_node, per_job, binds) if binds else ""
+    cpu_lists = node_layout.engine_cpu_lists(per_node, per_job, binds) if binds else ""
     values = {
         "nodes": str(len(hosts)),
         "engines": str(per_host * len(hosts)),
         "engines_per_node": str(per_host),
         "cpu_lists": cpu_lists,
     }
-    return tiles.render_launcher(spec["launcher"], values, "engine_launcher")
+    return launcher.render_launcher(spec["launcher"], values, "engine_launcher")
 
 
 def spec_api_key(spec: Mapping) -> str | None:
@@ -172,13 +172,13 @@ def engine_model(spec: Mapping, job_id: str, host: str) -> str:
 
 
 def make_engine(
-    spec: Mapping, slot: tiles.Slot, job_id: str, registry: Path, environ=os.environ
+    spec: Mapping, slot: node_layout.Slot, job_id: str, registry: Path, environ=os.environ
 ) -> lifecycle.Engine:
     """The server of one slot, listening on its node's loopback address (config
     warm.listen), its internal ports too: the node's own Snakemake is its only client."""
     placement = spec["tiles"]
     hierarchy = tiles.resolve_hierarchy(placement["hierarchy"], environ)
-    tmp_root = tiles.default_tmp_root(environ) / safe_name(slot.host)
+    tmp_root = launcher.default_tmp_root(environ) / safe_name(slot.host)
     env = tiles.engine_env(slot, hierarchy, placement["base_port"], tmp_root)
     address = listen_address(spec, slot.host)
     env["VLLM_HOST_IP"] = env["MASTER_ADDR"] = address
@@ -210,7 +210,7 @@ def make_engine(
         registry / f"{engine_file(slot)}.log",
         port,
         host=address,
-        name=f"{slot.host}/tile{tiles.tile_ids(slot.tiles)}",
+        name=f"{slot.host}/tile{node_layout.tile_ids(slot.tiles)}",
         max_restarts=spec["max_restarts"],
         api_key=spec_api_key(spec),
     )
@@ -259,7 +259,8 @@ def node(
     host = tiles.this_host(hosts, environ)
     index, count = tiles.local_rank(environ)
     placement = spec["tiles"]
-    slots = tiles.engine_slots(placement["per_node"], placement["per_job"], host)[index::count]
+    slots = node_layout.engine_slots(placement["per_node"], placement["per_job"], host)
+    slots = slots[index::count]
     stopping = threading.Event()
     fatal: list[str] = []  # a reason no restart cures (does_not_fit)
 
@@ -385,7 +386,7 @@ def launch(spec_path: str, environ=os.environ) -> int:
         job_id,
         ",".join(hosts),
     ]
-    per_host = tiles.engines_per_node(spec["tiles"]["per_node"], spec["tiles"]["per_job"])
+    per_host = node_layout.engines_per_node(spec["tiles"]["per_node"], spec["tiles"]["per_job"])
     _log(
         f"launcher call for {per_host * len(hosts)} engine(s) on {len(hosts)} node(s): "
         f"{json.dumps(argv)}"

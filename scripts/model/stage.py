@@ -57,7 +57,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from formats.files import safe_name
-from placement import tiles
+from placement import launcher, tiles
 
 
 def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
@@ -465,8 +465,8 @@ def node_step(
 
 
 def launcher_argv(template: Sequence[str], nodes: int) -> list[str]:
-    values = dict.fromkeys(tiles.NODE_LAUNCHER_PLACEHOLDERS, str(nodes))
-    return tiles.render_launcher(template, values, "node_launcher")
+    values = dict.fromkeys(launcher.NODE_LAUNCHER_PLACEHOLDERS, str(nodes))
+    return launcher.render_launcher(template, values, "node_launcher")
 
 
 def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> int:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
 from model import fetch
-from placement import tiles
+from placement import launcher, node_layout
 
 from .settings import (
     SETTINGS_VARIABLE,
@@ -93,7 +93,7 @@ def format_walltime(minutes: int) -> str:
 
 
 def jobs_per_node(settings: Mapping) -> int:
-    return tiles.engines_per_node(settings["tiles_per_node"], settings["tiles_per_job"])
+    return node_layout.engines_per_node(settings["tiles_per_node"], settings["tiles_per_job"])
 
 
 def max_walltime(limits: QueueLimits, nodes: int) -> tuple[int, str]:
@@ -163,7 +163,7 @@ def settings_problems(settings: Mapping, *, jobs: int | None = None) -> list[str
             f"config key tiles.per_job ({settings['tiles_per_job']}) is larger than "
             f"tiles.per_node ({settings['tiles_per_node']}): a job must fit on one node"
         )
-    problems += tiles.reserved_core_problems(settings.get("tiles_cpu_bind") or ())
+    problems += node_layout.reserved_core_problems(settings.get("tiles_cpu_bind") or ())
     problems += model_problems(settings)
     nodes = settings["nodes_per_submission"]
     problems += launcher_problems(settings)
@@ -189,14 +189,14 @@ def launcher_problems(settings: Mapping) -> list[str]:
     """The launchers' placeholders, and with warm engines the node-local ranks' needs."""
     problems, warm_engines = [], settings["warm_engines"]
     spec = settings.get("engines") or {}
-    launchers = [("node_launcher", settings["node_launcher"], tiles.NODE_LAUNCHER_PLACEHOLDERS)]
+    launchers = [("node_launcher", settings["node_launcher"], launcher.NODE_LAUNCHER_PLACEHOLDERS)]
     if warm_engines:
         launchers.append(
-            ("engine_launcher", spec.get("launcher") or [], tiles.ENGINE_LAUNCHER_PLACEHOLDERS)
+            ("engine_launcher", spec.get("launcher") or [], launcher.ENGINE_LAUNCHER_PLACEHOLDERS)
         )
     for key, template, names in launchers:
         try:
-            tiles.launcher_fields(template, names, key)
+            launcher.launcher_fields(template, names, key)
         except ValueError as error:
             problems.append(str(error))
     if warm_engines and settings["nodes_per_submission"] > 1 and not settings["node_launcher"]:

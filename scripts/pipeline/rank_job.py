@@ -1,6 +1,6 @@
 """One rank's job, as rule infer runs it: on the run's warm engines (supervisor.py's engine
 service: in a PBS submission its node's engines, locally the one-node case), or on an
-engine of its own placed on a free tile (tiles.run_placed, then scripts/rank/task.py).
+engine of its own placed on a free tile (launcher.run_placed, then scripts/rank/task.py).
 
 Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
@@ -20,7 +20,7 @@ from model.prepare import (
     offline_env,
     staged,
 )
-from placement import tiles
+from placement import launcher, node_layout
 from rank import checks, task, warm
 from reporting import progress
 
@@ -116,7 +116,7 @@ def engine_states(config: dict):
     """For the local progress line (progress.LOCAL): a callable giving (engines ready,
     engines, what the ranks wait for), or None without warm engines; read from the
     run's engine registry (local.LocalService)."""
-    per_node = tiles.engines_per_node(config["tiles"]["per_node"], config["tiles"]["per_job"])
+    per_node = node_layout.engines_per_node(config["tiles"]["per_node"], config["tiles"]["per_job"])
 
     def states():
         if not config["warm_engines"]:
@@ -184,7 +184,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     model = engine_model(config, model, input.model)
     on_node = staged(config, model)
 
-    def command(slot: tiles.Slot) -> list[str]:
+    def command(slot: node_layout.Slot) -> list[str]:
         settings = task_settings(config, on_node(slot.host) if on_node else model)
         return [
             inference_python(config),
@@ -206,7 +206,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     placement = config["tiles"]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     progress.clear_failure_note(log, rank)
-    code = tiles.run_placed(
+    code = launcher.run_placed(
         command,
         log_path=Path(log),
         tiles_per_job=placement["per_job"],

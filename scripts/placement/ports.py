@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # tiles imports this module (the engine environment's ports)
-    from placement.tiles import Slot
+from placement.node_layout import Slot
 
 
 def engine_port(spec: Mapping, slot: Slot) -> int:

@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from formats.files import safe_name, write_atomic
-from placement.tiles import engines_per_node
+from placement.node_layout import engines_per_node
 
 PHASES = ("start", "setup", "staged", "ranks_done", "end")
 PARTS = ("setup", "engine_start", "serving", "idle", "stop")
