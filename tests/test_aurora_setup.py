@@ -18,6 +18,7 @@ import pytest
 
 import workflow as wf
 from engine import supervisor
+from formats import staged_model
 from model import fetch, stage
 from pbs import plan
 from pbs.settings import settings_from_config
@@ -85,7 +86,7 @@ def test_staged_model_info_cache_is_used_from_node_local_space(tmp_path):
     """With the model staged, engines read vLLM's model-info cache from their node's
     copy (made by scripts/model/stage.py), not from the shared file system."""
     host = "x4102c5s2b0n0"
-    cache = stage.staged_cache_root(str(tmp_path / "tmp"), JOB, host)
+    cache = staged_model.staged_cache_root(str(tmp_path / "tmp"), JOB, host)
     (cache / "modelinfos").mkdir(parents=True)
     the_spec = engine_spec() | {"stage": True, "stage_dir": str(tmp_path / "tmp")}
     engine = supervisor.make_engine(the_spec, node_layout.Slot(host, (0,)), JOB, tmp_path, {})
@@ -122,7 +123,7 @@ def test_tensor_parallel_slots_stay_on_one_socket(per_job, slots, cpu_lists):
 
 
 def test_tp4_launcher_call_is_alcfs(tmp_path):
-    argv = supervisor.launcher_argv(engine_spec(tiles={"per_job": 4}), ["x0", "x1", "x2"])
+    argv = launcher.engine_launcher_argv(engine_spec(tiles={"per_job": 4}), ["x0", "x1", "x2"])
     assert argv == ["mpiexec", "-n", "6", "--ppn", "2", "--cpu-bind", "list:1-48:53-100",
                     "--no-vni"]  # fmt: skip
 
@@ -228,7 +229,8 @@ def test_a_log_that_says_does_not_fit_gives_the_reason(tmp_path):
 
 def test_staging_launcher_call_on_aurora():
     template = aurora_config()["node_launcher"]
-    assert stage.launcher_argv(template, 256) == ["mpiexec", "-n", "256", "--ppn", "1", "--no-vni"]
+    argv = launcher.node_launcher_argv(template, 256)
+    assert argv == ["mpiexec", "-n", "256", "--ppn", "1", "--no-vni"]
 
 
 def test_broadcast_tree_reads_once_and_reaches_256_nodes_in_8_rounds():

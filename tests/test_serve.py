@@ -16,7 +16,7 @@ import workflow as wf
 from engine import client, lifecycle, routing, supervisor
 from pbs import node
 from pipeline import rank_job
-from placement import node_layout, tiles
+from placement import launcher, node_layout, tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def spec(**changes) -> dict:
 
 def test_one_mpiexec_for_all_engines_of_the_submission():
     hosts = [f"x{i}.hostmgmt" for i in range(4)]
-    argv = supervisor.launcher_argv(spec(), hosts)
+    argv = launcher.engine_launcher_argv(spec(), hosts)
     lists = "1-8:9-16:17-24:25-32:33-40:41-48:53-60:61-68:69-76:77-84:85-92:93-100"
     assert argv == [
         "mpiexec", "-n", "48", "--ppn", "12", "--cpu-bind", f"list:{lists}", "--no-vni",
@@ -44,7 +44,7 @@ def test_one_mpiexec_for_all_engines_of_the_submission():
 
 
 def test_two_tile_engines_get_both_tiles_cpus():
-    argv = supervisor.launcher_argv(spec(tiles={"per_job": 2}), ["x0", "x1"])
+    argv = launcher.engine_launcher_argv(spec(tiles={"per_job": 2}), ["x0", "x1"])
     assert argv[:5] == ["mpiexec", "-n", "12", "--ppn", "6"]
     assert argv[6] == "list:1-16:17-32:33-48:53-68:69-84:85-100"
 

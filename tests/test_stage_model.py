@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from formats import staged_model
 from model import stage
 from workflow import TINY_MODEL
 
@@ -71,7 +72,9 @@ def test_copy_to_every_node_then_remove(tmp_path, monkeypatch, capfd):
     settings = setup(tmp_path, monkeypatch, "0 1")
     assert stage.main(["prepare", str(settings)]) == 0
     for host in ("nodeA", "nodeB"):
-        copy = stage.staged_path(str(tmp_path / "local"), "7.pbs-head", host, str(TINY_MODEL))
+        copy = staged_model.staged_path(
+            str(tmp_path / "local"), "7.pbs-head", host, str(TINY_MODEL)
+        )
         assert (copy / "config.json").read_bytes() == (TINY_MODEL / "config.json").read_bytes()
     out = capfd.readouterr().out
     assert out.count("stage_model: prepare on 2 node(s)") == 1 and "nodeB: " in out

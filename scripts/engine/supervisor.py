@@ -48,8 +48,8 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import client, lifecycle
+from formats import staged_model
 from formats.files import safe_name, write_atomic
-from model import stage
 from placement import launcher, node_layout, tiles
 from placement.ports import engine_port
 from reporting import console
@@ -117,22 +117,6 @@ def job_hosts(environ: Mapping[str, str]) -> tuple[str, list[str]]:
     return job, tiles.read_hosts(environ)
 
 
-def launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
-    """config engine_launcher with {nodes}, {engines}, {engines_per_node}, {cpu_lists}."""
-    per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
-    per_host = node_layout.engines_per_node(per_node, per_job)
-    # One CPU list per engine, on its socket, reserved cores refused (node_layout.slot_cpus).
-    binds = spec["tiles"]["cpu_bind"]
-    cpu_lists = node_layout.engine_cpu_lists(per_node, per_job, binds) if binds else ""
-    values = {
-        "nodes": str(len(hosts)),
-        "engines": str(per_host * len(hosts)),
-        "engines_per_node": str(per_host),
-        "cpu_lists": cpu_lists,
-    }
-    return launcher.render_launcher(spec["launcher"], values, "engine_launcher")
-
-
 def spec_api_key(spec: Mapping) -> str | None:
     """The submission's engine key, from the 0600 file pbs-submit wrote (none: no key)."""
     path = spec.get("api_key_file")
@@ -167,7 +151,7 @@ def spec_ready_timeout(spec: Mapping) -> float:
 def engine_model(spec: Mapping, job_id: str, host: str) -> str:
     """The node's staged copy (config weights.stage), else the shared folder."""
     if spec["stage"]:
-        return str(stage.staged_path(spec["stage_dir"], job_id, host, spec["model"]))
+        return str(staged_model.staged_path(spec["stage_dir"], job_id, host, spec["model"]))
     return spec["model"]
 
 
@@ -197,7 +181,11 @@ def make_engine(
             server=spec["server"],
         )
     base = {**environ, **spec["env"]}
-    cache = stage.staged_cache_root(spec["stage_dir"], job_id, slot.host) if spec["stage"] else None
+    cache = (
+        staged_model.staged_cache_root(spec["stage_dir"], job_id, slot.host)
+        if spec["stage"]
+        else None
+    )
     if cache is not None and cache.is_dir():  # the node's copy (scripts/model/stage.py)
         base["VLLM_CACHE_ROOT"] = str(cache)
     env = lifecycle.engine_environment(env, settings, base)
@@ -378,7 +366,7 @@ def launch(spec_path: str, environ=os.environ) -> int:
     registry.mkdir(parents=True, exist_ok=True)
     for name in (STOP_FILE, LAUNCHER_EXIT):
         (registry / name).unlink(missing_ok=True)
-    argv = launcher_argv(spec, hosts) + [
+    argv = launcher.engine_launcher_argv(spec, hosts) + [
         spec["python"],
         os.path.abspath(__file__),
         "node",

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 from engine import lifecycle
+from formats import staged_model
 from formats.workflow_config import ConfigError
-from model import stage
 from model.fetch import read_marker
 
 
@@ -147,7 +147,9 @@ def staged(config: dict, model: str, environ=os.environ):
     job = environ.get("PBS_JOBID")
     if not (config["weights"]["stage"] and job and config["engine"] != "echo"):
         return None
-    return lambda host: str(stage.staged_path(config["weights"]["stage_dir"], job, host, model))
+    return lambda host: str(
+        staged_model.staged_path(config["weights"]["stage_dir"], job, host, model)
+    )
 
 
 def check_chat_template(config: dict) -> None:

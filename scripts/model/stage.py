@@ -57,19 +57,8 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from formats.files import safe_name
+from formats.staged_model import staged_cache_root, staged_path
 from placement import launcher, tiles
-
-
-def staged_path(stage_dir: str, job_id: str, host: str, model: str) -> Path:
-    """Where ``model`` lies on ``host`` during PBS job ``job_id``."""
-    return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / Path(model).name
-
-
-def staged_cache_root(stage_dir: str, job_id: str, host: str) -> Path:
-    """Where vLLM's model-info cache (VLLM_CACHE_ROOT, built by rule fetch_model) lies on
-    ``host`` during PBS job ``job_id``: engines read it from node-local space, as
-    ALCF's GettingStarted examples copy it to each node's /tmp."""
-    return Path(stage_dir) / f"model-{safe_name(job_id)}" / safe_name(host) / "vllm-cache"
 
 
 def node_hosts(environ: Mapping[str, str]) -> list[str]:
@@ -464,11 +453,6 @@ def node_step(
     return 0
 
 
-def launcher_argv(template: Sequence[str], nodes: int) -> list[str]:
-    values = dict.fromkeys(launcher.NODE_LAUNCHER_PLACEHOLDERS, str(nodes))
-    return launcher.render_launcher(template, values, "node_launcher")
-
-
 def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> int:
     """One launcher call: one process per node does `node_step`."""
     settings_file = os.path.abspath(settings_file)
@@ -479,7 +463,7 @@ def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> in
             "that starts one process per node"
         )
     hosts, job_id = node_hosts(environ), environ["PBS_JOBID"]
-    argv = launcher_argv(settings["node_launcher"], len(hosts)) + [
+    argv = launcher.node_launcher_argv(settings["node_launcher"], len(hosts)) + [
         settings["python"],
         os.path.abspath(__file__),
         f"{action}-node",

@@ -19,8 +19,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 from engine import lifecycle
 from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts, registry_dir
 from formats.files import safe_name, write_atomic
-from model import stage
-from placement import tiles
+from placement import launcher, tiles
 from reporting import console
 
 
@@ -78,15 +77,15 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     command = [spec["python"], os.path.abspath(__file__), "ranks-node", spec_path, nodes_path]
     command += [job_id, ",".join(hosts)]
     if nodes["node_launcher"]:
-        launcher = stage.launcher_argv(nodes["node_launcher"], len(hosts))
+        start = launcher.node_launcher_argv(nodes["node_launcher"], len(hosts))
     elif len(hosts) == 1:
-        launcher = []  # the job's own node is its only one
+        start = []  # the job's own node is its only one
     else:
         raise SystemExit(
             f"ranks: config key node_launcher is empty but the job has {len(hosts)} nodes: "
             "each node's ranks run on that node, started by one launcher call"
         )
-    argv = launcher + command
+    argv = start + command
     _log(f"ranks: launcher call for {len(hosts)} node Snakemake(s): {json.dumps(argv)}")
     try:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)

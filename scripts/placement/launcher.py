@@ -16,7 +16,15 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from placement.node_layout import Slot, compact_cpus, cpu_numbers, reserved_core_problems, tile_ids
+from placement.node_layout import (
+    Slot,
+    compact_cpus,
+    cpu_numbers,
+    engine_cpu_lists,
+    engines_per_node,
+    reserved_core_problems,
+    tile_ids,
+)
 from placement.tiles import (
     _acquire_fds,
     default_lock_dir,
@@ -75,6 +83,28 @@ def render_launcher(template: Sequence[str], values: Mapping[str, str], key: str
     ``values`` (checked by `launcher_fields`)."""
     launcher_fields(template, list(values), key)
     return [element.format_map(values) for element in template]
+
+
+def engine_launcher_argv(spec: Mapping, hosts: Sequence[str]) -> list[str]:
+    """config engine_launcher with {nodes}, {engines}, {engines_per_node}, {cpu_lists}."""
+    per_node, per_job = spec["tiles"]["per_node"], spec["tiles"]["per_job"]
+    per_host = engines_per_node(per_node, per_job)
+    # One CPU list per engine, on its socket, reserved cores refused (slot_cpus).
+    binds = spec["tiles"]["cpu_bind"]
+    cpu_lists = engine_cpu_lists(per_node, per_job, binds) if binds else ""
+    values = {
+        "nodes": str(len(hosts)),
+        "engines": str(per_host * len(hosts)),
+        "engines_per_node": str(per_host),
+        "cpu_lists": cpu_lists,
+    }
+    return render_launcher(spec["launcher"], values, "engine_launcher")
+
+
+def node_launcher_argv(template: Sequence[str], nodes: int) -> list[str]:
+    """config node_launcher with {nodes}: one process on each node."""
+    values = dict.fromkeys(NODE_LAUNCHER_PLACEHOLDERS, str(nodes))
+    return render_launcher(template, values, "node_launcher")
 
 
 def launch_argv(
