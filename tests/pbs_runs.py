@@ -12,7 +12,8 @@ output file); the model is copied to every node with ``pbsdsh``.
 Here: the run folders and their config (``aurora_folder``, ``warm_folder``), the runs
 (``run_aurora``, ``aurora_in_background``, ``continued_run``), what a run left
 (``submissions``, registry entries, progress lines, processes), and the fixtures
-``commands`` and ``run_owner_ends_with_the_test``, which a test module imports to use.
+``commands`` and ``run_owner_ends_with_the_test`` (tests/conftest.py registers this
+module as a plugin, so every test module sees them).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ INTERVAL = 2  # pbs.status_interval and --seconds-between-status-checks in these
 
 # (stand-in for the main Snakemake, its run's state folder) of the running test
 _RUN_OWNERS: list[tuple[subprocess.Popen, Path]] = []
+
+
+# --------------------------------- the profile's commands, run as Snakemake runs them
 
 
 def provider_settings(work: Path, **changes) -> dict:
@@ -197,6 +201,8 @@ def wait_gone(cluster: PbsCluster, ids, timeout: float = 15) -> list[str]:
     return left
 
 
+# --------------------------------------------------- whole runs through the scheduler
+
 SUBMISSION_KEYS = ("time", "id", "name", "nodes", "walltime", "queue", "ranks")
 
 
@@ -320,6 +326,8 @@ def node_list(cluster: PbsCluster, job_id: str) -> list[str]:
     return [part.split("/")[0] for part in cluster.job(job_id)["exec_host"].split("+")]
 
 
+# ------------------------------------------------------- warm engines in a submission
+
 ECHO_SERVER = REPO / "scripts" / "engine" / "echo_server.py"
 
 
@@ -358,6 +366,8 @@ def engine_states(work: Path, job_id: str) -> dict[str, str]:
     registry = work / "logs" / "engines" / re.sub(r"[^A-Za-z0-9._-]", "_", job_id)
     return {path.stem: json.loads(path.read_text())["state"] for path in registry.glob("*.json")}
 
+
+# -------------------------------------------------------------------------- preflight
 
 PROBING_PYTHON = """#!/bin/sh
 # Test stand-in for config `python`: the real interpreter, except that the nodes'
@@ -452,6 +462,9 @@ def progress_lines(text: str) -> list[dict]:
         if match := PROGRESS.match(line):
             found.append({k: v.replace(",", "") if v else v for k, v in match.groupdict().items()})
     return found
+
+
+# ------------------------------------------- walltime kills, reruns and continuations
 
 
 def short_queue(cluster: PbsCluster, resubmit: int) -> dict:
@@ -556,6 +569,9 @@ def yaml_config(work: Path) -> dict:
 
 def epoch_of_log_line(line: str) -> float:
     return time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S"))
+
+
+# ------------------------------------------------- processes left, Ctrl-C and SIGKILL
 
 
 def processes_running(path: Path) -> list[int]:
