@@ -17,7 +17,7 @@ BENCH_MODEL := models/opt-125m-shaped
 # test tier runs the engines under this venv's python (config `python`).
 VENV015 := .venv-vllm015
 
-.PHONY: run test lint format bench lock lock-vllm015 openpbs clean
+.PHONY: run test test-unit test-vllm test-pbs lint format bench lock lock-vllm015 openpbs clean
 
 run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/python scripts/tools/unlock_stale.py profiles/local $(BIN)/snakemake
@@ -26,6 +26,17 @@ run: $(VENV)/.installed $(TINY_MODEL)/config.json
 
 test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json openpbs
 	$(BIN)/python -m pytest
+
+# One tier alone (tests/README.md): unit tests need only the venv; the real-vLLM tier
+# the tiny models and vLLM 0.15.0's venv; the PBS tier OpenPBS and the tiny model.
+test-unit: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not vllm and not pbs"
+
+test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json
+	$(BIN)/python -m pytest -m vllm
+
+test-pbs: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
+	$(BIN)/python -m pytest -m pbs
 
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint --profile profiles/local

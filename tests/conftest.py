@@ -14,6 +14,10 @@ import pytest
 
 from pbs_cluster import PbsCluster
 
+# The fixtures of the PBS runs (``commands``, ``run_owner_ends_with_the_test``) live
+# beside their helpers.
+pytest_plugins = ["pbs_runs"]
+
 _REPO = Path(__file__).resolve().parent.parent
 _INSTALL_OPENPBS = _REPO / "scripts" / "tools" / "install-openpbs.sh"
 
@@ -26,6 +30,14 @@ LEFTOVER_GRACE_S = 30
 
 def pytest_configure(config) -> None:
     os.environ[SESSION_MARK] = str(os.getpid())
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that uses the test cluster is in the ``pbs`` tier, whether or not its
+    module says so: ``pytest -m "not vllm and not pbs"`` must never start OpenPBS."""
+    for item in items:
+        if "pbs_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.pbs)
 
 
 def session_processes(mark: str) -> dict[int, str]:

@@ -20,6 +20,15 @@ import pytest
 import workflow as wf
 from engine import supervisor
 from formats.files import safe_name
+from pbs_runs import (
+    aurora_folder,
+    delete_our_jobs,
+    job_seconds,
+    output_of,
+    run_aurora,
+    submissions,
+    warm_folder,
+)
 from reporting import accounting, summary, timeline
 
 DATA = Path(__file__).parent / "data" / "accounting"
@@ -205,14 +214,6 @@ def test_local_echo_run_writes_engines_submission_and_timeline(tmp_path, warm):
 
 @pytest.mark.pbs
 def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
-    from test_aurora_profile import (
-        delete_our_jobs,
-        job_seconds,
-        output_of,
-        run_aurora,
-        submissions,
-        warm_folder,
-    )
 
     # 32 uneven ranks on 2 nodes x 4 engines, one request per engine at a time: the
     # last ones leave most engines idle. Two are JSONL ranks (short lines, text parts,
@@ -358,8 +359,6 @@ def test_local_warm_vllm_engines_start_and_ready_times_from_their_registry(tmp_p
 
 @pytest.mark.pbs
 def test_per_rank_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
-    from test_aurora_profile import aurora_folder, delete_our_jobs, output_of, run_aurora
-
     ranks = {f"{i}.in": "".join(f"rank {i} p{j}\n" for j in range(1 + i % 2)) for i in range(8)}
     work = aurora_folder(tmp_path, ranks, tiles={"per_node": 4}, pbs={"nodes_per_submission": 2})
     try:

@@ -2,7 +2,7 @@
 
 Scheduler outputs come from tests/data/openpbs/ (recorded on a real OpenPBS 23.06
 server) and tests/data/pbspro/ (PBS Pro, written by hand after published outputs: see
-its README). Tests against the real scheduler are in tests/test_aurora_profile.py.
+its README). Tests against the real scheduler are in tests/test_aurora_runs.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """scripts/engine/supervisor.py without a scheduler: the launcher call, which engines a launcher
 process runs, their command and environment, and the ranks' pool over the registry.
-The whole path runs on OpenPBS in tests/test_aurora_profile.py (warm tests)."""
+The whole path runs on OpenPBS in tests/test_aurora_runs.py and test_aurora_failures.py
+(warm tests)."""
 
 from __future__ import annotations
 

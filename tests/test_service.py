@@ -2,7 +2,7 @@
 submission, the same supervisor (supervisor.node), registry and pool (routing.RegistryPool),
 here on echo servers, in seconds. Real vLLM engines run through it in
 tests/test_workflow_local.py; the submission's case on OpenPBS in
-tests/test_aurora_profile.py."""
+tests/test_aurora_runs.py."""
 
 from __future__ import annotations
 

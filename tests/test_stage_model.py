@@ -2,7 +2,7 @@
 the model to it, and the step fails unless every node reports its copy. The hosts are
 simulated here by a launcher that runs the command once per node index, and the node's
 inference Python by stand-in `vllm` and `torch` packages on its PYTHONPATH; the real
-thing (pbsdsh on the OpenPBS cluster, the real vLLM) is in tests/test_aurora_profile.py."""
+thing (pbsdsh on the OpenPBS cluster, the real vLLM) is in tests/test_aurora_runs.py."""
 
 from __future__ import annotations
 

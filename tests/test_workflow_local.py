@@ -121,9 +121,14 @@ def the_engine_log(work: Path, host: str, tile: int) -> Path:
 
 @pytest.mark.vllm
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
-def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
+def test_the_sample_ranks_with_the_tiny_model(tmp_path, warm):
     ranks = sample_ranks()
     assert len(ranks) == 48
+    if not warm:
+        # Per-rank engines: each rank loads the model itself, so 48 ranks cost 48 engine
+        # starts (about 4 of this test's 5 minutes on 2 cores) and show nothing 4 ranks on
+        # the 2 tiles do not (two waves, each rank its own engine); the warm run reads all 48.
+        ranks = {name: ranks[name] for name in sorted(ranks, key=lambda n: int(n[:-3]))[::12]}
     work = make_workdir(tmp_path, ranks)
     assert_ok(snakemake(work, configfiles=local_config(work, warm_engines=warm)))
     (marker,) = (work / "results" / "model").glob("*.json")
@@ -157,7 +162,7 @@ def test_all_48_sample_ranks_with_the_tiny_model(tmp_path, warm):
             engine_log = the_engine_log(work, os.uname().nodename, tile)
             assert engine_log.read_text().count("Application startup complete") == 1
     summary = (work / "results" / "summary.tsv").read_text().splitlines()
-    assert len(summary) == 1 + 48
+    assert len(summary) == 1 + len(ranks)
     assert processes_in(work) == []
 
 

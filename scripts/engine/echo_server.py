@@ -311,10 +311,12 @@ def serve(server: ThreadingHTTPServer, stopped=lambda: False) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _signum, _frame: stop.set())
+    # the line vLLM's server prints once it serves; engine logs are read for it. The
+    # socket already listens (connections wait in its backlog), and printed before the
+    # first answer, the line is in the log by the time anyone has seen /health answer.
+    print("Application startup complete.", file=sys.stderr, flush=True)
     serving = threading.Thread(target=server.serve_forever, name="serve", daemon=True)
     serving.start()
-    # the line vLLM's server prints once it serves; engine logs are read for it
-    print("Application startup complete.", file=sys.stderr, flush=True)
     while not stop.wait(0.5) and not stopped():
         pass
     server.shutdown()
