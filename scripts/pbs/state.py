@@ -117,7 +117,7 @@ def submitting(settings: Mapping) -> Iterator[None]:
         yield
 
 
-def _no_submission_under_way(settings: Mapping) -> None:
+def no_submission_under_way(settings: Mapping) -> None:
     path = Path(settings["state_dir"]) / "submitting.lock"
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -35,8 +35,8 @@ from .parse import (
 from .settings import LOG_DIR, QUERY_TIMEOUT, owner_alive, run_id
 from .state import (
     StateStore,
-    _no_submission_under_way,
     new_job_record,
+    no_submission_under_way,
     submission_ranks,
 )
 
@@ -502,7 +502,7 @@ def watch(
         while owner_alive(settings):
             time.sleep(interval)
         # A qsub that Snakemake gave up on may still be under way: it records its job.
-        _no_submission_under_way(settings)
+        no_submission_under_way(settings)
         left = open_jobs_of_run(settings)
         if left:
             store.log(

@@ -10,8 +10,8 @@ and passes everything else on the command line:
 
 A rank file is a ``.in`` (one prompt a line) or a ``.jsonl`` of requests
 (scripts/rank/jsonl.py: prompts or chat messages, per-request sampling, OpenAI batch
-lines). Each answer is kept in ``results/.partial/`` as it finishes, so a rank stopped
-mid-way and run again generates only the rest.
+lines). Each answer is kept in ``results/.partial/`` (scripts/formats/partial.py) as it
+finishes, so a rank stopped mid-way and run again generates only the rest.
 
 Launchers may start it in another folder ($HOME under pbs_tmrsh): give absolute paths.
 
@@ -32,9 +32,7 @@ error):
 
 Outputs, both written atomically, the record first and the .out last (so an
 existing .out means the rank is complete):
-    --record   JSON: rank, prompts, output_tokens, prompt_tokens, load_s, generate_s,
-               tokens_per_s, import_s, python_start_s, host, hostname, mask, tiles,
-               model, engine, truncated, resumed, written_at (UNIX time of the write)
+    --record   the rank record (its fields: scripts/formats/record.py)
     --output   .in: one seed record per prompt, in input order:
                Prompt: '...', Generated text: '...'<blank line>
                .jsonl: one answer line per request, in input order

@@ -1,7 +1,8 @@
 """How far a run is, read from what it writes on the shared file system: the ranks'
 records (``results/records/<rank>.json``), their failure notes
 (``logs/infer/failed/<rank>.json``) and a PBS submission's engine registry
-(``logs/engines/<job id>/<host>-tile<N>.json``, written by scripts/engine/supervisor.py).
+(``logs/engines/<job id>/<host>-tile<N>.json``, written by scripts/engine/supervisor.py),
+each read through its format's module in scripts/formats/.
 
 One reading per status round must stay cheap at 30,720 ranks and 3,072 engines on
 Lustre, where every open and stat is a metadata request: a round lists each folder

@@ -1,6 +1,6 @@
 """The run report: per-rank records -> results/summary.tsv, a plot, and one paragraph.
 
-Every rank's task writes a JSON record (scripts/rank/task.py). This module turns the
+Every rank's task writes a JSON record (scripts/formats/record.py). This module turns the
 records of a run into what a user reads at the end of it:
 
 * ``summary.tsv``: one row per rank (rank, prompts, output tokens, load s,
