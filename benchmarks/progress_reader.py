@@ -101,28 +101,28 @@ class CountingReads:
     def __init__(self, progress):
         self.progress = progress
         self.files = self.listings = 0
-        self._read_json, self._listing = progress._read_json, progress.listing
+        self._read, self._listing = progress._read, progress.listing
 
     def __enter__(self):
         outer = self
 
-        def read_json(path, reads):
+        def read(reader, path, reads):
             outer.files += 1
-            return outer._read_json(path, reads)
+            return outer._read(reader, path, reads)
 
         def listing(folder, suffix, reads):
             outer.listings += 1
             return outer._listing(folder, suffix, reads)
 
-        self.progress._read_json, self.progress.listing = read_json, listing
+        self.progress._read, self.progress.listing = read, listing
         return self
 
     def __exit__(self, *exc):
-        self.progress._read_json, self.progress.listing = self._read_json, self._listing
+        self.progress._read, self.progress.listing = self._read, self._listing
 
 
 def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> dict:
-    from pbs import parse, status
+    from pbs import parse, state, status
     from reporting import progress
 
     ranks, engines = (3_072, 308) if quick else (RANKS, ENGINES)
@@ -156,7 +156,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
             + "\n"
         )
         state = {
-            "jobs": {job_id: status.new_job_record(0, f"r0-{ranks - 1}", status.run_id(settings))}
+            "jobs": {job_id: state.new_job_record(0, f"r0-{ranks - 1}", status.run_id(settings))}
         }
         answers = {job_id: parse.verdict({"job_state": "R", "stime": "Thu Dec  3 07:00:00 2026"})}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import workflow as wf
-from engine import supervisor
+from formats import registry as registry_format
 from formats.files import safe_name
 from pbs_runs import (
     aurora_folder,
@@ -333,7 +333,7 @@ def test_local_warm_vllm_engines_start_and_ready_times_from_their_registry(tmp_p
     # registry has them (the supervisor of a local run, supervisor.node); ranks start on the
     # first engine ready, and four tiny ranks may all be done before the other one is
     folder = Path(records[0]["engine_log"]).parent
-    registry = {e["name"]: e for e in supervisor.read_registry(folder).values()}
+    registry = {e["name"]: e for e in registry_format.read_registry(folder).values()}
     assert sorted(e["engine"] for e in engines) == sorted(registry) and len(engines) == 2
     for engine in engines:
         mine = [r for r in records if r["engine_name"] == engine["engine"]]

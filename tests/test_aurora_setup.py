@@ -18,7 +18,7 @@ import pytest
 
 import workflow as wf
 from engine import supervisor
-from formats import staged_model
+from formats import registry, staged_model
 from model import fetch, stage
 from pbs import plan
 from pbs.settings import settings_from_config
@@ -342,7 +342,7 @@ def test_an_engine_that_does_not_fit_ends_its_node_with_the_reason(tmp_path):
         for sig, handler in kept.items():  # node() installs its own
             signal.signal(sig, handler)
     assert code == 1
-    entries = supervisor.read_registry(tmp_path / "engines" / "7.pbs")
+    entries = registry.read_registry(tmp_path / "engines" / "7.pbs")
     assert len(entries) == 2
     for entry in entries.values():
         assert (entry["state"], entry["cause"], entry["restarts"]) == ("failed", "does_not_fit", 0)

@@ -17,9 +17,9 @@ import pytest
 
 from engine import client, lifecycle
 from engine.lifecycle import Engine
+from formats.partial import Answer, Partial, partial_key
 from placement import node_layout, tiles
-from rank import answer_files, checks, offline, warm
-from rank.jsonl import Answer, Partial
+from rank import checks, offline, warm
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
@@ -130,7 +130,7 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
     }
     # a rank stopped after its first answer: that answer is kept, the rest generated
     kept = write_rank(work / "kept", 3, LINES)
-    key = answer_files.partial_key(kept, checks.parse_settings(json.dumps(settings(tiny_chat))))
+    key = partial_key(kept, checks.parse_settings(json.dumps(settings(tiny_chat))))
     partial = Partial(work / "kept" / "results" / "3.jsonl", key)
     partial.open({})
     partial.add(0, Answer("KEPT", "stop", 99, 1))

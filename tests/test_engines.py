@@ -41,6 +41,7 @@ from engine.client import (
     tokenize,
 )
 from engine.lifecycle import Engine, engine_environment, process_group, server_argv, short_tmpdir
+from formats import registry as registry_format
 from placement import launcher, node_layout, tiles
 
 REPO = Path(__file__).resolve().parent.parent
@@ -716,9 +717,8 @@ def test_real_tokenize_and_over_long_prompts(engine):
 @pytest.mark.vllm
 def test_real_pool_serves_concurrent_ranks(engine, tmp_path, monkeypatch):
     """The ranks' pool (routing.RegistryPool) over the real engine's registry entry."""
-    from engine import supervisor
 
-    supervisor.write_state(tmp_path / "real.json", engine, "ready")
+    registry_format.write_state(tmp_path / "real.json", engine, "ready")
     pool = routing.RegistryPool(tmp_path, ["real"], max_in_flight=2, ready_timeout=60)
     pool.api_key = engine.api_key
     results, in_flight = [], []

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import routing, supervisor
+from engine import routing
 from engine.lifecycle import Engine
+from formats import registry as registry_format
+from formats.partial import Answer, Partial
 from rank import checks, jsonl, offline, warm
-from rank.jsonl import Answer, Partial, RequestFileError, read_requests
+from rank.jsonl import RequestFileError, read_requests
 from rank.layout import RankFileError, discover_rank_files
 from test_engines import free_port
 
@@ -288,7 +290,7 @@ def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
 def registry_pool(folder: Path, engine: Engine) -> routing.RegistryPool:
     """The ranks' pool (routing.RegistryPool) over one started engine's registry entry."""
     folder.mkdir(parents=True, exist_ok=True)
-    supervisor.write_state(folder / f"{engine.name}.json", engine, "ready")
+    registry_format.write_state(folder / f"{engine.name}.json", engine, "ready")
     return routing.RegistryPool(
         folder, [engine.name], max_in_flight=4, ready_timeout=60, api_key=engine.api_key
     )

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import pbs
+from formats import failure_note
 from pbs import continuation
 from pbs.submission import restrict_targets
 from reporting import progress
@@ -158,14 +159,16 @@ def test_ranks_of_other_submissions_are_not_counted(tmp_path):
 
 def test_failure_notes_count_failed_ranks_until_they_start_again(tmp_path):
     log = tmp_path / "logs" / "infer" / "3.log"
-    progress.write_failure_note(log, 3, progress.INPUT_FAULT, "data/3.in: line 2: not valid UTF-8")
+    failure_note.write_failure_note(
+        log, 3, failure_note.INPUT_FAULT, "data/3.in: line 2: not valid UTF-8"
+    )
     sub = progress.Submission("local", frozenset(range(4)))
     memory = {}
     failed_dir = tmp_path / "logs" / "infer" / "failed"
     found = progress.read_progress([sub], tmp_path / "records", failed_dir, memory)["local"]
     assert found.failed == [3]
     assert progress.ranks_part(found) == "ranks 0/4 done, 1 failed"
-    progress.clear_failure_note(log, 3)
+    failure_note.clear_failure_note(log, 3)
     found = progress.read_progress([sub], tmp_path / "records", failed_dir, memory)["local"]
     assert found.failed == []
 
@@ -239,8 +242,8 @@ def test_done_bad_and_left_ranks(tmp_path):
     finish(tmp_path, 0, 100.0, 50.0)
     (tmp_path / "results" / "records" / "1.json").write_text("{}")  # its .out not yet
     log = tmp_path / "logs" / "infer" / "2.log"
-    progress.write_failure_note(log, 2, progress.INPUT_FAULT, "bad")
-    progress.write_failure_note(log.with_name("3.log"), 3, "engine", "died")
+    failure_note.write_failure_note(log, 2, failure_note.INPUT_FAULT, "bad")
+    failure_note.write_failure_note(log.with_name("3.log"), 3, "engine", "died")
     conf["failed_dir"] = str(log.parent / "failed")
     assert continuation.rank_states(range(5), conf) == ([0], [2], [1, 3, 4])
 
@@ -362,7 +365,7 @@ def test_nothing_left_but_bad_ranks_fails_without_a_continuation(tmp_path):
         "2026-12-03 07:00:00\t1\tr0-1\t1\t00:35:00\tcapacity\t0,1\n"
     )
     finish(tmp_path, 0, 1.0, 1.0)
-    progress.write_failure_note(tmp_path / "x" / "1.log", 1, progress.INPUT_FAULT, "bad")
+    failure_note.write_failure_note(tmp_path / "x" / "1.log", 1, failure_note.INPUT_FAULT, "bad")
     conf["failed_dir"] = str(tmp_path / "x" / "failed")
     with pbs.StateStore(conf["state_dir"]).locked() as state:
         state["jobs"]["1"] = pbs.new_job_record(0, "r0-1", pbs.settings.run_id(conf)) | {

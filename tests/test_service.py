@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import client, local, supervisor
+from engine import client, local
+from formats import registry as registry_format
 from pipeline import rank_job
 from placement import node_layout, ports
 from rank import checks, warm
@@ -117,7 +118,7 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
     )
     assert record["engine_name"] in (first.name, second.name)
     # the registry says it as a submission's does; the key is in its 0600 file only
-    entries = supervisor.read_registry(started.registry)
+    entries = registry_format.read_registry(started.registry)
     assert {e["state"] for e in entries.values()} == {"ready"} and len(entries) == 2
     key_file = started.registry.parent / f"{started.run_id}.key"
     assert key_file.stat().st_mode & 0o777 == 0o600
@@ -125,7 +126,9 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
     for path in started.registry.iterdir():
         assert key not in path.read_text(), path
     started.stop()
-    assert {e["state"] for e in supervisor.read_registry(started.registry).values()} == {"stopped"}
+    assert {e["state"] for e in registry_format.read_registry(started.registry).values()} == {
+        "stopped"
+    }
 
 
 def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, service, capfd):
@@ -177,7 +180,7 @@ def test_a_killer_request_fails_its_rank_alone_and_the_engines_come_back(tmp_pat
     for rank in (1, 2, 3):  # they wait for the restarted engines
         record = echo_rank(tmp_path, rank, ["one", "two"], pool)
         assert record["engine_deaths"] == []
-    entries = supervisor.read_registry(started.registry).values()
+    entries = registry_format.read_registry(started.registry).values()
     assert sorted(e["restarts"] for e in entries) == [1, 1]
     assert all("dying on prompt 'poison'" in log.read_text() for log in logs)
 
@@ -196,7 +199,7 @@ def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path, se
     started, pool = service(ECHO_SERVER_DELAY_S="3")
     with pool.route(), pool.route():
         pass  # both engines are ready
-    urls = {e["name"]: e["url"] for e in supervisor.read_registry(started.registry).values()}
+    urls = {e["name"]: e["url"] for e in registry_format.read_registry(started.registry).values()}
     done = []
     rank = threading.Thread(target=lambda: done.append(echo_rank(tmp_path, 7, ["x"], pool)))
     rank.start()

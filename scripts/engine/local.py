@@ -21,8 +21,9 @@ from pathlib import Path
 
 from engine import lifecycle
 from engine.routing import RegistryPool
-from engine.supervisor import LAUNCHER_EXIT, listen_address, registry_dir
+from engine.supervisor import listen_address
 from formats.files import write_atomic
+from formats.registry import registry_dir, write_launcher_exit
 from placement import node_layout, tiles
 from placement.ports import free_base_port
 from reporting import console
@@ -99,7 +100,7 @@ class LocalService:
     def _report_exit(self, process: subprocess.Popen) -> None:
         """As ``launch`` does: ranks stop waiting for engines that will never come."""
         code = process.wait()
-        write_atomic(self.registry / LAUNCHER_EXIT, f"{code}\n")
+        write_launcher_exit(self.registry, code)
 
     def stop(self, grace: float = 60.0) -> None:
         """Stop the engines (all at once) and wait for the supervisor, at most ``grace`` s."""

@@ -6,7 +6,6 @@ for their health without a lock held, waits and stalls bounded.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 import time
@@ -15,14 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine import client, lifecycle
-from engine.supervisor import (
-    LAUNCHER_EXIT,
-    engine_file,
-    job_hosts,
-    registry_dir,
-    spec_api_key,
-    spec_ready_timeout,
-)
+from engine.supervisor import job_hosts, spec_api_key, spec_ready_timeout
+from formats import registry as registry_format
+from formats.registry import engine_file, registry_dir
 from placement import node_layout
 
 # Seconds between the client's reads of the registry: while engines start or restart,
@@ -145,17 +139,20 @@ class RegistryPool:
             for entry in os.scandir(self.registry):
                 name = entry.name[:-5]
                 member = self.members.get(name)
-                if member is None or not entry.name.endswith(".json"):
+                if member is None or not entry.name.endswith(registry_format.SUFFIX):
                     continue
-                with contextlib.suppress(OSError, ValueError):
+                with contextlib.suppress(OSError):
                     mtime = entry.stat().st_mtime
                     if self._mtimes.get(name) == mtime:
                         continue
-                    record = json.loads(Path(entry.path).read_text())
+                    record = registry_format.read_entry(entry.path)
+                    if record is None:
+                        continue  # being replaced: the next read gets it
                     self._mtimes[name] = mtime
                     self._update(member, record)
-        with contextlib.suppress(OSError, ValueError):
-            self._launcher_exit = int((self.registry / LAUNCHER_EXIT).read_text())
+        status = registry_format.launcher_exit(self.registry)
+        if status is not None:
+            self._launcher_exit = status
 
     def _update(self, member: _Remote, record: Mapping) -> None:
         member.engine = RemoteEngine(

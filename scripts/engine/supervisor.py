@@ -17,7 +17,8 @@ slots (local rank i of n takes slots i, i+n, ...), starts one server per slot
 ``engine: echo``) listening on the node's loopback address (config warm.listen),
 restarts one that exits (warm.max_restarts), and reports each engine's state in the
 registry, a folder on the shared file system:
-``<logs/engines>/<job id>/<host>-tile<N>.json`` (and ``.log``). Engines end when
+``<logs/engines>/<job id>/<host>-tile<N>.json`` (and ``.log``; the format:
+scripts/formats/registry.py). Engines end when
 ``stop`` asks, when their process is killed (the lifeline of lifecycle.Engine), or when
 PBS ends the job.
 
@@ -49,15 +50,23 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 
 from engine import client, lifecycle
 from formats import staged_model
-from formats.files import safe_name, write_atomic
+from formats.files import safe_name
+from formats.registry import (
+    LAUNCHER_EXIT,
+    LAUNCHER_PID,
+    STOP_FILE,
+    engine_file,
+    read_registry,
+    registry_dir,
+    write_launcher_exit,
+    write_state,
+)
 from placement import launcher, node_layout, tiles
 from placement.ports import engine_port
 from reporting import console
 
 SPEC_VARIABLE = "AURORA_ENGINES"
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
-STOP_FILE = "stop"
-LAUNCHER_EXIT = "launcher.exit"
 # Seconds between a node process's looks at its engines and at the stop file.
 NODE_POLL_S = 2.0
 
@@ -98,15 +107,6 @@ def does_not_fit(log_path: Path | str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- layout
-
-
-def engine_file(slot: node_layout.Slot) -> str:
-    """The engine's name in the registry (``.json`` state, ``.log`` output)."""
-    return f"{safe_name(slot.host)}-tile{slot.tiles[0]}"
-
-
-def registry_dir(spec: Mapping, job_id: str) -> Path:
-    return Path(spec["registry_root"]) / safe_name(job_id)
 
 
 def job_hosts(environ: Mapping[str, str]) -> tuple[str, list[str]]:
@@ -202,29 +202,6 @@ def make_engine(
         max_restarts=spec["max_restarts"],
         api_key=spec_api_key(spec),
     )
-
-
-def write_state(
-    path: Path, engine: lifecycle.Engine, state: str, versions: Mapping | None = None, **extra
-) -> None:
-    """One engine's registry entry, replaced atomically; ``versions``: vLLM, torch and
-    IPEX as rule fetch_model found them (the spec's)."""
-    record = {
-        "name": engine.name,
-        "url": engine.url,
-        "log": str(engine.log_path),
-        "state": state,
-        "restarts": engine.restarts,
-        "time": time.time(),
-        "env": {k: engine.env.get(k, "") for k in ("ZE_AFFINITY_MASK", "TILE_HOST", "TILE_IDS")},
-        "versions": dict(versions or {}),
-        # first start and first ready (epoch s), seconds of restarts: reporting/accounting.py
-        "started_at": engine.started_at,
-        "ready_at": engine.ready_at,
-        "restart_s": round(engine.restart_s, 3),
-        **extra,
-    }
-    write_atomic(path, json.dumps(record))
 
 
 @dataclass
@@ -380,12 +357,12 @@ def launch(spec_path: str, environ=os.environ) -> int:
         f"{json.dumps(argv)}"
     )
     process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
-    (registry / "launcher.pid").write_text(f"{os.getpid()}\n")
+    (registry / LAUNCHER_PID).write_text(f"{os.getpid()}\n")
     forward_signals(process)
     code = process.wait()
     _log(f"launcher exited with status {code}")
     # The ranks stop waiting for engines that will never come (see RegistryPool).
-    (registry / LAUNCHER_EXIT).write_text(f"{code}\n")
+    write_launcher_exit(registry, code)
     return code
 
 
@@ -405,7 +382,7 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
         if all(s in ("stopped", "failed") for s in states) or (registry / LAUNCHER_EXIT).exists():
             break
         time.sleep(0.5)
-    pid_file = registry / "launcher.pid"
+    pid_file = registry / LAUNCHER_PID
     with contextlib.suppress(OSError, ValueError):
         os.kill(int(pid_file.read_text()), signal.SIGTERM)
     left = [
@@ -415,18 +392,6 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     ]
     _log(f"stopped the engines of job {job_id}" + (f"; not confirmed: {left}" if left else ""))
     return 0
-
-
-def read_registry(registry: Path) -> dict[str, dict]:
-    """Registry file name (without .json) -> its entry; unreadable entries are skipped
-    (being replaced right now: the next read gets them)."""
-    found = {}
-    with contextlib.suppress(FileNotFoundError):
-        for entry in os.scandir(registry):
-            if entry.name.endswith(".json") and not entry.name.startswith("."):
-                with contextlib.suppress(OSError, ValueError):
-                    found[entry.name[:-5]] = json.loads(Path(entry.path).read_text())
-    return found
 
 
 # ----------------------------------------------------------------------------- ranks

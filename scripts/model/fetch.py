@@ -14,8 +14,9 @@
 3. vLLM's model-info cache (``VLLM_CACHE_ROOT/modelinfos``) is built for the
    model's architectures with vLLM itself: without it an engine's first run on a
    node can fail with "validation error for ModelConfig".
-4. The marker (written last, atomically) names the folder the engines load and the
-   versions of vLLM, torch and IPEX they will run with.
+4. The marker (written last, atomically; its format: scripts/formats/marker.py) names
+   the folder the engines load and the versions of vLLM, torch and IPEX they will run
+   with.
 
 Run by the interpreter that runs inference (config key ``python``), with
 VLLM_CACHE_ROOT set to the folder every engine uses.
@@ -35,26 +36,11 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import vllm_versions
-from formats.files import write_atomic
+from formats.marker import write_marker
 
 
 class CheckError(Exception):
     """What stops the rule: printed as one line naming the cause."""
-
-
-_MARKERS: dict[str, tuple[int, dict]] = {}
-
-
-def read_marker(path: str | os.PathLike) -> dict:
-    """The marker this rule wrote (``path``: folder the engines load, ``versions``,
-    ``weights_bytes``), read once per process while the file stays the same: every
-    warm rank asks for it (stdlib only: the PBS provider reads it too)."""
-    path = os.fspath(path)
-    stamp = os.stat(path).st_mtime_ns
-    cached = _MARKERS.get(path)
-    if cached is None or cached[0] != stamp:
-        cached = _MARKERS[path] = (stamp, json.loads(Path(path).read_text()))
-    return cached[1]
 
 
 # Where model configs keep their attention heads: most, GPT-2 style, multimodal ones.
@@ -237,8 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         # config warm.ready_timeout_s null: engines.ready_timeout of this size
         "weights_bytes": sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()),
     }
-    Path(args.marker).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.marker, json.dumps(marker, indent=2) + "\n")
+    write_marker(args.marker, marker)
     return 0
 
 

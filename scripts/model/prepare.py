@@ -14,8 +14,8 @@ from pathlib import Path
 
 from engine import lifecycle
 from formats import staged_model
+from formats.marker import marker_field
 from formats.workflow_config import ConfigError
-from model.fetch import read_marker
 
 
 def is_local_model(model: str) -> bool:
@@ -124,16 +124,6 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
         cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
         raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
-
-
-def marker_field(marker, name: str):
-    """A field of rule fetch_model's marker (None for the echo engine, which has none)."""
-    return read_marker(marker[0]).get(name) if marker else None
-
-
-def marker_versions(marker) -> dict:
-    """The vLLM, torch and IPEX versions rule fetch_model found ({} for echo)."""
-    return marker_field(marker, "versions") or {}
 
 
 def engine_model(config: dict, model: str, marker) -> str:

@@ -40,7 +40,8 @@ from .settings import (
     profile_in_use,
     settings_from_config,
 )
-from .status import StateStore, cancel, job_status, new_job_record, query_scheduler, watch
+from .state import StateStore, new_job_record
+from .status import cancel, job_status, query_scheduler, watch
 from .submission import (
     SETUP_MARKER,
     Plan,

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from .plan import check_settings
 from .settings import PbsConfigError, load_settings
-from .status import cancel, job_status, start_watchdog, submitting, watch
+from .state import submitting
+from .status import cancel, job_status, start_watchdog, watch
 from .submission import SubmitError, submit
 
 

@@ -9,7 +9,7 @@ until the continuation ends: Snakemake sees one job that succeeds or fails.
 
 - Finished ranks are left alone: their answers (``<rank>.out`` or ``<rank>.jsonl``)
   are whole by their record's digest (`layout.rank_is_whole`).
-- Ranks that failed by their input (their failure note, scripts/reporting/progress.py) are not
+- Ranks that failed by their input (their failure note, scripts/formats/failure_note.py) are not
   run again; the submission fails in the end, naming them.
 - The walltime covers what is left: the engines' start, then the left ranks per
   engine at the pace the ranks were served at (at least warm.rank_minutes each).
@@ -17,18 +17,18 @@ until the continuation ends: Snakemake sees one job that succeeds or fails.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from formats import failure_note
+from formats import record as rank_record
 from rank import layout as rank_files
-from reporting import progress
 
 from .plan import jobs_per_node, submission_nodes, walltime_minutes
 from .settings import LOG_DIR
-from .status import StateStore, submission_ranks, submitting
+from .state import StateStore, submission_ranks, submitting
 from .submission import Continuation, SubmitError, submit
 
 
@@ -43,11 +43,8 @@ def rank_states(ranks: Iterable[int], settings: Mapping) -> tuple[list, list, li
         if rank_files.rank_is_whole(results, str(rank)):
             done.append(rank)
             continue
-        try:
-            note = json.loads((notes / f"{rank}.json").read_text())
-        except (OSError, ValueError):
-            note = {}
-        (bad if note.get("cause") == progress.INPUT_FAULT else left).append(rank)
+        bad_input = failure_note.cause(notes, rank) == failure_note.INPUT_FAULT
+        (bad if bad_input else left).append(rank)
     return done, bad, left
 
 
@@ -58,12 +55,12 @@ def seconds_per_rank(done: Iterable[int], settings: Mapping, engines: int) -> fl
     first = last = None
     count = 0
     for rank in done:
+        record = rank_record.load(rank_record.record_file(results, rank))
         try:
-            record = json.loads(rank_files.record_file(results, rank).read_text())
             written = float(record["written_at"])
-        except (OSError, ValueError, KeyError, TypeError):
+            began = rank_record.began(record)
+        except (ValueError, KeyError, TypeError):
             continue
-        began = written - float(record.get("request_s") or record.get("generate_s") or 0)
         first = began if first is None else min(first, began)
         last = written if last is None else max(last, written)
         count += 1

@@ -17,8 +17,9 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import lifecycle
-from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts, registry_dir
+from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
 from formats.files import safe_name, write_atomic
+from formats.registry import registry_dir
 from placement import launcher, tiles
 from reporting import console
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
+from formats import marker
 from model import fetch
 from placement import launcher, node_layout
 
@@ -180,7 +181,7 @@ def model_problems(settings: Mapping) -> list[str]:
     folder = settings["model"]
     with contextlib.suppress(OSError, ValueError, KeyError):
         if settings.get("model_marker"):
-            folder = fetch.read_marker(settings["model_marker"])["path"]
+            folder = marker.read_marker(settings["model_marker"])["path"]
     problem = fetch.tensor_parallel_problem(folder, settings["model"], settings["tiles_per_job"])
     return [problem] if problem else []
 

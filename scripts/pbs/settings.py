@@ -19,6 +19,7 @@ STATE_DIR = ".snakemake/pbs"
 LOG_DIR = "logs/pbs"
 REGISTRY_ROOT = "logs/engines"  # scripts/engine/supervisor.py's registry (rank_job.engine_spec)
 FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/reporting/progress.py)
+QUERY_TIMEOUT = 60  # seconds for one qstat (or qsub) call
 PROGRESS_LOG = "logs/progress.log"  # the progress lines of the terminal, with times
 # The profile command whose presence next to a loaded config file marks the profile.
 SUBMIT_COMMAND = "pbs-submit"

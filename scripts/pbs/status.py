@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from formats.files import safe_name, write_atomic
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
+from .continuation import continue_submission
 from .parse import (
     FAILED,
     FINAL,
@@ -31,7 +32,13 @@ from .parse import (
     parse_text,
     verdict,
 )
-from .settings import LOG_DIR, owner_alive, run_id
+from .settings import LOG_DIR, QUERY_TIMEOUT, owner_alive, run_id
+from .state import (
+    StateStore,
+    new_job_record,
+    no_submission_under_way,
+    submission_ranks,
+)
 
 # A job whose status cannot be read (qstat fails, bad output, unknown id) is reported
 # as running until this many consecutive rounds AND seconds have failed, then failed.
@@ -41,7 +48,6 @@ PROBLEM_SECONDS = 300
 # PBS bug with jobs that break a queue's limits). Failed after this many rounds/seconds.
 VANISH_ROUNDS = 4
 VANISH_SECONDS = 60
-QUERY_TIMEOUT = 60  # seconds for one qstat call
 CANCEL_WAIT = 1.5  # seconds pbs-cancel waits for qdel (the plugin kills it after 2 s)
 FORGET_SECONDS = 7 * 24 * 3600  # drop state entries not touched for a week
 WATCH_INTERVAL = 1.0  # seconds between the watchdog's looks at the main Snakemake
@@ -123,74 +129,6 @@ def query_scheduler(
 
 
 # ------------------------------------------------------------------------------ state
-
-
-def new_job_record(now: float, name: str = "", run: str = "", queue: str = "") -> dict:
-    return {
-        "name": name,
-        "run": run,
-        "queue": queue,
-        "seen": now,
-        "submitted": now,
-        "state": RUNNING,
-        "detail": "",
-        "listed": False,  # qstat has listed it at least once
-        "rounds": 0,  # rounds asked about
-        "problems": 0,
-        "since": None,
-        "warned": "",
-        # Continuations (pbs.resubmit): which one this is (0: the first submission),
-        # the job that continues it, set while its continuation is being submitted,
-        # and the ranks left out of it because their input is at fault.
-        "attempt": 0,
-        "continued_by": None,
-        "continuing": False,
-        "left_out": [],
-    }
-
-
-def empty_state() -> dict:
-    return {"queried_at": None, "queried_ids": [], "answered": [], "jobs": {}}
-
-
-class StateStore:
-    """The status cache in ``state_dir``: JSON replaced atomically, guarded by a flock."""
-
-    def __init__(self, state_dir: str | os.PathLike):
-        self.dir = Path(state_dir)
-        self.path = self.dir / "status.json"
-        self.lock_path = self.dir / "lock"
-        self.log_path = self.dir / "status.log"
-
-    def read(self) -> dict:
-        """Read without the lock (safe: writes are atomic renames)."""
-        try:
-            state = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return empty_state()
-        return state if isinstance(state, dict) and "jobs" in state else empty_state()
-
-    def write(self, state: dict) -> None:
-        write_atomic(self.path, json.dumps(state))
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[dict]:
-        """The state, exclusively; written back when the block ends without error."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            state = self.read()
-            for job in state["jobs"].values():  # records of older versions
-                for key, value in new_job_record(0).items():
-                    job.setdefault(key, value)
-            yield state
-            self.write(state)
-
-    def log(self, message: str, now: float | None = None) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now))
-        self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as out:
-            out.write(f"{stamp} {message}\n")
 
 
 # ----------------------------------------------------------------------------- status
@@ -286,7 +224,7 @@ def job_status(
         delete(doomed)
     if ended:
         if resubmit is None:
-            from .continuation import continue_submission as resubmit
+            resubmit = continue_submission
         for ended_id in ended:
             resubmit(ended_id, settings)
     return _answer(store.read()["jobs"], job_id)
@@ -482,24 +420,6 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
     return lines
 
 
-def submission_ranks(settings: Mapping, ids: Sequence[str]) -> dict[str, dict]:
-    """{job id: {"ranks": [...], "engines": n}} from logs/pbs/submissions.tsv (read
-    once per new submission: its ranks are its last column)."""
-    found = {}
-    path = Path(settings["log_dir"]) / "submissions.tsv"
-    wanted = set(ids)
-    per_node = settings.get("tiles_per_node", 12) // max(1, settings.get("tiles_per_job", 1))
-    with contextlib.suppress(OSError), open(path) as lines:
-        for line in lines:
-            fields = line.rstrip("\n").split("\t")
-            if len(fields) >= 7 and fields[1] in wanted:
-                ranks = [int(r) for r in fields[6].split(",") if r.strip().isdigit()]
-                nodes = int(fields[3]) if fields[3].isdigit() else 0
-                engines = nodes * per_node if settings.get("warm_engines") else 0
-                found[fields[1]] = {"ranks": ranks, "engines": engines}
-    return found
-
-
 def _vanished(job: Mapping, t: float) -> bool:
     return job["rounds"] >= VANISH_ROUNDS and t - job["submitted"] >= VANISH_SECONDS
 
@@ -562,22 +482,6 @@ def open_jobs_of_run(settings: Mapping) -> list[str]:
     return [i for i, j in jobs.items() if j.get("run") == run and j["state"] not in FINAL]
 
 
-@contextlib.contextmanager
-def submitting(settings: Mapping) -> Iterator[None]:
-    """Held (shared) while a submission is under way; `watch` waits for all of them."""
-    path = Path(settings["state_dir"]) / "submitting.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_SH)
-        yield
-
-
-def _no_submission_under_way(settings: Mapping) -> None:
-    path = Path(settings["state_dir"]) / "submitting.lock"
-    with open(path, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-
-
 def watch(
     settings: Mapping, *, interval: float = WATCH_INTERVAL, popen=subprocess.Popen
 ) -> list[str]:
@@ -598,7 +502,7 @@ def watch(
         while owner_alive(settings):
             time.sleep(interval)
         # A qsub that Snakemake gave up on may still be under way: it records its job.
-        _no_submission_under_way(settings)
+        no_submission_under_way(settings)
         left = open_jobs_of_run(settings)
         if left:
             store.log(

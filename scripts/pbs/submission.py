@@ -3,7 +3,6 @@ jobscript PBS runs, and the qsub call."""
 
 from __future__ import annotations
 
-import contextlib
 import heapq
 import json
 import math
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
-from model import fetch
+from formats import marker as model_marker
 from rank import layout as rank_files
 
 from .plan import (
@@ -30,8 +29,8 @@ from .plan import (
     submission_minutes,
     submission_nodes,
 )
-from .settings import run_id
-from .status import QUERY_TIMEOUT, StateStore, new_job_record
+from .settings import QUERY_TIMEOUT, run_id
+from .state import StateStore, append_index, new_job_record
 
 # The line of profiles/aurora/jobscript.sh that pbs-submit replaces by config pbs.setup.
 SETUP_MARKER = "# @site-setup@"
@@ -313,8 +312,10 @@ def write_engines_file(settings: Mapping, path: Path) -> None:
     spec |= {
         "api_key_file": str(key_file),
         "model": model_path(settings) if spec.get("engine") != "echo" else "",
-        "versions": marker_versions(settings),
-        "weights_bytes": marker_field(settings, "weights_bytes"),
+        "versions": model_marker.marker_versions(settings.get("model_marker"), quiet=True),
+        "weights_bytes": model_marker.marker_field(
+            settings.get("model_marker"), "weights_bytes", quiet=True
+        ),
         "stage": bool(settings.get("stage") and settings.get("model")),
         "stage_dir": settings["stage_dir"],
         "python": settings["task_python"],
@@ -379,25 +380,10 @@ def model_path(settings: Mapping) -> str:
     marker = settings.get("model_marker")
     if marker:
         try:
-            return fetch.read_marker(marker)["path"]
+            return model_marker.read_marker(marker)["path"]
         except (OSError, ValueError, KeyError) as error:
             raise SubmitError(f"cannot read the model marker {marker}: {error}") from error
     return settings["model"]
-
-
-def marker_field(settings: Mapping, name: str):
-    """A field of rule fetch_model's marker (None without one: the echo engine)."""
-    marker = settings.get("model_marker")
-    if not marker:
-        return None
-    with contextlib.suppress(OSError, ValueError):
-        return fetch.read_marker(marker).get(name)
-    return None
-
-
-def marker_versions(settings: Mapping) -> dict:
-    """vLLM, torch and IPEX as rule fetch_model found them ({} without a marker)."""
-    return marker_field(settings, "versions") or {}
 
 
 def runs_preflight(settings: Mapping) -> bool:
@@ -426,8 +412,10 @@ def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
                 "python": settings["task_python"],
                 "env": dict(engines.get("env") or {}),
                 "tiles": tiles,
-                "versions": marker_versions(settings),
-                "weights_bytes": marker_field(settings, "weights_bytes"),
+                "versions": model_marker.marker_versions(settings.get("model_marker"), quiet=True),
+                "weights_bytes": model_marker.marker_field(
+                    settings.get("model_marker"), "weights_bytes", quiet=True
+                ),
                 "failure_file": str(failure_file),
             }
         )
@@ -553,11 +541,5 @@ def submit(
             record["attempt"] = continuation.attempt
             record["left_out"] = list(continuation.left_out)
         state["jobs"][job_id] = record
-    with open(log_dir / "submissions.tsv", "a") as index:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now()))
-        ranks = ",".join(str(r) for r in plan.ranks)
-        index.write(
-            f"{stamp}\t{job_id}\t{plan.name}\t{plan.nodes}\t{plan.walltime}\t"
-            f"{settings['queue']}\t{ranks}\n"
-        )
+    append_index(log_dir, now(), job_id, plan, settings["queue"])
     return job_id

@@ -12,14 +12,10 @@ import threading
 from pathlib import Path
 
 from engine import client, local, routing, supervisor
-from model.prepare import (
-    engine_model,
-    inference_python,
-    marker_field,
-    marker_versions,
-    offline_env,
-    staged,
-)
+from formats import failure_note
+from formats import registry as registry_format
+from formats.marker import marker_field, marker_versions
+from model.prepare import engine_model, inference_python, offline_env, staged
 from placement import launcher, node_layout
 from rank import checks, task, warm
 from reporting import progress
@@ -124,7 +120,7 @@ def engine_states(config: dict):
         registry = ENGINES.local_registry()
         if registry is None:
             return 0, per_node, "starting: the ranks wait for them to load the model"
-        entries = supervisor.read_registry(registry).values()
+        entries = registry_format.read_registry(registry).values()
         ready = sum(1 for e in entries if e.get("state") == "ready")
         starting = [e for e in entries if e.get("state") in ("starting", "restarting")]
         trouble = [f"{e['name']} {e['state']} ({e['log']})" for e in entries
@@ -144,7 +140,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
     pool = ENGINES.pool(config, model, input.model)
     settings = task_settings(config, engine_model(config, model, input.model))
     Path(log).parent.mkdir(parents=True, exist_ok=True)
-    progress.clear_failure_note(log, rank)
+    failure_note.clear_failure_note(log, rank)
     with open(log, "w") as out:
         try:
             line = warm.serve_rank(
@@ -162,8 +158,8 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
             out.write(f"ERROR: {error}\n")
             # Its input is at fault unless an engine failed: then a continuation of its
             # PBS submission runs it again (pbs.resubmit).
-            cause = "engine" if isinstance(error, client.EngineError) else progress.INPUT_FAULT
-            progress.write_failure_note(log, rank, cause, str(error))
+            cause = "engine" if isinstance(error, client.EngineError) else failure_note.INPUT_FAULT
+            failure_note.write_failure_note(log, rank, cause, str(error))
             raise RuntimeError(f"rank {rank} failed: {error} (log: {log})") from None
         out.write(line + "\n")
 
@@ -205,7 +201,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
 
     placement = config["tiles"]
     Path(log).parent.mkdir(parents=True, exist_ok=True)
-    progress.clear_failure_note(log, rank)
+    failure_note.clear_failure_note(log, rank)
     code = launcher.run_placed(
         command,
         log_path=Path(log),
@@ -219,6 +215,6 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     )
     if code != 0:
         # scripts/rank/task.py exits 2 for a bad rank file or prompt (its input is at fault)
-        cause = progress.INPUT_FAULT if code == 2 else "task"
-        progress.write_failure_note(log, rank, cause, f"exit code {code}")
+        cause = failure_note.INPUT_FAULT if code == 2 else "task"
+        failure_note.write_failure_note(log, rank, cause, f"exit code {code}")
         raise RuntimeError(f"rank {rank} failed with exit code {code}; see {log}")

@@ -10,7 +10,7 @@ import json
 import os
 import socket
 
-from rank.jsonl import Request, is_jsonl, sampling_of
+from rank.jsonl import Request, is_int, is_jsonl, is_number, sampling_of
 from rank.prompts import Prompt
 from reporting import console
 
@@ -39,14 +39,6 @@ DEFAULT_SETTINGS: dict = {
 
 class UsageError(Exception):
     """An expected error: reported as one line, exit status 2."""
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def parse_settings(text: str) -> dict:
@@ -87,31 +79,31 @@ def checked_settings(given: dict) -> dict:
     if not isinstance(settings["dtype"], str):
         raise bad("dtype", "a string")
     mml = settings["max_model_len"]
-    if mml is not None and not (_is_int(mml) and mml > 0):
+    if mml is not None and not (is_int(mml) and mml > 0):
         raise bad("max_model_len", "a positive integer or null")
     if not isinstance(settings["enforce_eager"], bool):
         raise bad("enforce_eager", "true or false")
     kv = settings["cpu_kv_cache_gib"]
-    if kv is not None and not (_is_number(kv) and kv > 0):
+    if kv is not None and not (is_number(kv) and kv > 0):
         raise bad("cpu_kv_cache_gib", "a positive number or null")
     extra = settings["engine_args"]
     if not isinstance(extra, list) or not all(isinstance(a, str) and a for a in extra):
         raise bad("engine_args", "a list of non-empty strings")
     gmu = settings["gpu_memory_utilization"]
-    if not (_is_number(gmu) and 0 < gmu <= 1):
+    if not (is_number(gmu) and 0 < gmu <= 1):
         raise bad("gpu_memory_utilization", "a number in (0, 1]")
     if settings["long_prompts"] not in ("error", "truncate"):
         raise bad("long_prompts", '"error" or "truncate"')
     template = settings["chat_template"]
     if template is not None and not (isinstance(template, str) and template):
         raise bad("chat_template", "a file name or null")
-    if not (_is_number(s["temperature"]) and s["temperature"] >= 0):
+    if not (is_number(s["temperature"]) and s["temperature"] >= 0):
         raise bad("temperature", "a number >= 0")
-    if not (_is_number(s["top_p"]) and 0 < s["top_p"] <= 1):
+    if not (is_number(s["top_p"]) and 0 < s["top_p"] <= 1):
         raise bad("top_p", "a number in (0, 1]")
-    if s["max_tokens"] is not None and not (_is_int(s["max_tokens"]) and s["max_tokens"] > 0):
+    if s["max_tokens"] is not None and not (is_int(s["max_tokens"]) and s["max_tokens"] > 0):
         raise bad("max_tokens", "a positive integer or null")
-    if s["seed"] is not None and not _is_int(s["seed"]):
+    if s["seed"] is not None and not is_int(s["seed"]):
         raise bad("seed", "an integer or null")
     if not isinstance(s["ignore_eos"], bool):
         raise bad("ignore_eos", "true or false")

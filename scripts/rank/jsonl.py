@@ -27,12 +27,12 @@ and the line (not random), so a seeded rerun writes the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from formats.partial import Answer
 from rank.prompts import PromptFileError, read_prompts
 
 ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
@@ -74,14 +74,6 @@ class Request:
         return self.messages is not None
 
 
-@dataclass(frozen=True)
-class Answer:
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    output_tokens: int
-
-
 def is_jsonl(path: str | os.PathLike) -> bool:
     return str(path).endswith(".jsonl")
 
@@ -89,21 +81,22 @@ def is_jsonl(path: str | os.PathLike) -> bool:
 # ----------------------------------------------------------------------------- reading
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """An int or a float, not a bool (JSON's true is no number of tokens)."""
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_sampling(given: dict, where) -> dict:
     """The sampling overrides of one line, each checked as config `sampling` is."""
     checks = {
-        "max_tokens": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-        "temperature": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-        "top_p": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
-        "seed": (_is_int, "an integer"),
+        "max_tokens": (lambda v: is_int(v) and v > 0, "a positive integer"),
+        "temperature": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+        "top_p": (lambda v: is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+        "seed": (is_int, "an integer"),
         "ignore_eos": (lambda v: isinstance(v, bool), "true or false"),
         "stop": (
             lambda v: (
@@ -229,7 +222,7 @@ def _short_request(data: dict, number: int, where) -> Request:
             f"{', '.join(['id', *SAMPLING_KEYS])}; or is an OpenAI batch line)"
         )
     given_id = data.get("id", number)
-    if not (isinstance(given_id, str) and given_id) and not _is_int(given_id):
+    if not (isinstance(given_id, str) and given_id) and not is_int(given_id):
         raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
     return _request(data, number, where, given_id)
 
@@ -346,99 +339,3 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
         "error": None,
     }
     return json.dumps(line, ensure_ascii=False) + "\n"
-
-
-def file_digest(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-# ----------------------------------------------------------------------------- partial answers
-
-
-def partial_path(output: str | os.PathLike) -> Path:
-    """Where a rank keeps the answers it has so far: results/.partial/<output name>."""
-    output = Path(output)
-    return output.parent / ".partial" / output.name
-
-
-class Partial:
-    """The answers a rank has so far, one JSON line per finished request, appended and
-    flushed as each finishes: a rank stopped by SIGKILL, walltime, Ctrl-C or an engine
-    crash keeps them (the kernel has them; no fsync per answer: a node crash is the one
-    case that can lose some, and their rerun asks them again), and its rerun sends only
-    the rest.
-
-    The first line is a key: the digest of the rank file and the settings that shape
-    the answers (model, sampling, template). Answers under another key are dropped (the
-    input or the settings changed); so is a last line a kill cut short."""
-
-    def __init__(self, output: str | os.PathLike, key: dict):
-        self.path = partial_path(output)
-        self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        self._handle = None
-        self._kept: dict[int, Answer] = {}
-
-    def load(self) -> dict[int, Answer]:
-        """Answers kept from an earlier attempt, by request index."""
-        try:
-            lines = self.path.read_bytes().split(b"\n")
-        except FileNotFoundError:
-            return {}
-        answers = {}
-        try:
-            if json.loads(lines[0]).get("key") != self.key:
-                return {}
-        except (ValueError, AttributeError):
-            return {}
-        for raw in lines[1:]:
-            try:
-                entry = json.loads(raw)
-                answers[int(entry["index"])] = Answer(
-                    entry["text"],
-                    entry["finish_reason"],
-                    entry["prompt_tokens"],
-                    entry["output_tokens"],
-                )
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut short by a kill
-        return answers
-
-    def open(self, kept: dict[int, Answer]) -> None:
-        """Get ready to append after the ``kept`` answers. The file is written afresh at
-        the first new answer (key, kept answers, no torn last line), so a rank that
-        fails before any answer (bad input) leaves nothing behind."""
-        self._kept = dict(kept)
-
-    @staticmethod
-    def _line(index: int, answer: Answer) -> str:
-        entry = {"index": index, **answer.__dict__}
-        return json.dumps(entry, ensure_ascii=False) + "\n"
-
-    def add(self, index: int, answer: Answer) -> None:
-        """Append one finished answer, in the file (the kernel's) before this returns."""
-        if self._handle is None:
-            lines = [json.dumps({"key": self.key}) + "\n"]
-            lines += [self._line(i, a) for i, a in sorted(self._kept.items())]
-            # The folder stays once made: a rank removing it when empty would race the
-            # ranks about to write into it (hundreds at once in a node's Snakemake).
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if self._kept:  # a kill while rewriting must not lose them
-                from formats.files import write_atomic
-
-                write_atomic(self.path, "".join(lines))
-                self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
-            else:  # a torn key line only makes the rerun start afresh
-                self._handle = open(self.path, "w", encoding="utf-8")  # noqa: SIM115
-                self._handle.write(lines[0])
-        self._handle.write(self._line(index, answer))
-        self._handle.flush()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def remove(self) -> None:
-        """After the whole output is written: the partial answers are in it."""
-        self.close()
-        self.path.unlink(missing_ok=True)

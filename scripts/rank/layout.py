@@ -4,13 +4,14 @@ with ``rank`` a non-negative integer."""
 
 import base64
 import contextlib
-import hashlib
-import json
 import os
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from formats import record as rank_record
+from formats.record import record_file  # noqa: F401 (the rank's record, for this module's callers)
 
 RANK_FILE = re.compile(r"(\d+)\.(?:in|jsonl)")
 # input suffix -> output suffix
@@ -73,11 +74,6 @@ def output_file(results_dir: str | Path, data_dir: str | Path, rank: str) -> Pat
     return Path(results_dir, rank + OUTPUT_OF[input_file(data_dir, rank).suffix])
 
 
-def record_file(results_dir: str | Path, rank: str) -> Path:
-    """The rank's record, ``<results>/records/<rank>.json`` (scripts/rank/task.py)."""
-    return Path(results_dir, "records", f"{rank}.json")
-
-
 def outputs(results_dir: str, rank_files: dict[str, str]) -> list[str]:
     """The answer files of ``rank_files`` (`discover_rank_files`), for rule all."""
     return [
@@ -102,16 +98,15 @@ def rank_is_whole(results_dir: str | Path, rank: str) -> bool:
     The task writes the record, then the output, each atomically; the record carries
     the output's digest, so this holds exactly for a rank that finished writing."""
     results = Path(results_dir)
-    try:
-        record = json.loads(record_file(results, rank).read_text())
-    except (OSError, ValueError):
+    record = rank_record.load(record_file(results, rank))
+    if record is None:
         return False
     for suffix in (".out", ".jsonl"):
         try:
-            digest = hashlib.sha256((results / f"{rank}{suffix}").read_bytes()).hexdigest()
+            data = (results / f"{rank}{suffix}").read_bytes()
         except OSError:
             continue
-        if isinstance(record, dict) and record.get("out_sha256") == digest:
+        if rank_record.describes(record, data):
             return True
     return False
 

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 from engine import vllm_versions
+from formats.partial import Answer, Partial
 from rank.checks import UsageError, checked_requests
-from rank.jsonl import Answer, Partial, Request, sampling_of
+from rank.jsonl import Request, sampling_of
 
 
 def echo_answer(request: Request) -> Answer:

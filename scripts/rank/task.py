@@ -10,8 +10,8 @@ and passes everything else on the command line:
 
 A rank file is a ``.in`` (one prompt a line) or a ``.jsonl`` of requests
 (scripts/rank/jsonl.py: prompts or chat messages, per-request sampling, OpenAI batch
-lines). Each answer is kept in ``results/.partial/`` as it finishes, so a rank stopped
-mid-way and run again generates only the rest.
+lines). Each answer is kept in ``results/.partial/`` (scripts/formats/partial.py) as it
+finishes, so a rank stopped mid-way and run again generates only the rest.
 
 Launchers may start it in another folder ($HOME under pbs_tmrsh): give absolute paths.
 
@@ -32,9 +32,7 @@ error):
 
 Outputs, both written atomically, the record first and the .out last (so an
 existing .out means the rank is complete):
-    --record   JSON: rank, prompts, output_tokens, prompt_tokens, load_s, generate_s,
-               tokens_per_s, import_s, python_start_s, host, hostname, mask, tiles,
-               model, engine, truncated, resumed, written_at (UNIX time of the write)
+    --record   the rank record (its fields: scripts/formats/record.py)
     --output   .in: one seed record per prompt, in input order:
                Prompt: '...', Generated text: '...'<blank line>
                .jsonl: one answer line per request, in input order
@@ -52,7 +50,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import sys
 import time
 from pathlib import Path
@@ -60,9 +57,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from rank.answer_files import partial_key, write_outputs
+from formats.partial import Partial, partial_key
+from formats.record import build_record
+from rank.answer_files import write_outputs
 from rank.checks import UsageError, _warn, check_model_folder, parse_settings
-from rank.jsonl import Partial, Request, read_rank
+from rank.jsonl import read_rank
 from rank.offline import run_echo, run_vllm
 from rank.prompts import PromptFileError
 
@@ -101,42 +100,6 @@ def prepare_environment(settings: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-
-
-def build_record(
-    rank: int, settings: dict, requests: list[Request], result: dict, started, placement=None
-) -> dict:
-    """The rank's record; ``placement``: the engine's environment (default: this one).
-
-    Both kinds of rank count alike: "prompts" is the number of requests (prompts of a
-    ``.in``, lines of a ``.jsonl``), the tokens are the engine's counts."""
-    generate_s = result["generate_s"]
-    answers = result["answers"].values()
-    tokens = sum(a.output_tokens for a in answers)
-    hostname = socket.gethostname()
-    placement = os.environ if placement is None else placement
-    return {
-        "rank": rank,
-        "prompts": len(requests),
-        "output_tokens": tokens,
-        "prompt_tokens": sum(a.prompt_tokens for a in answers),
-        "load_s": round(result["load_s"], 6),
-        "generate_s": round(generate_s, 6),
-        "tokens_per_s": round(tokens / generate_s, 1) if generate_s > 0 and tokens else 0.0,
-        "import_s": round(result["import_s"], 6),
-        "python_start_s": started,
-        "host": placement.get("TILE_HOST") or hostname,
-        "hostname": hostname,
-        "mask": placement.get("ZE_AFFINITY_MASK", ""),
-        "tiles": placement.get("TILE_IDS", ""),
-        "model": settings["model"],
-        "engine": settings["engine"],
-        "truncated": result["truncated"],
-        # answers kept from an earlier, stopped attempt at this rank (not generated again)
-        "resumed": result.get("resumed", 0),
-        # vLLM, torch, IPEX: what generated it (warm engines: rule fetch_model's marker)
-        "versions": result.get("versions", {}),
-    }
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

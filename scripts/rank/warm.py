@@ -13,11 +13,12 @@ import threading
 import time
 import unicodedata
 
-from rank.answer_files import partial_key, write_outputs
+from formats.partial import Answer, Partial, partial_key
+from formats.record import build_record
+from rank.answer_files import write_outputs
 from rank.checks import _token_limit, checked_requests
-from rank.jsonl import Answer, Partial, Request, read_rank, sampling_of
+from rank.jsonl import Request, read_rank, sampling_of
 from rank.offline import run_echo
-from rank.task import build_record
 
 # Requests of one rank in flight at once on a warm engine: each is its own HTTP request
 # (so each answer is kept as it comes), and the engine batches all of them.

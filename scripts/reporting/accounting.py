@@ -3,11 +3,11 @@
 
 Sources, all written by the run itself:
 
-* the rank records ``results/records/<rank>.json`` (scripts/rank/task.py): when each
+* the rank records ``results/records/<rank>.json`` (scripts/formats/record.py): when each
   rank's request ended (``written_at``), how long it took (``request_s``, per-rank
   engines: ``generate_s``), how long it waited for an engine or loaded its model,
   and which engine served it (``engine_name``, ``host``, ``tiles``);
-* the engine registry ``logs/engines/<job>/<host>-tile<N>.json`` (scripts/engine/supervisor.py):
+* the engine registry ``logs/engines/<job>/<host>-tile<N>.json`` (scripts/formats/registry.py):
   each engine's first start, first ready time, restarts and seconds spent restarting;
 * ``logs/pbs/submissions.tsv`` (pbs-submit): each submission's job id, name, nodes,
   walltime and ranks;
@@ -47,6 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from formats import registry as registry_format
 from formats.files import safe_name, write_atomic
 from placement.node_layout import engines_per_node
 
@@ -149,12 +150,8 @@ def read_index(log_dir: str | os.PathLike) -> list[dict]:
 
 
 def read_registry(folder: str | os.PathLike) -> list[dict]:
-    """The engine entries of one registry folder (serve.read_registry)."""
-    from engine.supervisor import read_registry as entries  # stdlib only, as this module
-
-    return [
-        e for _, e in sorted(entries(Path(folder)).items()) if isinstance(e, dict) and "name" in e
-    ]
+    """The engine entries of one registry folder, in name order."""
+    return [e for _, e in sorted(registry_format.read_registry(folder).items()) if "name" in e]
 
 
 def walltime_hours(text: str) -> float | None:
@@ -575,9 +572,6 @@ def paragraph(subs: Sequence[Submission]) -> str:
             text += " (phase times not recorded: estimated from the records)"
         texts.append(text + ".")
     return "\n".join(texts)
-
-
-# ----------------------------------------------------------------------------- timeline
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -1,7 +1,8 @@
 """How far a run is, read from what it writes on the shared file system: the ranks'
 records (``results/records/<rank>.json``), their failure notes
 (``logs/infer/failed/<rank>.json``) and a PBS submission's engine registry
-(``logs/engines/<job id>/<host>-tile<N>.json``, written by scripts/engine/supervisor.py).
+(``logs/engines/<job id>/<host>-tile<N>.json``, written by scripts/engine/supervisor.py),
+each read through its format's module in scripts/formats/.
 
 One reading per status round must stay cheap at 30,720 ranks and 3,072 engines on
 Lustre, where every open and stat is a metadata request: a round lists each folder
@@ -28,35 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from formats.files import write_atomic
+from formats import failure_note, registry
+from formats import record as rank_record
+from formats.failure_note import FAILED_DIR
 from reporting import console
-
-# A rank's failure note: why it failed and whether its input is at fault (then a
-# continuation of its submission does not run it again).
-FAILED_DIR = "failed"
-INPUT_FAULT = "input"
-
-
-def failure_note_path(log: str | os.PathLike, rank) -> Path:
-    """``logs/infer/failed/<rank>.json`` for the rank log ``logs/infer/<rank>.log``."""
-    return Path(log).parent / FAILED_DIR / f"{rank}.json"
-
-
-def write_failure_note(log: str | os.PathLike, rank, cause: str, error: str) -> None:
-    """Record that ``rank`` failed (``cause``: INPUT_FAULT, or what else it was)."""
-
-    path = failure_note_path(log, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    note = {"rank": int(rank), "cause": cause, "error": error[:500], "log": str(log)}
-    note["at"] = round(time.time(), 3)
-    write_atomic(path, json.dumps(note))
-
-
-def clear_failure_note(log: str | os.PathLike, rank) -> None:
-    """A rank that starts again is no longer failed."""
-    with contextlib.suppress(OSError):
-        failure_note_path(log, rank).unlink()
-
 
 # ----------------------------------------------------------------------------- reading
 
@@ -81,13 +57,11 @@ def listing(folder: str | os.PathLike, suffix: str, reads: Reads) -> dict[str, i
     return found
 
 
-def _read_json(path: Path, reads: Reads) -> dict | None:
+def _read(reader, path: Path, reads: Reads) -> dict | None:
+    """``reader(path)`` (a formats module's), counted; None while it is being replaced
+    (the next round reads it)."""
     reads.files += 1
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # being replaced right now: the next round reads it
-    return data if isinstance(data, dict) else None
+    return reader(path)
 
 
 @dataclass(frozen=True)
@@ -145,7 +119,7 @@ def read_progress(
     seen_notes = memory.setdefault("notes", {})  # name -> [inode, cause]
     for name, inode in notes.items():
         if seen_notes.get(name, [None])[0] != inode:
-            note = _read_json(Path(failed_dir, name + ".json"), reads) or {}
+            note = _read(failure_note.read_note, Path(failed_dir, name + ".json"), reads) or {}
             seen_notes[name] = [inode, note.get("cause", "")]
     for name in [n for n in seen_notes if n not in notes]:
         del seen_notes[name]
@@ -161,14 +135,14 @@ def read_progress(
         read = set(mine["read"])
         present = records.keys() & sub.ranks  # set operations: no Python loop per rank
         for rank in present - read:
-            record = _read_json(Path(records_dir, records[rank] + ".json"), reads)
+            record = _read(rank_record.load, Path(records_dir, records[rank] + ".json"), reads)
             if record is None:
                 continue
             read.add(rank)
             mine["tokens"] += int(record.get("output_tokens") or 0)
             written = record.get("written_at")
             if isinstance(written, (int, float)):
-                began = written - float(record.get("request_s") or record.get("generate_s") or 0)
+                began = rank_record.began(record)
                 mine["first"] = began if mine["first"] is None else min(mine["first"], began)
                 mine["last"] = written if mine["last"] is None else max(mine["last"], written)
         mine["read"] = sorted(read)
@@ -201,7 +175,7 @@ def _folder_mtime(folder: str) -> int | None:
     return mtime if time.time() - mtime / 1e9 > SETTLED_S else None
 
 
-def _read_engines(registry: str, mine: dict, progress: Progress, reads: Reads) -> None:
+def _read_engines(folder: str, mine: dict, progress: Progress, reads: Reads) -> None:
     """Engine states from the registry, opening only the entries replaced since.
 
     An entry is replaced by a rename, so a new inode says it changed; but an entry
@@ -209,15 +183,15 @@ def _read_engines(registry: str, mine: dict, progress: Progress, reads: Reads) -
     ready again: the restart unseen). Renames change the folder's mtime, so when that
     changed since the last round (or had not settled), every entry is read again."""
     known = mine["engines"]
-    mtime = _folder_mtime(registry)
+    mtime = _folder_mtime(folder)
     every = mtime is None or mtime != mine.get("registry_mtime")
     mine["registry_mtime"] = mtime
-    entries = listing(registry, ".json", reads)
+    entries = listing(folder, registry.SUFFIX, reads)
     for name, inode in entries.items():
         if every or known.get(name, [None])[0] != inode:
-            entry = _read_json(Path(registry, name + ".json"), reads)
+            entry = _read(registry.read_entry, Path(folder, name + ".json"), reads)
             if entry is not None:
-                log = entry.get("log") or str(Path(registry, name + ".log"))
+                log = entry.get("log") or str(Path(folder, name + ".log"))
                 known[name] = [inode, entry.get("state", ""), int(entry.get("restarts") or 0), log]
     states = [known[n] for n in entries if n in known]
     progress.engines_seen = len(states)

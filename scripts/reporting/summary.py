@@ -1,6 +1,6 @@
 """The run report: per-rank records -> results/summary.tsv, a plot, and one paragraph.
 
-Every rank's task writes a JSON record (scripts/rank/task.py). This module turns the
+Every rank's task writes a JSON record (scripts/formats/record.py). This module turns the
 records of a run into what a user reads at the end of it:
 
 * ``summary.tsv``: one row per rank (rank, prompts, output tokens, load s,
@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from formats.files import write_atomic
+from formats.record import END_KEY, RecordError, existing_records, read_records
 from reporting.accounting import engines_tsv, submissions, submissions_tsv
 from reporting.timeline import timeline_png
 
@@ -46,51 +47,6 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 )
 HEADER = tuple(name for name, _ in COLUMNS)
 SLOWEST = 3
-
-# Added to each record read: when its generation ended (see read_record).
-END_KEY = "_end"
-
-
-class RecordError(ValueError):
-    """A record file that is not a rank record, named by its path."""
-
-
-# ----------------------------------------------------------------------------- records
-
-
-def read_record(path: str | os.PathLike) -> dict:
-    """One rank's record, with the end of its generation under ``END_KEY``.
-
-    That is its ``written_at``: scripts/rank/task.py writes the record right after
-    generation ends. Older records have none; their file's modification time stands in
-    (Snakemake may touch outputs later, in a PBS submission all at its end).
-    """
-    path = Path(path)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise RecordError(f"{path}: cannot read rank record: {exc}") from None
-    if not isinstance(record, dict):
-        raise RecordError(f"{path}: not a rank record (not a JSON object)")
-    missing = [key for _, key in COLUMNS if key not in record]
-    if missing:
-        raise RecordError(f"{path}: not a rank record (missing {', '.join(missing)})")
-    written = record.get("written_at")
-    record[END_KEY] = written if isinstance(written, int | float) else path.stat().st_mtime
-    return record
-
-
-def read_records(paths: Iterable[str | os.PathLike]) -> list[dict]:
-    """Records of the given files, in rank order."""
-    return sorted((read_record(p) for p in paths), key=lambda r: int(r["rank"]))
-
-
-def existing_records(records_dir: str | os.PathLike, ranks: Iterable[str]) -> list[dict]:
-    """Records of those ``ranks`` that have one in ``records_dir`` (a partial run)."""
-    folder = Path(records_dir)
-    paths = (folder / f"{rank}.json" for rank in ranks)
-    return read_records(p for p in paths if p.is_file())
-
 
 # ----------------------------------------------------------------------------- table
 

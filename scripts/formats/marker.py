@@ -1,0 +1,70 @@
+"""The model marker: ``results/model/<slug>.json``, written last (atomically) by rule
+fetch_model (scripts/model/fetch.py) once the model is ready for the engines.
+
+Read by the Snakefile's helpers (model/prepare.py, pipeline/rank_job.py: the folder the
+engines load, the versions a record names) and the PBS provider (pbs/submission.py: the
+engines' spec).
+
+A JSON object (indent 2):
+    model            config model as given
+    path             the folder the engines load
+    how              how the weights were found (local, shared cache, hf_home, download)
+    vllm_cache_root  VLLM_CACHE_ROOT with the model-info cache
+    architectures    the model's architectures
+    versions         vLLM, torch and IPEX the engines run with
+    weights_bytes    size of the model folder (engine ready timeouts)
+    format           FORMAT (markers written before 2026-12-05 have none: format 1)
+
+Stdlib only: the PBS provider reads it under a login node's Python.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from formats.files import write_atomic
+
+FORMAT = 1
+
+_MARKERS: dict[str, tuple[int, dict]] = {}
+
+
+def write_marker(path: str | os.PathLike, marker: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps({**marker, "format": FORMAT}, indent=2) + "\n")
+
+
+def read_marker(path: str | os.PathLike) -> dict:
+    """The marker (``path``: folder the engines load, ``versions``, ``weights_bytes``),
+    read once per process while the file stays the same: every warm rank asks for it."""
+    path = os.fspath(path)
+    stamp = os.stat(path).st_mtime_ns
+    cached = _MARKERS.get(path)
+    if cached is None or cached[0] != stamp:
+        cached = _MARKERS[path] = (stamp, json.loads(Path(path).read_text()))
+    return cached[1]
+
+
+def marker_field(marker: str | os.PathLike | Sequence | None, name: str, quiet: bool = False):
+    """A field of the marker; None without one (the echo engine has none).
+
+    ``marker``: its path, or the Snakefile's list of it ([] for echo). ``quiet``: an
+    unreadable marker gives None too (else its error)."""
+    if isinstance(marker, Sequence) and not isinstance(marker, str):
+        marker = marker[0] if marker else None
+    if not marker:
+        return None
+    try:
+        return read_marker(marker).get(name)
+    except (OSError, ValueError):
+        if quiet:
+            return None
+        raise
+
+
+def marker_versions(marker, quiet: bool = False) -> dict:
+    """vLLM, torch and IPEX as rule fetch_model found them ({} without a marker)."""
+    return marker_field(marker, "versions", quiet) or {}
