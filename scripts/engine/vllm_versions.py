@@ -8,6 +8,13 @@ real version (tests/test_vllm015.py runs the 0.15 branch under .venv-vllm015).
 Differences:
 - The OpenAI server's argument parser ``make_arg_parser``: 0.32 keeps it in
   ``vllm.entrypoints.launchers.cli_args``, 0.15 in ``vllm.entrypoints.openai.cli_args``.
+- The OpenAI request models' ``to_sampling_params``: 0.15 takes
+  ``(max_tokens, logits_processor_pattern, default_sampling_params)``, 0.32
+  ``(max_tokens, default_sampling_params)`` (`to_sampling_params`).
+- Structured outputs: both read ``response_format`` (json_schema, json_object) and vLLM's
+  ``structured_outputs`` object (the ``guided_json``/``guided_regex``/... fields of older
+  vLLMs are gone from both); its keys differ: 0.15 has ``disable_fallback``, 0.32 not
+  (`STRUCTURED_OUTPUT_KEYS` are those of both, the ones a rank file may use).
 - transformers 5 saves fast tokenizers as ``"tokenizer_class": "TokenizersBackend"``, a class
   transformers 4.x (vLLM 0.15's) does not have: such a model fails only once an engine starts.
 
@@ -36,6 +43,18 @@ from pathlib import Path
 SERVER_PARSER_MODULES = (
     "vllm.entrypoints.launchers.cli_args",  # vLLM 0.32
     "vllm.entrypoints.openai.cli_args",  # vLLM 0.15 (Aurora's)
+)
+# vLLM's `structured_outputs` keys in both 0.15 and 0.32 (0.15 also has disable_fallback).
+STRUCTURED_OUTPUT_KEYS = (
+    "json",
+    "regex",
+    "choice",
+    "grammar",
+    "json_object",
+    "disable_any_whitespace",
+    "disable_additional_properties",
+    "whitespace_pattern",
+    "structural_tag",
 )
 # Tokenizer classes that transformers 5 writes and transformers 4.x lacks.
 TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend",)
@@ -70,6 +89,36 @@ def llm_engine(engine_args):
     from vllm.v1.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
+
+
+def openai_request(endpoint: str, fields: dict):
+    """vLLM's own model of an OpenAI request ("chat" or "completions") with ``fields``
+    (without its prompt or messages, which are token ids by now): it checks the values
+    as vLLM's server does. ValueError (pydantic's ValidationError) for a bad one."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    structured = fields.get("structured_outputs")
+    if isinstance(structured, dict):
+        unknown = sorted(set(structured) - set(STRUCTURED_OUTPUT_KEYS))
+        if unknown:
+            raise ValueError(
+                f"structured_outputs: keys {unknown} are not served (served: "
+                f"{', '.join(STRUCTURED_OUTPUT_KEYS)})"
+            )
+    if endpoint == "chat":
+        return ChatCompletionRequest(messages=[{"role": "user", "content": ""}], **fields)
+    return CompletionRequest(prompt=[0], **fields)  # token ids: the check wants one
+
+
+def to_sampling_params(request, max_tokens: int):
+    """SamplingParams of a request model, as vLLM's server makes them (0.15 takes a logits
+    processor pattern too: none, as the server's default)."""
+    import inspect
+
+    if "logits_processor_pattern" in inspect.signature(request.to_sampling_params).parameters:
+        return request.to_sampling_params(max_tokens, None, {})
+    return request.to_sampling_params(max_tokens, {})
 
 
 def server_parser_module() -> str:

@@ -40,15 +40,70 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 # Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
 # extension of the OpenAI API, which its run-batch takes too).
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+# The OpenAI fields every engine serves (warm engines of both `warm.server` kinds, per-rank
+# engines, the echo engine), passed to the engine as they are: vLLM's own request models
+# check their values (engine/openai_params.py), so a bad one is that request's error.
+# The structured-output extras vLLM takes in both 0.15 and 0.32 ("structured_outputs":
+# json, regex, choice, grammar, ...) are in engine/vllm_versions.py.
+ENGINE_FIELDS = (
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "stop_token_ids",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "structured_outputs",
+    "allowed_token_ids",
+    "bad_words",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+)
+# Fields of vLLM's OpenAI server that only it serves (tools, reasoning, beam search,
+# multimodal, prompt logprobs, ...): a request with one is answered with an error
+# naming the field and the server that serves it (warm.server: vllm), unless the rank
+# runs there. Any other field is unknown: that request's error too.
+SERVER_ONLY_FIELDS = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "chat_template",
+    "chat_template_kwargs",
+    "continue_final_message",
+    "add_generation_prompt",
+    "documents",
+    "reasoning_effort",
+    "include_reasoning",
+    "prompt_logprobs",
+    "use_beam_search",
+    "length_penalty",
+    "echo",
+    "suffix",
+    "prompt_embeds",
+    "mm_processor_kwargs",
+    "return_token_ids",
+    "return_tokens_as_token_ids",
+    "truncate_prompt_tokens",
+    "vllm_xargs",
+    "cache_salt",
+    "priority",
+    "add_special_tokens",
+    "thinking_token_budget",
+)
 SHORT_KEYS = {"id", "prompt", "messages", *SAMPLING_KEYS}
-# Batch body fields we read; "model" names the run's one model and is only checked to be
-# a string; "n" must be 1 and "stream" false (one answer per line).
+# Batch body fields read here; "model" names the run's one model and is only checked to
+# be a string; "stream" must be false (one answer per line).
 BODY_KEYS = {
     "model",
     "prompt",
     "messages",
     "max_completion_tokens",
-    "n",
     "stream",
     "user",
     *SAMPLING_KEYS,
@@ -68,6 +123,8 @@ class Request:
     messages: list | None = None  # chat
     sampling: dict = field(default_factory=dict)  # this request's overrides
     model: str | None = None  # the batch body's "model", answered back
+    fields: dict = field(default_factory=dict)  # ENGINE_FIELDS / SERVER_ONLY_FIELDS given
+    error: str | None = None  # why it is refused before any engine sees it
 
     @property
     def chat(self) -> bool:
@@ -80,6 +137,40 @@ class Answer:
     finish_reason: str | None
     prompt_tokens: int
     output_tokens: int
+    # OpenAI's choices when they say more than `text` (n > 1, logprobs): answered as they are
+    choices: list | None = None
+    # a refused request: {"message", "param"} (answered as OpenAI's batch error line)
+    error: dict | None = None
+
+
+def error_answer(message: str, param: str | None = None) -> Answer:
+    return Answer("", None, 0, 0, error={"message": message, "param": param})
+
+
+def answer_of(request: Request, choices: list, prompt_tokens: int, output_tokens: int) -> Answer:
+    """The answer of an engine's OpenAI ``choices``, the same from every engine: each choice
+    with OpenAI's keys only (vLLM adds its own); kept whole when they say more than the
+    first one's text (n > 1, logprobs)."""
+    kept = []
+    for index, choice in enumerate(choices):
+        if request.chat:
+            content = (choice.get("message") or {}).get("content") or ""
+            said = {"message": {"role": "assistant", "content": content}}
+        else:
+            said = {"text": choice.get("text") or ""}
+        logprobs = choice.get("logprobs")
+        kept.append({"index": index, **said, "finish_reason": choice.get("finish_reason")})
+        kept[-1]["logprobs"] = logprobs
+    first = kept[0]
+    text = first["message"]["content"] if request.chat else first["text"]
+    whole = len(kept) > 1 or any(c["logprobs"] is not None for c in kept)
+    return Answer(
+        text, first["finish_reason"], prompt_tokens, output_tokens, kept if whole else None
+    )
+
+
+class _Refused(Exception):
+    """A request line whose fields or values cannot be served (its error answer)."""
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:
@@ -203,52 +294,75 @@ def _batch_request(data: dict, number: int, where) -> Request:
     body = data.get("body")
     if not isinstance(body, dict):
         raise where(f"batch line: body must be an object, not {body!r}")
-    unknown = sorted(set(body) - BODY_KEYS)
-    if unknown:
-        raise where(f"batch line: body fields not supported: {unknown}")
-    if body.get("n", 1) != 1:
-        raise where(f"batch line: n must be 1 (one answer per line), not {body['n']!r}")
-    if body.get("stream", False) is not False:
-        raise where("batch line: stream must be false")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise where(f"batch line: model must be a string, not {model!r}")
     fields = dict(body)
-    if fields.get("max_completion_tokens") is not None:
+    refused = None
+    if fields.get("stream", False) is not False:
+        refused = "stream must be false (one answer per line)"
+    elif fields.get("max_completion_tokens") is not None:
         if fields.get("max_tokens") is not None:
-            raise where("batch line: give max_tokens or max_completion_tokens, not both")
+            refused = "give max_tokens or max_completion_tokens, not both"
         fields["max_tokens"] = fields["max_completion_tokens"]
-    return _request(fields, number, where, custom_id, ENDPOINTS[url], model)
+    return _request(fields, number, where, custom_id, ENDPOINTS[url], model, refused)
 
 
 def _short_request(data: dict, number: int, where) -> Request:
-    unknown = sorted(set(data) - SHORT_KEYS)
-    if unknown:
-        raise where(
-            f"unknown fields {unknown} (a line has prompt or messages, and optionally "
-            f"{', '.join(['id', *SAMPLING_KEYS])}; or is an OpenAI batch line)"
-        )
     given_id = data.get("id", number)
     if not (isinstance(given_id, str) and given_id) and not _is_int(given_id):
         raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
     return _request(data, number, where, given_id)
 
 
+def _engine_fields(fields: dict, known: set) -> dict:
+    """The line's fields for the engine; an unknown field refuses the request."""
+    unknown = sorted(set(fields) - known - set(ENGINE_FIELDS) - set(SERVER_ONLY_FIELDS))
+    if unknown:
+        raise _Refused(
+            f"unknown fields {unknown} (the fields of vLLM's OpenAI server are served: "
+            "prompt or messages, sampling, n, logprobs, response_format, ...)"
+        )
+    given = {k: fields[k] for k in (*ENGINE_FIELDS, *SERVER_ONLY_FIELDS) if k in fields}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _request(
-    fields: dict, number: int, where, request_id, endpoint: str | None = None, model=None
+    fields: dict,
+    number: int,
+    where,
+    request_id,
+    endpoint: str | None = None,
+    model=None,
+    refused: str | None = None,
 ) -> Request:
-    """The request of line ``number``: its prompt or messages and its sampling, from
-    ``fields`` (a short line, or a batch line's body); a batch line's ``endpoint`` makes
-    it a batch request (answered in the batch output shape)."""
+    """The request of line ``number``: its prompt or messages, its sampling and its other
+    OpenAI fields, from ``fields`` (a short line, or a batch line's body); a batch line's
+    ``endpoint`` makes it a batch request (answered in the batch output shape).
+
+    A line of the wrong shape (no prompt, bad messages) is a broken file: RequestFileError.
+    A line whose fields or values cannot be served is a refused request: its ``error``
+    says why, and the rank answers it with an error line."""
     prompt, messages = _one_of_prompt_or_messages(fields, where, endpoint)
+    known = BODY_KEYS if endpoint is not None else SHORT_KEYS
+    sampling, extra = {}, {}
+    try:
+        if refused:
+            raise _Refused(refused)
+        sampling = _check_sampling(fields, _Refused)
+        extra = _engine_fields(fields, known)
+    except _Refused as error:
+        refused = str(error)
     return Request(
         line=number,
         id=request_id,
         batch=endpoint is not None,
         prompt=prompt,
         messages=messages,
-        sampling=_check_sampling(fields, where),
+        sampling=sampling,
         model=model,
+        fields=extra,
+        error=refused,
     )
 
 
@@ -309,6 +423,9 @@ def sampling_of(request: Request, defaults: dict) -> dict:
 def answer_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
     """The output line of one request (see the module doc)."""
     if not request.batch:
+        if answer.error is not None:
+            fields = {"id": request.id, "error": answer.error}
+            return json.dumps(fields, ensure_ascii=False) + "\n"
         fields = {
             "id": request.id,
             "text": answer.text,
@@ -316,9 +433,18 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
             "prompt_tokens": answer.prompt_tokens,
             "output_tokens": answer.output_tokens,
         }
+        if answer.choices is not None:
+            fields["choices"] = answer.choices
         return json.dumps(fields, ensure_ascii=False) + "\n"
     # Stable ids: from the rank file's content and the line, so reruns write the same bytes.
     tag = f"{digest[:16]}-{rank}-{request.line}"
+    if answer.error is not None:
+        # OpenAI's batch output of a request the API refused: its HTTP answer, status 400
+        error = {"message": answer.error["message"], "type": "invalid_request_error"}
+        error |= {"param": answer.error.get("param"), "code": None}
+        response = {"status_code": 400, "request_id": f"req-{tag}", "body": {"error": error}}
+        line = {"id": f"batch_req_{tag}", "custom_id": request.id, "response": response}
+        return json.dumps(line | {"error": None}, ensure_ascii=False) + "\n"
     if request.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}}
         kind, prefix = "chat.completion", "chatcmpl"
@@ -332,7 +458,7 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
         # not the clock: a seeded rerun, or a resumed rank, writes the same bytes
         "created": 0,
         "model": request.model or model,
-        "choices": [choice],
+        "choices": answer.choices if answer.choices is not None else [choice],
         "usage": {
             "prompt_tokens": answer.prompt_tokens,
             "completion_tokens": answer.output_tokens,
@@ -398,6 +524,9 @@ class Partial:
                     entry["finish_reason"],
                     entry["prompt_tokens"],
                     entry["output_tokens"],
+                    # issue 30: choices (n, logprobs) and refused requests' errors
+                    entry.get("choices"),
+                    entry.get("error"),
                 )
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
@@ -411,7 +540,9 @@ class Partial:
 
     @staticmethod
     def _line(index: int, answer: Answer) -> str:
-        entry = {"index": index, **answer.__dict__}
+        # issue 30: choices and error only when there (older partial files stay as they were)
+        entry = {"index": index, **{k: v for k, v in answer.__dict__.items() if v is not None}}
+        entry.setdefault("finish_reason", None)
         return json.dumps(entry, ensure_ascii=False) + "\n"
 
     def add(self, index: int, answer: Answer) -> None:
