@@ -296,10 +296,10 @@ def fail_on_refused(requests: list[Request], answers: dict, settings: dict, path
         )
 
 
-def refused_requests(requests: list[Request], answers: dict, first: int = 5) -> dict:
-    """The rank record's count of refused requests and the first few by line (issue 30)."""
+def refused_requests(requests: list[Request], answers: dict, path, first: int = 5) -> dict:
+    """The rank record's count of refused requests and the first few by file and line."""
     lines = [
-        {"line": r.line, "message": answers[i].error["message"]}
+        {"file": str(path), "line": r.line, "message": answers[i].error["message"]}
         for i, r in enumerate(requests)
         if i in answers and answers[i].error is not None
     ]

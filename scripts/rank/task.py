@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     record = build_record(args.rank, settings, requests, result, started)
-    record |= refused_requests(requests, result["answers"])  # issue 30
+    record |= refused_requests(requests, result["answers"], args.prompts)  # issue 30
     summary = write_outputs(args.prompts, requests, result, record, args.output, args.record)
     print(summary, file=sys.stderr)
     return 0

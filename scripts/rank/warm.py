@@ -316,6 +316,6 @@ def serve_rank(
         # engines that died during this rank's requests
         "engine_deaths": [e.name for e in died_on],
     }
-    record |= refused_requests(requests, result["answers"])
+    record |= refused_requests(requests, result["answers"], prompts_path)
     summary = write_outputs(prompts_path, requests, result, record, output, record_path)
     return f"WARNING: {prompts_path} has no prompts\n{summary}" if not requests else summary
