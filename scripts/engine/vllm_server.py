@@ -269,6 +269,7 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Sequence[str]) -> int:
     args, engine_args = parse_args(argv)
+    vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     # The engine first: /health is refused (no listener) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)
     template = None

@@ -15,6 +15,12 @@ Differences:
   ``structured_outputs`` object (the ``guided_json``/``guided_regex``/... fields of older
   vLLMs are gone from both); its keys differ: 0.15 has ``disable_fallback``, 0.32 not
   (`STRUCTURED_OUTPUT_KEYS` are those of both, the ones a rank file may use).
+- Structured outputs in a batch that also holds other requests: 0.15's
+  ``apply_grammar_bitmask`` pins memory unconditionally (``pin_memory=True``), which raises
+  "Found no NVIDIA driver" on a CPU, and hands xgrammar a tensor of indices, which its CPU
+  kernel refuses; 0.32 does neither. `pin_memory_only_where_it_exists` fixes
+  it for engines in this process (per-rank engines, the in-process server), not for vLLM
+  0.15's own server on a CPU (its EngineCore is another process).
 - transformers 5 saves fast tokenizers as ``"tokenizer_class": "TokenizersBackend"``, a class
   transformers 4.x (vLLM 0.15's) does not have: such a model fails only once an engine starts.
 
@@ -119,6 +125,40 @@ def to_sampling_params(request, max_tokens: int):
     if "logits_processor_pattern" in inspect.signature(request.to_sampling_params).parameters:
         return request.to_sampling_params(max_tokens, None, {})
     return request.to_sampling_params(max_tokens, {})
+
+
+def pin_memory_only_where_it_exists() -> bool:
+    """vLLM 0.15 on a CPU: let its grammar bitmask skip pinning memory (see the module doc).
+    True when the fix applied (no-op on 0.32, and wherever pinning works)."""
+    import inspect
+    import types
+
+    import torch
+
+    try:
+        from vllm.v1.structured_output import utils
+    except ImportError:
+        return False
+    pinning = "pin_memory=True" in inspect.getsource(utils.apply_grammar_bitmask)
+    if not pinning or torch.cuda.is_available() or isinstance(utils.torch, types.SimpleNamespace):
+        return False
+
+    class Indices(list):
+        """The rows' indices as xgrammar's CPU kernel takes them: a list (0.15 makes a
+        pinned tensor, which neither a CPU nor that kernel takes)."""
+
+        def to(self, *args, **kwargs):
+            return self
+
+    def tensor(data, *args, pin_memory=False, **kwargs):
+        return Indices(data) if pin_memory else torch.tensor(data, *args, **kwargs)
+
+    shim = types.SimpleNamespace(
+        **{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")}
+    )
+    shim.tensor = tensor
+    utils.torch = shim
+    return True
 
 
 def server_parser_module() -> str:

@@ -129,6 +129,7 @@ def run_vllm(
 
     import_s = time.monotonic() - t0
 
+    vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
     t0 = time.monotonic()
     llm = LLM(**engine_args)
