@@ -122,3 +122,35 @@ def test_a_file_broken_as_a_file_still_fails_its_rank(tmp_path):
 def test_the_strict_key_is_checked():
     with pytest.raises(checks.UsageError, match="bad_requests"):
         checks.parse_settings(json.dumps({"bad_requests": "skip"}))
+
+
+EMBEDDINGS = [
+    {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+     "body": {"model": "m", "input": ["one two", "three"]}},
+    {"id": "short", "input": "four five six"},
+    {"custom_id": "e3", "method": "POST", "url": "/v1/embeddings",
+     "body": {"input": "x", "encoding_format": "base64"}},
+]  # fmt: skip
+
+
+def check_embeddings(out: Path) -> None:
+    from engine.echo_server import embeddings_answer
+
+    first, short, refused = (json.loads(x) for x in out.read_text().splitlines())
+    body = first["response"]["body"]
+    expected = embeddings_answer({"input": ["one two", "three"]}, "echo")["data"]
+    assert body["object"] == "list" and body["data"] == expected
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    assert short["id"] == "short" and len(short["data"][0]["embedding"]) == 8
+    assert refused["response"]["status_code"] == 400
+    assert "encoding_format" in refused["response"]["body"]["error"]["message"]
+
+
+def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # noqa: F811
+    check_embeddings(serve_lines(tmp_path, "7.jsonl", EMBEDDINGS, echo_pool))
+    done = run_task(tmp_path / "per-rank", EMBEDDINGS)
+    assert done.returncode == 0, done.stderr
+    check_embeddings(tmp_path / "per-rank" / "out" / "2.jsonl")
+    mixed = run_task(tmp_path / "mixed", [EMBEDDINGS[1], {"prompt": "a"}])
+    assert mixed.returncode == 2
+    assert "line 2: a generation request in a rank of embeddings (line 1)" in mixed.stderr

@@ -369,3 +369,23 @@ def tokenize_messages(
     body = {"messages": [dict(m) for m in messages], "add_generation_prompt": True}
     data = _post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]  # in input order
+    prompt_tokens: int
+
+
+def embed(url: str, texts: Sequence[str], timeout: float = 600.0, key: str | None = None):
+    """POST /v1/embeddings (a pooling model's engine): one vector per text, in order."""
+    data = _post(url, "/v1/embeddings", {"input": list(texts)}, timeout, key)
+    items = data.get("data")
+    if not isinstance(items, list) or len(items) != len(texts):
+        raise EngineUnavailable(f"{url}/v1/embeddings: engine answered {items!r:.200} as data")
+    ordered = sorted(items, key=lambda item: item.get("index", 0))
+    usage = data.get("usage") or {}
+    return Embeddings(
+        [list(item.get("embedding") or []) for item in ordered],
+        int(usage.get("prompt_tokens") or 0),
+    )

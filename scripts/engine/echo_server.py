@@ -10,6 +10,7 @@ prompt itself.
     POST /tokenize         one token per whitespace-separated word (+ BOS 2); with
                            "messages": the words of their rendered chat
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
+    POST /v1/embeddings    per text a vector of 8 numbers from its checksums
     POST /v1/chat/completions  the messages rendered with render_chat
                            ("<|role|> content" per message, then "<|assistant|>") as
                            the answer's content
@@ -264,6 +265,31 @@ def chat_answer(body: dict, model: str) -> dict:
     return completion_answer({**rest, "prompt": prompt}, model, "chat")
 
 
+EMBEDDING_SIZE = 8
+
+
+def embeddings_answer(body: object, model: str) -> dict:
+    """/v1/embeddings: per text, EMBEDDING_SIZE numbers from its bytes' checksums (the
+    same text, the same vector); one token per word."""
+    texts = body.get("input") if isinstance(body, dict) else None
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise BadRequest("input must be a string or a non-empty list of strings")
+    vectors = [
+        [zlib.crc32(f"{k}:{text}".encode()) / 2**32 for k in range(EMBEDDING_SIZE)]
+        for text in texts
+    ]
+    tokens = sum(len(t.split()) for t in texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 class EchoServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # thousands of ranks may connect at once
@@ -326,6 +352,11 @@ class EchoServer(ThreadingHTTPServer):
         prompt = render_chat(messages_of(body))
         rest = {k: v for k, v in body.items() if k != "messages"}
         return self.completion({**rest, "prompt": prompt}, "chat")
+
+    def embeddings(self, body: object) -> dict:
+        with self.lock:
+            self.succeeded += 1
+        return embeddings_answer(body, self.model)
 
     def tokens(self, body: object) -> dict:
         if isinstance(body, dict) and "messages" in body:
@@ -400,6 +431,7 @@ class Handler(BaseHTTPRequestHandler):
         answer = {
             "/v1/completions": self.server.completion,
             "/v1/chat/completions": self.server.chat,
+            "/v1/embeddings": self.server.embeddings,
             "/tokenize": self.server.tokens,
         }
         try:

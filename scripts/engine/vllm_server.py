@@ -17,6 +17,7 @@ so there is no second process to lose, and one `import vllm` per engine instead 
     POST /v1/completions   prompts (strings or token ids), sampling fields, in prompt order
     POST /v1/chat/completions  messages rendered with the model's chat template (or the
                            --chat-template file), then as one completion
+    POST /v1/embeddings    refused, naming the servers that serve it
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 Every prompt of a request is one engine request, so the prompts of all ranks in flight
@@ -237,6 +238,13 @@ class VllmServer(ThreadingHTTPServer):
         rest = {k: v for k, v in body.items() if k != "messages"}
         answer = self.completion({**rest, "prompt": ids}, "chat")
         return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+
+    def embeddings(self, body: dict) -> dict:
+        raise BadRequest(
+            "/v1/embeddings is not served by the in-process server: vLLM's OpenAI server "
+            "serves it (config warm.server: vllm, vllm.engine_args [--runner, pooling]), and "
+            "per-rank engines (warm_engines: false)"
+        )
 
     def tokens(self, body: dict) -> dict:
         if isinstance(body, dict) and "messages" in body:

@@ -35,7 +35,13 @@ from pathlib import Path
 
 from rank.prompts import PromptFileError, read_prompts
 
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+}
+# An embeddings request's fields besides "input" ("float" is the one encoding written).
+EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
 # extension of the OpenAI API, which its run-batch takes too).
@@ -125,10 +131,15 @@ class Request:
     model: str | None = None  # the batch body's "model", answered back
     fields: dict = field(default_factory=dict)  # ENGINE_FIELDS / SERVER_ONLY_FIELDS given
     error: str | None = None  # why it is refused before any engine sees it
+    input: list | None = None  # embeddings: the texts to embed
 
     @property
     def chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def embedding(self) -> bool:
+        return self.input is not None
 
 
 @dataclass(frozen=True)
@@ -141,6 +152,8 @@ class Answer:
     choices: list | None = None
     # a refused request: {"message", "param"} (answered as OpenAI's batch error line)
     error: dict | None = None
+    # embeddings: one vector per input text, in input order
+    embeddings: list | None = None
 
 
 def error_answer(message: str, param: str | None = None) -> Answer:
@@ -297,6 +310,8 @@ def _batch_request(data: dict, number: int, where) -> Request:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise where(f"batch line: model must be a string, not {model!r}")
+    if ENDPOINTS[url] == "embeddings":
+        return _embedding_request(body, number, where, custom_id, True, model)
     fields = dict(body)
     refused = None
     if fields.get("stream", False) is not False:
@@ -312,7 +327,26 @@ def _short_request(data: dict, number: int, where) -> Request:
     given_id = data.get("id", number)
     if not (isinstance(given_id, str) and given_id) and not _is_int(given_id):
         raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
+    if "input" in data:
+        rest = {k: v for k, v in data.items() if k != "id"}
+        return _embedding_request(rest, number, where, given_id, False)
     return _request(data, number, where, given_id)
+
+
+def _embedding_request(body: dict, number: int, where, request_id, batch: bool, model=None):
+    """An embeddings request: ``input`` a string or a non-empty list of strings."""
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise where(f"input must be a string or a non-empty list of strings, not {texts!r}")
+    refused = None
+    unknown = sorted(set(body) - EMBEDDING_KEYS)
+    if unknown:
+        refused = f"unknown fields {unknown} for an embeddings request (served: input, model)"
+    elif body.get("encoding_format", "float") != "float":
+        refused = f'encoding_format {body["encoding_format"]!r}: only "float" is written'
+    return Request(line=number, id=request_id, batch=batch, model=model, input=texts, error=refused)
 
 
 def _engine_fields(fields: dict, known: set) -> dict:
@@ -401,6 +435,13 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
         if key in seen:
             raise where(f"id {request.id!r} repeats line {seen[key]}'s (ids must be unique)")
         seen[key] = number
+        if requests and request.embedding != requests[0].embedding:
+            kinds = ("a generation", "an embeddings")
+            first = kinds[requests[0].embedding].split()[-1]
+            raise where(
+                f"{kinds[request.embedding]} request in a rank of {first} (line "
+                f"{requests[0].line}): one engine serves one kind, so a rank holds one"
+            )
         requests.append(request)
     return requests
 
@@ -422,6 +463,8 @@ def sampling_of(request: Request, defaults: dict) -> dict:
 
 def answer_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
     """The output line of one request (see the module doc)."""
+    if request.embedding and answer.error is None:
+        return _embedding_line(request, answer, rank, digest, model)
     if not request.batch:
         if answer.error is not None:
             fields = {"id": request.id, "error": answer.error}
@@ -465,6 +508,30 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
             "total_tokens": answer.prompt_tokens + answer.output_tokens,
         },
     }
+    line = {
+        "id": f"batch_req_{tag}",
+        "custom_id": request.id,
+        "response": {"status_code": 200, "request_id": f"req-{tag}", "body": body},
+        "error": None,
+    }
+    return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def _embedding_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
+    """OpenAI's embeddings answer (``data[].embedding``, ``usage``): the body of a batch
+    line's response, or a short line's fields beside its id."""
+    body = {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": vector}
+            for i, vector in enumerate(answer.embeddings or [])
+        ],
+        "model": request.model or model,
+        "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens},
+    }
+    if not request.batch:
+        return json.dumps({"id": request.id, **body}, ensure_ascii=False) + "\n"
+    tag = f"{digest[:16]}-{rank}-{request.line}"
     line = {
         "id": f"batch_req_{tag}",
         "custom_id": request.id,
@@ -527,6 +594,7 @@ class Partial:
                     # issue 30: choices (n, logprobs) and refused requests' errors
                     entry.get("choices"),
                     entry.get("error"),
+                    entry.get("embeddings"),
                 )
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill

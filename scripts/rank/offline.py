@@ -25,6 +25,10 @@ def echo_answer(request: Request, sampling: dict | None = None) -> Answer:
 
     if request.error:
         return error_answer(request.error)
+    if request.embedding:
+        answer = echo_server.embeddings_answer({"input": request.input}, "echo")
+        vectors = [item["embedding"] for item in answer["data"]]
+        return Answer("", None, answer["usage"]["prompt_tokens"], 0, embeddings=vectors)
     body = {**(sampling or {}), **request.sampling, **request.fields}
     if request.chat:
         body["messages"] = request.messages
@@ -131,9 +135,14 @@ def run_vllm(
 
     vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
+    embeddings = requests[0].embedding  # a rank holds one kind (rank/jsonl.py)
+    if embeddings:
+        engine_args.setdefault("runner", "pooling")
     t0 = time.monotonic()
     llm = LLM(**engine_args)
     load_s = time.monotonic() - t0
+    if embeddings:
+        return embed_rank(llm, requests, partial, kept) | {"import_s": import_s, "load_s": load_s}
 
     tokenizer = llm.get_tokenizer()
     template = read_chat_template(settings)
@@ -203,4 +212,36 @@ def run_vllm(
         "load_s": load_s,
         "generate_s": generate_s,
         "truncated": truncated,
+    }
+
+
+def embed_rank(llm, requests: list[Request], partial: Partial, kept: dict) -> dict:
+    """A rank of embeddings requests on a pooling engine (vLLM's LLM.embed): every text of
+    the requests ``kept`` lacks in one call, each request's vectors in input order."""
+    answers = dict(kept)
+    answers |= {i: error_answer(r.error) for i, r in enumerate(requests) if r.error}
+    todo = [i for i in range(len(requests)) if i not in answers]
+    texts = [text for i in todo for text in requests[i].input]
+    t0 = time.monotonic()
+    outputs = iter(llm.embed(texts, use_tqdm=False) if texts else [])
+    for i in todo:
+        done = [next(outputs) for _ in requests[i].input]
+        answer = Answer(
+            "",
+            None,
+            sum(len(o.prompt_token_ids or ()) for o in done),
+            0,
+            embeddings=[list(o.outputs.embedding) for o in done],
+        )
+        answers[i] = answer
+        partial.add(i, answer)
+    generate_s = time.monotonic() - t0
+    import torch
+    import vllm
+
+    return {
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+        "answers": answers,
+        "generate_s": generate_s,
+        "truncated": [],
     }

@@ -15,7 +15,15 @@ import unicodedata
 
 from rank.answer_files import partial_key, write_outputs
 from rank.checks import _token_limit, checked_requests, fail_on_refused, refused_requests
-from rank.jsonl import Partial, Request, answer_of, error_answer, read_rank, sampling_of
+from rank.jsonl import (
+    Answer,
+    Partial,
+    Request,
+    answer_of,
+    error_answer,
+    read_rank,
+    sampling_of,
+)
 from rank.offline import run_echo
 from rank.task import build_record
 
@@ -77,6 +85,8 @@ def engine_inputs(
     too long goes to ``refused`` (index -> message) when it is given."""
     from engine import client
 
+    if requests and requests[0].embedding:  # the engine checks their length
+        return [r.input for r in requests], []
     if surely_fit(requests, settings, url):
         return [r.prompt for r in requests], []
     answers = [
@@ -147,6 +157,13 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
     def send(i: int) -> None:
         request, given = requests[i], inputs[i]
         try:
+            if request.embedding:
+                done = client.embed(engine.url, given, timeout, engine.api_key)
+                answer = Answer("", None, done.prompt_tokens, 0, embeddings=done.vectors)
+                with lock:
+                    answers[i] = answer
+                    partial.add(i, answer)
+                return
             reply = client.complete_one(
                 engine.url,
                 sampling_of(request, settings["sampling"]),

@@ -249,7 +249,35 @@ def build_tiny_chat(out: Path, scratch: Path) -> None:
     build_tiny(out, scratch, chat=True)
 
 
-BUILDERS = {"tiny": build_tiny, "tiny-chat": build_tiny_chat, "opt125m": build_opt125m}
+def build_tiny_embed(out: Path, scratch: Path) -> None:
+    """A tiny BERT encoder (vLLM serves BertModel as a pooling model: /v1/embeddings,
+    LLM.embed) with the tiny tokenizer: the embedding tests' model, random weights."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = _build_tiny_tokenizer(out)
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=128,  # 4 heads of 32: head sizes vLLM's CPU attention takes
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=TINY_POSITIONS,
+        pad_token_id=tok.convert_tokens_to_ids("<pad>"),
+        dtype="float32",
+    )
+    torch.manual_seed(SEED)
+    model = BertModel(config)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+
+
+BUILDERS = {
+    "tiny": build_tiny,
+    "tiny-chat": build_tiny_chat,
+    "tiny-embed": build_tiny_embed,
+    "opt125m": build_opt125m,
+}
 
 
 def build(kind: str, dest: str | os.PathLike) -> bool:
