@@ -154,3 +154,18 @@ def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # n
     mixed = run_task(tmp_path / "mixed", [EMBEDDINGS[1], {"prompt": "a"}])
     assert mixed.returncode == 2
     assert "line 2: a generation request in a rank of embeddings (line 1)" in mixed.stderr
+
+
+def test_embeddings_in_a_npy_beside_the_jsonl(tmp_path, echo_pool):  # noqa: F811
+    import numpy
+
+    inline = serve_lines(tmp_path / "inline", "7.jsonl", EMBEDDINGS[:2], echo_pool)
+    out = serve_lines(tmp_path, "7.jsonl", EMBEDDINGS[:2], echo_pool, embeddings_npy=True)
+    pair, single = (json.loads(x) for x in inline.read_text().splitlines())
+    vectors = [d["embedding"] for d in pair["response"]["body"]["data"] + single["data"]]
+    rows = numpy.load(out.with_suffix(".npy"))
+    assert rows.dtype == numpy.float32 and rows.shape == (3, 8)
+    assert numpy.allclose(rows, numpy.array(vectors, dtype=numpy.float32))
+    first, short = (json.loads(x) for x in out.read_text().splitlines())
+    assert [d["npy_row"] for d in first["response"]["body"]["data"]] == [0, 1]
+    assert short["data"] == [{"object": "embedding", "index": 0, "embedding": None, "npy_row": 2}]

@@ -26,6 +26,8 @@ DEFAULT_SETTINGS: dict = {
     # A JSONL request the engine refuses: "error_line" answers it with OpenAI's batch
     # error line and the rank goes on; "fail_rank" fails the rank (config vllm.bad_requests)
     "bad_requests": "error_line",
+    # Embedding ranks: vectors in <rank>.npy beside the JSONL (config vllm.embeddings_npy)
+    "embeddings_npy": False,
     "engine_args": [],
     # A chat template file for models without one (null: the model's own).
     "chat_template": None,
@@ -101,6 +103,8 @@ def parse_settings(text: str) -> dict:
         raise bad("long_prompts", '"error" or "truncate"')
     if settings["bad_requests"] not in ("error_line", "fail_rank"):
         raise bad("bad_requests", '"error_line" or "fail_rank"')
+    if not isinstance(settings["embeddings_npy"], bool):
+        raise bad("embeddings_npy", "true or false")
     template = settings["chat_template"]
     if template is not None and not (isinstance(template, str) and template):
         raise bad("chat_template", "a file name or null")

@@ -461,10 +461,13 @@ def sampling_of(request: Request, defaults: dict) -> dict:
 # ----------------------------------------------------------------------------- answers
 
 
-def answer_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
-    """The output line of one request (see the module doc)."""
+def answer_line(
+    request: Request, answer: Answer, rank: int, digest: str, model: str, npy_row=None
+) -> str:
+    """The output line of one request (see the module doc); ``npy_row``: the row of its
+    first vector in the rank's .npy (config vllm.embeddings_npy), None: vectors inline."""
     if request.embedding and answer.error is None:
-        return _embedding_line(request, answer, rank, digest, model)
+        return _embedding_line(request, answer, rank, digest, model, npy_row)
     if not request.batch:
         if answer.error is not None:
             fields = {"id": request.id, "error": answer.error}
@@ -517,15 +520,21 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
     return json.dumps(line, ensure_ascii=False) + "\n"
 
 
-def _embedding_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
+def _embedding_line(
+    request: Request, answer: Answer, rank: int, digest: str, model: str, npy_row=None
+) -> str:
     """OpenAI's embeddings answer (``data[].embedding``, ``usage``): the body of a batch
-    line's response, or a short line's fields beside its id."""
+    line's response, or a short line's fields beside its id. With the vectors in the
+    rank's .npy, each item names its row there instead (``"embedding": null``)."""
+    data = [
+        {"object": "embedding", "index": i, "embedding": vector}
+        for i, vector in enumerate(answer.embeddings or [])
+    ]
+    if npy_row is not None:
+        data = [item | {"embedding": None, "npy_row": npy_row + i} for i, item in enumerate(data)]
     body = {
         "object": "list",
-        "data": [
-            {"object": "embedding", "index": i, "embedding": vector}
-            for i, vector in enumerate(answer.embeddings or [])
-        ],
+        "data": data,
         "model": request.model or model,
         "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens},
     }
@@ -539,6 +548,26 @@ def _embedding_line(request: Request, answer: Answer, rank: int, digest: str, mo
         "error": None,
     }
     return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def npy_bytes(vectors: list[list[float]]) -> bytes:
+    """``vectors`` (rows of one length) as a NumPy .npy file of float32, format 1.0, written
+    without numpy (Snakemake's Python may have none)."""
+    import array
+    import sys
+
+    width = len(vectors[0]) if vectors else 0
+    values = array.array("f", [x for row in vectors for x in row])
+    if sys.byteorder != "little":
+        values.byteswap()
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({len(vectors)}, {width}), }}"
+    header += " " * (-(len(header) + 11) % 64) + "\n"  # 10-byte prefix, aligned to 64
+    return (
+        b"\x93NUMPY\x01\x00"
+        + len(header).to_bytes(2, "little")
+        + header.encode()
+        + values.tobytes()
+    )
 
 
 def file_digest(path: str | os.PathLike) -> str:

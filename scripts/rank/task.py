@@ -205,7 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
     record = build_record(args.rank, settings, requests, result, started)
     record |= refused_requests(requests, result["answers"], args.prompts)  # issue 30
-    summary = write_outputs(args.prompts, requests, result, record, args.output, args.record)
+    summary = write_outputs(
+        args.prompts, requests, result, record, args.output, args.record, settings["embeddings_npy"]
+    )
     print(summary, file=sys.stderr)
     return 0
 

@@ -334,5 +334,7 @@ def serve_rank(
         "engine_deaths": [e.name for e in died_on],
     }
     record |= refused_requests(requests, result["answers"], prompts_path)
-    summary = write_outputs(prompts_path, requests, result, record, output, record_path)
+    summary = write_outputs(
+        prompts_path, requests, result, record, output, record_path, settings["embeddings_npy"]
+    )
     return f"WARNING: {prompts_path} has no prompts\n{summary}" if not requests else summary
