@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -21,9 +23,10 @@ from rank import answer_files, checks, warm
 from rank.jsonl import Answer, Partial
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
-from test_infer import settings
+from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
 
+REPO = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Pick a color."}]
 SCHEMA = {
     "type": "object",
@@ -134,3 +137,29 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
     _, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-3000:]
     check(answers(tmp_path / "fresh" / "results" / "5.jsonl"))
+
+
+@pytest.mark.vllm015
+@pytest.mark.vllm
+def test_batch_fields_on_a_per_rank_engine_of_vllm015(tiny_chat, tmp_path):  # noqa: F811
+    """The same fields on vLLM 0.15 (Aurora's), config python .venv-vllm015: a structured
+    request among others (vllm_versions.pin_memory_only_where_it_exists), logprobs, n,
+    min_tokens, a refused request. The long JSON line is left to the 0.32 test."""
+    python015 = REPO / ".venv-vllm015" / "bin" / "python"
+    lines = [line for line in LINES if line["custom_id"] != "json"]
+    rank = write_rank(tmp_path, 6, lines)
+    argv = [str(python015), str(REPO / "scripts" / "rank" / "task.py"), "--rank", "6",
+            "--prompts", str(rank), "--output", str(tmp_path / "results" / "6.jsonl"),
+            "--record", str(tmp_path / "results" / "6.json"),
+            "--settings", json.dumps(config(tiny_chat))]  # fmt: skip
+    done = subprocess.run(argv, env={**os.environ, **VLLM_ENV}, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    by_id = {x["custom_id"]: x["response"] for x in answers(tmp_path / "results" / "6.jsonl")}
+    assert by_id["choice"]["body"]["choices"][0]["message"]["content"] in ("yes", "no")
+    entries = by_id["logprobs"]["body"]["choices"][0]["logprobs"]["content"]
+    assert len(entries) == 5 and all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert len(by_id["n"]["body"]["choices"]) == 2
+    assert by_id["min"]["body"]["usage"]["completion_tokens"] >= 10
+    assert by_id["refused"]["status_code"] == 400
+    assert json.loads((tmp_path / "results" / "6.json").read_text())["versions"]["vllm"] == "0.15.0"
