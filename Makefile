@@ -12,6 +12,8 @@ UV := $(BIN)/uv
 TINY_MODEL := models/tiny-opt
 # The tiny model as an instruct model (a chat template): the chat tests' model.
 TINY_CHAT := models/tiny-chat
+# A tiny BERT (a pooling model): the embedding tests' model.
+TINY_EMBED := models/tiny-embed
 BENCH_MODEL := models/opt-125m-shaped
 # vLLM 0.15.0, the version Aurora's engines run (module frameworks/2025.3.1): the `vllm015`
 # test tier runs the engines under this venv's python (config `python`).
@@ -24,7 +26,7 @@ run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 
-test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json openpbs
+test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json openpbs
 	$(BIN)/python -m pytest
 
 # One tier alone (tests/README.md): unit tests need only the venv; the real-vLLM tier
@@ -49,7 +51,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(BENCH_MODEL)/config.json openpbs
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(BENCH_MODEL)/config.json openpbs
 	$(BIN)/python benchmarks/run_all.py
 
 # Real OpenPBS 23.06 (built from ../shared/vendor, into /opt/pbs) for tests/pbs_cluster.py.
@@ -74,6 +76,9 @@ $(TINY_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 
 $(TINY_CHAT)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py --rebuild tiny-chat $(TINY_CHAT)
+
+$(TINY_EMBED)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/tools/build_model.py tiny-embed $(TINY_EMBED)
 
 $(BENCH_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py --rebuild opt125m $(BENCH_MODEL)

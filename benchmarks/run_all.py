@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import batch_fields  # noqa: E402
 import chat_batch  # noqa: E402
 import common  # noqa: E402
 import dag_scale  # noqa: E402
@@ -42,6 +43,7 @@ BENCHMARKS = {
         dispatch,
         progress_reader,
         chat_batch,
+        batch_fields,
         local_scale,
     )
 }

@@ -188,7 +188,8 @@ def test_bad_requests(server):
     assert status == 400 and "messages" in data["error"]["message"]
     bad_role = b'{"messages": [{"role": "user", "content": 3}]}'
     assert post(server.url + "/v1/chat/completions", bad_role)[0] == 400
-    assert post(server.url + "/v1/embeddings", b"{}")[0] == 404
+    assert post(server.url + "/v1/responses", b"{}")[0] == 404
+    assert post(server.url + "/v1/embeddings", b"{}")[0] == 400  # no input
     assert get(server.url + "/nowhere")[0] == 404
     status, body = get(server.url + "/health")
     assert (status, body) == (200, "")

@@ -146,6 +146,23 @@ BAD_LINES = [
     ({"messages": []}, "messages must be a non-empty list"),
     ({"messages": "hello"}, "messages must be a non-empty list"),
     ({"prompt": 42}, "prompt must be a string, not 42"),
+    ({"prompt": "a", "id": [1]}, "id must be a non-empty string or an integer"),
+    (CHAT_LINE | {"url": "/v1/responses"}, "endpoint '/v1/responses' is not served here"),
+    ({"input": []}, "input must be a string or a non-empty list of strings"),
+    (CHAT_LINE | {"method": "GET"}, "method must be POST"),
+    (CHAT_LINE | {"custom_id": 5}, "custom_id must be a non-empty string"),
+    (CHAT_LINE | {"body": "x"}, "body must be an object"),
+    (
+        COMPLETION_LINE | {"body": {"messages": CHAT_LINE["body"]["messages"]}},
+        "url /v1/completions takes a prompt, not messages",
+    ),  # fmt: skip
+    (CHAT_LINE | {"body": {"prompt": "a"}}, "url /v1/chat/completions takes messages"),
+]
+
+
+# Lines of the right shape whose values or fields cannot be served: a refused request
+# (answered with an error line, config vllm.bad_requests), not a broken file (issue 30).
+REFUSED_LINES = [
     ({"prompt": "a", "max_tokens": "5"}, "max_tokens must be a positive integer, not '5'"),
     ({"prompt": "a", "max_tokens": 0}, "max_tokens must be a positive integer"),
     ({"prompt": "a", "temperature": -1}, "temperature must be a number >= 0"),
@@ -153,20 +170,16 @@ BAD_LINES = [
     ({"prompt": "a", "seed": 1.5}, "seed must be an integer"),
     ({"prompt": "a", "stop": [1]}, "stop must be a string or a list of strings"),
     ({"prompt": "a", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
-    ({"prompt": "a", "id": [1]}, "id must be a non-empty string or an integer"),
     ({"prompt": "a", "max_token": 5}, "unknown fields ['max_token']"),
-    (CHAT_LINE | {"url": "/v1/embeddings"}, "endpoint '/v1/embeddings' is not served here"),
-    (CHAT_LINE | {"method": "GET"}, "method must be POST"),
-    (CHAT_LINE | {"custom_id": 5}, "custom_id must be a non-empty string"),
-    (CHAT_LINE | {"body": "x"}, "body must be an object"),
-    (CHAT_LINE | {"body": CHAT_LINE["body"] | {"n": 2}}, "n must be 1"),
-    (CHAT_LINE | {"body": CHAT_LINE["body"] | {"logprobs": True}}, "not supported: ['logprobs']"),
-    (
-        COMPLETION_LINE | {"body": {"messages": CHAT_LINE["body"]["messages"]}},
-        "url /v1/completions takes a prompt, not messages",
-    ),  # fmt: skip
-    (CHAT_LINE | {"body": {"prompt": "a"}}, "url /v1/chat/completions takes messages"),
+    (CHAT_LINE | {"body": CHAT_LINE["body"] | {"stream": True}}, "stream must be false"),
 ]
+
+
+@pytest.mark.parametrize("line, message", REFUSED_LINES)
+def test_a_line_with_a_bad_value_is_a_refused_request(tmp_path, line, message):
+    path = write_lines(tmp_path / "5.jsonl", [{"prompt": "fine"}, line])
+    fine, refused = read_requests(path)
+    assert fine.error is None and message in refused.error
 
 
 @pytest.mark.parametrize("line, message", BAD_LINES)
@@ -274,6 +287,7 @@ def test_partial_answers_survive_a_torn_line_and_drop_on_another_key(tmp_path):
 
 
 def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     rank_file = write_lines(tmp_path / name, lines)
     config = {"engine": "echo", "model": "echo"} | settings
     warm.serve_rank(
@@ -341,10 +355,15 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
 
 
 def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_path, echo_pool):
+    """With config vllm.bad_requests "fail_rank"; by default it is an error line."""
     long = " ".join(["w"] * 36)
     lines = [{"prompt": "short"}, {"prompt": long, "max_tokens": 4}]
+    out = serve_lines(tmp_path / "default", "2.jsonl", lines, echo_pool)
+    short, refused = (json.loads(x) for x in out.read_text().splitlines())
+    assert short["text"] == "short" and "request is 37 tokens" in refused["error"]["message"]
+    strict = {"bad_requests": "fail_rank"}
     with pytest.raises(checks.UsageError) as caught:
-        serve_lines(tmp_path, "2.jsonl", lines, echo_pool)
+        serve_lines(tmp_path, "2.jsonl", lines, echo_pool, **strict)
     text = str(caught.value)
     assert f"{tmp_path / '2.jsonl'}: line 2: request is 37 tokens, more than the 36 allowed" in text
     assert "max_tokens 4 + request tokens must be <= max_model_len 40" in text
@@ -352,9 +371,9 @@ def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_pa
     # a chat counts its template's markers: 35 words and 2 markers
     chat = [{"messages": [{"role": "user", "content": " ".join(["w"] * 35)}], "max_tokens": 4}]
     with pytest.raises(checks.UsageError, match=r"line 1: request is 37 tokens, more than the 36"):
-        serve_lines(tmp_path, "3.jsonl", chat, echo_pool)
+        serve_lines(tmp_path, "3.jsonl", chat, echo_pool, **strict)
     with pytest.raises(checks.UsageError, match=r"line 1: max_tokens 40 leaves no room"):
-        serve_lines(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool)
+        serve_lines(tmp_path, "4.jsonl", [{"prompt": "a", "max_tokens": 40}], echo_pool, **strict)
 
 
 def test_pbs_submissions_find_jsonl_ranks_and_their_rule(tmp_path):

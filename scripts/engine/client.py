@@ -301,6 +301,7 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    choices: list = ()  # OpenAI's choices as the engine answered them (n, logprobs)
 
 
 # The sampling fields a request carries; "stop" only when given.
@@ -314,15 +315,18 @@ def complete_one(
     messages: Sequence[Mapping] | None = None,
     timeout: float = 600.0,
     key: str | None = None,
+    fields: Mapping | None = None,
 ) -> Reply:
     """One request: a prompt (text or token ids) to /v1/completions, or chat messages to
-    /v1/chat/completions (the engine renders them with its chat template). One request
+    /v1/chat/completions (the engine renders them with its chat template), with the
+    request's other OpenAI ``fields`` as they are (n, logprobs, response_format, ...). One request
     per prompt lets a rank keep each answer as it comes (resume after a kill) while
     the engine still batches all requests in flight."""
     if (prompt is None) == (messages is None):
         raise ValueError("complete_one takes a prompt or messages")
     body = {k: sampling[k] for k in SAMPLING_FIELDS if sampling.get(k) is not None}
     body["ignore_eos"] = bool(sampling.get("ignore_eos"))
+    body |= dict(fields or {})
     if messages is not None:
         body["messages"] = [dict(m) for m in messages]
         path = "/v1/chat/completions"
@@ -333,8 +337,14 @@ def complete_one(
     data = _post(url, path, body, timeout, key)
     seconds = time.monotonic() - started
     choices = data.get("choices")
-    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+    wanted = int((fields or {}).get("n") or 1)
+    if (
+        not isinstance(choices, list)
+        or len(choices) != wanted
+        or not all(isinstance(c, dict) for c in choices)
+    ):
         raise EngineUnavailable(f"{url}{path}: engine answered {choices!r:.200} as choices")
+    choices = sorted(choices, key=lambda c: c.get("index", 0))
     choice = choices[0]
     if messages is not None:
         text = (choice.get("message") or {}).get("content") or ""
@@ -347,6 +357,7 @@ def complete_one(
         prompt_tokens=int(usage.get("prompt_tokens") or 0),
         completion_tokens=int(usage.get("completion_tokens") or 0),
         seconds=seconds,
+        choices=choices,
     )
 
 
@@ -358,3 +369,23 @@ def tokenize_messages(
     body = {"messages": [dict(m) for m in messages], "add_generation_prompt": True}
     data = _post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    vectors: list[list[float]]  # in input order
+    prompt_tokens: int
+
+
+def embed(url: str, texts: Sequence[str], timeout: float = 600.0, key: str | None = None):
+    """POST /v1/embeddings (a pooling model's engine): one vector per text, in order."""
+    data = _post(url, "/v1/embeddings", {"input": list(texts)}, timeout, key)
+    items = data.get("data")
+    if not isinstance(items, list) or len(items) != len(texts):
+        raise EngineUnavailable(f"{url}/v1/embeddings: engine answered {items!r:.200} as data")
+    ordered = sorted(items, key=lambda item: item.get("index", 0))
+    usage = data.get("usage") or {}
+    return Embeddings(
+        [list(item.get("embedding") or []) for item in ordered],
+        int(usage.get("prompt_tokens") or 0),
+    )

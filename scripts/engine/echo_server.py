@@ -10,9 +10,19 @@ prompt itself.
     POST /tokenize         one token per whitespace-separated word (+ BOS 2); with
                            "messages": the words of their rendered chat
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
+    POST /v1/embeddings    per text a vector of 8 numbers from its checksums
     POST /v1/chat/completions  the messages rendered with render_chat
                            ("<|role|> content" per message, then "<|assistant|>") as
                            the answer's content
+
+The OpenAI fields every engine serves (rank/jsonl.py ENGINE_FIELDS) are answered
+deterministically, in vLLM's shapes, so that the fast tests check a rank's field handling
+on it: ``n`` gives n equal choices; ``logprobs`` gives one entry per word (logprob 0.0),
+``top_logprobs`` (chat) or ``logprobs`` k (completions) alternatives ``<alt1>``... with
+logprobs -1, -2, ...; ``min_tokens`` pads the answer with "echo" words; ``response_format``
+json_object or json_schema answers ``{"echo": <text>}`` (no schema is followed: there is
+no model). Values are checked as vLLM checks them; a field only vLLM's server serves is
+refused with HTTP 400 naming it, as the in-process server refuses it.
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 With VLLM_API_KEY in its environment (as every warm engine has), a POST without
@@ -30,7 +40,7 @@ that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_FAIL_
 (comma-separated node names) makes the server exit at start on those nodes (its
 TILE_HOST): a stand-in for a node whose engines cannot start.
 
-Stdlib only.
+Stdlib only (and rank/jsonl.py's field lists, pure Python).
 """
 
 from __future__ import annotations
@@ -47,6 +57,12 @@ import uuid
 import zlib
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from rank.jsonl import ENGINE_FIELDS, SERVER_ONLY_FIELDS  # noqa: E402
 
 # The engine's key (engines.API_KEY_VARIABLE): requests to /v1/* and /tokenize must
 # carry it; /health and /metrics stay open.
@@ -107,6 +123,173 @@ def text_of(prompt: str | list[int]) -> str:
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else prompt
 
 
+# The fields a request may carry besides ENGINE_FIELDS (vLLM's own, read or harmless here).
+BASE_FIELDS = (
+    "model",
+    "prompt",
+    "messages",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "ignore_eos",
+    "stream",
+    "user",
+)
+ECHO_ALLOWED = ("echo",)  # completions' echo: the prompt is the answer anyway
+
+
+def _number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_fields(body: dict, endpoint: str, engine: str = "the echo engine") -> None:
+    """Refuse (BadRequest) a field this engine does not serve, or a value vLLM refuses."""
+    for name in body:
+        if name in SERVER_ONLY_FIELDS and name not in ECHO_ALLOWED:
+            raise BadRequest(
+                f"field {name!r} is not served by {engine}: vLLM's OpenAI server serves it "
+                "(config warm_engines: true, warm.server: vllm)"
+            )
+        if name not in ENGINE_FIELDS and name not in BASE_FIELDS and name not in ECHO_ALLOWED:
+            raise BadRequest(f"unknown field {name!r}")
+    checks = {
+        "n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, ">= 1"),
+        "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+        "top_k": (lambda v: isinstance(v, int) and v >= -1, "an integer >= -1"),
+        "min_p": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
+        "min_tokens": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+        "presence_penalty": (lambda v: _number(v) and -2 <= v <= 2, "in [-2, 2]"),
+        "frequency_penalty": (lambda v: _number(v) and -2 <= v <= 2, "in [-2, 2]"),
+        "repetition_penalty": (lambda v: _number(v) and v > 0, "> 0"),
+        "top_logprobs": (lambda v: isinstance(v, int) and 0 <= v <= 20, "in [0, 20]"),
+        "stop_token_ids": (lambda v: isinstance(v, list), "a list of token ids"),
+        "logit_bias": (lambda v: isinstance(v, dict), "an object of token id -> bias"),
+    }
+    if endpoint == "chat":
+        checks["logprobs"] = (lambda v: isinstance(v, bool), "true or false")
+    else:
+        checks["logprobs"] = (lambda v: isinstance(v, int) and 0 <= v <= 20, "in [0, 20]")
+    for name, (ok, expected) in checks.items():
+        if body.get(name) is not None and not ok(body[name]):
+            raise BadRequest(f"{name} must be {expected}, not {body[name]!r}")
+    if body.get("top_logprobs") and endpoint == "chat" and not body.get("logprobs"):
+        raise BadRequest("when using `top_logprobs`, `logprobs` must be set to true.")
+    kind = (body.get("response_format") or {}).get("type", "text")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise BadRequest(
+            f"response_format: type must be text, json_object or json_schema, not {kind!r}"
+        )
+
+
+def _logprobs(text: str, endpoint: str, top: int) -> dict:
+    """vLLM's logprobs shapes for the words of ``text`` (one token each)."""
+    words = text.split()
+    alternatives = [(f"<alt{k}>", -float(k)) for k in range(1, 21)]
+    if endpoint == "chat":
+        entry = lambda t, v: {"token": t, "logprob": v, "bytes": list(t.encode())}  # noqa: E731
+        return {
+            "content": [
+                entry(w, 0.0)
+                | {"top_logprobs": [entry(w, 0.0), *(entry(*a) for a in alternatives)][:top]}
+                for w in words
+            ]
+        }
+    offsets, at = [], 0
+    for w in words:
+        offsets.append(at)
+        at += len(w) + 1
+    return {
+        "text_offset": offsets,
+        "token_logprobs": [0.0] * len(words),
+        "tokens": words,
+        "top_logprobs": [{w: 0.0, **dict(alternatives[: max(top - 1, 0)])} for w in words],
+    }
+
+
+def echo_choices(text: str, body: dict, endpoint: str) -> list[dict]:
+    """The choices of an echoed ``text`` under the request's fields (see the module doc)."""
+    missing = int(body.get("min_tokens") or 0) - len(text.split())
+    if missing > 0:
+        text = " ".join([*text.split(), *["echo"] * missing])
+    if (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
+        text = json.dumps({"echo": text})
+    logprobs = None
+    if endpoint == "chat" and body.get("logprobs"):
+        logprobs = _logprobs(text, endpoint, int(body.get("top_logprobs") or 0))
+    elif endpoint == "completions" and body.get("logprobs") is not None:
+        logprobs = _logprobs(text, endpoint, int(body["logprobs"]))
+    said = (
+        {"message": {"role": "assistant", "content": text}}
+        if endpoint == "chat"
+        else {"text": text}
+    )
+    return [
+        {"index": i, **said, "finish_reason": "length", "logprobs": logprobs}
+        for i in range(int(body.get("n") or 1))
+    ]
+
+
+def completion_answer(body: dict, model: str, endpoint: str = "completions") -> dict:
+    """The echo engine's answer to a request (no limits, no delay: EchoServer adds them)."""
+    check_fields(body, endpoint)
+    prompts = prompts_of(body)
+    choices = []
+    for prompt in prompts:
+        for choice in echo_choices(text_of(prompt), body, endpoint):
+            choices.append(choice | {"index": len(choices)})
+    prompt_tokens = sum(length(p) for p in prompts)
+    completion_tokens = sum(
+        len((c["message"]["content"] if endpoint == "chat" else c["text"]).split()) for c in choices
+    )
+    return {
+        "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if endpoint == "chat" else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def chat_answer(body: dict, model: str) -> dict:
+    """/v1/chat/completions: the rendered messages as one echoed prompt."""
+    prompt = render_chat(messages_of(body))
+    rest = {k: v for k, v in body.items() if k != "messages"}
+    return completion_answer({**rest, "prompt": prompt}, model, "chat")
+
+
+EMBEDDING_SIZE = 8
+
+
+def embeddings_answer(body: object, model: str) -> dict:
+    """/v1/embeddings: per text, EMBEDDING_SIZE numbers from its bytes' checksums (the
+    same text, the same vector); one token per word."""
+    texts = body.get("input") if isinstance(body, dict) else None
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise BadRequest("input must be a string or a non-empty list of strings")
+    vectors = [
+        [zlib.crc32(f"{k}:{text}".encode()) / 2**32 for k in range(EMBEDDING_SIZE)]
+        for text in texts
+    ]
+    tokens = sum(len(t.split()) for t in texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+        ],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 class EchoServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024  # thousands of ranks may connect at once
@@ -133,7 +316,7 @@ class EchoServer(ThreadingHTTPServer):
     def healthy(self) -> bool:
         return True
 
-    def completion(self, body: object) -> dict:
+    def completion(self, body: object, endpoint: str = "completions") -> dict:
         prompts = prompts_of(body)
         if self.die_on is not None and self.die_on in prompts:
             print(f"echo_server: dying on prompt {self.die_on!r}", file=sys.stderr, flush=True)
@@ -145,6 +328,7 @@ class EchoServer(ThreadingHTTPServer):
                     f"However, your request has {length(prompt)} input tokens. "
                     "Please reduce the length of the input messages."
                 )
+        answer = completion_answer(body, self.model, endpoint)  # refuses before any wait
         with self.lock:
             self.running += len(prompts)
         try:
@@ -153,7 +337,6 @@ class EchoServer(ThreadingHTTPServer):
             try:
                 if self.delay > 0:
                     time.sleep(self.delay)
-                texts = [text_of(p) for p in prompts]
             finally:
                 if self.slots is not None:
                     self.slots.release()
@@ -162,32 +345,18 @@ class EchoServer(ThreadingHTTPServer):
                 self.running -= len(prompts)
         with self.lock:
             self.succeeded += len(prompts)
-        prompt_tokens = sum(length(p) for p in prompts)
-        completion_tokens = sum(len(t.split()) for t in texts)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [
-                {"index": i, "text": text, "finish_reason": "length", "logprobs": None}
-                for i, text in enumerate(texts)
-            ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-            },
-        }
+        return answer
 
     def chat(self, body: object) -> dict:
         """/v1/chat/completions: the rendered messages as one echoed prompt."""
         prompt = render_chat(messages_of(body))
-        answer = self.completion({**body, "prompt": prompt})
-        choice = answer["choices"][0]
-        message = {"role": "assistant", "content": choice.pop("text")}
-        choice["message"] = message
-        return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+        rest = {k: v for k, v in body.items() if k != "messages"}
+        return self.completion({**rest, "prompt": prompt}, "chat")
+
+    def embeddings(self, body: object) -> dict:
+        with self.lock:
+            self.succeeded += 1
+        return embeddings_answer(body, self.model)
 
     def tokens(self, body: object) -> dict:
         if isinstance(body, dict) and "messages" in body:
@@ -262,6 +431,7 @@ class Handler(BaseHTTPRequestHandler):
         answer = {
             "/v1/completions": self.server.completion,
             "/v1/chat/completions": self.server.chat,
+            "/v1/embeddings": self.server.embeddings,
             "/tokenize": self.server.tokens,
         }
         try:

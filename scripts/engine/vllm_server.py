@@ -17,6 +17,7 @@ so there is no second process to lose, and one `import vllm` per engine instead 
     POST /v1/completions   prompts (strings or token ids), sampling fields, in prompt order
     POST /v1/chat/completions  messages rendered with the model's chat template (or the
                            --chat-template file), then as one completion
+    POST /v1/embeddings    refused, naming the servers that serve it
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 Every prompt of a request is one engine request, so the prompts of all ranks in flight
@@ -46,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from engine import vllm_versions  # noqa: E402
+from engine import openai_params, vllm_versions  # noqa: E402
 from engine.echo_server import (  # noqa: E402
     BadRequest,
     Handler,
@@ -57,7 +58,8 @@ from engine.echo_server import (  # noqa: E402
 )
 from rank import checks, offline
 
-SAMPLING_FIELDS = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
+# What a request refused here is told (engine/openai_params.py names the server that serves it).
+ENGINE = "the in-process server (warm.server: inprocess)"
 
 
 @dataclass
@@ -67,7 +69,7 @@ class _Batch:
     prompts: list[list[int]]  # token ids
     params: object
     done: threading.Event = field(default_factory=threading.Event)
-    outputs: dict = field(default_factory=dict)  # prompt index -> vLLM CompletionOutput
+    outputs: dict = field(default_factory=dict)  # prompt index -> its CompletionOutputs (n)
     prompt_tokens: int = 0
     error: Exception | None = None
 
@@ -127,7 +129,9 @@ class VllmServer(ThreadingHTTPServer):
             request_id = f"{next(self._ids)}"
             try:
                 self.engine.add_request(request_id, {"prompt_token_ids": prompt}, batch.params)
-            except ValueError as error:  # vLLM's validation: too long, bad value
+            except Exception as error:  # vLLM's validation: too long, bad value
+                if not openai_params.is_refusal(error):
+                    raise
                 if added:
                     self.engine.abort_request(added)
                 for rid in added:
@@ -144,7 +148,7 @@ class VllmServer(ThreadingHTTPServer):
 
     def _finish(self, output, batches: dict) -> None:
         batch, index = batches.pop(output.request_id)
-        batch.outputs[index] = output.outputs[0]
+        batch.outputs[index] = list(output.outputs)
         batch.prompt_tokens += len(output.prompt_token_ids or ())
         with self._lock:
             self.running -= 1
@@ -157,15 +161,14 @@ class VllmServer(ThreadingHTTPServer):
     def healthy(self) -> bool:
         return self.failure is None
 
-    def completion(self, body: dict) -> dict:
-        from vllm import SamplingParams
-
+    def completion(self, body: dict, endpoint: str = "completions") -> dict:
         prompts = prompts_of(body)
-        given = {k: body[k] for k in SAMPLING_FIELDS if body.get(k) is not None}
+        # "echo" is served here for completions (the benchmarks' prompt-only requests)
+        allowed = ("echo",) if endpoint == "completions" else ()
         try:
-            params = SamplingParams(**given)
-        except (TypeError, ValueError) as error:
-            raise BadRequest(f"bad sampling fields: {error}") from None
+            params = openai_params.sampling_params(endpoint, body, ENGINE, allowed)
+        except openai_params.Refused as error:
+            raise BadRequest(str(error)) from None
         if self.failure:
             raise RuntimeError(self.failure)
         # Tokenized here, as vLLM's server does, so that its length check and message hold.
@@ -183,16 +186,18 @@ class VllmServer(ThreadingHTTPServer):
         if batch.error is not None:
             raise batch.error
         echoed = [self._prompt_text(p) for p in prompts] if body.get("echo") else None
-        choices = [
-            {
-                "index": i,
-                "text": (echoed[i] if echoed else "") + batch.outputs[i].text,
-                "finish_reason": batch.outputs[i].finish_reason,
-                "logprobs": None,
-            }
-            for i in range(len(prompts))
-        ]
-        completion_tokens = sum(len(o.token_ids) for o in batch.outputs.values())
+        choices = []
+        with self._tokenizer_lock:
+            for i in range(len(prompts)):
+                outputs = batch.outputs[i]
+                first = len(choices)
+                choices += openai_params.choices(endpoint, body, outputs, self.tokenizer, first)
+        if echoed:
+            for choice in choices:
+                choice["text"] = echoed[choice["index"] // params.n] + choice["text"]
+        completion_tokens = sum(
+            len(o.token_ids) for outputs in batch.outputs.values() for o in outputs
+        )
         return {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
@@ -230,11 +235,16 @@ class VllmServer(ThreadingHTTPServer):
     def chat(self, body: dict) -> dict:
         """/v1/chat/completions: the rendered messages as one completion."""
         ids = self._chat_ids(messages_of(body))
-        rest = {k: v for k, v in body.items() if k not in ("messages", "echo")}
-        answer = self.completion({**rest, "prompt": ids})
-        choice = answer["choices"][0]
-        choice["message"] = {"role": "assistant", "content": choice.pop("text")}
+        rest = {k: v for k, v in body.items() if k != "messages"}
+        answer = self.completion({**rest, "prompt": ids}, "chat")
         return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
+
+    def embeddings(self, body: dict) -> dict:
+        raise BadRequest(
+            "/v1/embeddings is not served by the in-process server: vLLM's OpenAI server "
+            "serves it (config warm.server: vllm, vllm.engine_args [--runner, pooling]), and "
+            "per-rank engines (warm_engines: false)"
+        )
 
     def tokens(self, body: dict) -> dict:
         if isinstance(body, dict) and "messages" in body:
@@ -267,6 +277,7 @@ def parse_args(argv: Sequence[str]):
 
 def main(argv: Sequence[str]) -> int:
     args, engine_args = parse_args(argv)
+    vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     # The engine first: /health is refused (no listener) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)
     template = None

@@ -8,6 +8,19 @@ real version (tests/test_vllm015.py runs the 0.15 branch under .venv-vllm015).
 Differences:
 - The OpenAI server's argument parser ``make_arg_parser``: 0.32 keeps it in
   ``vllm.entrypoints.launchers.cli_args``, 0.15 in ``vllm.entrypoints.openai.cli_args``.
+- The OpenAI request models' ``to_sampling_params``: 0.15 takes
+  ``(max_tokens, logits_processor_pattern, default_sampling_params)``, 0.32
+  ``(max_tokens, default_sampling_params)`` (`to_sampling_params`).
+- Structured outputs: both read ``response_format`` (json_schema, json_object) and vLLM's
+  ``structured_outputs`` object (the ``guided_json``/``guided_regex``/... fields of older
+  vLLMs are gone from both); its keys differ: 0.15 has ``disable_fallback``, 0.32 not
+  (`STRUCTURED_OUTPUT_KEYS` are those of both, the ones a rank file may use).
+- Structured outputs in a batch that also holds other requests: 0.15's
+  ``apply_grammar_bitmask`` pins memory unconditionally (``pin_memory=True``), which raises
+  "Found no NVIDIA driver" on a CPU, and hands xgrammar a tensor of indices, which its CPU
+  kernel refuses; 0.32 does neither. `pin_memory_only_where_it_exists` fixes
+  it for engines in this process (per-rank engines, the in-process server), not for vLLM
+  0.15's own server on a CPU (its EngineCore is another process).
 - transformers 5 saves fast tokenizers as ``"tokenizer_class": "TokenizersBackend"``, a class
   transformers 4.x (vLLM 0.15's) does not have: such a model fails only once an engine starts.
 
@@ -36,6 +49,18 @@ from pathlib import Path
 SERVER_PARSER_MODULES = (
     "vllm.entrypoints.launchers.cli_args",  # vLLM 0.32
     "vllm.entrypoints.openai.cli_args",  # vLLM 0.15 (Aurora's)
+)
+# vLLM's `structured_outputs` keys in both 0.15 and 0.32 (0.15 also has disable_fallback).
+STRUCTURED_OUTPUT_KEYS = (
+    "json",
+    "regex",
+    "choice",
+    "grammar",
+    "json_object",
+    "disable_any_whitespace",
+    "disable_additional_properties",
+    "whitespace_pattern",
+    "structural_tag",
 )
 # Tokenizer classes that transformers 5 writes and transformers 4.x lacks.
 TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend",)
@@ -70,6 +95,70 @@ def llm_engine(engine_args):
     from vllm.v1.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
+
+
+def openai_request(endpoint: str, fields: dict):
+    """vLLM's own model of an OpenAI request ("chat" or "completions") with ``fields``
+    (without its prompt or messages, which are token ids by now): it checks the values
+    as vLLM's server does. ValueError (pydantic's ValidationError) for a bad one."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    structured = fields.get("structured_outputs")
+    if isinstance(structured, dict):
+        unknown = sorted(set(structured) - set(STRUCTURED_OUTPUT_KEYS))
+        if unknown:
+            raise ValueError(
+                f"structured_outputs: keys {unknown} are not served (served: "
+                f"{', '.join(STRUCTURED_OUTPUT_KEYS)})"
+            )
+    if endpoint == "chat":
+        return ChatCompletionRequest(messages=[{"role": "user", "content": ""}], **fields)
+    return CompletionRequest(prompt=[0], **fields)  # token ids: the check wants one
+
+
+def to_sampling_params(request, max_tokens: int):
+    """SamplingParams of a request model, as vLLM's server makes them (0.15 takes a logits
+    processor pattern too: none, as the server's default)."""
+    import inspect
+
+    if "logits_processor_pattern" in inspect.signature(request.to_sampling_params).parameters:
+        return request.to_sampling_params(max_tokens, None, {})
+    return request.to_sampling_params(max_tokens, {})
+
+
+def pin_memory_only_where_it_exists() -> bool:
+    """vLLM 0.15 on a CPU: let its grammar bitmask skip pinning memory (see the module doc).
+    True when the fix applied (no-op on 0.32, and wherever pinning works)."""
+    import inspect
+    import types
+
+    import torch
+
+    try:
+        from vllm.v1.structured_output import utils
+    except ImportError:
+        return False
+    pinning = "pin_memory=True" in inspect.getsource(utils.apply_grammar_bitmask)
+    if not pinning or torch.cuda.is_available() or isinstance(utils.torch, types.SimpleNamespace):
+        return False
+
+    class Indices(list):
+        """The rows' indices as xgrammar's CPU kernel takes them: a list (0.15 makes a
+        pinned tensor, which neither a CPU nor that kernel takes)."""
+
+        def to(self, *args, **kwargs):
+            return self
+
+    def tensor(data, *args, pin_memory=False, **kwargs):
+        return Indices(data) if pin_memory else torch.tensor(data, *args, **kwargs)
+
+    shim = types.SimpleNamespace(
+        **{k: getattr(torch, k) for k in dir(torch) if not k.startswith("__")}
+    )
+    shim.tensor = tensor
+    utils.torch = shim
+    return True
 
 
 def server_parser_module() -> str:

@@ -43,6 +43,12 @@ class Answer:
     finish_reason: str | None
     prompt_tokens: int
     output_tokens: int
+    # OpenAI's choices when they say more than `text` (n > 1, logprobs): answered as they are
+    choices: list | None = None
+    # a refused request: {"message", "param"} (answered as OpenAI's batch error line)
+    error: dict | None = None
+    # embeddings: one vector per input text, in input order
+    embeddings: list | None = None
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -99,6 +105,10 @@ class Partial:
                     entry["finish_reason"],
                     entry["prompt_tokens"],
                     entry["output_tokens"],
+                    # absent from older partial files
+                    entry.get("choices"),
+                    entry.get("error"),
+                    entry.get("embeddings"),
                 )
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
@@ -112,7 +122,9 @@ class Partial:
 
     @staticmethod
     def _line(index: int, answer: Answer) -> str:
-        entry = {"index": index, **answer.__dict__}
+        # choices, error and embeddings only when there (older partial files stay as they were)
+        entry = {"index": index, **{k: v for k, v in answer.__dict__.items() if v is not None}}
+        entry.setdefault("finish_reason", None)
         return json.dumps(entry, ensure_ascii=False) + "\n"
 
     def add(self, index: int, answer: Answer) -> None:

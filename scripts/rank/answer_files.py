@@ -8,29 +8,65 @@ from pathlib import Path
 from formats.files import write_atomic
 from formats.partial import Partial, file_digest
 from formats.record import write_record
-from rank.jsonl import Request, answer_line, is_jsonl
+from rank.jsonl import Request, answer_line, is_jsonl, npy_bytes
 from rank.prompts import format_record
 
 
-def output_text(rank_file, requests: list[Request], answers: dict, rank: int, model: str) -> str:
-    """The rank's output: seed records for a ``.in``, answer lines for a ``.jsonl``."""
+def npy_path(output) -> Path:
+    """Where config vllm.embeddings_npy puts a rank's vectors: beside its JSONL output."""
+    return Path(output).with_suffix(".npy")
+
+
+def npy_rows(requests: list[Request], answers: dict) -> tuple[list, list]:
+    """Each request's first row in the rank's .npy (None: no vectors), and all the rows."""
+    starts, rows = [], []
+    for i, request in enumerate(requests):
+        vectors = answers[i].embeddings if request.embedding else None
+        starts.append(len(rows) if vectors else None)
+        rows += vectors or []
+    return starts, rows
+
+
+def output_text(
+    rank_file, requests: list[Request], answers: dict, rank: int, model: str, starts=None
+) -> str:
+    """The rank's output: seed records for a ``.in``, answer lines for a ``.jsonl``
+    (``starts``: each request's first row in the rank's .npy, when it has one)."""
     ordered = [answers[i] for i in range(len(requests))]
     if not is_jsonl(rank_file):
         return "".join(
             format_record(r.prompt, a.text) for r, a in zip(requests, ordered, strict=True)
         )
     digest = file_digest(rank_file)
+    starts = starts or [None] * len(requests)
     return "".join(
-        answer_line(r, a, rank, digest, model) for r, a in zip(requests, ordered, strict=True)
+        answer_line(r, a, rank, digest, model, row)
+        for r, a, row in zip(requests, ordered, starts, strict=True)
     )
 
 
 def write_outputs(
-    rank_file, requests: list[Request], result: dict, record: dict, output, record_path
+    rank_file,
+    requests: list[Request],
+    result: dict,
+    record: dict,
+    output,
+    record_path,
+    npy: bool = False,
 ) -> str:
     """Write the record, then the output (both atomically), then drop the rank's partial
-    answers; return the one-line summary."""
-    text = output_text(rank_file, requests, result["answers"], record["rank"], record["model"])
+    answers; return the one-line summary. ``npy`` (config vllm.embeddings_npy): an
+    embeddings rank's vectors go to ``<rank>.npy`` beside the output, written before it,
+    its lines naming their rows."""
+    starts = None
+    if npy and requests and requests[0].embedding:
+        starts, rows = npy_rows(requests, result["answers"])
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(npy_path(output), npy_bytes(rows))
+        record["npy"] = str(npy_path(output))
+    text = output_text(
+        rank_file, requests, result["answers"], record["rank"], record["model"], starts
+    )
     for target in (record_path, output):
         Path(target).parent.mkdir(parents=True, exist_ok=True)
     # Record first, output last: the output existing means the rank finished.

@@ -23,6 +23,11 @@ DEFAULT_SETTINGS: dict = {
     "cpu_kv_cache_gib": None,
     "gpu_memory_utilization": 0.9,
     "long_prompts": "error",
+    # A JSONL request the engine refuses: "error_line" answers it with OpenAI's batch
+    # error line and the rank goes on; "fail_rank" fails the rank (config vllm.bad_requests)
+    "bad_requests": "error_line",
+    # Embedding ranks: vectors in <rank>.npy beside the JSONL (config vllm.embeddings_npy)
+    "embeddings_npy": False,
     "engine_args": [],
     # A chat template file for models without one (null: the model's own).
     "chat_template": None,
@@ -94,6 +99,10 @@ def checked_settings(given: dict) -> dict:
         raise bad("gpu_memory_utilization", "a number in (0, 1]")
     if settings["long_prompts"] not in ("error", "truncate"):
         raise bad("long_prompts", '"error" or "truncate"')
+    if settings["bad_requests"] not in ("error_line", "fail_rank"):
+        raise bad("bad_requests", '"error_line" or "fail_rank"')
+    if not isinstance(settings["embeddings_npy"], bool):
+        raise bad("embeddings_npy", "true or false")
     template = settings["chat_template"]
     if template is not None and not (isinstance(template, str) and template):
         raise bad("chat_template", "a file name or null")
@@ -220,21 +229,34 @@ def checked_inputs(
 
 
 def checked_requests(
-    requests: list[Request], token_ids, content_of, max_model_len, settings: dict, path: str
+    requests: list[Request],
+    token_ids,
+    content_of,
+    max_model_len,
+    settings: dict,
+    path: str,
+    refused: dict | None = None,
 ) -> tuple[list, list[int]]:
     """The engine inputs of a rank's requests and the truncated lines.
 
     ``.in`` ranks: `checked_inputs` (config long_prompts). JSONL ranks: a request
-    longer than its context (its own max_tokens counted) fails the rank naming the line
-    and the token count: a chat cut short would no longer be the conversation asked."""
+    longer than its context (its own max_tokens counted) is never cut (a chat cut short
+    would no longer be the conversation asked): with ``refused`` (a dict) it is refused,
+    request index -> message (its error line); without, it fails the rank naming the line
+    and the token count."""
     if not is_jsonl(path):
         prompts = [Prompt(r.prompt, r.line) for r in requests]
         return checked_inputs(prompts, token_ids, content_of, max_model_len, settings, path)
     long = []
-    for request, ids in zip(requests, token_ids, strict=True):
+    for index, (request, ids) in enumerate(zip(requests, token_ids, strict=True)):
         max_tokens = sampling_of(request, settings["sampling"])["max_tokens"]
         limit = _token_limit(max_model_len, max_tokens)
-        if limit < 1:
+        if limit < 1 and refused is not None:
+            refused[index] = (
+                f"max_tokens {max_tokens} leaves no room for a request in max_model_len "
+                f"{max_model_len}"
+            )
+        elif limit < 1:
             raise UsageError(
                 f"{path}: line {request.line}: max_tokens {max_tokens} leaves no room for a "
                 f"request in max_model_len {max_model_len}"
@@ -245,11 +267,42 @@ def checked_requests(
                 if max_tokens is not None
                 else f"request tokens must be < max_model_len {max_model_len}"
             )
-            long.append(
-                f"line {request.line}: request is {len(ids)} tokens, "
-                f"more than the {limit} allowed ({rule})"
-            )
+            message = f"request is {len(ids)} tokens, more than the {limit} allowed ({rule})"
+            if refused is not None:
+                refused[index] = message
+            else:
+                long.append(f"line {request.line}: {message}")
     if long:
         more = f"; {len(long) - 1} more too long" if len(long) > 1 else ""
         raise UsageError(f"{path}: {long[0]}{more}")
     return [r.messages if r.chat else r.prompt for r in requests], []
+
+
+def fail_on_refused(requests: list[Request], answers: dict, settings: dict, path) -> None:
+    """With config vllm.bad_requests "fail_rank": a refused request (read as refused, or
+    refused by the engine: its answer has an error) fails the rank, naming the first by
+    file and line."""
+    if settings["bad_requests"] != "fail_rank":
+        return
+    refused = [
+        (r.line, r.error if r.error else answers[i].error["message"])
+        for i, r in enumerate(requests)
+        if r.error or (i in answers and answers[i].error is not None)
+    ]
+    if refused:
+        line, message = refused[0]
+        more = f"; {len(refused) - 1} more refused" if len(refused) > 1 else ""
+        raise UsageError(
+            f"{path}: line {line}: request refused: {message}{more} "
+            '(config vllm.bad_requests is "fail_rank")'
+        )
+
+
+def refused_requests(requests: list[Request], answers: dict, path, first: int = 5) -> dict:
+    """The rank record's count of refused requests and the first few by file and line."""
+    lines = [
+        {"file": str(path), "line": r.line, "message": answers[i].error["message"]}
+        for i, r in enumerate(requests)
+        if i in answers and answers[i].error is not None
+    ]
+    return {"request_errors": len(lines), "request_error_lines": lines[:first]}

@@ -35,20 +35,81 @@ from pathlib import Path
 from formats.partial import Answer
 from rank.prompts import PromptFileError, read_prompts
 
-ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+ENDPOINTS = {
+    "/v1/completions": "completions",
+    "/v1/chat/completions": "chat",
+    "/v1/embeddings": "embeddings",
+}
+# An embeddings request's fields besides "input" ("float" is the one encoding written).
+EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
 # extension of the OpenAI API, which its run-batch takes too).
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
+# The OpenAI fields every engine serves (warm engines of both `warm.server` kinds, per-rank
+# engines, the echo engine), passed to the engine as they are: vLLM's own request models
+# check their values (engine/openai_params.py), so a bad one is that request's error.
+# The structured-output extras vLLM takes in both 0.15 and 0.32 ("structured_outputs":
+# json, regex, choice, grammar, ...) are in engine/vllm_versions.py.
+ENGINE_FIELDS = (
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_k",
+    "min_p",
+    "min_tokens",
+    "stop_token_ids",
+    "logit_bias",
+    "logprobs",
+    "top_logprobs",
+    "response_format",
+    "structured_outputs",
+    "allowed_token_ids",
+    "bad_words",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+)
+# Fields of vLLM's OpenAI server that only it serves (tools, reasoning, beam search,
+# multimodal, prompt logprobs, ...): a request with one is answered with an error
+# naming the field and the server that serves it (warm.server: vllm), unless the rank
+# runs there. Any other field is unknown: that request's error too.
+SERVER_ONLY_FIELDS = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "chat_template",
+    "chat_template_kwargs",
+    "continue_final_message",
+    "add_generation_prompt",
+    "documents",
+    "reasoning_effort",
+    "include_reasoning",
+    "prompt_logprobs",
+    "use_beam_search",
+    "length_penalty",
+    "echo",
+    "suffix",
+    "prompt_embeds",
+    "mm_processor_kwargs",
+    "return_token_ids",
+    "return_tokens_as_token_ids",
+    "truncate_prompt_tokens",
+    "vllm_xargs",
+    "cache_salt",
+    "priority",
+    "add_special_tokens",
+    "thinking_token_budget",
+)
 SHORT_KEYS = {"id", "prompt", "messages", *SAMPLING_KEYS}
-# Batch body fields we read; "model" names the run's one model and is only checked to be
-# a string; "n" must be 1 and "stream" false (one answer per line).
+# Batch body fields read here; "model" names the run's one model and is only checked to
+# be a string; "stream" must be false (one answer per line).
 BODY_KEYS = {
     "model",
     "prompt",
     "messages",
     "max_completion_tokens",
-    "n",
     "stream",
     "user",
     *SAMPLING_KEYS,
@@ -68,10 +129,47 @@ class Request:
     messages: list | None = None  # chat
     sampling: dict = field(default_factory=dict)  # this request's overrides
     model: str | None = None  # the batch body's "model", answered back
+    fields: dict = field(default_factory=dict)  # ENGINE_FIELDS / SERVER_ONLY_FIELDS given
+    error: str | None = None  # why it is refused before any engine sees it
+    input: list | None = None  # embeddings: the texts to embed
 
     @property
     def chat(self) -> bool:
         return self.messages is not None
+
+    @property
+    def embedding(self) -> bool:
+        return self.input is not None
+
+
+def error_answer(message: str, param: str | None = None) -> Answer:
+    return Answer("", None, 0, 0, error={"message": message, "param": param})
+
+
+def answer_of(request: Request, choices: list, prompt_tokens: int, output_tokens: int) -> Answer:
+    """The answer of an engine's OpenAI ``choices``, the same from every engine: each choice
+    with OpenAI's keys only (vLLM adds its own); kept whole when they say more than the
+    first one's text (n > 1, logprobs)."""
+    kept = []
+    for index, choice in enumerate(choices):
+        if request.chat:
+            content = (choice.get("message") or {}).get("content") or ""
+            said = {"message": {"role": "assistant", "content": content}}
+        else:
+            said = {"text": choice.get("text") or ""}
+        logprobs = choice.get("logprobs")
+        kept.append({"index": index, **said, "finish_reason": choice.get("finish_reason")})
+        kept[-1]["logprobs"] = logprobs
+    first = kept[0]
+    text = first["message"]["content"] if request.chat else first["text"]
+    whole = len(kept) > 1 or any(c["logprobs"] is not None for c in kept)
+    return Answer(
+        text, first["finish_reason"], prompt_tokens, output_tokens, kept if whole else None
+    )
+
+
+class _Refused(Exception):
+    """A request line whose fields or values cannot be served (its error answer)."""
 
 
 def is_jsonl(path: str | os.PathLike) -> bool:
@@ -196,52 +294,96 @@ def _batch_request(data: dict, number: int, where) -> Request:
     body = data.get("body")
     if not isinstance(body, dict):
         raise where(f"batch line: body must be an object, not {body!r}")
-    unknown = sorted(set(body) - BODY_KEYS)
-    if unknown:
-        raise where(f"batch line: body fields not supported: {unknown}")
-    if body.get("n", 1) != 1:
-        raise where(f"batch line: n must be 1 (one answer per line), not {body['n']!r}")
-    if body.get("stream", False) is not False:
-        raise where("batch line: stream must be false")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise where(f"batch line: model must be a string, not {model!r}")
+    if ENDPOINTS[url] == "embeddings":
+        return _embedding_request(body, number, where, custom_id, True, model)
     fields = dict(body)
-    if fields.get("max_completion_tokens") is not None:
+    refused = None
+    if fields.get("stream", False) is not False:
+        refused = "stream must be false (one answer per line)"
+    elif fields.get("max_completion_tokens") is not None:
         if fields.get("max_tokens") is not None:
-            raise where("batch line: give max_tokens or max_completion_tokens, not both")
+            refused = "give max_tokens or max_completion_tokens, not both"
         fields["max_tokens"] = fields["max_completion_tokens"]
-    return _request(fields, number, where, custom_id, ENDPOINTS[url], model)
+    return _request(fields, number, where, custom_id, ENDPOINTS[url], model, refused)
 
 
 def _short_request(data: dict, number: int, where) -> Request:
-    unknown = sorted(set(data) - SHORT_KEYS)
-    if unknown:
-        raise where(
-            f"unknown fields {unknown} (a line has prompt or messages, and optionally "
-            f"{', '.join(['id', *SAMPLING_KEYS])}; or is an OpenAI batch line)"
-        )
     given_id = data.get("id", number)
     if not (isinstance(given_id, str) and given_id) and not is_int(given_id):
         raise where(f"id must be a non-empty string or an integer, not {given_id!r}")
+    if "input" in data:
+        rest = {k: v for k, v in data.items() if k != "id"}
+        return _embedding_request(rest, number, where, given_id, False)
     return _request(data, number, where, given_id)
 
 
+def _embedding_request(body: dict, number: int, where, request_id, batch: bool, model=None):
+    """An embeddings request: ``input`` a string or a non-empty list of strings."""
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise where(f"input must be a string or a non-empty list of strings, not {texts!r}")
+    refused = None
+    unknown = sorted(set(body) - EMBEDDING_KEYS)
+    if unknown:
+        refused = f"unknown fields {unknown} for an embeddings request (served: input, model)"
+    elif body.get("encoding_format", "float") != "float":
+        refused = f'encoding_format {body["encoding_format"]!r}: only "float" is written'
+    return Request(line=number, id=request_id, batch=batch, model=model, input=texts, error=refused)
+
+
+def _engine_fields(fields: dict, known: set) -> dict:
+    """The line's fields for the engine; an unknown field refuses the request."""
+    unknown = sorted(set(fields) - known - set(ENGINE_FIELDS) - set(SERVER_ONLY_FIELDS))
+    if unknown:
+        raise _Refused(
+            f"unknown fields {unknown} (the fields of vLLM's OpenAI server are served: "
+            "prompt or messages, sampling, n, logprobs, response_format, ...)"
+        )
+    given = {k: fields[k] for k in (*ENGINE_FIELDS, *SERVER_ONLY_FIELDS) if k in fields}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _request(
-    fields: dict, number: int, where, request_id, endpoint: str | None = None, model=None
+    fields: dict,
+    number: int,
+    where,
+    request_id,
+    endpoint: str | None = None,
+    model=None,
+    refused: str | None = None,
 ) -> Request:
-    """The request of line ``number``: its prompt or messages and its sampling, from
-    ``fields`` (a short line, or a batch line's body); a batch line's ``endpoint`` makes
-    it a batch request (answered in the batch output shape)."""
+    """The request of line ``number``: its prompt or messages, its sampling and its other
+    OpenAI fields, from ``fields`` (a short line, or a batch line's body); a batch line's
+    ``endpoint`` makes it a batch request (answered in the batch output shape).
+
+    A line of the wrong shape (no prompt, bad messages) is a broken file: RequestFileError.
+    A line whose fields or values cannot be served is a refused request: its ``error``
+    says why, and the rank answers it with an error line."""
     prompt, messages = _one_of_prompt_or_messages(fields, where, endpoint)
+    known = BODY_KEYS if endpoint is not None else SHORT_KEYS
+    sampling, extra = {}, {}
+    try:
+        if refused:
+            raise _Refused(refused)
+        sampling = _check_sampling(fields, _Refused)
+        extra = _engine_fields(fields, known)
+    except _Refused as error:
+        refused = str(error)
     return Request(
         line=number,
         id=request_id,
         batch=endpoint is not None,
         prompt=prompt,
         messages=messages,
-        sampling=_check_sampling(fields, where),
+        sampling=sampling,
         model=model,
+        fields=extra,
+        error=refused,
     )
 
 
@@ -280,6 +422,13 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
         if key in seen:
             raise where(f"id {request.id!r} repeats line {seen[key]}'s (ids must be unique)")
         seen[key] = number
+        if requests and request.embedding != requests[0].embedding:
+            kinds = ("a generation", "an embeddings")
+            first = kinds[requests[0].embedding].split()[-1]
+            raise where(
+                f"{kinds[request.embedding]} request in a rank of {first} (line "
+                f"{requests[0].line}): one engine serves one kind, so a rank holds one"
+            )
         requests.append(request)
     return requests
 
@@ -299,9 +448,17 @@ def sampling_of(request: Request, defaults: dict) -> dict:
 # ----------------------------------------------------------------------------- answers
 
 
-def answer_line(request: Request, answer: Answer, rank: int, digest: str, model: str) -> str:
-    """The output line of one request (see the module doc)."""
+def answer_line(
+    request: Request, answer: Answer, rank: int, digest: str, model: str, npy_row=None
+) -> str:
+    """The output line of one request (see the module doc); ``npy_row``: the row of its
+    first vector in the rank's .npy (config vllm.embeddings_npy), None: vectors inline."""
+    if request.embedding and answer.error is None:
+        return _embedding_line(request, answer, rank, digest, model, npy_row)
     if not request.batch:
+        if answer.error is not None:
+            fields = {"id": request.id, "error": answer.error}
+            return json.dumps(fields, ensure_ascii=False) + "\n"
         fields = {
             "id": request.id,
             "text": answer.text,
@@ -309,9 +466,18 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
             "prompt_tokens": answer.prompt_tokens,
             "output_tokens": answer.output_tokens,
         }
+        if answer.choices is not None:
+            fields["choices"] = answer.choices
         return json.dumps(fields, ensure_ascii=False) + "\n"
     # Stable ids: from the rank file's content and the line, so reruns write the same bytes.
     tag = f"{digest[:16]}-{rank}-{request.line}"
+    if answer.error is not None:
+        # OpenAI's batch output of a request the API refused: its HTTP answer, status 400
+        error = {"message": answer.error["message"], "type": "invalid_request_error"}
+        error |= {"param": answer.error.get("param"), "code": None}
+        response = {"status_code": 400, "request_id": f"req-{tag}", "body": {"error": error}}
+        line = {"id": f"batch_req_{tag}", "custom_id": request.id, "response": response}
+        return json.dumps(line | {"error": None}, ensure_ascii=False) + "\n"
     if request.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}}
         kind, prefix = "chat.completion", "chatcmpl"
@@ -325,7 +491,7 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
         # not the clock: a seeded rerun, or a resumed rank, writes the same bytes
         "created": 0,
         "model": request.model or model,
-        "choices": [choice],
+        "choices": answer.choices if answer.choices is not None else [choice],
         "usage": {
             "prompt_tokens": answer.prompt_tokens,
             "completion_tokens": answer.output_tokens,
@@ -339,3 +505,53 @@ def answer_line(request: Request, answer: Answer, rank: int, digest: str, model:
         "error": None,
     }
     return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def _embedding_line(
+    request: Request, answer: Answer, rank: int, digest: str, model: str, npy_row=None
+) -> str:
+    """OpenAI's embeddings answer (``data[].embedding``, ``usage``): the body of a batch
+    line's response, or a short line's fields beside its id. With the vectors in the
+    rank's .npy, each item names its row there instead (``"embedding": null``)."""
+    data = [
+        {"object": "embedding", "index": i, "embedding": vector}
+        for i, vector in enumerate(answer.embeddings or [])
+    ]
+    if npy_row is not None:
+        data = [item | {"embedding": None, "npy_row": npy_row + i} for i, item in enumerate(data)]
+    body = {
+        "object": "list",
+        "data": data,
+        "model": request.model or model,
+        "usage": {"prompt_tokens": answer.prompt_tokens, "total_tokens": answer.prompt_tokens},
+    }
+    if not request.batch:
+        return json.dumps({"id": request.id, **body}, ensure_ascii=False) + "\n"
+    tag = f"{digest[:16]}-{rank}-{request.line}"
+    line = {
+        "id": f"batch_req_{tag}",
+        "custom_id": request.id,
+        "response": {"status_code": 200, "request_id": f"req-{tag}", "body": body},
+        "error": None,
+    }
+    return json.dumps(line, ensure_ascii=False) + "\n"
+
+
+def npy_bytes(vectors: list[list[float]]) -> bytes:
+    """``vectors`` (rows of one length) as a NumPy .npy file of float32, format 1.0, written
+    without numpy (Snakemake's Python may have none)."""
+    import array
+    import sys
+
+    width = len(vectors[0]) if vectors else 0
+    values = array.array("f", [x for row in vectors for x in row])
+    if sys.byteorder != "little":
+        values.byteswap()
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({len(vectors)}, {width}), }}"
+    header += " " * (-(len(header) + 11) % 64) + "\n"  # 10-byte prefix, aligned to 64
+    return (
+        b"\x93NUMPY\x01\x00"
+        + len(header).to_bytes(2, "little")
+        + header.encode()
+        + values.tobytes()
+    )

@@ -10,26 +10,45 @@ import os
 import time
 from pathlib import Path
 
-from engine import vllm_versions
+from engine import openai_params, vllm_versions
 from formats.partial import Answer, Partial
 from rank.checks import UsageError, checked_requests
-from rank.jsonl import Request, sampling_of
+from rank.jsonl import Request, answer_of, error_answer, sampling_of
+
+# What a request refused here is told (engine/openai_params.py names the server that serves it).
+ENGINE = "a per-rank engine (warm_engines: false)"
 
 
-def echo_answer(request: Request) -> Answer:
+def echo_answer(request: Request, sampling: dict | None = None) -> Answer:
     """The echo engine: the prompt (or the messages in echo_server's chat rendering) is
-    its own answer; one token per word."""
-    from engine.echo_server import render_chat
+    its own answer; one token per word; the request's fields as echo_server answers them."""
+    from engine import echo_server
 
-    text = render_chat(request.messages) if request.chat else request.prompt
-    words = len(text.split())
-    return Answer(text, "length", words, words)
+    if request.error:
+        return error_answer(request.error)
+    if request.embedding:
+        answer = echo_server.embeddings_answer({"input": request.input}, "echo")
+        vectors = [item["embedding"] for item in answer["data"]]
+        return Answer("", None, answer["usage"]["prompt_tokens"], 0, embeddings=vectors)
+    body = {**(sampling or {}), **request.sampling, **request.fields}
+    if request.chat:
+        body["messages"] = request.messages
+    else:
+        body["prompt"] = request.prompt
+    try:
+        answer = (echo_server.chat_answer if request.chat else echo_server.completion_answer)(
+            body, "echo"
+        )
+    except echo_server.BadRequest as error:
+        return error_answer(str(error))
+    usage = answer["usage"]
+    return answer_of(request, answer["choices"], usage["prompt_tokens"], usage["completion_tokens"])
 
 
-def run_echo(requests: list[Request]) -> dict:
+def run_echo(requests: list[Request], sampling: dict | None = None) -> dict:
     """The echo engine for a whole rank, in this process; no model at all."""
     t0 = time.monotonic()
-    answers = {i: echo_answer(r) for i, r in enumerate(requests)}
+    answers = {i: echo_answer(r, sampling) for i, r in enumerate(requests)}
     return {
         "answers": answers,
         "import_s": 0.0,
@@ -111,14 +130,20 @@ def run_vllm(
     # Timed on its own: importing vLLM (and torch) is a large part of a rank's start.
     # `import vllm` alone is lazy; importing LLM pulls in the engine.
     t0 = time.monotonic()
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
 
     import_s = time.monotonic() - t0
 
+    vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
+    embeddings = requests[0].embedding  # a rank holds one kind (rank/jsonl.py)
+    if embeddings:
+        engine_args.setdefault("runner", "pooling")
     t0 = time.monotonic()
     llm = LLM(**engine_args)
     load_s = time.monotonic() - t0
+    if embeddings:
+        return embed_rank(llm, requests, partial, kept) | {"import_s": import_s, "load_s": load_s}
 
     tokenizer = llm.get_tokenizer()
     template = read_chat_template(settings)
@@ -129,7 +154,11 @@ def run_vllm(
             return chat_token_ids(tokenizer, request.messages, template, where)
         return list(tokenizer.encode(request.prompt))
 
-    ids = [token_ids(r) for r in requests]
+    answers = dict(kept)
+    # refused as read: answered here, never tokenized or sent
+    answers |= {i: error_answer(r.error) for i, r in enumerate(requests) if r.error}
+    ids = [[] if r.error else token_ids(r) for r in requests]
+    refused = {} if settings["bad_requests"] == "error_line" else None
     inputs, truncated = checked_requests(
         requests,
         ids,
@@ -137,28 +166,40 @@ def run_vllm(
         llm.llm_engine.model_config.max_model_len,
         settings,
         path,
+        refused,
     )
-    answers = dict(kept)
+    for i, message in (refused or {}).items():
+        answers.setdefault(i, error_answer(message))
     engine = llm.llm_engine
     t0 = time.monotonic()
     for i, request in enumerate(requests):
         if i in answers:
             continue
         prompt_ids = inputs[i]["prompt_token_ids"] if isinstance(inputs[i], dict) else ids[i]
-        params = SamplingParams(**sampling_params(sampling_of(request, settings["sampling"])))
-        engine.add_request(str(i), {"prompt_token_ids": prompt_ids}, params)
+        endpoint = "chat" if request.chat else "completions"
+        body = sampling_of(request, settings["sampling"]) | request.fields
+        try:
+            params = openai_params.sampling_params(endpoint, body, ENGINE)
+            engine.add_request(str(i), {"prompt_token_ids": prompt_ids}, params)
+        except Exception as error:  # vLLM refuses a value: this request's error line
+            if not openai_params.is_refusal(error):
+                raise
+            answers[i] = error_answer(str(error), getattr(error, "param", None))
     while engine.has_unfinished_requests():
         for output in engine.step():
             if output.finished:
-                done = output.outputs[0]
-                answer = Answer(
-                    done.text,
-                    done.finish_reason,
+                i = int(output.request_id)
+                request = requests[i]
+                endpoint = "chat" if request.chat else "completions"
+                body = sampling_of(request, settings["sampling"]) | request.fields
+                answer = answer_of(
+                    request,
+                    openai_params.choices(endpoint, body, list(output.outputs), tokenizer),
                     len(output.prompt_token_ids or ()),
-                    len(done.token_ids),
+                    sum(len(o.token_ids) for o in output.outputs),
                 )
-                answers[int(output.request_id)] = answer
-                partial.add(int(output.request_id), answer)
+                answers[i] = answer
+                partial.add(i, answer)
     generate_s = time.monotonic() - t0
     if len(answers) != len(requests):
         raise RuntimeError(f"vLLM answered {len(answers)} of {len(requests)} requests")
@@ -175,7 +216,33 @@ def run_vllm(
     }
 
 
-def sampling_params(sampling: dict) -> dict:
-    """SamplingParams' arguments of one request's sampling fields."""
-    keys = ("temperature", "top_p", "max_tokens", "seed", "ignore_eos", "stop")
-    return {k: sampling[k] for k in keys if sampling.get(k) is not None}
+def embed_rank(llm, requests: list[Request], partial: Partial, kept: dict) -> dict:
+    """A rank of embeddings requests on a pooling engine (vLLM's LLM.embed): every text of
+    the requests ``kept`` lacks in one call, each request's vectors in input order."""
+    answers = dict(kept)
+    answers |= {i: error_answer(r.error) for i, r in enumerate(requests) if r.error}
+    todo = [i for i in range(len(requests)) if i not in answers]
+    texts = [text for i in todo for text in requests[i].input]
+    t0 = time.monotonic()
+    outputs = iter(llm.embed(texts, use_tqdm=False) if texts else [])
+    for i in todo:
+        done = [next(outputs) for _ in requests[i].input]
+        answer = Answer(
+            "",
+            None,
+            sum(len(o.prompt_token_ids or ()) for o in done),
+            0,
+            embeddings=[list(o.outputs.embedding) for o in done],
+        )
+        answers[i] = answer
+        partial.add(i, answer)
+    generate_s = time.monotonic() - t0
+    import torch
+    import vllm
+
+    return {
+        "versions": {"vllm": vllm.__version__, "torch": torch.__version__},
+        "answers": answers,
+        "generate_s": generate_s,
+        "truncated": [],
+    }

@@ -60,7 +60,14 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 from formats.partial import Partial, partial_key
 from formats.record import build_record
 from rank.answer_files import write_outputs
-from rank.checks import UsageError, _warn, check_model_folder, parse_settings
+from rank.checks import (
+    UsageError,
+    _warn,
+    check_model_folder,
+    fail_on_refused,
+    parse_settings,
+    refused_requests,
+)
 from rank.jsonl import read_rank
 from rank.offline import run_echo, run_vllm
 from rank.prompts import PromptFileError
@@ -139,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         settings = parse_settings(args.settings)
         check_model_folder(settings)
         requests = read_rank(args.prompts)  # file errors come before any engine start
+        fail_on_refused(requests, {}, settings, args.prompts)
         prepare_environment(settings)
         if not requests or settings["engine"] == "echo":
             if not requests:
                 _warn(f"{args.prompts} has no prompts")
-            result = run_echo(requests)
+            result = run_echo(requests, settings["sampling"])
         else:
             partial = Partial(args.output, partial_key(args.prompts, settings))
             kept = partial.load()
@@ -153,12 +161,16 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 partial.close()
             result["resumed"] = len(kept)
+        fail_on_refused(requests, result["answers"], settings, args.prompts)
     except (UsageError, PromptFileError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
         return 2
 
     record = build_record(args.rank, settings, requests, result, started)
-    summary = write_outputs(args.prompts, requests, result, record, args.output, args.record)
+    record |= refused_requests(requests, result["answers"], args.prompts)  # issue 30
+    summary = write_outputs(
+        args.prompts, requests, result, record, args.output, args.record, settings["embeddings_npy"]
+    )
     print(summary, file=sys.stderr)
     return 0
 

@@ -16,8 +16,8 @@ import unicodedata
 from formats.partial import Answer, Partial, partial_key
 from formats.record import build_record
 from rank.answer_files import write_outputs
-from rank.checks import _token_limit, checked_requests
-from rank.jsonl import Request, read_rank, sampling_of
+from rank.checks import _token_limit, checked_requests, fail_on_refused, refused_requests
+from rank.jsonl import Request, answer_of, error_answer, read_rank, sampling_of
 from rank.offline import run_echo
 
 # Requests of one rank in flight at once on a warm engine: each is its own HTTP request
@@ -64,14 +64,22 @@ def surely_fit(requests: list[Request], settings: dict, url: str) -> bool:
 
 
 def engine_inputs(
-    requests: list[Request], settings: dict, path: str, url: str, key: str | None = None
+    requests: list[Request],
+    settings: dict,
+    path: str,
+    url: str,
+    key: str | None = None,
+    refused: dict | None = None,
 ) -> tuple:
     """The requests' engine inputs and the truncated lines, checked as `run_vllm` checks
     them with the engine's own tokenizer (/tokenize, which also tells the context
     length, and renders chats with the engine's template): the server alone would cut a
-    generation short silently. Prompts that `surely_fit` need no check."""
+    generation short silently. Prompts that `surely_fit` need no check. A JSONL request
+    too long goes to ``refused`` (index -> message) when it is given."""
     from engine import client
 
+    if requests and requests[0].embedding:  # the engine checks their length
+        return [r.input for r in requests], []
     if surely_fit(requests, settings, url):
         return [r.prompt for r in requests], []
     answers = [
@@ -90,6 +98,7 @@ def engine_inputs(
         answers[0].max_model_len if answers else 0,
         settings,
         path,
+        refused,
     )
     # a truncated prompt goes as its kept token ids
     inputs = [x["prompt_token_ids"] if isinstance(x, dict) else x for x in inputs]
@@ -140,17 +149,28 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
 
     def send(i: int) -> None:
         request, given = requests[i], inputs[i]
-        reply = client.complete_one(
-            engine.url,
-            sampling_of(request, settings["sampling"]),
-            prompt=None if request.chat else given,
-            messages=given if request.chat else None,
-            timeout=timeout,
-            key=engine.api_key,
-        )
-        answer = Answer(
-            reply.text, reply.finish_reason, reply.prompt_tokens, reply.completion_tokens
-        )
+        try:
+            if request.embedding:
+                done = client.embed(engine.url, given, timeout, engine.api_key)
+                answer = Answer("", None, done.prompt_tokens, 0, embeddings=done.vectors)
+                with lock:
+                    answers[i] = answer
+                    partial.add(i, answer)
+                return
+            reply = client.complete_one(
+                engine.url,
+                sampling_of(request, settings["sampling"]),
+                prompt=None if request.chat else given,
+                messages=given if request.chat else None,
+                timeout=timeout,
+                key=engine.api_key,
+                fields=request.fields,
+            )
+            answer = answer_of(
+                request, list(reply.choices), reply.prompt_tokens, reply.completion_tokens
+            )
+        except client.RequestRejected as error:  # this request's error line (issue 30)
+            answer = error_answer(error.message)
         with lock:
             answers[i] = answer
             partial.add(i, answer)
@@ -221,18 +241,28 @@ def serve_rank(
     if not requests:
         result = run_echo(requests)
     else:
+        fail_on_refused(requests, {}, settings, prompts_path)
         partial = Partial(output, partial_key(prompts_path, settings))
         answers = partial.load()
         resumed = len(answers)
         partial.open(answers)
+        # refused as read: answered here, never sent
+        answers |= {i: error_answer(r.error) for i, r in enumerate(requests) if r.error}
         unanswered, request_s, truncated = 0, 0.0, []
         try:
             while len(answers) < len(requests):
                 with pool.route() as engine:
                     wait_s = time.monotonic() - started
+                    # "fail_rank": a request too long fails the rank at once, as before
+                    refused = {} if settings["bad_requests"] == "error_line" else None
                     try:
                         inputs, truncated = engine_inputs(
-                            requests, settings, str(prompts_path), engine.url, engine.api_key
+                            requests,
+                            settings,
+                            str(prompts_path),
+                            engine.url,
+                            engine.api_key,
+                            refused,
                         )
                     except client.EngineUnavailable as error:
                         pool.mark_failed(engine)
@@ -243,6 +273,8 @@ def serve_rank(
                                 f"its log: {engine.log_path}"
                             ) from error
                         continue
+                    for i, message in (refused or {}).items():
+                        answers.setdefault(i, error_answer(message))
                     todo = [i for i in range(len(requests)) if i not in answers]
                     try:
                         request_s += send_requests(
@@ -271,6 +303,7 @@ def serve_rank(
                     placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": log}
         finally:
             partial.close()
+        fail_on_refused(requests, answers, settings, prompts_path)
         result = {
             "answers": answers,
             "import_s": 0.0,
@@ -293,5 +326,8 @@ def serve_rank(
         # engines that died during this rank's requests
         "engine_deaths": [e.name for e in died_on],
     }
-    summary = write_outputs(prompts_path, requests, result, record, output, record_path)
+    record |= refused_requests(requests, result["answers"], prompts_path)
+    summary = write_outputs(
+        prompts_path, requests, result, record, output, record_path, settings["embeddings_npy"]
+    )
     return f"WARNING: {prompts_path} has no prompts\n{summary}" if not requests else summary

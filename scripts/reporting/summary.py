@@ -131,6 +131,13 @@ def totals(records: Sequence[dict]) -> dict:
         "per_engine_tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
         "median_load_s": statistics.median(r["load_s"] for r in records) if records else 0.0,
         "hosts": len({r["host"] for r in records}),
+        # JSONL requests answered with an error line (config vllm.bad_requests)
+        "request_errors": sum(r.get("request_errors", 0) for r in records),
+        "first_request_errors": [
+            e
+            for r in sorted(records, key=lambda r: int(r["rank"]))
+            for e in r.get("request_error_lines", ())
+        ][:SLOWEST],
         "slowest": [
             {key: r[key] for key in ("rank", "tokens_per_s", "host", "mask")} for r in slowest
         ],
@@ -164,6 +171,11 @@ def paragraph(records: Sequence[dict], expected: int | None = None) -> str:
             for s in t["slowest"]
         )
         text += f" Slowest ranks: {slow}."
+    if t["request_errors"]:
+        named = "; ".join(
+            f"{e['file']} line {e['line']}: {e['message']}" for e in t["first_request_errors"]
+        )
+        text += f" {t['request_errors']:,} request(s) answered with an error line (first: {named})."
     return text
 
 

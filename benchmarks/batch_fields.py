@@ -1,0 +1,195 @@
+"""Benchmark: OpenAI batch files with structured outputs and embeddings (issue 30), as ratios.
+
+1. Structured outputs: JSONL ranks of chat requests with a `json_schema` response format
+   (an enum) on the tiny instruct model (models/tiny-chat), profiles/local's warm engines,
+   end to end (start of `snakemake` to its end), against the same requests as ONE OpenAI
+   batch file through vLLM's `run-batch` with the same engine settings. Requests per second,
+   warm / run-batch.
+2. Embeddings: JSONL ranks of `/v1/embeddings` lines on the tiny embedding model
+   (models/tiny-embed) through per-rank engines (`LLM.embed` in each rank's task), end to
+   end, against one process calling vLLM's offline `LLM.embed` on all the texts, its start
+   included. Texts per second, ranks / offline.
+
+`--quick`: a few ranks, to check it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from chat_batch import chat_requests
+from common import (
+    PYTHON,
+    REPO,
+    bench_prompts,
+    engine_environment,
+    fmt,
+    local_profile_config,
+    log,
+    markdown_table,
+    run_folder,
+    run_timed,
+)
+
+NAME = "batch_fields"
+CHAT_MODEL = "./models/tiny-chat"
+EMBED_MODEL = "./models/tiny-embed"
+SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+STRUCTURED = {
+    "max_tokens": 48,
+    "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA}},
+}
+SAMPLING = {"seed": 1, "ignore_eos": False}
+
+
+def snakemake_run(work: Path, config: dict) -> object:
+    overrides = work / "bench.yaml"
+    overrides.write_text(json.dumps(config))
+    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
+    argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
+    return run_timed(argv, cwd=work, timeout=5400)
+
+
+def answered(lines: list[dict]) -> int:
+    """Answer lines with status 200 (batch) or without an error (short)."""
+    return sum(
+        (x.get("response") or {}).get("status_code") == 200
+        if "custom_id" in x
+        else "error" not in x
+        for x in lines
+    )
+
+
+def structured_warm(folder: Path, ranks: dict[int, list[dict]]) -> dict:
+    files = {
+        f"{rank}.jsonl": "".join(
+            json.dumps({"id": f"{rank}-{i}", **r, **STRUCTURED}) + "\n"
+            for i, r in enumerate(requests)
+        )  # fmt: skip
+        for rank, requests in ranks.items()
+    }
+    work = run_folder(folder, files)
+    # engine ports apart from the default ones: tests on this shared machine use those
+    config = {"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": {"base_port": 34700}}
+    timed = snakemake_run(work, config)
+    lines = [json.loads(x) for rank in ranks
+             for x in (work / "results" / f"{rank}.jsonl").read_text().splitlines()]  # fmt: skip
+    return {"wall_s": timed.wall_s, "answered": answered(lines), "requests": len(lines)}
+
+
+def structured_run_batch(folder: Path, ranks: dict[int, list[dict]]) -> dict:
+    folder.mkdir(parents=True)
+    batch = folder / "batch.jsonl"
+    model = str((REPO / CHAT_MODEL).resolve())
+    with batch.open("w") as handle:
+        for rank, requests in ranks.items():
+            for i, request in enumerate(requests):
+                body = {"model": model, **request, **STRUCTURED, **SAMPLING}
+                line = {"custom_id": f"{rank}-{i}", "method": "POST",
+                        "url": "/v1/chat/completions", "body": body}  # fmt: skip
+                handle.write(json.dumps(line) + "\n")
+    config = local_profile_config()
+    dtype = config["vllm"]["dtype"]
+    argv = [PYTHON, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
+            str(folder / "out.jsonl"), "--model", model, "--dtype", dtype]  # fmt: skip
+    if config["vllm"]["enforce_eager"]:
+        argv.append("--enforce-eager")
+    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count())}
+    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
+    lines = [json.loads(x) for x in (folder / "out.jsonl").read_text().splitlines()]
+    return {"wall_s": timed.wall_s, "answered": answered(lines), "requests": len(lines)}
+
+
+def embed_ranks(folder: Path, texts: list[str], per_rank: int) -> dict:
+    chunks = [texts[i : i + per_rank] for i in range(0, len(texts), per_rank)]
+    files = {
+        f"{rank}.jsonl": "".join(json.dumps({"input": t}) + "\n" for t in chunk)
+        for rank, chunk in enumerate(chunks)
+    }
+    work = run_folder(folder, files)
+    config = {"model": EMBED_MODEL, "warm_engines": False, "vllm": {"embeddings_npy": True}}
+    timed = snakemake_run(work, config)
+    rows = sum(len((work / "results" / name).read_text().splitlines()) for name in files)
+    return {"wall_s": timed.wall_s, "texts": rows, "ranks": len(chunks)}
+
+
+OFFLINE_EMBED = """
+import json, sys
+from vllm import LLM
+llm = LLM(model=sys.argv[1], runner="pooling", dtype=sys.argv[2], enforce_eager=True)
+texts = json.loads(open(sys.argv[3]).read())
+print(len(llm.embed(texts, use_tqdm=False)))
+"""
+
+
+def embed_offline(folder: Path, texts: list[str]) -> dict:
+    folder.mkdir(parents=True)
+    (folder / "texts.json").write_text(json.dumps(texts))
+    config = local_profile_config()
+    model = str((REPO / EMBED_MODEL).resolve())
+    argv = [PYTHON, "-c", OFFLINE_EMBED, model, config["vllm"]["dtype"], str(folder / "texts.json")]
+    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count())}
+    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
+    return {"wall_s": timed.wall_s, "texts": len(texts)}
+
+
+def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> dict:
+    ranks = chat_requests(1)
+    ranks = dict(list(ranks.items())[: 4 if quick else 48])
+    requests = sum(len(r) for r in ranks.values())
+    texts = bench_prompts(64 if quick else 2048)
+    with tempfile.TemporaryDirectory(prefix="bench-batch-fields-") as tmp:
+        folder = Path(tmp)
+        log(f"batch_fields: {len(ranks)} ranks, {requests} structured chat requests, warm")
+        warm = structured_warm(folder / "warm", ranks)
+        log(f"batch_fields: the same {requests} requests, vLLM run-batch")
+        batch = structured_run_batch(folder / "run-batch", ranks)
+        log(f"batch_fields: {len(texts)} texts to embed, per-rank engines")
+        embedded = embed_ranks(folder / "embed", texts, max(len(texts) // 2, 1))
+        log(f"batch_fields: the same {len(texts)} texts, one offline LLM.embed")
+        offline = embed_offline(folder / "offline", texts)
+    structured_ratio = (warm["answered"] / warm["wall_s"]) / (batch["answered"] / batch["wall_s"])
+    embed_ratio = (embedded["texts"] / embedded["wall_s"]) / (offline["texts"] / offline["wall_s"])
+    rows = [
+        [f"{len(ranks)} ranks of structured chat requests on warm engines: requests/s end to "
+         f"end ({warm['answered']} of {warm['requests']} answered in {warm['wall_s']:.0f} s)",
+         f"{warm['answered'] / warm['wall_s']:.2f}"],
+        [f"vLLM run-batch, one file: requests/s end to end ({batch['answered']} of "
+         f"{batch['requests']} answered in {batch['wall_s']:.0f} s)",
+         f"{batch['answered'] / batch['wall_s']:.2f}"],
+        ["structured outputs: warm / run-batch, end to end", f"**{fmt(structured_ratio)}**"],
+        [f"{embedded['ranks']} embedding ranks, per-rank engines: texts/s end to end "
+         f"({embedded['texts']} in {embedded['wall_s']:.0f} s)",
+         f"{embedded['texts'] / embedded['wall_s']:.1f}"],
+        [f"offline LLM.embed, one process: texts/s ({offline['texts']} in "
+         f"{offline['wall_s']:.0f} s)", f"{offline['texts'] / offline['wall_s']:.1f}"],
+        ["embeddings: ranks / offline LLM.embed, end to end", f"**{fmt(embed_ratio)}**"],
+    ]  # fmt: skip
+    return {
+        "name": NAME,
+        "title": (
+            "OpenAI batch files: structured-output chat ranks on warm engines against vLLM's "
+            "run-batch, embedding ranks against offline LLM.embed; tiny models, profiles/local"
+        ),
+        "table": markdown_table(["measure", "value"], rows),
+        "structured": {"warm": warm, "run_batch": batch, "ratio": structured_ratio},
+        "embeddings": {"ranks": embedded, "offline": offline, "ratio": embed_ratio},
+        "summary": {
+            "structured_ratio": structured_ratio,
+            # no goal yet: run_all's goals table lists only figures with one
+            "embeddings_ratio": embed_ratio,
+        },
+    }
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

@@ -1,0 +1,171 @@
+"""OpenAI batch files as people write them (issue 30), on the echo engine (fast tier): the
+fields of vLLM's OpenAI server pass through a JSONL rank on a warm echo server and on the
+per-rank echo engine alike, answered in OpenAI's shapes (n choices, chat and completions
+logprobs); a refused request gets OpenAI's batch error line and the rank goes on, unless
+config vllm.bad_requests is "fail_rank"; the record and the run summary count them.
+The same fields on real vLLM: tests/test_batch_vllm.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rank import checks
+from reporting import summary
+from test_jsonl_ranks import echo_pool, serve_lines, write_lines  # noqa: F401 (fixture)
+
+REPO = Path(__file__).resolve().parent.parent
+USER = [{"role": "user", "content": "hi there"}]
+
+
+def batch(custom_id: str, url: str, **body) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+LINES = [
+    batch("n2", "/v1/chat/completions", messages=USER, n=2),
+    batch("lp", "/v1/chat/completions", messages=USER, logprobs=True, top_logprobs=2),
+    batch("clp", "/v1/completions", prompt="one two three", logprobs=2),
+    batch("min", "/v1/chat/completions", messages=USER, min_tokens=10),
+    batch(
+        "json",
+        "/v1/chat/completions",
+        messages=USER,
+        response_format={"type": "json_object"},
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        repetition_penalty=1.1,
+        top_k=5,
+        min_p=0.1,
+        stop_token_ids=[7],
+        logit_bias={"5": 1.0},
+    ),
+    batch("bad", "/v1/chat/completions", messages=USER, temperature=-1),
+    batch("tools", "/v1/chat/completions", messages=USER, tools=[]),
+    {"id": "short", "prompt": "a b", "n": 2, "logprobs": 1},
+]
+
+
+def check_answers(out: Path) -> list[dict]:
+    answers = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [a.get("custom_id", a.get("id")) for a in answers] == [
+        "n2", "lp", "clp", "min", "json", "bad", "tools", "short"
+    ]  # fmt: skip
+    body = {a["custom_id"]: a["response"]["body"] for a in answers[:7]}
+    assert [c["index"] for c in body["n2"]["choices"]] == [0, 1]
+    content = body["lp"]["choices"][0]["logprobs"]["content"]
+    words = body["lp"]["choices"][0]["message"]["content"].split()
+    assert len(content) == len(words) == body["lp"]["usage"]["completion_tokens"]
+    assert all(len(entry["top_logprobs"]) == 2 for entry in content)
+    completions = body["clp"]["choices"][0]["logprobs"]
+    assert completions["tokens"] == ["one", "two", "three"]
+    assert len(completions["token_logprobs"]) == len(completions["top_logprobs"]) == 3
+    assert body["min"]["usage"]["completion_tokens"] >= 10
+    assert json.loads(body["json"]["choices"][0]["message"]["content"])["echo"]
+    for custom_id, field in (("bad", "temperature"), ("tools", "'tools'")):
+        line = answers[[a.get("custom_id") for a in answers].index(custom_id)]
+        assert line["response"]["status_code"] == 400 and line["error"] is None
+        assert field in line["response"]["body"]["error"]["message"]
+    assert "warm.server: vllm" in answers[6]["response"]["body"]["error"]["message"]
+    short = answers[7]
+    assert len(short["choices"]) == 2 and short["choices"][0]["logprobs"]["tokens"] == ["a", "b"]
+    return answers
+
+
+def test_fields_and_error_lines_on_a_warm_echo_server(tmp_path, echo_pool):  # noqa: F811
+    out = serve_lines(tmp_path, "4.jsonl", LINES, echo_pool)
+    check_answers(out)
+    record = json.loads((tmp_path / "results" / "4.jsonl.json").read_text())
+    assert record["request_errors"] == 2
+    assert [e["line"] for e in record["request_error_lines"]] == [6, 7]
+    text = summary.paragraph([record])
+    assert "2 request(s) answered with an error line" in text and "4.jsonl line 6" in text
+
+
+def run_task(tmp_path: Path, lines, **config) -> subprocess.CompletedProcess:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    rank_file = write_lines(tmp_path / "2.jsonl", lines)
+    settings = {"engine": "echo", "model": "echo"} | config
+    out = tmp_path / "out"
+    argv = [sys.executable, str(REPO / "scripts" / "rank" / "task.py"), "--rank", "2",
+            "--prompts", str(rank_file), "--output", str(out / "2.jsonl"),
+            "--record", str(out / "2.json"), "--settings", json.dumps(settings)]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+
+
+def test_the_same_on_the_per_rank_echo_engine_and_the_strict_key(tmp_path):
+    done = run_task(tmp_path, LINES)
+    assert done.returncode == 0, done.stderr
+    check_answers(tmp_path / "out" / "2.jsonl")
+    assert json.loads((tmp_path / "out" / "2.json").read_text())["request_errors"] == 2
+    strict = run_task(tmp_path / "strict", LINES, bad_requests="fail_rank")
+    assert strict.returncode == 2
+    assert "2.jsonl: line 6: request refused: temperature" in strict.stderr
+    assert "fail_rank" in strict.stderr
+    # refused by the engine, not as read: the rank fails too, after its requests
+    only_tools = run_task(tmp_path / "tools", [LINES[0], LINES[6]], bad_requests="fail_rank")
+    assert (
+        only_tools.returncode == 2 and "line 2: request refused: field 'tools'" in only_tools.stderr
+    )
+    assert not (tmp_path / "strict" / "out" / "2.jsonl").exists()
+
+
+def test_a_file_broken_as_a_file_still_fails_its_rank(tmp_path):
+    done = run_task(tmp_path, [LINES[0], "not json", LINES[1]])
+    assert done.returncode == 2 and "2.jsonl: line 2: not JSON" in done.stderr
+
+
+def test_the_strict_key_is_checked():
+    with pytest.raises(checks.UsageError, match="bad_requests"):
+        checks.parse_settings(json.dumps({"bad_requests": "skip"}))
+
+
+EMBEDDINGS = [
+    {"custom_id": "e1", "method": "POST", "url": "/v1/embeddings",
+     "body": {"model": "m", "input": ["one two", "three"]}},
+    {"id": "short", "input": "four five six"},
+    {"custom_id": "e3", "method": "POST", "url": "/v1/embeddings",
+     "body": {"input": "x", "encoding_format": "base64"}},
+]  # fmt: skip
+
+
+def check_embeddings(out: Path) -> None:
+    from engine.echo_server import embeddings_answer
+
+    first, short, refused = (json.loads(x) for x in out.read_text().splitlines())
+    body = first["response"]["body"]
+    expected = embeddings_answer({"input": ["one two", "three"]}, "echo")["data"]
+    assert body["object"] == "list" and body["data"] == expected
+    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
+    assert short["id"] == "short" and len(short["data"][0]["embedding"]) == 8
+    assert refused["response"]["status_code"] == 400
+    assert "encoding_format" in refused["response"]["body"]["error"]["message"]
+
+
+def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # noqa: F811
+    check_embeddings(serve_lines(tmp_path, "7.jsonl", EMBEDDINGS, echo_pool))
+    done = run_task(tmp_path / "per-rank", EMBEDDINGS)
+    assert done.returncode == 0, done.stderr
+    check_embeddings(tmp_path / "per-rank" / "out" / "2.jsonl")
+    mixed = run_task(tmp_path / "mixed", [EMBEDDINGS[1], {"prompt": "a"}])
+    assert mixed.returncode == 2
+    assert "line 2: a generation request in a rank of embeddings (line 1)" in mixed.stderr
+
+
+def test_embeddings_in_a_npy_beside_the_jsonl(tmp_path, echo_pool):  # noqa: F811
+    import numpy
+
+    inline = serve_lines(tmp_path / "inline", "7.jsonl", EMBEDDINGS[:2], echo_pool)
+    out = serve_lines(tmp_path, "7.jsonl", EMBEDDINGS[:2], echo_pool, embeddings_npy=True)
+    pair, single = (json.loads(x) for x in inline.read_text().splitlines())
+    vectors = [d["embedding"] for d in pair["response"]["body"]["data"] + single["data"]]
+    rows = numpy.load(out.with_suffix(".npy"))
+    assert rows.dtype == numpy.float32 and rows.shape == (3, 8)
+    assert numpy.allclose(rows, numpy.array(vectors, dtype=numpy.float32))
+    first, short = (json.loads(x) for x in out.read_text().splitlines())
+    assert [d["npy_row"] for d in first["response"]["body"]["data"]] == [0, 1]
+    assert short["data"] == [{"object": "embedding", "index": 0, "embedding": None, "npy_row": 2}]
