@@ -34,7 +34,7 @@ test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_
 test-unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not vllm and not pbs"
 
-test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json
+test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json
 	$(BIN)/python -m pytest -m vllm
 
 test-pbs: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
@@ -78,7 +78,7 @@ $(TINY_CHAT)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py --rebuild tiny-chat $(TINY_CHAT)
 
 $(TINY_EMBED)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
-	$(BIN)/python scripts/tools/build_model.py tiny-embed $(TINY_EMBED)
+	$(BIN)/python scripts/tools/build_model.py --rebuild tiny-embed $(TINY_EMBED)
 
 $(BENCH_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py --rebuild opt125m $(BENCH_MODEL)
