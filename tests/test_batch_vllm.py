@@ -18,9 +18,9 @@ import pytest
 
 from engine import lifecycle
 from engine.lifecycle import Engine
+from formats.partial import Answer, Partial, partial_key
 from placement import tiles
-from rank import answer_files, checks, warm
-from rank.jsonl import Answer, Partial
+from rank import checks, warm
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
@@ -122,7 +122,7 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
         # a rank resumed from a kept answer of its "n" line
         kept = write_rank(tmp_path / "kept", 5, LINES)
         kept_out = tmp_path / "kept" / "results" / "5.jsonl"
-        partial = Partial(kept_out, answer_files.partial_key(kept, settings_))
+        partial = Partial(kept_out, partial_key(kept, settings_))
         partial.open({})
         partial.add(2, Answer("kept 0", "length", 7, 8, KEPT_CHOICES))
         partial.close()
