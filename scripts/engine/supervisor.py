@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
@@ -51,7 +51,7 @@ from engine import client, lifecycle
 from formats.files import safe_name, write_atomic
 from model import stage
 from placement import tiles
-from placement.ports import engine_port
+from placement.ports import engine_port, internal_ports, next_free_block
 from reporting import console
 
 SPEC_VARIABLE = "AURORA_ENGINES"
@@ -203,6 +203,10 @@ def write_state(
         "started_at": engine.started_at,
         "ready_at": engine.ready_at,
         "restart_s": round(engine.restart_s, 3),
+        # identity (issue 29): the id this start of the engine proved on its port, and how
+        # (client.identify); the pool checks the server at "url" the same way
+        "engine_id": engine.engine_id,
+        "proof": engine.proof,
         **extra,
     }
     write_atomic(path, json.dumps(record))
@@ -212,8 +216,27 @@ def write_state(
 class _Supervised:
     engine: lifecycle.Engine
     path: Path
+    slot: tiles.Slot
+    base_port: int  # the engine's block (placement.ports)
     state: str = "starting"
     busy: bool = False  # a thread is starting it
+    # what took its ports, for its registry entry ("port_conflicts") and the run's output
+    conflicts: list[str] = field(default_factory=list)
+
+
+def _move(member: _Supervised, error: lifecycle.PortTaken) -> None:
+    """After a port conflict: the engine's next free block, for its restart."""
+    engine = member.engine
+    engine.stop()
+    base = next_free_block(member.slot, member.base_port, engine.host)
+    if base is None:
+        raise client.EngineStartError(f"{error}; no free block of ports left") from None
+    member.base_port = base
+    vllm_port, master_port = internal_ports(member.slot, base)
+    port = engine_port({"tiles": {"base_port": base}}, member.slot)
+    engine.move(port, {"VLLM_PORT": str(vllm_port), "MASTER_PORT": str(master_port)})
+    member.conflicts.append(f"{error}; moved to port {port}")
+    _log(member.conflicts[-1])
 
 
 def node(
@@ -233,8 +256,10 @@ def node(
 
     ready_s = spec_ready_timeout(spec)
 
-    def report(path: Path, engine: lifecycle.Engine, state: str, **extra) -> None:
-        write_state(path, engine, state, versions=spec.get("versions"), **extra)
+    def report(member: _Supervised, state: str, **extra) -> None:
+        if member.conflicts:
+            extra["port_conflicts"] = member.conflicts
+        write_state(member.path, member.engine, state, versions=spec.get("versions"), **extra)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
@@ -244,6 +269,8 @@ def node(
         _Supervised(
             make_engine(spec, slot, job_id, registry, environ),
             registry / f"{engine_file(slot)}.json",
+            slot,
+            placement["base_port"],
         )
         for slot in slots
     ]
@@ -253,12 +280,19 @@ def node(
     def bring_up(member: _Supervised, restart: bool) -> None:
         engine = member.engine
         try:
-            if restart:
-                report(member.path, engine, "restarting")
-                seconds = engine.restart(ready_s)
-            else:
-                engine.start()
-                seconds = engine.wait_ready(ready_s)
+            while True:
+                try:
+                    if restart:
+                        report(member, "restarting")
+                        seconds = engine.restart(ready_s)
+                    else:
+                        engine.start()
+                        seconds = engine.wait_ready(ready_s)
+                    break
+                # Another process on its port: a new block, and a restart (warm.max_restarts).
+                except lifecycle.PortTaken as error:
+                    _move(member, error)
+                    restart = True
             state, extra = "ready", {"ready_s": round(seconds, 3)}
         # Whatever it was: an engine left "starting" would never be restarted.
         except Exception as error:
@@ -268,7 +302,7 @@ def node(
         with lock:
             if not stopping.is_set():
                 member.state = state
-                report(member.path, engine, state, **extra)
+                report(member, state, **extra)
             member.busy = False
 
     def launch(member: _Supervised, restart: bool) -> None:
@@ -276,7 +310,7 @@ def node(
         threading.Thread(target=bring_up, args=(member, restart), daemon=True).start()
 
     for member in members:
-        report(member.path, member.engine, "starting")
+        report(member, "starting")
         launch(member, restart=False)
     stop_file = registry / STOP_FILE
     while not stopping.wait(NODE_POLL_S):
@@ -287,7 +321,7 @@ def node(
                 if member.state == "ready" and not member.busy and not member.engine.alive():
                     if member.engine.restarts >= member.engine.max_restarts:
                         member.state = "failed"
-                        report(member.path, member.engine, "failed", error="exited")
+                        report(member, "failed", error="exited")
                     else:
                         _log(f"{member.engine.name} exited; restarting it")
                         launch(member, restart=True)
@@ -299,7 +333,7 @@ def node(
     for member, thread in zip(members, stoppers, strict=True):
         thread.join()
         if member.state != "failed":  # a failed engine's entry keeps its error
-            report(member.path, member.engine, "stopped")
+            report(member, "stopped")
     _log(f"{host}: engines stopped")
     return 0
 
