@@ -7,6 +7,7 @@ tests/test_aurora_profile.py."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -268,3 +269,65 @@ def tagged_supervisors(tmp_path: Path) -> list[int]:
             if b"supervisor.py\0node\0" in argv and str(tmp_path).encode() in argv:
                 found.append(int(entry.name))
     return found
+
+
+class Foreign(http.server.BaseHTTPRequestHandler):
+    """Another run's engine, as this run sees it: 200 to every GET, 401 to every POST."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        self.server.posts.append(self.path)
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_planted_on_an_engines_port_before_it_binds_is_survived(tmp_path, service, capfd):
+    """Issue 29: a foreign server takes an engine's port after the run chose it, while
+    the (slow) engine is still starting. The engine proves no id there: it is moved to
+    a free block and restarted; its registry entry and the run's output say so; the
+    rank runs on this run's engines only, and the foreign server gets no request."""
+    started, pool = service(ECHO_SERVER_START_DELAY_S="3")
+    spec = json.loads((started.registry.parent / f"{started.run_id}.engines.json").read_text())
+    slots = tiles.engine_slots(spec["tiles"]["per_node"], spec["tiles"]["per_job"], HOST)
+    port = ports.engine_port(spec, slots[0])
+
+    def engine_started() -> bool:  # its server runs, and sleeps before it binds its port
+        argvs = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in tagged(spec["tag"])]
+        return any(b"echo_server.py" in a and f"--port\0{port}\0".encode() in a for a in argvs)
+
+    assert wait_until(engine_started, 30)
+    foreign = http.server.ThreadingHTTPServer(("127.0.0.1", port), Foreign)
+    foreign.posts = []
+    threading.Thread(target=foreign.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        for rank in range(4):
+            record = echo_rank(tmp_path, rank, ["one", "two"], pool)
+            assert record["engine_deaths"] == []
+        name = f"{HOST}-tile{slots[0].tiles[0]}"
+
+        def moved_entry() -> dict:
+            return supervisor.read_registry(started.registry).get(name, {})
+
+        assert wait_until(lambda: moved_entry().get("state") == "ready", 30), moved_entry()
+        moved = moved_entry()
+        assert moved["restarts"] == 1
+        assert not moved["url"].endswith(f":{port}")
+        (conflict,) = moved["port_conflicts"]
+        assert f"another process answers on port {port} of 127.0.0.1" in conflict
+        assert "GET /health answered 200 with no engine id" in conflict
+        assert "not this run's engine; moved to port" in conflict
+        said = capfd.readouterr().err
+        assert "this run's engines use tiles.base_port" in said
+        assert conflict in said  # the run's output says it, as the pool read it
+        assert foreign.posts == []
+    finally:
+        foreign.shutdown()
+        foreign.server_close()
