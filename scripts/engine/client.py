@@ -254,8 +254,10 @@ def identify(
     with ``key`` must answer 200 with a model list, and with a wrong key 401; a server
     without the run's key (another run's engine, an unrelated service) fails one of them.
     """
+    if proof == "key" and not key:
+        return Identity(True, False, "no key to check vLLM's own server with")
     try:
-        if proof == "key" and key:
+        if proof == "key":
             status, body = _http(url, "GET", "/v1/models", None, timeout, key)
             if status >= 500:
                 return Identity(False, False)  # still starting, or broken: not an answer yet
@@ -275,8 +277,8 @@ def identify(
         return Identity(False, False)
     if status != 200:
         return Identity(False, False)
-    if proof == "key" or not engine_id:
-        return Identity(True, True)  # no key or no id to prove anything with: liveness only
+    if proof == "none" or not engine_id:
+        return Identity(True, True)  # nothing to prove it with: liveness only
     try:
         answered = json.loads(body).get("engine_id")
     except (ValueError, AttributeError):

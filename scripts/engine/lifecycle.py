@@ -291,7 +291,9 @@ class Engine:
         # server on the port proved it (client.identify): our servers answer the id on
         # /health, vLLM's own server (which cannot carry one) proves the run's key.
         self.engine_id: str | None = None
-        self.proof = "key" if SERVER_MODULE in self.argv else "id"
+        self.proof = "id"
+        if SERVER_MODULE in self.argv:
+            self.proof = "key" if self.api_key else "none"
         self._proc: subprocess.Popen | None = None
         self._starts = 0
         # For the run's accounting (scripts/reporting/accounting.py): first start, first ready
