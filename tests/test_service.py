@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import workflow as wf
 from engine import client, local, supervisor
 from pipeline import rank_job
 from placement import ports, tiles
@@ -331,3 +332,41 @@ def test_a_server_planted_on_an_engines_port_before_it_binds_is_survived(tmp_pat
     finally:
         foreign.shutdown()
         foreign.server_close()
+
+
+def test_two_runs_started_together_in_two_folders_both_finish_on_their_own_engines(tmp_path):
+    """Issue 29: two local runs of one machine, started at the same moment, choose the
+    same free ports; slow engines (not bound yet) let both choose them. Each engine
+    proves its id before a rank is sent, so the run whose engine finds the other run's
+    there moves it; both runs finish every rank, on their own engines only."""
+    ranks = {f"{r}.in": f"run rank {r}\nsecond prompt\n" for r in range(3)}
+    works = [wf.make_workdir(tmp_path / name, ranks) for name in ("first", "second")]
+    configs = [
+        wf.local_config(work, engine="echo", task_env={"ECHO_SERVER_START_DELAY_S": "2"})
+        for work in works
+    ]
+    runs = [
+        wf.snakemake(work, configfiles=config, popen=True)
+        for work, config in zip(works, configs, strict=True)
+    ]
+    outputs = []
+    try:
+        for run in runs:
+            outputs.append(run.communicate(timeout=300)[0])
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    urls = []
+    for work, run, output in zip(works, runs, outputs, strict=True):
+        assert run.returncode == 0, output[-3000:]
+        assert "this run's engines use tiles.base_port" in output
+        (registry,) = [p for p in (work / "logs" / "engines").iterdir() if p.is_dir()]
+        entries = supervisor.read_registry(registry).values()
+        urls.append({e["url"] for e in entries})
+        for rank in range(3):
+            assert wf.read_records(work / "results" / f"{rank}.out")[0][1] == f"run rank {rank}"
+            record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+            assert record["engine_log"].startswith(str(registry)), record["engine_log"]
+    assert not urls[0] & urls[1], urls  # no engine of one run was the other's
