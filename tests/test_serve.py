@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -367,6 +368,63 @@ def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path
     assert note["spec"] == str(spec_file)
     assert note["cpus"] == (cpus[1:] if bound else cpus)
     assert (registry / "7.pbs" / "ranks" / "x1.exit").read_text() == "3\n"
+
+
+HANGING_SNAKEMAKE = """
+import os
+import subprocess
+import sys
+import time
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(os.environ["NOTE"], "w").write(f"{os.getpid()} {rank.pid}")
+time.sleep(600)
+"""
+
+
+def test_a_nodes_snakemake_and_its_ranks_end_with_their_job(tmp_path):
+    """Issue 29: PBS ended the job (pbs_mom removed its TMPDIR) but nothing killed the
+    node's processes: ranks-node, its Snakemake and a rank process of it end within
+    seconds, and nothing is written into the run's folder after the job's end."""
+    registry = tmp_path / "engines"
+    spec_file = tmp_path / "job.engines.json"
+    spec_file.write_text(json.dumps({"registry_root": str(registry), "tiles": {"cpu_bind": []}}))
+    nodes_file = tmp_path / "job.nodes.json"
+    argv = [sys.executable, "-c", HANGING_SNAKEMAKE]
+    nodes_file.write_text(json.dumps({"workdir": str(tmp_path), "argv": argv, "shares": [[0]]}))
+    (registry / "8.pbs" / "ranks").mkdir(parents=True)
+    job_tmp = tmp_path / "pbs.8.pbs"
+    job_tmp.mkdir()
+    note = tmp_path / "note"
+    env = {**os.environ, "PBS_JOBID": "8.pbs", "TMPDIR": str(job_tmp), "NOTE": str(note)}
+    owner = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "pbs" / "node.py"), "ranks-node"]
+        + [str(spec_file), str(nodes_file), "8.pbs", "x0"],
+        env={**env, "PBS_NODENUM": "0"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not note.exists() or len(note.read_text().split()) < 2:
+            assert owner.poll() is None, owner.stderr.read()
+            time.sleep(0.05)
+        snakemake, rank = map(int, note.read_text().split())
+        job_tmp.rmdir()  # the job's end, as its node sees it
+        owner.wait(timeout=30)
+        assert "the job has ended" in owner.stderr.read()
+        for pid in (snakemake, rank):
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state == "Z":
+                    break
+                time.sleep(0.05)
+            else:
+                assert not Path(f"/proc/{pid}").exists(), f"{pid} outlived its job"
+        assert not list((registry / "8.pbs" / "ranks").iterdir())
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
 
 
 def test_shares_of_more_planned_nodes_than_the_job_got_are_not_lost():

@@ -47,7 +47,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from engine import client, lifecycle
+from engine import client, lifecycle, watchdog
 from formats.files import safe_name, write_atomic
 from model import stage
 from placement import tiles
@@ -265,6 +265,8 @@ def node(
         signal.signal(sig, lambda *_: stopping.set())
     if lifeline:
         threading.Thread(target=_watch_owner, args=(stopping,), daemon=True).start()
+    else:  # in a PBS job: end with the launcher's task or with the job
+        watchdog.end_with_job(environ)
     members = [
         _Supervised(
             make_engine(spec, slot, job_id, registry, environ),
@@ -332,7 +334,8 @@ def node(
         thread.start()
     for member, thread in zip(members, stoppers, strict=True):
         thread.join()
-        if member.state != "failed":  # a failed engine's entry keeps its error
+        # A failed engine's entry keeps its error; nothing is written after the job's end.
+        if member.state != "failed" and not watchdog.job_gone(environ):
             report(member, "stopped")
     _log(f"{host}: engines stopped")
     return 0
