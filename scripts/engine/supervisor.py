@@ -403,6 +403,11 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     registry = registry_dir(spec, job_id)
     if not registry.is_dir():
         return 0
+    if watchdog.job_gone(environ):
+        # The job script's exit trap after PBS ended the job: its node processes end by
+        # their lifelines, and nothing is written into the run folder after the job's end.
+        _log(f"job {job_id} has ended; its engines end with it")
+        return 0
     (registry / STOP_FILE).write_text("stop\n")
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline:
