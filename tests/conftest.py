@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pbs_cluster import PbsCluster
+from pbs_cluster import PbsCluster, pbs_processes
 
 # The fixtures of the PBS runs (``commands``, ``run_owner_ends_with_the_test``) live
 # beside their helpers.
@@ -59,15 +59,27 @@ def session_processes(mark: str) -> dict[int, str]:
     return found
 
 
+# Processes of the test cluster's jobs still alive when the cluster is stopped (found by
+# PBS_JOBID=<id>.pbs-head in their environment: they do not carry the session's mark).
+PBS_LEFTOVERS: dict[int, str] = {}
+
+
+def job_processes() -> dict[int, str]:
+    """pid -> what, of the live processes of the test cluster's jobs."""
+    return {pid: what for pid, what in pbs_processes().items() if what.startswith("job: ")}
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     """Fail the run if anything a test started is still running once every test and
-    fixture is done (after a grace period for processes that are ending); end those."""
+    fixture is done (after a grace period for processes that are ending); end those.
+    Processes started through PBS are looked for when the cluster stops (pbs_cluster)."""
     mark = os.environ.get(SESSION_MARK)
     if not mark:
         return
     deadline = time.monotonic() + LEFTOVER_GRACE_S
     while (left := session_processes(mark)) and time.monotonic() < deadline:
         time.sleep(1)
+    left = {**left, **PBS_LEFTOVERS}
     if not left:
         return
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -110,4 +122,9 @@ def pbs_cluster() -> Iterator[PbsCluster]:
     try:
         yield cluster
     finally:
+        # Every test is done: no job of the cluster should have a process left.
+        deadline = time.monotonic() + LEFTOVER_GRACE_S
+        while (jobs := job_processes()) and time.monotonic() < deadline:
+            time.sleep(1)
+        PBS_LEFTOVERS.update(jobs)
         cluster.stop()

@@ -35,6 +35,7 @@ import pytest
 
 import pbs
 import workflow as wf
+from formats.files import safe_name
 from pbs_cluster import PbsCluster, clear_stale_pyenv_lock
 from rank.layout import output_file, record_file
 
@@ -530,7 +531,10 @@ def continued_run(cluster: PbsCluster, tmp_path: Path, ranks: dict, delay_s: int
         wait_for(lambda: len(submissions(work)) == 2, "no continuation submitted", 600, proc)
         outputs = [*results.glob("*.out"), *results.glob("*.jsonl")]
         done = {int(p.stem): finished_rank(work, int(p.stem)) for p in outputs}
+        killed = submissions(work)[0]["id"]
+        ended = nothing_outlives(cluster, killed, work)
         out = proc.communicate(timeout=900)[0]
+    assert files_of(work / "logs" / "engines" / safe_name(killed)) == ended
     return work, out, proc.returncode, done
 
 
@@ -638,6 +642,39 @@ def wait_for(condition, what: str, timeout: float = 300, proc=None) -> None:
             assert proc.poll() is None, proc.stdout.read()[-4000:]
         assert time.monotonic() < deadline, what
         time.sleep(0.1)
+
+
+def processes_of_job(job_id: str) -> list[int]:
+    """Live processes whose environment says PBS_JOBID=``job_id`` (on any of the test
+    cluster's hosts: they share this machine)."""
+    wanted = f"PBS_JOBID={job_id}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            ours = wanted in (entry / "environ").read_bytes().split(b"\0")
+            if ours and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def files_of(folder: Path) -> dict[str, int]:
+    """Path -> modification time (ns) of every file under ``folder``."""
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def nothing_outlives(cluster: PbsCluster, job_id: str, work: Path) -> dict[str, int]:
+    """Once PBS has ended ``job_id``, no process of it is left within 30 s (engines,
+    watchdogs, supervisors, node Snakemakes and their ranks, found by the job id in
+    their environment). Returns the job's registry folder's files as they were at the
+    job's end (they must not change after it)."""
+    cluster.wait_job(job_id, timeout=300)
+    ended = files_of(work / "logs" / "engines" / safe_name(job_id))
+    wait_for(lambda: not processes_of_job(job_id), f"processes of job {job_id} outlived it", 30)
+    return ended
 
 
 def interrupt_and_check_nothing_is_left(cluster, proc, work, tasks=None) -> str:

@@ -16,6 +16,7 @@ import pytest
 
 import workflow as wf
 from engine import client
+from formats.files import safe_name
 from pbs_runs import (
     ECHO_SERVER,
     INTERVAL,
@@ -27,9 +28,11 @@ from pbs_runs import (
     echo_servers,
     engine_states,
     epoch_of_log_line,
+    files_of,
     finished_rank,
     interrupt_and_check_nothing_is_left,
     killed_at_walltime,
+    nothing_outlives,
     our_job_ids,
     output_of,
     processes_running,
@@ -259,8 +262,11 @@ def test_warm_ctrl_c_leaves_no_submission_and_no_engine(pbs_cluster, tmp_path):
     with aurora_in_background(pbs_cluster, work) as proc:
         wait_for(lambda: len(echo_servers(work)) == 4, "the engines did not start", proc=proc)
         interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
+    (job,) = submissions(work)
+    ended = nothing_outlives(pbs_cluster, job["id"], work)  # the run's Ctrl-C: qdel
     wait_for(lambda: not processes_running(ECHO_SERVER), "engines outlived the job", 15)
     assert not list((work / "results").glob("*.out"))
+    assert files_of(work / "logs" / "engines" / safe_name(job["id"])) == ended
 
 
 @pytest.mark.pbs

@@ -19,7 +19,7 @@ import pytest
 from engine import lifecycle
 from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
-from placement import tiles
+from placement import node_layout, tiles
 from rank import checks, warm
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
@@ -107,7 +107,8 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
     port = free_port()
     key = lifecycle.new_api_key()
     argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
-    placement = tiles.engine_env(tiles.Slot("localhost", (0,)), "FLAT", free_port(), tmp_path / "t")
+    slot = node_layout.Slot("localhost", (0,))
+    placement = tiles.engine_env(slot, "FLAT", free_port(), tmp_path / "t")
     base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
     env = lifecycle.engine_environment(placement, SETTINGS, base)
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="batch", api_key=key)

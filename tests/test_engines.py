@@ -373,6 +373,63 @@ def stub():
     server.server_close()
 
 
+class KeyedModels(http.server.BaseHTTPRequestHandler):
+    """GET /v1/models as vLLM's own server answers it (401 without the class's key), or,
+    with ``key`` None, as a foreign server: 200 and a model list to every GET."""
+
+    key: str | None = None
+
+    def do_GET(self):
+        given = self.headers.get("Authorization")
+        refused = self.key is not None and given != f"Bearer {self.key}"
+        body = b'{"error": "Unauthorized"}' if refused else b'{"data": [{"id": "m"}]}'
+        self.send_response(401 if refused else 200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_identity_for_vllms_own_server_is_the_runs_key_not_liveness():
+    """Issue 29: vLLM's own server carries no engine id; it proves the run's key. A
+    server without the key (200 to every GET, or 401 to this run's key) is foreign, and
+    a check with no key proves nothing."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), KeyedModels)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        KeyedModels.key = "the-runs-key"
+        assert client.identify(url, None, "the-runs-key", "key").ours
+        for wrong in (None, "another-runs-key"):
+            refused = client.identify(url, None, wrong, "key")
+            assert refused.answered and not refused.ours
+        KeyedModels.key = None  # a server that checks no key
+        foreign = client.identify(url, None, "the-runs-key", "key")
+        assert not foreign.ours and "with a wrong key: HTTP 200" in foreign.detail
+    finally:
+        KeyedModels.key = None
+        server.shutdown()
+        server.server_close()
+
+
+def test_identity_of_our_servers_is_the_engine_id_on_health(tmp_path):
+    """An echo engine answers the id of its start; another id (another run's engine on
+    the port) is not ours."""
+    engine = stand_in(tmp_path, "pass")
+    engine.argv = [PYTHON, str(SCRIPTS / "engine" / "echo_server.py"), "--port", str(engine.port)]
+    engine.start()
+    try:
+        engine.wait_ready(30)
+        assert engine.identify().ours and engine.engine_id
+        other = client.identify(engine.url, "another-engines-id", None, "id")
+        assert other.answered and not other.ours
+        assert "engine id " + engine.engine_id in other.detail
+    finally:
+        engine.stop()
+
+
 def test_client_400_carries_the_servers_message(stub, monkeypatch):
     server, url = stub
     message = "This model's maximum context length is 256 tokens."
@@ -545,7 +602,8 @@ def test_start_refuses_a_taken_port(tmp_path):
         sock.listen()
         engine = stand_in(tmp_path, "pass")
         engine.port = sock.getsockname()[1]
-        with pytest.raises(EngineStartError, match="already in use"):
+        port = engine.port
+        with pytest.raises(lifecycle.PortTaken, match=f"another process answers on port {port}"):
             engine.start()
 
 
@@ -596,8 +654,11 @@ import time
 sys.path.insert(0, {scripts!r})
 from engine import client, lifecycle
 spec = json.loads(sys.argv[1])
-engine = lifecycle.Engine(spec["argv"], spec["env"], spec["log"], spec["port"], stop_grace=5)
+engine = lifecycle.Engine(
+    spec["argv"], spec["env"], spec["log"], spec["port"], stop_grace=5, api_key=spec["api_key"]
+)
 engine.start()
+assert engine.proof == "key"  # vLLM's own server: ready once it proved the run's key
 engine.wait_ready({timeout})
 print(json.dumps({{"pgid": engine.pgid, "pids": engine.pids()}}), flush=True)
 time.sleep(3600)
@@ -766,6 +827,11 @@ def test_real_owner_sigkill_leaves_no_engine_process(owned_child):
         complete(url, PROMPTS, SAMPLING)
     assert caught.value.status == 401
     assert len(complete(url, PROMPTS, SAMPLING, key=spec["api_key"]).texts) == 4
+    # its identity (issue 29): proved with the run's key only
+    assert client.identify(url, None, spec["api_key"], "key").ours
+    for wrong in (None, "not-the-key"):
+        refused = client.identify(url, None, wrong, "key")
+        assert refused.answered and not refused.ours, refused
     names = [_name(p) for p in process_group(pgid)]
     assert len(names) >= 3 and any("EngineCore" in n for n in names), names
     child.kill()  # SIGKILL: the owner runs no cleanup at all

@@ -55,6 +55,8 @@ def test_a_registry_entry_written_and_an_old_one_read(tmp_path):
         started_at=1.0,
         ready_at=2.0,
         restart_s=0.0,
+        engine_id="7835037df9491292",
+        proof="id",
     )
     registry.write_state(tmp_path / "h-tile0.json", engine, "ready", ready_s=1.0)
     (tmp_path / "h-tile1.json").write_text(json.dumps({"name": "h/tile1", "state": "failed"}))

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 import workflow as wf
-from engine import client, lifecycle, routing, supervisor
+from engine import client, echo_server, lifecycle, routing, supervisor
 from pbs import node
 from pipeline import rank_job
 from placement import launcher, node_layout, tiles
@@ -137,10 +139,17 @@ class Clock:
         return self.now
 
 
+# An echo server per engine name (started by the pool fixture): the pool routes only to
+# an engine whose server proves its id (client.identify).
+SERVERS: dict[str, echo_server.EchoServer] = {}
+
+
 def report(registry: Path, name: str, state: str, when: float | None = None) -> None:
+    server = SERVERS.get(name)
     entry = {
         "name": name.replace("-tile", "/tile"),
-        "url": "http://127.0.0.1:9",  # nothing listens: health checks fail
+        "url": f"http://127.0.0.1:{server.server_address[1]}" if server else "http://127.0.0.1:9",
+        "engine_id": server.engine_id if server else None,
         "log": str(registry / f"{name}.log"),
         "state": state,
         "restarts": 0,
@@ -156,8 +165,37 @@ def report(registry: Path, name: str, state: str, when: float | None = None) -> 
 def pool(tmp_path, monkeypatch):
     monkeypatch.setattr(routing, "REFRESH_S", 0.0)
     monkeypatch.setattr(routing, "SETTLED_REFRESH_S", 0.0)
+    for name in ("a-tile0", "b-tile0"):
+        server = echo_server.EchoServer(("127.0.0.1", 0), "echo", 2048, 0.0)
+        server.engine_id = f"id-of-{name}"
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        SERVERS[name] = server
     clock = Clock()
-    return routing.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
+    yield routing.RegistryPool(tmp_path, ["a-tile0", "b-tile0"], 2, 100, clock=clock), clock
+    for server in SERVERS.values():
+        server.shutdown()
+        server.server_close()
+    SERVERS.clear()
+
+
+def test_ranks_are_never_routed_to_a_server_that_does_not_prove_its_id(pool, tmp_path, capfd):
+    """An entry reported ready whose port answers another id (another run's engine) is
+    left out, and the run's output says so; once the server there proves the entry's
+    id, it is routed to."""
+    pool, _ = pool
+    report(tmp_path, "b-tile0", "failed")
+    report(tmp_path, "a-tile0", "ready")  # the entry has a's id; its port answers another
+    SERVERS["a-tile0"].engine_id = "another-runs-engine"
+    said = ""
+    while "not this run's engine" not in said:
+        with pytest.raises(client.EngineUnavailable, match="no engine free"), pool.route(0):
+            pass
+        said += capfd.readouterr().err
+    assert "a/tile0: another process answers at http://127.0.0.1:" in said
+    assert "engine id another-runs-engine" in said and "no rank is sent there" in said
+    SERVERS["a-tile0"].engine_id = "id-of-a-tile0"
+    with pool.route() as engine:  # the check goes on until the server proves the id
+        assert engine.name == "a/tile0"
 
 
 def test_ranks_go_to_the_least_busy_ready_engine(pool, tmp_path):
@@ -201,6 +239,9 @@ def test_a_failed_engine_is_left_out_until_its_restart_is_reported(pool, tmp_pat
     report(tmp_path, "b-tile0", "ready", when=time.time() - 10)
     with pool.route() as engine:
         victim = engine.name
+    gone = SERVERS[victim.replace("/", "-")]
+    gone.shutdown()  # its server is down: its check fails until the restart is reported
+    gone.server_close()
     pool.mark_failed(engine)
     for _ in range(3):
         with pool.route() as engine:
@@ -224,7 +265,6 @@ def test_a_suspect_engines_health_check_holds_no_lock(pool, tmp_path):
     """The check of a suspect engine that hangs (a socket that accepts and never
     answers) does not hold up the ranks routed meanwhile to the other engine."""
     import socket
-    import threading
 
     pool, _ = pool
     hung = socket.create_server(("127.0.0.1", 0))
@@ -239,12 +279,17 @@ def test_a_suspect_engines_health_check_holds_no_lock(pool, tmp_path):
     threading.Thread(target=accept, daemon=True).start()
     report(tmp_path, "a-tile0", "ready", when=time.time() - 10)
     report(tmp_path, "b-tile0", "ready", when=time.time() - 10)
+    routed = set()
+    while routed != {"a/tile0", "b/tile0"}:  # until both proved their ids
+        with pool.route() as first, pool.route() as second:
+            routed = {first.name, second.name}
+    # a's restart is reported on a port where the server hangs: its identity check waits
     entry = json.loads((tmp_path / "a-tile0.json").read_text())
     entry["url"] = f"http://127.0.0.1:{hung.getsockname()[1]}"
     (tmp_path / "a-tile0.json").write_text(json.dumps(entry))
-    with pool.route() as first, pool.route() as second:
-        victim = next(e for e in (first, second) if e.name == "a/tile0")
-    pool.mark_failed(victim)
+    os.utime(tmp_path / "a-tile0.json", (time.time() + 1, time.time() + 1))
+    with pool.route() as engine:
+        assert engine.name == "b/tile0"
     assert asked.wait(10)  # the check is under way, stuck on the hung engine
     with pool.route() as engine:  # served at once by the other engine
         assert engine.name == "b/tile0"
@@ -252,8 +297,6 @@ def test_a_suspect_engines_health_check_holds_no_lock(pool, tmp_path):
 
 
 def test_a_rank_waits_for_a_free_slot(pool, tmp_path):
-    import threading
-
     pool, _ = pool
     report(tmp_path, "a-tile0", "ready")
     report(tmp_path, "b-tile0", "failed")
@@ -327,6 +370,63 @@ def test_a_nodes_snakemake_runs_its_share_against_its_node_on_free_cpus(tmp_path
     assert note["spec"] == str(spec_file)
     assert note["cpus"] == (cpus[1:] if bound else cpus)
     assert (registry / "7.pbs" / "ranks" / "x1.exit").read_text() == "3\n"
+
+
+HANGING_SNAKEMAKE = """
+import os
+import subprocess
+import sys
+import time
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+open(os.environ["NOTE"], "w").write(f"{os.getpid()} {rank.pid}")
+time.sleep(600)
+"""
+
+
+def test_a_nodes_snakemake_and_its_ranks_end_with_their_job(tmp_path):
+    """Issue 29: PBS ended the job (pbs_mom removed its TMPDIR) but nothing killed the
+    node's processes: ranks-node, its Snakemake and a rank process of it end within
+    seconds, and nothing is written into the run's folder after the job's end."""
+    registry = tmp_path / "engines"
+    spec_file = tmp_path / "job.engines.json"
+    spec_file.write_text(json.dumps({"registry_root": str(registry), "tiles": {"cpu_bind": []}}))
+    nodes_file = tmp_path / "job.nodes.json"
+    argv = [sys.executable, "-c", HANGING_SNAKEMAKE]
+    nodes_file.write_text(json.dumps({"workdir": str(tmp_path), "argv": argv, "shares": [[0]]}))
+    (registry / "8.pbs" / "ranks").mkdir(parents=True)
+    job_tmp = tmp_path / "pbs.8.pbs"
+    job_tmp.mkdir()
+    note = tmp_path / "note"
+    env = {**os.environ, "PBS_JOBID": "8.pbs", "TMPDIR": str(job_tmp), "NOTE": str(note)}
+    owner = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "pbs" / "node.py"), "ranks-node"]
+        + [str(spec_file), str(nodes_file), "8.pbs", "x0"],
+        env={**env, "PBS_NODENUM": "0"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not note.exists() or len(note.read_text().split()) < 2:
+            assert owner.poll() is None, owner.stderr.read()
+            time.sleep(0.05)
+        snakemake, rank = map(int, note.read_text().split())
+        job_tmp.rmdir()  # the job's end, as its node sees it
+        owner.wait(timeout=30)
+        assert "the job has ended" in owner.stderr.read()
+        for pid in (snakemake, rank):
+            deadline = time.monotonic() + 30
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state == "Z":
+                    break
+                time.sleep(0.05)
+            else:
+                assert not Path(f"/proc/{pid}").exists(), f"{pid} outlived its job"
+        assert not list((registry / "8.pbs" / "ranks").iterdir())
+    finally:
+        if owner.poll() is None:
+            owner.kill()
+            owner.wait()
 
 
 def test_shares_of_more_planned_nodes_than_the_job_got_are_not_lost():

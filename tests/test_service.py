@@ -7,6 +7,7 @@ tests/test_aurora_runs.py."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+import workflow as wf
 from engine import client, local
 from formats import registry as registry_format
 from pipeline import rank_job
@@ -271,3 +273,139 @@ def tagged_supervisors(tmp_path: Path) -> list[int]:
             if b"supervisor.py\0node\0" in argv and str(tmp_path).encode() in argv:
                 found.append(int(entry.name))
     return found
+
+
+class Foreign(http.server.BaseHTTPRequestHandler):
+    """Another run's engine, as this run sees it: 200 to every GET, 401 to every POST."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_POST(self):
+        self.server.posts.append(self.path)
+        self.send_response(401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_server_planted_on_an_engines_port_before_it_binds_is_survived(tmp_path, service, capfd):
+    """Issue 29: a foreign server takes an engine's port after the run chose it, while
+    the (slow) engine is still starting. The engine proves no id there: it is moved to
+    a free block and restarted; its registry entry and the run's output say so; the
+    rank runs on this run's engines only, and the foreign server gets no request."""
+    started, pool = service(ECHO_SERVER_START_DELAY_S="3")
+    spec = json.loads((started.registry.parent / f"{started.run_id}.engines.json").read_text())
+    slots = node_layout.engine_slots(spec["tiles"]["per_node"], spec["tiles"]["per_job"], HOST)
+    port = ports.engine_port(spec, slots[0])
+
+    def engine_started() -> bool:  # its server runs, and sleeps before it binds its port
+        argvs = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in tagged(spec["tag"])]
+        return any(b"echo_server.py" in a and f"--port\0{port}\0".encode() in a for a in argvs)
+
+    assert wait_until(engine_started, 30)
+    foreign = http.server.ThreadingHTTPServer(("127.0.0.1", port), Foreign)
+    foreign.posts = []
+    threading.Thread(target=foreign.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        for rank in range(4):
+            record = echo_rank(tmp_path, rank, ["one", "two"], pool)
+            assert record["engine_deaths"] == []
+        name = f"{HOST}-tile{slots[0].tiles[0]}"
+
+        def moved_entry() -> dict:
+            return registry_format.read_registry(started.registry).get(name, {})
+
+        assert wait_until(lambda: moved_entry().get("state") == "ready", 30), moved_entry()
+        moved = moved_entry()
+        assert moved["restarts"] == 1
+        assert not moved["url"].endswith(f":{port}")
+        (conflict,) = moved["port_conflicts"]
+        assert f"another process answers on port {port} of 127.0.0.1" in conflict
+        assert "GET /health answered 200 with no engine id" in conflict
+        assert "not this run's engine; moved to port" in conflict
+        said = capfd.readouterr().err
+        assert "this run's engines use tiles.base_port" in said
+        assert conflict in said  # the run's output says it, as the pool read it
+        assert foreign.posts == []
+    finally:
+        foreign.shutdown()
+        foreign.server_close()
+
+
+def test_two_runs_started_together_in_two_folders_both_finish_on_their_own_engines(tmp_path):
+    """Issue 29: two local runs of one machine, started at the same moment, choose the
+    same free ports; slow engines (not bound yet) let both choose them. Each engine
+    proves its id before a rank is sent, so the run whose engine finds the other run's
+    there moves it; both runs finish every rank, on their own engines only."""
+    ranks = {f"{r}.in": f"run rank {r}\nsecond prompt\n" for r in range(3)}
+    works = [wf.make_workdir(tmp_path / name, ranks) for name in ("first", "second")]
+    configs = [
+        wf.local_config(work, engine="echo", task_env={"ECHO_SERVER_START_DELAY_S": "2"})
+        for work in works
+    ]
+    runs = [
+        wf.snakemake(work, configfiles=config, popen=True)
+        for work, config in zip(works, configs, strict=True)
+    ]
+    outputs = []
+    try:
+        for run in runs:
+            outputs.append(run.communicate(timeout=300)[0])
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+    urls = []
+    for work, run, output in zip(works, runs, outputs, strict=True):
+        assert run.returncode == 0, output[-3000:]
+        assert "this run's engines use tiles.base_port" in output
+        (registry,) = [p for p in (work / "logs" / "engines").iterdir() if p.is_dir()]
+        entries = registry_format.read_registry(registry).values()
+        urls.append({e["url"] for e in entries})
+        for rank in range(3):
+            assert wf.read_records(work / "results" / f"{rank}.out")[0][1] == f"run rank {rank}"
+            record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
+            assert record["engine_log"].startswith(str(registry)), record["engine_log"]
+    assert not urls[0] & urls[1], urls  # no engine of one run was the other's
+
+
+@pytest.mark.vllm
+def test_a_server_planted_on_a_real_vllm_engines_port_is_survived(tmp_path, capfd):
+    """Issue 29 with one real vLLM engine (the tiny model): a foreign server takes the
+    engine's port after the run chose it, before the engine binds it; the engine moves,
+    proves its id on its new port, and answers the run's requests."""
+    config = local_config(tiles={**local_config()["tiles"], "per_node": 1})
+    spec = rank_job.local_spec(config, str(wf.TINY_MODEL))
+    spec |= {"registry_root": str(tmp_path / "engines")}
+    started = local.LocalService(spec)
+    pool = started.start()
+    try:
+        spec_file = started.registry.parent / f"{started.run_id}.engines.json"
+        chosen = json.loads(spec_file.read_text())
+        (slot,) = node_layout.engine_slots(1, chosen["tiles"]["per_job"], HOST)
+        port = ports.engine_port(chosen, slot)
+        foreign = http.server.ThreadingHTTPServer(("127.0.0.1", port), Foreign)
+        foreign.posts = []
+        threading.Thread(target=foreign.serve_forever, args=(0.05,), daemon=True).start()
+        try:
+            with pool.route() as engine:
+                answer = client.complete(
+                    engine.url, ["Hello"], local_config()["sampling"], key=engine.api_key
+                )
+            assert answer.texts and not engine.url.endswith(f":{port}")
+            (entry,) = registry_format.read_registry(started.registry).values()
+            (conflict,) = entry["port_conflicts"]
+            assert f"another process answers on port {port} of 127.0.0.1" in conflict
+            assert conflict in capfd.readouterr().err
+            assert foreign.posts == []
+        finally:
+            foreign.shutdown()
+            foreign.server_close()
+    finally:
+        started.stop()

@@ -227,6 +227,68 @@ def health(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+# The engine id an engine of ours carries (lifecycle.Engine puts a new one in its
+# environment at each start); echo_server.py and vllm_server.py answer it on /health.
+ENGINE_ID_VARIABLE = "AURORA_ENGINE_ID"
+# A key no engine has: a server that accepts it does not check keys, so it is not ours.
+WRONG_KEY = "not-this-runs-key"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What answers on an engine's port: ``ours`` (proved), ``foreign`` (another
+    process: ``detail`` says what it answered), or nothing yet (``answered`` False)."""
+
+    answered: bool
+    ours: bool
+    detail: str = ""
+
+
+def identify(
+    url: str, engine_id: str | None, key: str | None, proof: str = "id", timeout: float = 2.0
+) -> Identity:
+    """Whether the server at ``url`` is the engine we started, not just a live server.
+
+    ``proof`` "id": GET /health must answer 200 with ``{"engine_id": engine_id}`` (our
+    servers). ``proof`` "key" (vLLM's own server, which cannot carry an id): GET /v1/models
+    with ``key`` must answer 200 with a model list, and with a wrong key 401; a server
+    without the run's key (another run's engine, an unrelated service) fails one of them.
+    """
+    if proof == "key" and not key:
+        return Identity(True, False, "no key to check vLLM's own server with")
+    try:
+        if proof == "key":
+            status, body = _http(url, "GET", "/v1/models", None, timeout, key)
+            if status >= 500:
+                return Identity(False, False)  # still starting, or broken: not an answer yet
+            if status != 200:
+                return Identity(True, False, f"GET /v1/models with this run's key: HTTP {status}")
+            try:
+                models = json.loads(body)["data"]
+                assert isinstance(models, list) and models
+            except (ValueError, KeyError, TypeError, AssertionError):
+                return Identity(True, False, f"GET /v1/models: not a model list: {body[:100]!r}")
+            status, _ = _http(url, "GET", "/v1/models", None, timeout, WRONG_KEY)
+            if status != 401:
+                return Identity(True, False, f"GET /v1/models with a wrong key: HTTP {status}")
+            return Identity(True, True)
+        status, body = _http(url, "GET", "/health", None, timeout, None)
+    except (OSError, ValueError):
+        return Identity(False, False)
+    if status != 200:
+        return Identity(False, False)
+    if proof == "none" or not engine_id:
+        return Identity(True, True)  # nothing to prove it with: liveness only
+    try:
+        answered = json.loads(body).get("engine_id")
+    except (ValueError, AttributeError):
+        answered = None
+    if answered == engine_id:
+        return Identity(True, True)
+    what = f"engine id {answered}" if answered else f"no engine id ({body[:60]!r})"
+    return Identity(True, False, f"GET /health answered 200 with {what}")
+
+
 def _request_body(prompts: Sequence[str], sampling: Mapping) -> dict:
     return {
         "prompt": list(prompts),

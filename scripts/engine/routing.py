@@ -1,6 +1,11 @@
 """The ranks' routing pool: which engine serves a rank's requests, read from the engine
 registry (formats/registry.py) that the supervisors write; suspect engines asked
 for their health without a lock held, waits and stalls bounded.
+
+An engine the registry reports ready is routed to only once the server on its port
+proved to be that engine (client.identify: the entry's engine id, or the run's key for
+vLLM's own server), checked by a thread of its own: a port another process took after
+the supervisor's check never gets a rank's request.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from engine.supervisor import job_hosts, spec_api_key, spec_ready_timeout
 from formats import registry as registry_format
 from formats.registry import engine_file, registry_dir
 from placement import node_layout
+from reporting import console
 
 # Seconds between the client's reads of the registry: while engines start or restart,
 # and once all have settled.
@@ -34,15 +40,26 @@ class RemoteEngine:
     log_path: str
     env: dict = field(default_factory=dict, compare=False, hash=False)
     api_key: str | None = field(default=None, compare=False, hash=False, repr=False)
+    engine_id: str | None = field(default=None, compare=False, hash=False)
+    proof: str = field(default="id", compare=False, hash=False)
+
+    def identify(self, timeout: float = 1.0) -> client.Identity:
+        return client.identify(self.url, self.engine_id, self.api_key, self.proof, timeout)
 
 
 @dataclass
 class _Remote:
     file: str
     engine: RemoteEngine | None = None
-    state: str = "starting"  # starting, ready, suspect, restarting, failed, stopped
+    # starting, checking (reported ready, identity not yet proved), ready, suspect,
+    # restarting, failed, stopped
+    state: str = "starting"
     in_flight: int = 0
     suspect_since: float = 0.0
+    proved: tuple | None = None  # (url, engine id) whose identity this pool checked
+    probing: bool = False  # a _probe thread runs for it
+    conflicts_told: int = 0  # its port conflicts already in the run's output
+    foreign_told: tuple | None = None
 
 
 PBS_LAUNCHER = (
@@ -161,13 +178,23 @@ class RegistryPool:
             record["log"],
             dict(record.get("env") or {}),
             api_key=self.api_key,
+            engine_id=record.get("engine_id"),
+            proof=record.get("proof") or "id",
         )
+        conflicts = record.get("port_conflicts") or []
+        for conflict in conflicts[member.conflicts_told :]:
+            console.say(f"engines: {conflict}")
+        member.conflicts_told = len(conflicts)
         state = record["state"]
         if member.state == "suspect" and state == "ready" and record["time"] < member.suspect_since:
             return  # the report predates the failure: wait for the restart's report
+        if state == "ready" and member.proved != (member.engine.url, member.engine.engine_id):
+            state = "checking"  # identity first (_probe)
         if state != member.state:
             self._progress_at = self.clock()
         member.state = state
+        if state == "checking":
+            self._start_probe(member)
 
     def _failure(self, what: str) -> str:
         logs = [
@@ -243,19 +270,38 @@ class RegistryPool:
                 if same and member.state == "ready":
                     member.state = "suspect"
                     member.suspect_since = time.time()
-                    threading.Thread(target=self._probe, args=(member,), daemon=True).start()
+                    self._start_probe(member)
+
+    def _start_probe(self, member: _Remote) -> None:
+        """With the condition held."""
+        if not member.probing:
+            member.probing = True
+            threading.Thread(target=self._probe, args=(member,), daemon=True).start()
 
     def _probe(self, member: _Remote) -> None:
+        """Until the server on a checking or suspect engine's port proves it is that
+        engine (then ready), or the registry reports another state."""
         while True:
             with self._cond:
-                if member.state != "suspect":
+                if member.state not in ("checking", "suspect"):
+                    member.probing = False
                     return
-                url = member.engine.url
-            if client.health(url, timeout=1.0):
-                with self._cond:
-                    if member.state == "suspect":
+                engine = member.engine
+            answer = engine.identify(timeout=1.0)
+            with self._cond:
+                if answer.ours and member.engine is engine:
+                    if member.state in ("checking", "suspect"):
                         member.state = "ready"
+                        member.proved = (engine.url, engine.engine_id)
                         self._progress_at = self.clock()
                         self._cond.notify_all()
-                return
+                    member.probing = False
+                    return
+            told = (engine.url, engine.engine_id)
+            if answer.answered and not answer.ours and member.foreign_told != told:
+                member.foreign_told = told
+                console.say(
+                    f"engines: {engine.name}: another process answers at {engine.url} "
+                    f"({answer.detail}): not this run's engine; no rank is sent there"
+                )
             time.sleep(max(REFRESH_S, 0.2))

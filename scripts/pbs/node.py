@@ -2,6 +2,10 @@
 runs `ranks-node` on every node; each node's Snakemake runs its share of the
 submission's ranks as threads, against that node's engines only, on CPUs no engine
 is bound to. The job script runs `python scripts/pbs/node.py ranks SPEC NODES`.
+
+Nothing outlives its submission: each node's Snakemake runs under a watchdog
+(engine/watchdog.py) in a session of its own, and its owner (`ranks-node`) ends with
+its launcher or its job (watchdog.end_with_job), as the engines' supervisors do.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 
 from engine import lifecycle
 from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
+from engine.watchdog import end_with_job, job_gone
 from formats.files import safe_name, write_atomic
 from formats.registry import registry_dir
 from placement import launcher, tiles
 from reporting import console
+
+WATCHDOG = Path(lifecycle.__file__).with_name("watchdog.py")
+# Seconds a node's Snakemake has to end its ranks after a SIGTERM, before SIGKILL.
+STOP_GRACE_S = 20.0
 
 
 def _log(message: str) -> None:
@@ -143,11 +152,25 @@ def ranks_node(
     env = {**environ, SPEC_VARIABLE: spec_path, lifecycle.NODE_VARIABLE: host, "PBS_JOBID": job_id}
     on = f"CPUs {cpu_list_text(free)}" if pin else "all its CPUs"
     _log(f"ranks: {host}: {len(share)} rank(s) in one Snakemake on {on}")
+    # The Snakemake and its ranks in a session of their own under a watchdog that ends
+    # them all (SIGTERM, then SIGKILL after the grace) when asked, or when this process
+    # goes (its pipe closes); this process ends with its launcher or its job (lifeline).
+    job_environ = {**environ, "PBS_JOBID": job_id}
+    end_with_job(job_environ)
+    watched = [sys.executable, "-I", str(WATCHDOG), "watch", "--grace", str(STOP_GRACE_S)]
     process = subprocess.Popen(
-        argv, cwd=nodes["workdir"], env=env, stdin=subprocess.DEVNULL, preexec_fn=pin
+        [*watched, "--", *argv],
+        cwd=nodes["workdir"],
+        env=env,
+        stdin=subprocess.PIPE,  # the lifeline: EOF tells the watchdog we are gone
+        preexec_fn=pin,
+        start_new_session=True,
     )
     forward_signals(process)
     code = process.wait()
+    if job_gone(job_environ):  # nothing of a job writes into the run folder after its end
+        _log(f"ranks: {host}: its Snakemake ended with the job (status {code})")
+        return code
     write_atomic(report, f"{code}\n")
     _log(f"ranks: {host}: its Snakemake exited with status {code}")
     return code

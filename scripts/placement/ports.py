@@ -1,5 +1,11 @@
 """The port layout of a node's engines, in one place: each engine's API port, vLLM's
 internal ports (VLLM_PORT, MASTER_PORT) per slot, and a free block for a local run.
+
+Blocks are BLOCK_STEP ports apart. A free block is a guess, not a claim (another
+process may take a port between the check and the engine's bind): the engine binds
+its ports itself, proves its identity on its API port (lifecycle.Engine.wait_ready),
+and on a conflict the supervisor moves that one engine to the next free block
+(next_free_block) and restarts it; its registry entry carries the port it really has.
 """
 
 from __future__ import annotations
@@ -32,6 +38,27 @@ def _port_taken(address: str, port: int) -> bool:
     return False
 
 
+BLOCK_STEP = 2000
+
+
+def slot_ports(slot: Slot, base_port: int) -> list[int]:
+    """Every port an engine on ``slot`` uses from block ``base_port``: API and internal."""
+    return [api_port(base_port, slot), *internal_ports(slot, base_port)]
+
+
+def next_free_block(slot: Slot, base_port: int, address: str, tries: int = 16) -> int | None:
+    """The first block after ``base_port`` where ``slot``'s ports are all free on
+    ``address`` (None: none within ``tries`` blocks)."""
+    for step in range(1, tries + 1):
+        base = base_port + BLOCK_STEP * step
+        ports = slot_ports(slot, base)
+        if max(ports) > 65535:
+            return None
+        if not any(_port_taken(address, port) for port in ports):
+            return base
+    return None
+
+
 def free_base_port(spec: Mapping, slots: Sequence[Slot], address: str, tries: int = 16) -> int:
     """tiles.base_port, or the first base 2,000 ports up from it whose engine ports (API,
     VLLM_PORT, MASTER_PORT of every slot) are all free on ``address`` (the
@@ -40,7 +67,7 @@ def free_base_port(spec: Mapping, slots: Sequence[Slot], address: str, tries: in
     job's own). Nothing free: tiles.base_port (the engines' logs then say why)."""
     placement = spec["tiles"]
     for step in range(tries):
-        base = placement["base_port"] + 2000 * step
+        base = placement["base_port"] + BLOCK_STEP * step
         ports = [api_port(base, slot) for slot in slots]
         ports += [port for slot in slots for port in internal_ports(slot, base)]
         if max(ports) > 65535:

@@ -181,7 +181,7 @@ def end_now(code: int) -> None:
     that moment would make a rerun redo a rank whose outputs are whole.
 
     Child processes (vLLM's EngineCore with multiprocessing) get SIGTERM, their own
-    clean shutdown; they hold the tile's lock until they are gone (tiles.run_placed).
+    clean shutdown; they hold the tile's lock until they are gone (run_placed).
     """
     from engine import watchdog  # stdlib only
 
