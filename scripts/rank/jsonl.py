@@ -498,13 +498,7 @@ def answer_line(
             "total_tokens": answer.prompt_tokens + answer.output_tokens,
         },
     }
-    line = {
-        "id": f"batch_req_{tag}",
-        "custom_id": request.id,
-        "response": {"status_code": 200, "request_id": f"req-{tag}", "body": body},
-        "error": None,
-    }
-    return json.dumps(line, ensure_ascii=False) + "\n"
+    return _batch_line(request, tag, body)
 
 
 def _embedding_line(
@@ -528,6 +522,11 @@ def _embedding_line(
     if not request.batch:
         return json.dumps({"id": request.id, **body}, ensure_ascii=False) + "\n"
     tag = f"{digest[:16]}-{rank}-{request.line}"
+    return _batch_line(request, tag, body)
+
+
+def _batch_line(request: Request, tag: str, body: dict) -> str:
+    """OpenAI's batch output line of an answered request (``tag``: its digest, rank, line)."""
     line = {
         "id": f"batch_req_{tag}",
         "custom_id": request.id,
