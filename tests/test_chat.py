@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from engine import client, lifecycle
+from engine import chat_template, client, lifecycle
 from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
 from placement import node_layout, tiles
-from rank import checks, offline, warm
+from rank import checks, warm
 from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
@@ -61,7 +61,7 @@ def rendered_ids(model: Path, messages: list, template: str | None = None) -> li
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    return offline.chat_token_ids(tokenizer, messages, template, "test")
+    return chat_template.chat_token_ids(tokenizer, messages, template, "test")
 
 
 def write_rank(folder: Path, rank: int, lines) -> Path:

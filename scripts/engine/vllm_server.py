@@ -50,7 +50,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from engine import openai_params, vllm_versions  # noqa: E402
+from engine import (  # noqa: E402
+    chat_template,  # noqa: E402
+    openai_params,
+    vllm_versions,
+)
 from engine.echo_server import (  # noqa: E402
     ENGINE_ID_VARIABLE,
     BadRequest,
@@ -60,7 +64,6 @@ from engine.echo_server import (  # noqa: E402
     prompts_of,
     serve,
 )
-from rank import checks, offline
 
 # What a request refused here is told (engine/openai_params.py names the server that serves it).
 ENGINE = "the in-process server (warm.server: inprocess)"
@@ -238,14 +241,13 @@ class VllmServer(ThreadingHTTPServer):
             return self.tokenizer.decode(prompt)
 
     def _chat_ids(self, messages: list) -> list[int]:
-        """The messages as LLM.chat renders them (offline.chat_token_ids)."""
-
+        """The messages as LLM.chat renders them (chat_template.chat_token_ids)."""
         try:
             with self._tokenizer_lock:
-                return offline.chat_token_ids(
+                return chat_template.chat_token_ids(
                     self.tokenizer, messages, self.chat_template, "messages"
                 )
-        except checks.UsageError as error:
+        except chat_template.ChatTemplateError as error:
             raise BadRequest(str(error)) from None
 
     def chat(self, body: dict) -> dict:

@@ -10,7 +10,7 @@ import os
 import time
 from pathlib import Path
 
-from engine import openai_params, vllm_versions
+from engine import chat_template, openai_params, vllm_versions
 from formats.partial import Answer, Partial
 from rank.checks import UsageError, checked_requests
 from rank.jsonl import Request, answer_of, error_answer, sampling_of
@@ -105,22 +105,6 @@ def read_chat_template(settings: dict) -> str | None:
         raise UsageError(f"config vllm.chat_template: cannot read {path}: {exc}") from None
 
 
-def chat_token_ids(tokenizer, messages: list, template: str | None, where: str) -> list[int]:
-    """``messages`` as the model's chat template (or ``template``) renders them for a
-    reply, in token ids: what vLLM's LLM.chat and its chat server do (render to text with
-    the generation prompt, then tokenize without adding special tokens again)."""
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=True, tokenize=False
-        )
-    except ValueError as exc:  # transformers: no template
-        raise UsageError(
-            f"{where}: messages need a chat template and the model has none ({exc}); "
-            "set config vllm.chat_template to a template file"
-        ) from None
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def run_vllm(
     requests: list[Request], settings: dict, path: str, partial: Partial, kept: dict
 ) -> dict:
@@ -151,7 +135,10 @@ def run_vllm(
     def token_ids(request: Request) -> list[int]:
         if request.chat:
             where = f"{path}: line {request.line}"
-            return chat_token_ids(tokenizer, request.messages, template, where)
+            try:
+                return chat_template.chat_token_ids(tokenizer, request.messages, template, where)
+            except chat_template.ChatTemplateError as error:
+                raise UsageError(str(error)) from None
         return list(tokenizer.encode(request.prompt))
 
     answers = dict(kept)
