@@ -16,15 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import lifecycle
-from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
-from placement import node_layout, tiles
 from rank import checks, warm
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
-from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
+from test_engines import SETTINGS
 from test_infer import VLLM_ENV, settings
-from test_jsonl_ranks import registry_pool
+from test_jsonl_ranks import warm_vllm_pool
 
 REPO = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Pick a color."}]
@@ -104,18 +101,7 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
     run = per_rank(tmp_path / "fresh", fresh, config(tiny_chat))
 
     # warm, in-process server, while the per-rank engines run
-    port = free_port()
-    key = lifecycle.new_api_key()
-    argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
-    slot = node_layout.Slot("localhost", (0,))
-    placement = tiles.engine_env(slot, "FLAT", free_port(), tmp_path / "t")
-    base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
-    env = lifecycle.engine_environment(placement, SETTINGS, base)
-    engine = Engine(argv, env, tmp_path / "engine.log", port, name="batch", api_key=key)
-    engine.start()
-    try:
-        engine.wait_ready(READY_TIMEOUT)
-        pool = registry_pool(tmp_path / "registry", engine)
+    with warm_vllm_pool(tmp_path, tiny_chat, config(tiny_chat) | SETTINGS) as pool:
         rank_file = write_rank(tmp_path / "warm", 5, LINES)
         out = tmp_path / "warm" / "results" / "5.jsonl"
         settings_ = checks.parse_settings(json.dumps(config(tiny_chat)))
@@ -128,8 +114,6 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
         partial.add(2, Answer("kept 0", "length", 7, 8, KEPT_CHOICES))
         partial.close()
         warm.serve_rank(5, settings_, kept, kept_out, kept_out.with_suffix(".json"), pool)
-    finally:
-        engine.stop()
     check(answers(out))
     assert json.loads(out.with_suffix(".json").read_text())["request_errors"] == 1
     check(answers(kept_out), resumed=True)
@@ -164,3 +148,15 @@ def test_batch_fields_on_a_per_rank_engine_of_vllm015(tiny_chat, tmp_path):  # n
     assert by_id["min"]["body"]["usage"]["completion_tokens"] >= 10
     assert by_id["refused"]["status_code"] == 400
     assert json.loads((tmp_path / "results" / "6.json").read_text())["versions"]["vllm"] == "0.15.0"
+
+
+@pytest.mark.vllm
+def test_batch_fields_on_vllms_own_server(tiny_chat, tmp_path):  # noqa: F811
+    """The same rank on vLLM's own OpenAI server (config warm.server: vllm)."""
+    with warm_vllm_pool(tmp_path, tiny_chat, config(tiny_chat) | SETTINGS, "vllm") as pool:
+        rank_file = write_rank(tmp_path / "data", 5, LINES)
+        out = tmp_path / "results" / "5.jsonl"
+        settings_ = checks.parse_settings(json.dumps(config(tiny_chat)))
+        warm.serve_rank(5, settings_, rank_file, out, out.with_suffix(".json"), pool)
+    check(answers(out))
+    assert json.loads(out.with_suffix(".json").read_text())["request_errors"] == 1

@@ -1,8 +1,9 @@
 """An embedding rank on real vLLM (issue 30): models/tiny-embed (scripts/tools/build_model.py
-tiny-embed, a tiny BERT, random weights) through a per-rank engine: the vectors have the
+tiny-embed, a tiny BERT, random weights) through a per-rank engine and through warm engines
+of both kinds (the in-process server, vLLM's own OpenAI server): the vectors have the
 model's size, come in input order, and are identical to vLLM's offline LLM.embed of the same
-inputs with the same engine arguments. The shapes on the echo engine:
-tests/test_batch_fields.py."""
+inputs with the same engine arguments. A generation request on a pooling engine gets an
+error line naming why. The shapes on the echo engine: tests/test_batch_fields.py."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from rank import checks, warm
 from test_chat import answers, per_rank, write_rank
 from test_infer import VLLM_ENV, settings
+from test_jsonl_ranks import warm_vllm_pool
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_EMBED = REPO / "models" / "tiny-embed"
@@ -48,25 +51,58 @@ def tiny_embed() -> Path:
     return TINY_EMBED
 
 
-@pytest.mark.vllm
-def test_an_embedding_rank_matches_vllms_offline_embed(tiny_embed, tmp_path):
-    config = settings(tiny_embed)
-    run = per_rank(tmp_path, write_rank(tmp_path, 4, LINES), config)
+@pytest.fixture(scope="module")
+def offline_embed(tiny_embed) -> list[list[float]]:
+    """The TEXTS' vectors from vLLM's LLM.embed, with the ranks' engine arguments."""
     reference = subprocess.run(
-        [sys.executable, "-c", REFERENCE, json.dumps(config), json.dumps(TEXTS)],
+        [sys.executable, "-c", REFERENCE, json.dumps(settings(tiny_embed)), json.dumps(TEXTS)],
         env={**os.environ, **VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
              "PYTHONPATH": str(REPO / "scripts")},
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]
-    expected = json.loads(reference.stdout.splitlines()[-1])
-    _, err = run.communicate(timeout=600)
-    assert run.returncode == 0, err[-3000:]
-    pair, one, last = answers(tmp_path / "results" / "4.jsonl")
-    size = json.loads((tiny_embed / "config.json").read_text())["hidden_size"]
+    return json.loads(reference.stdout.splitlines()[-1])
+
+
+def check(path: Path, model: Path, expected: list[list[float]]) -> None:
+    pair, one, last = answers(path)[:3]
+    size = json.loads((model / "config.json").read_text())["hidden_size"]
     got = [d["embedding"] for d in pair["response"]["body"]["data"]]
     got += [one["data"][0]["embedding"], last["response"]["body"]["data"][0]["embedding"]]
     assert [len(v) for v in got] == [size] * 4
     assert got == expected
     assert [d["index"] for d in pair["response"]["body"]["data"]] == [0, 1]
     assert one["usage"]["prompt_tokens"] > 0 and pair["custom_id"] == "pair"
+
+
+@pytest.mark.vllm
+def test_an_embedding_rank_matches_vllms_offline_embed(tiny_embed, offline_embed, tmp_path):
+    run = per_rank(tmp_path, write_rank(tmp_path, 4, LINES), settings(tiny_embed))
+    _, err = run.communicate(timeout=600)
+    assert run.returncode == 0, err[-3000:]
+    check(tmp_path / "results" / "4.jsonl", tiny_embed, offline_embed)
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("server", ["inprocess", "vllm"])
+def test_an_embedding_rank_on_warm_engines_matches_vllms_offline_embed(
+    tiny_embed, offline_embed, tmp_path, server
+):
+    config = settings(tiny_embed)
+    # as config vllm.engine_args: [--runner, pooling] starts a run's warm engines
+    engine_settings = config | {"engine_args": ["--runner", "pooling"]}
+    with warm_vllm_pool(tmp_path, tiny_embed, engine_settings, server) as pool:
+        parsed = checks.parse_settings(json.dumps(config))
+        rank_file = write_rank(tmp_path / "data", 4, LINES)
+        out = tmp_path / "results" / "4.jsonl"
+        warm.serve_rank(4, parsed, rank_file, out, out.with_suffix(".json"), pool)
+        # a completions rank on the pooling engine: an error line, naming why
+        completion = [{"id": "c", "prompt": "Hi"}]
+        wrong = write_rank(tmp_path / "data", 5, completion)
+        wrong_out = tmp_path / "results" / "5.jsonl"
+        warm.serve_rank(5, parsed, wrong, wrong_out, wrong_out.with_suffix(".json"), pool)
+    check(out, tiny_embed, offline_embed)
+    (error,) = answers(wrong_out)
+    assert error["id"] == "c" and error["error"]["message"]
+    if server == "inprocess":
+        assert "--runner pooling" in error["error"]["message"]

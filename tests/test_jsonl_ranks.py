@@ -9,18 +9,20 @@ import json
 import os
 import re
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from engine import routing
+from engine import lifecycle, routing
 from engine.lifecycle import Engine
 from formats import registry as registry_format
 from formats.partial import Answer, Partial
+from placement import node_layout, tiles
 from rank import checks, jsonl, offline, warm
 from rank.jsonl import RequestFileError, read_requests
 from rank.layout import RankFileError, discover_rank_files
-from test_engines import free_port
+from test_engines import READY_TIMEOUT, TASK_ENV, free_port
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -308,6 +310,26 @@ def registry_pool(folder: Path, engine: Engine) -> routing.RegistryPool:
     return routing.RegistryPool(
         folder, [engine.name], max_in_flight=4, ready_timeout=60, api_key=engine.api_key
     )
+
+
+@contextmanager
+def warm_vllm_pool(folder: Path, model: Path, settings: dict, server: str = "inprocess"):
+    """One warm vLLM engine of ``model`` (``server``: config warm.server) on a pretend
+    tile 0, as a run starts it from ``settings`` (engine_args too), and the ranks' pool
+    over it; stopped on leaving."""
+    port, key = free_port(), lifecycle.new_api_key()
+    argv = lifecycle.server_argv(sys.executable, str(model), port, settings, 1, server=server)
+    slot = node_layout.Slot("localhost", (0,))
+    placement = tiles.engine_env(slot, "FLAT", free_port(), folder / "engine-tmp")
+    base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
+    env = lifecycle.engine_environment(placement, settings, base)
+    engine = Engine(argv, env, folder / "engine.log", port, name=server, api_key=key)
+    engine.start()
+    try:
+        engine.wait_ready(READY_TIMEOUT)
+        yield registry_pool(folder / "registry", engine)
+    finally:
+        engine.stop()
 
 
 @pytest.fixture

@@ -17,8 +17,10 @@ torch 2.10.0, transformers 4.57). The engines here run under that venv's python,
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -124,6 +126,43 @@ def test_vllm_versions_on_vllm032(transformers5_model, monkeypatch):
     assert registry._run_in_subprocess(lambda: 42) == 42
     assert vv.tokenizer_problem(TINY_MODEL) is None
     assert vv.tokenizer_problem(transformers5_model) is None  # rule fetch_model accepts it
+
+
+# The in-process server's embeddings under a given vLLM next to that vLLM's LLM.embed:
+# argv[1] scripts/, argv[2] the tiny embedding model.
+EMBED_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    from engine import vllm_server, vllm_versions
+    from vllm import LLM
+    texts = ["The sky is blue.", "Grass is green.", "Hello"]
+    common = ["--dtype", "bfloat16", "--enforce-eager", "--runner", "pooling"]
+    _, engine_args = vllm_server.parse_args(["--model", sys.argv[2], "--port", "1", *common])
+    engine = vllm_versions.llm_engine(engine_args)
+    server = vllm_server.VllmServer(("127.0.0.1", 0), engine, "tiny-embed")
+    served = server.embeddings({"input": texts})
+    llm = LLM(model=sys.argv[2], runner="pooling", dtype="bfloat16", enforce_eager=True)
+    offline = [list(o.outputs.embedding) for o in llm.embed(texts, use_tqdm=False)]
+    print(json.dumps({"served": [d["embedding"] for d in served["data"]], "offline": offline}))
+    """
+)
+
+
+def test_in_process_embeddings_match_llm_embed_on_vllm015():
+    """vllm_versions.embed_params' 0.15 branch (the caller verifies the pooling defaults):
+    the in-process server's vectors are LLM.embed's, normalized as it normalizes them."""
+    model = REPO / "models" / "tiny-embed"
+    if not (model / "config.json").exists():
+        build = [str(SCRIPTS / "tools" / "build_model.py"), "tiny-embed", str(model)]
+        subprocess.run([sys.executable, *build], check=True, timeout=600)
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    argv = [python015(), "-c", EMBED_PROBE, str(SCRIPTS), str(model)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(found["served"]) == 3 and found["served"] == found["offline"]
+    assert abs(sum(x * x for x in found["served"][0]) - 1) < 1e-3  # unit length
 
 
 # --- rule fetch_model checks the tokenizer with the engines' own stack ------------------

@@ -271,13 +271,19 @@ def chat_answer(body: dict, model: str) -> dict:
 EMBEDDING_SIZE = 8
 
 
-def embeddings_answer(body: object, model: str) -> dict:
-    """/v1/embeddings: per text, EMBEDDING_SIZE numbers from its bytes' checksums (the
-    same text, the same vector); one token per word."""
+def embedding_inputs(body: object) -> list[str]:
+    """The texts of an embeddings request's ``input``: a string or a list of strings."""
     texts = body.get("input") if isinstance(body, dict) else None
     texts = [texts] if isinstance(texts, str) else texts
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise BadRequest("input must be a string or a non-empty list of strings")
+    return texts
+
+
+def embeddings_answer(body: object, model: str) -> dict:
+    """/v1/embeddings: per text, EMBEDDING_SIZE numbers from its bytes' checksums (the
+    same text, the same vector); one token per word."""
+    texts = embedding_inputs(body)
     vectors = [
         [zlib.crc32(f"{k}:{text}".encode()) / 2**32 for k in range(EMBEDDING_SIZE)]
         for text in texts

@@ -18,7 +18,9 @@ so there is no second process to lose, and one `import vllm` per engine instead 
     POST /v1/completions   prompts (strings or token ids), sampling fields, in prompt order
     POST /v1/chat/completions  messages rendered with the model's chat template (or the
                            --chat-template file), then as one completion
-    POST /v1/embeddings    refused, naming the servers that serve it
+    POST /v1/embeddings    texts embedded by a pooling model (--runner pooling), as LLM.embed
+                           embeds them; refused on a generation model, and completions and
+                           chats refused on a pooling model
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 Every prompt of a request is one engine request, so the prompts of all ranks in flight
@@ -59,6 +61,7 @@ from engine.echo_server import (  # noqa: E402
     ENGINE_ID_VARIABLE,
     BadRequest,
     Handler,
+    embedding_inputs,
     messages_of,
     metrics_text,
     prompts_of,
@@ -71,12 +74,12 @@ ENGINE = "the in-process server (warm.server: inprocess)"
 
 @dataclass
 class _Batch:
-    """The prompts of one /v1/completions request, answered together."""
+    """The prompts of one request (/v1/completions, or /v1/embeddings), answered together."""
 
     prompts: list[list[int]]  # token ids
-    params: object
+    params: object  # SamplingParams, or PoolingParams
     done: threading.Event = field(default_factory=threading.Event)
-    outputs: dict = field(default_factory=dict)  # prompt index -> its CompletionOutputs (n)
+    outputs: dict = field(default_factory=dict)  # prompt index -> its outputs (a list: n)
     prompt_tokens: int = 0
     error: Exception | None = None
 
@@ -103,6 +106,7 @@ class VllmServer(ThreadingHTTPServer):
         self.engine = engine
         self.model = model_name
         self.max_model_len = engine.model_config.max_model_len
+        self.pooling = vllm_versions.is_pooling(engine)
         self.tokenizer = engine.get_tokenizer()
         self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not thread-safe
         self._incoming: queue.Queue[_Batch] = queue.Queue()
@@ -167,7 +171,8 @@ class VllmServer(ThreadingHTTPServer):
 
     def _finish(self, output, batches: dict) -> None:
         batch, index = batches.pop(output.request_id)
-        batch.outputs[index] = list(output.outputs)
+        outputs = output.outputs  # a pooling request's is one PoolingOutput
+        batch.outputs[index] = list(outputs) if isinstance(outputs, list) else [outputs]
         batch.prompt_tokens += len(output.prompt_token_ids or ())
         with self._lock:
             self.running -= 1
@@ -184,6 +189,11 @@ class VllmServer(ThreadingHTTPServer):
         prompts = prompts_of(body)
         # "echo" is served here for completions (the benchmarks' prompt-only requests)
         allowed = ("echo",) if endpoint == "completions" else ()
+        if self.pooling:
+            raise BadRequest(
+                f"{self.model} is served as a pooling model (engine argument --runner "
+                "pooling): it answers /v1/embeddings, not completions or chats"
+            )
         try:
             params = openai_params.sampling_params(endpoint, body, ENGINE, allowed)
         except openai_params.Refused as error:
@@ -192,18 +202,7 @@ class VllmServer(ThreadingHTTPServer):
             raise RuntimeError(self.failure)
         # Tokenized here, as vLLM's server does, so that its length check and message hold.
         ids = [p if isinstance(p, list) else self._encode(p, True) for p in prompts]
-        for prompt_ids in ids:
-            if len(prompt_ids) >= self.max_model_len:
-                raise BadRequest(
-                    f"This model's maximum context length is {self.max_model_len} tokens. "
-                    f"However, your prompt contains {len(prompt_ids)} input tokens. "
-                    "Please reduce the length of the input prompt."
-                )
-        batch = _Batch(ids, params)
-        self._incoming.put(batch)
-        batch.done.wait()
-        if batch.error is not None:
-            raise batch.error
+        batch = self._answered(ids, params, room=1)  # a token to generate
         echoed = [self._prompt_text(p) for p in prompts] if body.get("echo") else None
         choices = []
         with self._tokenizer_lock:
@@ -229,6 +228,22 @@ class VllmServer(ThreadingHTTPServer):
                 "total_tokens": batch.prompt_tokens + completion_tokens,
             },
         }
+
+    def _answered(self, ids: list[list[int]], params, room: int) -> _Batch:
+        """The prompts' outputs from the engine thread; BadRequest for one too long."""
+        for prompt_ids in ids:
+            if len(prompt_ids) + room > self.max_model_len:
+                raise BadRequest(
+                    f"This model's maximum context length is {self.max_model_len} tokens. "
+                    f"However, your prompt contains {len(prompt_ids)} input tokens. "
+                    "Please reduce the length of the input prompt."
+                )
+        batch = _Batch(ids, params)
+        self._incoming.put(batch)
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch
 
     def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
         with self._tokenizer_lock:
@@ -258,11 +273,24 @@ class VllmServer(ThreadingHTTPServer):
         return answer | {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion"}
 
     def embeddings(self, body: dict) -> dict:
-        raise BadRequest(
-            "/v1/embeddings is not served by the in-process server: vLLM's OpenAI server "
-            "serves it (config warm.server: vllm, vllm.engine_args [--runner, pooling]), and "
-            "per-rank engines (warm_engines: false)"
-        )
+        """/v1/embeddings: each text of ``input`` embedded as LLM.embed embeds it."""
+        if not self.pooling:
+            raise BadRequest(
+                f"{self.model} is served as a generation model: /v1/embeddings needs a "
+                "pooling model's engines (config vllm.engine_args: [--runner, pooling])"
+            )
+        texts = embedding_inputs(body)
+        if self.failure:
+            raise RuntimeError(self.failure)
+        ids = [self._encode(text, True) for text in texts]
+        params = vllm_versions.embed_params(self.engine.model_config)
+        batch = self._answered(ids, params, room=0)
+        data = [
+            {"object": "embedding", "index": i, "embedding": batch.outputs[i][0].data.tolist()}
+            for i in range(len(texts))
+        ]
+        usage = {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens}
+        return {"object": "list", "data": data, "model": self.model, "usage": usage}
 
     def tokens(self, body: dict) -> dict:
         if isinstance(body, dict) and "messages" in body:

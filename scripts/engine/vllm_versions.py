@@ -21,6 +21,9 @@ Differences:
   kernel refuses; 0.32 does neither. `pin_memory_only_where_it_exists` fixes
   it for engines in this process (per-rank engines, the in-process server), not for vLLM
   0.15's own server on a CPU (its EngineCore is another process).
+- Embedding requests on an engine in this process: both take ``PoolingParams(task="embed")``
+  in ``add_request``; 0.32's engine fills in the model's pooling defaults (normalize) itself,
+  0.15's ``LLM.embed`` does it before (``verify(task, model_config)``) (`embed_params`).
 - transformers 5 saves fast tokenizers as ``"tokenizer_class": "TokenizersBackend"``, a class
   transformers 4.x (vLLM 0.15's) does not have: such a model fails only once an engine starts.
 
@@ -95,6 +98,23 @@ def llm_engine(engine_args):
     from vllm.v1.engine.llm_engine import LLMEngine
 
     return LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
+
+
+def embed_params(model_config):
+    """PoolingParams of one embedding request, as LLM.embed gives them to the engine."""
+    import inspect
+
+    from vllm import PoolingParams
+
+    params = PoolingParams(task="embed")
+    if "task" in inspect.signature(params.verify).parameters:  # 0.15: the caller verifies
+        params.verify("embed", model_config)
+    return params
+
+
+def is_pooling(engine) -> bool:
+    """Whether the engine runs a pooling model (engine argument --runner pooling)."""
+    return getattr(engine.model_config, "runner_type", None) == "pooling"
 
 
 def openai_request(endpoint: str, fields: dict):
