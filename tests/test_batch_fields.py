@@ -147,10 +147,15 @@ def check_embeddings(out: Path) -> None:
 
 
 def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # noqa: F811
-    check_embeddings(serve_lines(tmp_path, "7.jsonl", EMBEDDINGS, echo_pool))
+    warm_out = serve_lines(tmp_path, "7.jsonl", EMBEDDINGS, echo_pool)
+    check_embeddings(warm_out)
     done = run_task(tmp_path / "per-rank", EMBEDDINGS)
     assert done.returncode == 0, done.stderr
     check_embeddings(tmp_path / "per-rank" / "out" / "2.jsonl")
+    # the records count the texts embedded and their tokens (the refused one has none)
+    for path in (Path(f"{warm_out}.json"), tmp_path / "per-rank" / "out" / "2.json"):
+        record = json.loads(path.read_text())
+        assert (record["embedded"], record["prompt_tokens"], record["output_tokens"]) == (3, 6, 0)
     mixed = run_task(tmp_path / "mixed", [EMBEDDINGS[1], {"prompt": "a"}])
     assert mixed.returncode == 2
     assert "line 2: a generation request in a rank of embeddings (line 1)" in mixed.stderr

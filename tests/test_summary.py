@@ -127,6 +127,22 @@ def test_totals_and_paragraph_say_what_the_records_say():
     assert "Slowest ranks: 1 (100 tok/s, n1 tile 1), 2 (100 tok/s, n2 tile 0)" in text
 
 
+def test_paragraph_of_embedding_ranks_counts_texts_not_output_tokens():
+    embedding = [
+        record(0, prompts=2, tokens=0, generate=1.0, end=11.0) | {"embedded": 30},
+        record(1, prompts=1, tokens=0, generate=1.0, end=11.5) | {"embedded": 10},
+    ]
+    embedding[0]["prompt_tokens"], embedding[1]["prompt_tokens"] = 300, 100
+    text = summary.paragraph(embedding)
+    assert "2 ranks done on 1 host(s): 3 requests, 40 texts embedded (400 input tokens)" in text
+    assert "26.7 texts/s in the 1.5 s in which some engine was embedding" in text
+    assert "output tok" not in text
+    # a run of both kinds: the generation sentence, then the embedding ranks
+    mixed = summary.paragraph([record(2, prompts=4, tokens=200), embedding[0]])
+    assert "6 prompts, 200 output tokens" in mixed
+    assert " Embedding ranks: 30 texts embedded (300 input tokens). " in mixed
+
+
 def test_paragraph_of_a_run_without_records():
     assert "0 of 48 ranks done" in summary.paragraph([], expected=48)
 

@@ -24,6 +24,8 @@ A JSON object (indent 2), with these fields:
     written_at       UNIX time of the write (the end of generation)
     out_sha256       sha256 of the answer file's bytes
     format           FORMAT (records written before 2026-12-05 have none: format 1)
+    embedded         texts embedded (embedding ranks only; their prompt_tokens are the
+                     texts' tokens, output_tokens 0)
 Warm ranks add wait_s, request_s, engine_name, engine_log, engine_url and the like.
 
 Stdlib only: the PBS provider reads records under a login node's Python.
@@ -82,7 +84,7 @@ def build_record(
     tokens = sum(a.output_tokens for a in answers)
     hostname = socket.gethostname()
     placement = os.environ if placement is None else placement
-    return {
+    record = {
         "rank": rank,
         "prompts": len(requests),
         "output_tokens": tokens,
@@ -104,6 +106,10 @@ def build_record(
         # vLLM, torch, IPEX: what generated it (warm engines: rule fetch_model's marker)
         "versions": result.get("versions", {}),
     }
+    embedded = sum(len(a.embeddings or ()) for a in answers)
+    if embedded:
+        record["embedded"] = embedded
+    return record
 
 
 def output_digest(data: bytes) -> str:

@@ -91,12 +91,15 @@ def parse_tsv(text: str) -> list[dict]:
 # ----------------------------------------------------------------------------- totals
 
 
-def generation_intervals(records: Sequence[dict]) -> list[tuple[float, float]]:
-    """(start, end) of each generating rank's generation, in seconds since the epoch."""
+def generation_intervals(
+    records: Sequence[dict], counted: str = "output_tokens"
+) -> list[tuple[float, float]]:
+    """(start, end) of each generating rank's generation, in seconds since the epoch
+    (``counted="embedded"``: of each embedding rank's embedding)."""
     return [
         (r[END_KEY] - r["generate_s"], r[END_KEY])
         for r in records
-        if r.get(END_KEY) is not None and r["output_tokens"] and r["generate_s"] > 0
+        if r.get(END_KEY) is not None and r.get(counted) and r["generate_s"] > 0
     ]
 
 
@@ -131,6 +134,10 @@ def totals(records: Sequence[dict]) -> dict:
         "per_engine_tokens_per_s": tokens / generate_s if generate_s > 0 else 0.0,
         "median_load_s": statistics.median(r["load_s"] for r in records) if records else 0.0,
         "hosts": len({r["host"] for r in records}),
+        # embedding ranks: texts embedded, and their tokens
+        "embedded": sum(r.get("embedded", 0) for r in records),
+        "embedded_tokens": sum(r.get("prompt_tokens", 0) for r in records if r.get("embedded")),
+        "embedding_s": busy_seconds(generation_intervals(records, "embedded")),
         # JSONL requests answered with an error line (config vllm.bad_requests)
         "request_errors": sum(r.get("request_errors", 0) for r in records),
         "first_request_errors": [
@@ -154,15 +161,31 @@ def paragraph(records: Sequence[dict], expected: int | None = None) -> str:
     done = f"{t['ranks']:,} of {expected:,}" if expected is not None else f"{t['ranks']:,}"
     if not records:
         return f"Run summary: {done} ranks done; no rank has a record yet."
-    text = (
-        f"Run summary: {done} ranks done on {t['hosts']:,} host(s): "
-        f"{t['prompts']:,} prompts, {t['output_tokens']:,} output tokens. "
-        f"Aggregate {_number(t['aggregate_tokens_per_s'])} output tok/s in the "
-        f"{t['generating_s']:,.1f} s in which some engine was generating "
-        f"({_number(t['per_engine_tokens_per_s'])} tok/s per engine); "
-        + ("median wait for an engine" if warm(records) else "median model load")
-        + f" {t['median_load_s']:.1f} s."
-    )
+    wait = "median wait for an engine" if warm(records) else "median model load"
+    if t["embedded"] and not t["output_tokens"]:  # embedding ranks only
+        busy = t["embedding_s"]
+        text = (
+            f"Run summary: {done} ranks done on {t['hosts']:,} host(s): "
+            f"{t['prompts']:,} requests, {t['embedded']:,} texts embedded "
+            f"({t['embedded_tokens']:,} input tokens), "
+            f"{_number(t['embedded'] / busy if busy > 0 else 0.0)} texts/s in the "
+            f"{busy:,.1f} s in which some engine was embedding; {wait} "
+            f"{t['median_load_s']:.1f} s."
+        )
+    else:
+        text = (
+            f"Run summary: {done} ranks done on {t['hosts']:,} host(s): "
+            f"{t['prompts']:,} prompts, {t['output_tokens']:,} output tokens. "
+            f"Aggregate {_number(t['aggregate_tokens_per_s'])} output tok/s in the "
+            f"{t['generating_s']:,.1f} s in which some engine was generating "
+            f"({_number(t['per_engine_tokens_per_s'])} tok/s per engine); "
+            f"{wait} {t['median_load_s']:.1f} s."
+        )
+        if t["embedded"]:
+            text += (
+                f" Embedding ranks: {t['embedded']:,} texts embedded "
+                f"({t['embedded_tokens']:,} input tokens)."
+            )
     if t["slowest"]:
         slow = ", ".join(
             f"{s['rank']} ({_number(s['tokens_per_s'])} tok/s, {s['host']}"
