@@ -164,12 +164,13 @@ def paragraph(records: Sequence[dict], expected: int | None = None) -> str:
     wait = "median wait for an engine" if warm(records) else "median model load"
     if t["embedded"] and not t["output_tokens"]:  # embedding ranks only
         busy = t["embedding_s"]
+        seconds = f"{busy:,.1f}" if busy >= 1 else f"{busy:.3f}"  # a small rank: ms
         text = (
             f"Run summary: {done} ranks done on {t['hosts']:,} host(s): "
             f"{t['prompts']:,} requests, {t['embedded']:,} texts embedded "
             f"({t['embedded_tokens']:,} input tokens), "
             f"{_number(t['embedded'] / busy if busy > 0 else 0.0)} texts/s in the "
-            f"{busy:,.1f} s in which some engine was embedding; {wait} "
+            f"{seconds} s in which some engine was embedding; {wait} "
             f"{t['median_load_s']:.1f} s."
         )
     else:
