@@ -271,12 +271,13 @@ def marked_incomplete(work: Path) -> set[str]:
 @pytest.mark.vllm
 @pytest.mark.parametrize("warm", [True, False], ids=["warm-engines", "per-rank-engines"])
 def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, warm):
-    # warm engines finish 32 ranks in one burst: more ranks, so that the kill lands mid-run
+    # two rank jobs at a time, so that the kill lands mid-run (warm engines: profiles/local
+    # runs 32 at once, and 96 ranks can be done before a loaded machine's test looks)
     ranks = 96 if warm else 8
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     results = work / "results"
     config = local_config(work, warm_engines=warm)
-    run = snakemake(work, configfiles=config, popen=True)
+    run = snakemake(work, "--cores", "2", configfiles=config, popen=True)
     seen_partial, deadline = [], time.monotonic() + 900
     try:
         while time.monotonic() < deadline:
