@@ -204,6 +204,11 @@ def test_argv_one_tile():
     assert "--max-model-len" not in argv
     assert "--tensor-parallel-size" not in argv
     assert "--seed" not in argv
+    # CPU engines (a CPU KV cache size): no chunked prefill, unless engine_args choose
+    assert "--no-enable-chunked-prefill" in argv
+    gpu = server_argv("/py", "m", 1, {**SETTINGS, "cpu_kv_cache_gib": None}, 1)
+    chosen = {**SETTINGS, "engine_args": ["--enable-chunked-prefill"]}
+    assert "--no-enable-chunked-prefill" not in gpu + server_argv("/py", "m", 1, chosen, 1)
 
 
 def test_argv_options_follow_settings():

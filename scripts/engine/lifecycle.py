@@ -153,11 +153,19 @@ def server_argv(
     if settings.get("chat_template"):
         argv += ["--chat-template", os.path.abspath(settings["chat_template"])]
     # No --seed: reproducibility comes from the per-request seed, as in infer.py.
+    extra = list(settings.get("engine_args") or ())
+    if settings.get("cpu_kv_cache_gib") is not None and not any(
+        "chunked-prefill" in arg for arg in extra
+    ):
+        # CPU engines: a CPU generator cannot rewind a seeded request's split prefill
+        # (engine/vllm_versions.py; the in-process server and per-rank engines also see
+        # the platform themselves)
+        argv.append("--no-enable-chunked-prefill")
     if tiles_per_engine > 1:
         # ALCF's and the seed author's tensor-parallel recipe for Aurora (aurora.md).
         argv += ["--tensor-parallel-size", str(tiles_per_engine)]
         argv += ["--distributed-executor-backend", "mp", "--disable-custom-all-reduce"]
-    return argv + list(settings.get("engine_args") or ())
+    return argv + extra
 
 
 def flag_key(flag: str, settings: Mapping) -> str:

@@ -341,6 +341,7 @@ def main(argv: Sequence[str]) -> int:
         return 1
     args, engine_args = parse_args(argv)
     vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
+    vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests
     # The engine first: /health waits (the port is held, nothing answers) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)
     template = None

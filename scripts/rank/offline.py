@@ -120,6 +120,7 @@ def run_vllm(
 
     vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
+    vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests
     embeddings = requests[0].embedding  # a rank holds one kind (rank/jsonl.py)
     if embeddings:
         engine_args.setdefault("runner", "pooling")
