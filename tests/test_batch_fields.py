@@ -8,6 +8,7 @@ The same fields on real vLLM: tests/test_batch_vllm.py."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from rank import checks
 from reporting import summary
 from test_jsonl_ranks import echo_pool, serve_lines, write_lines  # noqa: F401 (fixture)
+from test_workflow_local import metric
 
 REPO = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "hi there"}]
@@ -159,6 +161,25 @@ def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # n
     mixed = run_task(tmp_path / "mixed", [EMBEDDINGS[1], {"prompt": "a"}])
     assert mixed.returncode == 2
     assert "line 2: a generation request in a rank of embeddings (line 1)" in mixed.stderr
+
+
+def test_a_rank_of_many_embedding_lines_goes_in_few_calls(tmp_path, echo_pool):  # noqa: F811
+    """One-text lines go EMBED_TEXTS texts to a call; each line keeps its own vector and
+    tokens (the echo server tells each text's)."""
+    from engine.echo_server import embeddings_answer
+    from rank.warm import EMBED_TEXTS
+
+    lines = [{"id": str(i), "input": "w " * (1 + i % 3) + str(i)} for i in range(150)]
+    lines[70] = {"id": "70", "input": ["two", "texts"]}
+    (url,) = [json.loads(p.read_text())["url"] for p in echo_pool.registry.glob("*.json")]
+    calls_before = metric(url, "vllm:request_success_total")
+    out = serve_lines(tmp_path, "7.jsonl", lines, echo_pool)
+    calls = metric(url, "vllm:request_success_total") - calls_before
+    assert calls == math.ceil(151 / EMBED_TEXTS) == 3
+    for line, answer in zip(lines, map(json.loads, out.read_text().splitlines()), strict=True):
+        expected = embeddings_answer(line, "echo")
+        assert answer["id"] == line["id"] and answer["data"] == expected["data"]
+        assert answer["usage"]["prompt_tokens"] == expected["usage"]["prompt_tokens"]
 
 
 def test_embeddings_in_a_npy_beside_the_jsonl(tmp_path, echo_pool):  # noqa: F811

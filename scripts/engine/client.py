@@ -437,6 +437,9 @@ def tokenize_messages(
 class Embeddings:
     vectors: list[list[float]]  # in input order
     prompt_tokens: int
+    # each text's tokens, from our servers (usage.prompt_tokens_per_input); None from
+    # vLLM's own server, whose usage is the whole request's
+    input_tokens: list[int] | None = None
 
 
 def embed(url: str, texts: Sequence[str], timeout: float = 600.0, key: str | None = None):
@@ -447,7 +450,10 @@ def embed(url: str, texts: Sequence[str], timeout: float = 600.0, key: str | Non
         raise EngineUnavailable(f"{url}/v1/embeddings: engine answered {items!r:.200} as data")
     ordered = sorted(items, key=lambda item: item.get("index", 0))
     usage = data.get("usage") or {}
+    each = usage.get("prompt_tokens_per_input")
+    valid = isinstance(each, list) and len(each) == len(texts)
     return Embeddings(
         [list(item.get("embedding") or []) for item in ordered],
         int(usage.get("prompt_tokens") or 0),
+        [int(n) for n in each] if valid else None,
     )

@@ -288,15 +288,22 @@ def embeddings_answer(body: object, model: str) -> dict:
         [zlib.crc32(f"{k}:{text}".encode()) / 2**32 for k in range(EMBEDDING_SIZE)]
         for text in texts
     ]
-    tokens = sum(len(t.split()) for t in texts)
+    each = [len(t.split()) for t in texts]
     return {
         "object": "list",
         "data": [
             {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
         ],
         "model": model,
-        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        "usage": embedding_usage(each),
     }
+
+
+def embedding_usage(tokens: list[int]) -> dict:
+    """An embeddings answer's usage: OpenAI's, plus each input's tokens (our servers'
+    addition: a rank sends several requests' texts in one call and splits the usage)."""
+    total = sum(tokens)
+    return {"prompt_tokens": total, "total_tokens": total, "prompt_tokens_per_input": tokens}
 
 
 class EchoServer(ThreadingHTTPServer):

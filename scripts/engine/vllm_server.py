@@ -62,6 +62,7 @@ from engine.echo_server import (  # noqa: E402
     BadRequest,
     Handler,
     embedding_inputs,
+    embedding_usage,
     messages_of,
     metrics_text,
     prompts_of,
@@ -289,7 +290,7 @@ class VllmServer(ThreadingHTTPServer):
             {"object": "embedding", "index": i, "embedding": batch.outputs[i][0].data.tolist()}
             for i in range(len(texts))
         ]
-        usage = {"prompt_tokens": batch.prompt_tokens, "total_tokens": batch.prompt_tokens}
+        usage = embedding_usage([len(prompt_ids) for prompt_ids in ids])
         return {"object": "list", "data": data, "model": self.model, "usage": usage}
 
     def tokens(self, body: dict) -> dict:
