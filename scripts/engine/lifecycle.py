@@ -154,18 +154,24 @@ def server_argv(
         argv += ["--chat-template", os.path.abspath(settings["chat_template"])]
     # No --seed: reproducibility comes from the per-request seed, as in infer.py.
     extra = list(settings.get("engine_args") or ())
-    if settings.get("cpu_kv_cache_gib") is not None and not any(
-        "chunked-prefill" in arg for arg in extra
-    ):
-        # CPU engines: a CPU generator cannot rewind a seeded request's split prefill
-        # (engine/vllm_versions.py; the in-process server and per-rank engines also see
-        # the platform themselves)
-        argv.append("--no-enable-chunked-prefill")
+    argv += cpu_engine_flags(settings, extra)
     if tiles_per_engine > 1:
         # ALCF's and the seed author's tensor-parallel recipe for Aurora (aurora.md).
         argv += ["--tensor-parallel-size", str(tiles_per_engine)]
         argv += ["--distributed-executor-backend", "mp", "--disable-custom-all-reduce"]
     return argv + extra
+
+
+def cpu_engine_flags(settings: Mapping, engine_args: Sequence[str] = ()) -> list[str]:
+    """vLLM flags of CPU engines (a CPU KV cache size set): no chunked prefill, unless
+    ``engine_args`` choose, because a CPU generator cannot rewind a seeded request's
+    split prefill (engine/vllm_versions.py; the in-process server and per-rank engines
+    also see the platform themselves)."""
+    if settings.get("cpu_kv_cache_gib") is None:
+        return []
+    if any("chunked-prefill" in arg for arg in engine_args):
+        return []
+    return ["--no-enable-chunked-prefill"]
 
 
 def flag_key(flag: str, settings: Mapping) -> str:
