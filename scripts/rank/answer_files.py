@@ -8,7 +8,7 @@ from pathlib import Path
 from formats.files import write_atomic
 from formats.partial import Partial, file_digest
 from formats.record import write_record
-from rank.jsonl import Request, answer_line, is_jsonl, npy_bytes
+from rank.jsonl import Request, answer_line, embedding_rank, is_jsonl, npy_bytes
 from rank.prompts import format_record
 
 
@@ -59,7 +59,7 @@ def write_outputs(
     embeddings rank's vectors go to ``<rank>.npy`` beside the output, written before it,
     its lines naming their rows."""
     starts = None
-    if npy and requests and requests[0].embedding:
+    if npy and embedding_rank(requests):
         starts, rows = npy_rows(requests, result["answers"])
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(npy_path(output), npy_bytes(rows))

@@ -142,6 +142,11 @@ class Request:
         return self.input is not None
 
 
+def embedding_rank(requests: list[Request]) -> bool:
+    """A rank of embeddings requests (a rank holds one kind: read_requests checks it)."""
+    return bool(requests) and requests[0].embedding
+
+
 def error_answer(message: str, param: str | None = None) -> Answer:
     return Answer("", None, 0, 0, error={"message": message, "param": param})
 

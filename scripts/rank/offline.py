@@ -13,7 +13,7 @@ from pathlib import Path
 from engine import chat_template, openai_params, vllm_versions
 from formats.partial import Answer, Partial
 from rank.checks import UsageError, checked_requests
-from rank.jsonl import Request, answer_of, error_answer, sampling_of
+from rank.jsonl import Request, answer_of, embedding_rank, error_answer, sampling_of
 
 # What a request refused here is told (engine/openai_params.py names the server that serves it).
 ENGINE = "a per-rank engine (warm_engines: false)"
@@ -121,7 +121,7 @@ def run_vllm(
     vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     engine_args = llm_args(settings, os.environ.get("TILE_IDS", ""))
     vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests
-    embeddings = requests[0].embedding  # a rank holds one kind (rank/jsonl.py)
+    embeddings = embedding_rank(requests)
     if embeddings:
         engine_args.setdefault("runner", "pooling")
     t0 = time.monotonic()

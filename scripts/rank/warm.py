@@ -17,7 +17,14 @@ from formats.partial import Answer, Partial, partial_key
 from formats.record import build_record
 from rank.answer_files import write_outputs
 from rank.checks import _token_limit, checked_requests, fail_on_refused, refused_requests
-from rank.jsonl import Request, answer_of, error_answer, read_rank, sampling_of
+from rank.jsonl import (
+    Request,
+    answer_of,
+    embedding_rank,
+    error_answer,
+    read_rank,
+    sampling_of,
+)
 from rank.offline import run_echo
 
 # Requests of one rank in flight at once on a warm engine: each is its own HTTP request
@@ -85,7 +92,7 @@ def engine_inputs(
     too long goes to ``refused`` (index -> message) when it is given."""
     from engine import client
 
-    if requests and requests[0].embedding:  # the engine checks their length
+    if embedding_rank(requests):  # the engine checks their length
         return [r.input for r in requests], []
     if surely_fit(requests, settings, url):
         return [r.prompt for r in requests], []
@@ -143,10 +150,6 @@ class _Senders:
 _SENDERS = _Senders()
 
 
-def embeddings(requests: list[Request]) -> bool:
-    return bool(requests) and requests[0].embedding  # a rank holds one kind
-
-
 def embedding_calls(requests: list[Request], todo) -> list[list[int]]:
     """The embedding requests ``todo`` (indices) in calls of at most EMBED_TEXTS texts
     (a request with more texts is a call of its own)."""
@@ -170,7 +173,7 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
     from engine import client
 
     lock = threading.Lock()
-    pending = iter(embedding_calls(requests, todo) if embeddings(requests) else todo)
+    pending = iter(embedding_calls(requests, todo) if embedding_rank(requests) else todo)
     errors: list[BaseException] = []
 
     def keep(i: int, answer: Answer) -> None:
