@@ -29,9 +29,12 @@ from common import (
     bench_prompts,
     engine_environment,
     fmt,
+    jsonl_ranks,
     local_profile_config,
+    local_run,
     log,
     markdown_table,
+    run_batch,
     run_folder,
     run_timed,
 )
@@ -52,14 +55,6 @@ STRUCTURED = {
 SAMPLING = {"seed": 1, "ignore_eos": False}
 
 
-def snakemake_run(work: Path, config: dict) -> object:
-    overrides = work / "bench.yaml"
-    overrides.write_text(json.dumps(config))
-    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
-    argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
-    return run_timed(argv, cwd=work, timeout=5400)
-
-
 def answered(lines: list[dict]) -> int:
     """Answer lines with status 200 (batch) or without an error (short)."""
     return sum(
@@ -71,46 +66,17 @@ def answered(lines: list[dict]) -> int:
 
 
 def structured_warm(folder: Path, ranks: dict[int, list[dict]]) -> dict:
-    files = {
-        f"{rank}.jsonl": "".join(
-            json.dumps({"id": f"{rank}-{i}", **r, **STRUCTURED}) + "\n"
-            for i, r in enumerate(requests)
-        )  # fmt: skip
-        for rank, requests in ranks.items()
-    }
-    work = run_folder(folder, files)
+    work = run_folder(folder, jsonl_ranks(ranks, STRUCTURED))
     # engine ports apart from the default ones: tests on this shared machine use those
     config = {"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": {"base_port": 34700}}
-    timed = snakemake_run(work, config)
+    timed = local_run(work, config)
     lines = [json.loads(x) for rank in ranks
              for x in (work / "results" / f"{rank}.jsonl").read_text().splitlines()]  # fmt: skip
     return {"wall_s": timed.wall_s, "answered": answered(lines), "requests": len(lines)}
 
 
 def structured_run_batch(folder: Path, ranks: dict[int, list[dict]]) -> dict:
-    folder.mkdir(parents=True)
-    batch = folder / "batch.jsonl"
-    model = str((REPO / CHAT_MODEL).resolve())
-    with batch.open("w") as handle:
-        for rank, requests in ranks.items():
-            for i, request in enumerate(requests):
-                body = {"model": model, **request, **STRUCTURED, **SAMPLING}
-                line = {"custom_id": f"{rank}-{i}", "method": "POST",
-                        "url": "/v1/chat/completions", "body": body}  # fmt: skip
-                handle.write(json.dumps(line) + "\n")
-    config = local_profile_config()
-    dtype = config["vllm"]["dtype"]
-    argv = [PYTHON, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
-            str(folder / "out.jsonl"), "--model", model, "--dtype", dtype]  # fmt: skip
-    if config["vllm"]["enforce_eager"]:
-        argv.append("--enforce-eager")
-    if config["vllm"]["cpu_kv_cache_gib"] is not None:
-        # as our CPU engines run: seeded requests kill a CPU engine that splits a prefill
-        # (scripts/engine/vllm_versions.py; every run-batch attempt failed without it)
-        argv.append("--no-enable-chunked-prefill")
-    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count())}
-    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
-    lines = [json.loads(x) for x in (folder / "out.jsonl").read_text().splitlines()]
+    timed, lines = run_batch(folder, CHAT_MODEL, ranks, {**STRUCTURED, **SAMPLING})
     failed = [x for x in lines if (x.get("response") or {}).get("status_code") != 200]
     first = json.dumps(failed[0])[:600] if failed else None
     return {"wall_s": timed.wall_s, "answered": answered(lines), "requests": len(lines),
@@ -142,7 +108,7 @@ def embed_ranks(folder: Path, texts: list[str], per_rank: int, warm: bool) -> di
     vllm = {"embeddings_npy": True, "engine_args": ["--runner", "pooling"] if warm else []}
     config = {"model": EMBED_MODEL, "warm_engines": warm, "vllm": vllm}
     config["tiles"] = {"base_port": 34700}  # apart from the tests' default ports
-    timed = snakemake_run(work, config)
+    timed = local_run(work, config)
     rows = sum(len((work / "results" / name).read_text().splitlines()) for name in files)
     return {"wall_s": timed.wall_s, "texts": rows, "ranks": len(chunks)}
 

@@ -14,21 +14,19 @@ must agree between the two (a check, reported in the table).
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
 from common import (
-    PYTHON,
     REPO,
-    engine_environment,
     fmt,
-    local_profile_config,
+    jsonl_ranks,
+    local_run,
     log,
     markdown_table,
     run_folder,
-    run_timed,
 )
+from common import run_batch as common_run_batch
 
 NAME = "chat_batch"
 CHAT_MODEL = "./models/tiny-chat"
@@ -56,20 +54,10 @@ def chat_requests(times: int) -> dict[int, list[dict]]:
 
 
 def warm_run(folder: Path, ranks: dict[int, list[dict]]) -> dict:
-    files = {
-        f"{rank}.jsonl": "".join(
-            json.dumps({"id": f"{rank}-{i}", **r}) + "\n" for i, r in enumerate(requests)
-        )  # fmt: skip
-        for rank, requests in ranks.items()
-    }
-    work = run_folder(folder, files)
-    overrides = work / "bench.yaml"
+    work = run_folder(folder, jsonl_ranks(ranks, {}))
     # Engine ports apart from the default ones: tests on this shared machine use those.
-    tiles = {"base_port": 34500}
-    overrides.write_text(json.dumps({"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": tiles}))
-    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
-    argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
-    timed = run_timed(argv, cwd=work, timeout=5400)
+    config = {"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": {"base_port": 34500}}
+    timed = local_run(work, config)
     prompt_tokens, tokens = {}, 0
     for rank in ranks:
         for line in (work / "results" / f"{rank}.jsonl").read_text().splitlines():
@@ -81,29 +69,9 @@ def warm_run(folder: Path, ranks: dict[int, list[dict]]) -> dict:
 
 
 def run_batch(folder: Path, ranks: dict[int, list[dict]]) -> dict:
-    folder.mkdir(parents=True)
-    batch = folder / "batch.jsonl"
-    model = str((REPO / CHAT_MODEL).resolve())
-    with batch.open("w") as handle:
-        for rank, requests in ranks.items():
-            for i, request in enumerate(requests):
-                body = {"model": model, **request, **SAMPLING}
-                line = {"custom_id": f"{rank}-{i}", "method": "POST",
-                        "url": "/v1/chat/completions", "body": body}  # fmt: skip
-                handle.write(json.dumps(line) + "\n")
-    config = local_profile_config()
-    vllm = config["vllm"]
-    argv = [PYTHON, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
-            str(folder / "out.jsonl"), "--model", model, "--dtype", vllm["dtype"]]  # fmt: skip
-    if vllm["enforce_eager"]:
-        argv.append("--enforce-eager")
-    # The same engine settings as the warm engines, and both cores (they run two engines).
-    cores = str(os.cpu_count() or 2)
-    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": cores}
-    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
+    timed, lines = common_run_batch(folder, CHAT_MODEL, ranks, SAMPLING)
     prompt_tokens, tokens, failed = {}, 0, 0
-    for line in (folder / "out.jsonl").read_text().splitlines():
-        answer = json.loads(line)
+    for answer in lines:
         if answer.get("error") or answer["response"]["status_code"] != 200:
             failed += 1
             continue

@@ -50,6 +50,55 @@ def engine_environment(config: Mapping) -> dict[str, str]:
     return env
 
 
+def jsonl_ranks(ranks: Mapping[int, list[dict]], extra: Mapping) -> dict[str, str]:
+    """Rank files of short JSONL lines (``id`` "<rank>-<i>"), each request with ``extra``."""
+    return {
+        f"{rank}.jsonl": "".join(
+            json.dumps({"id": f"{rank}-{i}", **r, **extra}) + "\n" for i, r in enumerate(requests)
+        )  # fmt: skip
+        for rank, requests in ranks.items()
+    }
+
+
+def local_run(work: Path, config: Mapping) -> Timed:
+    """`snakemake --profile profiles/local` in ``work`` with ``config`` on top."""
+    overrides = work / "bench.yaml"
+    overrides.write_text(json.dumps(config))
+    argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
+    argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
+    return run_timed(argv, cwd=work, timeout=5400)
+
+
+def run_batch(folder: Path, model: str, ranks: Mapping[int, list[dict]], extra: Mapping):
+    """The ranks' requests (each with ``extra``) as ONE OpenAI batch file of chat lines
+    (``custom_id`` "<rank>-<i>") through vLLM's `run-batch`, with the local profile's
+    engine settings (those of our CPU engines, scripts/engine/lifecycle.py) and every
+    core; its timing and its output lines."""
+    from engine import lifecycle
+
+    folder.mkdir(parents=True)
+    batch = folder / "batch.jsonl"
+    model = str((REPO / model).resolve())
+    with batch.open("w") as handle:
+        for rank, requests in ranks.items():
+            for i, request in enumerate(requests):
+                body = {"model": model, **request, **extra}
+                line = {"custom_id": f"{rank}-{i}", "method": "POST",
+                        "url": "/v1/chat/completions", "body": body}  # fmt: skip
+                handle.write(json.dumps(line) + "\n")
+    config = local_profile_config()
+    vllm = config["vllm"]
+    argv = [PYTHON, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(batch), "-o",
+            str(folder / "out.jsonl"), "--model", model, "--dtype", vllm["dtype"]]  # fmt: skip
+    if vllm["enforce_eager"]:
+        argv.append("--enforce-eager")
+    argv += lifecycle.cpu_engine_flags(vllm)
+    # both cores: the warm side runs two engines
+    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
+    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
+    return timed, [json.loads(x) for x in (folder / "out.jsonl").read_text().splitlines()]
+
+
 def bench_prompts(count: int) -> list[str]:
     """``count`` prompts: the sample data's lines in rank order, repeated as needed."""
     lines = []
