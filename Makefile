@@ -14,6 +14,8 @@ TINY_MODEL := models/tiny-opt
 TINY_CHAT := models/tiny-chat
 # A tiny BERT (a pooling model): the embedding tests' model.
 TINY_EMBED := models/tiny-embed
+# A tiny BERT cross-encoder: the score and rerank tests' model.
+TINY_RERANK := models/tiny-rerank
 BENCH_MODEL := models/opt-125m-shaped
 # vLLM 0.15.0, the version Aurora's engines run (module frameworks/2025.3.1): the `vllm015`
 # test tier runs the engines under this venv's python (config `python`).
@@ -26,7 +28,7 @@ run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/snakemake --profile profiles/local
 	@echo "Results: $(CURDIR)/results/<rank>.out (logs in logs/infer/)"
 
-test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json openpbs
+test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(TINY_RERANK)/config.json openpbs
 	$(BIN)/python -m pytest
 
 # One tier alone (tests/README.md): unit tests need only the venv; the real-vLLM tier
@@ -34,7 +36,7 @@ test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_
 test-unit: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not vllm and not pbs"
 
-test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json
+test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(TINY_RERANK)/config.json
 	$(BIN)/python -m pytest -m vllm
 
 test-pbs: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
@@ -51,7 +53,7 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(BENCH_MODEL)/config.json openpbs
+bench: $(VENV)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(TINY_RERANK)/config.json $(BENCH_MODEL)/config.json openpbs
 	$(BIN)/python benchmarks/run_all.py
 
 # Real OpenPBS 23.06 (built from ../shared/vendor, into /opt/pbs) for tests/pbs_cluster.py.
@@ -79,6 +81,9 @@ $(TINY_CHAT)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 
 $(TINY_EMBED)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py --rebuild tiny-embed $(TINY_EMBED)
+
+$(TINY_RERANK)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
+	$(BIN)/python scripts/tools/build_model.py --rebuild tiny-rerank $(TINY_RERANK)
 
 $(BENCH_MODEL)/config.json: scripts/tools/build_model.py | $(VENV)/.installed
 	$(BIN)/python scripts/tools/build_model.py --rebuild opt125m $(BENCH_MODEL)

@@ -72,7 +72,7 @@ def check_answers(out: Path) -> list[dict]:
         line = answers[[a.get("custom_id") for a in answers].index(custom_id)]
         assert line["response"]["status_code"] == 400 and line["error"] is None
         assert field in line["response"]["body"]["error"]["message"]
-    assert "warm.server: vllm" in answers[6]["response"]["body"]["error"]["message"]
+    assert "not served by the echo engine" in answers[6]["response"]["body"]["error"]["message"]
     short = answers[7]
     assert len(short["choices"]) == 2 and short["choices"][0]["logprobs"]["tokens"] == ["a", "b"]
     return answers
@@ -160,7 +160,7 @@ def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # n
         assert (record["embedded"], record["prompt_tokens"], record["output_tokens"]) == (3, 6, 0)
     mixed = run_task(tmp_path / "mixed", [EMBEDDINGS[1], {"prompt": "a"}])
     assert mixed.returncode == 2
-    assert "line 2: a generation request in a rank of embeddings (line 1)" in mixed.stderr
+    assert "line 2: a generation request in a rank of pooling requests (line 1)" in mixed.stderr
 
 
 def test_a_rank_of_many_embedding_lines_goes_in_few_calls(tmp_path, echo_pool):  # noqa: F811

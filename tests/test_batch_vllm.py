@@ -49,7 +49,7 @@ LINES = [
     chat("n", n=2, max_tokens=4),
     chat("min", min_tokens=10, max_tokens=12, ignore_eos=False, stop_token_ids=[2]),
     chat("refused", n=0),
-    # vLLM's structured-output extras (engine/vllm_versions.py STRUCTURED_OUTPUT_KEYS)
+    # vLLM's structured-output extras
     chat("choice", structured_outputs={"choice": ["yes", "no"]}),
     {"custom_id": "clp", "method": "POST", "url": "/v1/completions",
      "body": {"prompt": "The sky is", "logprobs": 2, "max_tokens": 3,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import chat_template, client, lifecycle
+from engine import client, lifecycle
 from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
 from placement import node_layout, tiles
@@ -61,7 +61,10 @@ def rendered_ids(model: Path, messages: list, template: str | None = None) -> li
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model))
-    return chat_template.chat_token_ids(tokenizer, messages, template, "test")
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def write_rank(folder: Path, rank: int, lines) -> Path:
@@ -260,7 +263,8 @@ def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
     # one warm engine: both ranks on it, one vLLM start; ports of its own (other
     # sessions on this machine may run engines on the default ones)
     config = local_config(work, model="./models/tiny-chat", sampling=sampling,
-                          tiles={"per_node": 1, "base_port": 34500})  # fmt: skip
+                          tiles={"per_node": 1, "base_port": 34500},
+                          vllm={"served_model_name": "tiny-chat"})  # fmt: skip
     result = snakemake(work, configfiles=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     results = work / "results"

@@ -32,10 +32,11 @@ LINES = [
 # vLLM's offline embed, in a process of its own, with the rank's engine arguments
 REFERENCE = """
 import json, sys
-from rank import checks, offline
+from rank import checks
 from vllm import LLM
 settings = checks.parse_settings(sys.argv[1])
-llm = LLM(**offline.llm_args(settings, ""), runner="pooling")
+llm = LLM(model=settings["model"], dtype=settings["dtype"], runner="pooling",
+          enforce_eager=settings["enforce_eager"])
 vectors = [list(o.outputs.embedding) for o in llm.embed(json.loads(sys.argv[2]), use_tqdm=False)]
 print(json.dumps(vectors))
 """

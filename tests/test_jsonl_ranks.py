@@ -19,7 +19,7 @@ from engine.lifecycle import Engine
 from formats import registry as registry_format
 from formats.partial import Answer, Partial
 from placement import node_layout, tiles
-from rank import checks, jsonl, offline, warm
+from rank import checks, echo, jsonl, warm
 from rank.jsonl import RequestFileError, read_requests
 from rank.layout import RankFileError, discover_rank_files
 from test_engines import READY_TIMEOUT, TASK_ENV, free_port
@@ -149,7 +149,6 @@ BAD_LINES = [
     ({"messages": "hello"}, "messages must be a non-empty list"),
     ({"prompt": 42}, "prompt must be a string, not 42"),
     ({"prompt": "a", "id": [1]}, "id must be a non-empty string or an integer"),
-    (CHAT_LINE | {"url": "/v1/responses"}, "endpoint '/v1/responses' is not served here"),
     ({"input": []}, "input must be a string or a non-empty list of strings"),
     (CHAT_LINE | {"method": "GET"}, "method must be POST"),
     (CHAT_LINE | {"custom_id": 5}, "custom_id must be a non-empty string"),
@@ -172,8 +171,9 @@ REFUSED_LINES = [
     ({"prompt": "a", "seed": 1.5}, "seed must be an integer"),
     ({"prompt": "a", "stop": [1]}, "stop must be a string or a list of strings"),
     ({"prompt": "a", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
-    ({"prompt": "a", "max_token": 5}, "unknown fields ['max_token']"),
     (CHAT_LINE | {"body": CHAT_LINE["body"] | {"stream": True}}, "stream must be false"),
+    # as vLLM's runner: the line's error naming the url and the served ones (HTTP 404)
+    (CHAT_LINE | {"url": "/v1/responses"}, "URL /v1/responses was used. Supported endpoints: "),
 ]
 
 
@@ -182,6 +182,39 @@ def test_a_line_with_a_bad_value_is_a_refused_request(tmp_path, line, message):
     path = write_lines(tmp_path / "5.jsonl", [{"prompt": "fine"}, line])
     fine, refused = read_requests(path)
     assert fine.error is None and message in refused.error
+
+
+def test_every_other_field_goes_to_the_engine_as_it_is(tmp_path):
+    """No table of vLLM's fields here: the engine's own front end checks them (a tool
+    list, a reasoning effort, a typo vLLM ignores with a warning, as its server does)."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    body = CHAT_LINE["body"] | {"tools": tools, "tool_choice": "required", "max_token": 5}
+    path = write_lines(tmp_path / "5.jsonl", [CHAT_LINE | {"body": body}])
+    (request,) = read_requests(path)
+    assert request.error is None
+    assert request.fields == {"tools": tools, "tool_choice": "required", "max_token": 5}
+
+
+def test_a_line_naming_a_model_not_served_is_its_own_error_line(tmp_path):
+    """Config vllm.served_model_name: another model's line gets vLLM's 404 answer, the
+    others go on; a served alias is answered under its own name."""
+    lines = [CHAT_LINE | {"body": CHAT_LINE["body"] | {"model": name}} for name in
+             ("NonExistModel", "alias", None)]  # fmt: skip
+    lines = [line | {"custom_id": str(i)} for i, line in enumerate(lines)]
+    requests = read_requests(write_lines(tmp_path / "5.jsonl", lines))
+    other, alias, unnamed = jsonl.with_served_models(requests, ["tiny", "alias"])
+    assert (other.status, other.error) == (
+        404, "The model `NonExistModel` does not exist. Valid aliases: tiny, alias."
+    )  # fmt: skip
+    assert alias.error is None and unnamed.error is None
+    answer = jsonl.refused_answer(other)
+    line = json.loads(jsonl.answer_line(other, answer, 5, "0" * 64, "tiny"))
+    assert line["response"]["status_code"] == 404
+    assert line["response"]["body"]["error"]["type"] == "not_found_error"
+    fine = Answer("hi", "stop", 3, 1)
+    labels = [json.loads(jsonl.answer_line(r, fine, 5, "0" * 64, "tiny")) for r in (alias, unnamed)]
+    assert [x["response"]["body"]["model"] for x in labels] == ["alias", "tiny"]
+    assert jsonl.with_served_models(requests, None) == requests  # no names: no check
 
 
 @pytest.mark.parametrize("line, message", BAD_LINES)
@@ -313,12 +346,20 @@ def registry_pool(folder: Path, engine: Engine) -> routing.RegistryPool:
 
 
 @contextmanager
-def warm_vllm_pool(folder: Path, model: Path, settings: dict, server: str = "inprocess"):
-    """One warm vLLM engine of ``model`` (``server``: config warm.server) on a pretend
-    tile 0, as a run starts it from ``settings`` (engine_args too), and the ranks' pool
-    over it; stopped on leaving."""
-    port, key = free_port(), lifecycle.new_api_key()
-    argv = lifecycle.server_argv(sys.executable, str(model), port, settings, 1, server=server)
+def warm_vllm_pool(
+    folder: Path,
+    model: Path,
+    settings: dict,
+    server: str = "inprocess",
+    python=sys.executable,
+    port: int | None = None,
+):
+    """One warm vLLM engine of ``model`` (``server``: config warm.server; ``python``: config
+    python) on a pretend tile 0, as a run starts it from ``settings`` (engine_args too),
+    and the ranks' pool over it; stopped on leaving. ``port``: the engine's (a free one by
+    default)."""
+    port, key = port or free_port(), lifecycle.new_api_key()
+    argv = lifecycle.server_argv(python, str(model), port, settings, 1, server=server)
     slot = node_layout.Slot("localhost", (0,))
     placement = tiles.engine_env(slot, "FLAT", free_port(), folder / "engine-tmp")
     base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
@@ -372,7 +413,7 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
     assert record["prompt_tokens"] == record["output_tokens"] == 2 + 8 + 2 + 3 + 4 + 4
     # the per-rank echo engine (task.py's own) answers parts as the same string too
     requests = read_requests(tmp_path / "6.jsonl")
-    assert offline.echo_answer(requests[4]) == offline.echo_answer(requests[5])
+    assert echo.echo_answer(requests[4]) == echo.echo_answer(requests[5])
     assert not (tmp_path / "results" / ".partial" / "6.jsonl").exists()
 
 

@@ -28,7 +28,9 @@ def test_mixed_in_and_jsonl_ranks_in_one_run(tmp_path):
             "2.jsonl": lines({"messages": [{"role": "user", "content": "five"}]}),
         },
     )
-    result = snakemake(work, configfiles=local_config(work, engine="echo"))
+    # the batch line names model "m": the name the engines answer to (vllm.served_model_name)
+    config = local_config(work, engine="echo", vllm={"served_model_name": "m"})
+    result = snakemake(work, configfiles=config)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     results = work / "results"
     # the .in rank as the seed writes it, byte for byte

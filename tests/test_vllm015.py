@@ -134,24 +134,23 @@ EMBED_PROBE = textwrap.dedent(
     """
     import json, sys
     sys.path.insert(0, sys.argv[1])
-    from engine import vllm_server, vllm_versions
+    from engine import client, vllm_server
     from vllm import LLM
     texts = ["The sky is blue.", "Grass is green.", "Hello"]
     common = ["--dtype", "bfloat16", "--enforce-eager", "--runner", "pooling"]
-    _, engine_args = vllm_server.parse_args(["--model", sys.argv[2], "--port", "1", *common])
-    engine = vllm_versions.llm_engine(engine_args)
-    server = vllm_server.VllmServer(("127.0.0.1", 0), engine, "tiny-embed")
-    served = server.embeddings({"input": texts})
+    engine = vllm_server.Engine(["--model", sys.argv[2], *common])
+    served = client.embed(engine.url, texts).vectors
+    engine.stop()
     llm = LLM(model=sys.argv[2], runner="pooling", dtype="bfloat16", enforce_eager=True)
     offline = [list(o.outputs.embedding) for o in llm.embed(texts, use_tqdm=False)]
-    print(json.dumps({"served": [d["embedding"] for d in served["data"]], "offline": offline}))
+    print(json.dumps({"served": served, "offline": offline}))
     """
 )
 
 
 def test_in_process_embeddings_match_llm_embed_on_vllm015():
-    """vllm_versions.embed_params' 0.15 branch (the caller verifies the pooling defaults):
-    the in-process server's vectors are LLM.embed's, normalized as it normalizes them."""
+    """vLLM 0.15's own front end over the in-process engine (engine/inprocess.py): its
+    /v1/embeddings vectors are LLM.embed's, normalized as it normalizes them."""
     model = REPO / "models" / "tiny-embed"
     if not (model / "config.json").exists():
         build = [str(SCRIPTS / "tools" / "build_model.py"), "tiny-embed", str(model)]
@@ -205,8 +204,10 @@ def run015(work: Path, ranks: dict[str, str], base_port: int, **config) -> Path:
     """One local run on tiny-chat with vLLM 0.15 as the engines' python, one engine slot,
     ports of its own (other sessions on this machine run engines on the default ones)."""
     make_workdir(work, ranks)
+    # the batch line names tiny-chat: the name the engines answer to
     files = local_config(work, python=python015(), model="./models/tiny-chat", sampling=SEEDED,
-                         tiles={"per_node": 1, "base_port": base_port}, **config)  # fmt: skip
+                         tiles={"per_node": 1, "base_port": base_port},
+                         vllm={"served_model_name": "tiny-chat"}, **config)  # fmt: skip
     result = snakemake(work, configfiles=files)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert processes_in(work) == []

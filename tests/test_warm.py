@@ -81,7 +81,10 @@ def test_engine_slots_cover_the_node_without_overlap():
 def test_per_rank_engine_on_two_tiles_runs_tensor_parallel():
 
     settings = checks.parse_settings("{}")
-    assert "tensor_parallel_size" not in offline.llm_args(settings, "3")
-    args = offline.llm_args(settings, "4,5")
-    assert (args["tensor_parallel_size"], args["distributed_executor_backend"]) == (2, "mp")
-    assert args["disable_custom_all_reduce"] is True
+    assert "--tensor-parallel-size" not in offline.server_argv(settings, "3")
+    argv = offline.server_argv(settings, "4,5")
+    assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
+    assert argv[argv.index("--distributed-executor-backend") + 1] == "mp"
+    assert "--disable-custom-all-reduce" in argv and "--host" not in argv and "--port" not in argv
+    assert argv[:2] == ["--model", settings["model"]]
+    assert offline.server_argv(settings, "3", pooling=True)[-2:] == ["--runner", "pooling"]

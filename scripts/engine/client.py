@@ -202,6 +202,12 @@ def _error_message(body: bytes) -> str:
     return body.decode(errors="replace")[:500]
 
 
+def post(url: str, path: str, body: Mapping, timeout: float, key: str | None = None) -> dict:
+    """POST ``body`` to ``path`` of the engine at ``url``: its JSON answer;
+    RequestRejected for a 4xx, EngineUnavailable for no answer or a 5xx."""
+    return _post(url, path, body, timeout, key)
+
+
 def _post(url: str, path: str, body: Mapping, timeout: float, key: str | None = None) -> dict:
     try:
         status, raw = _http(url, "POST", path, json.dumps(body).encode(), timeout, key)

@@ -3,7 +3,7 @@
 Config `engine: echo` runs warm engines at full width (the 48 or 3,072 engines of a
 PBS submission) to check placement and plumbing, where vLLM itself would take minutes
 and a tile per engine. This server answers the part of the API that engines.py's
-client uses, as infer.py's `run_echo` answers in-process: the generated text is the
+client uses, as rank/echo.py's `run_echo` answers in-process: the generated text is the
 prompt itself.
 
     GET  /health           200, {"engine_id": ...} (AURORA_ENGINE_ID: the id the
@@ -16,14 +16,14 @@ prompt itself.
                            ("<|role|> content" per message, then "<|assistant|>") as
                            the answer's content
 
-The OpenAI fields every engine serves (rank/jsonl.py ENGINE_FIELDS) are answered
-deterministically, in vLLM's shapes, so that the fast tests check a rank's field handling
-on it: ``n`` gives n equal choices; ``logprobs`` gives one entry per word (logprob 0.0),
-``top_logprobs`` (chat) or ``logprobs`` k (completions) alternatives ``<alt1>``... with
-logprobs -1, -2, ...; ``min_tokens`` pads the answer with "echo" words; ``response_format``
-json_object or json_schema answers ``{"echo": <text>}`` (no schema is followed: there is
-no model). Values are checked as vLLM checks them; a field only vLLM's server serves is
-refused with HTTP 400 naming it, as the in-process server refuses it.
+A few OpenAI fields (ECHO_FIELDS) are answered deterministically, in vLLM's shapes, so
+that the fast tests check a rank's handling of choices and logprobs on it: ``n`` gives n
+equal choices; ``logprobs`` gives one entry per word (logprob 0.0), ``top_logprobs``
+(chat) or ``logprobs`` k (completions) alternatives ``<alt1>``... with logprobs -1, -2,
+...; ``min_tokens`` pads the answer with "echo" words; ``response_format`` json_object
+or json_schema answers ``{"echo": <text>}`` (no schema is followed: there is no model).
+Values are checked as vLLM checks them; any other field is refused with HTTP 400 naming
+it (vLLM's front end serves it: engine/vllm_server.py).
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
 
 With VLLM_API_KEY in its environment (as every warm engine has), a POST without
@@ -42,7 +42,7 @@ waits that long before it binds its port (a stand-in for vLLM's import). ECHO_SE
 (comma-separated node names) makes the server exit at start on those nodes (its
 TILE_HOST): a stand-in for a node whose engines cannot start.
 
-Stdlib only (and rank/jsonl.py's field lists, pure Python).
+Stdlib only.
 """
 
 from __future__ import annotations
@@ -63,8 +63,6 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-from rank.jsonl import ENGINE_FIELDS, SERVER_ONLY_FIELDS  # noqa: E402
 
 # The engine's key (engines.API_KEY_VARIABLE): requests to /v1/* and /tokenize must
 # carry it; /health and /metrics stay open.
@@ -126,7 +124,22 @@ def text_of(prompt: str | list[int]) -> str:
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else prompt
 
 
-# The fields a request may carry besides ENGINE_FIELDS (vLLM's own, read or harmless here).
+# The fields the echo engine answers (the module doc); any other field is refused with
+# HTTP 400 naming it: vLLM's own front end (engine/vllm_server.py) serves the rest.
+ECHO_FIELDS = (
+    "n",
+    "logprobs",
+    "top_logprobs",
+    "min_tokens",
+    "response_format",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_k",
+    "min_p",
+    "stop_token_ids",
+    "logit_bias",
+)
 BASE_FIELDS = (
     "model",
     "prompt",
@@ -151,13 +164,11 @@ def _number(value) -> bool:
 def check_fields(body: dict, endpoint: str, engine: str = "the echo engine") -> None:
     """Refuse (BadRequest) a field this engine does not serve, or a value vLLM refuses."""
     for name in body:
-        if name in SERVER_ONLY_FIELDS and name not in ECHO_ALLOWED:
+        if name not in (*ECHO_FIELDS, *BASE_FIELDS, *ECHO_ALLOWED):
             raise BadRequest(
-                f"field {name!r} is not served by {engine}: vLLM's OpenAI server serves it "
-                "(config warm_engines: true, warm.server: vllm)"
+                f"field {name!r} is not served by {engine} (no model): a vLLM engine "
+                "serves every field of the installed vLLM's OpenAI server"
             )
-        if name not in ENGINE_FIELDS and name not in BASE_FIELDS and name not in ECHO_ALLOWED:
-            raise BadRequest(f"unknown field {name!r}")
     checks = {
         "n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, ">= 1"),
         "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),

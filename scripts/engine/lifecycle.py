@@ -80,6 +80,7 @@ FLAG_KEYS = {
     "--gpu-memory-utilization": "vllm.gpu_memory_utilization",
     "--generation-config": "scripts/engine/lifecycle.py server_argv (always vllm)",
     "--chat-template": "vllm.chat_template",
+    "--served-model-name": "vllm.served_model_name",
     "--tensor-parallel-size": "tiles.per_job",
     "--distributed-executor-backend": "tiles.per_job",
     "--disable-custom-all-reduce": "tiles.per_job",
@@ -152,6 +153,8 @@ def server_argv(
     argv += ["--generation-config", "vllm"]
     if settings.get("chat_template"):
         argv += ["--chat-template", os.path.abspath(settings["chat_template"])]
+    if settings.get("served_model_name"):
+        argv += ["--served-model-name", *settings["served_model_name"]]
     # No --seed: reproducibility comes from the per-request seed, as in infer.py.
     extra = list(settings.get("engine_args") or ())
     argv += cpu_engine_flags(settings, extra)

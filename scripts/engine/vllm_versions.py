@@ -8,22 +8,17 @@ real version (tests/test_vllm015.py runs the 0.15 branch under .venv-vllm015).
 Differences:
 - The OpenAI server's argument parser ``make_arg_parser``: 0.32 keeps it in
   ``vllm.entrypoints.launchers.cli_args``, 0.15 in ``vllm.entrypoints.openai.cli_args``.
-- The OpenAI request models' ``to_sampling_params``: 0.15 takes
-  ``(max_tokens, logits_processor_pattern, default_sampling_params)``, 0.32
-  ``(max_tokens, default_sampling_params)`` (`to_sampling_params`).
-- Structured outputs: both read ``response_format`` (json_schema, json_object) and vLLM's
-  ``structured_outputs`` object (the ``guided_json``/``guided_regex``/... fields of older
-  vLLMs are gone from both); its keys differ: 0.15 has ``disable_fallback``, 0.32 not
-  (`STRUCTURED_OUTPUT_KEYS` are those of both, the ones a rank file may use).
+- The OpenAI server's app and serving state: 0.32 keeps ``build_app`` and
+  ``init_app_state`` in ``vllm.entrypoints.launchers`` and passes the engine's supported
+  tasks, 0.15 keeps both in ``vllm.entrypoints.openai.api_server`` (`openai_app`); the
+  ``EngineClient`` protocol they call differs in a few methods (engine/inprocess.py
+  implements both).
 - Structured outputs in a batch that also holds other requests: 0.15's
   ``apply_grammar_bitmask`` pins memory unconditionally (``pin_memory=True``), which raises
   "Found no NVIDIA driver" on a CPU, and hands xgrammar a tensor of indices, which its CPU
   kernel refuses; 0.32 does neither. `pin_memory_only_where_it_exists` fixes
   it for engines in this process (per-rank engines, the in-process server), not for vLLM
   0.15's own server on a CPU (its EngineCore is another process).
-- Embedding requests on an engine in this process: both take ``PoolingParams(task="embed")``
-  in ``add_request``; 0.32's engine fills in the model's pooling defaults (normalize) itself,
-  0.15's ``LLM.embed`` does it before (``verify(task, model_config)``) (`embed_params`).
 - Seeded requests on a CPU, in both: when a seeded request's prefill is split over two
   steps (chunked prefill, once the prompts in flight pass max_num_batched_tokens), the
   model runner rewinds its generator with ``set_offset``, which a CPU generator refuses
@@ -59,18 +54,6 @@ from pathlib import Path
 SERVER_PARSER_MODULES = (
     "vllm.entrypoints.launchers.cli_args",  # vLLM 0.32
     "vllm.entrypoints.openai.cli_args",  # vLLM 0.15 (Aurora's)
-)
-# vLLM's `structured_outputs` keys in both 0.15 and 0.32 (0.15 also has disable_fallback).
-STRUCTURED_OUTPUT_KEYS = (
-    "json",
-    "regex",
-    "choice",
-    "grammar",
-    "json_object",
-    "disable_any_whitespace",
-    "disable_additional_properties",
-    "whitespace_pattern",
-    "structural_tag",
 )
 # Tokenizer classes that transformers 5 writes and transformers 4.x lacks.
 TRANSFORMERS5_TOKENIZER_CLASSES = ("TokenizersBackend",)
@@ -120,53 +103,6 @@ def llm_engine(engine_args):
     return LLMEngine.from_engine_args(engine_args, usage_context=UsageContext.LLM_CLASS)
 
 
-def embed_params(model_config):
-    """PoolingParams of one embedding request, as LLM.embed gives them to the engine."""
-    import inspect
-
-    from vllm import PoolingParams
-
-    params = PoolingParams(task="embed")
-    if "task" in inspect.signature(params.verify).parameters:  # 0.15: the caller verifies
-        params.verify("embed", model_config)
-    return params
-
-
-def is_pooling(engine) -> bool:
-    """Whether the engine runs a pooling model (engine argument --runner pooling)."""
-    return getattr(engine.model_config, "runner_type", None) == "pooling"
-
-
-def openai_request(endpoint: str, fields: dict):
-    """vLLM's own model of an OpenAI request ("chat" or "completions") with ``fields``
-    (without its prompt or messages, which are token ids by now): it checks the values
-    as vLLM's server does. ValueError (pydantic's ValidationError) for a bad one."""
-    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    structured = fields.get("structured_outputs")
-    if isinstance(structured, dict):
-        unknown = sorted(set(structured) - set(STRUCTURED_OUTPUT_KEYS))
-        if unknown:
-            raise ValueError(
-                f"structured_outputs: keys {unknown} are not served (served: "
-                f"{', '.join(STRUCTURED_OUTPUT_KEYS)})"
-            )
-    if endpoint == "chat":
-        return ChatCompletionRequest(messages=[{"role": "user", "content": ""}], **fields)
-    return CompletionRequest(prompt=[0], **fields)  # token ids: the check wants one
-
-
-def to_sampling_params(request, max_tokens: int):
-    """SamplingParams of a request model, as vLLM's server makes them (0.15 takes a logits
-    processor pattern too: none, as the server's default)."""
-    import inspect
-
-    if "logits_processor_pattern" in inspect.signature(request.to_sampling_params).parameters:
-        return request.to_sampling_params(max_tokens, None, {})
-    return request.to_sampling_params(max_tokens, {})
-
-
 def pin_memory_only_where_it_exists() -> bool:
     """vLLM 0.15 on a CPU: let its grammar bitmask skip pinning memory (see the module doc).
     True when the fix applied (no-op on 0.32, and wherever pinning works)."""
@@ -213,6 +149,26 @@ def server_parser_module() -> str:
     raise ImportError(
         "this vLLM has no make_arg_parser in any of " + ", ".join(SERVER_PARSER_MODULES)
     )
+
+
+async def openai_app(engine_client, args):
+    """vLLM's own OpenAI app (FastAPI) and its serving state over ``engine_client``, as
+    vLLM's server builds them: 0.32 keeps ``build_app`` and ``init_app_state`` in
+    ``vllm.entrypoints.launchers`` and takes the engine's supported tasks, 0.15 keeps both
+    in ``vllm.entrypoints.openai.api_server``."""
+    try:
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app
+    except ModuleNotFoundError:  # vLLM 0.15
+        from vllm.entrypoints.openai.api_server import build_app, init_app_state
+
+        app = build_app(args)
+        await init_app_state(engine_client, app.state, args)
+        return app
+    tasks = await engine_client.get_supported_tasks()
+    app = build_app(args, tasks, engine_client.model_config)
+    await init_app_state(engine_client, app.state, args, tasks)
+    return app
 
 
 def server_arg_parser():

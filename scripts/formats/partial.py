@@ -49,6 +49,8 @@ class Answer:
     error: dict | None = None
     # embeddings: one vector per input text, in input order
     embeddings: list | None = None
+    # score and rerank: the engine's answer body as vLLM's server gave it
+    body: dict | None = None
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -109,6 +111,7 @@ class Partial:
                     entry.get("choices"),
                     entry.get("error"),
                     entry.get("embeddings"),
+                    entry.get("body"),
                 )
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a kill
@@ -122,7 +125,7 @@ class Partial:
 
     @staticmethod
     def _line(index: int, answer: Answer) -> str:
-        # choices, error and embeddings only when there (older partial files stay as they were)
+        # choices, error, embeddings, body only when there (older partial files stay as they were)
         entry = {"index": index, **{k: v for k, v in answer.__dict__.items() if v is not None}}
         entry.setdefault("finish_reason", None)
         return json.dumps(entry, ensure_ascii=False) + "\n"

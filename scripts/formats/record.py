@@ -18,6 +18,8 @@ A JSON object (indent 2), with these fields:
     host, hostname   the engine's host (TILE_HOST) and this process's
     mask, tiles      ZE_AFFINITY_MASK and TILE_IDS of the engine ("" when unset)
     model, engine    the settings' model and engine ("vllm" or "echo")
+    served_model_name  the name the answers carry (config vllm.served_model_name's first;
+                     records written before 2026-12-06 have none)
     truncated        prompts truncated (long_prompts "truncate")
     resumed          answers kept from a stopped attempt (not generated again)
     versions         vLLM, torch, IPEX that generated it
@@ -99,6 +101,8 @@ def build_record(
         "mask": placement.get("ZE_AFFINITY_MASK", ""),
         "tiles": placement.get("TILE_IDS", ""),
         "model": settings["model"],
+        # the name its answers carry (config vllm.served_model_name; older records: none)
+        "served_model_name": (settings.get("served_model_name") or [settings["model"]])[0],
         "engine": settings["engine"],
         "truncated": result["truncated"],
         # answers kept from an earlier, stopped attempt at this rank (not generated again)

@@ -21,11 +21,18 @@ from rank import checks, task, warm
 from reporting import progress
 
 
+def served_model_names(config: dict) -> list[str]:
+    """Config vllm.served_model_name as a list (null: config `model` as given)."""
+    names = config["vllm"].get("served_model_name") or config["model"]
+    return [names] if isinstance(names, str) else list(names)
+
+
 def task_settings(config: dict, model: str) -> dict:
     """What scripts/rank/task.py needs, as one JSON-able mapping (file names absolute: a
     launcher may start the task in another folder)."""
     settings = {"engine": config["engine"], "model": model, "sampling": config["sampling"]}
     settings |= config["vllm"]
+    settings["served_model_name"] = served_model_names(config)
     if settings.get("chat_template"):
         settings["chat_template"] = os.path.abspath(settings["chat_template"])
     return settings

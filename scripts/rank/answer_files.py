@@ -65,7 +65,7 @@ def write_outputs(
         write_atomic(npy_path(output), npy_bytes(rows))
         record["npy"] = str(npy_path(output))
     text = output_text(
-        rank_file, requests, result["answers"], record["rank"], record["model"], starts
+        rank_file, requests, result["answers"], record["rank"], record["served_model_name"], starts
     )
     for target in (record_path, output):
         Path(target).parent.mkdir(parents=True, exist_ok=True)

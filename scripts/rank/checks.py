@@ -1,7 +1,8 @@
 """What a rank's task checks before it generates: its settings, its model folder, and its
 prompts against the engine's context (config vllm.long_prompts).
 
-Shared by both ways a rank is answered (rank/offline.py, rank/warm.py); no vLLM import.
+Shared by the ways a rank is answered (rank/offline.py, rank/warm.py, rank/echo.py); no vLLM
+import.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ DEFAULT_SETTINGS: dict = {
     "engine_args": [],
     # A chat template file for models without one (null: the model's own).
     "chat_template": None,
+    # The names the engines answer to (null: every name, no check; rank_job gives the run's)
+    "served_model_name": None,
     # The seed's SamplingParams(temperature=0.8, top_p=0.95) with vLLM's max_tokens 16.
     "sampling": {
         "temperature": 0.8,

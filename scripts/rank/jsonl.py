@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from formats.partial import Answer
@@ -39,69 +39,24 @@ ENDPOINTS = {
     "/v1/completions": "completions",
     "/v1/chat/completions": "chat",
     "/v1/embeddings": "embeddings",
+    # vLLM's score and rerank endpoints (pooling models), under each name its server has
+    "/v1/score": "score",
+    "/score": "score",
+    "/v1/rerank": "rerank",
+    "/rerank": "rerank",
+    "/v2/rerank": "rerank",
 }
+# The kinds a pooling model's engine answers (a rank holds one kind: generation or pooling).
+POOLING_KINDS = ("embeddings", "score", "rerank")
 # An embeddings request's fields besides "input" ("float" is the one encoding written).
 EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
 # extension of the OpenAI API, which its run-batch takes too).
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "seed", "stop", "ignore_eos")
-# The OpenAI fields every engine serves (warm engines of both `warm.server` kinds, per-rank
-# engines, the echo engine), passed to the engine as they are: vLLM's own request models
-# check their values (engine/openai_params.py), so a bad one is that request's error.
-# The structured-output extras vLLM takes in both 0.15 and 0.32 ("structured_outputs":
-# json, regex, choice, grammar, ...) are in engine/vllm_versions.py.
-ENGINE_FIELDS = (
-    "n",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "top_k",
-    "min_p",
-    "min_tokens",
-    "stop_token_ids",
-    "logit_bias",
-    "logprobs",
-    "top_logprobs",
-    "response_format",
-    "structured_outputs",
-    "allowed_token_ids",
-    "bad_words",
-    "include_stop_str_in_output",
-    "skip_special_tokens",
-    "spaces_between_special_tokens",
-)
-# Fields of vLLM's OpenAI server that only it serves (tools, reasoning, beam search,
-# multimodal, prompt logprobs, ...): a request with one is answered with an error
-# naming the field and the server that serves it (warm.server: vllm), unless the rank
-# runs there. Any other field is unknown: that request's error too.
-SERVER_ONLY_FIELDS = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
-    "chat_template",
-    "chat_template_kwargs",
-    "continue_final_message",
-    "add_generation_prompt",
-    "documents",
-    "reasoning_effort",
-    "include_reasoning",
-    "prompt_logprobs",
-    "use_beam_search",
-    "length_penalty",
-    "echo",
-    "suffix",
-    "prompt_embeds",
-    "mm_processor_kwargs",
-    "return_token_ids",
-    "return_tokens_as_token_ids",
-    "truncate_prompt_tokens",
-    "vllm_xargs",
-    "cache_salt",
-    "priority",
-    "add_special_tokens",
-    "thinking_token_budget",
-)
+# Every other field of a request goes to the engine as it is: vLLM's own front end checks
+# it (engine/vllm_server.py), so a bad one is that request's error line. No table of
+# vLLM's fields is kept here: the installed vLLM's server is the one that knows them.
 SHORT_KEYS = {"id", "prompt", "messages", *SAMPLING_KEYS}
 # Batch body fields read here; "model" names the run's one model and is only checked to
 # be a string; "stream" must be false (one answer per line).
@@ -114,6 +69,9 @@ BODY_KEYS = {
     "user",
     *SAMPLING_KEYS,
 }
+
+
+STREAMED = "stream must be false (one answer per line)"
 
 
 class RequestFileError(PromptFileError):
@@ -132,6 +90,10 @@ class Request:
     fields: dict = field(default_factory=dict)  # ENGINE_FIELDS / SERVER_ONLY_FIELDS given
     error: str | None = None  # why it is refused before any engine sees it
     input: list | None = None  # embeddings: the texts to embed
+    kind: str | None = None  # score or rerank: sent to ``url`` with ``body`` as it is
+    url: str | None = None
+    body: dict | None = None
+    status: int = 400  # the HTTP status of ``error`` (404: an unknown url or model)
 
     @property
     def chat(self) -> bool:
@@ -141,14 +103,44 @@ class Request:
     def embedding(self) -> bool:
         return self.input is not None
 
+    @property
+    def pooling(self) -> bool:
+        """Answered by a pooling model's engine (embeddings, score, rerank)."""
+        return self.embedding or self.kind is not None
+
 
 def embedding_rank(requests: list[Request]) -> bool:
-    """A rank of embeddings requests (a rank holds one kind: read_requests checks it)."""
-    return bool(requests) and requests[0].embedding
+    """A rank for a pooling model's engines (a rank holds one kind: read_requests checks it)."""
+    return any(r.pooling for r in requests)
 
 
-def error_answer(message: str, param: str | None = None) -> Answer:
-    return Answer("", None, 0, 0, error={"message": message, "param": param})
+def error_answer(message: str, param: str | None = None, status: int = 400) -> Answer:
+    error = {"message": message, "param": param}
+    return Answer("", None, 0, 0, error=error | ({"code": status} if status != 400 else {}))
+
+
+def refused_answer(request: Request) -> Answer:
+    """The answer of a request refused as it was read (its error and status)."""
+    return error_answer(request.error, status=request.status)
+
+
+def not_served(model: str, served: list[str]) -> str:
+    """vLLM's server's answer to a request naming a model it does not serve (HTTP 404)."""
+    return f"The model `{model}` does not exist. Valid aliases: {', '.join(served)}."
+
+
+def with_served_models(requests: list[Request], served: list[str] | None) -> list[Request]:
+    """The requests, those naming a model the run does not serve (config
+    served_model_name) refused as vLLM's server refuses them: an error line, the rest of
+    the rank answered. ``served`` None: every name is served (no check)."""
+    if not served:
+        return requests
+    return [
+        replace(r, error=not_served(r.model, served), status=404)
+        if r.model is not None and r.model not in served and r.error is None
+        else r
+        for r in requests
+    ]
 
 
 def answer_of(request: Request, choices: list, prompt_tokens: int, output_tokens: int) -> Answer:
@@ -158,8 +150,12 @@ def answer_of(request: Request, choices: list, prompt_tokens: int, output_tokens
     kept = []
     for index, choice in enumerate(choices):
         if request.chat:
-            content = (choice.get("message") or {}).get("content") or ""
-            said = {"message": {"role": "assistant", "content": content}}
+            message = choice.get("message") or {}
+            said = {"message": {"role": "assistant", "content": message.get("content") or ""}}
+            # what vLLM's parsers split from the text (--tool-call-parser, --reasoning-parser)
+            for key in ("tool_calls", "reasoning"):
+                if message.get(key):
+                    said["message"][key] = message[key]
         else:
             said = {"text": choice.get("text") or ""}
         logprobs = choice.get("logprobs")
@@ -167,7 +163,9 @@ def answer_of(request: Request, choices: list, prompt_tokens: int, output_tokens
         kept[-1]["logprobs"] = logprobs
     first = kept[0]
     text = first["message"]["content"] if request.chat else first["text"]
-    whole = len(kept) > 1 or any(c["logprobs"] is not None for c in kept)
+    whole = len(kept) > 1 or any(
+        c["logprobs"] is not None or len(c.get("message", ())) > 2 for c in kept
+    )
     return Answer(
         text, first["finish_reason"], prompt_tokens, output_tokens, kept if whole else None
     )
@@ -292,27 +290,32 @@ def _batch_request(data: dict, number: int, where) -> Request:
     if data.get("method", "POST") != "POST":
         raise where(f"batch line: method must be POST, not {data.get('method')!r}")
     url = data.get("url")
-    if url not in ENDPOINTS:
-        raise where(
-            f"batch line: endpoint {url!r} is not served here (served: {', '.join(ENDPOINTS)})"
-        )
     body = data.get("body")
     if not isinstance(body, dict):
         raise where(f"batch line: body must be an object, not {body!r}")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise where(f"batch line: model must be a string, not {model!r}")
-    if ENDPOINTS[url] == "embeddings":
-        return _embedding_request(body, number, where, custom_id, True, model)
+    if url not in ENDPOINTS:  # as vLLM's runner: this line's error, the rest answered
+        message = f"URL {url} was used. Supported endpoints: {', '.join(ENDPOINTS)}."
+        return Request(number, custom_id, True, model=model, url=url, error=message, status=404)
+    kind = ENDPOINTS[url]
+    if kind == "embeddings":
+        return replace(_embedding_request(body, number, where, custom_id, True, model), url=url)
+    if kind in POOLING_KINDS:  # score, rerank: vLLM's server checks the body
+        refused = None if body.get("stream", False) is False else STREAMED
+        return Request(
+            number, custom_id, True, model=model, kind=kind, url=url, body=body, error=refused
+        )
     fields = dict(body)
     refused = None
     if fields.get("stream", False) is not False:
-        refused = "stream must be false (one answer per line)"
+        refused = STREAMED
     elif fields.get("max_completion_tokens") is not None:
         if fields.get("max_tokens") is not None:
             refused = "give max_tokens or max_completion_tokens, not both"
         fields["max_tokens"] = fields["max_completion_tokens"]
-    return _request(fields, number, where, custom_id, ENDPOINTS[url], model, refused)
+    return replace(_request(fields, number, where, custom_id, kind, model, refused), url=url)
 
 
 def _short_request(data: dict, number: int, where) -> Request:
@@ -342,15 +345,8 @@ def _embedding_request(body: dict, number: int, where, request_id, batch: bool, 
 
 
 def _engine_fields(fields: dict, known: set) -> dict:
-    """The line's fields for the engine; an unknown field refuses the request."""
-    unknown = sorted(set(fields) - known - set(ENGINE_FIELDS) - set(SERVER_ONLY_FIELDS))
-    if unknown:
-        raise _Refused(
-            f"unknown fields {unknown} (the fields of vLLM's OpenAI server are served: "
-            "prompt or messages, sampling, n, logprobs, response_format, ...)"
-        )
-    given = {k: fields[k] for k in (*ENGINE_FIELDS, *SERVER_ONLY_FIELDS) if k in fields}
-    return {k: v for k, v in given.items() if v is not None}
+    """The line's fields for the engine: all but those read here (vLLM checks them)."""
+    return {k: v for k, v in fields.items() if k not in known and v is not None}
 
 
 def _request(
@@ -427,12 +423,13 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
         if key in seen:
             raise where(f"id {request.id!r} repeats line {seen[key]}'s (ids must be unique)")
         seen[key] = number
-        if requests and request.embedding != requests[0].embedding:
-            kinds = ("a generation", "an embeddings")
-            first = kinds[requests[0].embedding].split()[-1]
+        kinds = [r for r in requests if r.url is None or r.url in ENDPOINTS]
+        if kinds and request.url in (None, *ENDPOINTS) and request.pooling != kinds[0].pooling:
+            names = ("a generation", "a pooling (embeddings, score, rerank)")
+            first = ("generation", "pooling")[kinds[0].pooling]
             raise where(
-                f"{kinds[request.embedding]} request in a rank of {first} (line "
-                f"{requests[0].line}): one engine serves one kind, so a rank holds one"
+                f"{names[request.pooling]} request in a rank of {first} requests (line "
+                f"{kinds[0].line}): one engine serves one kind, so a rank holds one"
             )
         requests.append(request)
     return requests
@@ -477,12 +474,20 @@ def answer_line(
     # Stable ids: from the rank file's content and the line, so reruns write the same bytes.
     tag = f"{digest[:16]}-{rank}-{request.line}"
     if answer.error is not None:
-        # OpenAI's batch output of a request the API refused: its HTTP answer, status 400
-        error = {"message": answer.error["message"], "type": "invalid_request_error"}
+        # OpenAI's batch output of a request the API refused: its HTTP answer (4xx)
+        status = answer.error.get("code", 400)
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        error = {"message": answer.error["message"], "type": kind}
         error |= {"param": answer.error.get("param"), "code": None}
-        response = {"status_code": 400, "request_id": f"req-{tag}", "body": {"error": error}}
+        response = {"status_code": status, "request_id": f"req-{tag}", "body": {"error": error}}
         line = {"id": f"batch_req_{tag}", "custom_id": request.id, "response": response}
         return json.dumps(line | {"error": None}, ensure_ascii=False) + "\n"
+    if answer.body is not None:  # score, rerank: vLLM's answer, its id and time made stable
+        body = dict(answer.body)
+        body |= {"id": f"{request.kind}-{tag}", "model": request.model or model}
+        if "created" in body:
+            body["created"] = 0
+        return _batch_line(request, tag, body)
     if request.chat:
         choice = {"index": 0, "message": {"role": "assistant", "content": answer.text}}
         kind, prefix = "chat.completion", "chatcmpl"

@@ -68,8 +68,9 @@ from rank.checks import (
     parse_settings,
     refused_requests,
 )
-from rank.jsonl import read_rank
-from rank.offline import run_echo, run_vllm
+from rank.echo import run_echo
+from rank.jsonl import read_rank, with_served_models
+from rank.offline import run_vllm
 from rank.prompts import PromptFileError
 
 # ----------------------------------------------------------------------------- settings
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(args.settings)
         check_model_folder(settings)
-        requests = read_rank(args.prompts)  # file errors come before any engine start
+        # file errors come before any engine start
+        requests = with_served_models(read_rank(args.prompts), settings["served_model_name"])
         fail_on_refused(requests, {}, settings, args.prompts)
         prepare_environment(settings)
         if not requests or settings["engine"] == "echo":

