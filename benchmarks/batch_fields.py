@@ -5,6 +5,11 @@
    end to end (start of `snakemake` to its end), against the same requests as ONE OpenAI
    batch file through vLLM's `run-batch` with the same engine settings. Requests per second,
    warm / run-batch.
+3. Rerank: 10,000 query-document pairs as one JSONL rank of `/v1/rerank` lines (a query and
+   10 documents each) on the tiny cross-encoder (models/tiny-rerank, `--runner pooling`),
+   end to end through profiles/local's warm engines (vLLM's own front end on the in-process
+   server), against one process calling vLLM's offline `LLM.score` on the same pairs, its
+   start included. Pairs per second, warm / offline.
 2. Embeddings: JSONL ranks of `/v1/embeddings` lines on the tiny embedding model
    (models/tiny-embed), end to end, through profiles/local's warm engines (the in-process
    server, `--runner pooling`; many ranks) and through per-rank engines (`LLM.embed` in
@@ -42,6 +47,8 @@ from common import (
 NAME = "batch_fields"
 CHAT_MODEL = "./models/tiny-chat"
 EMBED_MODEL = "./models/tiny-embed"
+RERANK_MODEL = "./models/tiny-rerank"
+DOCUMENTS_PER_QUERY = 10
 SCHEMA = {
     "type": "object",
     "properties": {"answer": {"type": "string", "enum": ["yes", "no", "maybe"]}},
@@ -133,6 +140,48 @@ def embed_offline(folder: Path, texts: list[str]) -> dict:
     return {"wall_s": timed.wall_s, "texts": len(texts)}
 
 
+def rerank_lines(texts: list[str]) -> list[dict]:
+    """One /v1/rerank line per query: the query, then its DOCUMENTS_PER_QUERY documents."""
+    step = DOCUMENTS_PER_QUERY + 1
+    return [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/rerank",
+         "body": {"query": texts[i], "documents": texts[i + 1 : i + step]}}
+        for i in range(0, len(texts) - DOCUMENTS_PER_QUERY, step)
+    ]  # fmt: skip
+
+
+def rerank_warm(folder: Path, lines: list[dict]) -> dict:
+    work = run_folder(folder, {"0.jsonl": "".join(json.dumps(x) + "\n" for x in lines)})
+    config = {"model": RERANK_MODEL, "vllm": {"engine_args": ["--runner", "pooling"]}}
+    config["tiles"] = {"base_port": 34700}  # apart from the tests' default ports
+    timed = local_run(work, config)
+    answers = [json.loads(x) for x in (work / "results" / "0.jsonl").read_text().splitlines()]
+    pairs = sum(len(x["response"]["body"]["results"]) for x in answers)
+    return {"wall_s": timed.wall_s, "pairs": pairs}
+
+
+OFFLINE_SCORE = """
+import json, sys
+from vllm import LLM
+llm = LLM(model=sys.argv[1], runner="pooling", dtype=sys.argv[2], enforce_eager=True)
+lines = json.loads(open(sys.argv[3]).read())
+print(sum(len(llm.score(x["body"]["query"], x["body"]["documents"], use_tqdm=False))
+          for x in lines))
+"""
+
+
+def rerank_offline(folder: Path, lines: list[dict]) -> dict:
+    folder.mkdir(parents=True)
+    (folder / "lines.json").write_text(json.dumps(lines))
+    config = local_profile_config()
+    model = str((REPO / RERANK_MODEL).resolve())
+    argv = [PYTHON, "-c", OFFLINE_SCORE, model, config["vllm"]["dtype"], str(folder / "lines.json")]
+    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count())}
+    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
+    pairs = sum(len(x["body"]["documents"]) for x in lines)
+    return {"wall_s": timed.wall_s, "pairs": pairs}
+
+
 def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> dict:
     # sizes at which the engines' start (~15 s) is not most of a run
     ranks = chat_requests(1 if quick else 10)
@@ -153,10 +202,16 @@ def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> di
         embedded = embed_ranks(folder / "embed", texts, per_rank, False)
         log(f"batch_fields: the same {len(texts)} texts, one offline LLM.embed")
         offline = embed_offline(folder / "offline", texts)
+        reranks = rerank_lines(bench_prompts(44 if quick else 11000))
+        log(f"batch_fields: {len(reranks)} rerank lines of {DOCUMENTS_PER_QUERY} documents, warm")
+        reranked = rerank_warm(folder / "rerank", reranks)
+        log("batch_fields: the same pairs, one offline LLM.score")
+        scored = rerank_offline(folder / "score", reranks)
     structured_ratio = (warm["answered"] / warm["wall_s"]) / (batch["answered"] / batch["wall_s"])
     offline_rate = offline["texts"] / offline["wall_s"]
     embed_ratio = (embedded["texts"] / embedded["wall_s"]) / offline_rate
     warm_embed_ratio = (embedded_warm["texts"] / embedded_warm["wall_s"]) / offline_rate
+    rerank_ratio = (reranked["pairs"] / reranked["wall_s"]) / (scored["pairs"] / scored["wall_s"])
     rows = [
         [f"{len(ranks)} ranks of structured chat requests on warm engines: requests/s end to "
          f"end ({warm['answered']} of {warm['requests']} answered in {warm['wall_s']:.0f} s)",
@@ -179,12 +234,19 @@ def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> di
          f"**{fmt(warm_embed_ratio)}**"],
         ["embeddings, per-rank engines / offline LLM.embed, end to end",
          f"**{fmt(embed_ratio)}**"],
+        [f"a rerank rank on warm engines: query-document pairs/s end to end "
+         f"({reranked['pairs']} in {reranked['wall_s']:.0f} s)",
+         f"{reranked['pairs'] / reranked['wall_s']:.1f}"],
+        [f"offline LLM.score, one process: pairs/s ({scored['pairs']} in "
+         f"{scored['wall_s']:.0f} s)", f"{scored['pairs'] / scored['wall_s']:.1f}"],
+        ["rerank, warm engines / offline LLM.score, end to end", f"**{fmt(rerank_ratio)}**"],
     ]  # fmt: skip
     return {
         "name": NAME,
         "title": (
             "OpenAI batch files: structured-output chat ranks on warm engines against vLLM's "
-            "run-batch, embedding ranks against offline LLM.embed; tiny models, profiles/local"
+            "run-batch, embedding ranks against offline LLM.embed, a rerank rank against "
+            "offline LLM.score; tiny models, profiles/local"
         ),
         "table": markdown_table(["measure", "value"], rows),
         "structured": {"warm": warm, "run_batch": batch, "ratio": structured_ratio},
@@ -195,11 +257,13 @@ def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> di
             "warm_ratio": warm_embed_ratio,
             "ratio": embed_ratio,
         },
+        "rerank": {"warm": reranked, "offline": scored, "ratio": rerank_ratio},
         "summary": {
             "structured_ratio": structured_ratio,
             # no goal yet: run_all's goals table lists only figures with one
             "embeddings_ratio": embed_ratio,
             "embeddings_warm_ratio": warm_embed_ratio,
+            "rerank_ratio": rerank_ratio,
         },
     }
 
