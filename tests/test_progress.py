@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import pbs
-from formats import failure_note
+from formats import failure_note, node_report
 from pbs import continuation
 from pbs.submission import restrict_targets
 from reporting import progress
@@ -393,3 +393,37 @@ def test_the_local_line_says_what_the_ranks_wait_for():
         "model; logs/engines/h-tile*.log) | ranks 0/6 done"
     )
     assert progress.local_line(p, 15.0, 10.0, lambda: None) == "progress 0:05 | ranks 0/6 done"
+
+
+class ScriptFailed:
+    """A scheduler that says job "1" ended with its script's Exit_status 1."""
+
+    def __call__(self, ids):
+        return {i: pbs.verdict({"job_state": "F", "Exit_status": 1, "substate": 92}) for i in ids}
+
+
+@pytest.mark.parametrize("cut_off", [True, False])
+def test_a_job_whose_nodes_the_infrastructure_cut_off_is_continued(tmp_path, cut_off):
+    """pbs/node.py notes nodes whose Snakemake died and was not brought back, or that
+    never reported: the job is continued as one PBS ended; a job whose ranks failed by
+    themselves is not."""
+    conf = settings(tmp_path, registry_root=str(tmp_path / "engines"))
+    if cut_off:
+        registry = tmp_path / "engines" / "1"
+        node_report.write_note(registry, {"node2": "247 infrastructure: its Snakemake died"})
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+    continued = []
+    answer = pbs.job_status(
+        "1", conf, query=ScriptFailed(), now=lambda: 100.0, warn=lambda m: None,
+        resubmit=lambda job_id, conf: continued.append(job_id),
+    )  # fmt: skip
+    job = pbs.StateStore(conf["state_dir"]).read()["jobs"]["1"]
+    if cut_off:
+        assert (answer, continued, job["continuing"]) == ("running", ["1"], True)
+        assert job["detail"] == (
+            "Exit_status 1; ranks cut off by the infrastructure: node2: 247 infrastructure: "
+            "its Snakemake died"
+        )
+    else:
+        assert (answer, continued, job["detail"]) == ("failed", [], "Exit_status 1")

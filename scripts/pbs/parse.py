@@ -44,6 +44,9 @@ class Verdict:
     # Failed because PBS ended it (walltime, qdel from outside, a node failure), not
     # because its script failed: its unfinished ranks may be continued (pbs.resubmit).
     ended_by_pbs: bool = False
+    # Failed because the infrastructure cut ranks off (a node's Snakemake died, a node
+    # never reported: pbs/node.py), continued as one PBS ended.
+    infrastructure: bool = False
     # For the progress line: queued, running, held, ...; PBS's comment; when it started.
     phase: str = ""
     comment: str = ""

@@ -14,8 +14,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from formats import node_report
 from formats.files import safe_name, write_atomic
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
@@ -206,6 +208,7 @@ def job_status(
                     (problem_rounds, problem_seconds),
                     warn,
                     int(settings.get("resubmit", 0)),
+                    lambda ended_id: cut_off_by_infrastructure(settings, ended_id),
                 )
                 if show_progress:
                     lines = _progress(state, answers, settings, store, t)
@@ -246,12 +249,29 @@ def _answer(jobs: Mapping, job_id: str) -> str:
     return job["state"]
 
 
-def _query_round(state, store, query, t, interval, bounds, warn, resubmit=0):
+def cut_off_by_infrastructure(settings: Mapping, job_id: str) -> str | None:
+    """What cut off ranks of a job that failed although no rank of it did: its nodes'
+    Snakemakes died and were not brought back, or a node's never reported
+    (node.py ``ranks`` wrote ``ranks/infrastructure.json`` in the job's registry)."""
+    root = settings.get("registry_root")
+    if not root or not settings.get("warm_engines"):
+        return None
+    note = node_report.read_note(Path(root, safe_name(job_id)))
+    if not note or not note["nodes"]:
+        return None
+    return "; ".join(f"{host}: {why}" for host, why in sorted(note["nodes"].items()))
+
+
+def _query_round(
+    state, store, query, t, interval, bounds, warn, resubmit=0, cut_off=lambda job_id: None
+):
     """Ask the scheduler once about every open job of the run and record the answers.
 
     Returns the ids that were failed while PBS may still hold them (to be deleted),
     the ids PBS ended that are to be continued (marked ``continuing``, read as
-    running meanwhile), and PBS's answers ({id: Verdict}).
+    running meanwhile), and PBS's answers ({id: Verdict}). A job whose script failed
+    because the infrastructure cut off ranks of it (``cut_off``: a node's Snakemake
+    died, a node never reported) is continued as one PBS ended.
     """
     problem_rounds, problem_seconds = bounds
     jobs = state["jobs"]
@@ -282,6 +302,11 @@ def _query_round(state, store, query, t, interval, bounds, warn, resubmit=0):
         job["rounds"] += 1
         if job_id in answers:
             answer = answers[job_id]
+            if answer.state == FAILED and not answer.ended_by_pbs and answer.phase != "held":
+                why = cut_off(job_id)
+                if why:
+                    detail = f"{answer.detail}; ranks cut off by the infrastructure: {why}"
+                    answer = replace(answer, detail=detail, ended_by_pbs=True, infrastructure=True)
             job["state"], job["detail"] = answer.state, answer.detail
             job["problems"], job["since"], job["listed"] = 0, None, True
             if answer.state == SUCCESS and job.get("left_out"):

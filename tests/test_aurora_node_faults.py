@@ -1,0 +1,123 @@
+"""Whole profiles/aurora runs on warm engines through the real PBS server when the
+infrastructure fails under them (issue 34): a node's Snakemake SIGKILLed (as an OOM
+kill does) is brought back on its node for its unfinished ranks, or its ranks go to
+the submission's continuation; either way the run ends by itself with every rank
+exact, none redone, and nothing left running. Helpers: tests/pbs_runs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+import workflow as wf
+from pbs_runs import (
+    ECHO_SERVER,
+    aurora_in_background,
+    finished_rank,
+    node_snakemakes,
+    nothing_outlives,
+    processes_running,
+    submissions,
+    wait_for,
+    warm_folder,
+)
+
+RANKS = 16
+
+
+def node_fault_run(tmp_path, **config):
+    """16 ranks on 2 nodes x 2 echo engines, one rank at a time each, 2 s a request."""
+    ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(RANKS)}
+    base = {
+        "tiles": {"per_node": 2},
+        "warm": {"ranks_per_engine": 4, "ranks_in_flight": 1},
+        "task_env": {"ECHO_SERVER_DELAY_S": "2"},
+        "pbs": {"nodes_per_submission": 2, "resubmit": 1},
+    }
+    return warm_folder(tmp_path, ranks, **wf.deep_merge(base, config))
+
+
+def served_on(work, host: str) -> list[int]:
+    """Ranks whose record says they were served on ``host``."""
+    found = []
+    for path in (work / "results" / "records").glob("*.json"):
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            continue  # being replaced
+        if record.get("client_node") == host:
+            found.append(record["rank"])
+    return found
+
+
+def kill_a_node_snakemake_mid_run(work, proc) -> tuple[str, dict]:
+    """SIGKILL the Snakemake of the node of the first submission that has served a rank,
+    while it has ranks left; returns the node and what the ranks done by then are (none
+    of them may change)."""
+    results = work / "results"
+    wait_for(lambda: len(node_snakemakes()) == 2, "no node Snakemakes", proc=proc)
+    wait_for(lambda: any(served_on(work, h) for h in node_snakemakes()), "no rank", proc=proc)
+    victim = next(h for h in sorted(node_snakemakes()) if served_on(work, h))
+    os.kill(node_snakemakes()[victim], signal.SIGKILL)
+    done = {int(p.stem): finished_rank(work, int(p.stem)) for p in results.glob("*.out")}
+    assert len(served_on(work, victim)) < RANKS // 2, "the node had no rank left"
+    return victim, done
+
+
+def every_rank_exact_and_none_redone(work, done: dict) -> None:
+    results = work / "results"
+    for rank in range(RANKS):
+        assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
+    assert {rank: finished_rank(work, rank) for rank in done} == done
+    assert not list(results.glob("*.out.*"))
+
+
+@pytest.mark.pbs
+def test_a_node_snakemake_killed_mid_run_is_brought_back_for_its_unfinished_ranks(
+    pbs_cluster, tmp_path
+):
+    work = node_fault_run(tmp_path)
+    with aurora_in_background(pbs_cluster, work) as proc:
+        victim, done = kill_a_node_snakemake_mid_run(work, proc)
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    (submission,) = submissions(work)  # brought back on its node: no continuation
+    every_rank_exact_and_none_redone(work, done)
+    log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
+    assert f"ranks: {victim}: its Snakemake died (status 247); a new Snakemake for its" in log
+    assert "(restart 1 of warm.node_restarts 2)" in log
+    assert "every node's Snakemake succeeded" in log, log[-3000:]
+    assert "Error in rule infer" not in output
+    nothing_outlives(pbs_cluster, submission["id"], work)
+    wait_for(lambda: not node_snakemakes(), "a node Snakemake outlived the run", 30)
+    assert not processes_running(ECHO_SERVER)
+
+
+@pytest.mark.pbs
+def test_a_node_snakemake_killed_past_node_restarts_has_its_ranks_continued(pbs_cluster, tmp_path):
+    work = node_fault_run(tmp_path, warm={"node_restarts": 0})
+    with aurora_in_background(pbs_cluster, work) as proc:
+        victim, done = kill_a_node_snakemake_mid_run(work, proc)
+        output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, output[-4000:]
+    first, more = submissions(work)
+    every_rank_exact_and_none_redone(work, done)
+    log = (work / "logs" / "pbs" / f"{first['name']}.log").read_text()
+    assert f"ranks: {victim}: its Snakemake died (status 247) 1 time(s), more than " in log
+    # only the victim's unfinished ranks were continued
+    nodes = json.loads((work / "logs" / "pbs" / f"{first['name']}.nodes.json").read_text())
+    continued = sorted(map(int, more["ranks"].split(",")))
+    share = next(s for s in nodes["shares"] if set(continued) <= set(s))
+    assert continued and not set(continued) & set(done), (continued, sorted(done))
+    assert set(share) - set(continued) <= set(done) | set(served_on(work, victim))
+    assert "ranks cut off by the infrastructure" in output, output[-4000:]
+    assert f"{victim}: " in output and "continuation 1 of pbs.resubmit 1" in output
+    assert "Error in rule infer" not in output
+    for job in (first, more):
+        nothing_outlives(pbs_cluster, job["id"], work)
+    wait_for(lambda: not node_snakemakes(), "a node Snakemake outlived the run", 30)
+    assert not processes_running(ECHO_SERVER)
