@@ -14,10 +14,12 @@ import signal
 import pytest
 
 import workflow as wf
+from formats import faults
 from pbs_runs import (
     ECHO_SERVER,
     aurora_in_background,
     finished_rank,
+    node_list,
     node_snakemakes,
     nothing_outlives,
     processes_running,
@@ -121,3 +123,43 @@ def test_a_node_snakemake_killed_past_node_restarts_has_its_ranks_continued(pbs_
         nothing_outlives(pbs_cluster, job["id"], work)
     wait_for(lambda: not node_snakemakes(), "a node Snakemake outlived the run", 30)
     assert not processes_running(ECHO_SERVER)
+
+
+@pytest.mark.pbs
+def test_a_lost_node_costs_only_its_unfinished_ranks_which_run_again_on_fresh_nodes(
+    pbs_cluster, tmp_path
+):
+    work = node_fault_run(tmp_path)
+    lost = None
+    try:
+        with aurora_in_background(pbs_cluster, work) as proc:
+            wait_for(lambda: len(node_snakemakes()) == 2, "no node Snakemakes", proc=proc)
+            wait_for(
+                lambda: any(served_on(work, h) for h in node_snakemakes()), "no rank", proc=proc
+            )
+            (submission,) = submissions(work)
+            # a node other than the job's first (its mother superior runs the job script)
+            lost = node_list(pbs_cluster, submission["id"])[1]
+            pbs_cluster.lose_host(lost)
+            done = {
+                int(p.stem): finished_rank(work, int(p.stem)) for p in work.glob("results/*.out")
+            }
+            output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output[-4000:]
+        job = pbs_cluster.job(submission["id"])
+        assert job["run_count"] == 2 and lost not in node_list(pbs_cluster, submission["id"])
+        assert len(submissions(work)) == 1  # PBS ran the same job again: no continuation
+        every_rank_exact_and_none_redone(work, done)
+        log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
+        assert "ranks: this job runs again (start 2; PBS requeued it)" in log, log[-3000:]
+        assert f"PBS requeued it (run 2) after losing {lost} at " in output, output[-4000:]
+        assert "Infrastructure failures, not counted against any rank" in output
+        (fault,) = faults.read_faults(work / "logs" / "pbs")
+        assert (fault.kind, fault.nodes, fault.job_id) == ("node lost", (lost,), submission["id"])
+        assert fault.node_hours > 0
+        nothing_outlives(pbs_cluster, submission["id"], work)
+        wait_for(lambda: not node_snakemakes(), "a node Snakemake outlived the run", 30)
+        assert not processes_running(ECHO_SERVER)
+    finally:
+        if lost is not None:
+            pbs_cluster.start_mom(lost)

@@ -6,6 +6,11 @@ when its Snakemake has ended: the exit status, and, when the node's ranks were c
 off by the infrastructure rather than failed by themselves (its Snakemake died and
 was not brought back), `INFRASTRUCTURE` and why: ``247 infrastructure: ...``.
 
+``runs.json``: one entry per start of the job's ranks (`add_run`: time, hosts). PBS
+runs a job again from its start when it requeues it (a node of it was lost, after the
+server's node_fail_requeue); a second entry tells the nodes to run only the ranks not
+yet whole.
+
 ``infrastructure.json``: written by the job's ``ranks`` step when nodes' ranks were
 cut off (a report saying so, or none at all: the node or its owner is gone); read by
 the PBS provider, which then continues the submission (pbs.resubmit) and counts it
@@ -30,6 +35,7 @@ FORMAT = 1
 FOLDER = "ranks"
 INFRASTRUCTURE = "infrastructure"
 NOTE = "infrastructure.json"
+RUNS = "runs.json"
 
 
 def reports_dir(registry: Path) -> Path:
@@ -75,3 +81,21 @@ def read_note(registry: Path) -> dict | None:
     if not isinstance(note, dict) or not isinstance(note.get("nodes"), dict):
         return None
     return note
+
+
+def read_runs(registry: Path) -> list[dict]:
+    """The starts of the job's ranks so far (`add_run`), oldest first."""
+    try:
+        runs = json.loads((reports_dir(registry) / RUNS).read_text())
+    except (OSError, ValueError):
+        return []
+    return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+
+
+def add_run(registry: Path, hosts: list[str], now: float | None = None) -> list[dict]:
+    """Note a start of the job's ranks on ``hosts``; returns every start so far."""
+    runs = read_runs(registry)
+    runs.append({"time": round(time.time() if now is None else now, 3), "hosts": list(hosts)})
+    reports_dir(registry).mkdir(parents=True, exist_ok=True)
+    write_atomic(reports_dir(registry) / RUNS, json.dumps(runs))
+    return runs

@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -32,7 +33,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 from engine import client, lifecycle
 from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
 from engine.watchdog import end_with_job, job_gone
-from formats import failure_note, node_report
+from formats import failure_note, faults, node_report
 from formats.files import safe_name
 from formats.registry import LAUNCHER_EXIT, read_registry, registry_dir
 from placement import launcher, tiles
@@ -102,6 +103,15 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     done.mkdir(parents=True, exist_ok=True)
     for old in done.glob("*.exit"):
         old.unlink()
+    runs = node_report.add_run(registry, hosts)
+    if len(runs) > 1:
+        # PBS requeued the job (a node of it was lost): it runs again from its start.
+        before = runs[-2]
+        _log(
+            f"ranks: this job runs again (start {len(runs)}; PBS requeued it): it ran on "
+            f"{', '.join(before['hosts'])} from {time.ctime(before['time'])}; its nodes now: "
+            f"{', '.join(hosts)}; only the ranks not yet whole run"
+        )
     command = [spec["python"], os.path.abspath(__file__), "ranks-node", spec_path, nodes_path]
     command += [job_id, ",".join(hosts)]
     if nodes["node_launcher"]:
@@ -209,6 +219,14 @@ def ranks_node(
     stopping: list[int] = []  # a signal to this process: the job or its launcher ends
     restarts = int(spec.get("node_restarts", NODE_RESTARTS))
     targets, deaths = share, 0
+    if len(node_report.read_runs(registry)) > 1:
+        # The job runs again (PBS requeued it): its whole ranks are kept, not redone.
+        targets, bad = unfinished(share, nodes)
+        _log(f"ranks: {host}: the job runs again: {len(share) - len(targets)} rank(s) kept")
+        if not targets:
+            code = 1 if bad else 0
+            node_report.write_exit(registry, host, code)
+            return code
     while True:
         argv = nodes["argv"] + [
             "--target-jobs",
@@ -224,6 +242,11 @@ def ranks_node(
         deaths += 1
         left, bad = unfinished(share, nodes)
         why = f"its Snakemake died (status {code})"
+        with contextlib.suppress(OSError):  # for the run summary
+            log_dir = Path(nodes_path).parent
+            name = Path(nodes_path).name.removesuffix(".nodes.json")
+            what = f"{why}; {len(left)} of its {len(share)} rank(s) unfinished"
+            faults.append_fault(log_dir, job_id, name, faults.NODE_SNAKEMAKE, [host], what)
         if not left:
             _log(f"ranks: {host}: {why} after all its ranks had ended")
             code = 1 if bad else 0

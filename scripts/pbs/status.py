@@ -17,11 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from formats import node_report
 from formats.files import safe_name, write_atomic
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
 from .continuation import continue_submission
+from .node_faults import cut_off_by_infrastructure, note_requeue
 from .parse import (
     FAILED,
     FINAL,
@@ -209,6 +209,7 @@ def job_status(
                     warn,
                     int(settings.get("resubmit", 0)),
                     lambda ended_id: cut_off_by_infrastructure(settings, ended_id),
+                    lambda *seen: note_requeue(settings, *seen, warn=warn),
                 )
                 if show_progress:
                     lines = _progress(state, answers, settings, store, t)
@@ -249,21 +250,17 @@ def _answer(jobs: Mapping, job_id: str) -> str:
     return job["state"]
 
 
-def cut_off_by_infrastructure(settings: Mapping, job_id: str) -> str | None:
-    """What cut off ranks of a job that failed although no rank of it did: its nodes'
-    Snakemakes died and were not brought back, or a node's never reported
-    (node.py ``ranks`` wrote ``ranks/infrastructure.json`` in the job's registry)."""
-    root = settings.get("registry_root")
-    if not root or not settings.get("warm_engines"):
-        return None
-    note = node_report.read_note(Path(root, safe_name(job_id)))
-    if not note or not note["nodes"]:
-        return None
-    return "; ".join(f"{host}: {why}" for host, why in sorted(note["nodes"].items()))
-
-
 def _query_round(
-    state, store, query, t, interval, bounds, warn, resubmit=0, cut_off=lambda job_id: None
+    state,
+    store,
+    query,
+    t,
+    interval,
+    bounds,
+    warn,
+    resubmit=0,
+    cut_off=lambda job_id: None,
+    requeued=lambda *seen: None,
 ):
     """Ask the scheduler once about every open job of the run and record the answers.
 
@@ -307,6 +304,12 @@ def _query_round(
                 if why:
                     detail = f"{answer.detail}; ranks cut off by the infrastructure: {why}"
                     answer = replace(answer, detail=detail, ended_by_pbs=True, infrastructure=True)
+            if answer.run_count and job["run_count"] and answer.run_count > job["run_count"]:
+                store.log(f"{job_id}: PBS started it again (run {answer.run_count})", t)
+                requeued(job_id, job, answer, t)
+            job["run_count"] = answer.run_count or job["run_count"]
+            if answer.hosts:
+                job["hosts"], job["started_at"] = list(answer.hosts), answer.started
             job["state"], job["detail"] = answer.state, answer.detail
             job["problems"], job["since"], job["listed"] = 0, None, True
             if answer.state == SUCCESS and job.get("left_out"):
