@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 
 import pytest
 
+import node_chaos
 import workflow as wf
 from formats import faults
 from pbs_runs import (
@@ -163,3 +165,29 @@ def test_a_lost_node_costs_only_its_unfinished_ranks_which_run_again_on_fresh_no
     finally:
         if lost is not None:
             pbs_cluster.start_mom(lost)
+
+
+# In make test: one fault of each kind over a minute's run; `make soak` (CHAOS=large)
+# runs a larger one.
+CHAOS = {
+    "small": {"ranks": 32, "faults": {k: 1 for k in node_chaos.KINDS}, "span_s": 25},
+    "large": {"ranks": 96, "faults": {"engine": 4, "node_snakemake": 4, "qdel": 2,
+              "walltime": 2, "lost_host": 2}, "span_s": 150},
+}  # fmt: skip
+
+
+@pytest.mark.pbs
+def test_chaos_soak_the_run_finishes_by_itself_exact_nothing_redone_nothing_left(
+    pbs_cluster, tmp_path
+):
+    size = CHAOS[os.environ.get("CHAOS", "small")]
+    seed = int(os.environ.get("CHAOS_SEED", str(int(time.time()))))
+    figures = node_chaos.soak(pbs_cluster, tmp_path, seed=seed, **size)
+    report = {k: v for k, v in figures.items() if k != "output"}
+    print(f"\nchaos soak: {json.dumps(report)}")
+    assert figures["runs needing a hand"] == 0, figures["output"]
+    assert figures["outputs exact"], report
+    assert figures["ranks redone"] == 0, report
+    assert figures["faults injected"] == sum(size["faults"].values()), report
+    assert figures["faults survived"] == figures["faults injected"], report
+    assert (figures["engines left"], figures["jobs left"]) == (0, 0), report
