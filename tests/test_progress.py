@@ -7,14 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 import pbs
-from formats import failure_note, node_report
-from pbs import continuation
+from formats import failure_note, faults, node_report
+from pbs import continuation, node_faults
 from pbs.submission import restrict_targets
 from reporting import progress
 
@@ -427,3 +428,33 @@ def test_a_job_whose_nodes_the_infrastructure_cut_off_is_continued(tmp_path, cut
         )
     else:
         assert (answer, continued, job["detail"]) == ("failed", [], "Exit_status 1")
+
+
+def test_a_requeued_job_names_its_lost_node_when_and_what_it_cost(tmp_path):
+    """PBS started job "1" again (run_count 2) on node1 and node3: pbsnodes says node2
+    is down since 1000 s; its first run on node1 and node2 started at 400 s."""
+    conf = settings(tmp_path)
+    down = {"nodes": {"node1": {"state": "job-busy"},
+                      "node2": {"state": "down", "last_state_change_time": 1000}}}  # fmt: skip
+
+    def run(argv, **kwargs):
+        assert argv == ["pbsnodes", "-a", "-F", "json"]
+        return subprocess.CompletedProcess(argv, 0, json.dumps(down), "")
+
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        job = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+        job |= {"hosts": ["node1", "node2"], "started_at": 400.0, "run_count": 1}
+        state["jobs"]["1"] = job
+    answer = pbs.verdict({"job_state": "R", "run_count": 2, "exec_host": "node1/0+node3/0"})
+    assert (answer.hosts, answer.run_count) == (("node1", "node3"), 2)
+    warned = []
+    node_faults.note_requeue(conf, "1", job, answer, 4000.0, warn=warned.append, run=run)
+    (fault,) = faults.read_faults(conf["log_dir"])
+    assert (fault.kind, fault.nodes, fault.node_hours) == ("node lost", ("node2",), 2 * 3600 / 3600)
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1000))
+    assert warned == [
+        f"pbs-status: job 1 r0-3: PBS requeued it (run 2) after losing node2 at {at}; it runs "
+        "again on node1, node3, only its ranks not yet whole; the run it ended cost 2.000 "
+        "node-hours (2 nodes)"
+    ]
+    assert faults.read_faults(conf["log_dir"], since=4001.0) == []

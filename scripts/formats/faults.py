@@ -30,7 +30,7 @@ FILE = "faults.tsv"
 NODE_LOST = "node lost"
 NODE_SNAKEMAKE = "node Snakemake died"
 ENDED_BY_PBS = "ended by PBS"
-CUT_OFF = "ranks cut off"
+CUT_OFF = "cut off by the infrastructure"
 
 
 @dataclass(frozen=True)
