@@ -7,8 +7,8 @@ Nothing outlives its submission: each node's Snakemake runs under a watchdog
 (engine/watchdog.py) in a session of its own, and its owner (`ranks-node`) ends with
 its launcher or its job (watchdog.end_with_job), as the engines' supervisors do.
 
-A node's Snakemake that dies (SIGKILL, an OOM kill, a crash: any exit but 0 or 1) is
-not its ranks' fault. While the node's engines live, `ranks-node` starts a new one for
+A node's Snakemake that is killed (SIGKILL, an OOM kill: `died`) is not its ranks'
+fault. While the node's engines live, `ranks-node` starts a new one for
 the node's unfinished ranks (at most config warm.node_restarts times); otherwise it
 reports the node's ranks as cut off by the infrastructure, and `ranks` notes it in the
 job's registry (formats/node_report.py): the PBS provider then continues the
