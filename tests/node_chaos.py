@@ -102,20 +102,20 @@ def inject(kind: str, cluster, work: Path, rng: random.Random, lost: list) -> st
     if not jobs:
         return None
     job = rng.choice(sorted(jobs, key=lambda j: j["id"]))
-    if kind == "qdel":
-        cluster.run(["qdel", job["id"]], check=True)
-    elif kind == "walltime":
-        used = job.get("resources_used", {}).get("walltime", "00:00:00")
-        h, m, s = map(int, used.split(":"))
-        limit = h * 3600 + m * 60 + s + 3
-        walltime = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
-        cluster.run(["qalter", "-l", f"walltime={walltime}", job["id"]], check=True)
-    else:
-        host = node_list(cluster, job["id"])[1]
-        cluster.lose_host(host)
-        lost.append(host)
-        return f"{host} of {job['id']}"
-    return job["id"]
+    if kind in ("qdel", "walltime"):
+        argv = ["qdel", job["id"]]
+        if kind == "walltime":
+            used = job.get("resources_used", {}).get("walltime", "00:00:00")
+            h, m, s = map(int, used.split(":"))
+            limit = h * 3600 + m * 60 + s + 3
+            walltime = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
+            argv = ["qalter", "-l", f"walltime={walltime}", job["id"]]
+        # PBS refuses one for a job that is ending or starting again: another target
+        return job["id"] if cluster.run(argv).returncode == 0 else None
+    host = node_list(cluster, job["id"])[1]
+    cluster.lose_host(host)
+    lost.append(host)
+    return f"{host} of {job['id']}"
 
 
 def soak(cluster, tmp_path: Path, *, ranks: int, faults: dict[str, int], seed: int,

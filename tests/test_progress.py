@@ -458,3 +458,26 @@ def test_a_requeued_job_names_its_lost_node_when_and_what_it_cost(tmp_path):
         "node-hours (2 nodes)"
     ]
     assert faults.read_faults(conf["log_dir"], since=4001.0) == []
+
+
+def test_a_warm_job_pbs_reports_finished_with_ranks_not_done_is_continued(tmp_path):
+    """PBS ended job "1" (a node of it lost) with Exit_status 0: rank 1 is not whole."""
+    conf = settings(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "submissions.tsv").write_text(
+        "2026-12-06 19:45:20\t1\tr0-1\t2\t00:15:00\tcapacity\t0,1\n"
+    )
+    finish(tmp_path, 0, 1.0, 1.0)
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-1", pbs.settings.run_id(conf), "capacity")
+    continued = []
+    finished = {"job_state": "F", "Exit_status": 0, "substate": 92}
+    answer = pbs.job_status(
+        "1", conf, query=lambda ids: {"1": pbs.verdict(finished)}, now=lambda: 100.0,
+        warn=lambda m: None, resubmit=lambda job_id, conf: continued.append(job_id),
+    )  # fmt: skip
+    assert (answer, continued) == ("running", ["1"])
+    job = pbs.StateStore(conf["state_dir"]).read()["jobs"]["1"]
+    assert (
+        job["detail"] == "Exit_status 0; but 1 of its ranks are not done (rank 1): ended under them"
+    )

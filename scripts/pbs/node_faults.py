@@ -16,8 +16,10 @@ from pathlib import Path
 from formats import faults, node_report
 from formats.files import safe_name
 
+from .continuation import rank_states
 from .parse import QueryError, parse_nodes
 from .settings import QUERY_TIMEOUT
+from .state import submission_ranks
 
 
 def cut_off_by_infrastructure(settings: Mapping, job_id: str) -> str | None:
@@ -80,3 +82,13 @@ def note_requeue(settings, job_id, job, answer, t, warn=lambda message: None, ru
             what, hours, now=t,
         )  # fmt: skip
     warn(f"pbs-status: job {job_id} {job.get('name', '')}: {what}")
+
+
+def ranks_left(settings: Mapping, job_id: str) -> list[int]:
+    """The ranks of a warm submission that PBS reports finished although they are not
+    whole (and did not fail by their input): PBS can end a job whose node was lost with
+    Exit_status 0. Empty for per-rank engines."""
+    if not settings.get("warm_engines"):
+        return []
+    info = submission_ranks(settings, [job_id]).get(job_id)
+    return rank_states(info["ranks"], settings)[2] if info else []

@@ -25,6 +25,10 @@ PBS_EXIT_REASONS = {
 PBS_RUNNING_STATES = frozenset("QHWRESTUBM")
 # substate 91: the job was deleted (qdel) while it ran. PBS then reports Exit_status 0.
 SUBSTATE_TERMINATED = 91
+# substate 93: the job failed. With Exit_status 0 (OpenPBS 23.06, 2026-12-06): its first
+# mom ended it because a sister's (restarted) mom no longer knew it ("Discard running
+# job, A sister Mom failed to delete job"): a node of it was lost, nothing finished.
+SUBSTATE_FAILED = 93
 # A job PBS could not start on its nodes again and again: held for good.
 FAILED_ATTEMPTS = "too many failed attempts to run"
 
@@ -174,6 +178,13 @@ def verdict(job: Mapping) -> Verdict:
         if substate == SUBSTATE_TERMINATED or "terminated" in comment:
             # qdel while running: Exit_status is 0 although nothing finished.
             return Verdict(FAILED, f"deleted while running (qdel){said}", ended_by_pbs=True, **seen)
+        if code == 0 and substate == SUBSTATE_FAILED:
+            return Verdict(
+                FAILED,
+                f"ended by PBS with Exit_status 0 and substate 93 (a node of it was lost){said}",
+                ended_by_pbs=True,
+                **seen,
+            )
         if code is None:
             # e.g. deleted before it ran
             return Verdict(FAILED, f"job_state {letter} without Exit_status{said}", **seen)

@@ -21,7 +21,7 @@ from formats.files import safe_name, write_atomic
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
 from .continuation import continue_submission
-from .node_faults import cut_off_by_infrastructure, note_requeue
+from .node_faults import cut_off_by_infrastructure, note_requeue, ranks_left
 from .parse import (
     FAILED,
     FINAL,
@@ -210,6 +210,7 @@ def job_status(
                     int(settings.get("resubmit", 0)),
                     lambda ended_id: cut_off_by_infrastructure(settings, ended_id),
                     lambda *seen: note_requeue(settings, *seen, warn=warn),
+                    lambda ended_id: ranks_left(settings, ended_id),
                 )
                 if show_progress:
                     lines = _progress(state, answers, settings, store, t)
@@ -261,6 +262,7 @@ def _query_round(
     resubmit=0,
     cut_off=lambda job_id: None,
     requeued=lambda *seen: None,
+    left=lambda job_id: [],
 ):
     """Ask the scheduler once about every open job of the run and record the answers.
 
@@ -304,6 +306,13 @@ def _query_round(
                 if why:
                     detail = f"{answer.detail}; ranks cut off by the infrastructure: {why}"
                     answer = replace(answer, detail=detail, ended_by_pbs=True, infrastructure=True)
+            if answer.state == SUCCESS and (unfinished := left(job_id)):
+                shown = ", ".join(map(str, unfinished[:5]))
+                detail = (
+                    f"{answer.detail}; but {len(unfinished)} of its ranks are not done "
+                    f"(rank {shown}{' ...' if len(unfinished) > 5 else ''}): ended under them"
+                )
+                answer = replace(answer, state=FAILED, detail=detail, ended_by_pbs=True)
             if answer.run_count and job["run_count"] and answer.run_count > job["run_count"]:
                 store.log(f"{job_id}: PBS started it again (run {answer.run_count})", t)
                 requeued(job_id, job, answer, t)
