@@ -21,7 +21,7 @@ BENCH_MODEL := models/opt-125m-shaped
 # test tier runs the engines under this venv's python (config `python`).
 VENV015 := .venv-vllm015
 
-.PHONY: run test test-unit test-vllm test-pbs lint format bench lock lock-vllm015 openpbs clean
+.PHONY: run test test-unit test-vllm test-pbs soak lint format bench lock lock-vllm015 openpbs clean
 
 run: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/python scripts/tools/unlock_stale.py profiles/local $(BIN)/snakemake
@@ -41,6 +41,11 @@ test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(
 
 test-pbs: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
 	$(BIN)/python -m pytest -m pbs
+
+# The chaos soak of tests/test_aurora_node_faults.py at its larger size (make test runs
+# the small one): 14 faults at random moments in a run of 96 ranks; CHAOS_SEED=N repeats one.
+soak: $(VENV)/.installed openpbs
+	CHAOS=large $(BIN)/python -m pytest -s -m pbs tests/test_aurora_node_faults.py -k chaos
 
 lint: $(VENV)/.installed
 	$(BIN)/snakemake --lint --profile profiles/local

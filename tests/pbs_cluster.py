@@ -83,6 +83,10 @@ DEFAULT_QUEUES: dict[str, dict[str, str]] = {
     },
 }
 
+# Seconds a job's first mom waits for a sister it lost before it ends the job (PBS then
+# requeues it: "Job requeued, execution node node2 down"); PBS's default is 300.
+MAX_POLL_DOWNTIME = 10
+
 SERVER_ATTRIBUTES: dict[str, str] = {
     "acl_roots": "root",  # jobs run as root here
     "job_history_enable": "True",  # qstat -x (finished jobs stay, state F)
@@ -596,6 +600,43 @@ class PbsCluster:
             return {}
         return json.loads(res.stdout).get("nodes") or {}
 
+    def lose_host(self, host: str) -> list[int]:
+        """The host dies, as far as PBS and its jobs can tell: its ``pbs_mom`` and every
+        process under it (the job's tasks there, and what they started, also in
+        sessions of their own) are SIGKILLed at once. Returns their pids."""
+        mom = int((self.mom_home(host) / "mom_priv" / "mom.lock").read_text())
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (ppid := _ppid(int(entry))):
+                children.setdefault(ppid, []).append(int(entry))
+        tree, todo = [], [mom]
+        while todo:
+            pid = todo.pop()
+            tree.append(pid)
+            todo += children.get(pid, [])
+        for pid in tree:  # stopped first: none of them reacts to another's end
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        _signal_all(tree, signal.SIGKILL)
+        _wait_gone(tree, 10.0)
+        return tree
+
+    def start_mom(self, host: str) -> None:
+        """Start the ``pbs_mom`` of ``host`` again (after `lose_host`) and wait until
+        PBS lists the host ``free`` (none of its jobs runs there any more)."""
+        index = self.hosts.index(host) + 1
+        conf = self._write_mom_home(index, host)
+        env = {**self.env, "PBS_CONF_FILE": str(conf)}
+        env.pop("PBS_SERVER", None)
+        rc = _run_logged([str(PBS_EXEC / "sbin" / "pbs_mom")], STATE_DIR / "start.log", 60, env)
+        if rc != 0:
+            raise self._fail(f"pbs_mom for {host} failed to start again (exit {rc})")
+        deadline = time.monotonic() + self.start_timeout
+        while (state := str(self.nodes().get(host, {}).get("state"))) != "free":
+            if time.monotonic() > deadline:
+                raise self._fail(f"{host} is {state!r}, not free, {self.start_timeout}s after")
+            time.sleep(0.2)
+
     def logs(self, tail: int = 40) -> str:
         """The last lines of today's server, scheduler, comm and mom logs."""
         dirs = [PBS_HOME / d for d in ("server_logs", "sched_logs", "comm_logs")]
@@ -746,6 +787,7 @@ class PbsCluster:
         config = home / "mom_priv" / "config"
         config.write_text(
             f"$clienthost {SERVER_HOST}\n$usecp *:/ /\n$min_check_poll 1\n$max_check_poll 2\n"
+            f"$max_poll_downtime {MAX_POLL_DOWNTIME}\n"
         )
         config.chmod(0o644)
         conf = home / "pbs.conf"

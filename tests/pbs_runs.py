@@ -661,6 +661,25 @@ def processes_of_job(job_id: str) -> list[int]:
     return pids
 
 
+def node_snakemakes() -> dict[str, int]:
+    """host -> pid of its running node Snakemake (pbs/node.py ranks-node starts it under a
+    watchdog with AURORA_NODE=<host> in its environment), on the test cluster's hosts."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if not entry.name.isdigit():
+                continue
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"snakemake" not in argv or b"-m" not in argv:
+                continue
+            for var in (entry / "environ").read_bytes().split(b"\0"):
+                if var.startswith(b"AURORA_NODE="):
+                    found[var.removeprefix(b"AURORA_NODE=").decode()] = int(entry.name)
+        except OSError:
+            pass
+    return found
+
+
 def files_of(folder: Path) -> dict[str, int]:
     """Path -> modification time (ns) of every file under ``folder``."""
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}

@@ -1178,3 +1178,15 @@ def test_the_group_jobs_command_is_split_without_a_shell():
         pbs.submission.exec_job_argv("cd /w && export A='1' && python -m snakemake --mode remote")
     with pytest.raises(pbs.SubmitError, match="no --mode"):
         pbs.submission.node_argv(["python", "-m", "snakemake", "--cores", "4"], 8)
+
+
+def test_a_job_ended_with_exit_status_0_but_failed_is_ended_by_pbs():
+    """OpenPBS 23.06 (2026-12-06): a sister node's mom, lost and started again, no longer
+    knew the job; its first mom ended it, and PBS reported Exit_status 0, substate 93."""
+    comment = "Job run at Sun Dec 06 at 19:45 on (node1:ncpus=1)+(node2:ncpus=1)"
+    job = {"job_state": "F", "Exit_status": 0, "substate": 93, "comment": comment}
+    answer = pbs.verdict(job)
+    assert (answer.state, answer.ended_by_pbs) == ("failed", True)
+    assert answer.detail.startswith("ended by PBS with Exit_status 0 and substate 93")
+    finished = {"job_state": "F", "Exit_status": 0, "substate": 92, "comment": "... and finished"}
+    assert pbs.verdict(finished).state == "success"

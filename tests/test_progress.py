@@ -7,14 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 import pbs
-from formats import failure_note
-from pbs import continuation
+from formats import failure_note, faults, node_report
+from pbs import continuation, node_faults
 from pbs.submission import restrict_targets
 from reporting import progress
 
@@ -393,3 +394,90 @@ def test_the_local_line_says_what_the_ranks_wait_for():
         "model; logs/engines/h-tile*.log) | ranks 0/6 done"
     )
     assert progress.local_line(p, 15.0, 10.0, lambda: None) == "progress 0:05 | ranks 0/6 done"
+
+
+class ScriptFailed:
+    """A scheduler that says job "1" ended with its script's Exit_status 1."""
+
+    def __call__(self, ids):
+        return {i: pbs.verdict({"job_state": "F", "Exit_status": 1, "substate": 92}) for i in ids}
+
+
+@pytest.mark.parametrize("cut_off", [True, False])
+def test_a_job_whose_nodes_the_infrastructure_cut_off_is_continued(tmp_path, cut_off):
+    """pbs/node.py notes nodes whose Snakemake died and was not brought back, or that
+    never reported: the job is continued as one PBS ended; a job whose ranks failed by
+    themselves is not."""
+    conf = settings(tmp_path, registry_root=str(tmp_path / "engines"))
+    if cut_off:
+        registry = tmp_path / "engines" / "1"
+        node_report.write_note(registry, {"node2": "247 infrastructure: its Snakemake died"})
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+    continued = []
+    answer = pbs.job_status(
+        "1", conf, query=ScriptFailed(), now=lambda: 100.0, warn=lambda m: None,
+        resubmit=lambda job_id, conf: continued.append(job_id),
+    )  # fmt: skip
+    job = pbs.StateStore(conf["state_dir"]).read()["jobs"]["1"]
+    if cut_off:
+        assert (answer, continued, job["continuing"]) == ("running", ["1"], True)
+        assert job["detail"] == (
+            "Exit_status 1; ranks cut off by the infrastructure: node2: 247 infrastructure: "
+            "its Snakemake died"
+        )
+    else:
+        assert (answer, continued, job["detail"]) == ("failed", [], "Exit_status 1")
+
+
+def test_a_requeued_job_names_its_lost_node_when_and_what_it_cost(tmp_path):
+    """PBS started job "1" again (run_count 2) on node1 and node3: pbsnodes says node2
+    is down since 1000 s; its first run on node1 and node2 started at 400 s."""
+    conf = settings(tmp_path)
+    down = {"nodes": {"node1": {"state": "job-busy"},
+                      "node2": {"state": "down", "last_state_change_time": 1000}}}  # fmt: skip
+
+    def run(argv, **kwargs):
+        assert argv == ["pbsnodes", "-a", "-F", "json"]
+        return subprocess.CompletedProcess(argv, 0, json.dumps(down), "")
+
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        job = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+        job |= {"hosts": ["node1", "node2"], "started_at": 400.0, "run_count": 1}
+        state["jobs"]["1"] = job
+    answer = pbs.verdict({"job_state": "R", "run_count": 2, "exec_host": "node1/0+node3/0"})
+    assert (answer.hosts, answer.run_count) == (("node1", "node3"), 2)
+    warned = []
+    node_faults.note_requeue(conf, "1", job, answer, 4000.0, warn=warned.append, run=run)
+    (fault,) = faults.read_faults(conf["log_dir"])
+    assert (fault.kind, fault.nodes, fault.node_hours) == ("node lost", ("node2",), 2 * 3600 / 3600)
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(1000))
+    assert warned == [
+        f"pbs-status: job 1 r0-3: PBS requeued it (run 2) after losing node2 at {at}; it runs "
+        "again on node1, node3, only its ranks not yet whole; the run it ended cost 2.000 "
+        "node-hours (2 nodes)"
+    ]
+    assert faults.read_faults(conf["log_dir"], since=4001.0) == []
+
+
+def test_a_warm_job_pbs_reports_finished_with_ranks_not_done_is_continued(tmp_path):
+    """PBS ended job "1" (a node of it lost) with Exit_status 0: rank 1 is not whole."""
+    conf = settings(tmp_path)
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "submissions.tsv").write_text(
+        "2026-12-06 19:45:20\t1\tr0-1\t2\t00:15:00\tcapacity\t0,1\n"
+    )
+    finish(tmp_path, 0, 1.0, 1.0)
+    with pbs.StateStore(conf["state_dir"]).locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-1", pbs.settings.run_id(conf), "capacity")
+    continued = []
+    finished = {"job_state": "F", "Exit_status": 0, "substate": 92}
+    answer = pbs.job_status(
+        "1", conf, query=lambda ids: {"1": pbs.verdict(finished)}, now=lambda: 100.0,
+        warn=lambda m: None, resubmit=lambda job_id, conf: continued.append(job_id),
+    )  # fmt: skip
+    assert (answer, continued) == ("running", ["1"])
+    job = pbs.StateStore(conf["state_dir"]).read()["jobs"]["1"]
+    assert (
+        job["detail"] == "Exit_status 0; but 1 of its ranks are not done (rank 1): ended under them"
+    )

@@ -5,6 +5,7 @@ The whole path runs on OpenPBS in tests/test_aurora_runs.py and test_aurora_fail
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 import workflow as wf
 from engine import client, echo_server, lifecycle, routing, supervisor
+from formats import node_report as pbs_node_report
 from pbs import node
 from pipeline import rank_job
 from placement import launcher, node_layout, tiles
@@ -429,6 +431,79 @@ def test_a_nodes_snakemake_and_its_ranks_end_with_their_job(tmp_path):
         if owner.poll() is None:
             owner.kill()
             owner.wait()
+
+
+DYING_SNAKEMAKE = """
+import json
+import os
+import signal
+import sys
+with open(os.environ["RUNS"], "a") as runs:
+    runs.write(json.dumps(sys.argv[sys.argv.index("--target-jobs") + 1 :]) + "\\n")
+if len(open(os.environ["RUNS"]).readlines()) <= int(os.environ["DEATHS"]):
+    os.kill(os.getpid(), signal.SIGKILL)  # as an OOM kill
+"""
+
+
+def dying_node(tmp_path, monkeypatch, deaths: int, restarts: int, engines_alive: bool):
+    """ranks-node for ranks 0-2 of which 1 is whole, with a Snakemake SIGKILLed the first
+    ``deaths`` times: its status, the targets of each Snakemake, and the node's report."""
+    registry = tmp_path / "engines"
+    results = tmp_path / "results"
+    answers = b"answers of rank 1\n"
+    (results / "records").mkdir(parents=True)
+    (results / "records" / "1.json").write_text(
+        json.dumps({"rank": 1, "out_sha256": hashlib.sha256(answers).hexdigest()})
+    )
+    (results / "1.out").write_bytes(answers)
+    spec_file = tmp_path / "job.engines.json"
+    spec_file.write_text(
+        json.dumps({"registry_root": str(registry), "tiles": {"cpu_bind": []},
+                    "node_restarts": restarts})
+    )  # fmt: skip
+    nodes_file = tmp_path / "job.nodes.json"
+    nodes_file.write_text(
+        json.dumps({"workdir": str(tmp_path), "argv": [sys.executable, "-c", DYING_SNAKEMAKE],
+                    "shares": [[0, 1, 2]], "results_dir": str(results),
+                    "failed_dir": str(tmp_path / "failed")})
+    )  # fmt: skip
+    monkeypatch.setattr(node, "engines_alive", lambda *args: engines_alive)
+    runs = tmp_path / "runs"
+    env = {**os.environ, "PBS_NODENUM": "0", "RUNS": str(runs), "DEATHS": str(deaths)}
+    code = node.ranks_node(str(spec_file), str(nodes_file), "9.pbs", ["x0"], env)
+    targets = [json.loads(line) for line in runs.read_text().splitlines()]
+    report = (registry / "9.pbs" / "ranks" / "x0.exit").read_text().strip()
+    return code, targets, report
+
+
+def test_a_nodes_snakemake_that_dies_is_brought_back_for_its_unfinished_ranks(
+    tmp_path, monkeypatch
+):
+    code, targets, report = dying_node(tmp_path, monkeypatch, 2, 2, engines_alive=True)
+    every = ["infer:rank=0", "infer:rank=1", "infer:rank=2"]
+    unfinished = ["infer:rank=0", "infer:rank=2"]
+    assert (code, targets, report) == (0, [every, unfinished, unfinished], "0")
+
+
+def test_a_nodes_snakemake_that_dies_too_often_leaves_its_ranks_to_the_continuation(
+    tmp_path, monkeypatch
+):
+    code, targets, report = dying_node(tmp_path, monkeypatch, 9, 1, engines_alive=True)
+    assert code == 247 and len(targets) == 2
+    assert report == (
+        "247 infrastructure: its Snakemake died (status 247) 2 time(s), more than "
+        "warm.node_restarts 1, 2 left"
+    )
+    assert pbs_node_report.is_cut_off(report) and not pbs_node_report.is_cut_off("1")
+
+
+def test_a_nodes_snakemake_that_dies_with_its_engines_gone_is_not_brought_back(
+    tmp_path, monkeypatch
+):
+    code, targets, report = dying_node(tmp_path, monkeypatch, 1, 2, engines_alive=False)
+    assert (code, len(targets)) == (247, 1)
+    assert report.endswith("infrastructure: its Snakemake died (status 247) and its engines "
+                           "are gone, 2 left")  # fmt: skip
 
 
 def test_shares_of_more_planned_nodes_than_the_job_got_are_not_lost():

@@ -258,3 +258,21 @@ def test_summary_of_a_real_engine_run(tmp_path):
     rows = summary.parse_tsv((work / "results" / "summary.tsv").read_text())
     assert [row["output_tokens"] for row in rows] == [16, 8]  # ignore_eos: max_tokens each
     assert all(row["load_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+
+
+def test_infrastructure_failures_are_told_apart_from_the_ranks_own(tmp_path):
+    from formats import faults
+
+    logs = tmp_path / "pbs"
+    faults.append_fault(logs, "1.pbs", "r0-3", faults.NODE_SNAKEMAKE, ["node2"],
+                        "its Snakemake died (status 247)", now=100.0)  # fmt: skip
+    faults.append_fault(logs, "2.pbs", "r4-7", faults.NODE_LOST, ["node3"],
+                        "PBS requeued it", node_hours=0.25, now=200.0)  # fmt: skip
+    lines = summary.infrastructure_failures(str(logs), since=150.0)
+    assert lines[0] == (
+        "Infrastructure failures, not counted against any rank (their ranks ran again; "
+        "logs/pbs/faults.tsv): 1 node lost, 0.250 node-hours of interrupted runs"
+    )
+    assert lines[1].endswith(" node lost node3 (job 2.pbs r4-7): PBS requeued it")
+    assert len(summary.infrastructure_failures(str(logs), since=0.0)) == 3
+    assert summary.infrastructure_failures(str(tmp_path / "none"), since=0.0) == []

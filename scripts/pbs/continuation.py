@@ -17,12 +17,13 @@ until the continuation ends: Snakemake sees one job that succeeds or fails.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from formats import failure_note
+from formats import failure_note, faults
 from formats import record as rank_record
 from rank import layout as rank_files
 
@@ -146,6 +147,13 @@ def continue_submission(
         return None
     # The job itself has ended; its id now stands for the continuation (status.current_job).
     _record(store, job_id, continued_by=new_id, state="failed")
+    cut_off = "ranks cut off by the infrastructure" in job["detail"]
+    with contextlib.suppress(OSError):  # for the run summary
+        faults.append_fault(
+            settings["log_dir"], job_id, name, faults.CUT_OFF if cut_off else faults.ENDED_BY_PBS,
+            job.get("hosts") or [], f"{job['detail']}; {len(left)} rank(s) continued in "
+            f"{more.name} (job {new_id})",
+        )  # fmt: skip
     pace = f", {per_rank_s:.0f} s per rank and engine so far" if per_rank_s else ""
     lines = [
         f"pbs-status: {why}; {len(done)} of its {len(ranks)} rank(s) are done and kept, "

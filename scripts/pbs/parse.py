@@ -25,6 +25,10 @@ PBS_EXIT_REASONS = {
 PBS_RUNNING_STATES = frozenset("QHWRESTUBM")
 # substate 91: the job was deleted (qdel) while it ran. PBS then reports Exit_status 0.
 SUBSTATE_TERMINATED = 91
+# substate 93: the job failed. With Exit_status 0 (OpenPBS 23.06, 2026-12-06): its first
+# mom ended it because a sister's (restarted) mom no longer knew it ("Discard running
+# job, A sister Mom failed to delete job"): a node of it was lost, nothing finished.
+SUBSTATE_FAILED = 93
 # A job PBS could not start on its nodes again and again: held for good.
 FAILED_ATTEMPTS = "too many failed attempts to run"
 
@@ -44,10 +48,17 @@ class Verdict:
     # Failed because PBS ended it (walltime, qdel from outside, a node failure), not
     # because its script failed: its unfinished ranks may be continued (pbs.resubmit).
     ended_by_pbs: bool = False
+    # Failed because the infrastructure cut ranks off (a node's Snakemake died, a node
+    # never reported: pbs/node.py), continued as one PBS ended.
+    infrastructure: bool = False
     # For the progress line: queued, running, held, ...; PBS's comment; when it started.
     phase: str = ""
     comment: str = ""
     started: float | None = None
+    # Where it runs (exec_host, in PBS_NODEFILE order) and how often PBS started it
+    # (run_count: more than once after PBS requeued it, e.g. when a node was lost).
+    hosts: tuple[str, ...] = ()
+    run_count: int | None = None
 
 
 def parse_json(text: str) -> dict[str, dict]:
@@ -63,6 +74,18 @@ def parse_json(text: str) -> dict[str, dict]:
     if not isinstance(data, dict) or not isinstance(data.get("Jobs", {}), dict):
         raise QueryError(f"qstat JSON has no 'Jobs' mapping: {text[:200]!r}")
     return {job_id: job for job_id, job in data.get("Jobs", {}).items() if isinstance(job, dict)}
+
+
+def parse_nodes(text: str) -> dict[str, dict]:
+    """``pbsnodes -a -F json`` -> {host: attributes}; QueryError if it is no such JSON."""
+    try:
+        data = json.loads(text, strict=False)
+    except ValueError as error:
+        raise QueryError(f"pbsnodes printed no valid JSON ({error}): {text[:200]!r}") from error
+    nodes = data.get("nodes") if isinstance(data, dict) else None
+    if not isinstance(nodes, dict):
+        raise QueryError(f"pbsnodes JSON has no 'nodes' mapping: {text[:200]!r}")
+    return {name: node for name, node in nodes.items() if isinstance(node, dict)}
 
 
 _TEXT_JOB = re.compile(r"^Job Id:\s*(\S+)\s*$")
@@ -130,19 +153,38 @@ def ended_by_pbs(code: int | None, substate: int | None, comment: str) -> bool:
     return code is not None and (code < 0 or code > 256)
 
 
+def exec_hosts(value) -> tuple[str, ...]:
+    """The hosts of ``exec_host`` (``node1/0+node3/0*2``), each once, in order."""
+    hosts = (part.split("/")[0].strip() for part in str(value or "").split("+"))
+    return tuple(dict.fromkeys(h for h in hosts if h))
+
+
 def verdict(job: Mapping) -> Verdict:
     """running, success or failed for one job's attributes (JSON or text form)."""
     letter = str(job.get("job_state", "?"))
     comment = " ".join(str(job.get("comment", "")).split())
     said = f"; comment: {comment}" if comment else ""
     phase = PHASES.get(letter, f"job_state {letter}")
-    seen = {"phase": phase, "comment": comment, "started": pbs_time(job.get("stime"))}
+    seen = {
+        "phase": phase,
+        "comment": comment,
+        "started": pbs_time(job.get("stime")),
+        "hosts": exec_hosts(job.get("exec_host")),
+        "run_count": _int(job.get("run_count")),
+    }
     if letter in ("F", "X"):
         code, substate = _int(job.get("Exit_status")), _int(job.get("substate"))
         by_pbs = ended_by_pbs(code, substate, comment)
         if substate == SUBSTATE_TERMINATED or "terminated" in comment:
             # qdel while running: Exit_status is 0 although nothing finished.
             return Verdict(FAILED, f"deleted while running (qdel){said}", ended_by_pbs=True, **seen)
+        if code == 0 and substate == SUBSTATE_FAILED:
+            return Verdict(
+                FAILED,
+                f"ended by PBS with Exit_status 0 and substate 93 (a node of it was lost){said}",
+                ended_by_pbs=True,
+                **seen,
+            )
         if code is None:
             # e.g. deleted before it ran
             return Verdict(FAILED, f"job_state {letter} without Exit_status{said}", **seen)

@@ -9,7 +9,8 @@ reads them.
     jobs          job id -> `new_job_record`: name, run, queue, seen, submitted, state
                   (running, success, failed), detail, listed, rounds, problems, since,
                   warned; for continuations (pbs.resubmit) attempt, continued_by,
-                  continuing, left_out. Fields missing from older records take those
+                  continuing, left_out; hosts, started_at, run_count as PBS last
+                  answered. Fields missing from older records take those
                   defaults when read under the lock.
 ``status.log``: what the status command did, a line each.
 ``submitting.lock``: held (shared) while a submission is under way (`submitting`).
@@ -59,6 +60,11 @@ def new_job_record(now: float, name: str = "", run: str = "", queue: str = "") -
         "continued_by": None,
         "continuing": False,
         "left_out": [],
+        # Where and since when PBS runs it, and how often it started it: a run count
+        # that grows means PBS requeued it (status.note_requeue: a node was lost).
+        "hosts": [],
+        "started_at": None,
+        "run_count": None,
     }
 
 

@@ -14,12 +14,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from formats.files import safe_name, write_atomic
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
 from .continuation import continue_submission
+from .node_faults import cut_off_by_infrastructure, note_requeue, ranks_left
 from .parse import (
     FAILED,
     FINAL,
@@ -206,6 +208,9 @@ def job_status(
                     (problem_rounds, problem_seconds),
                     warn,
                     int(settings.get("resubmit", 0)),
+                    lambda ended_id: cut_off_by_infrastructure(settings, ended_id),
+                    lambda *seen: note_requeue(settings, *seen, warn=warn),
+                    lambda ended_id: ranks_left(settings, ended_id),
                 )
                 if show_progress:
                     lines = _progress(state, answers, settings, store, t)
@@ -246,12 +251,26 @@ def _answer(jobs: Mapping, job_id: str) -> str:
     return job["state"]
 
 
-def _query_round(state, store, query, t, interval, bounds, warn, resubmit=0):
+def _query_round(
+    state,
+    store,
+    query,
+    t,
+    interval,
+    bounds,
+    warn,
+    resubmit=0,
+    cut_off=lambda job_id: None,
+    requeued=lambda *seen: None,
+    left=lambda job_id: [],
+):
     """Ask the scheduler once about every open job of the run and record the answers.
 
     Returns the ids that were failed while PBS may still hold them (to be deleted),
     the ids PBS ended that are to be continued (marked ``continuing``, read as
-    running meanwhile), and PBS's answers ({id: Verdict}).
+    running meanwhile), and PBS's answers ({id: Verdict}). A job whose script failed
+    because the infrastructure cut off ranks of it (``cut_off``: a node's Snakemake
+    died, a node never reported) is continued as one PBS ended.
     """
     problem_rounds, problem_seconds = bounds
     jobs = state["jobs"]
@@ -282,6 +301,24 @@ def _query_round(state, store, query, t, interval, bounds, warn, resubmit=0):
         job["rounds"] += 1
         if job_id in answers:
             answer = answers[job_id]
+            if answer.state == FAILED and not answer.ended_by_pbs and answer.phase != "held":
+                why = cut_off(job_id)
+                if why:
+                    detail = f"{answer.detail}; ranks cut off by the infrastructure: {why}"
+                    answer = replace(answer, detail=detail, ended_by_pbs=True, infrastructure=True)
+            if answer.state == SUCCESS and (unfinished := left(job_id)):
+                shown = ", ".join(map(str, unfinished[:5]))
+                detail = (
+                    f"{answer.detail}; but {len(unfinished)} of its ranks are not done "
+                    f"(rank {shown}{' ...' if len(unfinished) > 5 else ''}): ended under them"
+                )
+                answer = replace(answer, state=FAILED, detail=detail, ended_by_pbs=True)
+            if answer.run_count and job["run_count"] and answer.run_count > job["run_count"]:
+                store.log(f"{job_id}: PBS started it again (run {answer.run_count})", t)
+                requeued(job_id, job, answer, t)
+            job["run_count"] = answer.run_count or job["run_count"]
+            if answer.hosts:
+                job["hosts"], job["started_at"] = list(answer.hosts), answer.started
             job["state"], job["detail"] = answer.state, answer.detail
             job["problems"], job["since"], job["listed"] = 0, None, True
             if answer.state == SUCCESS and job.get("left_out"):

@@ -298,6 +298,9 @@ def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: P
         # the rule of each rank: infer (.in) or infer_jsonl (.jsonl)
         "rules": {str(rank): rank_files.rule_of(path.name) for rank, path in files.items()},
         "node_launcher": settings["node_launcher"],
+        # which ranks are whole or failed by their input, for a node's new Snakemake
+        "results_dir": settings.get("results_dir") or "",
+        "failed_dir": settings.get("failed_dir") or "",
     }
     path.write_text(json.dumps(nodes))
     return number

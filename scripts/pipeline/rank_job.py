@@ -50,6 +50,7 @@ def engine_spec(config: dict) -> dict:
         "env": offline_env(config),
         "launcher": config["engine_launcher"],
         "max_restarts": warm["max_restarts"],
+        "node_restarts": warm["node_restarts"],
         "ready_timeout_s": warm["ready_timeout_s"],
         "ranks_in_flight": warm["ranks_in_flight"],
         "server": warm["server"],

@@ -28,6 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from formats import faults
 from formats.files import write_atomic
 from formats.record import END_KEY, RecordError, existing_records, read_records
 from reporting.accounting import engines_tsv, submissions, submissions_tsv
@@ -338,6 +339,8 @@ def print_run_summary(
             text += "\n" + accounting.paragraph(subs)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         text += f"\nNode-hours unavailable: {exc}"
+    if not os.environ.get("AURORA_ENGINES"):
+        text += "".join(f"\n{line}" for line in infrastructure_failures(logs.get("pbs_logs")))
     print(text, file=stream, flush=True)
 
 
@@ -372,6 +375,28 @@ def preflight_failures(pbs_logs: str = "logs/pbs", since: float = STARTED) -> li
                 f"(its PBS log: {path.with_name(name + '.log')}); its ranks did not run:"
             )
             lines += [f"  {cause}" for cause in failure["causes"]]
+    return lines
+
+
+def infrastructure_failures(pbs_logs: str | None = None, since: float = STARTED) -> list[str]:
+    """This run's infrastructure failures (formats/faults.py), apart from the ranks' own:
+    a count per kind, then one line each."""
+    found = faults.read_faults(pbs_logs or "logs/pbs", since)
+    if not found:
+        return []
+    counts: dict[str, int] = {}
+    for fault in found:
+        counts[fault.kind] = counts.get(fault.kind, 0) + 1
+    hours = sum(f.node_hours or 0.0 for f in found)
+    cost = f", {hours:.3f} node-hours of interrupted runs" if hours else ""
+    lines = [
+        "Infrastructure failures, not counted against any rank (their ranks ran again; "
+        f"logs/pbs/{faults.FILE}): " + ", ".join(f"{n} {k}" for k, n in counts.items()) + cost
+    ]
+    for fault in found:
+        at = time.strftime("%H:%M:%S", time.localtime(fault.time))
+        nodes = f" {', '.join(fault.nodes)}" if fault.nodes else ""
+        lines.append(f"  {at} {fault.kind}{nodes} (job {fault.job_id} {fault.name}): {fault.what}")
     return lines
 
 
