@@ -91,6 +91,8 @@ async def build_app(engine, args):
             return Response(status_code=503)
         return JSONResponse({"engine_id": engine_id}) if engine_id else Response(status_code=200)
 
+    # first: vLLM 0.15 serves its own /health from a route mounted before it
+    app.router.routes.insert(0, app.router.routes.pop())
     return app
 
 

@@ -78,9 +78,12 @@ def surely_fit(requests: list[Request], settings: dict, url: str) -> bool:
     if not max_model_len:
         return False
     return all(
-        not r.chat
-        and token_bound(r.prompt)
-        <= _token_limit(max_model_len, sampling_of(r, settings["sampling"])["max_tokens"])
+        r.error is not None
+        or (
+            not r.chat
+            and token_bound(r.prompt)
+            <= _token_limit(max_model_len, sampling_of(r, settings["sampling"])["max_tokens"])
+        )
         for r in requests
     )
 
@@ -104,15 +107,17 @@ def engine_inputs(
         return [r.input for r in requests], []
     if surely_fit(requests, settings, url):
         return [r.prompt for r in requests], []
-    answers = [_tokens(url, r, path, key) for r in requests]
-    token_ids = [answer.ids for answer in answers]
-    if answers and answers[0].max_model_len:
-        _MAX_MODEL_LEN[url] = answers[0].max_model_len
+    # a request refused as read is never sent: no tokens to count
+    answers = [None if r.error else _tokens(url, r, path, key) for r in requests]
+    token_ids = [answer.ids if answer else [] for answer in answers]
+    max_model_len = next((a.max_model_len for a in answers if a and a.max_model_len), None)
+    if max_model_len:
+        _MAX_MODEL_LEN[url] = max_model_len
     inputs, truncated = checked_requests(
         requests,
         token_ids,
         lambda text: client.tokenize(url, text, add_special_tokens=False, key=key).ids,
-        answers[0].max_model_len if answers else 0,
+        max_model_len or 0,
         settings,
         path,
         refused,
