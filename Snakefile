@@ -16,6 +16,7 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
 from formats import workflow_config  # noqa: E402
+from dataset import cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
 from rank import layout  # noqa: E402
@@ -27,8 +28,12 @@ workflow_config.load_config(config, "config/schema.yaml")
 
 validate(config, "config/schema.yaml")
 
-DATA, RESULTS = config["data_dir"], config["results_dir"]
-RANK_FILES = layout.discover_rank_files(DATA)  # rank -> its .in or .jsonl
+DATASET = source.dataset_of(config)  # None: rank files in data_dir
+DATA, RESULTS = source.folders(config, DATASET)
+# rank -> its .in or .jsonl (a dataset's: as far as its last cut knows them)
+RANK_FILES = (
+    cut.known_rank_files(DATASET, DATA) if DATASET else layout.discover_rank_files(DATA)
+)
 RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 layout.report_kept(layout.forget_finished_incomplete(RESULTS))
@@ -37,7 +42,7 @@ prepare.check_chat_template(config)
 MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
-    config,
+    source.run_config(config, DATA, RESULTS),
     workflow=workflow,
     model=MODEL,
     marker="".join(MODEL_MARKER),
@@ -67,10 +72,19 @@ localrules:
     summary,
 
 
+if DATASET:
+
+    include: "rules/dataset.smk"
+
+
+ANSWERS = dataset_answers if DATASET else layout.outputs(RESULTS, RANK_FILES)
+
+
 rule all:
     input:
-        layout.outputs(RESULTS, RANK_FILES),
+        ANSWERS,
         f"{RESULTS}/summary.tsv",
+        [source.answer_file(config, DATASET)] if DATASET else [],
 
 
 rule fetch_model:
@@ -125,7 +139,7 @@ rule summary:
     input:
         # each written with its record; asking for the records themselves would make
         # Snakemake try both infer rules for each (-n at 10,000 ranks: 29 s, not 24 s)
-        answers=layout.outputs(RESULTS, RANK_FILES),
+        answers=ANSWERS,
     output:
         table=reported("summary.tsv", "summary"),
         plot=reported("summary.png", "throughput"),
@@ -135,18 +149,25 @@ rule summary:
     log:
         "logs/summary.log",
     run:
+        ranks = [Path(answer).stem for answer in input.answers]
         summary.write_run_summary(
-            layout.records(RESULTS, RANKS), output, log[0], len(RANKS), config
+            layout.records(RESULTS, ranks), output, log[0], len(ranks), config
         )
 
 
 onsuccess:
     rank_job.stop_engines()
-    summary.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
+    summary.print_run_summary(
+        f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
+    )
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summary.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
-    summary.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")
+    summary.print_run_summary(
+        f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
+    )
+    summary.report_failures(
+        cut.ranks_now(DATA, RANKS), RESULTS, "logs/infer/{rank}.log"
+    )
