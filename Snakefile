@@ -16,7 +16,7 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
 from formats import workflow_config  # noqa: E402
-from dataset import cut, merge, source  # noqa: E402
+from dataset import bill, cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
 from rank import layout  # noqa: E402
@@ -40,9 +40,11 @@ layout.report_kept(layout.forget_finished_incomplete(RESULTS))
 MODEL = prepare.check_model(config["model"])
 prepare.check_chat_template(config)
 MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
+# A dataset's bill (dry runs too); the config of the ranks' side (rank folders, walltime).
+RUN = bill.prepare(workflow, config, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
-    source.run_config(config, DATA, RESULTS),
+    RUN,
     workflow=workflow,
     model=MODEL,
     marker="".join(MODEL_MARKER),
@@ -50,12 +52,11 @@ pbs.export_settings(
 )
 
 
-def count_pending():  # ranks whose outputs are missing or outdated
-    return len(layout.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
+include: "rules/common.smk"
 
 
 # With profiles/aurora: print the PBS plan of the pending ranks.
-pbs.announce_plan(workflow, config, count_pending)
+pbs.announce_plan(workflow, RUN, count_pending)
 # Run here: a progress line every progress_interval_s (the first rank job starts it).
 progress.LOCAL.configure(
     workflow, RESULTS, config["progress_interval_s"], rank_job.engine_states(config)
@@ -106,7 +107,7 @@ rule infer:
     log:
         "logs/infer/{rank}.log",
     group:
-        pbs.node_group(workflow, config)
+        pbs.node_group(workflow, RUN)
     threads: 1
     resources:
         tiles=config["tiles"]["per_job"],
@@ -129,12 +130,6 @@ use rule infer as infer_jsonl with:
         record=f"{RESULTS}/records/{{rank}}.json",
 
 
-def reported(name, caption):  # a results file in the --report, with its caption
-    return report(
-        f"{RESULTS}/{name}", caption=f"report/{caption}.rst", category="Run summary"
-    )
-
-
 rule summary:
     input:
         # each written with its record; asking for the records themselves would make
@@ -149,10 +144,7 @@ rule summary:
     log:
         "logs/summary.log",
     run:
-        ranks = [Path(answer).stem for answer in input.answers]
-        summary.write_run_summary(
-            layout.records(RESULTS, ranks), output, log[0], len(ranks), config
-        )
+        write_summary(input.answers, output, log[0])
 
 
 onsuccess:
@@ -160,6 +152,7 @@ onsuccess:
     summary.print_run_summary(
         f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
     )
+    bill.print_against_spending(config, RESULTS, cut.ranks_now(DATA, RANKS))
 
 
 onerror:

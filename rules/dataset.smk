@@ -15,11 +15,6 @@ checkpoint cut_dataset:
         cut.cut(DATASET, DATA, log[0])
 
 
-def dataset_answers(wildcards):  # the ranks' answer files, once the cut is known
-    manifest = cut.read_manifest(checkpoints.cut_dataset.get().output[0])
-    return layout.outputs(RESULTS, cut.rank_files(manifest))
-
-
 rule merge_dataset:
     input:
         answers=dataset_answers,
@@ -29,9 +24,4 @@ rule merge_dataset:
     log:
         "logs/merge_dataset.log",
     run:
-        if DATASET.parquet:
-            merge.merge_parquet(
-                input.source, input.answers, output[0], DATASET.carry, DATASET.embed
-            )
-        else:
-            merge.merge_jsonl(input.answers, output[0])
+        merge.merge(DATASET, input.answers, output[0])

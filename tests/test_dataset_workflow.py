@@ -62,7 +62,8 @@ def test_a_million_request_dataset_killed_rerun_and_appended(tmp_path):
     done = {p.name: p.stat().st_mtime_ns for p in results.glob("*.jsonl")}
     assert 100 <= len(done) < len(cut_at)
     unlock = subprocess.run(
-        [sys.executable, str(UNLOCK_STALE), "profiles/local", *SNAKEMAKE],
+        [sys.executable, str(UNLOCK_STALE), "profiles/local", *SNAKEMAKE,
+         "--configfile", *map(str, config)],
         cwd=work, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert unlock.returncode == 0, unlock.stderr

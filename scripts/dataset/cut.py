@@ -216,3 +216,16 @@ def ranks_now(folder: str | os.PathLike, ranks: list[str]) -> list[str]:
     Snakefile loaded (``ranks``: what it knew then)."""
     manifest = read_manifest(manifest_path(folder))
     return list(rank_files(manifest)) if manifest else ranks
+
+
+def count_requests(dataset: Dataset) -> int:
+    """Requests of the dataset as it is now, without checking them (the bill's count)."""
+    if dataset.parquet:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(dataset.source).metadata.num_rows
+    count = 0
+    with open(dataset.source, "rb") as handle:
+        for raw in handle:
+            count += bool(raw.strip())
+    return count

@@ -134,3 +134,11 @@ def merge_parquet(
             writer.close()
         if next(rows, None) is not None:
             raise ValueError(f"{target}: more answers than rows in {source}")
+
+
+def merge(dataset, answers: Sequence[str | os.PathLike], target: str | os.PathLike) -> None:
+    """Rule merge_dataset: the answer file of ``dataset`` (a source.Dataset)."""
+    if dataset.parquet:
+        merge_parquet(dataset.source, answers, target, dataset.carry, dataset.embed)
+    else:
+        merge_jsonl(answers, target)

@@ -71,9 +71,3 @@ def folders(config: dict, dataset: Dataset | None) -> tuple[str, str]:
 def answer_file(config: dict, dataset: Dataset) -> str:
     """The one answer file: ``results/<name>.jsonl``, or ``.parquet`` for a Parquet input."""
     return f"{config['results_dir']}/{dataset.name}{Path(dataset.source).suffix}"
-
-
-def run_config(config: dict, data: str, results: str) -> dict:
-    """The config as the ranks' side sees it: data_dir and results_dir the folders of the
-    dataset's ranks (PBS settings, records, continuations)."""
-    return {**config, "data_dir": data, "results_dir": results}
