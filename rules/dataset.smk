@@ -2,6 +2,11 @@
 # in one file, results/<name>.jsonl or .parquet (scripts/dataset/).
 
 
+localrules:
+    cut_dataset,
+    merge_dataset,
+
+
 checkpoint cut_dataset:
     input:
         DATASET.source,
