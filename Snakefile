@@ -90,7 +90,7 @@ rule all:
 
 rule fetch_model:
     output:
-        f"{RESULTS}/model/{prepare.model_slug(MODEL)}.json",
+        f"{config['results_dir']}/model/{prepare.model_slug(MODEL)}.json",
     log:
         "logs/fetch_model.log",
     run:

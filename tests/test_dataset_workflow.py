@@ -89,5 +89,5 @@ def test_a_million_request_dataset_killed_rerun_and_appended(tmp_path):
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     assert planned_ranks(last.stdout + last.stderr) == ["1001"]
     assert_merged_in_order(answers, REQUESTS + 1510)
-    assert "1002 of 1002 ranks done" in last.stderr
+    assert "1,002 of 1,002 ranks done" in last.stderr
     assert snakemake(work, "-n", configfiles=config).stdout.count("rule infer") == 0
