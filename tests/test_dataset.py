@@ -156,3 +156,31 @@ def test_a_parquet_column_that_is_missing_is_named_with_the_config_key(tmp_path)
         source.DatasetError, match="no column 'prompt' \\(config key dataset.column"
     ):
         cut.cut(dataset(path), tmp_path / "ranks")
+
+
+def test_embedding_vectors_in_rank_npy_files_merge_into_one_with_their_rows_renumbered(tmp_path):
+    import numpy as np
+
+    from rank.jsonl import npy_bytes
+
+    answers = []
+    for rank, count in enumerate([2, 0, 3]):
+        vectors = [[rank + i / 10, -rank - i / 10] for i in range(count)]
+        (tmp_path / f"{rank}.npy").write_bytes(npy_bytes(vectors))
+        lines = [
+            {"id": f"{rank}-{i}", "object": "list", "data": [
+                {"object": "embedding", "index": 0, "embedding": None, "npy_row": i}]}
+            for i in range(count)
+        ]  # fmt: skip
+        path = tmp_path / f"{rank}.jsonl"
+        write_lines(path, lines)
+        answers.append(path)
+    merge.merge_jsonl(answers, tmp_path / "out" / "emb.jsonl")
+    merged = np.load(tmp_path / "out" / "emb.npy")
+    assert merged.shape == (5, 2)
+    lines = [json.loads(x) for x in (tmp_path / "out" / "emb.jsonl").read_text().splitlines()]
+    for line in lines:
+        rank, i = map(int, line["id"].split("-"))
+        row = line["data"][0]["npy_row"]
+        assert merged[row].tolist() == pytest.approx([rank + i / 10, -rank - i / 10])
+    assert [line["data"][0]["npy_row"] for line in lines] == [0, 1, 2, 3, 4]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -40,13 +41,77 @@ def atomic_target(target: str | os.PathLike):
 
 
 def merge_jsonl(answers: Sequence[str | os.PathLike], target: str | os.PathLike) -> None:
-    """The ranks' answer files, in rank order, as one file."""
+    """The ranks' answer files, in rank order, as one file. Embedding ranks whose vectors
+    are in ``<rank>.npy`` (vllm.embeddings_npy): their rows in one ``<name>.npy`` beside
+    the target, written first, and each line's ``npy_row`` counted in it."""
+    npys = [Path(a).with_suffix(".npy") for a in answers]
+    offsets = (
+        merge_npy(npys, Path(target).with_suffix(".npy"))
+        if all(p.exists() for p in npys) and npys
+        else None
+    )
     with atomic_target(target) as tmp, open(tmp, "wb") as out:
-        for path in answers:
+        for rank, path in enumerate(answers):
             with open(path, "rb") as part:
+                if offsets is None:
+                    shutil.copyfileobj(part, out, 1 << 20)
+                    continue
+                for raw in part:
+                    out.write(shifted_rows(raw, offsets[rank]))
+        out.flush()
+        os.fsync(out.fileno())
+
+
+NPY_MAGIC = b"\x93NUMPY\x01\x00"
+
+
+def npy_rows(path: Path) -> tuple[int, int, int]:
+    """(rows, width, header bytes) of a float32 .npy as rank/jsonl.py's npy_bytes writes."""
+    with open(path, "rb") as handle:
+        head = handle.read(10)
+        if not head.startswith(NPY_MAGIC):
+            raise ValueError(f"{path}: not a .npy file of format 1.0")
+        size = int.from_bytes(head[8:10], "little")
+        header = handle.read(size).decode("latin1")
+    match = re.search(r"'shape': \((\d+), (\d+)\)", header)
+    if "'<f4'" not in header or not match:
+        raise ValueError(f"{path}: not a 2-D float32 .npy: {header.strip()}")
+    return int(match.group(1)), int(match.group(2)), 10 + size
+
+
+def merge_npy(parts: Sequence[Path], target: Path) -> list[int]:
+    """The rows of ``parts`` in one .npy (atomically); each part's first row in it."""
+    shapes = [npy_rows(p) for p in parts]
+    widths = {w for rows, w, _ in shapes if rows}
+    if len(widths) > 1:
+        raise ValueError(f"{target}: the ranks' vectors differ in width: {sorted(widths)}")
+    total, width = sum(rows for rows, _, _ in shapes), next(iter(widths), 0)
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': ({total}, {width}), }}"
+    header += " " * (-(len(header) + 11) % 64) + "\n"
+    offsets, at = [], 0
+    with atomic_target(target) as tmp, open(tmp, "wb") as out:
+        out.write(NPY_MAGIC + len(header).to_bytes(2, "little") + header.encode())
+        for path, (rows, _, skip) in zip(parts, shapes, strict=True):
+            offsets.append(at)
+            at += rows
+            with open(path, "rb") as part:
+                part.seek(skip)
                 shutil.copyfileobj(part, out, 1 << 20)
         out.flush()
         os.fsync(out.fileno())
+    return offsets
+
+
+def shifted_rows(raw: bytes, offset: int) -> bytes:
+    """An answer line with its items' ``npy_row`` moved by ``offset``."""
+    if not offset or b'"npy_row"' not in raw:
+        return raw
+    line = json.loads(raw)
+    body = (line.get("response") or {}).get("body") if "response" in line else line
+    for item in (body or {}).get("data") or ():
+        if item.get("npy_row") is not None:
+            item["npy_row"] += offset
+    return (json.dumps(line, ensure_ascii=False) + "\n").encode()
 
 
 def answer_rows(answers: Sequence[str | os.PathLike]) -> Iterator[dict]:
