@@ -3,6 +3,10 @@
 
 
 def count_pending():  # ranks whose outputs are missing or outdated
+    if DATASET:  # its ranks to run now, as its bill counted them
+        return len(
+            bill.pending_requests(DATASET, DATA, RESULTS, RANKS, MODEL_MARKER)[2]
+        )
     return len(layout.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
 
 

@@ -176,7 +176,18 @@ def announce(workflow, config: Mapping, text_and_hours, budget, spent, stream=No
 
 
 def pending_requests(dataset, data: str, results: str, ranks: list[str], marker) -> tuple:
-    """(requests, ranks, request counts of the ranks to run) of a dataset's run."""
+    """(requests, ranks, request counts of the ranks to run) of a dataset's run (counted
+    once per process: the bill and the PBS plan line both ask)."""
+    key = (dataset, data, results, tuple(ranks), tuple(marker))
+    if key not in _PENDING:
+        _PENDING[key] = _pending_requests(dataset, data, results, ranks, marker)
+    return _PENDING[key]
+
+
+_PENDING: dict = {}
+
+
+def _pending_requests(dataset, data: str, results: str, ranks: list[str], marker) -> tuple:
     from rank import layout
 
     from . import cut
