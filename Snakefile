@@ -16,6 +16,7 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
 from formats import workflow_config  # noqa: E402
+from dataset import bill, cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
 from rank import layout  # noqa: E402
@@ -27,17 +28,23 @@ workflow_config.load_config(config, "config/schema.yaml")
 
 validate(config, "config/schema.yaml")
 
-DATA, RESULTS = config["data_dir"], config["results_dir"]
-RANK_FILES = layout.discover_rank_files(DATA)  # rank -> its .in or .jsonl
+DATASET = source.dataset_of(config)  # None: rank files in data_dir
+DATA, RESULTS = source.folders(config, DATASET)
+# rank -> its .in or .jsonl (a dataset's: as far as its last cut knows them)
+RANK_FILES = (
+    cut.known_rank_files(DATASET, DATA) if DATASET else layout.discover_rank_files(DATA)
+)
 RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 layout.report_kept(layout.forget_finished_incomplete(RESULTS))
 MODEL = prepare.check_model(config["model"])
 prepare.check_chat_template(config)
 MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
+# A dataset's bill (dry runs too); the config of the ranks' side (rank folders, walltime).
+RUN = bill.prepare(workflow, config, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
-    config,
+    RUN,
     workflow=workflow,
     model=MODEL,
     marker="".join(MODEL_MARKER),
@@ -45,12 +52,11 @@ pbs.export_settings(
 )
 
 
-def count_pending():  # ranks whose outputs are missing or outdated
-    return len(layout.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
+include: "rules/common.smk"
 
 
 # With profiles/aurora: print the PBS plan of the pending ranks.
-pbs.announce_plan(workflow, config, count_pending)
+pbs.announce_plan(workflow, RUN, count_pending)
 # Run here: a progress line every progress_interval_s (the first rank job starts it).
 progress.LOCAL.configure(
     workflow, RESULTS, config["progress_interval_s"], rank_job.engine_states(config)
@@ -67,15 +73,24 @@ localrules:
     summary,
 
 
+if DATASET:
+
+    include: "rules/dataset.smk"
+
+
+ANSWERS = dataset_answers if DATASET else layout.outputs(RESULTS, RANK_FILES)
+
+
 rule all:
     input:
-        layout.outputs(RESULTS, RANK_FILES),
+        ANSWERS,
         f"{RESULTS}/summary.tsv",
+        [source.answer_file(config, DATASET)] if DATASET else [],
 
 
 rule fetch_model:
     output:
-        f"{RESULTS}/model/{prepare.model_slug(MODEL)}.json",
+        f"{config['results_dir']}/model/{prepare.model_slug(MODEL)}.json",
     log:
         "logs/fetch_model.log",
     run:
@@ -92,7 +107,7 @@ rule infer:
     log:
         "logs/infer/{rank}.log",
     group:
-        pbs.node_group(workflow, config)
+        pbs.node_group(workflow, RUN)
     threads: 1
     resources:
         tiles=config["tiles"]["per_job"],
@@ -115,17 +130,11 @@ use rule infer as infer_jsonl with:
         record=f"{RESULTS}/records/{{rank}}.json",
 
 
-def reported(name, caption):  # a results file in the --report, with its caption
-    return report(
-        f"{RESULTS}/{name}", caption=f"report/{caption}.rst", category="Run summary"
-    )
-
-
 rule summary:
     input:
         # each written with its record; asking for the records themselves would make
         # Snakemake try both infer rules for each (-n at 10,000 ranks: 29 s, not 24 s)
-        answers=layout.outputs(RESULTS, RANK_FILES),
+        answers=ANSWERS,
     output:
         table=reported("summary.tsv", "summary"),
         plot=reported("summary.png", "throughput"),
@@ -135,18 +144,23 @@ rule summary:
     log:
         "logs/summary.log",
     run:
-        summary.write_run_summary(
-            layout.records(RESULTS, RANKS), output, log[0], len(RANKS), config
-        )
+        write_summary(input.answers, output, log[0])
 
 
 onsuccess:
     rank_job.stop_engines()
-    summary.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
+    summary.print_run_summary(
+        f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
+    )
+    bill.print_against_spending(config, RESULTS, cut.ranks_now(DATA, RANKS))
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summary.print_run_summary(f"{RESULTS}/records", RANKS, config=config)
-    summary.report_failures(RANKS, RESULTS, "logs/infer/{rank}.log")
+    summary.print_run_summary(
+        f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
+    )
+    summary.report_failures(
+        cut.ranks_now(DATA, RANKS), RESULTS, "logs/infer/{rank}.log"
+    )

@@ -23,6 +23,7 @@ import batch_fields  # noqa: E402
 import chat_batch  # noqa: E402
 import common  # noqa: E402
 import dag_scale  # noqa: E402
+import datasets  # noqa: E402
 import dispatch  # noqa: E402
 import engine_efficiency  # noqa: E402
 import local_scale  # noqa: E402
@@ -45,6 +46,7 @@ BENCHMARKS = {
         chat_batch,
         batch_fields,
         local_scale,
+        datasets,
     )
 }
 

@@ -37,6 +37,7 @@ LAYERS = {
     "pbs": 5,
     "reporting": 5,
     "pipeline": 6,
+    "dataset": 6,  # a dataset cut into ranks, merged, billed: over rank, pbs, reporting
     "tools": 7,  # developer tools, not runtime
 }
 
@@ -70,6 +71,8 @@ JSON_READERS = {
     "pipeline.rank_job": "the engines' spec of a PBS submission",
     "rank.jsonl": "the lines of a .jsonl rank file (user input)",
     "rank.checks": "the task's --settings",
+    "dataset.cut": "a dataset's lines (user input) and its own manifest, ranks.json",
+    "dataset.merge": "the ranks' answer lines, written by rank/jsonl.py's answer_line",
     "tools.build_model": "a model's config.json",
 }
 

@@ -275,3 +275,26 @@ def test_the_fixes_apply_only_to_the_snakemake_they_were_written_for(monkeypatch
     monkeypatch.setattr(snakemake, "__version__", "9.28.0")
     assert snakemake_fixes.apply() is False
     assert "Snakemake 9.28.0 is not 9.27.x" in capsys.readouterr().err
+
+
+def test_a_second_grouping_pass_gets_fresh_groups_not_merged_ones():
+    from types import SimpleNamespace
+
+    import snakemake.api  # noqa: F401  (loads snakemake.dag as Snakemake itself does)
+
+    snakemake_fixes.apply()
+    from snakemake.jobs import GroupJobFactory
+
+    dag = SimpleNamespace(workflow=SimpleNamespace(execution_settings=SimpleNamespace(attempt=1)))
+
+    class Job(SimpleNamespace):  # what GroupJob asks of a member: its DAG
+        __hash__, __eq__ = object.__hash__, object.__eq__
+
+    a, b = Job(dag=dag), Job(dag=dag)
+    factory = GroupJobFactory()
+    first, second = factory.new("node", [a], None), factory.new("node", [b], None)
+    first.merge(second)  # group-components packed them into one submission
+    assert set(first.jobs) == {a, b}
+    again = factory.new("node", [a], None)  # the DAG grouped anew (after a checkpoint)
+    assert set(again.jobs) == {a} and again is not first
+    assert factory.new("node", [a], None) is again  # unmerged ones still cached

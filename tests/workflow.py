@@ -21,7 +21,7 @@ TINY_MODEL = REPO / "models" / "tiny-opt"
 def make_workdir(path: Path, ranks: dict[str, str | bytes]) -> Path:
     """Lay out a run folder: links to the workflow's code, and a data/ of the given rank files."""
     path.mkdir(parents=True, exist_ok=True)
-    for name in ("Snakefile", "config", "report", "scripts", "profiles", "models"):
+    for name in ("Snakefile", "rules", "config", "report", "scripts", "profiles", "models"):
         (path / name).symlink_to(REPO / name)
     data = path / "data"
     data.mkdir()

@@ -83,7 +83,10 @@ def submission_minutes(settings: Mapping, ranks: int, nodes: int, runtime=None) 
             settings["runtime_minutes"] if runtime is None else runtime, settings
         )
     engines = max(1, nodes * jobs_per_node(settings))
-    work = settings["start_minutes"] + math.ceil(ranks / engines) * settings["rank_minutes"]
+    # rank_minutes estimated from a history is a fraction (dataset/bill.py)
+    work = settings["start_minutes"] + math.ceil(
+        math.ceil(ranks / engines) * settings["rank_minutes"]
+    )
     return walltime_minutes(work, settings)
 
 

@@ -67,6 +67,7 @@ def settings_from_config(
         "place": pbs["place"],
         "nodes_per_submission": pbs["nodes_per_submission"],
         "walltime_margin_minutes": pbs["walltime_margin_minutes"],
+        "budget_node_hours": pbs.get("budget_node_hours"),
         "setup": list(pbs["setup"]),
         "status_interval": pbs["status_interval"],
         # Continuations of a submission PBS ended (walltime, qdel, node failure).
@@ -80,8 +81,9 @@ def settings_from_config(
         "warm_engines": bool(config["warm_engines"]),
         "ranks_per_engine": config["warm"]["ranks_per_engine"],
         "ranks_in_flight": config["warm"]["ranks_in_flight"],
-        "start_minutes": config["warm"]["start_minutes"],
-        "rank_minutes": config["warm"]["rank_minutes"],
+        # unset (null): what they were before they could be (a dataset's bill sets them)
+        "start_minutes": _or(config["warm"]["start_minutes"], 15),
+        "rank_minutes": _or(config["warm"]["rank_minutes"], 1),
         "engines": dict(engines or {}),
         "engine": config["engine"],
         "tiles_hierarchy": tiles["hierarchy"],
@@ -106,6 +108,10 @@ def settings_from_config(
         "python": sys.executable,
         "owner": {"pid": owner, "start": _process_start(owner)},
     }
+
+
+def _or(value, fallback):
+    return fallback if value is None else value
 
 
 def run_id(settings: Mapping) -> str:

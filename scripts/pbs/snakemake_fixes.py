@@ -50,13 +50,14 @@ def apply() -> bool:
         )
         return False
     from snakemake.dag import DAG
-    from snakemake.jobs import Job
+    from snakemake.jobs import GroupJobFactory, Job
     from snakemake.resources import GroupResources
 
     check_each_group_once(DAG)
     ready_once_per_group(DAG)
     layers_with_sums(GroupResources)
     inputs_indexed_while_preparing(Job)
+    no_merged_groups_from_the_cache(GroupJobFactory)
     return True
 
 
@@ -68,6 +69,28 @@ def _patch(cls, name: str, make) -> bool:
     replacement.snakemake_fix = True
     setattr(cls, name, replacement)
     return True
+
+
+def no_merged_groups_from_the_cache(factory_class) -> bool:
+    """A second ``DAG.update_groups`` (the DAG growing after a checkpoint, e.g. a
+    dataset's ranks when its cut is already there) gets new groups, not the cached ones
+    of its first pass: those were merged into a submission's worth of jobs
+    (group-components), and handing a merged one back for one job made overlapping
+    groups: two submissions holding one rank, and "Multiple different external jobids
+    registered" for the third. Not a cost fix: a wrong answer of 9.27 fixed."""
+
+    def make(original):
+        @functools.wraps(original)
+        def new(self, id, jobs, resources):
+            jobs = frozenset(jobs)
+            cached = self.cache.get((id, jobs))
+            if cached is not None and frozenset(cached.jobs) != jobs:
+                del self.cache[(id, jobs)]
+            return original(self, id, jobs, resources)
+
+        return new
+
+    return _patch(factory_class, "new", make)
 
 
 def check_each_group_once(dag_class) -> bool:

@@ -468,6 +468,46 @@ def continuation_plan(plan: Plan, settings: Mapping, more: Continuation) -> Plan
     return Plan(more.name, jobs, nodes, format_walltime(minutes), tuple(more.ranks))
 
 
+def spent_node_hours(log_dir) -> float:
+    """Node-hours of the submissions in ``log_dir`` (pbs.budget_node_hours): nodes x (end -
+    start) of those whose job script noted both, the walltime asked for of the others
+    (running, queued, or ended without a note)."""
+    from reporting import accounting
+
+    spent = 0.0
+    for row in accounting.read_index(log_dir):
+        try:
+            path = accounting.phases_path(log_dir, row["id"])
+            marks = json.loads(path.read_text())["phases"]
+            spent += row["nodes"] * (marks["end"] - marks["start"]) / 3600
+        except (OSError, ValueError, KeyError, TypeError):
+            spent += row["nodes"] * (accounting.walltime_hours(row["walltime"]) or 0.0)
+    return spent
+
+
+def budget_problem(settings: Mapping, plan: Plan) -> str | None:
+    """Why a submission must not go out: the node-hours spent (logs/pbs) and the ones it
+    asks for above config key pbs.budget_node_hours; None: it may."""
+    from reporting import accounting
+
+    budget = settings.get("budget_node_hours")
+    if budget is None:
+        return None
+    spent = spent_node_hours(settings["log_dir"])
+    asks = plan.nodes * (accounting.walltime_hours(plan.walltime) or 0.0)
+    if spent + asks <= budget:
+        return None
+    records = Path(settings["results_dir"], "records")
+    done = len(list(records.glob("*.json"))) if records.is_dir() else 0
+    ranks = len(rank_files.discover_ranks(settings["data_dir"]))
+    return (
+        f"budget reached: {spent:.3f} of {budget:g} node-hours spent (config key "
+        f"pbs.budget_node_hours) and {plan.name} asks for {asks:.3f} more: not submitted. "
+        f"Done: {done} of {ranks} ranks, {max(0, ranks - done)} left; rerun with a larger "
+        "budget to pick up from there"
+    )
+
+
 def submit(
     jobscript: str,
     settings: Mapping,
@@ -496,6 +536,9 @@ def submit(
         plan = plan_submission(read_properties(text), settings, text)
         plan = continuation_plan(plan, settings, continuation)
         text = restrict_targets(text, plan.ranks)
+    problem = budget_problem(settings, plan)
+    if problem:
+        raise SubmitError(problem)
     script = log_dir / f"{plan.name}.sh"
     stage_file = engines_file = None
     failure_file = log_dir / f"{plan.name}.failed.json"

@@ -388,6 +388,54 @@ def _request(
     )
 
 
+def parse_line(raw: bytes, number: int, path) -> Request | None:
+    """The request of one raw line (line ``number`` of ``path``), None for a blank line;
+    RequestFileError names the file and the line. The checks of every request line, for
+    rank files and for datasets (scripts/dataset/cut.py) alike."""
+
+    def where(message):
+        return RequestFileError(f"{path}: line {number}: {message}")
+
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise where(
+            f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
+        ) from None
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise where(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(fields, dict):
+        raise where(f"a request must be a JSON object, not {type(fields).__name__}")
+    is_batch = any(k in fields for k in ("custom_id", "url", "body", "method"))
+    return (_batch_request if is_batch else _short_request)(fields, number, where)
+
+
+def check_next(requests: list[Request], request: Request, seen: dict, path) -> None:
+    """What one line must agree on with the lines before it (``seen``: each id's line):
+    a unique id, and one kind (generation, or pooling: embeddings, score, rerank) in a rank."""
+    key = (type(request.id).__name__, request.id)
+    if key in seen:
+        raise RequestFileError(
+            f"{path}: line {request.line}: id {request.id!r} repeats line {seen[key]}'s "
+            "(ids must be unique)"
+        )
+    seen[key] = request.line
+    # a line of an unknown url is its own error line, of no kind
+    kinds = [r for r in requests if r.url is None or r.url in ENDPOINTS]
+    if kinds and request.url in (None, *ENDPOINTS) and request.pooling != kinds[0].pooling:
+        names = ("a generation", "a pooling (embeddings, score, rerank)")
+        first = ("generation", "pooling")[kinds[0].pooling]
+        raise RequestFileError(
+            f"{path}: line {request.line}: {names[request.pooling]} request in a rank of "
+            f"{first} requests (line {kinds[0].line}): one engine serves one kind, so a rank "
+            "holds one"
+        )
+
+
 def read_requests(path: str | os.PathLike) -> list[Request]:
     """The requests of a JSONL rank file, in order; RequestFileError names the first bad
     line (and the file)."""
@@ -399,38 +447,10 @@ def read_requests(path: str | os.PathLike) -> list[Request]:
         data = data[3:]
     requests, seen = [], {}
     for number, raw in enumerate(data.split(b"\n"), start=1):
-
-        def where(message, number=number):
-            return RequestFileError(f"{path}: line {number}: {message}")
-
-        if not raw.strip():
+        request = parse_line(raw, number, path)
+        if request is None:
             continue
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise where(
-                f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})"
-            ) from None
-        try:
-            fields = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise where(f"not JSON: {exc.msg} at column {exc.colno}") from None
-        if not isinstance(fields, dict):
-            raise where(f"a request must be a JSON object, not {type(fields).__name__}")
-        is_batch = any(k in fields for k in ("custom_id", "url", "body", "method"))
-        request = (_batch_request if is_batch else _short_request)(fields, number, where)
-        key = (type(request.id).__name__, request.id)
-        if key in seen:
-            raise where(f"id {request.id!r} repeats line {seen[key]}'s (ids must be unique)")
-        seen[key] = number
-        kinds = [r for r in requests if r.url is None or r.url in ENDPOINTS]
-        if kinds and request.url in (None, *ENDPOINTS) and request.pooling != kinds[0].pooling:
-            names = ("a generation", "a pooling (embeddings, score, rerank)")
-            first = ("generation", "pooling")[kinds[0].pooling]
-            raise where(
-                f"{names[request.pooling]} request in a rank of {first} requests (line "
-                f"{kinds[0].line}): one engine serves one kind, so a rank holds one"
-            )
+        check_next(requests, request, seen, path)
         requests.append(request)
     return requests
 

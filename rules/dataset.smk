@@ -1,0 +1,32 @@
+# A dataset (config key dataset.input) cut into the ranks of data/<name>/ and answered
+# in one file, results/<name>.jsonl or .parquet (scripts/dataset/).
+
+
+localrules:
+    cut_dataset,
+    merge_dataset,
+
+
+checkpoint cut_dataset:
+    input:
+        DATASET.source,
+    output:
+        f"{DATA}/{cut.MANIFEST}",
+    log:
+        "logs/cut_dataset.log",
+    params:
+        settings=cut.cut_settings(DATASET),
+    run:
+        cut.cut(DATASET, DATA, log[0])
+
+
+rule merge_dataset:
+    input:
+        answers=dataset_answers,
+        source=DATASET.source,
+    output:
+        source.answer_file(config, DATASET),
+    log:
+        "logs/merge_dataset.log",
+    run:
+        merge.merge(DATASET, input.answers, output[0])

@@ -1,0 +1,305 @@
+"""The bill before the qsub: what a dataset's run will cost, from the history of earlier
+runs of the same model and engine settings (formats/history.py), printed by the dry run
+and at the start of a real run; the walltime each PBS submission asks for; the budget
+(config key pbs.budget_node_hours).
+
+The estimate: a request costs the node-seconds that requests of the history's run cost
+while engines served them or waited between them (reporting/accounting.py's "serving" and
+"idle"); each node of a submission adds the history's set-up, engine start and stop.
+A submission's walltime is its estimate plus pbs.estimate_margin_percent, plus
+pbs.walltime_margin_minutes; warm.start_minutes and warm.rank_minutes, when set, are
+used instead (unset and with no history: 15 and 1, as before).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from formats import history
+from pbs import plan, submission
+from pbs.settings import PbsConfigError, profile_in_use, run_info, settings_from_config
+from reporting import accounting
+
+
+@dataclass(frozen=True)
+class Estimate:
+    entry: Mapping  # the history line it rests on
+
+    @property
+    def node_s_per_request(self) -> float:
+        return self.entry["work_node_s"] / self.entry["requests"]
+
+    @property
+    def fixed_s(self) -> float:
+        return self.entry["fixed_s"]
+
+    def seconds(self, requests: int, nodes: int) -> float:
+        """Wall seconds of ``requests`` on ``nodes`` nodes (one submission)."""
+        return self.fixed_s + requests * self.node_s_per_request / max(1, nodes)
+
+    def rests_on(self) -> str:
+        e = self.entry
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["written_at"]))
+        return (
+            f"the run of {when} ({e['where']}, {e['requests']:,} requests, "
+            f"{e['output_tokens']:,} output tokens, model {e['model']}, engine {e['engine']}): "
+            f"{1000 * self.node_s_per_request:.3g} node-ms per request, "
+            f"{self.fixed_s:.0f} s of set-up and engine start per node"
+        )
+
+
+def where(workflow) -> str:
+    return "pbs" if profile_in_use(run_info(workflow).configfiles) else "local"
+
+
+def estimate_of(config: Mapping, model: str, where: str, path=history.PATH) -> Estimate | None:
+    entry = history.latest(history.settings_key(config, model, where), path)
+    return Estimate(entry) if entry else None
+
+
+def run_config(config: dict, data: str, results: str, estimate: Estimate | None, rank_size: int):
+    """The config the ranks and the PBS provider see: data_dir and results_dir the rank
+    folders; warm.start_minutes and warm.rank_minutes, when unset, from the estimate of a
+    dataset's ranks plus the margin."""
+    warm = dict(config["warm"])
+    margin = 1 + config["pbs"]["estimate_margin_percent"] / 100
+    engines = plan.jobs_per_node(settings_from_config(config))
+    for key in ("start_minutes", "rank_minutes"):
+        if warm.get(key) is not None or estimate is None:
+            continue  # unset and no estimate: pbs/settings.py's 15 and 1
+        if key == "start_minutes":
+            warm[key] = math.ceil(estimate.fixed_s * margin / 60)
+        else:  # one rank's minutes on one engine of a node
+            warm[key] = rank_size * estimate.node_s_per_request * engines * margin / 60
+    return {**config, "data_dir": data, "results_dir": results, "warm": warm}
+
+
+def spent_node_hours(log_dir: str = "logs/pbs") -> float:
+    return submission.spent_node_hours(log_dir)
+
+
+def bill(
+    requests: int,
+    ranks: int,
+    pending: Sequence[int],
+    settings: Mapping,
+    estimate: Estimate | None,
+    pbs: bool,
+    margin_percent: float = 0,
+    budget: float | None = None,
+    spent: float = 0.0,
+) -> tuple[str, float | None]:
+    """The bill's text, and the estimated node-hours of the ``pending`` ranks (their
+    request counts); without a history, with PBS the node-hours the walltimes ask for
+    (else None)."""
+    left = sum(pending)
+    text = f"Bill: {requests:,} requests in {ranks:,} ranks; to run: {left:,} requests in "
+    text += f"{len(pending):,} ranks"
+    hours = asked = None
+    if pbs:
+        submissions = plan.plan_run(len(pending), settings)
+        shapes, at, hours, walls = Counter(), 0, 0.0, []
+        for jobs, nodes in submissions:
+            shapes[nodes] += 1
+            share = sum(pending[at : at + jobs])
+            at += jobs
+            if estimate is not None:
+                hours += nodes * estimate.seconds(share, nodes) / 3600
+            walls.append(plan.format_walltime(plan.submission_minutes(settings, jobs, nodes)))
+        nodes_text = ", ".join(
+            f"{n} x {k} node(s)" for k, n in sorted(shapes.items(), reverse=True)
+        )
+        text += f"; {len(submissions)} submission(s) ({nodes_text or 'none'})"
+        if submissions:
+            asked = sum(
+                nodes * plan.submission_minutes(settings, jobs, nodes) / 60
+                for jobs, nodes in submissions
+            )
+            text += f", walltime {', '.join(dict.fromkeys(walls))}, at most {asked:.2f} node-hours"
+        if estimate is None:
+            hours = asked
+    elif estimate is not None:
+        hours = estimate.seconds(left, 1) / 3600
+    if estimate is None:
+        text += (
+            ". No estimate: no earlier run of this model and these engine settings here "
+            f"({history.PATH}); run a small sample first (e.g. the first "
+            f"{max(100, 2 * settings.get('ranks_per_engine', 1))} lines as a dataset of "
+            "their own) and the next dry run bills from it"
+        )
+    else:
+        text += f". Estimate {hours:.3g} node-hours, resting on {estimate.rests_on()}"
+        if pbs:
+            text += (
+                f"; walltimes are the estimate + {margin_percent:g}% "
+                f"+ {settings['walltime_margin_minutes']} min"
+            )
+    if budget is not None and estimate is None and hours is not None:
+        text += f". Held against the budget: the {hours:.2f} node-hours the walltimes ask for"
+    if budget is not None:
+        text += f". Budget {budget:g} node-hours (pbs.budget_node_hours), {spent:.3f} spent"
+    return text + ".", hours
+
+
+def budget_problem(hours: float | None, budget: float | None, spent: float) -> str | None:
+    """Why the run must not start, or None."""
+    if budget is None or hours is None:
+        return None
+    left = budget - spent
+    if hours > left:
+        return (
+            f"the estimate of {hours:.3f} node-hours is above the budget left ({left:.3f} of "
+            f"{budget:g} node-hours, config key pbs.budget_node_hours) by {hours - left:.3f}: "
+            "raise the budget, or run fewer requests"
+        )
+    return None
+
+
+def announce(workflow, config: Mapping, text_and_hours, budget, spent, stream=None) -> None:
+    """Print the bill in the main Snakemake (dry runs too); stop on the budget."""
+    import sys
+
+    if not run_info(workflow).main:
+        return
+    text, hours = text_and_hours()
+    print(text, file=stream or sys.stderr)
+    problem = budget_problem(hours, budget, spent)
+    if problem:
+        raise PbsConfigError(f"Stopped before any qsub: {problem}")
+
+
+# ------------------------------------------------------------------ the Snakefile's calls
+
+
+def pending_requests(dataset, data: str, results: str, ranks: list[str], marker) -> tuple:
+    """(requests, ranks, request counts of the ranks to run) of a dataset's run (counted
+    once per process: the bill and the PBS plan line both ask)."""
+    key = (dataset, data, results, tuple(ranks), tuple(marker))
+    if key not in _PENDING:
+        _PENDING[key] = _pending_requests(dataset, data, results, ranks, marker)
+    return _PENDING[key]
+
+
+_PENDING: dict = {}
+
+
+def _pending_requests(dataset, data: str, results: str, ranks: list[str], marker) -> tuple:
+    from rank import layout
+
+    from . import cut
+
+    manifest = cut.current_manifest(dataset, data)
+    if manifest is not None:
+        sizes = manifest["sizes"]
+        pending = layout.pending_ranks(ranks, data, results, marker)
+        return manifest["requests"], len(sizes), [sizes[int(r)] for r in pending]
+    # not cut yet, or changed since: its requests now; an earlier cut's full ranks are
+    # taken as kept (lines appended), whose answers exist
+    requests = cut.count_requests(dataset)
+    size = dataset.rank_size
+    count = math.ceil(requests / size)
+    sizes = [min(size, requests - r * size) for r in range(count)]
+    old = cut.read_manifest(cut.manifest_path(data))
+    kept = 0
+    if old and old.get("settings") == cut.cut_settings(dataset) and old["requests"] <= requests:
+        kept = old["requests"] // size
+        done = set(layout.pending_ranks([str(r) for r in range(kept)], data, results, marker))
+        kept = kept if not done else min(int(r) for r in done)
+    return requests, count, sizes[kept:]
+
+
+def prepare(workflow, config: dict, dataset, data, results, model, ranks, marker) -> dict:
+    """The run's config for the ranks and the PBS provider (`run_config`); for a dataset,
+    the bill printed (dry runs too) and the budget checked, in the main Snakemake."""
+    place = where(workflow)
+    estimate = estimate_of(config, model, place) if dataset else None
+    size = dataset.rank_size if dataset else 0
+    resolved = run_config(config, data, results, estimate, size)
+    if dataset is None or not run_info(workflow).main:
+        return resolved
+    pbs = config["pbs"]
+    budget = pbs.get("budget_node_hours") if place == "pbs" else None
+    spent = spent_node_hours() if budget is not None else 0.0
+
+    def text_and_hours():
+        requests, count, pending = pending_requests(dataset, data, results, ranks, marker)
+        settings = settings_from_config(resolved)
+        return bill(
+            requests, count, pending, settings, estimate, place == "pbs",
+            pbs.get("estimate_margin_percent", 0), budget, spent,
+        )  # fmt: skip
+
+    def remembered():
+        text, hours = text_and_hours()
+        ESTIMATE["node_hours"] = hours if estimate is not None else None
+        return text, hours
+
+    announce(workflow, config, remembered, budget, spent)
+    return resolved
+
+
+ESTIMATE: dict = {}  # this run's estimate, for the end-of-run summary
+
+
+def estimate_against_spending(config: Mapping, record_paths, since: float) -> str:
+    """The end of a dataset's run: the bill's estimate beside the node-hours used."""
+    from reporting import summary
+
+    mine = [r for r in summary.read_records(record_paths) if r.get("_end", 0) >= since]
+    if not mine or "node_hours" not in ESTIMATE:
+        return ""
+    subs = accounting.submissions(mine, tile_slots=accounting.tile_slots(config))
+    used = sum(s.used_s for s in subs) / 3600
+    hours = ESTIMATE["node_hours"]
+    if hours is None:
+        return f"Bill against spending: no estimate (no earlier run); used {used:.4f} node-hours."
+    ratio = f" ({100 * (used - hours) / hours:+.0f}%)" if hours > 0 else ""
+    return f"Bill against spending: estimated {hours:.4f} node-hours, used {used:.4f}{ratio}."
+
+
+def record_run(config: Mapping, model: str, workflow, record_paths, since: float) -> None:
+    """Rule summary: the history line of the ranks this run answered (none: no line)."""
+    from reporting import summary
+
+    mine = [r for r in summary.read_records(record_paths) if r.get("_end", 0) >= since]
+    if not mine:
+        return
+    subs = accounting.submissions(mine, tile_slots=accounting.tile_slots(config))
+    nodes = sum(s.nodes for s in subs) or 1
+    place = where(workflow)
+    history.append(
+        {
+            "settings": history.settings_key(config, model, place),
+            "model": model,
+            "engine": config["engine"],
+            "where": place,
+            "requests": sum(r["prompts"] for r in mine),
+            "ranks": len(mine),
+            "output_tokens": sum(r["output_tokens"] for r in mine),
+            "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in mine),
+            "nodes": nodes,
+            "node_s": sum(s.used_s for s in subs),
+            "work_node_s": sum(s.parts["serving"] + s.parts["idle"] for s in subs),
+            "fixed_s": sum(s.parts[p] for s in subs for p in ("setup", "engine_start", "stop"))
+            / nodes,
+        }
+    )
+
+
+def print_against_spending(config: Mapping, results: str, ranks, stream=None) -> None:
+    """onsuccess: `estimate_against_spending`, never failing the run."""
+    import sys
+
+    from rank import layout
+    from reporting import summary
+
+    try:
+        text = estimate_against_spending(config, layout.records(results, ranks), summary.STARTED)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        text = f"Bill against spending unavailable: {error}"
+    if text:
+        print(text, file=stream or sys.stderr, flush=True)

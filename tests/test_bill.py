@@ -1,0 +1,90 @@
+"""The bill before the qsub (scripts/dataset/bill.py): an estimate from the history of an
+earlier run of the same settings, the walltimes it gives, hand-set keys overriding it,
+the budget's stop, and what is said with no history."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+from dataset import bill  # noqa: E402
+from formats import history  # noqa: E402
+from pbs import plan, settings_from_config  # noqa: E402
+
+
+def merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
+def aurora_config(**changes) -> dict:
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config = merge(config, yaml.safe_load((REPO / "profiles/aurora/aurora.yaml").read_text()))
+    return merge(config, changes)
+
+
+def history_line(tmp_path, config, **fields) -> Path:
+    path = tmp_path / "history.jsonl"
+    entry = {
+        "settings": history.settings_key(config, "m", "pbs"), "model": "m", "engine": "vllm",
+        "where": "pbs", "requests": 12_000, "ranks": 12, "output_tokens": 1_200_000,
+        "prompt_tokens": 0, "nodes": 1, "node_s": 1000.0, "work_node_s": 600.0, "fixed_s": 400.0,
+    } | fields  # fmt: skip
+    history.append(entry, path)
+    return path
+
+
+def test_no_history_says_so_and_how_to_get_one(tmp_path):
+    config = aurora_config()
+    assert bill.estimate_of(config, "m", "pbs", tmp_path / "none.jsonl") is None
+    settings = settings_from_config(bill.run_config(config, "d", "r", None, 1000))
+    assert (settings["start_minutes"], settings["rank_minutes"]) == (15, 1)  # as before
+    text, hours = bill.bill(2000, 2, [1000, 1000], settings, None, pbs=True)
+    assert "No estimate: no earlier run of this model and these engine settings" in text
+    assert "run a small sample first" in text
+    # what the walltimes ask for is what a budget is held against
+    assert hours == pytest.approx(1 * (15 + 1 + 10) / 60)
+
+
+def test_the_estimate_rests_on_the_history_and_sets_the_walltimes(tmp_path):
+    config = aurora_config(pbs={"nodes_per_submission": 2, "estimate_margin_percent": 50})
+    path = history_line(tmp_path, config)
+    other = aurora_config(sampling={"max_tokens": 999})
+    assert bill.estimate_of(other, "m", "pbs", path) is None  # other settings: not this one
+    estimate = bill.estimate_of(config, "m", "pbs", path)
+    assert estimate.node_s_per_request == pytest.approx(0.05)
+    resolved = bill.run_config(config, "d", "r", estimate, 1000)
+    # start: 400 s x 1.5 = 10 min; a rank: 1000 requests x 0.05 node-s x 12 engines x 1.5
+    assert resolved["warm"]["start_minutes"] == 10
+    assert resolved["warm"]["rank_minutes"] == pytest.approx(1000 * 0.05 * 12 * 1.5 / 60)
+    settings = settings_from_config(resolved)
+    # 480 ranks of 1000 requests: 240 ranks per submission (2 nodes x 12 engines x 10)
+    pending = [1000] * 480
+    text, hours = bill.bill(480_000, 480, pending, settings, estimate, pbs=True, margin_percent=50)
+    # each submission: 400 s + 240,000 requests x 0.05 node-s / 2 nodes = 6,400 s on 2 nodes
+    assert hours == pytest.approx(2 * 2 * 6400 / 3600)
+    # walltime: 10 + ceil(10 ranks per engine x 15 min) + 10 = 170 min, the estimate's 107
+    # min plus 50% plus the margin
+    assert plan.submission_minutes(settings, 240, 2) == 10 + 150 + 10
+    assert "2 submission(s) (2 x 2 node(s)), walltime 02:50:00" in text
+    assert "resting on the run of" in text and "12,000 requests" in text
+    assert "walltimes are the estimate + 50% + 10 min" in text
+    # hand-set keys still win
+    hand = bill.run_config(merge(config, {"warm": {"rank_minutes": 3}}), "d", "r", estimate, 1000)
+    assert hand["warm"]["rank_minutes"] == 3 and hand["warm"]["start_minutes"] == 10
+
+
+def test_a_bill_above_the_budget_stops_saying_by_how_much(tmp_path):
+    assert bill.budget_problem(4.0, None, 0.0) is None
+    assert bill.budget_problem(4.0, 10.0, 5.0) is None
+    problem = bill.budget_problem(4.0, 10.0, 7.5)
+    assert problem.startswith("the estimate of 4.000 node-hours is above the budget left ")
+    assert "(2.500 of 10 node-hours, config key pbs.budget_node_hours) by 1.500" in problem
