@@ -85,7 +85,8 @@ def test_a_dataset_holds_one_kind_and_ids_repeat_nowhere_in_a_rank(tmp_path):
     source_file = tmp_path / "ds.jsonl"
     write_lines(source_file, [{"prompt": "a"}, {"input": "embed me"}])
     with pytest.raises(
-        RequestFileError, match="line 2: an embeddings request in a rank of generation"
+        RequestFileError,
+        match=r"line 2: a pooling \(embeddings, .*\) request in a rank of generation",
     ):
         cut.cut(dataset(source_file), tmp_path / "ranks")
     write_lines(source_file, [{"id": "a", "prompt": "a"}, {"id": "a", "prompt": "b"}])
