@@ -129,15 +129,20 @@ print(len(llm.embed(texts, use_tqdm=False)))
 """
 
 
-def embed_offline(folder: Path, texts: list[str]) -> dict:
+def offline(folder: Path, code: str, model: str, data) -> float:
+    """Seconds of one process running ``code`` (vLLM offline) on ``model`` and ``data`` (a
+    JSON file), with profiles/local's engine settings and both cores."""
     folder.mkdir(parents=True)
-    (folder / "texts.json").write_text(json.dumps(texts))
+    (folder / "data.json").write_text(json.dumps(data))
     config = local_profile_config()
-    model = str((REPO / EMBED_MODEL).resolve())
-    argv = [PYTHON, "-c", OFFLINE_EMBED, model, config["vllm"]["dtype"], str(folder / "texts.json")]
+    path = str((REPO / model).resolve())
+    argv = [PYTHON, "-c", code, path, config["vllm"]["dtype"], str(folder / "data.json")]
     env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count())}
-    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
-    return {"wall_s": timed.wall_s, "texts": len(texts)}
+    return run_timed(argv, cwd=folder, env=env, timeout=5400).wall_s
+
+
+def embed_offline(folder: Path, texts: list[str]) -> dict:
+    return {"wall_s": offline(folder, OFFLINE_EMBED, EMBED_MODEL, texts), "texts": len(texts)}
 
 
 def rerank_lines(texts: list[str]) -> list[dict]:
@@ -171,15 +176,8 @@ print(sum(len(llm.score(x["body"]["query"], x["body"]["documents"], use_tqdm=Fal
 
 
 def rerank_offline(folder: Path, lines: list[dict]) -> dict:
-    folder.mkdir(parents=True)
-    (folder / "lines.json").write_text(json.dumps(lines))
-    config = local_profile_config()
-    model = str((REPO / RERANK_MODEL).resolve())
-    argv = [PYTHON, "-c", OFFLINE_SCORE, model, config["vllm"]["dtype"], str(folder / "lines.json")]
-    env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count())}
-    timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
     pairs = sum(len(x["body"]["documents"]) for x in lines)
-    return {"wall_s": timed.wall_s, "pairs": pairs}
+    return {"wall_s": offline(folder, OFFLINE_SCORE, RERANK_MODEL, lines), "pairs": pairs}
 
 
 def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> dict:

@@ -255,14 +255,13 @@ def build_tiny_chat(out: Path, scratch: Path) -> None:
     build_tiny(out, scratch, chat=True)
 
 
-def build_tiny_embed(out: Path, scratch: Path) -> None:
-    """A tiny BERT encoder (vLLM serves BertModel as a pooling model: /v1/embeddings,
-    LLM.embed) with the tiny tokenizer: the embedding tests' model, random weights."""
+def _build_tiny_bert(out: Path, model_class: str, **extra) -> None:
+    """A tiny BERT of transformers' ``model_class`` with the tiny tokenizer, random weights."""
     import torch
-    from transformers import BertConfig, BertModel
+    import transformers
 
     tok = _build_tiny_tokenizer(out)
-    config = BertConfig(
+    config = transformers.BertConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=128,  # 4 heads of 32: head sizes vLLM's CPU attention takes
         num_hidden_layers=2,
@@ -271,36 +270,25 @@ def build_tiny_embed(out: Path, scratch: Path) -> None:
         max_position_embeddings=TINY_POSITIONS,
         pad_token_id=tok.convert_tokens_to_ids("<pad>"),
         dtype="float32",
+        **extra,
     )
     torch.manual_seed(SEED)
-    model = BertModel(config)
+    model = getattr(transformers, model_class)(config)
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
+
+
+def build_tiny_embed(out: Path, scratch: Path) -> None:
+    """A tiny BERT encoder (vLLM serves BertModel as a pooling model: /v1/embeddings,
+    LLM.embed): the embedding tests' model."""
+    _build_tiny_bert(out, "BertModel")
 
 
 def build_tiny_rerank(out: Path, scratch: Path) -> None:
     """A tiny BERT cross-encoder (BertForSequenceClassification, one label: a pair's
-    relevance score; vLLM serves it for /score and /rerank, LLM.score) with the tiny
-    tokenizer: the score and rerank tests' model, random weights."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification
-
-    tok = _build_tiny_tokenizer(out)
-    config = BertConfig(
-        vocab_size=TINY_VOCAB,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=512,
-        max_position_embeddings=TINY_POSITIONS,
-        pad_token_id=tok.convert_tokens_to_ids("<pad>"),
-        num_labels=1,
-        dtype="float32",
-    )
-    torch.manual_seed(SEED)
-    model = BertForSequenceClassification(config)
-    model.eval()
-    model.save_pretrained(out, safe_serialization=True)
+    relevance score; vLLM serves it for /score and /rerank, LLM.score): the score and
+    rerank tests' model."""
+    _build_tiny_bert(out, "BertForSequenceClassification", num_labels=1)
 
 
 BUILDERS = {
