@@ -225,7 +225,6 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
         "method": "POST",
         "url": "/v1/chat/completions",
         "body": {
-            "model": "m",
             "messages": [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": "rank 31 p0"},

@@ -148,17 +148,26 @@ def test_a_lost_node_costs_only_its_unfinished_ranks_which_run_again_on_fresh_no
             }
             output, _ = proc.communicate(timeout=600)
         assert proc.returncode == 0, output[-4000:]
-        job = pbs_cluster.job(submission["id"])
-        assert job["run_count"] == 2 and lost not in node_list(pbs_cluster, submission["id"])
-        assert len(submissions(work)) == 1  # PBS ran the same job again: no continuation
         every_rank_exact_and_none_redone(work, done)
-        log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
-        assert "ranks: this job runs again (start 2; PBS requeued it)" in log, log[-3000:]
-        assert f"PBS requeued it (run 2) after losing {lost} at " in output, output[-4000:]
         assert "Infrastructure failures, not counted against any rank" in output
         (fault,) = faults.read_faults(work / "logs" / "pbs")
-        assert (fault.kind, fault.nodes, fault.job_id) == ("node lost", (lost,), submission["id"])
-        assert fault.node_hours > 0
+        assert fault.job_id == submission["id"] and lost in fault.nodes
+        # Two recoveries, by which comes first: PBS requeues the job on fresh nodes (its
+        # mom noticed the lost one), or the job's first node gives up on the node that
+        # never reports and the provider continues the submission (pbs.resubmit).
+        job = pbs_cluster.job(submission["id"])
+        if job["run_count"] == 2:
+            assert lost not in node_list(pbs_cluster, submission["id"])
+            assert len(submissions(work)) == 1  # PBS ran the same job again
+            log = (work / "logs" / "pbs" / f"{submission['name']}.log").read_text()
+            assert "ranks: this job runs again (start 2; PBS requeued it)" in log, log[-3000:]
+            assert f"PBS requeued it (run 2) after losing {lost} at " in output, output[-4000:]
+            assert fault.kind == "node lost" and fault.node_hours > 0
+        else:
+            continued = submissions(work)[1]
+            assert continued["name"] == f"{submission['name']}.c1", submissions(work)
+            assert lost not in node_list(pbs_cluster, continued["id"])
+            assert fault.kind == "cut off by the infrastructure"
         nothing_outlives(pbs_cluster, submission["id"], work)
         wait_for(lambda: not node_snakemakes(), "a node Snakemake outlived the run", 30)
         assert not processes_running(ECHO_SERVER)

@@ -39,9 +39,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-# Before vLLM is imported: the engine core in this process (as LLM.generate with it).
-os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
@@ -172,6 +169,9 @@ class Engine:
 
 
 def main(argv: Sequence[str]) -> int:
+    # Before vLLM is imported: the engine core in this process (as LLM.generate with it).
+    # A per-rank engine (Engine) keeps the task's own setting.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     try:
         listener = hold_port(argv)
     except OSError as error:
