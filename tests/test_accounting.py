@@ -290,7 +290,9 @@ def test_warm_submission_accounts_for_every_node_second(pbs_cluster, tmp_path):
     assert (line["custom_id"], line["error"], line["response"]["status_code"]) == ("r31", None, 200)
     assert line["id"].startswith("batch_req_")
     body = line["response"]["body"]
-    assert (body["object"], body["model"]) == ("chat.completion", "m")
+    # a line naming no model is answered under the served name (config model as given)
+    served = json.loads((results / "records" / "31.json").read_text())["served_model_name"]
+    assert (body["object"], body["model"]) == ("chat.completion", served) and served
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content":
         "<|system|> Be brief.\n<|user|> rank 31 p0\n<|assistant|>"},
         "finish_reason": "length", "logprobs": None}]  # fmt: skip
