@@ -60,13 +60,18 @@ def jsonl_ranks(ranks: Mapping[int, list[dict]], extra: Mapping) -> dict[str, st
     }
 
 
-def local_run(work: Path, config: Mapping) -> Timed:
-    """`snakemake --profile profiles/local` in ``work`` with ``config`` on top."""
+def local_argv(work: Path, config: Mapping) -> list[str]:
+    """`snakemake --profile profiles/local` for ``work`` with ``config`` on top (written to
+    ``work``/bench.yaml)."""
     overrides = work / "bench.yaml"
     overrides.write_text(json.dumps(config))
     argv = [PYTHON, "-m", "snakemake", "--profile", "profiles/local", "--configfile"]
-    argv += [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
-    return run_timed(argv, cwd=work, timeout=5400)
+    return argv + [str(REPO / "profiles" / "local" / "local.yaml"), str(overrides)]
+
+
+def local_run(work: Path, config: Mapping) -> Timed:
+    """`local_argv` run in ``work``."""
+    return run_timed(local_argv(work, config), cwd=work, timeout=5400)
 
 
 def run_batch(folder: Path, model: str, ranks: Mapping[int, list[dict]], extra: Mapping):

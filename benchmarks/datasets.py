@@ -18,7 +18,17 @@ import json
 import tempfile
 from pathlib import Path
 
-from common import PYTHON, REPO, fmt, log, markdown_table, median, run_folder, run_timed
+from common import (
+    PYTHON,
+    REPO,
+    fmt,
+    local_argv,
+    log,
+    markdown_table,
+    median,
+    run_folder,
+    run_timed,
+)
 
 NAME = "datasets"
 GOAL = 1.05
@@ -114,18 +124,7 @@ def end_to_end(root: Path, count: int, repeats: int) -> dict:
                 (work / "inputs").mkdir()
                 (work / "inputs" / "e2e.jsonl").write_text("".join(lines))
                 config["dataset"] = {"input": "inputs/e2e.jsonl", "rank_size": RANK_SIZE}
-            (work / "bench.yaml").write_text(json.dumps(config))
-            argv = [
-                PYTHON,
-                "-m",
-                "snakemake",
-                "--profile",
-                "profiles/local",
-                "--configfile",
-                str(REPO / "profiles" / "local" / "local.yaml"),
-                str(work / "bench.yaml"),
-            ]
-            runs[name].append(run_timed(argv, cwd=work, timeout=7200))
+            runs[name].append(run_timed(local_argv(work, config), cwd=work, timeout=7200))
     return {
         name: {
             "wall_s": [t.wall_s for t in timed],
@@ -140,21 +139,8 @@ def dry_runs(root: Path, count: int) -> dict:
     (work / "inputs").mkdir()
     log(f"datasets: writing {count:,} lines")
     write_dataset(work / "inputs" / "big.jsonl", count)
-    (work / "bench.yaml").write_text(
-        json.dumps(
-            {"engine": "echo", "dataset": {"input": "inputs/big.jsonl", "rank_size": RANK_SIZE}}
-        )
-    )
-    argv = [
-        PYTHON,
-        "-m",
-        "snakemake",
-        "--profile",
-        "profiles/local",
-        "--configfile",
-        str(REPO / "profiles" / "local" / "local.yaml"),
-        str(work / "bench.yaml"),
-    ]
+    config = {"engine": "echo", "dataset": {"input": "inputs/big.jsonl", "rank_size": RANK_SIZE}}
+    argv = local_argv(work, config)
     log("datasets: snakemake -n before the cut")
     before = run_timed([*argv, "-n"], cwd=work, timeout=7200)
     log("datasets: the cut alone (snakemake --until cut_dataset)")
