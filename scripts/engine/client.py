@@ -205,10 +205,6 @@ def _error_message(body: bytes) -> str:
 def post(url: str, path: str, body: Mapping, timeout: float, key: str | None = None) -> dict:
     """POST ``body`` to ``path`` of the engine at ``url``: its JSON answer;
     RequestRejected for a 4xx, EngineUnavailable for no answer or a 5xx."""
-    return _post(url, path, body, timeout, key)
-
-
-def _post(url: str, path: str, body: Mapping, timeout: float, key: str | None = None) -> dict:
     try:
         status, raw = _http(url, "POST", path, json.dumps(body).encode(), timeout, key)
     except (OSError, ValueError) as error:
@@ -343,7 +339,7 @@ def complete(
         return Completion([], [], 0, 0, 0.0)
     body = {**_request_body(prompts, sampling), **(extra or {})}
     started = time.monotonic()
-    data = _post(url, "/v1/completions", body, timeout, key)
+    data = post(url, "/v1/completions", body, timeout, key)
     return _parse_completion(data, len(prompts), time.monotonic() - started)
 
 
@@ -356,7 +352,7 @@ def tokenize(
 ) -> Tokens:
     """The engine's token ids for `prompt` (POST /tokenize), and its max_model_len."""
     body = {"prompt": prompt, "add_special_tokens": add_special_tokens}
-    data = _post(url, "/tokenize", body, timeout, key)
+    data = post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
 
 
@@ -402,7 +398,7 @@ def complete_one(
         body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
         path = "/v1/completions"
     started = time.monotonic()
-    data = _post(url, path, body, timeout, key)
+    data = post(url, path, body, timeout, key)
     seconds = time.monotonic() - started
     choices = data.get("choices")
     wanted = int((fields or {}).get("n") or 1)
@@ -435,7 +431,7 @@ def tokenize_messages(
     """The engine's token ids for chat ``messages`` as its chat template renders them for
     a reply (POST /tokenize with messages, as vLLM's server takes it)."""
     body = {"messages": [dict(m) for m in messages], "add_generation_prompt": True}
-    data = _post(url, "/tokenize", body, timeout, key)
+    data = post(url, "/tokenize", body, timeout, key)
     return Tokens(ids=list(data.get("tokens") or []), max_model_len=data.get("max_model_len"))
 
 
@@ -450,7 +446,7 @@ class Embeddings:
 
 def embed(url: str, texts: Sequence[str], timeout: float = 600.0, key: str | None = None):
     """POST /v1/embeddings (a pooling model's engine): one vector per text, in order."""
-    data = _post(url, "/v1/embeddings", {"input": list(texts)}, timeout, key)
+    data = post(url, "/v1/embeddings", {"input": list(texts)}, timeout, key)
     items = data.get("data")
     if not isinstance(items, list) or len(items) != len(texts):
         raise EngineUnavailable(f"{url}/v1/embeddings: engine answered {items!r:.200} as data")
