@@ -67,8 +67,6 @@ class InProcessEngineClient(EngineClient):
         self._threads = torch.get_num_threads()
         self._incoming: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}  # request id -> its stream (engine thread)
-        self._lock = threading.Lock()
-        self.running = 0  # requests in the engine
         self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
@@ -108,8 +106,6 @@ class InProcessEngineClient(EngineClient):
             ids = [i for i in item[1] if self._streams.pop(i, None) is not None]
             if ids:
                 self.engine.abort_request(ids)
-                with self._lock:
-                    self.running -= len(ids)
             return
         _, request_id, prompt, params, kwargs, extras, stream = item
         try:
@@ -133,8 +129,6 @@ class InProcessEngineClient(EngineClient):
             stream.put(error)
             return
         self._streams[request_id] = stream
-        with self._lock:
-            self.running += 1
 
     def _deliver(self, output) -> None:
         stream = self._streams.get(output.request_id)
@@ -143,8 +137,6 @@ class InProcessEngineClient(EngineClient):
         stream.put(output)
         if output.finished:
             del self._streams[output.request_id]
-            with self._lock:
-                self.running -= 1
 
     # --- the asyncio side ---------------------------------------------------------------
 
