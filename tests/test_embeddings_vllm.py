@@ -19,6 +19,7 @@ from rank import checks, warm
 from test_chat import answers, per_rank, write_rank
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
+from workflow import probe_result
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_EMBED = REPO / "models" / "tiny-embed"
@@ -38,7 +39,7 @@ settings = checks.parse_settings(sys.argv[1])
 llm = LLM(model=settings["model"], dtype=settings["dtype"], runner="pooling",
           enforce_eager=settings["enforce_eager"])
 vectors = [list(o.outputs.embedding) for o in llm.embed(json.loads(sys.argv[2]), use_tqdm=False)]
-print(json.dumps(vectors))
+print("PROBE-RESULT " + json.dumps(vectors))
 """
 
 
@@ -62,7 +63,7 @@ def offline_embed(tiny_embed) -> list[list[float]]:
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert reference.returncode == 0, reference.stderr[-3000:]
-    return json.loads(reference.stdout.splitlines()[-1])
+    return probe_result(reference.stdout)
 
 
 def check(path: Path, model: Path, expected: list[list[float]]) -> None:

@@ -37,6 +37,7 @@ from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: 
 from test_engines import SETTINGS
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
+from workflow import probe_result
 
 pytestmark = pytest.mark.vllm
 
@@ -203,13 +204,13 @@ def offline_scores(model: Path) -> list[float]:
         "import json, sys\nfrom vllm import LLM\n"
         "llm = LLM(model=sys.argv[1], runner='pooling', enforce_eager=True, dtype='bfloat16')\n"
         "scores = llm.score(sys.argv[2], json.loads(sys.argv[3]))\n"
-        "print(json.dumps([o.outputs.score for o in scores]))"
+        "print('PROBE-RESULT ' + json.dumps([o.outputs.score for o in scores]))"
     )
     env = {**os.environ, **VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"}
     done = subprocess.run([PYTHON, "-c", code, str(model), QUERY, json.dumps(DOCUMENTS)],
                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return probe_result(done.stdout)
 
 
 def check_pooling_lines(lines: dict[str, dict], expected: list[float]) -> None:

@@ -27,7 +27,15 @@ from pathlib import Path
 import pytest
 
 from test_workflow_local import processes_in
-from workflow import REPO, TINY_MODEL, local_config, make_workdir, read_records, snakemake
+from workflow import (
+    REPO,
+    TINY_MODEL,
+    local_config,
+    make_workdir,
+    probe_result,
+    read_records,
+    snakemake,
+)
 
 pytestmark = [pytest.mark.vllm015, pytest.mark.vllm]
 
@@ -73,7 +81,7 @@ PROBE = textwrap.dedent(
     model, tf5 = sys.argv[2], sys.argv[3]
     server = vv.server_arg_parser().parse_args(["--model", model, *json.loads(sys.argv[4])])
     engine = vv.engine_args_from(vv.engine_args_parser().parse_args(["--model", model]))
-    print(json.dumps({
+    print("PROBE-RESULT " + json.dumps({
         "vllm": vllm.__version__,
         "server_parser_module": vv.server_parser_module(),
         "server_args": [server.tensor_parallel_size, server.max_num_seqs, server.port],
@@ -93,7 +101,7 @@ def test_vllm_versions_on_vllm015(transformers5_model):
             json.dumps(SERVER_ARGV)]  # fmt: skip
     result = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = probe_result(result.stdout)
     assert found["vllm"] == "0.15.0"
     assert found["server_parser_module"] == "vllm.entrypoints.openai.cli_args"
     assert found["server_args"] == [2, 8, 8123]
@@ -143,7 +151,7 @@ EMBED_PROBE = textwrap.dedent(
     engine.stop()
     llm = LLM(model=sys.argv[2], runner="pooling", dtype="bfloat16", enforce_eager=True)
     offline = [list(o.outputs.embedding) for o in llm.embed(texts, use_tqdm=False)]
-    print(json.dumps({"served": served, "offline": offline}))
+    print("PROBE-RESULT " + json.dumps({"served": served, "offline": offline}))
     """
 )
 
@@ -159,7 +167,7 @@ def test_in_process_embeddings_match_llm_embed_on_vllm015():
     argv = [python015(), "-c", EMBED_PROBE, str(SCRIPTS), str(model)]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = probe_result(result.stdout)
     assert len(found["served"]) == 3 and found["served"] == found["offline"]
     assert abs(sum(x * x for x in found["served"][0]) - 1) < 1e-3  # unit length
 

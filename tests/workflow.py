@@ -2,6 +2,7 @@
 
 import ast
 import io
+import json
 import os
 import re
 import signal
@@ -16,6 +17,15 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 TINY_MODEL = REPO / "models" / "tiny-opt"
+# A probe run with `python -c` prints its JSON after this mark: vLLM logs to stdout too,
+# also after the probe's last line (an engine core's shutdown message).
+PROBE_MARK = "PROBE-RESULT "
+
+
+def probe_result(stdout: str):
+    """The JSON a probe printed after PROBE_MARK."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith(PROBE_MARK)]
+    return json.loads(line.removeprefix(PROBE_MARK))
 
 
 def make_workdir(path: Path, ranks: dict[str, str | bytes]) -> Path:
