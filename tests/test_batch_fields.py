@@ -1,14 +1,14 @@
 """OpenAI batch files as people write them (issue 30), on the echo engine (fast tier): the
-fields of vLLM's OpenAI server pass through a JSONL rank on a warm echo server and on the
-per-rank echo engine alike, answered in OpenAI's shapes (n choices, chat and completions
-logprobs); a refused request gets OpenAI's batch error line and the rank goes on, unless
-config vllm.bad_requests is "fail_rank"; the record and the run summary count them.
-The same fields on real vLLM: tests/test_batch_vllm.py."""
+fields of vLLM's OpenAI server pass through a JSONL rank to the engine (the echo engine
+ignores them; vLLM's front end answers them: tests/test_batch_vllm.py); a request the
+engine refuses gets OpenAI's batch error line and the rank goes on, unless config
+vllm.bad_requests is "fail_rank"; the record and the run summary count them."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +17,7 @@ import pytest
 
 from rank import checks
 from reporting import summary
-from test_jsonl_ranks import echo_pool, serve_lines, write_lines  # noqa: F401 (fixture)
+from test_jsonl_ranks import REFUSED_WORD, echo_pool, serve_lines, write_lines  # noqa: F401
 from test_workflow_local import metric
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,52 +29,34 @@ def batch(custom_id: str, url: str, **body) -> dict:
 
 
 LINES = [
-    batch("n2", "/v1/chat/completions", messages=USER, n=2),
-    batch("lp", "/v1/chat/completions", messages=USER, logprobs=True, top_logprobs=2),
+    # vLLM's fields go to the engine as they are (the echo engine ignores them; it gives
+    # one choice, so no "n" here)
+    batch("fields", "/v1/chat/completions", messages=USER, logprobs=True, top_k=5,
+          response_format={"type": "json_object"}, tools=[]),
     batch("clp", "/v1/completions", prompt="one two three", logprobs=2),
-    batch("min", "/v1/chat/completions", messages=USER, min_tokens=10),
-    batch(
-        "json",
-        "/v1/chat/completions",
-        messages=USER,
-        response_format={"type": "json_object"},
-        presence_penalty=0.5,
-        frequency_penalty=0.5,
-        repetition_penalty=1.1,
-        top_k=5,
-        min_p=0.1,
-        stop_token_ids=[7],
-        logit_bias={"5": 1.0},
-    ),
+    # the engine refuses it (a stand-in for a request vLLM refuses)
+    batch("engine", "/v1/completions", prompt=f"please {REFUSED_WORD} this"),
+    # refused as read: a sampling value out of range
     batch("bad", "/v1/chat/completions", messages=USER, temperature=-1),
-    batch("tools", "/v1/chat/completions", messages=USER, tools=[]),
-    {"id": "short", "prompt": "a b", "n": 2, "logprobs": 1},
-]
+    {"id": "short", "prompt": "a b", "logprobs": 1},
+]  # fmt: skip
 
 
 def check_answers(out: Path) -> list[dict]:
     answers = [json.loads(x) for x in out.read_text().splitlines()]
     assert [a.get("custom_id", a.get("id")) for a in answers] == [
-        "n2", "lp", "clp", "min", "json", "bad", "tools", "short"
+        "fields", "clp", "engine", "bad", "short"
     ]  # fmt: skip
-    body = {a["custom_id"]: a["response"]["body"] for a in answers[:7]}
-    assert [c["index"] for c in body["n2"]["choices"]] == [0, 1]
-    content = body["lp"]["choices"][0]["logprobs"]["content"]
-    words = body["lp"]["choices"][0]["message"]["content"].split()
-    assert len(content) == len(words) == body["lp"]["usage"]["completion_tokens"]
-    assert all(len(entry["top_logprobs"]) == 2 for entry in content)
-    completions = body["clp"]["choices"][0]["logprobs"]
-    assert completions["tokens"] == ["one", "two", "three"]
-    assert len(completions["token_logprobs"]) == len(completions["top_logprobs"]) == 3
-    assert body["min"]["usage"]["completion_tokens"] >= 10
-    assert json.loads(body["json"]["choices"][0]["message"]["content"])["echo"]
-    for custom_id, field in (("bad", "temperature"), ("tools", "'tools'")):
+    body = {a["custom_id"]: a["response"]["body"] for a in answers[:4]}
+    assert [a["response"]["status_code"] for a in answers[:4]] == [200, 200, 400, 400]
+    content = body["fields"]["choices"][0]["message"]["content"]
+    assert content == "<|user|> hi there\n<|assistant|>"
+    assert body["clp"]["choices"][0]["text"] == "one two three"
+    for custom_id, said in (("engine", REFUSED_WORD), ("bad", "temperature")):
         line = answers[[a.get("custom_id") for a in answers].index(custom_id)]
-        assert line["response"]["status_code"] == 400 and line["error"] is None
-        assert field in line["response"]["body"]["error"]["message"]
-    assert "not served by the echo engine" in answers[6]["response"]["body"]["error"]["message"]
-    short = answers[7]
-    assert len(short["choices"]) == 2 and short["choices"][0]["logprobs"]["tokens"] == ["a", "b"]
+        assert line["error"] is None and said in line["response"]["body"]["error"]["message"]
+    assert answers[4] == {"id": "short", "text": "a b", "finish_reason": "length",
+                          "prompt_tokens": 2, "output_tokens": 2}  # fmt: skip
     return answers
 
 
@@ -83,9 +65,9 @@ def test_fields_and_error_lines_on_a_warm_echo_server(tmp_path, echo_pool):  # n
     check_answers(out)
     record = json.loads((tmp_path / "results" / "4.jsonl.json").read_text())
     assert record["request_errors"] == 2
-    assert [e["line"] for e in record["request_error_lines"]] == [6, 7]
+    assert [e["line"] for e in record["request_error_lines"]] == [3, 4]
     text = summary.paragraph([record])
-    assert "2 request(s) answered with an error line" in text and "4.jsonl line 6" in text
+    assert "2 request(s) answered with an error line" in text and "4.jsonl line 3" in text
 
 
 def run_task(tmp_path: Path, lines, **config) -> subprocess.CompletedProcess:
@@ -96,7 +78,8 @@ def run_task(tmp_path: Path, lines, **config) -> subprocess.CompletedProcess:
     argv = [sys.executable, str(REPO / "scripts" / "rank" / "task.py"), "--rank", "2",
             "--prompts", str(rank_file), "--output", str(out / "2.jsonl"),
             "--record", str(out / "2.json"), "--settings", json.dumps(settings)]  # fmt: skip
-    return subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "ECHO_SERVER_REFUSE_ON": REFUSED_WORD}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
 
 
 def test_the_same_on_the_per_rank_echo_engine_and_the_strict_key(tmp_path):
@@ -106,14 +89,14 @@ def test_the_same_on_the_per_rank_echo_engine_and_the_strict_key(tmp_path):
     assert json.loads((tmp_path / "out" / "2.json").read_text())["request_errors"] == 2
     strict = run_task(tmp_path / "strict", LINES, bad_requests="fail_rank")
     assert strict.returncode == 2
-    assert "2.jsonl: line 6: request refused: temperature" in strict.stderr
+    assert "2.jsonl: line 4: request refused: temperature" in strict.stderr
     assert "fail_rank" in strict.stderr
     # refused by the engine, not as read: the rank fails too, after its requests
-    only_tools = run_task(tmp_path / "tools", [LINES[0], LINES[6]], bad_requests="fail_rank")
-    assert (
-        only_tools.returncode == 2 and "line 2: request refused: field 'tools'" in only_tools.stderr
-    )
+    by_engine = run_task(tmp_path / "engine", LINES[:3], bad_requests="fail_rank")
+    assert by_engine.returncode == 2
+    assert f"line 3: request refused: the prompt holds '{REFUSED_WORD}'" in by_engine.stderr
     assert not (tmp_path / "strict" / "out" / "2.jsonl").exists()
+    assert not (tmp_path / "engine" / "out" / "2.jsonl").exists()
 
 
 def test_a_file_broken_as_a_file_still_fails_its_rank(tmp_path):

@@ -5,7 +5,8 @@ engine (scripts/rank/task.py, vLLM's LLM in the task) and a warm in-process serv
 logprobs with top_logprobs 2 give one entry per token with 2 alternatives, n 2 gives two
 choices, min_tokens 10 at least 10 tokens, a request vLLM refuses gets an error line while
 the others are answered, and a rank resumed from a kept answer keeps its choices and
-logprobs. The same fields on the echo engine: tests/test_batch_fields.py."""
+logprobs. The rank's side of them (error lines, the strict key, the counts) on the echo
+engine: tests/test_batch_fields.py."""
 
 from __future__ import annotations
 

@@ -373,11 +373,16 @@ def warm_vllm_pool(
         engine.stop()
 
 
+# A word that makes the echo engines refuse a prompt (ECHO_SERVER_REFUSE_ON): a stand-in
+# for a request vLLM refuses.
+REFUSED_WORD = "REFUSE-ME"
+
+
 @pytest.fixture
 def echo_pool(tmp_path):
     port = free_port()
     argv = [sys.executable, str(SCRIPTS / "engine" / "echo_server.py"), "--port", str(port)]
-    argv += ["--max-model-len", "40"]
+    argv += ["--max-model-len", "40", "--refuse-on", REFUSED_WORD]
     env = {**os.environ, "TMPDIR": str(tmp_path)}
     engine = Engine(argv, env, tmp_path / "echo.log", port, name="e", stop_grace=5)
     engine.start()

@@ -15,16 +15,11 @@ prompt itself.
     POST /v1/chat/completions  the messages rendered with render_chat
                            ("<|role|> content" per message, then "<|assistant|>") as
                            the answer's content
-
-A few OpenAI fields (ECHO_FIELDS) are answered deterministically, in vLLM's shapes, so
-that the fast tests check a rank's handling of choices and logprobs on it: ``n`` gives n
-equal choices; ``logprobs`` gives one entry per word (logprob 0.0), ``top_logprobs``
-(chat) or ``logprobs`` k (completions) alternatives ``<alt1>``... with logprobs -1, -2,
-...; ``min_tokens`` pads the answer with "echo" words; ``response_format`` json_object
-or json_schema answers ``{"echo": <text>}`` (no schema is followed: there is no model).
-Values are checked as vLLM checks them; any other field is refused with HTTP 400 naming
-it (vLLM's front end serves it: engine/vllm_server.py).
     GET  /metrics          vllm:num_requests_running, vllm:request_success_total
+
+Every other field of a request is ignored: the echo engine has no model, and it is not a
+second copy of vLLM's OpenAI front end (every vLLM engine serves that front end itself:
+engine/vllm_server.py). It answers what the pool, routing and PBS tests need.
 
 With VLLM_API_KEY in its environment (as every warm engine has), a POST without
 `Authorization: Bearer <key>` is refused with HTTP 401.
@@ -37,10 +32,12 @@ ECHO_SERVER_DELAY_S, e.g. from config task_env) makes each completion take time;
 --max-num-seqs N (vLLM's flag) holds at most N requests at once, the others wait, so
 that a rank's answers come one after another as from a busy engine.
 --die-on PROMPT (ECHO_SERVER_DIE_ON) makes the server exit at once on a request holding
-that prompt: a stand-in for a request that crashes its engine. ECHO_SERVER_START_DELAY_S
-waits that long before it binds its port (a stand-in for vLLM's import). ECHO_SERVER_FAIL_HOSTS
-(comma-separated node names) makes the server exit at start on those nodes (its
-TILE_HOST): a stand-in for a node whose engines cannot start.
+that prompt: a stand-in for a request that crashes its engine. --refuse-on TEXT
+(ECHO_SERVER_REFUSE_ON) refuses with HTTP 400 a request whose prompt holds that text: a
+stand-in for a request vLLM refuses (rank/echo.py's per-rank engine does the same).
+ECHO_SERVER_START_DELAY_S waits that long before it binds its port (a stand-in for vLLM's
+import). ECHO_SERVER_FAIL_HOSTS (comma-separated node names) makes the server exit at
+start on those nodes (its TILE_HOST): a stand-in for a node whose engines cannot start.
 
 Stdlib only.
 """
@@ -124,151 +121,34 @@ def text_of(prompt: str | list[int]) -> str:
     return " ".join(map(str, prompt)) if isinstance(prompt, list) else prompt
 
 
-# The fields the echo engine answers (the module doc); any other field is refused with
-# HTTP 400 naming it: vLLM's own front end (engine/vllm_server.py) serves the rest.
-ECHO_FIELDS = (
-    "n",
-    "logprobs",
-    "top_logprobs",
-    "min_tokens",
-    "response_format",
-    "presence_penalty",
-    "frequency_penalty",
-    "repetition_penalty",
-    "top_k",
-    "min_p",
-    "stop_token_ids",
-    "logit_bias",
-)
-BASE_FIELDS = (
-    "model",
-    "prompt",
-    "messages",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "seed",
-    "stop",
-    "ignore_eos",
-    "stream",
-    "user",
-)
-ECHO_ALLOWED = ("echo",)  # completions' echo: the prompt is the answer anyway
+REFUSE_VARIABLE = "ECHO_SERVER_REFUSE_ON"
 
 
-def _number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def check_fields(body: dict, endpoint: str, engine: str = "the echo engine") -> None:
-    """Refuse (BadRequest) a field this engine does not serve, or a value vLLM refuses."""
-    for name in body:
-        if name not in (*ECHO_FIELDS, *BASE_FIELDS, *ECHO_ALLOWED):
-            raise BadRequest(
-                f"field {name!r} is not served by {engine} (no model): a vLLM engine "
-                "serves every field of the installed vLLM's OpenAI server"
-            )
-    checks = {
-        "n": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, ">= 1"),
-        "temperature": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-        "top_k": (lambda v: isinstance(v, int) and v >= -1, "an integer >= -1"),
-        "min_p": (lambda v: _number(v) and 0 <= v <= 1, "in [0, 1]"),
-        "min_tokens": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
-        "presence_penalty": (lambda v: _number(v) and -2 <= v <= 2, "in [-2, 2]"),
-        "frequency_penalty": (lambda v: _number(v) and -2 <= v <= 2, "in [-2, 2]"),
-        "repetition_penalty": (lambda v: _number(v) and v > 0, "> 0"),
-        "top_logprobs": (lambda v: isinstance(v, int) and 0 <= v <= 20, "in [0, 20]"),
-        "stop_token_ids": (lambda v: isinstance(v, list), "a list of token ids"),
-        "logit_bias": (lambda v: isinstance(v, dict), "an object of token id -> bias"),
-    }
-    if endpoint == "chat":
-        checks["logprobs"] = (lambda v: isinstance(v, bool), "true or false")
-    else:
-        checks["logprobs"] = (lambda v: isinstance(v, int) and 0 <= v <= 20, "in [0, 20]")
-    for name, (ok, expected) in checks.items():
-        if body.get(name) is not None and not ok(body[name]):
-            raise BadRequest(f"{name} must be {expected}, not {body[name]!r}")
-    if body.get("top_logprobs") and endpoint == "chat" and not body.get("logprobs"):
-        raise BadRequest("when using `top_logprobs`, `logprobs` must be set to true.")
-    kind = (body.get("response_format") or {}).get("type", "text")
-    if kind not in ("text", "json_object", "json_schema"):
-        raise BadRequest(
-            f"response_format: type must be text, json_object or json_schema, not {kind!r}"
-        )
-
-
-def _logprobs(text: str, endpoint: str, top: int) -> dict:
-    """vLLM's logprobs shapes for the words of ``text`` (one token each)."""
-    words = text.split()
-    alternatives = [(f"<alt{k}>", -float(k)) for k in range(1, 21)]
-    if endpoint == "chat":
-        entry = lambda t, v: {"token": t, "logprob": v, "bytes": list(t.encode())}  # noqa: E731
-        return {
-            "content": [
-                entry(w, 0.0)
-                | {"top_logprobs": [entry(w, 0.0), *(entry(*a) for a in alternatives)][:top]}
-                for w in words
-            ]
-        }
-    offsets, at = [], 0
-    for w in words:
-        offsets.append(at)
-        at += len(w) + 1
-    return {
-        "text_offset": offsets,
-        "token_logprobs": [0.0] * len(words),
-        "tokens": words,
-        "top_logprobs": [{w: 0.0, **dict(alternatives[: max(top - 1, 0)])} for w in words],
-    }
-
-
-def echo_choices(text: str, body: dict, endpoint: str) -> list[dict]:
-    """The choices of an echoed ``text`` under the request's fields (see the module doc)."""
-    missing = int(body.get("min_tokens") or 0) - len(text.split())
-    if missing > 0:
-        text = " ".join([*text.split(), *["echo"] * missing])
-    if (body.get("response_format") or {}).get("type") in ("json_object", "json_schema"):
-        text = json.dumps({"echo": text})
-    logprobs = None
-    if endpoint == "chat" and body.get("logprobs"):
-        logprobs = _logprobs(text, endpoint, int(body.get("top_logprobs") or 0))
-    elif endpoint == "completions" and body.get("logprobs") is not None:
-        logprobs = _logprobs(text, endpoint, int(body["logprobs"]))
-    said = (
-        {"message": {"role": "assistant", "content": text}}
-        if endpoint == "chat"
-        else {"text": text}
-    )
-    return [
-        {"index": i, **said, "finish_reason": "length", "logprobs": logprobs}
-        for i in range(int(body.get("n") or 1))
-    ]
+def check_refused(prompts: list[str | list[int]], refuse_on: str | None) -> None:
+    """BadRequest for a prompt that holds ``refuse_on`` (the module doc)."""
+    if refuse_on and any(refuse_on in text_of(p) for p in prompts):
+        raise BadRequest(f"the prompt holds {refuse_on!r} ({REFUSE_VARIABLE}): refused")
 
 
 def completion_answer(body: dict, model: str, endpoint: str = "completions") -> dict:
-    """The echo engine's answer to a request (no limits, no delay: EchoServer adds them)."""
-    check_fields(body, endpoint)
-    prompts = prompts_of(body)
-    choices = []
-    for prompt in prompts:
-        for choice in echo_choices(text_of(prompt), body, endpoint):
-            choices.append(choice | {"index": len(choices)})
-    prompt_tokens = sum(length(p) for p in prompts)
-    completion_tokens = sum(
-        len((c["message"]["content"] if endpoint == "chat" else c["text"]).split()) for c in choices
-    )
+    """The echo engine's answer to a request: a choice per prompt, the prompt its text (no
+    limits, no delay: EchoServer adds them)."""
+    texts = [text_of(p) for p in prompts_of(body)]
+    said = [
+        {"message": {"role": "assistant", "content": t}} if endpoint == "chat" else {"text": t}
+        for t in texts
+    ]
+    choices = [
+        {"index": i, **s, "finish_reason": "length", "logprobs": None} for i, s in enumerate(said)
+    ]
+    tokens = sum(len(t.split()) for t in texts)
     return {
         "id": f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{uuid.uuid4().hex}",
         "object": "chat.completion" if endpoint == "chat" else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": {"prompt_tokens": tokens, "completion_tokens": tokens, "total_tokens": 2 * tokens},
     }
 
 
@@ -329,6 +209,7 @@ class EchoServer(ThreadingHTTPServer):
         delay: float,
         die_on: str | None = None,
         max_num_seqs: int | None = None,
+        refuse_on: str | None = None,
     ):
         super().__init__(address, Handler)
         self.slots = threading.BoundedSemaphore(max_num_seqs) if max_num_seqs else None
@@ -336,6 +217,7 @@ class EchoServer(ThreadingHTTPServer):
         self.max_model_len = max_model_len
         self.delay = delay
         self.die_on = die_on
+        self.refuse_on = refuse_on
         self.engine_id = os.environ.get(ENGINE_ID_VARIABLE)  # Handler's /health
         self.lock = threading.Lock()
         self.running = 0
@@ -349,6 +231,7 @@ class EchoServer(ThreadingHTTPServer):
         if self.die_on is not None and self.die_on in prompts:
             print(f"echo_server: dying on prompt {self.die_on!r}", file=sys.stderr, flush=True)
             os._exit(1)
+        check_refused(prompts, self.refuse_on)
         for prompt in prompts:
             if length(prompt) > self.max_model_len:
                 raise BadRequest(
@@ -356,7 +239,7 @@ class EchoServer(ThreadingHTTPServer):
                     f"However, your request has {length(prompt)} input tokens. "
                     "Please reduce the length of the input messages."
                 )
-        answer = completion_answer(body, self.model, endpoint)  # refuses before any wait
+        answer = completion_answer(body, self.model, endpoint)
         with self.lock:
             self.running += len(prompts)
         try:
@@ -416,8 +299,8 @@ def metrics_text(model: str, running: int, succeeded: int) -> str:
 
 
 class Handler(BaseHTTPRequestHandler):
-    """The HTTP side of EchoServer and vllm_server.VllmServer: they answer healthy(),
-    completion(body), chat(body), tokens(body) and metrics()."""
+    """The HTTP side of EchoServer: it answers healthy(), completion(body), chat(body),
+    embeddings(body), tokens(body) and metrics()."""
 
     server: EchoServer
     server_version = "echo_server"
@@ -504,6 +387,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     die_on = os.environ.get("ECHO_SERVER_DIE_ON") or None
     parser.add_argument("--die-on", default=die_on, help="exit at once on this prompt")
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests held at once")
+    refuse_on = os.environ.get(REFUSE_VARIABLE) or None
+    parser.add_argument("--refuse-on", default=refuse_on, help="refuse prompts holding this")
     args, _vllm_only = parser.parse_known_args(argv)
     return args
 
@@ -542,6 +427,7 @@ def main(argv: Sequence[str]) -> int:
             args.delay,
             args.die_on,
             args.max_num_seqs,
+            args.refuse_on,
         )
     except OSError as error:
         print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)

@@ -3,15 +3,17 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from formats.partial import Answer
 from rank.jsonl import Request, answer_of, error_answer, refused_answer
 
 
-def echo_answer(request: Request, sampling: dict | None = None) -> Answer:
+def echo_answer(request: Request) -> Answer:
     """The echo engine: the prompt (or the messages in echo_server's chat rendering) is
-    its own answer; one token per word; the request's fields as echo_server answers them."""
+    its own answer; one token per word; other fields are ignored, as echo_server ignores
+    them; a prompt holding ECHO_SERVER_REFUSE_ON is refused, as echo_server refuses it."""
     from engine import echo_server
 
     if request.error:
@@ -22,25 +24,24 @@ def echo_answer(request: Request, sampling: dict | None = None) -> Answer:
         answer = echo_server.embeddings_answer({"input": request.input}, "echo")
         vectors = [item["embedding"] for item in answer["data"]]
         return Answer("", None, answer["usage"]["prompt_tokens"], 0, embeddings=vectors)
-    body = {**(sampling or {}), **request.sampling, **request.fields}
-    if request.chat:
-        body["messages"] = request.messages
-    else:
-        body["prompt"] = request.prompt
     try:
-        answer = (echo_server.chat_answer if request.chat else echo_server.completion_answer)(
-            body, "echo"
-        )
+        if request.chat:
+            answer = echo_server.chat_answer({"messages": request.messages}, "echo")
+        else:
+            answer = echo_server.completion_answer({"prompt": request.prompt}, "echo")
+        said = answer["choices"][0]
+        text = said["message"]["content"] if request.chat else said["text"]
+        echo_server.check_refused([text], os.environ.get(echo_server.REFUSE_VARIABLE))
     except echo_server.BadRequest as error:
         return error_answer(str(error))
     usage = answer["usage"]
     return answer_of(request, answer["choices"], usage["prompt_tokens"], usage["completion_tokens"])
 
 
-def run_echo(requests: list[Request], sampling: dict | None = None) -> dict:
+def run_echo(requests: list[Request]) -> dict:
     """The echo engine for a whole rank, in this process; no model at all."""
     t0 = time.monotonic()
-    answers = {i: echo_answer(r, sampling) for i, r in enumerate(requests)}
+    answers = {i: echo_answer(r) for i, r in enumerate(requests)}
     return {
         "answers": answers,
         "import_s": 0.0,

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         if not requests or settings["engine"] == "echo":
             if not requests:
                 _warn(f"{args.prompts} has no prompts")
-            result = run_echo(requests, settings["sampling"])
+            result = run_echo(requests)
         else:
             partial = Partial(args.output, partial_key(args.prompts, settings))
             kept = partial.load()
