@@ -7,7 +7,6 @@ vllm.bad_requests is "fail_rank"; the record and the run summary count them."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -147,18 +146,21 @@ def test_embeddings_on_warm_and_per_rank_echo_engines(tmp_path, echo_pool):  # n
 
 
 def test_a_rank_of_many_embedding_lines_goes_in_few_calls(tmp_path, echo_pool):  # noqa: F811
-    """One-text lines go EMBED_TEXTS texts to a call; each line keeps its own vector and
-    tokens (the echo server tells each text's)."""
+    """One-text lines go EMBED_TEXTS texts to a call, a line with fields for the engine
+    alone; each line keeps its own vector and tokens (the echo server tells each text's)."""
     from engine.echo_server import embeddings_answer
     from rank.warm import EMBED_TEXTS
 
     lines = [{"id": str(i), "input": "w " * (1 + i % 3) + str(i)} for i in range(150)]
     lines[70] = {"id": "70", "input": ["two", "texts"]}
+    # a field for the engine (the echo engine ignores it): a call of its own
+    lines[71] = {"id": "71", "input": "x", "dimensions": 4}
     (url,) = [json.loads(p.read_text())["url"] for p in echo_pool.registry.glob("*.json")]
     calls_before = metric(url, "vllm:request_success_total")
     out = serve_lines(tmp_path, "7.jsonl", lines, echo_pool)
     calls = metric(url, "vllm:request_success_total") - calls_before
-    assert calls == math.ceil(151 / EMBED_TEXTS) == 3
+    # lines 0-63, 64-70 (line 71 ends that call), 71, then 78 texts in two calls
+    assert EMBED_TEXTS == 64 and calls == 5
     for line, answer in zip(lines, map(json.loads, out.read_text().splitlines()), strict=True):
         expected = embeddings_answer(line, "echo")
         assert answer["id"] == line["id"] and answer["data"] == expected["data"]

@@ -29,6 +29,8 @@ LINES = [
      "body": {"model": "tiny-embed", "input": TEXTS[:2]}},
     {"id": "one", "input": TEXTS[2]},
     {"custom_id": "last", "method": "POST", "url": "/v1/embeddings", "body": {"input": TEXTS[3]}},
+    # a field of vLLM's goes to it: the tiny BERT has no Matryoshka dimensions, vLLM says so
+    {"id": "dims", "input": TEXTS[0], "dimensions": 4},
 ]  # fmt: skip
 # vLLM's offline embed, in a process of its own, with the rank's engine arguments
 REFERENCE = """
@@ -75,6 +77,8 @@ def check(path: Path, model: Path, expected: list[list[float]]) -> None:
     assert got == expected
     assert [d["index"] for d in pair["response"]["body"]["data"]] == [0, 1]
     assert one["usage"]["prompt_tokens"] > 0 and pair["custom_id"] == "pair"
+    dims = answers(path)[3]
+    assert dims["id"] == "dims" and "dimensions=4" in dims["error"]["message"], dims
 
 
 @pytest.mark.vllm

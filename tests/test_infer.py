@@ -551,10 +551,19 @@ def test_prompts_that_surely_fit_skip_tokenize(monkeypatch):
     with pytest.raises(client.EngineUnavailable):  # context length not known yet
         warm.engine_inputs(short, settings, "r.in", url)
     monkeypatch.setitem(warm._MAX_MODEL_LEN, url, 2048)
-    assert warm.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [])
+    assert warm.engine_inputs(short, settings, "r.in", url) == (SEED_PROMPTS, [], None)
     long = short + [Request(line=5, id=5, batch=False, prompt="x " * 700)]
     chat = [Request(line=1, id=1, batch=False, messages=[{"role": "user", "content": "hi"}])]
     tight = {"sampling": {"max_tokens": 2048 - 20}, "long_prompts": "error"}
     for requests, given in ((long, settings), (chat, settings), (short, tight)):
         with pytest.raises(client.EngineUnavailable):
             warm.engine_inputs(requests, given, "r.jsonl", url)
+    # JSONL lines answered as error lines (vllm.bad_requests "error_line"): not tokenized,
+    # their answers are checked against the context instead (once the engine is known to
+    # render chats); a request with no room at all is refused unsent
+    monkeypatch.setattr(warm, "_RENDERS_CHATS", {url})
+    refused = {}
+    no_room = Request(line=2, id=2, batch=False, prompt="a", sampling={"max_tokens": 2048})
+    inputs = warm.engine_inputs([*chat, no_room], settings, "r.jsonl", url, None, refused)
+    assert inputs == ([chat[0].messages, "a"], [], 2048)
+    assert refused == {1: "max_tokens 2048 leaves no room for a request in max_model_len 2048"}

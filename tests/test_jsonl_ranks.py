@@ -423,12 +423,19 @@ def test_jsonl_rank_on_an_echo_server(tmp_path, echo_pool):
 
 
 def test_a_request_over_the_context_fails_the_rank_naming_line_and_tokens(tmp_path, echo_pool):
-    """With config vllm.bad_requests "fail_rank"; by default it is an error line."""
+    """With config vllm.bad_requests "fail_rank", before any request is sent; by default
+    it is an error line, told by the answer's own prompt tokens (no /tokenize)."""
+    # the echo engine's usage counts words, its /tokenize a BOS too: 37 tokens either way
+    answered = [{"prompt": "short"}, {"prompt": " ".join(["w"] * 37), "max_tokens": 4}]
+    out = serve_lines(tmp_path / "default", "2.jsonl", answered, echo_pool)
+    short, refused = (json.loads(x) for x in out.read_text().splitlines())
+    assert short["text"] == "short"
+    assert refused["error"]["message"] == (
+        "request is 37 tokens, more than the 36 allowed "
+        "(max_tokens 4 + request tokens must be <= max_model_len 40)"
+    )
     long = " ".join(["w"] * 36)
     lines = [{"prompt": "short"}, {"prompt": long, "max_tokens": 4}]
-    out = serve_lines(tmp_path / "default", "2.jsonl", lines, echo_pool)
-    short, refused = (json.loads(x) for x in out.read_text().splitlines())
-    assert short["text"] == "short" and "request is 37 tokens" in refused["error"]["message"]
     strict = {"bad_requests": "fail_rank"}
     with pytest.raises(checks.UsageError) as caught:
         serve_lines(tmp_path, "2.jsonl", lines, echo_pool, **strict)

@@ -444,9 +444,17 @@ class Embeddings:
     input_tokens: list[int] | None = None
 
 
-def embed(url: str, texts: Sequence[str], timeout: float = 600.0, key: str | None = None):
-    """POST /v1/embeddings (a pooling model's engine): one vector per text, in order."""
-    data = post(url, "/v1/embeddings", {"input": list(texts)}, timeout, key)
+def embed(
+    url: str,
+    texts: Sequence[str],
+    timeout: float = 600.0,
+    key: str | None = None,
+    fields: Mapping | None = None,
+):
+    """POST /v1/embeddings (a pooling model's engine): one vector per text, in order; the
+    request's other OpenAI ``fields`` as they are (dimensions, truncate_prompt_tokens, ...)."""
+    body = {**(fields or {}), "input": list(texts)}
+    data = post(url, "/v1/embeddings", body, timeout, key)
     items = data.get("data")
     if not isinstance(items, list) or len(items) != len(texts):
         raise EngineUnavailable(f"{url}/v1/embeddings: engine answered {items!r:.200} as data")

@@ -253,32 +253,38 @@ def checked_requests(
     long = []
     for index, (request, ids) in enumerate(zip(requests, token_ids, strict=True)):
         max_tokens = sampling_of(request, settings["sampling"])["max_tokens"]
-        limit = _token_limit(max_model_len, max_tokens)
-        if limit < 1 and refused is not None:
-            refused[index] = (
-                f"max_tokens {max_tokens} leaves no room for a request in max_model_len "
-                f"{max_model_len}"
-            )
-        elif limit < 1:
-            raise UsageError(
-                f"{path}: line {request.line}: max_tokens {max_tokens} leaves no room for a "
-                f"request in max_model_len {max_model_len}"
-            )
-        if len(ids) > limit:
-            rule = (
-                f"max_tokens {max_tokens} + request tokens must be <= max_model_len {max_model_len}"
-                if max_tokens is not None
-                else f"request tokens must be < max_model_len {max_model_len}"
-            )
-            message = f"request is {len(ids)} tokens, more than the {limit} allowed ({rule})"
-            if refused is not None:
-                refused[index] = message
-            else:
-                long.append(f"line {request.line}: {message}")
+        message = length_problem(len(ids), max_tokens, max_model_len)
+        if message is None:
+            continue
+        if refused is not None:
+            refused[index] = message
+        elif _token_limit(max_model_len, max_tokens) < 1:
+            raise UsageError(f"{path}: line {request.line}: {message}")
+        else:
+            long.append(f"line {request.line}: {message}")
     if long:
         more = f"; {len(long) - 1} more too long" if len(long) > 1 else ""
         raise UsageError(f"{path}: {long[0]}{more}")
     return [r.messages if r.chat else r.prompt for r in requests], []
+
+
+def length_problem(tokens: int | None, max_tokens: int | None, max_model_len: int) -> str | None:
+    """Why a JSONL request of ``tokens`` prompt tokens (None: not known yet) does not fit
+    ``max_model_len`` with its whole generation (`_token_limit`), or None. vLLM's front end
+    would cut such a generation short without a word (0.32 lowers max_tokens to fit)."""
+    limit = _token_limit(max_model_len, max_tokens)
+    if limit < 1:
+        return (
+            f"max_tokens {max_tokens} leaves no room for a request in max_model_len {max_model_len}"
+        )
+    if tokens is None or tokens <= limit:
+        return None
+    rule = (
+        f"max_tokens {max_tokens} + request tokens must be <= max_model_len {max_model_len}"
+        if max_tokens is not None
+        else f"request tokens must be < max_model_len {max_model_len}"
+    )
+    return f"request is {tokens} tokens, more than the {limit} allowed ({rule})"
 
 
 def fail_on_refused(requests: list[Request], answers: dict, settings: dict, path) -> None:

@@ -48,8 +48,9 @@ ENDPOINTS = {
 }
 # The kinds a pooling model's engine answers (a rank holds one kind: generation or pooling).
 POOLING_KINDS = ("embeddings", "score", "rerank")
-# An embeddings request's fields besides "input" ("float" is the one encoding written).
-EMBEDDING_KEYS = {"model", "input", "encoding_format", "user"}
+# An embeddings request's fields read here ("float" is the one encoding written: the
+# answer file and the .npy hold floats); every other field goes to the engine as it is.
+EMBEDDING_KEYS = {"model", "input", "encoding_format"}
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # Per-request sampling fields; config `sampling` gives the rest (ignore_eos: vLLM's
 # extension of the OpenAI API, which its run-batch takes too).
@@ -87,7 +88,7 @@ class Request:
     messages: list | None = None  # chat
     sampling: dict = field(default_factory=dict)  # this request's overrides
     model: str | None = None  # the batch body's "model", answered back
-    fields: dict = field(default_factory=dict)  # ENGINE_FIELDS / SERVER_ONLY_FIELDS given
+    fields: dict = field(default_factory=dict)  # the line's other fields, for the engine
     error: str | None = None  # why it is refused before any engine sees it
     input: list | None = None  # embeddings: the texts to embed
     kind: str | None = None  # score or rerank: sent to ``url`` with ``body`` as it is
@@ -336,12 +337,18 @@ def _embedding_request(body: dict, number: int, where, request_id, batch: bool, 
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise where(f"input must be a string or a non-empty list of strings, not {texts!r}")
     refused = None
-    unknown = sorted(set(body) - EMBEDDING_KEYS)
-    if unknown:
-        refused = f"unknown fields {unknown} for an embeddings request (served: input, model)"
-    elif body.get("encoding_format", "float") != "float":
+    if body.get("encoding_format", "float") != "float":
         refused = f'encoding_format {body["encoding_format"]!r}: only "float" is written'
-    return Request(line=number, id=request_id, batch=batch, model=model, input=texts, error=refused)
+    fields = _engine_fields(body, EMBEDDING_KEYS)
+    return Request(
+        line=number,
+        id=request_id,
+        batch=batch,
+        model=model,
+        input=texts,
+        fields=fields,
+        error=refused,
+    )
 
 
 def _engine_fields(fields: dict, known: set) -> dict:

@@ -58,12 +58,14 @@ def run_vllm(
         # refused as read: answered here, never tokenized or sent
         answers |= {i: refused_answer(r) for i, r in enumerate(requests) if r.error}
         refused = {} if settings["bad_requests"] == "error_line" else None
-        inputs, truncated = warm.engine_inputs(requests, settings, path, engine.url, None, refused)
+        inputs, truncated, context = warm.engine_inputs(
+            requests, settings, path, engine.url, None, refused
+        )
         for i, message in (refused or {}).items():
             answers.setdefault(i, error_answer(message))
         todo = [i for i in range(len(requests)) if i not in answers]
         generate_s = warm.send_requests(
-            engine, requests, inputs, todo, settings, partial, answers, REQUEST_TIMEOUT_S
+            engine, requests, inputs, todo, settings, partial, answers, REQUEST_TIMEOUT_S, context
         )
     finally:
         engine.stop()

@@ -21,6 +21,7 @@ from rank.checks import (
     _token_limit,
     checked_requests,
     fail_on_refused,
+    length_problem,
     refused_requests,
 )
 from rank.echo import run_echo
@@ -29,6 +30,7 @@ from rank.jsonl import (
     answer_of,
     embedding_rank,
     error_answer,
+    is_jsonl,
     read_rank,
     refused_answer,
     sampling_of,
@@ -96,17 +98,32 @@ def engine_inputs(
     key: str | None = None,
     refused: dict | None = None,
 ) -> tuple:
-    """The requests' engine inputs and the truncated lines, checked as `run_vllm` checks
-    them with the engine's own tokenizer (/tokenize, which also tells the context
-    length, and renders chats with the engine's template): the server alone would cut a
-    generation short silently. Prompts that `surely_fit` need no check. A JSONL request
-    too long goes to ``refused`` (index -> message) when it is given."""
+    """The requests' engine inputs, the truncated lines, and the context length their
+    answers are to be checked against (`send_requests`; None: checked here already).
+
+    ``.in`` ranks are checked as `run_vllm` checks them, with the engine's own tokenizer
+    (/tokenize, which also tells the context length): the server alone would cut a
+    generation short silently. Prompts that `surely_fit` need no check. JSONL ranks with
+    ``refused`` (a dict: their error lines, index -> message) are not tokenized: each
+    answer's own prompt tokens tell whether it fitted (a chat rendered once, not twice);
+    a request with no room at all goes to ``refused`` unsent. Without ``refused``
+    (vllm.bad_requests "fail_rank") a request too long fails the rank before any is sent."""
     from engine import client
 
     if embedding_rank(requests):  # the engine checks their length
-        return [r.input for r in requests], []
+        return [r.input for r in requests], [], None
     if surely_fit(requests, settings, url):
-        return [r.prompt for r in requests], []
+        return [r.prompt for r in requests], [], None
+    if refused is not None and is_jsonl(path):
+        context = _MAX_MODEL_LEN.get(url) or client.tokenize(url, "a", key=key).max_model_len
+        _MAX_MODEL_LEN[url] = context
+        _check_chat_template(url, requests, path, key)
+        for i, r in enumerate(requests):
+            max_tokens = sampling_of(r, settings["sampling"])["max_tokens"]
+            problem = None if r.error else length_problem(0, max_tokens, context)
+            if problem:
+                refused[i] = problem
+        return [r.messages if r.chat else r.prompt for r in requests], [], context
     # a request refused as read is never sent: no tokens to count
     answers = [None if r.error else _tokens(url, r, path, key) for r in requests]
     token_ids = [answer.ids if answer else [] for answer in answers]
@@ -124,7 +141,26 @@ def engine_inputs(
     )
     # a truncated prompt goes as its kept token ids
     inputs = [x["prompt_token_ids"] if isinstance(x, dict) else x for x in inputs]
-    return inputs, truncated
+    return inputs, truncated, None
+
+
+# Engines (URLs) seen to render a chat: their model has a chat template.
+_RENDERS_CHATS: set[str] = set()
+
+
+def _check_chat_template(url: str, requests: list[Request], path: str, key: str | None) -> None:
+    """A rank's first chat tokenized once per engine (`_tokens`): a model without a chat
+    template fails the rank at once, naming the config key, not with an error line each."""
+    chat = next((r for r in requests if r.chat and not r.error), None)
+    if chat is None or url in _RENDERS_CHATS:
+        return
+    from engine import client
+
+    try:
+        _tokens(url, chat, path, key)
+    except client.RequestRejected:
+        return  # that line's own fault: its answer says why
+    _RENDERS_CHATS.add(url)
 
 
 def _tokens(url: str, request: Request, path: str, key: str | None):
@@ -178,12 +214,13 @@ _SENDERS = _Senders()
 
 
 def embedding_calls(requests: list[Request], todo) -> list[list[int]]:
-    """The embedding requests ``todo`` (indices) in calls of at most EMBED_TEXTS texts
-    (a request with more texts is a call of its own)."""
+    """The embedding requests ``todo`` (indices) in calls of at most EMBED_TEXTS texts (a
+    request with more texts, with fields of its own, or for score or rerank is a call of
+    its own)."""
     calls: list[list[int]] = []
     texts = EMBED_TEXTS
     for i in todo:
-        if not requests[i].embedding:  # score, rerank: a call of its own
+        if not requests[i].embedding or requests[i].fields:  # a call of its own
             calls.append([i])
             texts = EMBED_TEXTS
             continue
@@ -196,11 +233,15 @@ def embedding_calls(requests: list[Request], todo) -> list[list[int]]:
     return calls
 
 
-def send_requests(engine, requests, inputs, todo, settings, partial, answers, timeout) -> float:
+def send_requests(
+    engine, requests, inputs, todo, settings, partial, answers, timeout, context=None
+) -> float:
     """Send the requests ``todo`` (indices) to ``engine``, REQUESTS_IN_FLIGHT at a time
     (this thread and the shared senders); keep each answer in ``answers`` and
     ``partial`` as it comes; return the seconds. The first failure stops the sending
-    and is raised once the requests in flight end (their answers are kept)."""
+    and is raised once the requests in flight end (their answers are kept). With a
+    ``context`` (engine_inputs'), an answer whose prompt did not fit it with its whole
+    generation is kept as that request's error line instead."""
     from engine import client
 
     lock = threading.Lock()
@@ -249,7 +290,7 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
                 keep(i, Answer("", None, tokens, 0, body=data))
                 return
             if request.embedding:
-                done = client.embed(engine.url, given, timeout, engine.api_key)
+                done = client.embed(engine.url, given, timeout, engine.api_key, request.fields)
                 keep(i, Answer("", None, done.prompt_tokens, 0, embeddings=done.vectors))
                 return
             reply = client.complete_one(
@@ -261,9 +302,14 @@ def send_requests(engine, requests, inputs, todo, settings, partial, answers, ti
                 key=engine.api_key,
                 fields=request.fields,
             )
-            answer = answer_of(
-                request, list(reply.choices), reply.prompt_tokens, reply.completion_tokens
-            )
+            max_tokens = sampling_of(request, settings["sampling"])["max_tokens"]
+            problem = context and length_problem(reply.prompt_tokens, max_tokens, context)
+            if problem:
+                answer = error_answer(problem)
+            else:
+                answer = answer_of(
+                    request, list(reply.choices), reply.prompt_tokens, reply.completion_tokens
+                )
         except client.RequestRejected as error:  # this request's error line (issue 30)
             answer = error_answer(error.message, status=error.status)
         keep(i, answer)
@@ -349,7 +395,7 @@ def serve_rank(
                     # "fail_rank": a request too long fails the rank at once, as before
                     refused = {} if settings["bad_requests"] == "error_line" else None
                     try:
-                        inputs, truncated = engine_inputs(
+                        inputs, truncated, context = engine_inputs(
                             requests,
                             settings,
                             str(prompts_path),
@@ -379,6 +425,7 @@ def serve_rank(
                             partial,
                             answers,
                             request_timeout,
+                            context,
                         )
                     except client.EngineUnavailable as error:
                         pool.mark_failed(engine)
