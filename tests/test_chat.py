@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,16 +19,23 @@ from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
 from placement import node_layout, tiles
 from rank import checks, warm
-from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
-from workflow import local_config, make_workdir, read_records, snakemake
+from workflow import (
+    ENGINE_SETTINGS,
+    PYTHON,
+    READY_TIMEOUT,
+    SCRIPTS,
+    TASK_ENV,
+    TINY_CHAT,
+    TINY_MODEL,
+    free_port,
+    local_config,
+    make_workdir,
+    read_records,
+    snakemake,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-PYTHON = sys.executable
-TINY_CHAT = REPO / "models" / "tiny-chat"
-TINY_OPT = REPO / "models" / "tiny-opt"
 MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 CHAT = [{"role": "system", "content": "You are brief."},
@@ -115,7 +121,7 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
     runs = {
         "a": (work / "a", write_rank(work / "a", 3, LINES), settings(tiny_chat)),
         "b": (work / "b", write_rank(work / "b", 3, LINES), settings(tiny_chat)),
-        "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_OPT)),
+        "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_MODEL)),
         "file": (
             work / "file",
             # and a chat as OpenAI text parts, after the string they join into
@@ -128,7 +134,7 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
                     {"messages": PARTS, "max_tokens": 4},
                 ],
             ),  # fmt: skip
-            settings(TINY_OPT, chat_template=str(template)),
+            settings(TINY_MODEL, chat_template=str(template)),
         ),
     }
     # a rank stopped after its first answer: that answer is kept, the rest generated
@@ -200,10 +206,10 @@ def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
     assert not (none["dir"] / "results" / "1.jsonl").exists()
     assert given["code"] == 0, given["stderr"][-3000:]
     line, joined, from_parts = answers(given["dir"] / "results" / "1.jsonl")
-    ids = rendered_ids(TINY_OPT, CHAT, per_rank_runs["template"])
+    ids = rendered_ids(TINY_MODEL, CHAT, per_rank_runs["template"])
     assert usage(line) == (len(ids), 4)
     # a per-rank engine answers text parts as the string they join into (seeded)
-    assert usage(joined) == (len(rendered_ids(TINY_OPT, JOINED, per_rank_runs["template"])), 4)
+    assert usage(joined) == (len(rendered_ids(TINY_MODEL, JOINED, per_rank_runs["template"])), 4)
     assert from_parts == joined | {"id": 3}
 
 
@@ -211,11 +217,11 @@ def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
 def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
     port = free_port()
     key = lifecycle.new_api_key()
-    argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
+    argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, ENGINE_SETTINGS, 1)
     slot = node_layout.Slot("localhost", (0,))
     placement = tiles.engine_env(slot, "FLAT", free_port(), tmp_path / "t")
     base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
-    env = lifecycle.engine_environment(placement, SETTINGS, base)  # its KV cache size too
+    env = lifecycle.engine_environment(placement, ENGINE_SETTINGS, base)  # its KV cache size too
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)
     engine.start()
     try:

@@ -1,7 +1,7 @@
 """Warm engines as a local run sets them up (rank_job.local_spec, then supervisor.node's
 make_engine, as in a submission): which engines, with which ports, masks and
-environment. The engines themselves run in tests/test_engines.py, tests/test_serve.py
-and in the local workflow tests."""
+environment. The engines themselves run in tests/test_engine_lifecycle.py,
+tests/test_engine_supervisor.py and in the local workflow tests."""
 
 from __future__ import annotations
 
