@@ -165,9 +165,7 @@ def test_qdel_of_running_job_reads_exit_0_substate_91(pbs: PbsCluster, tmp_path:
     wait_file(tmp_path / "started")
     res = pbs.run(["qdel", job_id])
     assert res.returncode == 0, res.stderr
-    t0 = time.monotonic()
     info = pbs.wait_job(job_id, timeout=30)
-    assert time.monotonic() - t0 < 15
     # As recorded: read by Exit_status alone a deleted job looks like success.
     assert (info["job_state"], info["Exit_status"], info["substate"]) == ("F", 0, 91)
     assert "terminated" in info["comment"]
@@ -175,7 +173,6 @@ def test_qdel_of_running_job_reads_exit_0_substate_91(pbs: PbsCluster, tmp_path:
 
 def test_walltime_kill_exit_status_minus_29(pbs: PbsCluster, tmp_path: Path) -> None:
     job = script(tmp_path, "sleep 120\n")
-    t0 = time.monotonic()
     job_id = qsub(
         pbs,
         "-q",
@@ -188,8 +185,7 @@ def test_walltime_kill_exit_status_minus_29(pbs: PbsCluster, tmp_path: Path) -> 
         tmp_path / "out.log",
         job,
     )
-    info = pbs.wait_job(job_id, timeout=40)
-    assert time.monotonic() - t0 < 30
+    info = pbs.wait_job(job_id, timeout=40)  # not the job's 120 s: the 5 s walltime ended it
     assert (info["job_state"], info["Exit_status"], info["substate"]) == ("F", -29, 93)
     assert "exceeded resource walltime" in info["comment"]
 
