@@ -23,9 +23,9 @@ SCRIPTS = REPO / "scripts"
 PYTHON = sys.executable
 SNAKEMAKE = [PYTHON, "-m", "snakemake"]
 # The tiny models `make` builds (scripts/tools/build_model.py): tiny-opt is the local
-# profile's model (make test-unit builds it too), the others the real-vLLM tier's.
+# profile's model (make test-unit builds it too), the others the real-vLLM tier's
+# (tiny_model(kind)).
 TINY_MODEL = REPO / "models" / "tiny-opt"
-TINY_CHAT = REPO / "models" / "tiny-chat"
 
 # A warm engine's settings as profiles/local/local.yaml (vllm.* and task_env) with
 # config.yaml's defaults.
@@ -50,6 +50,16 @@ def probe_result(stdout: str):
     """The JSON a probe printed after PROBE_MARK."""
     (line,) = [line for line in stdout.splitlines() if line.startswith(PROBE_MARK)]
     return json.loads(line.removeprefix(PROBE_MARK))
+
+
+def tiny_model(kind: str = "tiny") -> Path:
+    """models/tiny-opt (``tiny``) or models/<kind> as `make` builds it, built here if
+    missing (scripts/tools/build_model.py: seconds, and a whole folder or none)."""
+    path = TINY_MODEL if kind == "tiny" else REPO / "models" / kind
+    if not (path / "config.json").exists():
+        build = [PYTHON, str(SCRIPTS / "tools" / "build_model.py"), kind, str(path)]
+        subprocess.run(build, check=True, timeout=600)
+    return path
 
 
 def free_port() -> int:
