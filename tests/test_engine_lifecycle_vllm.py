@@ -335,7 +335,7 @@ def test_real_tokenize_and_over_long_prompts(engine):
     squeezed = count(words)
     assert squeezed < 256
     # Trap: the server does NOT reject it; it silently generates fewer tokens (as
-    # LLM.generate does). Length checks stay with the client (infer.check_prompt_lengths).
+    # LLM.generate does). Length checks stay with the client (checks.check_prompt_lengths).
     result = ask(engine, [PROMPTS[0], "hello " * words], SAMPLING)
     assert result.finish_reasons == ["length", "length"]
     assert result.completion_tokens == SAMPLING["max_tokens"] + (256 - squeezed)

@@ -27,8 +27,7 @@ from formats import registry as registry_format
 from pipeline import rank_job
 from placement import node_layout, ports
 from rank import checks, warm
-from test_warm import local_config
-from workflow import wait_until
+from workflow import local_profile_config, wait_until
 
 PYTHON = sys.executable
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -38,7 +37,9 @@ HOST = os.uname().nodename
 def echo_spec(tmp_path: Path, **env) -> dict:
     """A local run's spec for two echo engines, its registry under tmp_path; every
     process of its engines carries a tag of its own in its environment."""
-    config = local_config(engine="echo", warm={**local_config()["warm"], "ranks_in_flight": 1})
+    config = local_profile_config(
+        engine="echo", warm={**local_profile_config()["warm"], "ranks_in_flight": 1}
+    )
     spec = rank_job.local_spec(config, "unused")
     tag = uuid.uuid4().hex
     return spec | {
@@ -103,7 +104,7 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
         # loopback only, and the run's key is required
         assert first.url.startswith("http://127.0.0.1:")
         with pytest.raises(client.RequestRejected) as refused:
-            client.complete(first.url, ["x"], local_config()["sampling"])
+            client.complete(first.url, ["x"], local_profile_config()["sampling"])
         assert refused.value.status == 401
     record = echo_rank(tmp_path, 3, ["one", "two"], pool)
     assert (tmp_path / "3.out").read_text() == (
@@ -370,7 +371,7 @@ def test_a_server_planted_on_a_real_vllm_engines_port_is_survived(tmp_path, capf
     """Issue 29 with one real vLLM engine (the tiny model): a foreign server takes the
     engine's port after the run chose it, before the engine binds it; the engine moves,
     proves its id on its new port, and answers the run's requests."""
-    config = local_config(tiles={**local_config()["tiles"], "per_node": 1})
+    config = local_profile_config(tiles={**local_profile_config()["tiles"], "per_node": 1})
     spec = rank_job.local_spec(config, str(wf.TINY_MODEL))
     spec |= {"registry_root": str(tmp_path / "engines")}
     started = local.LocalService(spec)
@@ -386,7 +387,7 @@ def test_a_server_planted_on_a_real_vllm_engines_port_is_survived(tmp_path, capf
         try:
             with pool.route() as engine:
                 answer = client.complete(
-                    engine.url, ["Hello"], local_config()["sampling"], key=engine.api_key
+                    engine.url, ["Hello"], local_profile_config()["sampling"], key=engine.api_key
                 )
             assert answer.texts and not engine.url.endswith(f":{port}")
             (entry,) = registry_format.read_registry(started.registry).values()

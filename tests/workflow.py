@@ -88,6 +88,14 @@ def process_cmdline(pid: int) -> bytes:
         return b""
 
 
+def local_profile_config(**changes) -> dict:
+    """config/config.yaml under profiles/local/local.yaml, as Snakemake merges them, with
+    ``changes`` replacing whole top-level keys. (local_config writes a run's files.)"""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    local = yaml.safe_load((REPO / "profiles" / "local" / "local.yaml").read_text())
+    return deep_merge(config, local) | changes
+
+
 def aurora_config(**changes) -> dict:
     """config/config.yaml under profiles/aurora/aurora.yaml under ``changes``."""
     config = {}
