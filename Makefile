@@ -31,13 +31,15 @@ run: $(VENV)/.installed $(TINY_MODEL)/config.json
 test: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(TINY_RERANK)/config.json openpbs
 	$(BIN)/python -m pytest
 
-# One tier alone (tests/README.md): unit tests need only the venv; the real-vLLM tier
-# the tiny models and vLLM 0.15.0's venv; the PBS tier OpenPBS and the tiny model.
-test-unit: $(VENV)/.installed
+# One tier alone, each on a fresh clone and in any order (tests/README.md): unit tests
+# need the venv and the tiny model (a few seconds: the echo runs of profiles/local name it);
+# the real-vLLM tier the tiny models and vLLM 0.15.0's venv; the PBS tier OpenPBS and the
+# tiny model (its real-vLLM tests run there, not in test-vllm).
+test-unit: $(VENV)/.installed $(TINY_MODEL)/config.json
 	$(BIN)/python -m pytest -m "not vllm and not pbs"
 
 test-vllm: $(VENV)/.installed $(VENV015)/.installed $(TINY_MODEL)/config.json $(TINY_CHAT)/config.json $(TINY_EMBED)/config.json $(TINY_RERANK)/config.json
-	$(BIN)/python -m pytest -m vllm
+	$(BIN)/python -m pytest -m "vllm and not pbs"
 
 test-pbs: $(VENV)/.installed $(TINY_MODEL)/config.json openpbs
 	$(BIN)/python -m pytest -m pbs

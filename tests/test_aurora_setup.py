@@ -22,7 +22,6 @@ from formats import registry, staged_model
 from model import fetch, stage
 from pbs import plan
 from pbs.settings import settings_from_config
-from pipeline import rank_job
 from placement import launcher, node_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,20 +30,9 @@ AURORA_CPUS = ["1-8", "9-16", "17-24", "25-32", "33-40", "41-48",
 JOB = "8101204.aurora-pbs-0001.hostmgmt.cm.aurora.alcf.anl.gov"
 
 
-def aurora_config(**changes) -> dict:
-    config = {}
-    for path in (REPO / "config" / "config.yaml", REPO / "profiles" / "aurora" / "aurora.yaml"):
-        config = wf.deep_merge(config, wf.yaml.safe_load(path.read_text()))
-    return wf.deep_merge(config, changes)
-
-
 def engine_spec(**changes) -> dict:
-    return rank_job.engine_spec(aurora_config(**changes)) | {
-        "model": "/lus/flare/projects/p/models/m",
-        "stage": False,
-        "stage_dir": "/tmp",
-        "python": "python3",
-    }
+    spec = wf.aurora_engine_spec("/lus/flare/projects/p/models/m", **changes)
+    return spec | {"python": "python3"}
 
 
 # ---------------------------------------------------------------- environment per module
@@ -68,7 +56,7 @@ def test_engine_environment_of_module_frameworks_2025_3_1(tmp_path):
         engine_spec(tiles={"per_job": 4}), slot, JOB, tmp_path, module_env
     )
     env = engine.env
-    assert aurora_config()["task_env"] == {}
+    assert wf.aurora_config()["task_env"] == {}
     for stale in ("CCL_PROCESS_LAUNCHER", "VLLM_WORKER_MULTIPROC_METHOD", "TORCH_COMPILE_DISABLE"):
         assert stale not in env
     assert env["ONEAPI_DEVICE_SELECTOR"] == "opencl:gpu;level_zero:gpu"
@@ -129,7 +117,7 @@ def test_tp4_launcher_call_is_alcfs(tmp_path):
 
 
 def test_tp4_plan_counts_two_engines_per_node():
-    settings = settings_from_config(aurora_config(tiles={"per_job": 4}))
+    settings = settings_from_config(wf.aurora_config(tiles={"per_job": 4}))
     assert plan.jobs_per_node(settings) == 2
     assert plan.expected_group_size(settings) == 4 * 2 * 10
 
@@ -144,7 +132,8 @@ def test_a_reserved_core_in_cpu_bind_is_an_error_naming_the_key(bad):
         node_layout.engine_cpu_lists(12, 1, cpus)
     with pytest.raises(ValueError, match="tiles.cpu_bind"):
         launcher.launch_argv(["x", "{cpus}"], node_layout.Slot("h", (0,)), cpus, {}, ["true"])
-    settings = settings_from_config(aurora_config(tiles={"cpu_bind": cpus}, pbs={"account": "P"}))
+    config = wf.aurora_config(tiles={"cpu_bind": cpus}, pbs={"account": "P"})
+    settings = settings_from_config(config)
     assert any(p.startswith("config key tiles.cpu_bind") for p in plan.settings_problems(settings))
 
 
@@ -187,7 +176,7 @@ def test_tensor_parallel_must_divide_the_attention_heads(tmp_path, config, tp, r
 def test_head_check_before_any_qsub(tmp_path):
     """The provider's checks (the dry run, and pbs-submit before qsub) refuse the plan."""
     folder = model_folder(tmp_path / "m", {"num_attention_heads": 14})
-    config = aurora_config(tiles={"per_job": 4}, pbs={"account": "P"}, engine="vllm")
+    config = wf.aurora_config(tiles={"per_job": 4}, pbs={"account": "P"}, engine="vllm")
     settings = settings_from_config(config, model=str(folder))
     problems = plan.settings_problems(settings)
     assert any("14 attention heads" in p and "tiles.per_job" in p for p in problems)
@@ -198,7 +187,11 @@ def test_head_check_before_any_qsub(tmp_path):
 # ---------------------------------------------------------------- does not fit
 
 
-@pytest.mark.parametrize("venv", [".venv", ".venv-vllm015"])
+# .venv-vllm015 is the vLLM tier's (make test-vllm builds it, make test-unit does not).
+VLLM015 = pytest.param(".venv-vllm015", marks=[pytest.mark.vllm015, pytest.mark.vllm])
+
+
+@pytest.mark.parametrize("venv", [".venv", VLLM015])
 def test_does_not_fit_patterns_are_vllms_own_messages(venv):
     """The patterns are in the vLLM source of both tested versions (they change between
     releases: "model's" in 0.32, "models's" in 0.15)."""
@@ -228,7 +221,7 @@ def test_a_log_that_says_does_not_fit_gives_the_reason(tmp_path):
 
 
 def test_staging_launcher_call_on_aurora():
-    template = aurora_config()["node_launcher"]
+    template = wf.aurora_config()["node_launcher"]
     argv = launcher.node_launcher_argv(template, 256)
     assert argv == ["mpiexec", "-n", "256", "--ppn", "1", "--no-vni"]
 

@@ -4,31 +4,14 @@ the budget's stop, and what is said with no history."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
-
-from dataset import bill  # noqa: E402
-from formats import history  # noqa: E402
-from pbs import plan, settings_from_config  # noqa: E402
-
-
-def merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and key in out else value
-    return out
-
-
-def aurora_config(**changes) -> dict:
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    config = merge(config, yaml.safe_load((REPO / "profiles/aurora/aurora.yaml").read_text()))
-    return merge(config, changes)
+from dataset import bill
+from formats import history
+from pbs import plan, settings_from_config
+from workflow import aurora_config, deep_merge
 
 
 def history_line(tmp_path, config, **fields) -> Path:
@@ -78,7 +61,8 @@ def test_the_estimate_rests_on_the_history_and_sets_the_walltimes(tmp_path):
     assert "resting on the run of" in text and "12,000 requests" in text
     assert "walltimes are the estimate + 50% + 10 min" in text
     # hand-set keys still win
-    hand = bill.run_config(merge(config, {"warm": {"rank_minutes": 3}}), "d", "r", estimate, 1000)
+    hand_set = deep_merge(config, {"warm": {"rank_minutes": 3}})
+    hand = bill.run_config(hand_set, "d", "r", estimate, 1000)
     assert hand["warm"]["rank_minutes"] == 3 and hand["warm"]["start_minutes"] == 10
 
 

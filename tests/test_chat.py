@@ -1,16 +1,16 @@
 """Chat requests on a real instruct model (models/tiny-chat: scripts/tools/build_model.py
 tiny-chat, a chat template in its tokenizer_config.json) through both kinds of engine:
 per-rank (task.py, vLLM in the task) and warm (scripts/engine/vllm_server.py), and through
-the whole workflow (profiles/local). The template's markers reach the engine (the
-prompt tokens it reports are the rendered chat's), a seeded rerun is identical, and a
-model without a template takes config vllm.chat_template."""
+the whole workflow (profiles/local). The prompt tokens each engine reports are the chat
+as vLLM itself renders it offline (``LLM.chat``'s prompt token ids: the reference, apart
+from the engines' own front end), the template's markers among them; a seeded rerun is
+identical, and a model without a template takes config vllm.chat_template."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,16 +20,24 @@ from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
 from placement import node_layout, tiles
 from rank import checks, warm
-from test_engines import READY_TIMEOUT, SETTINGS, TASK_ENV, free_port
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
-from workflow import local_config, make_workdir, read_records, snakemake
+from workflow import (
+    ENGINE_SETTINGS,
+    PYTHON,
+    READY_TIMEOUT,
+    SCRIPTS,
+    TASK_ENV,
+    TINY_MODEL,
+    free_port,
+    local_config,
+    make_workdir,
+    probe_result,
+    read_records,
+    snakemake,
+    tiny_model,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
-PYTHON = sys.executable
-TINY_CHAT = REPO / "models" / "tiny-chat"
-TINY_OPT = REPO / "models" / "tiny-opt"
 MARKERS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 
 CHAT = [{"role": "system", "content": "You are brief."},
@@ -49,22 +57,55 @@ LINES = [
 
 @pytest.fixture(scope="module")
 def tiny_chat() -> Path:
-    """The repo's tiny instruct model (`make test` builds it), built here if missing."""
-    if not (TINY_CHAT / "config.json").exists():
-        build = [PYTHON, str(SCRIPTS / "tools" / "build_model.py"), "tiny-chat", str(TINY_CHAT)]
-        subprocess.run(build, check=True, timeout=600)
-    return TINY_CHAT
+    """The repo's tiny instruct model (`make test-vllm` builds it)."""
+    return tiny_model("tiny-chat")
 
 
-def rendered_ids(model: Path, messages: list, template: str | None = None) -> list[int]:
-    """The chat as the model's tokenizer renders it for a reply (transformers alone)."""
-    from transformers import AutoTokenizer
+# Reference renderings: name -> (model, messages, with the test's template).
+RENDERED = {
+    "chat": ("tiny-chat", CHAT, False),
+    "user": ("tiny-chat", CHAT[1:], False),
+    "user joined": ("tiny-chat", JOINED[1:], False),
+    "user parts": ("tiny-chat", PARTS[1:], False),
+    "templated chat": ("tiny-opt", CHAT, True),
+    "templated joined": ("tiny-opt", JOINED, True),
+}
+TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
+# vLLM's offline LLM.chat, one model after the other: the prompt token ids it renders.
+REFERENCE_PROBE = """
+import json
+import sys
+from vllm import LLM, SamplingParams
+models, cases, template = json.loads(sys.argv[1])
+ids = {}
+for model in sorted({case[0] for case in cases.values()}):
+    llm = LLM(model=models[model], dtype="bfloat16", enforce_eager=True, max_model_len=256)
+    for name, (of, messages, templated) in cases.items():
+        if of == model:
+            (out,) = llm.chat(messages, SamplingParams(max_tokens=1), use_tqdm=False,
+                              chat_template=template if templated else None)
+            ids[name] = list(out.prompt_token_ids)
+    del llm
+print("PROBE-RESULT " + json.dumps(ids))
+"""
 
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
-    text = tokenizer.apply_chat_template(
-        messages, chat_template=template, add_generation_prompt=True, tokenize=False
+
+@pytest.fixture(scope="module")
+def rendered(tiny_chat) -> dict[str, list[int]]:
+    """The chats of RENDERED as vLLM's LLM.chat renders them (its prompt token ids)."""
+    models = {"tiny-chat": str(tiny_chat), "tiny-opt": str(TINY_MODEL)}
+    done = subprocess.run(
+        [PYTHON, "-c", REFERENCE_PROBE, json.dumps([models, RENDERED, TEMPLATE])],
+        env={**os.environ, **VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return probe_result(done.stdout)
 
 
 def write_rank(folder: Path, rank: int, lines) -> Path:
@@ -107,15 +148,12 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
     template) without and with config vllm.chat_template."""
     work = tmp_path_factory.mktemp("chat")
     template = work / "template.jinja"
-    template.write_text(
-        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}"
-    )
+    template.write_text(TEMPLATE)
     chat_only = [{"messages": CHAT, "max_tokens": 4}]
     runs = {
         "a": (work / "a", write_rank(work / "a", 3, LINES), settings(tiny_chat)),
         "b": (work / "b", write_rank(work / "b", 3, LINES), settings(tiny_chat)),
-        "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_OPT)),
+        "none": (work / "none", write_rank(work / "none", 1, chat_only), settings(TINY_MODEL)),
         "file": (
             work / "file",
             # and a chat as OpenAI text parts, after the string they join into
@@ -128,7 +166,7 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
                     {"messages": PARTS, "max_tokens": 4},
                 ],
             ),  # fmt: skip
-            settings(TINY_OPT, chat_template=str(template)),
+            settings(TINY_MODEL, chat_template=str(template)),
         ),
     }
     # a rank stopped after its first answer: that answer is kept, the rest generated
@@ -144,13 +182,12 @@ def per_rank_runs(tiny_chat, tmp_path_factory) -> dict:
     for name, proc in started.items():
         out, err = proc.communicate(timeout=900)
         done[name] = {"code": proc.returncode, "stderr": err, "dir": runs[name][0]}
-    done["template"] = template.read_text()
     return done
 
 
 @pytest.mark.vllm
 def test_per_rank_chat_renders_the_models_template_and_repeats_when_seeded(
-    per_rank_runs, tiny_chat
+    per_rank_runs, tiny_chat, rendered
 ):
     a, b = per_rank_runs["a"], per_rank_runs["b"]
     assert a["code"] == 0, a["stderr"][-3000:]
@@ -159,10 +196,10 @@ def test_per_rank_chat_renders_the_models_template_and_repeats_when_seeded(
     assert first == (b["dir"] / "results" / "3.jsonl").read_bytes()  # seeded rerun: same bytes
     batch, short, plain = answers(a["dir"] / "results" / "3.jsonl")
     assert batch["custom_id"] == "b-1" and short["id"] == "s-1" and plain["id"] == 3
-    # the prompt the engine counted is the rendered chat, markers (special tokens) included
-    ids = rendered_ids(tiny_chat, CHAT)
+    # the prompt the engine counted is the chat as vLLM renders it, markers included
+    ids = rendered["chat"]
     assert usage(batch) == (len(ids), 8)
-    assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+    assert usage(short) == (len(rendered["user"]), 6)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_chat))
@@ -177,13 +214,13 @@ def test_per_rank_chat_renders_the_models_template_and_repeats_when_seeded(
 
 
 @pytest.mark.vllm
-def test_a_per_rank_engine_keeps_the_answers_of_a_stopped_attempt(per_rank_runs, tiny_chat):
+def test_a_per_rank_engine_keeps_the_answers_of_a_stopped_attempt(per_rank_runs, rendered):
     run = per_rank_runs["kept"]
     assert run["code"] == 0, run["stderr"][-3000:]
     batch, short, plain = answers(run["dir"] / "results" / "3.jsonl")
     body = batch["response"]["body"]
     assert body["choices"][0]["message"]["content"] == "KEPT" and usage(batch) == (99, 1)
-    assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+    assert usage(short) == (len(rendered["user"]), 6)
     assert usage(plain)[1] == 16
     record = json.loads((run["dir"] / "results" / "3.json").read_text())
     assert record["resumed"] == 1 and record["output_tokens"] == 1 + 6 + 16
@@ -192,7 +229,7 @@ def test_a_per_rank_engine_keeps_the_answers_of_a_stopped_attempt(per_rank_runs,
 
 
 @pytest.mark.vllm
-def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
+def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs, rendered):
     none, given = per_rank_runs["none"], per_rank_runs["file"]
     assert none["code"] == 2
     assert "1.jsonl: line 1: messages need a chat template" in none["stderr"]
@@ -200,29 +237,28 @@ def test_a_model_without_a_template_needs_config_chat_template(per_rank_runs):
     assert not (none["dir"] / "results" / "1.jsonl").exists()
     assert given["code"] == 0, given["stderr"][-3000:]
     line, joined, from_parts = answers(given["dir"] / "results" / "1.jsonl")
-    ids = rendered_ids(TINY_OPT, CHAT, per_rank_runs["template"])
-    assert usage(line) == (len(ids), 4)
+    assert usage(line) == (len(rendered["templated chat"]), 4)
     # a per-rank engine answers text parts as the string they join into (seeded)
-    assert usage(joined) == (len(rendered_ids(TINY_OPT, JOINED, per_rank_runs["template"])), 4)
+    assert usage(joined) == (len(rendered["templated joined"]), 4)
     assert from_parts == joined | {"id": 3}
 
 
 @pytest.mark.vllm
-def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
+def test_warm_chat_through_vllm_server(tiny_chat, rendered, tmp_path):
     port = free_port()
     key = lifecycle.new_api_key()
-    argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, SETTINGS, 1)
+    argv = lifecycle.server_argv(PYTHON, str(tiny_chat), port, ENGINE_SETTINGS, 1)
     slot = node_layout.Slot("localhost", (0,))
     placement = tiles.engine_env(slot, "FLAT", free_port(), tmp_path / "t")
     base = {**os.environ, **TASK_ENV, lifecycle.API_KEY_VARIABLE: key}
-    env = lifecycle.engine_environment(placement, SETTINGS, base)  # its KV cache size too
+    env = lifecycle.engine_environment(placement, ENGINE_SETTINGS, base)  # its KV cache size too
     engine = Engine(argv, env, tmp_path / "engine.log", port, name="chat", api_key=key)
     engine.start()
     try:
         engine.wait_ready(READY_TIMEOUT)
         pool = registry_pool(tmp_path / "registry", engine)
         counted = client.tokenize_messages(engine.url, CHAT, key=key)
-        assert counted.ids == rendered_ids(tiny_chat, CHAT)
+        assert counted.ids == rendered["chat"]  # the engine's /tokenize: vLLM's rendering
         config = checks.parse_settings(json.dumps(settings(tiny_chat)))
         outputs = []
         for name in ("first", "again"):
@@ -233,7 +269,7 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
         assert outputs[0] == outputs[1]  # seeded rerun: same bytes
         batch, short, plain = answers(tmp_path / "first" / "results" / "3.jsonl")
         assert usage(batch) == (len(counted.ids), 8)
-        assert usage(short) == (len(rendered_ids(tiny_chat, CHAT[1:])), 6)
+        assert usage(short) == (len(rendered["user"]), 6)
         assert batch["response"]["body"]["object"] == "chat.completion"
         assert isinstance(batch["response"]["body"]["choices"][0]["message"]["content"], str)
         assert usage(plain)[1] == 16
@@ -242,7 +278,7 @@ def test_warm_chat_through_vllm_server(tiny_chat, tmp_path):
 
 
 @pytest.mark.vllm
-def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
+def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, rendered, tmp_path):
     """One local run (warm engine) over a .in rank and a JSONL rank of chat requests:
     each answer line field by field, the rendered chat's tokens counted, content parts
     answered as their string twin, the .in rank in the seed's format."""
@@ -290,7 +326,7 @@ def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
     assert choice["message"]["role"] == "assistant"
     assert isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] == "length"  # ignore_eos: all max_completion_tokens
-    prompt_tokens = len(rendered_ids(tiny_chat, CHAT))
+    prompt_tokens = len(rendered["chat"])
     assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 8,
                              "total_tokens": prompt_tokens + 8}  # fmt: skip
     assert prompt_tokens > raw(CHAT)  # the template's markers reached the engine
@@ -298,7 +334,8 @@ def test_jsonl_chat_and_in_ranks_through_the_workflow(tiny_chat, tmp_path):
     string_chat = JOINED[1:]
     assert set(from_string) == {"id", "text", "finish_reason", "prompt_tokens", "output_tokens"}
     assert from_string["id"] == "string" and from_string["finish_reason"] == "length"
-    assert from_string["prompt_tokens"] == len(rendered_ids(tiny_chat, string_chat))
+    assert from_string["prompt_tokens"] == len(rendered["user joined"])
+    assert rendered["user parts"] == rendered["user joined"]  # vLLM joins text parts too
     assert from_string["prompt_tokens"] > raw(string_chat)
     assert from_string["output_tokens"] == 6
     # text parts: the same request as its joined string, the same seeded answer

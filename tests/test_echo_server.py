@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from engine import client, lifecycle
+from workflow import free_port, wait_until
 
 SERVER = Path(__file__).resolve().parents[1] / "scripts" / "engine" / "echo_server.py"
 SAMPLING = {"temperature": 0.0, "top_p": 1.0, "max_tokens": 16, "seed": 0, "ignore_eos": True}
@@ -37,12 +37,6 @@ class Server:
     process: subprocess.Popen
     url: str
     log: Path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(log: Path, *args: str, env: dict | None = None) -> Server:
@@ -211,18 +205,21 @@ def test_metrics_count_successes(server):
     assert success_total(after) == success_total(before) + 3
 
 
+def running(server: Server) -> int:
+    """The requests in flight, as the server's /metrics counts them (vLLM's gauge)."""
+    metrics = get(server.url + "/metrics")[1]
+    (line,) = [x for x in metrics.splitlines() if x.startswith("vllm:num_requests_running{")]
+    return int(float(line.rsplit(" ", 1)[1]))
+
+
 def test_requests_running_with_delay(make_server):
     server = make_server("--delay", "1.5", "--model", "tiny-opt")
     thread = threading.Thread(target=client.complete, args=(server.url, ["x", "y"], SAMPLING))
     thread.start()
     try:
-        deadline = time.monotonic() + 5
-        while (
-            'vllm:num_requests_running{model_name="tiny-opt"} 2'
-            not in get(server.url + "/metrics")[1].splitlines()
-        ):
-            assert time.monotonic() < deadline, "the delayed request never showed as running"
-            time.sleep(0.05)
+        assert wait_until(lambda: running(server) == 2, 30, poll=0.05), (
+            "the delayed request never showed as running"
+        )
     finally:
         thread.join(timeout=10)
     _, metrics = get(server.url + "/metrics")
@@ -244,11 +241,10 @@ def test_signal_ends_server_cleanly(make_server, sig):
 
     thread = threading.Thread(target=in_flight, daemon=True)
     thread.start()
-    time.sleep(0.3)
-    started = time.monotonic()
+    assert wait_until(lambda: running(server) == 1, 30), "the request never was in flight"
     server.process.send_signal(sig)
-    assert server.process.wait(timeout=5) == 0
-    assert time.monotonic() - started < 5
+    # ends at once, not after the 30 s the request is held: the request fails below
+    assert server.process.wait(timeout=25) == 0
     assert not client.health(server.url, timeout=1.0)
     thread.join(timeout=5)
     assert not thread.is_alive()

@@ -22,7 +22,7 @@ from placement import node_layout, tiles
 from rank import checks, echo, jsonl, warm
 from rank.jsonl import RequestFileError, read_requests
 from rank.layout import RankFileError, discover_rank_files
-from test_engines import READY_TIMEOUT, TASK_ENV, free_port
+from workflow import READY_TIMEOUT, TASK_ENV, free_port
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 

@@ -879,16 +879,23 @@ def test_cancel_skips_finished_jobs_and_returns_in_time(tmp_path):
     submitted(conf, "1", "2", "3")
     with pbs.StateStore(conf["state_dir"]).locked() as state:
         state["jobs"]["2"]["state"] = "success"
-    started = []
+    started, processes = [], []
 
-    def popen(argv, **kwargs):  # a qdel slower than the plugin's 2 s
+    def popen(argv, **kwargs):  # a qdel that never ends by itself
         started.append(argv)
-        assert kwargs["start_new_session"]
-        return subprocess.Popen(["sleep", "3"], **kwargs)
+        assert kwargs["start_new_session"]  # killing pbs-cancel does not stop qdel
+        processes.append(subprocess.Popen(["sleep", "600"], **kwargs))
+        return processes[-1]
 
-    t = time.monotonic()
-    assert pbs.cancel(["1", "2", "3"], conf, popen=popen) == ["1", "3"]
-    assert time.monotonic() - t < 2
+    try:
+        assert pbs.cancel(["1", "2", "3"], conf, popen=popen) == ["1", "3"]
+        # returned with qdel still running: it waited CANCEL_WAIT, below the 2 s after
+        # which the executor plugin kills a cancel command
+        assert processes[0].poll() is None and pbs.status.CANCEL_WAIT < 2
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
     assert started == [["qdel", "1", "3"]]
     assert "qdel 1 3" in (tmp_path / "state" / "cancel.log").read_text()
     assert pbs.cancel(["2"], conf, popen=popen) == []

@@ -9,9 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -165,9 +162,7 @@ def test_qdel_of_running_job_reads_exit_0_substate_91(pbs: PbsCluster, tmp_path:
     wait_file(tmp_path / "started")
     res = pbs.run(["qdel", job_id])
     assert res.returncode == 0, res.stderr
-    t0 = time.monotonic()
     info = pbs.wait_job(job_id, timeout=30)
-    assert time.monotonic() - t0 < 15
     # As recorded: read by Exit_status alone a deleted job looks like success.
     assert (info["job_state"], info["Exit_status"], info["substate"]) == ("F", 0, 91)
     assert "terminated" in info["comment"]
@@ -175,7 +170,6 @@ def test_qdel_of_running_job_reads_exit_0_substate_91(pbs: PbsCluster, tmp_path:
 
 def test_walltime_kill_exit_status_minus_29(pbs: PbsCluster, tmp_path: Path) -> None:
     job = script(tmp_path, "sleep 120\n")
-    t0 = time.monotonic()
     job_id = qsub(
         pbs,
         "-q",
@@ -188,8 +182,7 @@ def test_walltime_kill_exit_status_minus_29(pbs: PbsCluster, tmp_path: Path) -> 
         tmp_path / "out.log",
         job,
     )
-    info = pbs.wait_job(job_id, timeout=40)
-    assert time.monotonic() - t0 < 30
+    info = pbs.wait_job(job_id, timeout=40)  # not the job's 120 s: the 5 s walltime ended it
     assert (info["job_state"], info["Exit_status"], info["substate"]) == ("F", -29, 93)
     assert "exceeded resource walltime" in info["comment"]
 
@@ -307,46 +300,3 @@ def test_add_queue_is_idempotent_and_enforced(pbs: PbsCluster, tmp_path: Path) -
         job,
     )
     assert pbs.wait_job(job_id, timeout=60)["Exit_status"] == 0
-
-
-def test_watchdog_runs_action_only_when_owner_dies(tmp_path: Path) -> None:
-    """The mechanism that stops the cluster when pytest is SIGKILLed (fake action)."""
-    marker = tmp_path / "action-ran"
-    owner = textwrap.dedent(
-        f"""\
-        import os
-        import sys
-        import time
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from pathlib import Path
-        from pbs_cluster import spawn_watchdog
-        proc, fd = spawn_watchdog(["touch", {str(marker)!r}], Path({str(tmp_path / "wd.log")!r}))
-        print(proc.pid, flush=True)
-        if sys.argv[1] == "clean":
-            os.write(fd, b"stopped\\n")
-            os.close(fd)
-            proc.wait()
-        else:
-            time.sleep(60)
-        """
-    )
-    # Clean stop: the watchdog exits without running the action.
-    clean = subprocess.run(
-        [sys.executable, "-c", owner, "clean"], capture_output=True, text=True, timeout=30
-    )
-    assert clean.returncode == 0, clean.stderr
-    assert not marker.exists()
-    # Owner SIGKILLed: the watchdog (own session) sees EOF and runs the action.
-    victim = subprocess.Popen(
-        [sys.executable, "-c", owner, "kill"], stdout=subprocess.PIPE, text=True
-    )
-    assert victim.stdout is not None
-    watchdog_pid = int(victim.stdout.readline())
-    assert os.getsid(watchdog_pid) == watchdog_pid
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=10)
-    deadline = time.monotonic() + 10
-    while not marker.exists():
-        assert time.monotonic() < deadline, (tmp_path / "wd.log").read_text()
-        time.sleep(0.05)
-    assert "owner gone" in (tmp_path / "wd.log").read_text()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from engine.lifecycle import Engine
-from test_engines import free_port, wait_until
+from workflow import free_port, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = REPO / "scripts"
@@ -131,14 +131,14 @@ def test_a_sigkilled_rank_resumes_with_only_the_missing_requests(tmp_path, held_
     partial = stopped / "results" / ".partial" / out_name
     job = rank_job(held_engine, stopped / f"5.{kind}", output)
     try:
-        assert wait_until(lambda: kept(partial) >= 10, 60) is not None, "no answers kept"
+        assert wait_until(lambda: kept(partial) >= 10, 60), "no answers kept"
         os.kill(job.pid, signal.SIGKILL)
     finally:
         job.wait(30)
     assert job.returncode == -signal.SIGKILL
     assert not output.exists()  # nothing half-written
     # the requests the killed job had sent end at the engine; then count afresh
-    assert wait_until(lambda: engine_counts(held_engine)[1] == 0, 60) is not None
+    assert wait_until(lambda: engine_counts(held_engine)[1] == 0, 60)
     have = kept(partial)
     assert 10 <= have < REQUESTS
     before, _ = engine_counts(held_engine)

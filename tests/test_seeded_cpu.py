@@ -16,9 +16,9 @@ import pytest
 
 from rank import checks, warm
 from test_chat import answers, per_rank, write_rank
-from test_engines import SETTINGS, tiny_model_path
 from test_infer import settings
 from test_jsonl_ranks import warm_vllm_pool
+from workflow import ENGINE_SETTINGS, TINY_MODEL
 
 pytestmark = pytest.mark.vllm
 
@@ -30,7 +30,7 @@ def texts(path) -> list[str]:
 
 
 def test_a_seeded_rank_beyond_one_step_on_a_per_rank_engine(tmp_path):
-    config = settings(tiny_model_path())
+    config = settings(TINY_MODEL)
     assert config["sampling"]["seed"] is not None
     run = per_rank(tmp_path, write_rank(tmp_path, 3, LINES), config)
     _, err = run.communicate(timeout=600)
@@ -40,11 +40,11 @@ def test_a_seeded_rank_beyond_one_step_on_a_per_rank_engine(tmp_path):
 
 @pytest.mark.parametrize("server", ["inprocess", "vllm"])
 def test_a_seeded_rank_beyond_one_step_on_warm_engines(tmp_path, server):
-    config = settings(tiny_model_path())
+    config = settings(TINY_MODEL)
     parsed = checks.parse_settings(json.dumps(config))
     rank_file = write_rank(tmp_path / "data", 3, LINES)
     outputs = [tmp_path / "results" / f"{attempt}" / "3.jsonl" for attempt in (1, 2)]
-    with warm_vllm_pool(tmp_path, tiny_model_path(), config | SETTINGS, server) as pool:
+    with warm_vllm_pool(tmp_path, TINY_MODEL, config | ENGINE_SETTINGS, server) as pool:
         for out in outputs:
             warm.serve_rank(3, parsed, rank_file, out, out.with_suffix(".json"), pool)
     first, again = (texts(out) for out in outputs)

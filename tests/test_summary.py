@@ -1,4 +1,5 @@
-"""The run report: results/summary.tsv, the plot, the end-of-run paragraph, --report."""
+"""The run report: results/summary.tsv, the plot, the end-of-run paragraph, --report (on
+echo runs; of a real engine run: tests/test_summary_vllm.py)."""
 
 import base64
 import io
@@ -246,18 +247,6 @@ def test_report_html_contains_the_table_and_the_plot(echo_run):
     assert table == (work / "results" / "summary.tsv").read_text()
     assert "Run summary" in html  # the category
     assert re.search(r"data:image/png;[^,]*filename=summary\.png;base64,", html)
-
-
-@pytest.mark.vllm
-def test_summary_of_a_real_engine_run(tmp_path):
-    work = make_workdir(tmp_path, {"0.in": "Hello there\nThe sky is\n", "3.in": "Once upon\n"})
-    sampling = dict(temperature=0.8, top_p=0.95, max_tokens=8, seed=7, ignore_eos=True)
-    result = snakemake(work, configfiles=local_config(work, sampling=sampling))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    check_summary(work, result.stderr, ["0", "3"])
-    rows = summary.parse_tsv((work / "results" / "summary.tsv").read_text())
-    assert [row["output_tokens"] for row in rows] == [16, 8]  # ignore_eos: max_tokens each
-    assert all(row["load_s"] > 0 and row["tokens_per_s"] > 0 for row in rows)
 
 
 def test_infrastructure_failures_are_told_apart_from_the_ranks_own(tmp_path):

@@ -1,29 +1,20 @@
 """Warm engines as a local run sets them up (rank_job.local_spec, then supervisor.node's
 make_engine, as in a submission): which engines, with which ports, masks and
-environment. The engines themselves run in tests/test_engines.py, tests/test_serve.py
-and in the local workflow tests."""
+environment. The engines themselves run in tests/test_engine_lifecycle.py,
+tests/test_engine_supervisor.py and in the local workflow tests."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import yaml
-
 from engine import supervisor
 from pipeline import rank_job
 from placement import node_layout
 from rank import checks, offline
-from workflow import deep_merge
+from workflow import local_profile_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def local_config(**changes) -> dict:
-    """config/config.yaml with profiles/local/local.yaml on top, as Snakemake merges them."""
-    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    local = yaml.safe_load((REPO / "profiles" / "local" / "local.yaml").read_text())
-    return deep_merge(config, local) | changes
 
 
 def local_engines(config: dict, model: str, registry: Path) -> list:
@@ -38,7 +29,7 @@ def local_engines(config: dict, model: str, registry: Path) -> list:
 
 
 def test_local_profile_runs_two_warm_engines_one_per_core(tmp_path):
-    config = local_config()
+    config = local_profile_config()
     assert config["warm_engines"] is True
     engines = local_engines(config, "/models/m", tmp_path)
     host = os.uname().nodename
@@ -62,7 +53,7 @@ def test_local_profile_runs_two_warm_engines_one_per_core(tmp_path):
 
 
 def test_two_tile_engines_get_tensor_parallel_and_a_two_tile_mask(tmp_path):
-    config = local_config(tiles={"per_node": 12, "per_job": 2, "hierarchy": "FLAT",
+    config = local_profile_config(tiles={"per_node": 12, "per_job": 2, "hierarchy": "FLAT",
                                  "cpu_bind": [], "base_port": 29500})  # fmt: skip
     engines = local_engines(config, "/models/m", tmp_path)
     assert len(engines) == 6

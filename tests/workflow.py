@@ -1,4 +1,6 @@
-"""Run the real workflow in a scratch folder: the repo's code, the test's own data."""
+"""The tests' shared helpers: the real workflow in a scratch folder (the repo's code, the
+test's own data), the tiny models, the Aurora profile's config and engine spec, free ports
+and waiting on a condition. PBS runs have theirs in tests/pbs_runs.py."""
 
 import ast
 import io
@@ -6,17 +8,39 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import time
 import tokenize
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+SCRIPTS = REPO / "scripts"
+PYTHON = sys.executable
+SNAKEMAKE = [PYTHON, "-m", "snakemake"]
+# The tiny models `make` builds (scripts/tools/build_model.py): tiny-opt is the local
+# profile's model (make test-unit builds it too), the others the real-vLLM tier's
+# (tiny_model(kind)).
 TINY_MODEL = REPO / "models" / "tiny-opt"
+
+# A warm engine's settings as profiles/local/local.yaml (vllm.* and task_env) with
+# config.yaml's defaults.
+ENGINE_SETTINGS = {
+    "dtype": "bfloat16",
+    "max_model_len": None,
+    "enforce_eager": True,
+    "cpu_kv_cache_gib": 1,
+    "gpu_memory_utilization": 0.9,
+}
+# VLLM_ENABLE_V1_MULTIPROCESSING=0 keeps the model in the EngineCore process (uni
+# executor) instead of adding a worker process: same ready time, ~0.6 GB less RSS.
+TASK_ENV = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+# Seconds a real vLLM server on the tiny model may take to start (40-80 s on 2 cores).
+READY_TIMEOUT = 600
 # A probe run with `python -c` prints its JSON after this mark: vLLM logs to stdout too,
 # also after the probe's last line (an engine core's shutdown message).
 PROBE_MARK = "PROBE-RESULT "
@@ -26,6 +50,67 @@ def probe_result(stdout: str):
     """The JSON a probe printed after PROBE_MARK."""
     (line,) = [line for line in stdout.splitlines() if line.startswith(PROBE_MARK)]
     return json.loads(line.removeprefix(PROBE_MARK))
+
+
+def tiny_model(kind: str = "tiny") -> Path:
+    """models/tiny-opt (``tiny``) or models/<kind> as `make` builds it, built here if
+    missing (scripts/tools/build_model.py: seconds, and a whole folder or none)."""
+    path = TINY_MODEL if kind == "tiny" else REPO / "models" / kind
+    if not (path / "config.json").exists():
+        build = [PYTHON, str(SCRIPTS / "tools" / "build_model.py"), kind, str(path)]
+        subprocess.run(build, check=True, timeout=600)
+    return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, poll: float = 0.1) -> bool:
+    """Whether predicate() held within timeout seconds (asked every poll seconds)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+
+
+def process_cmdline(pid: int) -> bytes:
+    """The NUL-separated command line of a live process (empty once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def local_profile_config(**changes) -> dict:
+    """config/config.yaml under profiles/local/local.yaml, as Snakemake merges them, with
+    ``changes`` replacing whole top-level keys. (local_config writes a run's files.)"""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    local = yaml.safe_load((REPO / "profiles" / "local" / "local.yaml").read_text())
+    return deep_merge(config, local) | changes
+
+
+def aurora_config(**changes) -> dict:
+    """config/config.yaml under profiles/aurora/aurora.yaml under ``changes``."""
+    config = {}
+    for path in (REPO / "config" / "config.yaml", REPO / "profiles" / "aurora" / "aurora.yaml"):
+        config = deep_merge(config, yaml.safe_load(path.read_text()))
+    return deep_merge(config, changes)
+
+
+def aurora_engine_spec(model: str, **changes) -> dict:
+    """The engine spec of an Aurora submission of ``model`` (not staged), as pbs-submit
+    writes it before it adds the python."""
+    from pipeline import rank_job
+
+    spec = rank_job.engine_spec(aurora_config(**changes))
+    return spec | {"model": model, "stage": False, "stage_dir": "/tmp"}
 
 
 def make_workdir(path: Path, ranks: dict[str, str | bytes]) -> Path:

@@ -20,23 +20,13 @@ import workflow as wf
 from engine import client, echo_server, lifecycle, routing, supervisor
 from formats import node_report as pbs_node_report
 from pbs import node
-from pipeline import rank_job
 from placement import launcher, node_layout, tiles
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def aurora_config(**changes) -> dict:
-    config = {}
-    for path in (REPO / "config" / "config.yaml", REPO / "profiles" / "aurora" / "aurora.yaml"):
-        config = wf.deep_merge(config, wf.yaml.safe_load(path.read_text()))
-    return wf.deep_merge(config, changes)
-
-
 def spec(**changes) -> dict:
-    result = rank_job.engine_spec(aurora_config(**changes))
-    return result | {"model": "/flare/p/models/opt-125m", "stage": False, "stage_dir": "/tmp"}
-    # python: as pbs-submit sets it
+    return wf.aurora_engine_spec("/flare/p/models/opt-125m", **changes)  # python: pbs-submit's
 
 
 def test_one_mpiexec_for_all_engines_of_the_submission():
