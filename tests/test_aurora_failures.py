@@ -349,7 +349,11 @@ def test_ctrl_c_while_a_status_query_is_under_way_still_cancels(pbs_cluster, tmp
     env = {"PATH": f"{shims}:{pbs_cluster.env['PATH']}"}
     with aurora_in_background(pbs_cluster, work, env=env) as proc:
         wait_for(marker.exists, "no status query started", proc=proc)
-        interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
+        output = interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
+    # Snakemake itself cancelled it: had the status command died of the SIGINT, the
+    # run's watchdog would have deleted the job a second later
+    (submission,) = submissions(work)
+    assert_cancelled_by_snakemake(work, submission["id"], output)
 
 
 @pytest.mark.pbs
