@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from model import prepare
+from test_accounting import assert_local_warm_vllm_accounting
 from workflow import (
     REPO,
     SNAKEMAKE,
@@ -186,6 +187,8 @@ def test_sampling_seed_makes_reruns_identical(tmp_path):
     seeded = dict(temperature=0.8, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=False)
     config = local_config(work, sampling=seeded)
     assert_ok(snakemake(work, configfiles=config))
+    # the same run's engines in its accounting (test_accounting)
+    assert_local_warm_vllm_accounting(work)
     first = {p.name: p.read_text() for p in (work / "results").glob("*.out")}
     assert_ok(snakemake(work, "--forceall", configfiles=config))
     assert {p.name: p.read_text() for p in (work / "results").glob("*.out")} == first
