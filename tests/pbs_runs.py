@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -502,6 +503,40 @@ def killed_at_walltime(cluster: PbsCluster, submission: dict, name: str, walltim
     return job
 
 
+def cut_walltime(cluster: PbsCluster, job_id: str) -> None:
+    """Lower a running job's walltime to what it has used (+3 s): PBS ends it at its
+    walltime within seconds, as it would at the walltime the run asked for (a test then
+    waits seconds, not the minutes a requested walltime takes; the submission keeps the
+    walltime the run asked for in logs/pbs/submissions.tsv)."""
+    used = cluster.job(job_id).get("resources_used", {}).get("walltime", "00:00:00")
+    hours, minutes, seconds = map(int, used.split(":"))
+    limit = hours * 3600 + minutes * 60 + seconds + 3
+    walltime = f"{limit // 3600:02d}:{limit // 60 % 60:02d}:{limit % 60:02d}"
+    res = cluster.run(["qalter", "-l", f"walltime={walltime}", job_id])
+    assert res.returncode == 0, res.stderr
+
+
+def requests_running(url: str) -> float:
+    """vllm:num_requests_running of an echo engine (its /metrics needs no key)."""
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"{url}/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return float(re.search(r"^vllm:num_requests_running\S* (\S+)$", text, re.M).group(1))
+
+
+def mid_request(work: Path, done: int, in_flight: int) -> bool:
+    """At least ``done`` ranks of the run's first submission are done, and its echo
+    engines hold ``in_flight`` requests."""
+    results = work / "results"
+    if len([*results.glob("*.out"), *results.glob("*.jsonl")]) < done or not submissions(work):
+        return False
+    try:  # (an engine's entry or server may not be up yet)
+        urls = engine_urls(work, submissions(work)[0]["id"]).values()
+        return sum(requests_running(url) for url in urls) == in_flight
+    except (OSError, KeyError, ValueError):
+        return False
+
+
 def rerun_incomplete(
     cluster: PbsCluster, work: Path, packing, done, left, changes: dict
 ) -> subprocess.CompletedProcess:
@@ -519,15 +554,23 @@ def rerun_incomplete(
     return res
 
 
-def continued_run(cluster: PbsCluster, tmp_path: Path, ranks: dict, delay_s: int, engines: int):
-    """A warm run whose submission PBS kills at its walltime mid-request
-    (``warm_kill_config``), with pbs.resubmit 1. Returns the folder, the run's output,
-    its exit code, and the ranks done (what a run again would change of each) when the
-    continuation was submitted."""
+def continued_run(
+    cluster: PbsCluster, tmp_path: Path, ranks: dict, delay_s: int, engines: int, in_flight: int
+):
+    """A warm run whose submission PBS ends at its walltime mid-request
+    (``warm_kill_config``), with pbs.resubmit 1: once ``engines`` ranks are done and
+    ``in_flight`` requests are under way, the job's walltime is cut to what it has used
+    (``cut_walltime``). Returns the folder, the run's output, its exit code, and the
+    ranks done (what a run again would change of each) when the continuation was
+    submitted."""
     config, packing = warm_kill_config(cluster, len(ranks), engines, delay_s, resubmit=1)
     work = warm_folder(tmp_path, ranks, **config)
     results = work / "results"
+
     with aurora_in_background(cluster, work, *packing) as proc:
+        busy = functools.partial(mid_request, work, engines, in_flight)
+        wait_for(busy, "the last ranks were not sent", 600, proc)
+        cut_walltime(cluster, submissions(work)[0]["id"])
         wait_for(lambda: len(submissions(work)) == 2, "no continuation submitted", 600, proc)
         outputs = [*results.glob("*.out"), *results.glob("*.jsonl")]
         done = {int(p.stem): finished_rank(work, int(p.stem)) for p in outputs}

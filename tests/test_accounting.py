@@ -4,7 +4,8 @@ results/engines.tsv and results/timeline.png.
 The unit tests read tests/data/accounting/, the records, engine registry, phases file
 and submission index of a real warm submission on the OpenPBS test cluster (the run of
 tests/test_accounting_pbs.py's `test_warm_submission_accounts_for_every_node_second`,
-copied as it was), and local echo runs. Real vLLM: tests/test_accounting_vllm.py.
+copied as it was), and local echo runs. Real vLLM: `assert_local_warm_vllm_accounting`,
+called on the first run of test_workflow_local.py's seeded test (one run of real engines).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import workflow as wf
+from formats import registry as registry_format
 from formats.files import safe_name
 from reporting import accounting, summary, timeline
 
@@ -219,3 +221,39 @@ def test_per_rank_tiles_no_rank_used_are_idle():
     assert (
         accounting.tile_slots({"warm_engines": False, "tiles": {"per_node": 12, "per_job": 2}}) == 6
     )
+
+
+def assert_local_warm_vllm_accounting(work: Path) -> None:
+    """A local run of warm vLLM engines (profiles/local) on a few short ranks: the engines'
+    start and ready times come from their registry, and the node-hours add up. (Called by
+    test_workflow_local.test_sampling_seed_makes_reruns_identical on its first run: one
+    run of real engines for both.)"""
+    results = work / "results"
+    records = summary.read_records((results / "records").glob("*.json"))
+    engines = accounting.parse_tsv((results / "engines.tsv").read_text())
+    # the run's two engines (profiles/local), each started once, as the run's engine
+    # registry has them (the supervisor of a local run, supervisor.node); ranks start on the
+    # first engine ready, and four tiny ranks may all be done before the other one is
+    folder = Path(records[0]["engine_log"]).parent
+    registry = {e["name"]: e for e in registry_format.read_registry(folder).values()}
+    assert sorted(e["engine"] for e in engines) == sorted(registry) and len(engines) == 2
+    for engine in engines:
+        mine = [r for r in records if r["engine_name"] == engine["engine"]]
+        entry = registry[engine["engine"]]
+        assert engine["restarts"] == "0" and int(engine["ranks"]) == len(mine)
+        if entry["ready_at"] is None:  # stopped at the run's end before it was ready
+            assert engine["ready_s"] == "" and not mine
+            continue
+        ready = entry["ready_at"] - entry["started_at"]
+        # ready_s is the supervisor's own wait, a few ms after the engine's start
+        assert math.isclose(float(engine["ready_s"]), ready, abs_tol=0.05) and ready > 0
+    assert any(registry[e["engine"]]["ready_at"] for e in engines)
+    (row,) = accounting.parse_tsv((results / "submissions.tsv").read_text())
+    parts = {p: float(row[f"{p}_node_hours"]) for p in accounting.PARTS}
+    assert abs(sum(parts.values()) - float(row["node_hours_used"])) <= ROUNDING_H
+    # loading the model is most of a tiny run
+    assert parts["engine_start"] > parts["serving"] > 0
+    assert "wait for an engine" in panel_title((results / "summary.png").read_bytes())
+    assert timeline.png_rows((results / "timeline.png").read_bytes()) == [
+        e["engine"] for e in engines
+    ]

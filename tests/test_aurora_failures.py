@@ -24,6 +24,7 @@ from pbs_runs import (
     aurora_folder,
     aurora_in_background,
     continued_run,
+    cut_walltime,
     delete_our_jobs,
     echo_servers,
     engine_states,
@@ -32,11 +33,12 @@ from pbs_runs import (
     finished_rank,
     interrupt_and_check_nothing_is_left,
     killed_at_walltime,
+    mid_request,
     nothing_outlives,
     our_job_ids,
-    output_of,
     processes_running,
     python_wrapper,
+    requests_running,
     rerun_incomplete,
     run_aurora,
     short_queue,
@@ -55,14 +57,19 @@ def test_warm_walltime_kill_mid_submission_then_rerun_runs_only_the_unfinished_r
     pbs_cluster, tmp_path
 ):
     ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
-    # 2 engines, 2 ranks each, 70 s a request: walltime 2 min; 2 ranks end after ~70 s,
-    # PBS kills the other 2 mid-request
-    config, packing = warm_kill_config(pbs_cluster, 4, engines=2, delay_s=70, resubmit=0)
+    # 2 engines, 2 ranks each, 20 s a request: walltime 2 min; 2 ranks end after ~20 s,
+    # and once the other 2 are mid-request PBS is made to end the job at its walltime
+    # (cut to what it has used: seconds, not the 2 minutes asked for)
+    config, packing = warm_kill_config(pbs_cluster, 4, engines=2, delay_s=20, resubmit=0)
     work = warm_folder(tmp_path, ranks, **config)
     results = work / "results"
     try:
-        res = run_aurora(pbs_cluster, work, *packing)
-        assert res.returncode != 0, output_of(res)
+        with aurora_in_background(pbs_cluster, work, *packing) as proc:
+            busy = lambda: mid_request(work, 2, 2)  # noqa: E731
+            wait_for(busy, "the last 2 ranks were not sent", proc=proc)
+            cut_walltime(pbs_cluster, submissions(work)[0]["id"])
+            output = proc.communicate(timeout=300)[0]
+        assert proc.returncode != 0, output[-4000:]
         (submission,) = submissions(work)
         killed_at_walltime(pbs_cluster, submission, "r0-3", "00:02:00")
         done = sorted(int(p.stem) for p in results.glob("*.out"))
@@ -89,15 +96,17 @@ def test_warm_walltime_kill_is_continued_with_only_the_unfinished_ranks_not_the_
     ranks = {"0.in": "rank 0 prompt\n"}
     ranks |= {f"{i}.jsonl": json.dumps({"prompt": f"rank {i} prompt"}) + "\n" for i in range(1, 5)}
     ranks["5.in"] = b"fine\n\xff\xfe broken\n"
-    # 3 engines, 2 ranks each, 70 s a request: walltime 2 min; rank 5 fails at once,
-    # 3 ranks end after ~70 s, PBS kills the other 2 mid-request at 120 s
-    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 70, 3)
+    # 3 engines, 2 ranks each, 62 s a request: walltime 2 min; rank 5 fails at once,
+    # 3 ranks end after ~62 s, PBS ends the job with the other 2 mid-request (its
+    # walltime cut to what it has used: seconds later, not at 120 s)
+    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 62, 3, in_flight=2)
     first, more = submissions(work)
     killed_at_walltime(pbs_cluster, first, "r0-5", "00:02:00")
     assert len(done) == 3 and 5 not in done, done
     left = sorted(set(range(5)) - set(done))
     # one continuation of only the unfinished ranks (not the bad one), its walltime at
-    # the pace seen (70 s a rank and engine: 2 min for one rank per engine)
+    # the pace seen (62 s a rank and engine, over warm.rank_minutes' 1 min: 2 min for
+    # one rank per engine)
     assert (more["name"], more["ranks"], more["walltime"]) == (
         "r0-5.c1",
         ",".join(map(str, left)),
@@ -151,7 +160,8 @@ def test_warm_engine_killed_mid_submission_its_rank_is_retried_and_it_is_restart
         with pytest.raises(client.RequestRejected) as refused:
             client.complete(url, ["no key"], sampling, timeout=30)
         assert refused.value.status == 401
-        time.sleep(1)
+        # kill it while it holds a request (3 s each, one rank at a time)
+        wait_for(lambda: requests_running(url) > 0, "the victim got no request", proc=proc)
         os.kill(echo_servers(work)[victim], signal.SIGKILL)
         killed_at = time.time()
         output, _ = proc.communicate(timeout=300)
@@ -274,14 +284,20 @@ def test_walltime_kill_is_noticed_and_rerun_incomplete_runs_only_the_killed_rank
     pbs_cluster, tmp_path
 ):
     ranks = {f"{i}.in": f"rank {i} prompt\n" for i in range(4)}
-    # per-rank engines on 4 tiles, walltime 1 min; rank 3 sleeps past it
+    # per-rank engines on 4 tiles, walltime 1 min; rank 3 sleeps past it (once the other
+    # 3 are done, PBS is made to end the job at its walltime: cut to what it has used)
     config = {"runtime_minutes": 1, "tiles": {"per_node": 4}, "pbs": short_queue(pbs_cluster, 0)}
     sleeper = python_wrapper(tmp_path / "python", sleep_ranks=[3])
     work = aurora_folder(tmp_path, ranks, python=str(sleeper), **config)
     packing = ("--group-components", "node=4", "--cores", "4")
+    results = work / "results"
     try:
-        res = run_aurora(pbs_cluster, work, *packing)
-        assert res.returncode != 0, output_of(res)
+        with aurora_in_background(pbs_cluster, work, *packing) as proc:
+            three = lambda: len(list(results.glob("*.out"))) == 3  # noqa: E731
+            wait_for(three, "ranks 0-2 did not finish", proc=proc)
+            cut_walltime(pbs_cluster, submissions(work)[0]["id"])
+            output = proc.communicate(timeout=300)[0]
+        assert proc.returncode != 0, output[-4000:]
         (submission,) = submissions(work)
         job = killed_at_walltime(pbs_cluster, submission, "r0-3", "00:01:00")
         # The status command's first "failed" answer, against PBS's end of the job
@@ -291,7 +307,6 @@ def test_walltime_kill_is_noticed_and_rerun_incomplete_runs_only_the_killed_rank
         ended = time.mktime(time.strptime(job["mtime"], "%a %b %d %H:%M:%S %Y"))
         assert -1 <= epoch_of_log_line(noticed) - ended <= 2 * INTERVAL + 2, (job["mtime"], noticed)
         assert "walltime exceeded" in "\n".join(log)
-        results = work / "results"
         for rank in range(3):
             assert wf.read_records(results / f"{rank}.out") == [(f"rank {rank} prompt",) * 2]
         assert not (results / "3.out").exists()
@@ -319,9 +334,8 @@ def test_ctrl_c_cancels_the_running_submission(pbs_cluster, tmp_path):
         (submission,) = submissions(work)
         assert pbs_cluster.job(submission["id"])["job_state"] == "R"
         assert processes_running(sleeper)
-        interrupt_and_check_nothing_is_left(pbs_cluster, proc, work, tasks=sleeper)
-        cancelled = (work / ".snakemake" / "pbs" / "cancel.log").read_text()
-        assert f"qdel {submission['id']}" in cancelled
+        output = interrupt_and_check_nothing_is_left(pbs_cluster, proc, work, tasks=sleeper)
+        assert_cancelled_by_snakemake(work, submission["id"], output)
 
 
 @pytest.mark.pbs
@@ -335,7 +349,11 @@ def test_ctrl_c_while_a_status_query_is_under_way_still_cancels(pbs_cluster, tmp
     env = {"PATH": f"{shims}:{pbs_cluster.env['PATH']}"}
     with aurora_in_background(pbs_cluster, work, env=env) as proc:
         wait_for(marker.exists, "no status query started", proc=proc)
-        interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
+        output = interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
+    # Snakemake itself cancelled it: had the status command died of the SIGINT, the
+    # run's watchdog would have deleted the job a second later
+    (submission,) = submissions(work)
+    assert_cancelled_by_snakemake(work, submission["id"], output)
 
 
 @pytest.mark.pbs
@@ -346,14 +364,18 @@ def test_ctrl_c_while_qsub_is_under_way_leaves_no_submission(pbs_cluster, tmp_pa
     shims = slow_command(tmp_path / "bin", "qsub", marker)
     work = aurora_folder(tmp_path, {"0.in": "a\n"})
     env = {"PATH": f"{shims}:{pbs_cluster.env['PATH']}"}
+    before = set(pbs_cluster.jobs_in_queue())
     with aurora_in_background(pbs_cluster, work, env=env) as proc:
         wait_for(marker.exists, "qsub did not start", proc=proc)
-        time.sleep(1)  # the server has the job now; its id is not printed yet
+        # the server has the job now; its id is not printed yet (the shim's 4 s)
+        wait_for(lambda: set(pbs_cluster.jobs_in_queue()) - before, "no job queued", 30, proc)
+        (queued,) = set(pbs_cluster.jobs_in_queue()) - before
         output = interrupt_and_check_nothing_is_left(pbs_cluster, proc, work)
         assert "Submitted" not in output  # Snakemake never learned the id
         log = (work / ".snakemake" / "pbs" / "status.log").read_text()
         assert "watchdog: Snakemake" in log
         (job_id,) = set(our_job_ids(work))
+        assert job_id == queued
         assert f"qdel {job_id}" in (work / ".snakemake" / "pbs" / "cancel.log").read_text()
 
 
@@ -368,3 +390,15 @@ def test_sigkill_of_snakemake_deletes_its_submissions(pbs_cluster, tmp_path):
         (submission,) = submissions(work)
         assert not wait_gone(pbs_cluster, [submission["id"]])
         wait_for(lambda: not watchdogs(work), "the watchdog outlived its run", 15)
+
+
+def assert_cancelled_by_snakemake(work, job_id: str, output: str) -> None:
+    """Snakemake's cancel command (pbs-cancel, on Ctrl-C) deleted ``job_id``, once, and
+    the run's watchdog, which deletes what a run left when Snakemake is gone, had
+    nothing left to delete."""
+    state = work / ".snakemake" / "pbs"
+    cancelled = [line for line in (state / "cancel.log").read_text().splitlines()
+                 if " qdel " in line]  # fmt: skip
+    assert [line.split(" qdel ", 1)[1] for line in cancelled] == [job_id], cancelled
+    log = (state / "status.log").read_text()
+    assert "watchdog: Snakemake" not in log, log[-2000:] + output[-4000:]

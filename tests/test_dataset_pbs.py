@@ -1,5 +1,5 @@
 """A dataset through the OpenPBS test cluster (profiles/aurora, warm echo engines): a
-sample run leaves the history; the 100,000-request dataset's bill rests on it and sets
+sample run leaves the history; the 10,000-request dataset's bill rests on it and sets
 each submission's walltime; a budget below the bill stops before any qsub, one that
 covers a single submission sends no more, and a rerun with a larger budget picks up."""
 
@@ -13,7 +13,7 @@ import pytest
 import workflow as wf
 from pbs_runs import delete_our_jobs, output_of, run_aurora, submissions, warm_folder, yaml_config
 
-REQUESTS, RANK_SIZE = 100_000, 2000  # 50 ranks: submissions of 20, 20 and 10
+REQUESTS, RANK_SIZE = 10_000, 200  # 50 ranks: submissions of 20, 20 and 10
 
 
 def write_dataset(path, count: int) -> None:
@@ -48,15 +48,17 @@ def test_a_dataset_in_several_submissions_billed_before_qsub_within_a_budget(pbs
         sample = run_aurora(pbs_cluster, work)
         assert sample.returncode == 0, output_of(sample)
         assert "No estimate: no earlier run" in bill_line(sample)
-        assert len((work / "results" / "sample.jsonl").read_text().splitlines()) == 4000
+        assert len((work / "results" / "sample.jsonl").read_text().splitlines()) == 2 * RANK_SIZE
 
         configure(work, dataset={"input": "inputs/big.jsonl"})
         dry = run_aurora(pbs_cluster, work, "-n")
         assert dry.returncode == 0, output_of(dry)
         text = bill_line(dry)
-        assert text.startswith("Bill: 100,000 requests in 50 ranks; to run: 100,000 requests in 50")
+        assert text.startswith(
+            f"Bill: {REQUESTS:,} requests in 50 ranks; to run: {REQUESTS:,} requests in 50"
+        )
         assert "3 submission(s) (3 x 1 node(s))" in text
-        assert "resting on the run of" in text and "(pbs, 4,000 requests" in text
+        assert "resting on the run of" in text and f"(pbs, {2 * RANK_SIZE:,} requests" in text
         estimate = float(re.search(r"Estimate ([0-9.e+-]+) node-hours", text).group(1))
         walltimes = re.search(r"walltime ([0-9:, ]+), at most", text).group(1).split(", ")
         asks = [int(w[:2]) + int(w[3:5]) / 60 for w in walltimes]  # 1 node each

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from model import prepare
+from test_accounting import assert_local_warm_vllm_accounting
 from workflow import (
     REPO,
     SNAKEMAKE,
@@ -186,6 +187,8 @@ def test_sampling_seed_makes_reruns_identical(tmp_path):
     seeded = dict(temperature=0.8, top_p=0.95, max_tokens=16, seed=1234, ignore_eos=False)
     config = local_config(work, sampling=seeded)
     assert_ok(snakemake(work, configfiles=config))
+    # the same run's engines in its accounting (test_accounting)
+    assert_local_warm_vllm_accounting(work)
     first = {p.name: p.read_text() for p in (work / "results").glob("*.out")}
     assert_ok(snakemake(work, "--forceall", configfiles=config))
     assert {p.name: p.read_text() for p in (work / "results").glob("*.out")} == first
@@ -273,7 +276,7 @@ def marked_incomplete(work: Path) -> set[str]:
 def test_sigkill_then_rerun_incomplete_reruns_only_unfinished_ranks(tmp_path, warm):
     # two rank jobs at a time, so that the kill lands mid-run (warm engines: profiles/local
     # runs 32 at once, and 96 ranks can be done before a loaded machine's test looks)
-    ranks = 96 if warm else 8
+    ranks = 96 if warm else 4
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     results = work / "results"
     config = local_config(work, warm_engines=warm)
@@ -359,7 +362,7 @@ def test_ctrl_c_stops_the_engines_keeps_whole_outputs_and_the_rerun_finishes(tmp
     # rank jobs are threads (profiles/local: 32 at once, and 96 ranks were done in 1.5 s,
     # before a loaded machine's signal); two at a time here, so most are left to the
     # rerun.
-    ranks = 96 if warm else 6
+    ranks = 96 if warm else 4
     work = make_workdir(tmp_path, {f"{r}.in": FOUR for r in range(ranks)})
     logs, results = work / "logs" / "infer", work / "results"
     config = local_config(work, warm_engines=warm)

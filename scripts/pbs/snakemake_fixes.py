@@ -58,6 +58,7 @@ def apply() -> bool:
     layers_with_sums(GroupResources)
     inputs_indexed_while_preparing(Job)
     no_merged_groups_from_the_cache(GroupJobFactory)
+    status_command_survives_ctrl_c()
     return True
 
 
@@ -69,6 +70,65 @@ def _patch(cls, name: str, make) -> bool:
     replacement.snakemake_fix = True
     setattr(cls, name, replacement)
     return True
+
+
+def status_command_survives_ctrl_c() -> bool:
+    """cluster-generic 1.0.9 runs the status command as ``sh -c "<cmd> '<id>'"``. A
+    terminal's Ctrl-C reaches that shell too, and dash, which does not exec the command,
+    dies of it while pbs-status (which ignores SIGINT) goes on; the plugin then fails
+    with "cannot access local variable 'ret'" and never cancels the run's submissions
+    (the watchdog deleted them a few seconds later). With ``exec`` the shell becomes
+    the status command. Not a cost fix: a wrong answer of the plugin fixed."""
+    try:
+        from snakemake_executor_plugin_cluster_generic import Executor
+    except ImportError:
+        return False
+
+    def make(original):
+        def __post_init__(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            settings = self.workflow.executor_settings
+            command = settings.status_cmd
+            if command and not command.startswith("exec "):
+                settings.status_cmd = f"exec {command}"
+
+        return __post_init__
+
+    patched = _patch(Executor, "__post_init__", make)
+    return cancel_covers_the_jobs_being_checked(Executor) and patched
+
+
+def cancel_covers_the_jobs_being_checked(executor_class) -> bool:
+    """RemoteExecutor._wait_for_jobs takes the jobs out of ``active_jobs`` while it asks
+    for their status, and puts back those still running: a Ctrl-C in that window (a
+    status query takes a second or more) cancelled none of them, as ``cancel`` read the
+    empty list (the watchdog deleted them once Snakemake was gone). The jobs being asked
+    about are kept aside, and ``cancel`` passes them on too (pbs-cancel skips ended ones).
+    """
+
+    def make_check(original):
+        async def check_active_jobs(self, active_jobs):
+            self.jobs_being_checked = list(active_jobs)
+            try:
+                async for job in original(self, active_jobs):
+                    yield job
+            finally:
+                self.jobs_being_checked = []
+
+        return check_active_jobs
+
+    def make_cancel(original):
+        def cancel(self):
+            with self.lock:
+                listed = {id(job) for job in self.active_jobs}
+                checked = getattr(self, "jobs_being_checked", ())
+                self.active_jobs.extend(j for j in checked if id(j) not in listed)
+            return original(self)
+
+        return cancel
+
+    checks = _patch(executor_class, "check_active_jobs", make_check)
+    return _patch(executor_class, "cancel", make_cancel) and checks
 
 
 def no_merged_groups_from_the_cache(factory_class) -> bool:
