@@ -22,6 +22,7 @@ from snakemake.settings.enums import Quietness
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 import pbs
+from workflow import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
@@ -899,6 +900,39 @@ def test_cancel_skips_finished_jobs_and_returns_in_time(tmp_path):
     assert started == [["qdel", "1", "3"]]
     assert "qdel 1 3" in (tmp_path / "state" / "cancel.log").read_text()
     assert pbs.cancel(["2"], conf, popen=popen) == []
+
+
+def test_cancel_qdels_first_while_a_status_query_holds_the_state(tmp_path):
+    """A status query holds the state for its whole qstat; the plugin kills pbs-cancel
+    after 2 s: past CANCEL_LOCK_S, qdel goes first, and the jobs are marked cancelled
+    (not to be continued) once the query lets go of the state."""
+    conf = settings(tmp_path)
+    submitted(conf, "1", "2")
+    store = pbs.StateStore(conf["state_dir"])
+    qdels, query_over = [], threading.Event()
+
+    def popen(argv, **kwargs):
+        qdels.append((argv, query_over.is_set()))
+        return subprocess.Popen(["true"], **kwargs)
+
+    def status_query():  # holds the state until the qdel has gone
+        with store.locked():
+            holding.set()
+            wait_until(lambda: qdels, timeout=10)
+            query_over.set()
+
+    holding = threading.Event()
+    query = threading.Thread(target=status_query)
+    query.start()
+    holding.wait(5)
+    try:
+        assert pbs.cancel(["1", "2"], conf, popen=popen) == ["1", "2"]
+    finally:
+        query.join(10)
+    assert qdels == [(["qdel", "1", "2"], False)]  # sent while the query held the state
+    jobs = store.read()["jobs"]
+    assert [jobs[i]["detail"] for i in "12"] == ["cancelled (pbs-cancel)"] * 2
+    assert not any(jobs[i]["continuing"] for i in "12")
 
 
 def test_cancel_command_exits_0_even_without_qdel(tmp_path):

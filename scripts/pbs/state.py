@@ -94,11 +94,23 @@ class StateStore:
         write_atomic(self.path, json.dumps(state))
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[dict]:
-        """The state, exclusively; written back when the block ends without error."""
+    def locked(self, timeout: float | None = None) -> Iterator[dict]:
+        """The state, exclusively; written back when the block ends without error.
+        TimeoutError when another process holds it for more than ``timeout`` seconds."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            if timeout is None:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise TimeoutError(f"{self.lock_path} is held") from None
+                        time.sleep(0.02)
             state = self.read()
             for job in state["jobs"].values():  # records of older versions
                 for key, value in new_job_record(0).items():

@@ -51,6 +51,7 @@ PROBLEM_SECONDS = 300
 VANISH_ROUNDS = 4
 VANISH_SECONDS = 60
 CANCEL_WAIT = 1.5  # seconds pbs-cancel waits for qdel (the plugin kills it after 2 s)
+CANCEL_LOCK_S = 0.3  # seconds pbs-cancel waits for the state before it qdels anyway
 FORGET_SECONDS = 7 * 24 * 3600  # drop state entries not touched for a week
 WATCH_INTERVAL = 1.0  # seconds between the watchdog's looks at the main Snakemake
 
@@ -497,19 +498,35 @@ def qdel(
 def cancel(
     ids: Sequence[str], settings: Mapping, *, popen=subprocess.Popen, wait: float = CANCEL_WAIT
 ) -> list[str]:
-    """qdel the given jobs except those known to have ended; returns the ids passed on."""
+    """qdel the given jobs except those known to have ended; returns the ids passed on.
+
+    They are marked cancelled first, so that no status round continues them. But a status
+    query under way holds the state for its whole qstat, and cluster-generic kills this
+    command after 2 s: after CANCEL_LOCK_S the qdel goes first, from the state as last
+    written, and the marks follow once the query is done."""
     store = StateStore(settings["state_dir"])
-    with store.locked() as state:
-        known = state["jobs"]
-        # A continued submission: its latest continuation is what runs now.
-        ids = list(dict.fromkeys(current_job(known, i) for i in ids))
-        open_ids = [i for i in ids if known.get(i, {}).get("state") not in FINAL]
-        for job_id in open_ids:
-            if job_id in known:
-                known[job_id].update(
-                    state=FAILED, detail="cancelled (pbs-cancel)", continuing=False
-                )
+    try:
+        with store.locked(timeout=CANCEL_LOCK_S) as state:
+            open_ids = _mark_cancelled(state, ids)
+    except TimeoutError:
+        open_ids = _mark_cancelled(store.read(), ids)
+        qdel(open_ids, store, popen=popen, wait=0)
+        with store.locked() as state:
+            _mark_cancelled(state, ids)
+        return open_ids
     qdel(open_ids, store, popen=popen, wait=wait)
+    return open_ids
+
+
+def _mark_cancelled(state: dict, ids: Sequence[str]) -> list[str]:
+    """Mark the open jobs among ``ids`` (their latest continuations) cancelled; return them."""
+    known = state["jobs"]
+    # A continued submission: its latest continuation is what runs now.
+    ids = list(dict.fromkeys(current_job(known, i) for i in ids))
+    open_ids = [i for i in ids if known.get(i, {}).get("state") not in FINAL]
+    for job_id in open_ids:
+        if job_id in known:
+            known[job_id].update(state=FAILED, detail="cancelled (pbs-cancel)", continuing=False)
     return open_ids
 
 
