@@ -20,9 +20,9 @@ import pytest
 from formats.partial import Answer, Partial, partial_key
 from rank import checks, warm
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
-from test_engines import SETTINGS
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
+from workflow import ENGINE_SETTINGS as SETTINGS
 
 REPO = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Pick a color."}]

@@ -34,9 +34,9 @@ import pytest
 
 from rank import checks, warm
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
-from test_engines import SETTINGS
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
+from workflow import ENGINE_SETTINGS as SETTINGS
 from workflow import probe_result
 
 pytestmark = pytest.mark.vllm

@@ -260,7 +260,7 @@ def chat_rank() -> str:
 
 @pytest.mark.parametrize("server", ["inprocess", "vllm"])
 def test_warm_engine_with_a_chat_rank_on_vllm015(tmp_path, server):
-    """Config warm.server inprocess (scripts/vllm_server.py) or vllm (vLLM 0.15's own
+    """Config warm.server inprocess (scripts/engine/vllm_server.py) or vllm (vLLM 0.15's own
     OpenAI server): a .in rank and a chat rank on one warm engine."""
     port = {"inprocess": 35500, "vllm": 35600}[server]
     ranks = {"0.in": IN_RANK, "1.jsonl": chat_rank()}
@@ -273,7 +273,8 @@ def test_warm_engine_with_a_chat_rank_on_vllm015(tmp_path, server):
 
 
 def test_per_rank_engine_with_a_chat_rank_on_vllm015(tmp_path):
-    """An engine of the rank's own (infer.py, vLLM 0.15's LLM in the task)."""
+    """An engine of the rank's own (scripts/rank/task.py: vLLM 0.15's front end over an
+    engine in the task)."""
     work = run015(tmp_path, {"1.jsonl": chat_rank()}, 35700, warm_engines=False)
     assert_ran_on_vllm015(work)
     log = (work / "logs" / "infer" / "1.log").read_text()
