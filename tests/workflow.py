@@ -142,6 +142,21 @@ def default_ctrl_c() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def ends_with_the_tests() -> None:
+    """In a child the tests start: SIGTERM when the test process dies, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG), so that a run never outlives the tests that started it
+    (Snakemake ends its engines and submissions on SIGTERM)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
+def run_child() -> None:
+    """What a test's Snakemake runs before it starts (``preexec_fn``)."""
+    default_ctrl_c()
+    ends_with_the_tests()
+
+
 def snakemake(workdir: Path, *args: str, profile="profiles/local", configfiles=(), **kwargs):
     """Run Snakemake as a user would; returns the CompletedProcess (or Popen with popen=True)."""
     command = [*SNAKEMAKE, "--profile", profile, *args]
@@ -158,10 +173,17 @@ def snakemake(workdir: Path, *args: str, profile="profiles/local", configfiles=(
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
-            preexec_fn=default_ctrl_c,
+            preexec_fn=run_child,
         )
     return subprocess.run(
-        command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800, **kwargs
+        command,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        preexec_fn=ends_with_the_tests,
+        **kwargs,
     )
 
 
