@@ -40,8 +40,9 @@ from vllm import LLM
 settings = checks.parse_settings(sys.argv[1])
 llm = LLM(model=settings["model"], dtype=settings["dtype"], runner="pooling",
           enforce_eager=settings["enforce_eager"])
-vectors = [list(o.outputs.embedding) for o in llm.embed(json.loads(sys.argv[2]), use_tqdm=False)]
-print("PROBE-RESULT " + json.dumps(vectors))
+outputs = llm.embed(json.loads(sys.argv[2]), use_tqdm=False)
+vectors = [list(o.outputs.embedding) for o in outputs]
+print("PROBE-RESULT " + json.dumps([vectors, [len(o.prompt_token_ids) for o in outputs]]))
 """
 
 
@@ -56,8 +57,9 @@ def tiny_embed() -> Path:
 
 
 @pytest.fixture(scope="module")
-def offline_embed(tiny_embed) -> list[list[float]]:
-    """The TEXTS' vectors from vLLM's LLM.embed, with the ranks' engine arguments."""
+def offline_embed(tiny_embed) -> list:
+    """The TEXTS' vectors from vLLM's LLM.embed, with the ranks' engine arguments, and
+    each text's prompt tokens."""
     reference = subprocess.run(
         [sys.executable, "-c", REFERENCE, json.dumps(settings(tiny_embed)), json.dumps(TEXTS)],
         env={**os.environ, **VLLM_ENV, "VLLM_CPU_KVCACHE_SPACE": "1",
@@ -68,8 +70,13 @@ def offline_embed(tiny_embed) -> list[list[float]]:
     return probe_result(reference.stdout)
 
 
-def check(path: Path, model: Path, expected: list[list[float]]) -> None:
+def check(path: Path, model: Path, expected: list) -> None:
+    """The answers' vectors are LLM.embed's; each line's prompt tokens its texts' tokens
+    as vLLM counted them (a rank sends several lines in one call and splits the usage)."""
+    expected, tokens = expected
     pair, one, last = answers(path)[:3]
+    usage = [pair["response"]["body"]["usage"], one["usage"], last["response"]["body"]["usage"]]
+    assert [u["prompt_tokens"] for u in usage] == [tokens[0] + tokens[1], tokens[2], tokens[3]]
     size = json.loads((model / "config.json").read_text())["hidden_size"]
     got = [d["embedding"] for d in pair["response"]["body"]["data"]]
     got += [one["data"][0]["embedding"], last["response"]["body"]["data"][0]["embedding"]]

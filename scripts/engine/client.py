@@ -438,10 +438,7 @@ def tokenize_messages(
 @dataclass(frozen=True)
 class Embeddings:
     vectors: list[list[float]]  # in input order
-    prompt_tokens: int
-    # each text's tokens, from our servers (usage.prompt_tokens_per_input); None from
-    # vLLM's own server, whose usage is the whole request's
-    input_tokens: list[int] | None = None
+    prompt_tokens: int  # the call's, as the engine tells it
 
 
 def embed(
@@ -460,10 +457,22 @@ def embed(
         raise EngineUnavailable(f"{url}/v1/embeddings: engine answered {items!r:.200} as data")
     ordered = sorted(items, key=lambda item: item.get("index", 0))
     usage = data.get("usage") or {}
-    each = usage.get("prompt_tokens_per_input")
-    valid = isinstance(each, list) and len(each) == len(texts)
     return Embeddings(
         [list(item.get("embedding") or []) for item in ordered],
         int(usage.get("prompt_tokens") or 0),
-        [int(n) for n in each] if valid else None,
     )
+
+
+def token_counts(
+    url: str, texts: Sequence[str], timeout: float = 600.0, key: str | None = None
+) -> list[int] | None:
+    """Each text's tokens by the engine's own tokenizer (POST /token_counts of our
+    servers); None from an engine that does not serve it (vLLM's own server: 404)."""
+    try:
+        data = post(url, "/token_counts", {"input": list(texts)}, timeout, key)
+    except RequestRejected:
+        return None
+    counts = data.get("counts")
+    if not isinstance(counts, list) or len(counts) != len(texts):
+        raise EngineUnavailable(f"{url}/token_counts: engine answered {counts!r:.200}")
+    return [int(n) for n in counts]

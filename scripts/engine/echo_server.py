@@ -12,6 +12,7 @@ prompt itself.
                            "messages": the words of their rendered chat
     POST /v1/completions   each prompt as its own text; token-id prompts as "id id ..."
     POST /v1/embeddings    per text a vector of 8 numbers from its checksums
+    POST /token_counts     each text's words (engine/vllm_server.py's route)
     POST /v1/chat/completions  the messages rendered with render_chat
                            ("<|role|> content" per message, then "<|assistant|>") as
                            the answer's content
@@ -186,15 +187,13 @@ def embeddings_answer(body: object, model: str) -> dict:
             {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
         ],
         "model": model,
-        "usage": embedding_usage(each),
+        "usage": {"prompt_tokens": sum(each), "total_tokens": sum(each)},
     }
 
 
-def embedding_usage(tokens: list[int]) -> dict:
-    """An embeddings answer's usage: OpenAI's, plus each input's tokens (our servers'
-    addition: a rank sends several requests' texts in one call and splits the usage)."""
-    total = sum(tokens)
-    return {"prompt_tokens": total, "total_tokens": total, "prompt_tokens_per_input": tokens}
+def token_counts(body: object) -> dict:
+    """/token_counts (engine/vllm_server.py's route): one token per word of each text."""
+    return {"counts": [len(t.split()) for t in embedding_inputs(body)]}
 
 
 class EchoServer(ThreadingHTTPServer):
@@ -348,6 +347,7 @@ class Handler(BaseHTTPRequestHandler):
             "/v1/chat/completions": self.server.chat,
             "/v1/embeddings": self.server.embeddings,
             "/tokenize": self.server.tokens,
+            "/token_counts": token_counts,
         }
         try:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))

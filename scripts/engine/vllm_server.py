@@ -18,11 +18,16 @@ and answer shape is the installed vLLM's (completions, chat with tools and reaso
 parsers, embeddings, score, rerank, tokenize, models, metrics). The argv is vLLM's
 server's own (its parser: `--served-model-name`, `--tool-call-parser`,
 `--enable-auto-tool-choice`, `--reasoning-parser`, `--chat-template`, the engine
-arguments, `--host`, `--port`); the key is vLLM's (`VLLM_API_KEY`). One route is ours:
+arguments, `--host`, `--port`); the key is vLLM's (`VLLM_API_KEY`). Two routes are ours:
 
     GET /health   200 with {"engine_id": ...} (the id the supervisor gave this start,
                   client.identify) once the engine is built; 503 after an engine failure.
                   The port is held from the start.
+    POST /token_counts  {"input": [text, ...]} -> {"counts": [n, ...]}: each text's
+                  tokens by the engine's own tokenizer, special tokens added as for an
+                  embedding. vLLM's /v1/embeddings tells only a call's total, so a rank
+                  sends many embedding lines in one call and splits the usage by these
+                  (rank/warm.py; it checks that they add up to vLLM's total).
 
 An engine step that raises ends the server (exit 3) after vLLM's front end answered the
 requests in flight: the watchdog sees it exit and the supervisor restarts it.
@@ -90,6 +95,17 @@ async def build_app(engine, args):
 
     # first: vLLM 0.15 serves its own /health from a route mounted before it
     app.router.routes.insert(0, app.router.routes.pop())
+    tokenizer = engine.tokenizer  # None with --skip-tokenizer-init
+
+    @app.post("/token_counts")
+    async def token_counts(body: dict):
+        if tokenizer is None:
+            return JSONResponse({"error": {"message": "no tokenizer"}}, 404)
+        texts = body.get("input")
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return JSONResponse({"error": {"message": "input: a list of strings"}}, 400)
+        return JSONResponse({"counts": [len(tokenizer.encode(t)) for t in texts]})
+
     return app
 
 

@@ -41,12 +41,12 @@ from rank.jsonl import (
 # (so each answer is kept as it comes), and the engine batches all of them.
 REQUESTS_IN_FLIGHT = 64
 # Embedding requests go EMBED_TEXTS texts to a call: one HTTP request per short text cost
-# more than embedding it (20,480 one-text lines: 387 texts/s on warm engines against 864
-# on per-rank engines, benchmarks/batch_fields.py). Our servers tell each text's tokens,
-# so the usage splits back per request; vLLM's own server does not, and gets one call
-# per request (_WHOLE_USAGE_ONLY).
+# more than embedding it (20,480 one-text lines, benchmarks/batch_fields.py: 74 s one
+# call a line, 31 s in calls of 64). vLLM's front end tells only a call's total tokens;
+# our servers tell each text's (/token_counts), so the usage splits back per request.
+# vLLM's own server does not, and gets one call per request (_ONE_CALL_EACH).
 EMBED_TEXTS = 64
-_WHOLE_USAGE_ONLY: set[str] = set()  # engine URLs
+_ONE_CALL_EACH: set[str] = set()  # engine URLs
 
 
 # Special tokens a tokenizer adds to a prompt (BOS, EOS, a leading "▁"), at most.
@@ -254,29 +254,33 @@ def send_requests(
             partial.add(i, answer)
 
     def embed_together(calls: list[int]) -> None:
-        """Several embedding requests in one call, their vectors and tokens split back;
-        one call each when a text is refused or the engine tells no per-text tokens."""
+        """Several embedding requests in one call, their vectors and tokens split back by
+        each text's tokens (/token_counts; they must add up to the engine's total); one
+        call each when a text is refused or the engine tells no counts."""
         texts = [text for i in calls for text in inputs[i]]
+        counts = client.token_counts(engine.url, texts, timeout, engine.api_key)
         try:
-            done = client.embed(engine.url, texts, timeout, engine.api_key)
+            done = (
+                None if counts is None else client.embed(engine.url, texts, timeout, engine.api_key)
+            )
         except client.RequestRejected:
             done = None
-        if done is None or done.input_tokens is None:
-            if done is not None:
-                _WHOLE_USAGE_ONLY.add(engine.url)
+        if done is None or sum(counts) != done.prompt_tokens:
+            if counts is None or done is not None:  # no counts, or counts that do not add up
+                _ONE_CALL_EACH.add(engine.url)
             for i in calls:
                 send(i)
             return
         at = 0
         for i in calls:
             n = len(inputs[i])
-            tokens = sum(done.input_tokens[at : at + n])
+            tokens = sum(counts[at : at + n])
             keep(i, Answer("", None, tokens, 0, embeddings=done.vectors[at : at + n]))
             at += n
 
     def send(i: int | list[int]) -> None:
         if isinstance(i, list):  # embedding requests, EMBED_TEXTS texts at most
-            if len(i) > 1 and engine.url not in _WHOLE_USAGE_ONLY:
+            if len(i) > 1 and engine.url not in _ONE_CALL_EACH:
                 embed_together(i)
             else:
                 for one in i:
