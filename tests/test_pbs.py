@@ -904,8 +904,8 @@ def test_cancel_skips_finished_jobs_and_returns_in_time(tmp_path):
 
 def test_cancel_qdels_first_while_a_status_query_holds_the_state(tmp_path):
     """A status query holds the state for its whole qstat; the plugin kills pbs-cancel
-    after 2 s: past CANCEL_LOCK_S, qdel goes first, and the jobs are marked cancelled
-    (not to be continued) once the query lets go of the state."""
+    after 2 s: past CANCEL_LOCK_S the jobs are noted cancelled beside the state, qdel
+    goes, and they are marked cancelled (not to be continued) once the query lets go."""
     conf = settings(tmp_path)
     submitted(conf, "1", "2")
     store = pbs.StateStore(conf["state_dir"])
@@ -930,6 +930,9 @@ def test_cancel_qdels_first_while_a_status_query_holds_the_state(tmp_path):
     finally:
         query.join(10)
     assert qdels == [(["qdel", "1", "2"], False)]  # sent while the query held the state
+    # noted beside the state for the watchdog and the next status round, had the plugin
+    # killed pbs-cancel before the query let go
+    assert store.cancelled() == {"1", "2"}
     jobs = store.read()["jobs"]
     assert [jobs[i]["detail"] for i in "12"] == ["cancelled (pbs-cancel)"] * 2
     assert not any(jobs[i]["continuing"] for i in "12")
@@ -1060,6 +1063,8 @@ def test_watchdog_deletes_the_open_submissions_of_its_run_when_snakemake_is_gone
         state["jobs"]["1.s"] = pbs.new_job_record(0, "r0", run)  # open, this run
         state["jobs"]["2.s"] = pbs.new_job_record(0, "r1", run) | {"state": "success"}
         state["jobs"]["3.s"] = pbs.new_job_record(0, "r2", "another-run")
+        state["jobs"]["4.s"] = pbs.new_job_record(0, "r3", run)  # open, but pbs-cancel
+    pbs.StateStore(conf["state_dir"]).note_cancelled(["4.s"])  # deleted it already
     started, result = [], []
 
     def popen(argv, **kwargs):

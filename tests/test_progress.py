@@ -346,6 +346,31 @@ def test_no_continuation_beyond_pbs_resubmit(tmp_path):
     assert answer == "failed"
 
 
+def test_no_continuation_of_a_job_pbs_cancel_deleted_during_the_query(tmp_path):
+    """pbs-cancel (Ctrl-C) noted the job cancelled and deleted it while this status query
+    held the state: the query reads it ended by PBS, and does not continue it."""
+    conf = settings(tmp_path)
+    store = pbs.StateStore(conf["state_dir"])
+    with store.locked() as state:
+        state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
+
+    class CancelledDuringTheQuery(Ended):
+        def __call__(self, ids):
+            store.note_cancelled(["1"])  # what pbs-cancel does without the lock
+            return super().__call__(ids)
+
+    answer = pbs.job_status(
+        "1",
+        conf,
+        query=CancelledDuringTheQuery(),
+        now=lambda: 100.0,
+        warn=lambda m: None,
+        resubmit=lambda *a: pytest.fail("continued"),
+    )
+    assert answer == "failed"
+    assert store.read()["jobs"]["1"]["detail"] == "cancelled (pbs-cancel)"
+
+
 def test_a_continuation_that_left_out_bad_ranks_fails_naming_them(tmp_path):
     conf = settings(tmp_path)
     with pbs.StateStore(conf["state_dir"]).locked() as state:

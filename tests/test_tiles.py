@@ -123,7 +123,14 @@ def test_twelve_holders_get_twelve_tiles_and_thirteenth_times_out(tmp_path, monk
         assert {s.host for s in slots} == {"n1"}
         polls = []
         real_sleep = time.sleep
-        monkeypatch.setattr(time, "sleep", lambda s: (polls.append(s), real_sleep(s)))
+        me = threading.current_thread()  # not the sleeps of other tests' daemon threads
+
+        def sleep(seconds):
+            if threading.current_thread() is me:
+                polls.append(seconds)
+            real_sleep(seconds)
+
+        monkeypatch.setattr(time, "sleep", sleep)
         with (
             pytest.raises(TimeoutError, match="free tile"),
             acquire(tmp_path, ["n1"], 12, 1, poll=0.05, timeout=0.3),

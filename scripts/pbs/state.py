@@ -80,6 +80,9 @@ class StateStore:
         self.path = self.dir / "status.json"
         self.lock_path = self.dir / "lock"
         self.log_path = self.dir / "status.log"
+        # job ids pbs-cancel deleted while a status query held the state, one a line,
+        # appended without the lock: every status round and the watchdog read them
+        self.cancelled_path = self.dir / "cancelled"
 
     def read(self) -> dict:
         """Read without the lock (safe: writes are atomic renames)."""
@@ -88,6 +91,19 @@ class StateStore:
         except (OSError, ValueError):
             return empty_state()
         return state if isinstance(state, dict) and "jobs" in state else empty_state()
+
+    def note_cancelled(self, ids: list[str]) -> None:
+        """Append ``ids`` to the cancelled jobs (one small append: no lock needed)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.cancelled_path, "a") as noted:
+            noted.write("".join(f"{job_id}\n" for job_id in ids))
+
+    def cancelled(self) -> set[str]:
+        """The job ids `note_cancelled` noted."""
+        try:
+            return set(self.cancelled_path.read_text().split())
+        except FileNotFoundError:
+            return set()
 
     def write(self, state: dict) -> None:
         state["format"] = FORMAT

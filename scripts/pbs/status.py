@@ -189,6 +189,8 @@ def job_status(
 
         t = now()
         jobs = state["jobs"]
+        noted = store.cancelled()  # by a pbs-cancel that could not wait for the state
+        _mark_cancelled(state, [i for i in noted if i in jobs])
         jobs.setdefault(job_id, new_job_record(t))  # e.g. resumed from an older run
         job = jobs[current_job(jobs, job_id)]
         job["seen"] = jobs[job_id]["seen"] = t
@@ -333,7 +335,10 @@ def _query_round(
                     + (f" and {more} more" if more > 0 else "")
                 )
                 answer = Verdict(FAILED, job["detail"])
-            if answer.ended_by_pbs and job.get("attempt", 0) < resubmit and job.get("name"):
+            if answer.ended_by_pbs and job_id in store.cancelled():
+                # pbs-cancel deleted it while this query held the state: not continued
+                job.update(state=FAILED, detail="cancelled (pbs-cancel)", continuing=False)
+            elif answer.ended_by_pbs and job.get("attempt", 0) < resubmit and job.get("name"):
                 # Read as running until its continuation is submitted (after the lock).
                 job["state"], job["continuing"] = RUNNING, True
                 store.log(f"{job_id}: ended by PBS: {answer.detail}; continuing it", t)
@@ -502,17 +507,19 @@ def cancel(
 
     They are marked cancelled first, so that no status round continues them. But a status
     query under way holds the state for its whole qstat, and cluster-generic kills this
-    command after 2 s: after CANCEL_LOCK_S the qdel goes first, from the state as last
-    written, and the marks follow once the query is done."""
+    command after 2 s: after CANCEL_LOCK_S they are noted cancelled beside the state
+    (`StateStore.note_cancelled`, read by every status round and the watchdog), the qdel
+    goes, and the marks follow once the query is done (if this command still lives)."""
     store = StateStore(settings["state_dir"])
     try:
         with store.locked(timeout=CANCEL_LOCK_S) as state:
             open_ids = _mark_cancelled(state, ids)
     except TimeoutError:
         open_ids = _mark_cancelled(store.read(), ids)
+        store.note_cancelled(open_ids)
         qdel(open_ids, store, popen=popen, wait=0)
         with store.locked() as state:
-            _mark_cancelled(state, ids)
+            _mark_cancelled(state, open_ids)
         return open_ids
     qdel(open_ids, store, popen=popen, wait=wait)
     return open_ids
@@ -531,9 +538,13 @@ def _mark_cancelled(state: dict, ids: Sequence[str]) -> list[str]:
 
 
 def open_jobs_of_run(settings: Mapping) -> list[str]:
-    run = run_id(settings)
-    jobs = StateStore(settings["state_dir"]).read()["jobs"]
-    return [i for i, j in jobs.items() if j.get("run") == run and j["state"] not in FINAL]
+    store = StateStore(settings["state_dir"])
+    run, jobs, cancelled = run_id(settings), store.read()["jobs"], store.cancelled()
+    return [
+        i
+        for i, j in jobs.items()
+        if j.get("run") == run and j["state"] not in FINAL and i not in cancelled
+    ]
 
 
 def watch(
