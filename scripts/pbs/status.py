@@ -505,11 +505,9 @@ def cancel(
 ) -> list[str]:
     """qdel the given jobs except those known to have ended; returns the ids passed on.
 
-    They are marked cancelled first, so that no status round continues them. But a status
-    query under way holds the state for its whole qstat, and cluster-generic kills this
-    command after 2 s: after CANCEL_LOCK_S they are noted cancelled beside the state
-    (`StateStore.note_cancelled`, read by every status round and the watchdog), the qdel
-    goes, and the marks follow once the query is done (if this command still lives)."""
+    They are marked cancelled first: no status round continues them. A status query holds
+    the state for its whole qstat, and cluster-generic kills this command after 2 s: past
+    CANCEL_LOCK_S they are noted beside it (`StateStore.note_cancelled`), then qdel'd."""
     store = StateStore(settings["state_dir"])
     try:
         with store.locked(timeout=CANCEL_LOCK_S) as state:
@@ -538,13 +536,10 @@ def _mark_cancelled(state: dict, ids: Sequence[str]) -> list[str]:
 
 
 def open_jobs_of_run(settings: Mapping) -> list[str]:
-    store = StateStore(settings["state_dir"])
-    run, jobs, cancelled = run_id(settings), store.read()["jobs"], store.cancelled()
-    return [
-        i
-        for i, j in jobs.items()
-        if j.get("run") == run and j["state"] not in FINAL and i not in cancelled
-    ]
+    store, run = StateStore(settings["state_dir"]), run_id(settings)
+    gone = store.cancelled()  # deleted by pbs-cancel already
+    jobs = {i: j for i, j in store.read()["jobs"].items() if i not in gone}
+    return [i for i, j in jobs.items() if j.get("run") == run and j["state"] not in FINAL]
 
 
 def watch(
