@@ -331,19 +331,23 @@ def test_a_job_pbs_ended_reads_running_while_its_continuation_runs(tmp_path):
     assert continued == ["1"]
 
 
-def test_no_continuation_beyond_pbs_resubmit(tmp_path):
-    conf = settings(tmp_path, resubmit=0)
+def status_never_continued(conf: dict, query) -> str:
+    """Job "1" (submission r0-3) asked about once, on a scheduler ``query``; the test fails
+    if it is continued."""
     with pbs.StateStore(conf["state_dir"]).locked() as state:
         state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
-    answer = pbs.job_status(
+    return pbs.job_status(
         "1",
         conf,
-        query=Ended(),
+        query=query,
         now=lambda: 100.0,
         warn=lambda m: None,
         resubmit=lambda *a: pytest.fail("continued"),
     )
-    assert answer == "failed"
+
+
+def test_no_continuation_beyond_pbs_resubmit(tmp_path):
+    assert status_never_continued(settings(tmp_path, resubmit=0), Ended()) == "failed"
 
 
 def test_no_continuation_of_a_job_pbs_cancel_deleted_during_the_query(tmp_path):
@@ -351,23 +355,13 @@ def test_no_continuation_of_a_job_pbs_cancel_deleted_during_the_query(tmp_path):
     held the state: the query reads it ended by PBS, and does not continue it."""
     conf = settings(tmp_path)
     store = pbs.StateStore(conf["state_dir"])
-    with store.locked() as state:
-        state["jobs"]["1"] = pbs.new_job_record(0, "r0-3", pbs.settings.run_id(conf), "capacity")
 
     class CancelledDuringTheQuery(Ended):
         def __call__(self, ids):
             store.note_cancelled(["1"])  # what pbs-cancel does without the lock
             return super().__call__(ids)
 
-    answer = pbs.job_status(
-        "1",
-        conf,
-        query=CancelledDuringTheQuery(),
-        now=lambda: 100.0,
-        warn=lambda m: None,
-        resubmit=lambda *a: pytest.fail("continued"),
-    )
-    assert answer == "failed"
+    assert status_never_continued(conf, CancelledDuringTheQuery()) == "failed"
     assert store.read()["jobs"]["1"]["detail"] == "cancelled (pbs-cancel)"
 
 

@@ -189,8 +189,6 @@ def job_status(
 
         t = now()
         jobs = state["jobs"]
-        noted = store.cancelled()  # by a pbs-cancel that could not wait for the state
-        _mark_cancelled(state, [i for i in noted if i in jobs])
         jobs.setdefault(job_id, new_job_record(t))  # e.g. resumed from an older run
         job = jobs[current_job(jobs, job_id)]
         job["seen"] = jobs[job_id]["seen"] = t

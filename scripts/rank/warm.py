@@ -120,7 +120,7 @@ def engine_inputs(
         _check_chat_template(url, requests, path, key)
         for i, r in enumerate(requests):
             max_tokens = sampling_of(r, settings["sampling"])["max_tokens"]
-            problem = None if r.error else length_problem(0, max_tokens, context)
+            problem = None if r.error else length_problem(None, max_tokens, context)
             if problem:
                 refused[i] = problem
         return [r.messages if r.chat else r.prompt for r in requests], [], context
@@ -297,17 +297,19 @@ def send_requests(
                 done = client.embed(engine.url, given, timeout, engine.api_key, request.fields)
                 keep(i, Answer("", None, done.prompt_tokens, 0, embeddings=done.vectors))
                 return
+            sampling = sampling_of(request, settings["sampling"])
             reply = client.complete_one(
                 engine.url,
-                sampling_of(request, settings["sampling"]),
+                sampling,
                 prompt=None if request.chat else given,
                 messages=given if request.chat else None,
                 timeout=timeout,
                 key=engine.api_key,
                 fields=request.fields,
             )
-            max_tokens = sampling_of(request, settings["sampling"])["max_tokens"]
-            problem = context and length_problem(reply.prompt_tokens, max_tokens, context)
+            problem = context and length_problem(
+                reply.prompt_tokens, sampling["max_tokens"], context
+            )
             if problem:
                 answer = error_answer(problem)
             else:
