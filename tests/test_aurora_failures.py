@@ -96,21 +96,21 @@ def test_warm_walltime_kill_is_continued_with_only_the_unfinished_ranks_not_the_
     ranks = {"0.in": "rank 0 prompt\n"}
     ranks |= {f"{i}.jsonl": json.dumps({"prompt": f"rank {i} prompt"}) + "\n" for i in range(1, 5)}
     ranks["5.in"] = b"fine\n\xff\xfe broken\n"
-    # 3 engines, 2 ranks each, 62 s a request: walltime 2 min; rank 5 fails at once,
-    # 3 ranks end after ~62 s, PBS ends the job with the other 2 mid-request (its
+    # 3 engines, 2 ranks each, 20 s a request: walltime 2 min; rank 5 fails at once,
+    # 3 ranks end after ~20 s, PBS ends the job with the other 2 mid-request (its
     # walltime cut to what it has used: seconds later, not at 120 s)
-    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 62, 3, in_flight=2)
+    work, out, code, done = continued_run(pbs_cluster, tmp_path, ranks, 20, 3, in_flight=2)
     first, more = submissions(work)
     killed_at_walltime(pbs_cluster, first, "r0-5", "00:02:00")
     assert len(done) == 3 and 5 not in done, done
     left = sorted(set(range(5)) - set(done))
-    # one continuation of only the unfinished ranks (not the bad one), its walltime at
-    # the pace seen (62 s a rank and engine, over warm.rank_minutes' 1 min: 2 min for
-    # one rank per engine)
+    # one continuation of only the unfinished ranks (not the bad one), its walltime for
+    # one rank per engine: warm.rank_minutes' 1 min, above the pace seen (20 s a rank and
+    # engine; a pace over rank_minutes sets the walltime: test_progress.py)
     assert (more["name"], more["ranks"], more["walltime"]) == (
         "r0-5.c1",
         ",".join(map(str, left)),
-        "00:02:00",
+        "00:01:00",
     )
     assert "submission r0-5 (job " in out and "killed by PBS: walltime exceeded" in out
     assert f"the 2 unfinished go on in r0-5.c1 (job {more['id']}" in out, out[-4000:]
