@@ -11,6 +11,7 @@ import pytest
 from dataset import bill
 from formats import history
 from pbs import plan, settings_from_config
+from reporting import accounting
 from workflow import aurora_config, deep_merge
 
 
@@ -72,3 +73,26 @@ def test_a_bill_above_the_budget_stops_saying_by_how_much(tmp_path):
     problem = bill.budget_problem(4.0, 10.0, 7.5)
     assert problem.startswith("the estimate of 4.000 node-hours is above the budget left ")
     assert "(2.500 of 10 node-hours, config key pbs.budget_node_hours) by 1.500" in problem
+
+
+def test_engines_that_served_no_request_are_not_a_request_s_cost():
+    # one node, 4 warm engines ready 10 s after set-up, 100 s to the last rank: two
+    # served the sample's two ranks, two had nothing to do the whole time
+    low, high = 1000.0, 1100.0
+
+    def engine(tile: int, busy: list) -> accounting.Slot:
+        return accounting.Slot(f"n0-tile{tile}", "n0", str(tile), ready_at=low + 10,
+                               records=[{}] * len(busy), busy_intervals=busy)  # fmt: skip
+
+    slots = [engine(0, [(1010.0, 1100.0)]), engine(1, [(1010.0, 1050.0)]), engine(2, []),
+             engine(3, [])]  # fmt: skip
+    times = (low, low, high, high)  # start, staged, ranks done, end
+    sub = accounting._submission("1.pbs", "r0-1", "00:10:00", ["n0"], slots, times, None)
+    # each engine counts a quarter of the node: 90 s idle each for tiles 2 and 3
+    assert bill.unused_node_s(sub, None) == pytest.approx(2 * 90 / 4)
+    work = sub.parts["serving"] + sub.parts["idle"] - bill.unused_node_s(sub, None)
+    assert work == pytest.approx((90 + 40 + 50) / 4)  # tile 1's tail stays a cost
+    # per-rank engines: 4 tile slots, ranks on 2 of them; the other two are unused
+    ranks = [engine(0, [(1000.0, 1100.0)]), engine(1, [(1000.0, 1060.0)])]
+    sub = accounting._submission("2.pbs", "r0-1", "00:10:00", ["n0"], ranks, times, 4)
+    assert bill.unused_node_s(sub, 4) == pytest.approx(2 * 100 / 4)

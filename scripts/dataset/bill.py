@@ -5,7 +5,7 @@ and at the start of a real run; the walltime each PBS submission asks for; the b
 
 The estimate: a request costs the node-seconds that requests of the history's run cost
 while engines served them or waited between them (reporting/accounting.py's "serving" and
-"idle"); each node of a submission adds the history's set-up, engine start and stop.
+"idle"; engines that served no request, idle for want of ranks, left out); each node of a submission adds the history's set-up, engine start and stop.
 A submission's walltime is its estimate plus pbs.estimate_margin_percent, plus
 pbs.walltime_margin_minutes; warm.start_minutes and warm.rank_minutes, when set, are
 used instead (unset and with no history: 15 and 1, as before).
@@ -261,6 +261,24 @@ def estimate_against_spending(config: Mapping, record_paths, since: float) -> st
     return f"Bill against spending: estimated {hours:.4f} node-hours, used {used:.4f}{ratio}."
 
 
+def unused_node_s(sub: accounting.Submission, tile_slots: int | None) -> float:
+    """Node-seconds of ``sub``'s engines (per-rank engines: tile slots) that served no
+    request between its set-up and its last rank: idle the whole time, as when a sample
+    has fewer ranks than engines. A run with work for every engine does not pay them
+    per request, so the estimate leaves them out of a request's cost."""
+    staged = min(max(sub.staged, sub.start), sub.end)
+    ranks_done = min(max(sub.ranks_done, staged), sub.end)
+    unused = 0.0
+    for host in sub.hosts:
+        members = [slot for slot in sub.slots if slot.host == host]
+        share = max(len(members), tile_slots or 0, 1)
+        unused += (ranks_done - staged) * (share - len(members)) / share
+        for slot in members:
+            if not slot.records:
+                unused += accounting.slot_parts(slot, staged, ranks_done)["idle"] / share
+    return unused
+
+
 def record_run(config: Mapping, model: str, workflow, record_paths, since: float) -> None:
     """Rule summary: the history line of the ranks this run answered (none: no line)."""
     from reporting import summary
@@ -268,7 +286,8 @@ def record_run(config: Mapping, model: str, workflow, record_paths, since: float
     mine = [r for r in summary.read_records(record_paths) if r.get("_end", 0) >= since]
     if not mine:
         return
-    subs = accounting.submissions(mine, tile_slots=accounting.tile_slots(config))
+    slots = accounting.tile_slots(config)
+    subs = accounting.submissions(mine, tile_slots=slots)
     nodes = sum(s.nodes for s in subs) or 1
     place = where(workflow)
     history.append(
@@ -283,7 +302,9 @@ def record_run(config: Mapping, model: str, workflow, record_paths, since: float
             "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in mine),
             "nodes": nodes,
             "node_s": sum(s.used_s for s in subs),
-            "work_node_s": sum(s.parts["serving"] + s.parts["idle"] for s in subs),
+            "work_node_s": sum(
+                s.parts["serving"] + s.parts["idle"] - unused_node_s(s, slots) for s in subs
+            ),
             "fixed_s": sum(s.parts[p] for s in subs for p in ("setup", "engine_start", "stop"))
             / nodes,
         }

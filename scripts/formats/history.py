@@ -13,7 +13,8 @@ A JSON object per line:
     output_tokens, prompt_tokens
     nodes            node-submissions (sum of each submission's nodes; a local run: 1)
     node_s           node-seconds used
-    work_node_s      node-seconds serving or idle between requests (accounting's parts)
+    work_node_s      node-seconds serving or idle between requests (accounting's parts),
+                     less those of engines that served no request (dataset/bill.py)
     fixed_s          seconds per node-submission of set-up, engine start and stop
 
 Stdlib only.
