@@ -2,12 +2,8 @@
 # apart from rules).
 
 
-def count_pending():  # ranks whose outputs are missing or outdated
-    if DATASET:  # its ranks to run now, as its bill counted them
-        return len(
-            bill.pending_requests(DATASET, DATA, RESULTS, RANKS, MODEL_MARKER)[2]
-        )
-    return len(layout.pending_ranks(RANKS, DATA, RESULTS, MODEL_MARKER))
+def count_pending():  # ranks whose outputs are missing or outdated, as the bill counted them
+    return len(bill.pending_requests(DATASET, DATA, RESULTS, RANKS, MODEL_MARKER)[2])
 
 
 def write_summary(answers, output, log):  # and the history line the next bill rests on

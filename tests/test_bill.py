@@ -4,6 +4,8 @@ the budget's stop, and what is said with no history."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,9 @@ import pytest
 from dataset import bill
 from formats import history
 from pbs import plan, settings_from_config
+from pbs.settings import RunInfo
 from reporting import accounting
-from workflow import aurora_config, deep_merge
+from workflow import REPO, aurora_config, deep_merge
 
 
 def history_line(tmp_path, config, **fields) -> Path:
@@ -96,3 +99,42 @@ def test_engines_that_served_no_request_are_not_a_request_s_cost():
     ranks = [engine(0, [(1000.0, 1100.0)]), engine(1, [(1000.0, 1060.0)])]
     sub = accounting._submission("2.pbs", "r0-1", "00:10:00", ["n0"], ranks, times, 4)
     assert bill.unused_node_s(sub, 4) == pytest.approx(2 * 100 / 4)
+
+
+def test_rank_files_are_billed_too_and_their_mean_size_sets_the_walltime(tmp_path, monkeypatch):
+    # rank files, not a dataset: a .in (blank lines and CRLF ends are no requests) and
+    # a .jsonl; rank 1 already answered
+    data, results = tmp_path / "data", tmp_path / "results"
+    data.mkdir()
+    (data / "0.in").write_bytes(b"one\r\n\r\ntwo\r\nthree\n  \n")
+    (data / "1.in").write_text("a\nb\n")
+    (data / "2.jsonl").write_text('{"prompt": "x"}\n\n{"prompt": "y"}\n{"prompt": "z"}\n')
+    for name in ("1.out", "records/1.json"):
+        (results / name).parent.mkdir(parents=True, exist_ok=True)
+        (results / name).write_text("{}")
+    ranks = ["0", "1", "2"]
+    assert bill._pending_requests(None, str(data), str(results), ranks, ()) == (8, 3, [3, 3])
+    # the PBS profile with a history of these settings: the bill and the walltime of a
+    # rank from the mean of the ranks to run (3 requests)
+    config = aurora_config(pbs={"estimate_margin_percent": 50})
+    monkeypatch.chdir(tmp_path)
+    history_line(tmp_path, config)
+    (tmp_path / history.PATH).parent.mkdir()
+    (tmp_path / "history.jsonl").rename(tmp_path / history.PATH)
+    aurora = RunInfo(configfiles=(str(REPO / "profiles" / "aurora" / "aurora.yaml"),))
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        resolved = bill.prepare(aurora, config, None, str(data), str(results), "m", ranks, ())
+    assert resolved["warm"]["rank_minutes"] == pytest.approx(3 * 0.05 * 12 * 1.5 / 60)
+    text = said.getvalue()
+    assert text.startswith("Bill: 8 requests in 3 ranks; to run: 6 requests in 2 ranks; 1 ")
+    assert "Estimate " in text and "resting on the run of" in text
+    # no history: said, with a sample of rank files as the way to get one
+    (tmp_path / history.PATH).unlink()
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said):
+        resolved = bill.prepare(aurora, config, None, str(data), str(results), "m", ranks, ())
+    assert resolved["warm"]["rank_minutes"] is None  # pbs/settings.py's 1 min
+    assert "No estimate" in said.getvalue() and "a data_dir of a few of the rank files" in (
+        said.getvalue()
+    )

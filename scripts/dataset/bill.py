@@ -5,7 +5,8 @@ and at the start of a real run; the walltime each PBS submission asks for; the b
 
 The estimate: a request costs the node-seconds that requests of the history's run cost
 while engines served them or waited between them (reporting/accounting.py's "serving" and
-"idle"; engines that served no request, idle for want of ranks, left out); each node of a submission adds the history's set-up, engine start and stop.
+"idle"; engines that served no request, idle for want of ranks, left out); each node of
+a submission adds the history's set-up, engine start and stop.
 A submission's walltime is its estimate plus pbs.estimate_margin_percent, plus
 pbs.walltime_margin_minutes; warm.start_minutes and warm.rank_minutes, when set, are
 used instead (unset and with no history: 15 and 1, as before).
@@ -92,6 +93,7 @@ def bill(
     margin_percent: float = 0,
     budget: float | None = None,
     spent: float = 0.0,
+    dataset: bool = True,
 ) -> tuple[str, float | None]:
     """The bill's text, and the estimated node-hours of the ``pending`` ranks (their
     request counts); without a history, with PBS the node-hours the walltimes ask for
@@ -125,11 +127,16 @@ def bill(
     elif estimate is not None:
         hours = estimate.seconds(left, 1) / 3600
     if estimate is None:
+        sample = (
+            f"the first {max(100, 2 * settings.get('ranks_per_engine', 1))} lines as a "
+            "dataset of their own"
+            if dataset
+            else "a data_dir of a few of the rank files"
+        )
         text += (
             ". No estimate: no earlier run of this model and these engine settings here "
-            f"({history.PATH}); run a small sample first (e.g. the first "
-            f"{max(100, 2 * settings.get('ranks_per_engine', 1))} lines as a dataset of "
-            "their own) and the next dry run bills from it"
+            f"({history.PATH}); run a small sample first (e.g. {sample}) and the next dry "
+            "run bills from it"
         )
     else:
         text += f". Estimate {hours:.3g} node-hours, resting on {estimate.rests_on()}"
@@ -192,6 +199,10 @@ def _pending_requests(dataset, data: str, results: str, ranks: list[str], marker
 
     from . import cut
 
+    if dataset is None:  # rank files: each one's requests
+        counts = {r: layout.count_requests(layout.input_file(data, r)) for r in ranks}
+        pending = layout.pending_ranks(ranks, data, results, marker)
+        return sum(counts.values()), len(ranks), [counts[r] for r in pending]
     manifest = cut.current_manifest(dataset, data)
     if manifest is not None:
         sizes = manifest["sizes"]
@@ -213,13 +224,21 @@ def _pending_requests(dataset, data: str, results: str, ranks: list[str], marker
 
 
 def prepare(workflow, config: dict, dataset, data, results, model, ranks, marker) -> dict:
-    """The run's config for the ranks and the PBS provider (`run_config`); for a dataset,
-    the bill printed (dry runs too) and the budget checked, in the main Snakemake."""
+    """The run's config for the ranks and the PBS provider (`run_config`); the bill
+    printed (dry runs too) and the budget checked, in the main Snakemake. Rank files: a
+    rank's size for the walltime is the mean of the ranks to run."""
     place = where(workflow)
-    estimate = estimate_of(config, model, place) if dataset else None
-    size = dataset.rank_size if dataset else 0
+    main = run_info(workflow).main
+    estimate = estimate_of(config, model, place) if dataset or main else None
+    if dataset:
+        size = dataset.rank_size
+    elif estimate is not None:
+        pending = pending_requests(dataset, data, results, ranks, marker)[2]
+        size = math.ceil(sum(pending) / len(pending)) if pending else 1
+    else:
+        size = 0
     resolved = run_config(config, data, results, estimate, size)
-    if dataset is None or not run_info(workflow).main:
+    if not main:
         return resolved
     pbs = config["pbs"]
     budget = pbs.get("budget_node_hours") if place == "pbs" else None
@@ -230,7 +249,7 @@ def prepare(workflow, config: dict, dataset, data, results, model, ranks, marker
         settings = settings_from_config(resolved)
         return bill(
             requests, count, pending, settings, estimate, place == "pbs",
-            pbs.get("estimate_margin_percent", 0), budget, spent,
+            pbs.get("estimate_margin_percent", 0), budget, spent, dataset is not None,
         )  # fmt: skip
 
     def remembered():

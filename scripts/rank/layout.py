@@ -68,6 +68,13 @@ def input_file(data_dir: str | Path, rank: str) -> Path:
     return jsonl if jsonl.exists() else Path(data_dir, f"{rank}.in")
 
 
+def count_requests(path: str | os.PathLike) -> int:
+    """Requests of a rank file, unchecked (the bill's count): its non-blank lines, as
+    rank/prompts.py and rank/jsonl.py read them (a blank line is no request)."""
+    with open(path, "rb") as handle:
+        return sum(1 for raw in re.split(rb"\r\n|\r|\n", handle.read()) if raw.strip())
+
+
 def output_file(results_dir: str | Path, data_dir: str | Path, rank: str) -> Path:
     """Where the rank's answers go: ``<rank>.out`` for a ``.in``, ``<rank>.jsonl`` for a
     ``.jsonl``."""
