@@ -94,6 +94,7 @@ rule fetch_model:
     log:
         "logs/fetch_model.log",
     run:
+        rank_job.start_beside_fetch(workflow, config, MODEL, output[0])
         prepare.fetch_model(config, MODEL, output[0], log[0])
 
 

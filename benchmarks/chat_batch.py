@@ -8,23 +8,27 @@ through `python -m vllm.entrypoints.openai.run_batch` with the same engine setti
 both cores, its start included. Goal: warm / run-batch >= 0.8.
 
 Both render the chats with the model's template: the prompt tokens of every request
-must agree between the two (a check, reported in the table).
+must agree between the two (a check, reported in the table). The warm run's wall time
+is broken down into its consecutive parts (common.warm_breakdown).
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import time
 from pathlib import Path
 
 from common import (
     REPO,
+    breakdown_rows,
     fmt,
     jsonl_ranks,
     local_run,
     log,
     markdown_table,
     run_folder,
+    warm_breakdown,
 )
 from common import run_batch as common_run_batch
 
@@ -57,7 +61,9 @@ def warm_run(folder: Path, ranks: dict[int, list[dict]]) -> dict:
     work = run_folder(folder, jsonl_ranks(ranks, {}))
     # Engine ports apart from the default ones: tests on this shared machine use those.
     config = {"sampling": SAMPLING, "model": CHAT_MODEL, "tiles": {"base_port": 34500}}
+    started = time.time()
     timed = local_run(work, config)
+    breakdown = warm_breakdown(work, started, time.time())
     prompt_tokens, tokens = {}, 0
     for rank in ranks:
         for line in (work / "results" / f"{rank}.jsonl").read_text().splitlines():
@@ -65,7 +71,8 @@ def warm_run(folder: Path, ranks: dict[int, list[dict]]) -> dict:
             prompt_tokens[answer["id"]] = answer["prompt_tokens"]
             tokens += answer["output_tokens"]
     return {"wall_s": timed.wall_s, "max_rss_mb": timed.max_rss_mb, "output_tokens": tokens,
-            "tokens_per_s": tokens / timed.wall_s, "prompt_tokens": prompt_tokens}  # fmt: skip
+            "tokens_per_s": tokens / timed.wall_s, "prompt_tokens": prompt_tokens,
+            "time_breakdown": breakdown}  # fmt: skip
 
 
 def run_batch(folder: Path, ranks: dict[int, list[dict]]) -> dict:
@@ -108,6 +115,7 @@ def run(quick: bool = False, repeats: int = 1, shared: dict | None = None) -> di
          f"{agree} of {requests}"],
         ["peak RSS, MB: warm run (Snakemake + engines) / run-batch",
          f"{warm['max_rss_mb'] or 0:.0f} / {batch['max_rss_mb'] or 0:.0f}"],
+        *breakdown_rows(warm["time_breakdown"]),
     ]  # fmt: skip
     for result in (warm, batch):
         result.pop("prompt_tokens")

@@ -218,6 +218,48 @@ def job_seconds(work: Path, output: str) -> float | None:
     return meta["endtime"] - meta["starttime"]
 
 
+WARM_EVENTS = (
+    ("fetch_model_start", "rule fetch_model starts (model check, model-info cache)"),
+    ("engines_started", "the engines start (beside fetch_model, or at the first rank job)"),
+    ("fetch_model_end", "rule fetch_model ends"),
+    ("first_engine_ready", "the first engine is ready"),
+    ("first_rank_began", "the first rank's requests are sent"),
+    ("last_rank_written", "the last rank is written"),
+    ("exit", "the command exits (summary written, engines stopped)"),
+)
+
+
+def warm_breakdown(work: Path, started: float, ended: float) -> dict:
+    """When the events of WARM_EVENTS happened in a local warm run, seconds after the
+    snakemake command started (``started``/``ended``: its epoch seconds). From
+    Snakemake's job metadata of the model marker, the engines' registry entries
+    (started_at, ready_at) and the ranks' records."""
+    from formats import record as rank_record
+
+    (marker,) = (work / "results" / "model").glob("*.json")
+    meta = json.loads(metadata_path(work, str(marker.relative_to(work))).read_text())
+    entries = [json.loads(p.read_text()) for p in (work / "logs" / "engines").glob("*/*.json")]
+    entries = [e for e in entries if e.get("started_at")]
+    records = [json.loads(p.read_text()) for p in (work / "results" / "records").glob("*.json")]
+    times = {
+        "fetch_model_start": meta["starttime"],
+        "engines_started": min(e["started_at"] for e in entries),
+        "fetch_model_end": meta["endtime"],
+        "first_engine_ready": min(e["ready_at"] for e in entries if e.get("ready_at")),
+        "first_rank_began": min(rank_record.began(r) for r in records),
+        "last_rank_written": max(float(r["written_at"]) for r in records),
+        "exit": ended,
+    }
+    return {name: at - started for name, at in times.items()}
+
+
+def breakdown_rows(events: Mapping[str, float]) -> list[list[str]]:
+    """`warm_breakdown` as table rows, in the order the events happened."""
+    text = dict(WARM_EVENTS)
+    order = sorted(text, key=lambda name: events[name])
+    return [[f"time breakdown: {text[name]}", f"at {events[name]:.1f} s"] for name in order]
+
+
 def finish_window_s(work: Path, rank: str) -> float | None:
     """Seconds from rank ``rank``'s last write (its record's ``written_at``) to Snakemake
     recording its job finished (the .out's metadata record is written as its incomplete

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import workflow as wf
-from engine import client, local
+from engine import client, local, supervisor
 from formats import registry as registry_format
 from pipeline import rank_job
 from placement import node_layout, ports
@@ -364,3 +364,34 @@ def test_two_runs_started_together_in_two_folders_both_finish_on_their_own_engin
             record = json.loads((work / "results" / "records" / f"{rank}.json").read_text())
             assert record["engine_log"].startswith(str(registry)), record["engine_log"]
     assert not urls[0] & urls[1], urls  # no engine of one run was the other's
+
+
+def test_engines_start_beside_fetch_model_only_in_a_local_run_of_inprocess_engines(
+    tmp_path, monkeypatch
+):
+    """rank_job.start_beside_fetch: a local warm run of in-process vLLM engines on a model
+    folder starts them with rule fetch_model; nothing else does (echo, per-rank engines,
+    vLLM's own server, a hub id, profiles/aurora, a node of a PBS submission)."""
+    from pbs.settings import RunInfo
+
+    started = []
+    monkeypatch.setattr(rank_job.ENGINES, "pool", lambda *a, **k: started.append(k))
+    local_run = RunInfo(configfiles=(str(wf.REPO / "profiles" / "local" / "local.yaml"),))
+    aurora = RunInfo(configfiles=(str(wf.REPO / "profiles" / "aurora" / "aurora.yaml"),))
+    vllm = local_profile_config(engine="vllm")
+    folder, marker = str(wf.TINY_MODEL), str(tmp_path / "marker.json")
+    refused = [
+        (local_run, local_profile_config(engine="echo"), folder),
+        (local_run, vllm | {"warm_engines": False}, folder),
+        (local_run, wf.deep_merge(vllm, {"warm": {"server": "vllm"}}), folder),
+        (local_run, vllm, "facebook/opt-125m"),
+        (aurora, vllm, folder),
+    ]
+    for run, config, model in refused:
+        assert not rank_job.start_beside_fetch(run, config, model, marker)
+    monkeypatch.setenv(supervisor.SPEC_VARIABLE, str(tmp_path / "spec.json"))
+    assert not rank_job.start_beside_fetch(local_run, vllm, folder, marker)
+    assert started == []
+    monkeypatch.delenv(supervisor.SPEC_VARIABLE)
+    assert rank_job.start_beside_fetch(local_run, vllm, folder, marker)
+    assert started == [{"go_file": marker}]

@@ -190,7 +190,11 @@ def test_fetch_model_refuses_a_transformers5_tokenizer_on_vllm015(tmp_path, tran
     assert "names tokenizer class TokenizersBackend" in text
     assert "vLLM 0.15.0 and transformers 4.57.6" in text
     assert not (work / "logs" / "infer").exists()  # no rank started
-    assert not (work / "logs" / "engines").exists()  # nor any engine
+    # the engines started beside the rule loaded no model, and none is left
+    logs = list((work / "logs" / "engines").glob("local-*/*-tile*.log"))
+    assert logs and all("vllm_server: waiting for" in log.read_text() for log in logs)
+    assert not any("Initializing a V1 LLM engine" in log.read_text() for log in logs)
+    assert processes_in(work) == []
     assert not list((work / "results" / "model").glob("*.json"))  # no marker
 
 

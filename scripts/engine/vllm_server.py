@@ -41,6 +41,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,6 +51,10 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 from engine import vllm_versions  # noqa: E402
 
 ENGINE_ID_VARIABLE = "AURORA_ENGINE_ID"  # client.ENGINE_ID_VARIABLE
+# A file to wait for before the engine is built (an engine started beside rule
+# fetch_model: vLLM imported and the argv parsed meanwhile, the model loaded only once
+# the rule's checks passed and its model-info cache is written).
+GO_FILE_VARIABLE = "AURORA_ENGINE_GO_FILE"
 
 
 def argument_parser():
@@ -196,6 +201,13 @@ def main(argv: Sequence[str]) -> int:
     args, engine_args = parse_args(argv)
     vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
     vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests
+    go = os.environ.get(GO_FILE_VARIABLE)
+    if go:
+        import vllm.v1.engine.llm_engine  # noqa: F401  (the rest of the imports, meanwhile)
+
+        print(f"vllm_server: waiting for {go}", file=sys.stderr, flush=True)
+        while not os.path.exists(go):  # stopped by the supervisor if it never comes
+            time.sleep(0.05)
     # The engine first: /health waits (the port is held, nothing answers) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)
 

@@ -32,6 +32,11 @@ FORMAT = 1
 _MARKERS: dict[str, tuple[int, dict]] = {}
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """A model folder's ``weights_bytes``: the size of its files."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
 def write_marker(path: str | os.PathLike, marker: dict) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, json.dumps({**marker, "format": FORMAT}, indent=2) + "\n")

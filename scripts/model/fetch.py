@@ -36,7 +36,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import vllm_versions
-from formats.marker import write_marker
+from formats.marker import folder_bytes, write_marker
 
 
 class CheckError(Exception):
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         "architectures": architectures,
         "versions": found,
         # config warm.ready_timeout_s null: engines.ready_timeout of this size
-        "weights_bytes": sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file()),
+        "weights_bytes": folder_bytes(folder),
     }
     write_marker(args.marker, marker)
     return 0

@@ -11,11 +11,12 @@ import os
 import threading
 from pathlib import Path
 
-from engine import client, local, routing, supervisor
+from engine import client, local, routing, supervisor, vllm_server
 from formats import failure_note
 from formats import registry as registry_format
-from formats.marker import marker_field, marker_versions
+from formats.marker import folder_bytes, marker_field, marker_versions
 from model.prepare import engine_model, inference_python, offline_env, staged
+from pbs.settings import profile_in_use, run_info
 from placement import launcher, node_layout
 from rank import checks, task, warm
 from reporting import progress
@@ -85,7 +86,8 @@ class RankEngines:
         self._pool = None
         self._local = None
 
-    def pool(self, config: dict, model: str, marker=(), environ=os.environ):
+    def pool(self, config: dict, model: str, marker=(), environ=os.environ, go_file=None):
+        """``go_file``: the engines build their engine once it exists (`start_beside_fetch`)."""
         with self._lock:
             if self._pool is None:
                 spec_path = environ.get(supervisor.SPEC_VARIABLE)
@@ -93,7 +95,12 @@ class RankEngines:
                     spec = json.loads(Path(spec_path).read_text())
                     self._pool = routing.RegistryPool.for_job(spec, environ)
                 else:
-                    self._local = local.LocalService(local_spec(config, model, marker))
+                    spec = local_spec(config, model, marker)
+                    if go_file:  # no marker yet: the folder's size for the ready timeout
+                        go = {vllm_server.GO_FILE_VARIABLE: os.path.abspath(go_file)}
+                        spec["env"] = spec["env"] | go
+                        spec["weights_bytes"] = folder_bytes(model)
+                    self._local = local.LocalService(spec)
                     atexit.register(self._local.stop)
                     self._pool = self._local.start()
             return self._pool
@@ -110,6 +117,26 @@ class RankEngines:
 
 
 ENGINES = RankEngines()
+
+
+def start_beside_fetch(workflow, config: dict, model: str, marker: str) -> bool:
+    """Rule fetch_model of a local run of warm in-process engines on a model folder:
+    start the engines now, beside the rule (True). Each imports vLLM and parses its
+    command line meanwhile, and builds its engine once the rule's marker exists, its
+    checks passed and its model-info cache written; a config the rule refuses loads no
+    model (the run's onerror stops them). Hub models (their folder is the rule's to
+    find), vLLM's own server and PBS runs start their engines after the rule, as before."""
+    if (
+        config["engine"] != "vllm"
+        or not config["warm_engines"]
+        or config["warm"]["server"] != "inprocess"
+        or not os.path.isdir(model)
+        or os.environ.get(supervisor.SPEC_VARIABLE)
+        or profile_in_use(run_info(workflow).configfiles)
+    ):
+        return False
+    ENGINES.pool(config, model, go_file=marker)
+    return True
 
 
 def stop_engines() -> None:
