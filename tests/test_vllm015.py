@@ -30,6 +30,7 @@ from test_workflow_local import processes_in
 from workflow import (
     REPO,
     TINY_MODEL,
+    assert_engines_loaded_no_model,
     local_config,
     make_workdir,
     probe_result,
@@ -190,10 +191,7 @@ def test_fetch_model_refuses_a_transformers5_tokenizer_on_vllm015(tmp_path, tran
     assert "names tokenizer class TokenizersBackend" in text
     assert "vLLM 0.15.0 and transformers 4.57.6" in text
     assert not (work / "logs" / "infer").exists()  # no rank started
-    # the engines started beside the rule loaded no model, and none is left
-    logs = list((work / "logs" / "engines").glob("local-*/*-tile*.log"))
-    assert logs and all("vllm_server: waiting for" in log.read_text() for log in logs)
-    assert not any("Initializing a V1 LLM engine" in log.read_text() for log in logs)
+    assert_engines_loaded_no_model(work)  # nor any engine a model
     assert processes_in(work) == []
     assert not list((work / "results" / "model").glob("*.json"))  # no marker
 

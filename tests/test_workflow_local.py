@@ -20,6 +20,7 @@ from workflow import (
     REPO,
     SNAKEMAKE,
     TINY_MODEL,
+    assert_engines_loaded_no_model,
     local_config,
     make_workdir,
     planned_ranks,
@@ -178,7 +179,8 @@ def test_an_engine_option_this_vllm_lacks_stops_the_run_before_any_rank(tmp_path
     assert "--no-such-option comes from config key vllm.engine_args" in text
     assert re.search(r"vLLM \d+\.\d+\S* does not accept", text)
     assert not (work / "logs" / "infer").exists()  # no rank started
-    assert not (work / "logs" / "engines").exists()  # nor any engine
+    assert_engines_loaded_no_model(work)  # nor any engine a model
+    assert processes_in(work) == []
 
 
 @pytest.mark.vllm

@@ -230,3 +230,11 @@ def read_records(path: Path) -> list[tuple[str, str]]:
         at += 2
         pairs.append((prompt, generated))
     return pairs
+
+
+def assert_engines_loaded_no_model(work: Path) -> None:
+    """A run that rule fetch_model stopped: the engines started beside it
+    (rank_job.start_beside_fetch) waited for its marker and loaded no model."""
+    logs = list((work / "logs" / "engines").glob("local-*/*-tile*.log"))
+    assert logs and all("vllm_server: waiting for" in log.read_text() for log in logs), logs
+    assert not any("Initializing a V1 LLM engine" in log.read_text() for log in logs)

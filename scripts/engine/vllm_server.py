@@ -189,6 +189,13 @@ class Engine:
         self._thread.join(timeout=10)
 
 
+def wait_for_file(path: str) -> None:
+    """Until ``path`` exists (the supervisor stops this process if it never comes)."""
+    print(f"vllm_server: waiting for {path}", file=sys.stderr, flush=True)
+    while not os.path.exists(path):
+        time.sleep(0.05)
+
+
 def main(argv: Sequence[str]) -> int:
     # Before vLLM is imported: the engine core in this process (as LLM.generate with it).
     # A per-rank engine (Engine) keeps the task's own setting.
@@ -198,16 +205,21 @@ def main(argv: Sequence[str]) -> int:
     except OSError as error:
         print(f"vllm_server: cannot listen: {error}", file=sys.stderr)
         return 1
-    args, engine_args = parse_args(argv)
-    vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
-    vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests
     go = os.environ.get(GO_FILE_VARIABLE)
+    try:
+        args, engine_args = parse_args(argv)
+        vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
+        vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests
+        if go:
+            import vllm.v1.engine.llm_engine  # noqa: F401  (the rest of the imports, meanwhile)
+    except BaseException:
+        # Started beside rule fetch_model: its own check names what is wrong (the same
+        # parser), so fail only if the rule passed (no restarts, no second message).
+        if go:
+            wait_for_file(go)
+        raise
     if go:
-        import vllm.v1.engine.llm_engine  # noqa: F401  (the rest of the imports, meanwhile)
-
-        print(f"vllm_server: waiting for {go}", file=sys.stderr, flush=True)
-        while not os.path.exists(go):  # stopped by the supervisor if it never comes
-            time.sleep(0.05)
+        wait_for_file(go)
     # The engine first: /health waits (the port is held, nothing answers) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)
 
