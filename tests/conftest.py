@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,8 @@ pytest_plugins = ["pbs_runs"]
 
 _REPO = Path(__file__).resolve().parent.parent
 _INSTALL_OPENPBS = _REPO / "scripts" / "tools" / "install-openpbs.sh"
+BUILD_MODEL = _REPO / "scripts" / "tools" / "build_model.py"
+PYTHON = sys.executable
 
 # Every process the tests start inherits this variable (engines, Snakemake, servers,
 # the test cluster's daemons): what still carries it when the session ends outlived
@@ -128,3 +131,23 @@ def pbs_cluster() -> Iterator[PbsCluster]:
             time.sleep(1)
         PBS_LEFTOVERS.update(jobs)
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The tiny OPT model in a scratch folder, built by scripts/tools/build_model.py
+    (idempotently): tests/test_infer.py and test_infer_vllm.py."""
+    dest = tmp_path_factory.mktemp("models") / "tiny-opt"
+    for attempt in ("built", "exists, left alone"):
+        res = subprocess.run(
+            [PYTHON, str(BUILD_MODEL), "tiny", str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert attempt in res.stderr
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (dest / name).is_file(), name
+    assert not [p for p in dest.parent.iterdir() if p.name != "tiny-opt"], "temp folder left"
+    return dest

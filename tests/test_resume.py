@@ -39,8 +39,9 @@ from rank import task
 from rank import checks
 from rank import warm
 
-url, rank_file, output = sys.argv[1:4]
-engine = types.SimpleNamespace(url=url, api_key=None, env={{}}, name="echo", log_path="echo.log")
+url, key, settings, rank_file, output = sys.argv[1:6]
+engine = types.SimpleNamespace(url=url, api_key=key or None, env={{}}, name="engine",
+                               log_path="engine.log")
 
 
 class OneEngine:
@@ -52,10 +53,11 @@ class OneEngine:
         raise SystemExit("the engine failed")
 
 
-settings = checks.parse_settings(json.dumps({{"engine": "echo", "model": "echo"}}))
+settings = checks.parse_settings(settings)
 print(warm.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
       flush=True)
 """
+ECHO_SETTINGS = {"engine": "echo", "model": "echo"}
 
 
 def engine_counts(engine: Engine) -> tuple[float, float]:
@@ -70,10 +72,14 @@ def engine_counts(engine: Engine) -> tuple[float, float]:
     return total("vllm:request_success_total"), total("vllm:num_requests_running")
 
 
-def rank_job(engine: Engine, rank_file: Path, output: Path) -> subprocess.Popen:
+def rank_job(
+    engine: Engine, rank_file: Path, output: Path, settings: dict = ECHO_SETTINGS
+) -> subprocess.Popen:
+    """The rank job in a child process (``engine``: its url and API key)."""
     code = RANK_JOB.format(scripts=str(SCRIPTS))
+    argv = [engine.url, engine.api_key or "", json.dumps(settings), str(rank_file), str(output)]
     return subprocess.Popen(
-        [PYTHON, "-c", code, engine.url, str(rank_file), str(output)],
+        [PYTHON, "-c", code, *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
