@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import console
 from engine import lifecycle
 from engine.routing import RegistryPool
 from engine.supervisor import listen_address
@@ -26,7 +27,6 @@ from formats.files import write_atomic
 from formats.registry import registry_dir, write_launcher_exit
 from placement import node_layout, tiles
 from placement.ports import api_port, free_base_port
-from reporting import console
 
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 

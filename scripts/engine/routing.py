@@ -18,12 +18,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import console
 from engine import client, lifecycle
 from engine.supervisor import job_hosts, spec_api_key, spec_ready_timeout
 from formats import registry as registry_format
 from formats.registry import engine_file, registry_dir
 from placement import node_layout
-from reporting import console
 
 # Seconds between the client's reads of the registry: while engines start or restart,
 # and once all have settled.

@@ -48,6 +48,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import console
 from engine import client, lifecycle, watchdog
 from formats import staged_model
 from formats.files import safe_name
@@ -63,7 +64,6 @@ from formats.registry import (
 )
 from placement import launcher, node_layout, tiles
 from placement.ports import engine_port, internal_ports, next_free_block
-from reporting import console
 
 SPEC_VARIABLE = "AURORA_ENGINES"
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")

@@ -30,6 +30,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import console
 from engine import client, lifecycle
 from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
 from engine.watchdog import end_with_job, job_gone
@@ -38,7 +39,6 @@ from formats.files import safe_name
 from formats.registry import LAUNCHER_EXIT, read_registry, registry_dir
 from placement import launcher, tiles
 from rank import layout as rank_files
-from reporting import console
 
 WATCHDOG = Path(lifecycle.__file__).with_name("watchdog.py")
 # Seconds a node's Snakemake has to end its ranks after a SIGTERM, before SIGKILL.

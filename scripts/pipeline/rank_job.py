@@ -12,10 +12,11 @@ import threading
 from pathlib import Path
 
 from engine import client, local, routing, supervisor
+from engine.settings import inference_python, offline_env
 from formats import failure_note
 from formats import registry as registry_format
 from formats.marker import marker_field, marker_versions
-from model.prepare import engine_model, inference_python, offline_env, staged
+from model.prepare import engine_model, staged
 from placement import launcher, node_layout
 from rank import checks, task, warm
 from reporting import progress

@@ -29,10 +29,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import console
 from formats import failure_note, registry
 from formats import record as rank_record
 from formats.failure_note import FAILED_DIR
-from reporting import console
 
 # ----------------------------------------------------------------------------- reading
 
