@@ -45,8 +45,8 @@ MAX_LINES = 600
 LONG_MODULES: dict[str, str] = {}
 
 # Modules outside scripts/formats/ that parse JSON, and what they parse (none of it a
-# rank record, an engine registry entry, a failure note, a model marker or partial
-# answers: those go through scripts/formats/).
+# rank record, an engine registry entry, a failure note, a model marker, partial
+# answers or an engine spec: those go through scripts/formats/).
 JSON_READERS = {
     "reporting.accounting": "logs/pbs/<job>.phases.json, written by itself (record_phases)",
     "reporting.progress": "its own memory between status rounds (load_memory)",
@@ -56,14 +56,12 @@ JSON_READERS = {
     "pbs.commands": "the submitting child's answer on a pipe",
     "pbs.settings": "the provider's settings (AURORA_PBS_SETTINGS)",
     "pbs.state": "the submission state, status.json (only the provider reads it)",
-    "pbs.node": "the engines' spec and the nodes' shares, written by pbs-submit",
+    "pbs.node": "the nodes' shares, written by pbs-submit",
     "model.fetch": "the model's config.json and its own command-line arguments",
     "model.stage": "its probe's answer and its settings file",
     "engine.echo_server": "request bodies",
     "engine.client": "engine answers",
-    "engine.supervisor": "the engines' spec, written by pbs-submit or a local run",
     "engine.vllm_versions": "the model's tokenizer_config.json",
-    "pipeline.rank_job": "the engines' spec of a PBS submission",
     "rank.jsonl": "the lines of a .jsonl rank file (user input)",
     "rank.checks": "the task's --settings",
     "dataset.cut": "a dataset's lines (user input) and its own manifest, ranks.json",

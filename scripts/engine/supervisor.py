@@ -1,8 +1,8 @@
 """The warm engines of one PBS submission (config warm_engines with profiles/aurora).
 
-pbs-submit writes ``<job>.engines.json`` (the spec) and ``<job>.nodes.json`` (each
-node's share of the ranks and the group job's Snakemake command) next to the job
-script and puts into that script, after the model is staged:
+pbs-submit writes ``<job>.engines.json`` (the spec, formats/engine_spec.py) and
+``<job>.nodes.json`` (each node's share of the ranks and the group job's Snakemake
+command) next to the job script and puts into that script, after the model is staged:
 
     python supervisor.py launch SPEC &     ONE launcher call starts every engine of the job
     python supervisor.py stop SPEC         at exit: engines down, the launcher ended
@@ -50,7 +50,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 
 import console
 from engine import client, lifecycle, watchdog
-from formats import staged_model
+from formats import engine_spec, staged_model
 from formats.files import safe_name
 from formats.registry import (
     LAUNCHER_EXIT,
@@ -238,7 +238,7 @@ def node(
 
     ``lifeline``: standard input is a pipe from the owner (a local run's Snakemake):
     end of file, even after a SIGKILL of the owner, stops the engines."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     registry = registry_dir(spec, job_id)
     host = tiles.this_host(hosts, environ)
     index, count = tiles.local_rank(environ)
@@ -372,7 +372,7 @@ def forward_signals(process: subprocess.Popen) -> None:
 
 def launch(spec_path: str, environ=os.environ) -> int:
     """The one launcher call of the submission; runs until the engines end."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     job_id, hosts = job_hosts(environ)
     registry = registry_dir(spec, job_id)
     registry.mkdir(parents=True, exist_ok=True)
@@ -404,7 +404,7 @@ def launch(spec_path: str, environ=os.environ) -> int:
 def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     """Ask every engine of the job to stop; wait for them (at most ``grace`` s), then
     end the launcher."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     job_id = environ.get("PBS_JOBID", "")
     registry = registry_dir(spec, job_id)
     if not registry.is_dir():

@@ -37,6 +37,7 @@ from pathlib import Path
 from formats.files import safe_name, write_atomic
 
 FORMAT = 1
+REGISTRY_ROOT = "logs/engines"  # the run's registry root, under the working folder
 STOP_FILE = "stop"
 LAUNCHER_EXIT = "launcher.exit"
 LAUNCHER_PID = "launcher.pid"

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from engine.settings import engine_check_argv, inference_python, offline_env
 from formats import staged_model
-from formats.marker import marker_field
 from formats.workflow_config import ConfigError
 
 
@@ -89,11 +88,6 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
         cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
         raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
-
-
-def engine_model(config: dict, model: str, marker) -> str:
-    """The folder (or id) the engine loads: the one rule fetch_model found, else ``model``."""
-    return marker_field(marker, "path") if marker else model
 
 
 def staged(config: dict, model: str, environ=os.environ):

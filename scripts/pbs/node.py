@@ -34,7 +34,7 @@ import console
 from engine import client, lifecycle
 from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
 from engine.watchdog import end_with_job, job_gone
-from formats import failure_note, faults, node_report
+from formats import engine_spec, failure_note, faults, node_report
 from formats.files import safe_name
 from formats.registry import LAUNCHER_EXIT, read_registry, registry_dir
 from placement import launcher, tiles
@@ -95,7 +95,7 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     """The job's ranks: ONE launcher call (config node_launcher) runs ``ranks-node`` on
     every node; fails unless every node with ranks reported success."""
     spec_path, nodes_path = os.path.abspath(spec_path), os.path.abspath(nodes_path)
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     nodes = json.loads(Path(nodes_path).read_text())
     job_id, hosts = job_hosts(environ)
     registry = registry_dir(spec, job_id)
@@ -192,7 +192,7 @@ def ranks_node(
 ) -> int:
     """This node's Snakemake: its share of the job's ranks, as threads, against this
     node's engines only, on CPUs no engine is bound to (config tiles.cpu_bind)."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     nodes = json.loads(Path(nodes_path).read_text())
     host = tiles.this_host(hosts, environ)
     share = node_share(nodes, hosts.index(host), len(hosts))

@@ -14,10 +14,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from formats.registry import REGISTRY_ROOT
+
 SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
 STATE_DIR = ".snakemake/pbs"
 LOG_DIR = "logs/pbs"
-REGISTRY_ROOT = "logs/engines"  # scripts/engine/supervisor.py's registry (rank_job.engine_spec)
 FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/reporting/progress.py)
 QUERY_TIMEOUT = 60  # seconds for one qstat (or qsub) call
 PROGRESS_LOG = "logs/progress.log"  # the progress lines of the terminal, with times
