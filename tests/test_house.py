@@ -9,12 +9,15 @@
 - (d) only scripts/formats/ parses the files the parts share: json.load(s) elsewhere
   only in the modules of JSON_READERS, each for a file of its own;
 - (e) a runnable module puts scripts/ on sys.path (its ``if __package__`` preamble)
-  before it imports any of scripts/' packages.
+  before it imports any of scripts/' packages;
+- (f) a folder name or state word of a shared format is spelled by its owner only
+  (OWNED_NAMES, OWNED_WORDS): the others take the owner's constant.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +53,6 @@ LONG_MODULES: dict[str, str] = {}
 JSON_READERS = {
     "reporting.accounting": "logs/pbs/<job>.phases.json, written by itself (record_phases)",
     "reporting.progress": "its own memory between status rounds (load_memory)",
-    "reporting.summary": "logs/pbs/<job>.failed.json, a preflight's failure (model/stage.py)",
     "pbs.parse": "qstat -F json output",
     "pbs.submission": "the job script's Snakemake properties line",
     "pbs.commands": "the submitting child's answer on a pipe",
@@ -309,3 +311,89 @@ def test_preamble_check_sees_a_late_preamble(tmp_path):
         "if __name__ == '__main__':\n    pass\n"
     )
     assert preamble_problem(late) == "line 2: imports formats before the preamble"
+
+
+# The folder and file names of the shared formats, and the registry's state words: each
+# spelled (as a string of code; docstrings and comments aside) by its owner only, the
+# module that writes and reads it. Others take its constant or function.
+OWNED_NAMES = {  # spelled anywhere in a string
+    "logs/engines": "formats.registry",
+    "logs/infer/failed": "formats.failure_note",
+    "/records": "formats.record",
+    "records/": "formats.record",
+    ".engines.json": "formats.engine_spec",
+    ".failed.json": "formats.preflight_failure",
+}
+OWNED_WORDS = {  # a whole string
+    "records": "formats.record",
+    "starting": "formats.registry",
+    "ready": "formats.registry",
+    "restarting": "formats.registry",
+    "stopped": "formats.registry",
+    "failed": "formats.registry",
+}
+# Modules that spell a word for a thing of their own, not the owner's: (module, word) -> why.
+OWN_MEANINGS = {
+    ("pbs.parse", "failed"): "a PBS job's end (pbs.parse.FAILED, the submission state)",
+    ("model.stage", "failed"): "a node's preflight note, a file of model/stage.py's own",
+}
+WORKFLOW_FILES = [SCRIPTS.parent / "Snakefile", *sorted((SCRIPTS.parent / "rules").glob("*.smk"))]
+
+
+def code_strings(path: Path) -> list[str]:
+    """The strings of a module's code (f-strings' literal parts too), docstrings aside."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+def workflow_strings(path: Path) -> list[str]:
+    """The quoted strings of a Snakemake file, comments aside."""
+    lines = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
+    return re.findall(r"\"([^\"\n]*)\"|'([^'\n]*)'", "\n".join(lines))
+
+
+def misspelt(name: str, strings: list[str]) -> list[str]:
+    """The owned names and words that ``name`` (a module, or a workflow file) spells but
+    does not own."""
+    found = set()
+    for text in strings:
+        found |= {n for n, owner in OWNED_NAMES.items() if n in text and owner != name}
+        owner = OWNED_WORDS.get(text)
+        if owner is not None and owner != name and (name, text) not in OWN_MEANINGS:
+            found.add(text)
+    return sorted(found)
+
+
+def test_each_folder_name_and_state_word_is_spelled_by_its_owner_only():
+    problems = {name: misspelt(name, code_strings(path)) for name, path in MODULES.items()}
+    for path in WORKFLOW_FILES:
+        strings = ["".join(pair) for pair in workflow_strings(path)]
+        problems[path.name] = misspelt(path.name, strings)
+    assert {name: words for name, words in problems.items() if words} == {}
+
+
+def test_owned_names_are_found_in_code_and_not_in_docstrings(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        '"""Writes logs/engines/."""\n\n\ndef f():\n    """ready"""\n'
+        '    return f"{x}/records/{y}", "ready", "logs/infer/failed"\n'
+    )
+    assert misspelt("m", code_strings(module)) == [
+        "/records",
+        "logs/infer/failed",
+        "ready",
+        "records/",
+    ]
+    assert misspelt("formats.registry", ["ready", "logs/engines"]) == []

@@ -36,7 +36,7 @@ from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
 from engine.watchdog import end_with_job, job_gone
 from formats import engine_spec, failure_note, faults, node_report
 from formats.files import safe_name
-from formats.registry import LAUNCHER_EXIT, read_registry, registry_dir
+from formats.registry import LAUNCHER_EXIT, READY, UP, read_registry, registry_dir
 from placement import launcher, tiles
 from rank import layout as rank_files
 
@@ -45,8 +45,6 @@ WATCHDOG = Path(lifecycle.__file__).with_name("watchdog.py")
 STOP_GRACE_S = 20.0
 # New Snakemakes for a node whose Snakemake died (config warm.node_restarts).
 NODE_RESTARTS = 2
-# States of an engine that may still serve ranks (formats/registry.py).
-ENGINE_UP = ("starting", "ready", "restarting")
 
 
 def _log(message: str) -> None:
@@ -180,9 +178,9 @@ def engines_alive(spec: Mapping, job_id: str, host: str) -> bool:
         return False
     prefix = f"{safe_name(host)}-tile"
     for name, entry in read_registry(registry).items():
-        if not name.startswith(prefix) or entry.get("state") not in ENGINE_UP:
+        if not name.startswith(prefix) or entry.get("state") not in UP:  # it may still serve ranks
             continue
-        if entry["state"] != "ready" or client.health(entry.get("url", ""), timeout=5.0):
+        if entry["state"] != READY or client.health(entry.get("url", ""), timeout=5.0):
             return True
     return False
 

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
-from formats import engine_spec
+from formats import engine_spec, preflight_failure
 from formats import marker as model_marker
+from formats import record as rank_record
 from rank import layout as rank_files
 
 from .plan import (
@@ -489,7 +490,7 @@ def budget_problem(settings: Mapping, plan: Plan) -> str | None:
     asks = plan.nodes * (accounting.walltime_hours(plan.walltime) or 0.0)
     if spent + asks <= budget:
         return None
-    records = Path(settings["results_dir"], "records")
+    records = rank_record.records_dir(settings["results_dir"])
     done = len(list(records.glob("*.json"))) if records.is_dir() else 0
     ranks = len(rank_files.discover_ranks(settings["data_dir"]))
     return (
@@ -533,7 +534,7 @@ def submit(
         raise SubmitError(problem)
     script = log_dir / f"{plan.name}.sh"
     stage_file = engines_file = None
-    failure_file = log_dir / f"{plan.name}.failed.json"
+    failure_file = preflight_failure.failure_file(log_dir, plan.name)
     failure_file.unlink(missing_ok=True)  # an earlier run's
     if (settings.get("stage") and settings.get("model")) or runs_preflight(settings):
         stage_file = log_dir / f"{plan.name}.stage.json"

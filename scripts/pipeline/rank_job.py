@@ -114,10 +114,10 @@ def engine_states(config: dict):
         if registry is None:
             return 0, per_node, "starting: the ranks wait for them to load the model"
         entries = registry_format.read_registry(registry).values()
-        ready = sum(1 for e in entries if e.get("state") == "ready")
-        starting = [e for e in entries if e.get("state") in ("starting", "restarting")]
+        ready = sum(1 for e in entries if e.get("state") == registry_format.READY)
+        starting = [e for e in entries if e.get("state") in registry_format.COMING]
         trouble = [f"{e['name']} {e['state']} ({e['log']})" for e in entries
-                   if e.get("state") not in ("ready", "starting", "restarting")]  # fmt: skip
+                   if e.get("state") not in registry_format.UP]  # fmt: skip
         if starting and not ready:
             trouble.append(
                 f"{len(starting)} starting: the ranks wait for them to load the model; "
