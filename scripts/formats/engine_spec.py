@@ -68,12 +68,14 @@ def from_config(config: Mapping, vllm: Mapping, env: Mapping) -> dict:
     }
 
 
-def with_model(spec: Mapping, model: Mapping, *, stage: bool, stage_dir: str, python: str) -> dict:
-    """``spec`` with the model the engines load: ``model``, what they take of the model
-    marker (formats/marker.py engine_fields: the folder, "" for the echo engine, the
-    versions and the size); whether they load a node-local copy, and the Python that
-    runs them."""
-    fields = dict(model)
+def with_model(
+    spec: Mapping, marker_fields: Mapping, *, stage: bool, stage_dir: str, python: str
+) -> dict:
+    """``spec`` with the model the engines load: ``marker_fields``, what they take of the
+    model marker (formats/marker.py engine_fields: the folder, "" here for the echo
+    engine, the versions and the size); whether they load a node-local copy, and the
+    Python that runs them."""
+    fields = dict(marker_fields)
     if spec["engine"] == "echo":
         fields["model"] = ""
     return {**spec, **fields, "stage": stage, "stage_dir": stage_dir, "python": python}
