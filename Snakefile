@@ -16,6 +16,7 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
 from formats import workflow_config  # noqa: E402
+from formats import record as rank_record  # noqa: E402
 from dataset import bill, cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
@@ -30,6 +31,7 @@ validate(config, "config/schema.yaml")
 
 DATASET = source.dataset_of(config)  # None: rank files in data_dir
 DATA, RESULTS = source.folders(config, DATASET)
+RECORDS = f"{RESULTS}/{rank_record.FOLDER}"  # the rank records: <RECORDS>/<rank>.json
 # rank -> its .in or .jsonl (a dataset's: as far as its last cut knows them)
 RANK_FILES = (
     cut.known_rank_files(DATASET, DATA) if DATASET else layout.discover_rank_files(DATA)
@@ -104,7 +106,7 @@ rule infer:
         model=ancient(MODEL_MARKER),
     output:
         out=f"{RESULTS}/{{rank}}.out",
-        record=f"{RESULTS}/records/{{rank}}.json",
+        record=f"{RECORDS}/{{rank}}.json",
     log:
         "logs/infer/{rank}.log",
     group:
@@ -128,7 +130,7 @@ use rule infer as infer_jsonl with:
         model=ancient(MODEL_MARKER),
     output:
         out=f"{RESULTS}/{{rank}}.jsonl",
-        record=f"{RESULTS}/records/{{rank}}.json",
+        record=f"{RECORDS}/{{rank}}.json",
 
 
 rule summary:
@@ -150,18 +152,14 @@ rule summary:
 
 onsuccess:
     rank_job.stop_engines()
-    summary.print_run_summary(
-        f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
-    )
+    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=config)
     bill.print_against_spending(config, RESULTS, cut.ranks_now(DATA, RANKS))
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summary.print_run_summary(
-        f"{RESULTS}/records", cut.ranks_now(DATA, RANKS), config=config
-    )
+    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=config)
     summary.report_failures(
         cut.ranks_now(DATA, RANKS), RESULTS, "logs/infer/{rank}.log"
     )

@@ -1,4 +1,4 @@
-"""Lines on stderr stay whole beside Snakemake's own output (scripts/reporting/console.py)."""
+"""Lines on stderr stay whole beside Snakemake's own output (scripts/console.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import pytest
 from snakemake.logging import ColorizingTextHandler
 
-from reporting import console
+import console
 
 SNAKEMAKE_LINE = "Select jobs to execute..."
 OUR_LINE = "progress 0:01 | ranks 13/17 done, 1 failed | 57 tok/s | ETA < 1 min"

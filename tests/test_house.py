@@ -2,37 +2,35 @@
 
 - (a) the import graph of scripts/ has no circle (module-level and function-level
   imports alike);
-- (b) no module imports from a layer above its own (LAYERS, bottom up as in the
-  README's layout: formats < placement, rank input side < engine < rank task side,
-  model < pbs, reporting < pipeline < tools);
+- (b) no module imports from a layer above its own (LAYERS, one layer per package,
+  bottom up as in the README's layout: formats, console < placement < engine < rank,
+  model < pbs, reporting < pipeline, dataset < tools);
 - (c) no module is over MAX_LINES lines;
 - (d) only scripts/formats/ parses the files the parts share: json.load(s) elsewhere
   only in the modules of JSON_READERS, each for a file of its own;
 - (e) a runnable module puts scripts/ on sys.path (its ``if __package__`` preamble)
-  before it imports any of scripts/' packages.
+  before it imports any of scripts/' packages;
+- (f) a folder name or state word of a shared format is spelled by its owner only
+  (OWNED_NAMES, OWNED_WORDS): the others take the owner's constant.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
-# Layer of each package, or of a module where a package spans two layers.
+# Layer of each package (a module of scripts/ outside a package counts as one).
 LAYERS = {
     "formats": 1,
-    # A line on stderr, whole (reporting/console.py): imports nothing, used at every layer.
-    "reporting.console": 1,
+    "console": 1,  # a line on stderr, whole (scripts/console.py): used at every layer
     "placement": 2,
-    # The rank's input side: rank files, prompts, request lines.
-    "rank.layout": 2,
-    "rank.prompts": 2,
-    "rank.jsonl": 2,
     "engine": 3,
-    "rank": 4,  # the task side: task, checks, offline, warm, answer_files
+    "rank": 4,
     "model": 4,
     "pbs": 5,
     "reporting": 5,
@@ -50,25 +48,22 @@ MAX_LINES = 600
 LONG_MODULES: dict[str, str] = {}
 
 # Modules outside scripts/formats/ that parse JSON, and what they parse (none of it a
-# rank record, an engine registry entry, a failure note, a model marker or partial
-# answers: those go through scripts/formats/).
+# rank record, an engine registry entry, a failure note, a model marker, partial
+# answers or an engine spec: those go through scripts/formats/).
 JSON_READERS = {
     "reporting.accounting": "logs/pbs/<job>.phases.json, written by itself (record_phases)",
     "reporting.progress": "its own memory between status rounds (load_memory)",
-    "reporting.summary": "logs/pbs/<job>.failed.json, a preflight's failure (model/stage.py)",
     "pbs.parse": "qstat -F json output",
     "pbs.submission": "the job script's Snakemake properties line",
     "pbs.commands": "the submitting child's answer on a pipe",
     "pbs.settings": "the provider's settings (AURORA_PBS_SETTINGS)",
     "pbs.state": "the submission state, status.json (only the provider reads it)",
-    "pbs.node": "the engines' spec and the nodes' shares, written by pbs-submit",
+    "pbs.node": "the nodes' shares, written by pbs-submit",
     "model.fetch": "the model's config.json and its own command-line arguments",
     "model.stage": "its probe's answer and its settings file",
     "engine.echo_server": "request bodies",
     "engine.client": "engine answers",
-    "engine.supervisor": "the engines' spec, written by pbs-submit or a local run",
     "engine.vllm_versions": "the model's tokenizer_config.json",
-    "pipeline.rank_job": "the engines' spec of a PBS submission",
     "rank.jsonl": "the lines of a .jsonl rank file (user input)",
     "rank.checks": "the task's --settings",
     "dataset.cut": "a dataset's lines (user input) and its own manifest, ranks.json",
@@ -316,3 +311,89 @@ def test_preamble_check_sees_a_late_preamble(tmp_path):
         "if __name__ == '__main__':\n    pass\n"
     )
     assert preamble_problem(late) == "line 2: imports formats before the preamble"
+
+
+# The folder and file names of the shared formats, and the registry's state words: each
+# spelled (as a string of code; docstrings and comments aside) by its owner only, the
+# module that writes and reads it. Others take its constant or function.
+OWNED_NAMES = {  # spelled anywhere in a string
+    "logs/engines": "formats.registry",
+    "logs/infer/failed": "formats.failure_note",
+    "/records": "formats.record",
+    "records/": "formats.record",
+    ".engines.json": "formats.engine_spec",
+    ".failed.json": "formats.preflight_failure",
+}
+OWNED_WORDS = {  # a whole string
+    "records": "formats.record",
+    "starting": "formats.registry",
+    "ready": "formats.registry",
+    "restarting": "formats.registry",
+    "stopped": "formats.registry",
+    "failed": "formats.registry",
+}
+# Modules that spell a word for a thing of their own, not the owner's: (module, word) -> why.
+OWN_MEANINGS = {
+    ("pbs.parse", "failed"): "a PBS job's end (pbs.parse.FAILED, the submission state)",
+    ("model.stage", "failed"): "a node's preflight note, a file of model/stage.py's own",
+}
+WORKFLOW_FILES = [SCRIPTS.parent / "Snakefile", *sorted((SCRIPTS.parent / "rules").glob("*.smk"))]
+
+
+def code_strings(path: Path) -> list[str]:
+    """The strings of a module's code (f-strings' literal parts too), docstrings aside."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                docstrings.add(id(body[0].value))
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+    ]
+
+
+def workflow_strings(path: Path) -> list[str]:
+    """The quoted strings of a Snakemake file, comments aside."""
+    lines = [line.split("#", 1)[0] for line in path.read_text().splitlines()]
+    return re.findall(r"\"([^\"\n]*)\"|'([^'\n]*)'", "\n".join(lines))
+
+
+def misspelt(name: str, strings: list[str]) -> list[str]:
+    """The owned names and words that ``name`` (a module, or a workflow file) spells but
+    does not own."""
+    found = set()
+    for text in strings:
+        found |= {n for n, owner in OWNED_NAMES.items() if n in text and owner != name}
+        owner = OWNED_WORDS.get(text)
+        if owner is not None and owner != name and (name, text) not in OWN_MEANINGS:
+            found.add(text)
+    return sorted(found)
+
+
+def test_each_folder_name_and_state_word_is_spelled_by_its_owner_only():
+    problems = {name: misspelt(name, code_strings(path)) for name, path in MODULES.items()}
+    for path in WORKFLOW_FILES:
+        strings = ["".join(pair) for pair in workflow_strings(path)]
+        problems[path.name] = misspelt(path.name, strings)
+    assert {name: words for name, words in problems.items() if words} == {}
+
+
+def test_owned_names_are_found_in_code_and_not_in_docstrings(tmp_path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        '"""Writes logs/engines/."""\n\n\ndef f():\n    """ready"""\n'
+        '    return f"{x}/records/{y}", "ready", "logs/infer/failed"\n'
+    )
+    assert misspelt("m", code_strings(module)) == [
+        "/records",
+        "logs/infer/failed",
+        "ready",
+        "records/",
+    ]
+    assert misspelt("formats.registry", ["ready", "logs/engines"]) == []

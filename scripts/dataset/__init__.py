@@ -10,5 +10,7 @@ of ``dataset.rank_size`` requests and answered in one file, ``results/<name>.jso
 - `bill`: the estimate of a run's node-hours before any qsub, from the history of earlier
   runs (formats/history.py), and the budget.
 
-Imports formats/ and rank/ (the line checks of rank/jsonl.py); pyarrow only for Parquet.
+May import formats/, rank/ (the line checks of rank/jsonl.py), reporting/ (the bill from
+the accounting) and pbs/; pyarrow only for Parquet. The Snakefile's dataset rules import
+it.
 """

@@ -9,7 +9,6 @@ file; the ranks route through the same pool (engine/routing.py) as in a submissi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import subprocess
@@ -19,14 +18,14 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import console
 from engine import lifecycle
 from engine.routing import RegistryPool
 from engine.supervisor import listen_address
-from formats.files import write_atomic
+from formats import engine_spec
 from formats.registry import registry_dir, write_launcher_exit
 from placement import node_layout, tiles
 from placement.ports import api_port, free_base_port
-from reporting import console
 
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
@@ -60,8 +59,8 @@ class LocalService:
 
     def start(self) -> RegistryPool:
         self.registry.mkdir(parents=True, exist_ok=True)
-        root = self.registry.parent
-        key_file = root / f"{self.run_id}.key"
+        spec_path = engine_spec.spec_path(self.registry.parent, self.run_id)
+        key_file = engine_spec.key_path(spec_path)
         lifecycle.write_key_file(key_file, lifecycle.new_api_key())
         placement = self.spec["tiles"]
         slots = node_layout.engine_slots(placement["per_node"], placement["per_job"], self.host)
@@ -81,8 +80,7 @@ class LocalService:
         )
         placement = self.spec["tiles"] | {"base_port": base}
         spec = self.spec | {"api_key_file": str(key_file), "tiles": placement}
-        spec_path = root / f"{self.run_id}.engines.json"
-        write_atomic(spec_path, json.dumps(spec))
+        engine_spec.write_spec(spec_path, spec)
         argv = [sys.executable, str(SUPERVISOR), "node", str(spec_path)]
         argv += [self.run_id, self.host, "--lifeline"]
         # Launchers' local-rank variables would give this one process a share of the node.

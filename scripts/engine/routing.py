@@ -18,12 +18,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import console
 from engine import client, lifecycle
 from engine.supervisor import job_hosts, spec_api_key, spec_ready_timeout
 from formats import registry as registry_format
-from formats.registry import engine_file, registry_dir
+from formats.registry import FAILED, READY, STARTING, STOPPED, engine_file, registry_dir
 from placement import node_layout
-from reporting import console
 
 # Seconds between the client's reads of the registry: while engines start or restart,
 # and once all have settled.
@@ -53,7 +53,7 @@ class _Remote:
     engine: RemoteEngine | None = None
     # starting, checking (reported ready, identity not yet proved), ready, suspect,
     # restarting, failed, stopped
-    state: str = "starting"
+    state: str = STARTING
     in_flight: int = 0
     suspect_since: float = 0.0
     proved: tuple | None = None  # (url, engine id) whose identity this pool checked
@@ -148,7 +148,7 @@ class RegistryPool:
         now = self.clock()
         # Once every engine has settled, the registry is read rarely: at 3,072 engines
         # a read is thousands of stat calls on the shared file system.
-        settled = all(m.state in ("ready", "failed", "stopped") for m in self.members.values())
+        settled = all(m.state in (READY, FAILED, STOPPED) for m in self.members.values())
         if now - self._read_at < (SETTLED_REFRESH_S if settled else REFRESH_S):
             return
         self._read_at = now
@@ -186,9 +186,9 @@ class RegistryPool:
             console.say(f"engines: {conflict}")
         member.conflicts_told = len(conflicts)
         state = record["state"]
-        if member.state == "suspect" and state == "ready" and record["time"] < member.suspect_since:
+        if member.state == "suspect" and state == READY and record["time"] < member.suspect_since:
             return  # the report predates the failure: wait for the restart's report
-        if state == "ready" and member.proved != (member.engine.url, member.engine.engine_id):
+        if state == READY and member.proved != (member.engine.url, member.engine.engine_id):
             state = "checking"  # identity first (_probe)
         if state != member.state:
             self._progress_at = self.clock()
@@ -200,7 +200,7 @@ class RegistryPool:
         logs = [
             m.engine.log_path if m.engine else str(self.registry / f"{m.file}.log")
             for m in self.members.values()
-            if m.state != "ready"
+            if m.state != READY
         ]
         return f"{what}; engine logs: {', '.join(logs[:3])}" + (
             f" and {len(logs) - 3} more in {self.registry}" if len(logs) > 3 else ""
@@ -208,9 +208,9 @@ class RegistryPool:
 
     def _pick(self) -> _Remote | None:
         self._refresh()
-        ready = [m for m in self.members.values() if m.state == "ready"]
+        ready = [m for m in self.members.values() if m.state == READY]
         if not ready:
-            if all(m.state in ("failed", "stopped") for m in self.members.values()):
+            if all(m.state in (FAILED, STOPPED) for m in self.members.values()):
                 raise client.EngineUnavailable(
                     self._failure(f"every engine of {self.scope} failed")
                 )
@@ -267,7 +267,7 @@ class RegistryPool:
         with self._cond:
             for member in self.members.values():
                 same = member.engine is not None and member.engine.name == engine.name
-                if same and member.state == "ready":
+                if same and member.state == READY:
                     member.state = "suspect"
                     member.suspect_since = time.time()
                     self._start_probe(member)
@@ -291,7 +291,7 @@ class RegistryPool:
             with self._cond:
                 if answer.ours and member.engine is engine:
                     if member.state in ("checking", "suspect"):
-                        member.state = "ready"
+                        member.state = READY
                         member.proved = (engine.url, engine.engine_id)
                         self._progress_at = self.clock()
                         self._cond.notify_all()

@@ -1,8 +1,8 @@
 """The warm engines of one PBS submission (config warm_engines with profiles/aurora).
 
-pbs-submit writes ``<job>.engines.json`` (the spec) and ``<job>.nodes.json`` (each
-node's share of the ranks and the group job's Snakemake command) next to the job
-script and puts into that script, after the model is staged:
+pbs-submit writes ``<job>.engines.json`` (the spec, formats/engine_spec.py) and
+``<job>.nodes.json`` (each node's share of the ranks and the group job's Snakemake
+command) next to the job script and puts into that script, after the model is staged:
 
     python supervisor.py launch SPEC &     ONE launcher call starts every engine of the job
     python supervisor.py stop SPEC         at exit: engines down, the launcher ended
@@ -48,13 +48,20 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import console
 from engine import client, lifecycle, watchdog
-from formats import staged_model
+from formats import engine_spec, staged_model
 from formats.files import safe_name
 from formats.registry import (
+    ENDED,
+    FAILED,
     LAUNCHER_EXIT,
     LAUNCHER_PID,
+    READY,
+    RESTARTING,
+    STARTING,
     STOP_FILE,
+    STOPPED,
     engine_file,
     read_registry,
     registry_dir,
@@ -63,7 +70,6 @@ from formats.registry import (
 )
 from placement import launcher, node_layout, tiles
 from placement.ports import engine_port, internal_ports, next_free_block
-from reporting import console
 
 SPEC_VARIABLE = "AURORA_ENGINES"
 ECHO_SERVER = Path(__file__).with_name("echo_server.py")
@@ -210,7 +216,7 @@ class _Supervised:
     path: Path
     slot: node_layout.Slot
     base_port: int  # the engine's block (placement.ports)
-    state: str = "starting"
+    state: str = STARTING
     busy: bool = False  # a thread is starting it
     # what took its ports, for its registry entry ("port_conflicts") and the run's output
     conflicts: list[str] = field(default_factory=list)
@@ -238,7 +244,7 @@ def node(
 
     ``lifeline``: standard input is a pipe from the owner (a local run's Snakemake):
     end of file, even after a SIGKILL of the owner, stops the engines."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     registry = registry_dir(spec, job_id)
     host = tiles.this_host(hosts, environ)
     index, count = tiles.local_rank(environ)
@@ -279,7 +285,7 @@ def node(
             while True:
                 try:
                     if restart:
-                        report(member, "restarting")
+                        report(member, RESTARTING)
                         seconds = engine.restart(ready_s)
                     else:
                         engine.start()
@@ -289,11 +295,11 @@ def node(
                 except lifecycle.PortTaken as error:
                     _move(member, error)
                     restart = True
-            state, extra = "ready", {"ready_s": round(seconds, 3)}
+            state, extra = READY, {"ready_s": round(seconds, 3)}
         # Whatever it was: an engine left "starting" would never be restarted.
         except Exception as error:
             engine.stop()
-            state, extra = "failed", {"error": str(error)[:2000]}
+            state, extra = FAILED, {"error": str(error)[:2000]}
             if reason := does_not_fit(engine.log_path):
                 # The node's other engines run the same model on the same tiles: they
                 # fail the same way. Stop them now rather than at their ready timeout.
@@ -312,7 +318,7 @@ def node(
         threading.Thread(target=bring_up, args=(member, restart), daemon=True).start()
 
     for member in members:
-        report(member, "starting")
+        report(member, STARTING)
         launch(member, restart=False)
     stop_file = registry / STOP_FILE
     while not stopping.wait(NODE_POLL_S):
@@ -320,10 +326,10 @@ def node(
             break
         with lock:
             for member in members:
-                if member.state == "ready" and not member.busy and not member.engine.alive():
+                if member.state == READY and not member.busy and not member.engine.alive():
                     if member.engine.restarts >= member.engine.max_restarts:
-                        member.state = "failed"
-                        report(member, "failed", error="exited")
+                        member.state = FAILED
+                        report(member, FAILED, error="exited")
                     else:
                         _log(f"{member.engine.name} exited; restarting it")
                         launch(member, restart=True)
@@ -337,12 +343,12 @@ def node(
         # A failed engine's entry keeps its error; nothing is written after the job's end.
         if watchdog.job_gone(environ):
             continue
-        if fatal and member.state != "failed":
+        if fatal and member.state != FAILED:
             # failed, not stopped: the ranks' pool gives up once every engine has failed.
-            member.state = "failed"
-            report(member, "failed", error=fatal[0], cause="does_not_fit")
-        elif member.state != "failed":
-            report(member, "stopped")
+            member.state = FAILED
+            report(member, FAILED, error=fatal[0], cause="does_not_fit")
+        elif member.state != FAILED:
+            report(member, STOPPED)
     _log(f"{host}: engines stopped" + (f": {fatal[0]}" if fatal else ""))
     return 1 if fatal else 0
 
@@ -372,7 +378,7 @@ def forward_signals(process: subprocess.Popen) -> None:
 
 def launch(spec_path: str, environ=os.environ) -> int:
     """The one launcher call of the submission; runs until the engines end."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     job_id, hosts = job_hosts(environ)
     registry = registry_dir(spec, job_id)
     registry.mkdir(parents=True, exist_ok=True)
@@ -404,7 +410,7 @@ def launch(spec_path: str, environ=os.environ) -> int:
 def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     """Ask every engine of the job to stop; wait for them (at most ``grace`` s), then
     end the launcher."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     job_id = environ.get("PBS_JOBID", "")
     registry = registry_dir(spec, job_id)
     if not registry.is_dir():
@@ -419,7 +425,7 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     while time.monotonic() < deadline:
         states = [entry.get("state") for entry in read_registry(registry).values()]
         # No node process is left to report once the launcher has ended.
-        if all(s in ("stopped", "failed") for s in states) or (registry / LAUNCHER_EXIT).exists():
+        if all(s in ENDED for s in states) or (registry / LAUNCHER_EXIT).exists():
             break
         time.sleep(0.5)
     pid_file = registry / LAUNCHER_PID
@@ -428,7 +434,7 @@ def stop(spec_path: str, environ=os.environ, grace: float = 60.0) -> int:
     left = [
         entry.get("name", name)
         for name, entry in read_registry(registry).items()
-        if entry.get("state") not in ("stopped", "failed")
+        if entry.get("state") not in ENDED
     ]
     _log(f"stopped the engines of job {job_id}" + (f"; not confirmed: {left}" if left else ""))
     return 0

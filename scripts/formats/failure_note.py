@@ -28,7 +28,8 @@ from pathlib import Path
 from formats.files import write_atomic
 
 FORMAT = 1
-FAILED_DIR = "failed"
+NOTES_DIR = "logs/infer/failed"  # beside the rank logs, logs/infer/<rank>.log
+FAILED_DIR = os.path.basename(NOTES_DIR)  # the notes' folder in the rank logs' folder
 INPUT_FAULT = "input"
 
 

@@ -1,9 +1,9 @@
 """The model marker: ``results/model/<slug>.json``, written last (atomically) by rule
 fetch_model (scripts/model/fetch.py) once the model is ready for the engines.
 
-Read by the Snakefile's helpers (model/prepare.py, pipeline/rank_job.py: the folder the
-engines load, the versions a record names) and the PBS provider (pbs/submission.py: the
-engines' spec).
+Read by the Snakefile's helpers (pipeline/rank_job.py: the folder the engines load, the
+versions a record names) and the PBS provider (pbs/submission.py: the staging); what the
+engines take of it goes into their spec (formats/engine_spec.py) through `engine_fields`.
 
 A JSON object (indent 2):
     model            config model as given
@@ -53,13 +53,19 @@ def read_marker(path: str | os.PathLike) -> dict:
     return cached[1]
 
 
+def _one(marker) -> str | os.PathLike | None:
+    """The marker's path from its path or the Snakefile's list of it ([] for echo)."""
+    if isinstance(marker, Sequence) and not isinstance(marker, str):
+        return marker[0] if marker else None
+    return marker or None
+
+
 def marker_field(marker: str | os.PathLike | Sequence | None, name: str, quiet: bool = False):
     """A field of the marker; None without one (the echo engine has none).
 
     ``marker``: its path, or the Snakefile's list of it ([] for echo). ``quiet``: an
     unreadable marker gives None too (else its error)."""
-    if isinstance(marker, Sequence) and not isinstance(marker, str):
-        marker = marker[0] if marker else None
+    marker = _one(marker)
     if not marker:
         return None
     try:
@@ -73,3 +79,20 @@ def marker_field(marker: str | os.PathLike | Sequence | None, name: str, quiet: 
 def marker_versions(marker, quiet: bool = False) -> dict:
     """vLLM, torch and IPEX as rule fetch_model found them ({} without a marker)."""
     return marker_field(marker, "versions", quiet) or {}
+
+
+def model_folder(marker, model: str) -> str:
+    """The folder (or id) the engines load: the marker's, else ``model`` (no marker)."""
+    marker = _one(marker)
+    return read_marker(marker)["path"] if marker else model
+
+
+def engine_fields(marker, model: str, quiet: bool = False) -> dict:
+    """What the engines take from the marker (or ``model`` without one): ``model``, the
+    folder they load; ``versions`` and ``weights_bytes`` (engine ready timeouts), which
+    ``quiet`` leaves empty when the marker cannot be read."""
+    return {
+        "model": model_folder(marker, model),
+        "versions": marker_versions(marker, quiet),
+        "weights_bytes": marker_field(marker, "weights_bytes", quiet),
+    }

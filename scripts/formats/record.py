@@ -66,9 +66,14 @@ class RecordError(ValueError):
     """A record file that is not a rank record, named by its path."""
 
 
+def records_dir(results_dir: str | os.PathLike) -> Path:
+    """The records' folder, ``<results>/records``."""
+    return Path(results_dir, FOLDER)
+
+
 def record_file(results_dir: str | os.PathLike, rank) -> Path:
     """The rank's record, ``<results>/records/<rank>.json``."""
-    return Path(results_dir, FOLDER, f"{rank}.json")
+    return records_dir(results_dir) / f"{rank}.json"
 
 
 # ----------------------------------------------------------------------------- writing

@@ -37,6 +37,14 @@ from pathlib import Path
 from formats.files import safe_name, write_atomic
 
 FORMAT = 1
+REGISTRY_ROOT = "logs/engines"  # the run's registry root, under the working folder
+# An entry's state: starting, then ready; restarting after its engine died; at the end
+# failed or stopped.
+STARTING, READY, RESTARTING = "starting", "ready", "restarting"
+FAILED, STOPPED = "failed", "stopped"
+COMING = (STARTING, RESTARTING)  # on its way to ready
+UP = (STARTING, READY, RESTARTING)  # serving, or on its way
+ENDED = (STOPPED, FAILED)  # settled for good: its supervisor is done with it
 STOP_FILE = "stop"
 LAUNCHER_EXIT = "launcher.exit"
 LAUNCHER_PID = "launcher.pid"
@@ -45,7 +53,12 @@ SUFFIX = ".json"
 
 def registry_dir(spec: Mapping, job_id: str) -> Path:
     """The registry folder of ``job_id`` under the spec's ``registry_root``."""
-    return Path(spec["registry_root"]) / safe_name(job_id)
+    return job_registry(spec["registry_root"], job_id)
+
+
+def job_registry(root: str | os.PathLike, job_id: str) -> Path:
+    """The registry folder of ``job_id`` under the registry root ``root``."""
+    return Path(root) / safe_name(job_id)
 
 
 def engine_file(slot) -> str:

@@ -1,6 +1,7 @@
 """The model a run uses: checks of config model, rule fetch_model (weights and vLLM's
-model-info cache, on the login side) and its marker, the environment engines load the
-model with, and a node's staged copy in a PBS submission.
+model-info cache, on the login side) and its marker, and a node's staged copy in a PBS
+submission. The engines' own settings (environment, Python, command line) are
+engine/settings.py's.
 
 Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
@@ -9,12 +10,10 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
-from engine import lifecycle
+from engine.settings import engine_check_argv, inference_python, offline_env
 from formats import staged_model
-from formats.marker import marker_field
 from formats.workflow_config import ConfigError
 
 
@@ -50,47 +49,12 @@ def model_marker(config: dict, model: str) -> list[str]:
     return [f"{config['results_dir']}/model/{model_slug(model)}.json"]
 
 
-def vllm_cache_root(config: dict) -> str:
-    return os.path.abspath(os.path.expanduser(config["vllm_cache_root"]))
-
-
-def offline_env(config: dict) -> dict:
-    """What every engine runs with: no hub (compute nodes have no internet), and the
-    model-info cache rule fetch_model built (else vLLM fails on a node's first run)."""
-    return {
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_CACHE_ROOT": vllm_cache_root(config),
-    } | config["task_env"]
-
-
 def fetch_env(config: dict, environ=os.environ) -> dict:
     """The task's environment, online: the login node may download what jobs may not."""
     env = {**environ, **offline_env(config)}
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     return env
-
-
-def inference_python(config: dict) -> str:
-    return config["python"] or sys.executable
-
-
-def engine_check_argv(config: dict, model: str) -> tuple[list[str], str, dict]:
-    """The engines' command line of this config, the server that parses it (config
-    warm.server; vLLM's engine arguments for per-rank engines) and each flag's config key."""
-    server = config["warm"]["server"] if config["warm_engines"] else "inprocess"
-    settings = config["vllm"]
-    argv = lifecycle.server_argv(
-        inference_python(config),
-        model,
-        config["tiles"]["base_port"] + 1000,
-        settings,
-        config["tiles"]["per_job"],
-        server=server,
-    )
-    keys = {a: lifecycle.flag_key(a, settings) for a in argv if a.startswith("--")}
-    return argv, server, keys
 
 
 def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
@@ -124,11 +88,6 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
         cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
         raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
-
-
-def engine_model(config: dict, model: str, marker) -> str:
-    """The folder (or id) the engine loads: the one rule fetch_model found, else ``model``."""
-    return marker_field(marker, "path") if marker else model
 
 
 def staged(config: dict, model: str, environ=os.environ):

@@ -56,6 +56,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from formats import preflight_failure
 from formats.files import safe_name
 from formats.staged_model import staged_cache_root, staged_path
 from placement import launcher, tiles
@@ -499,14 +500,10 @@ def run_on_every_node(action: str, settings_file: str, environ=os.environ) -> in
             flush=True,
         )
         if settings.get("failure_file") and action == "prepare":
-            write_failure(settings["failure_file"], job_id, causes)
+            # what the main Snakemake reports for the submission
+            preflight_failure.write_failure(settings["failure_file"], job_id, causes)
         return code or 1
     return 0
-
-
-def write_failure(path: str, job_id: str, causes: Sequence[str]) -> None:
-    """What the main Snakemake reports for the submission (summarize.report_failures)."""
-    Path(path).write_text(json.dumps({"job_id": job_id, "causes": list(causes)}) + "\n")
 
 
 def main(argv: Sequence[str]) -> int:

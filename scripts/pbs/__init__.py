@@ -13,7 +13,10 @@ through a shell: qsub, qstat and qdel are started with argument lists.
 - `parse`: what qstat prints, JSON and text, read into running/success/failed;
 - `status`: one query per polling round, holds, vanished jobs, qdel, the watchdog.
 
-Stdlib only, so the commands work with whatever Python runs Snakemake.
+May import formats/, console, placement/, engine/ (the key file, the supervisor's
+variable, the client's health check), rank/ (rank files), model/ (rule fetch_model's
+checks) and reporting/ (the progress lines of its status rounds). Stdlib only, so the
+commands work with whatever Python runs Snakemake.
 """
 
 from .parse import FAILED, FINAL, RUNNING, SUCCESS, QueryError, Verdict, verdict

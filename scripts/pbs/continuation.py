@@ -27,6 +27,7 @@ from formats import failure_note, faults
 from formats import record as rank_record
 from rank import layout as rank_files
 
+from .parse import FAILED, SUCCESS
 from .plan import jobs_per_node, submission_nodes, walltime_minutes
 from .settings import LOG_DIR
 from .state import StateStore, submission_ranks, submitting
@@ -38,7 +39,7 @@ def rank_states(ranks: Iterable[int], settings: Mapping) -> tuple[list, list, li
     prompt file's ``.out`` or a JSONL file's ``.jsonl``, are what its record says (a
     file torn by a node's crash is not done)."""
     results = Path(settings.get("results_dir") or "results")
-    notes = Path(settings.get("failed_dir") or "logs/infer/failed")
+    notes = Path(settings.get("failed_dir") or failure_note.NOTES_DIR)
     done, bad, left = [], [], []
     for rank in ranks:
         if rank_files.rank_is_whole(results, str(rank)):
@@ -142,11 +143,11 @@ def continue_submission(
             new_id = submit_fn(more.source, settings, continuation=more)
     except (SubmitError, OSError, ValueError) as error:
         detail = f"{why}; its continuation could not be submitted: {error}"
-        _record(store, job_id, state="failed", detail=detail)
+        _record(store, job_id, state=FAILED, detail=detail)
         warn(f"pbs-status: {detail}; PBS log: {LOG_DIR}/{name}.log")
         return None
     # The job itself has ended; its id now stands for the continuation (status.current_job).
-    _record(store, job_id, continued_by=new_id, state="failed")
+    _record(store, job_id, continued_by=new_id, state=FAILED)
     cut_off = "ranks cut off by the infrastructure" in job["detail"]
     with contextlib.suppress(OSError):  # for the run summary
         faults.append_fault(
@@ -169,13 +170,13 @@ def continue_submission(
 
 def _without_continuation(why: str, ranks: list, bad: list) -> tuple[str, str]:
     if not ranks:
-        return "failed", f"{why}; its ranks are unknown (logs/pbs/submissions.tsv), not continued"
+        return FAILED, f"{why}; its ranks are unknown (logs/pbs/submissions.tsv), not continued"
     if bad:
-        return "failed", (
+        return FAILED, (
             f"{why}; its other ranks are done; failed by their input (not run again): "
             f"{_ranks_logs(bad)}"
         )
-    return "success", f"{why}, after all its {len(ranks)} rank(s) were done"
+    return SUCCESS, f"{why}, after all its {len(ranks)} rank(s) were done"
 
 
 def _ranks_logs(ranks: Iterable[int]) -> str:

@@ -30,23 +30,21 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+import console
 from engine import client, lifecycle
 from engine.supervisor import SPEC_VARIABLE, forward_signals, job_hosts
 from engine.watchdog import end_with_job, job_gone
-from formats import failure_note, faults, node_report
+from formats import engine_spec, failure_note, faults, node_report
 from formats.files import safe_name
-from formats.registry import LAUNCHER_EXIT, read_registry, registry_dir
+from formats.registry import LAUNCHER_EXIT, READY, UP, read_registry, registry_dir
 from placement import launcher, tiles
 from rank import layout as rank_files
-from reporting import console
 
 WATCHDOG = Path(lifecycle.__file__).with_name("watchdog.py")
 # Seconds a node's Snakemake has to end its ranks after a SIGTERM, before SIGKILL.
 STOP_GRACE_S = 20.0
 # New Snakemakes for a node whose Snakemake died (config warm.node_restarts).
 NODE_RESTARTS = 2
-# States of an engine that may still serve ranks (formats/registry.py).
-ENGINE_UP = ("starting", "ready", "restarting")
 
 
 def _log(message: str) -> None:
@@ -95,7 +93,7 @@ def ranks(spec_path: str, nodes_path: str, environ=os.environ) -> int:
     """The job's ranks: ONE launcher call (config node_launcher) runs ``ranks-node`` on
     every node; fails unless every node with ranks reported success."""
     spec_path, nodes_path = os.path.abspath(spec_path), os.path.abspath(nodes_path)
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     nodes = json.loads(Path(nodes_path).read_text())
     job_id, hosts = job_hosts(environ)
     registry = registry_dir(spec, job_id)
@@ -180,9 +178,9 @@ def engines_alive(spec: Mapping, job_id: str, host: str) -> bool:
         return False
     prefix = f"{safe_name(host)}-tile"
     for name, entry in read_registry(registry).items():
-        if not name.startswith(prefix) or entry.get("state") not in ENGINE_UP:
+        if not name.startswith(prefix) or entry.get("state") not in UP:  # it may still serve ranks
             continue
-        if entry["state"] != "ready" or client.health(entry.get("url", ""), timeout=5.0):
+        if entry["state"] != READY or client.health(entry.get("url", ""), timeout=5.0):
             return True
     return False
 
@@ -192,7 +190,7 @@ def ranks_node(
 ) -> int:
     """This node's Snakemake: its share of the job's ranks, as threads, against this
     node's engines only, on CPUs no engine is bound to (config tiles.cpu_bind)."""
-    spec = json.loads(Path(spec_path).read_text())
+    spec = engine_spec.read_spec(spec_path)
     nodes = json.loads(Path(nodes_path).read_text())
     host = tiles.this_host(hosts, environ)
     share = node_share(nodes, hosts.index(host), len(hosts))

@@ -11,10 +11,9 @@ import contextlib
 import subprocess
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 from formats import faults, node_report
-from formats.files import safe_name
+from formats.registry import job_registry
 
 from .continuation import rank_states
 from .parse import QueryError, parse_nodes
@@ -29,7 +28,7 @@ def cut_off_by_infrastructure(settings: Mapping, job_id: str) -> str | None:
     root = settings.get("registry_root")
     if not root or not settings.get("warm_engines"):
         return None
-    note = node_report.read_note(Path(root, safe_name(job_id)))
+    note = node_report.read_note(job_registry(root, job_id))
     if not note or not note["nodes"]:
         return None
     return "; ".join(f"{host}: {why}" for host, why in sorted(note["nodes"].items()))

@@ -14,11 +14,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from formats.failure_note import NOTES_DIR
+from formats.registry import REGISTRY_ROOT
+
 SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
 STATE_DIR = ".snakemake/pbs"
 LOG_DIR = "logs/pbs"
-REGISTRY_ROOT = "logs/engines"  # scripts/engine/supervisor.py's registry (rank_job.engine_spec)
-FAILED_DIR = "logs/infer/failed"  # the ranks' failure notes (scripts/reporting/progress.py)
 QUERY_TIMEOUT = 60  # seconds for one qstat (or qsub) call
 PROGRESS_LOG = "logs/progress.log"  # the progress lines of the terminal, with times
 # The profile command whose presence next to a loaded config file marks the profile.
@@ -100,7 +101,7 @@ def settings_from_config(
         # What the status rounds read for the progress lines (scripts/reporting/progress.py).
         "results_dir": os.path.abspath(config["results_dir"]),
         "registry_root": os.path.abspath(REGISTRY_ROOT),
-        "failed_dir": os.path.abspath(FAILED_DIR),
+        "failed_dir": os.path.abspath(NOTES_DIR),
         "progress_log": os.path.abspath(PROGRESS_LOG),
         "task_python": config["python"] or sys.executable,
         # The profile's commands re-run themselves with this interpreter when the

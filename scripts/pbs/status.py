@@ -17,7 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from formats.files import safe_name, write_atomic
+from formats import failure_note
+from formats import record as rank_record
+from formats.files import write_atomic
+from formats.registry import registry_dir
 from reporting import progress  # stdlib only, like this package (scripts/ is on the path)
 
 from .continuation import continue_submission
@@ -427,15 +430,13 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
         info = known.get(job_id)
         if not info:
             continue
-        registry = (
-            str(Path(registry_root, safe_name(job_id))) if registry_root and info["engines"] else ""
-        )
+        registry = str(registry_dir(settings, job_id)) if registry_root and info["engines"] else ""
         subs.append(
             progress.Submission(job_id, frozenset(info["ranks"]), info["engines"], registry)
         )
     results = settings.get("results_dir") or "results"
-    failed_dir = settings.get("failed_dir") or "logs/infer/failed"
-    read = progress.read_progress(subs, Path(results, "records"), failed_dir, memory)
+    failed_dir = settings.get("failed_dir") or failure_note.NOTES_DIR
+    read = progress.read_progress(subs, rank_record.records_dir(results), failed_dir, memory)
     write_atomic(memory_path, json.dumps(memory))
     lines = []
     for job_id, job in flying:
@@ -444,7 +445,7 @@ def progress_lines(state: dict, answers: Mapping, settings: Mapping, t: float) -
         if job.get("continuing"):
             phase = "ended by PBS"
         elif job["state"] in FINAL:
-            phase = "finished" if job["state"] == SUCCESS else "failed"
+            phase = "finished" if job["state"] == SUCCESS else FAILED
         else:
             phase = answer.phase or "running"
         lines.append(

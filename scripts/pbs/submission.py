@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
+from formats import engine_spec, preflight_failure
 from formats import marker as model_marker
+from formats import record as rank_record
 from rank import layout as rank_files
 
 from .plan import (
@@ -307,23 +309,19 @@ def write_nodes_file(settings: Mapping, plan: Plan, jobscript_text: str, path: P
 
 
 def write_engines_file(settings: Mapping, path: Path) -> None:
-    """What scripts/engine/supervisor.py needs: the engines' settings, the model folder, and the
-    file holding the submission's engine key (new for each submission, mode 0600)."""
-    key_file = path.with_name(path.name.removesuffix(".engines.json") + ".key")
+    """What scripts/engine/supervisor.py needs (formats/engine_spec.py): the engines'
+    settings, the model folder, and the file holding the submission's engine key (new for
+    each submission, mode 0600)."""
+    key_file = engine_spec.key_path(path)
     lifecycle.write_key_file(key_file, lifecycle.new_api_key())
-    spec = dict(settings["engines"])
-    spec |= {
-        "api_key_file": str(key_file),
-        "model": model_path(settings) if spec.get("engine") != "echo" else "",
-        "versions": model_marker.marker_versions(settings.get("model_marker"), quiet=True),
-        "weights_bytes": model_marker.marker_field(
-            settings.get("model_marker"), "weights_bytes", quiet=True
-        ),
-        "stage": bool(settings.get("stage") and settings.get("model")),
-        "stage_dir": settings["stage_dir"],
-        "python": settings["task_python"],
-    }
-    path.write_text(json.dumps(spec))
+    spec = engine_spec.with_model(
+        dict(settings["engines"]) | {"api_key_file": str(key_file)},
+        engine_fields(settings),
+        stage=bool(settings.get("stage") and settings.get("model")),
+        stage_dir=settings["stage_dir"],
+        python=settings["task_python"],
+    )
+    engine_spec.write_spec(path, spec)
 
 
 def insert_setup(jobscript_text: str, setup_lines: Sequence[str], after: Sequence[str] = ()) -> str:
@@ -377,16 +375,15 @@ def qsub_argv(settings: Mapping, plan: Plan, script: str, log: str) -> list[str]
     ]
 
 
-def model_path(settings: Mapping) -> str:
-    """The model folder the engines load: the fetched copy named by rule fetch_model's
-    marker, else the configured local folder."""
+def engine_fields(settings: Mapping) -> dict:
+    """What the engines take of the model marker (formats/marker.py): the folder they
+    load (the fetched copy named by the marker, else the configured local folder), the
+    versions and the weights' size."""
     marker = settings.get("model_marker")
-    if marker:
-        try:
-            return model_marker.read_marker(marker)["path"]
-        except (OSError, ValueError, KeyError) as error:
-            raise SubmitError(f"cannot read the model marker {marker}: {error}") from error
-    return settings["model"]
+    try:
+        return model_marker.engine_fields(marker, settings["model"], quiet=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise SubmitError(f"cannot read the model marker {marker}: {error}") from error
 
 
 def runs_preflight(settings: Mapping) -> bool:
@@ -407,7 +404,7 @@ def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
     path.write_text(
         json.dumps(
             {
-                "model": model_path(settings),
+                **engine_fields(settings),
                 "stage": bool(settings.get("stage") and settings.get("model")),
                 "stage_dir": settings["stage_dir"],
                 "broadcast_host": settings.get("broadcast_host") or "{host}",
@@ -415,10 +412,6 @@ def write_stage_file(settings: Mapping, path: Path, failure_file: Path) -> None:
                 "python": settings["task_python"],
                 "env": dict(engines.get("env") or {}),
                 "tiles": tiles,
-                "versions": model_marker.marker_versions(settings.get("model_marker"), quiet=True),
-                "weights_bytes": model_marker.marker_field(
-                    settings.get("model_marker"), "weights_bytes", quiet=True
-                ),
                 "failure_file": str(failure_file),
             }
         )
@@ -497,7 +490,7 @@ def budget_problem(settings: Mapping, plan: Plan) -> str | None:
     asks = plan.nodes * (accounting.walltime_hours(plan.walltime) or 0.0)
     if spent + asks <= budget:
         return None
-    records = Path(settings["results_dir"], "records")
+    records = rank_record.records_dir(settings["results_dir"])
     done = len(list(records.glob("*.json"))) if records.is_dir() else 0
     ranks = len(rank_files.discover_ranks(settings["data_dir"]))
     return (
@@ -541,13 +534,13 @@ def submit(
         raise SubmitError(problem)
     script = log_dir / f"{plan.name}.sh"
     stage_file = engines_file = None
-    failure_file = log_dir / f"{plan.name}.failed.json"
+    failure_file = preflight_failure.failure_file(log_dir, plan.name)
     failure_file.unlink(missing_ok=True)  # an earlier run's
     if (settings.get("stage") and settings.get("model")) or runs_preflight(settings):
         stage_file = log_dir / f"{plan.name}.stage.json"
         write_stage_file(settings, stage_file, failure_file)
     if settings.get("warm_engines"):
-        engines_file = log_dir / f"{plan.name}.engines.json"
+        engines_file = engine_spec.spec_path(log_dir, plan.name)
         write_engines_file(settings, engines_file)
         nodes_file = log_dir / f"{plan.name}.nodes.json"
         number = write_nodes_file(settings, plan, text, nodes_file)

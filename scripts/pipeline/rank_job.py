@@ -12,10 +12,12 @@ import threading
 from pathlib import Path
 
 from engine import client, local, routing, supervisor, vllm_server
+from engine.settings import inference_python, offline_env
+from formats import engine_spec as engine_specs
 from formats import failure_note
 from formats import registry as registry_format
-from formats.marker import folder_bytes, marker_field, marker_versions
-from model.prepare import engine_model, inference_python, offline_env, staged
+from formats.marker import engine_fields, folder_bytes, marker_versions, model_folder
+from model.prepare import staged
 from pbs.settings import profile_in_use, run_info
 from placement import launcher, node_layout
 from rank import checks, task, warm
@@ -40,38 +42,21 @@ def task_settings(config: dict, model: str) -> dict:
 
 
 def engine_spec(config: dict) -> dict:
-    """What the warm engines of a PBS submission need (scripts/engine/supervisor.py; pbs-submit
-    adds the model folder and the staging)."""
-    warm = config["warm"]
-    return {
-        "engine": config["engine"],
-        # file names absolute: a node's supervisor may run in another folder
-        "vllm": {k: v for k, v in task_settings(config, "").items() if k in config["vllm"]},
-        "tiles": config["tiles"],
-        "env": offline_env(config),
-        "launcher": config["engine_launcher"],
-        "max_restarts": warm["max_restarts"],
-        "node_restarts": warm["node_restarts"],
-        "ready_timeout_s": warm["ready_timeout_s"],
-        "ranks_in_flight": warm["ranks_in_flight"],
-        "server": warm["server"],
-        "stall_timeout_s": warm["stall_timeout_s"],
-        "listen": warm["listen"],
-        "registry_root": os.path.abspath("logs/engines"),
-    }
+    """What the warm engines of a PBS submission need of the config (formats/engine_spec.py;
+    pbs-submit adds the model folder and the staging)."""
+    return engine_specs.from_config(config, task_settings(config, ""), offline_env(config))
 
 
 def local_spec(config: dict, model: str, marker=()) -> dict:
     """The engine spec of a local run: a submission's (engine_spec plus what pbs-submit
     adds) for this host, with the model rule fetch_model found and no staging."""
-    return engine_spec(config) | {
-        "model": engine_model(config, model, marker) if config["engine"] != "echo" else "",
-        "versions": marker_versions(marker),
-        "weights_bytes": marker_field(marker, "weights_bytes"),
-        "stage": False,
-        "stage_dir": config["weights"]["stage_dir"],
-        "python": inference_python(config),
-    }
+    return engine_specs.with_model(
+        engine_spec(config),
+        engine_fields(marker, model),
+        stage=False,
+        stage_dir=config["weights"]["stage_dir"],
+        python=inference_python(config),
+    )
 
 
 class RankEngines:
@@ -92,7 +77,7 @@ class RankEngines:
             if self._pool is None:
                 spec_path = environ.get(supervisor.SPEC_VARIABLE)
                 if spec_path:
-                    spec = json.loads(Path(spec_path).read_text())
+                    spec = engine_specs.read_spec(spec_path)
                     self._pool = routing.RegistryPool.for_job(spec, environ)
                 else:
                     spec = local_spec(config, model, marker)
@@ -156,10 +141,10 @@ def engine_states(config: dict):
         if registry is None:
             return 0, per_node, "starting: the ranks wait for them to load the model"
         entries = registry_format.read_registry(registry).values()
-        ready = sum(1 for e in entries if e.get("state") == "ready")
-        starting = [e for e in entries if e.get("state") in ("starting", "restarting")]
+        ready = sum(1 for e in entries if e.get("state") == registry_format.READY)
+        starting = [e for e in entries if e.get("state") in registry_format.COMING]
         trouble = [f"{e['name']} {e['state']} ({e['log']})" for e in entries
-                   if e.get("state") not in ("ready", "starting", "restarting")]  # fmt: skip
+                   if e.get("state") not in registry_format.UP]  # fmt: skip
         if starting and not ready:
             trouble.append(
                 f"{len(starting)} starting: the ranks wait for them to load the model; "
@@ -173,7 +158,7 @@ def engine_states(config: dict):
 def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
     """One rank on the run's warm engines, in this thread; raise if it failed."""
     pool = ENGINES.pool(config, model, input.model)
-    settings = task_settings(config, engine_model(config, model, input.model))
+    settings = task_settings(config, model_folder(input.model, model))
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     failure_note.clear_failure_note(log, rank)
     with open(log, "w") as out:
@@ -212,7 +197,7 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     if config["warm_engines"]:
         return serve_rank(config, model, rank, input, output, log)
     script = Path(__file__).resolve().parents[1] / "rank" / "task.py"
-    model = engine_model(config, model, input.model)
+    model = model_folder(input.model, model)
     on_node = staged(config, model)
 
     def command(slot: node_layout.Slot) -> list[str]:

@@ -11,9 +11,9 @@ import json
 import os
 import socket
 
+import console
 from rank.jsonl import Request, is_int, is_jsonl, is_number, sampling_of
 from rank.prompts import Prompt
-from reporting import console
 
 DEFAULT_SETTINGS: dict = {
     "engine": "vllm",

@@ -129,7 +129,7 @@ def forget_finished_incomplete(
     it although its output is whole. A rank still being written has no .out yet (atomic
     writes), so its mark is kept."""
     folder = re.escape(str(results_dir).rstrip("/"))
-    pattern = re.compile(rf"{folder}/(?:records/)?(\d+)\.(?:out|json|jsonl)")
+    pattern = re.compile(rf"{folder}/(?:{rank_record.FOLDER}/)?(\d+)\.(?:out|json|jsonl)")
     forgotten = []
     with contextlib.suppress(FileNotFoundError):
         for entry in os.scandir(marker_dir):

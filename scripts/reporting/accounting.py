@@ -416,7 +416,7 @@ def local_registry(records: Sequence[Mapping]) -> list[dict]:
 def submissions(
     records: Sequence[Mapping],
     pbs_logs: str | os.PathLike = "logs/pbs",
-    engine_logs: str | os.PathLike = "logs/engines",
+    engine_logs: str | os.PathLike = registry_format.REGISTRY_ROOT,
     tile_slots: int | None = None,
 ) -> list[Submission]:
     """The submissions that wrote ``records`` (read with summarize.read_records), then
@@ -432,7 +432,7 @@ def submissions(
         mine = owners.get(row["id"])
         if not mine:
             continue
-        registry = read_registry(Path(engine_logs) / safe_name(row["id"]))
+        registry = read_registry(registry_format.job_registry(engine_logs, row["id"]))
         slots = slots_of(mine, registry)
         known = phases.get(row["id"], {})
         marks = known.get("phases", {})

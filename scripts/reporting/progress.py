@@ -29,10 +29,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import console
 from formats import failure_note, registry
 from formats import record as rank_record
-from formats.failure_note import FAILED_DIR
-from reporting import console
 
 # ----------------------------------------------------------------------------- reading
 
@@ -196,13 +195,13 @@ def _read_engines(folder: str, mine: dict, progress: Progress, reads: Reads) -> 
     states = [known[n] for n in entries if n in known]
     progress.engines_seen = len(states)
     progress.engines_total = max(progress.engines_total, len(states))
-    progress.engines_ready = sum(1 for s in states if s[1] == "ready")
-    progress.engines_starting = sum(1 for s in states if s[1] in ("starting", "restarting"))
-    progress.engines_stopped = sum(1 for s in states if s[1] == "stopped")
+    progress.engines_ready = sum(1 for s in states if s[1] == registry.READY)
+    progress.engines_starting = sum(1 for s in states if s[1] in registry.COMING)
+    progress.engines_stopped = sum(1 for s in states if s[1] == registry.STOPPED)
     progress.engines_trouble = sorted(
         (name, s[1], s[2], s[3])
         for name, s in ((n, known[n]) for n in entries if n in known)
-        if s[1] in ("failed", "restarting") or s[2] > 0
+        if s[1] in (registry.FAILED, registry.RESTARTING) or s[2] > 0
     )
 
 
@@ -330,8 +329,8 @@ class LocalWatch:
             return
         self._settings = {
             "workflow": workflow,
-            "records": os.path.join(results_dir, "records"),
-            "failed": os.path.join("logs", "infer", FAILED_DIR),
+            "records_dir": str(rank_record.records_dir(results_dir)),
+            "notes_dir": failure_note.NOTES_DIR,
             "interval": float(interval),
             "engines": engines,
             "log": log or os.path.join("logs", "progress.log"),
@@ -373,7 +372,7 @@ class LocalWatch:
         while True:
             time.sleep(min(1.0, settings["interval"]))
             now = time.time()
-            found = read_progress([sub], settings["records"], settings["failed"], memory)
+            found = read_progress([sub], settings["records_dir"], settings["notes_dir"], memory)
             ended = found["local"].done + len(found["local"].failed) >= len(ranks)
             if now - shown < settings["interval"] and not ended:
                 continue

@@ -14,9 +14,7 @@ matplotlib is imported inside :func:`plot_png` only.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import json
 import math
 import os
 import statistics
@@ -28,7 +26,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from formats import faults
+from formats import faults, preflight_failure
 from formats.files import write_atomic
 from formats.record import END_KEY, RecordError, existing_records, read_records
 from reporting.accounting import engines_tsv, submissions, submissions_tsv
@@ -364,17 +362,12 @@ STARTED = time.time()
 def preflight_failures(pbs_logs: str = "logs/pbs", since: float = STARTED) -> list[str]:
     """This run's submissions that ended at their preflight (scripts/model/stage.py)."""
     lines = []
-    for path in sorted(Path(pbs_logs).glob("*.failed.json")):
-        with contextlib.suppress(OSError, ValueError):
-            if path.stat().st_mtime < since:
-                continue
-            failure = json.loads(path.read_text())
-            name = path.name[: -len(".failed.json")]
-            lines.append(
-                f"Submission {name} (job {failure['job_id']}) ended before any engine started "
-                f"(its PBS log: {path.with_name(name + '.log')}); its ranks did not run:"
-            )
-            lines += [f"  {cause}" for cause in failure["causes"]]
+    for name, path, failure in preflight_failure.read_failures(pbs_logs, since):
+        lines.append(
+            f"Submission {name} (job {failure['job_id']}) ended before any engine started "
+            f"(its PBS log: {path.with_name(name + '.log')}); its ranks did not run:"
+        )
+        lines += [f"  {cause}" for cause in failure["causes"]]
     return lines
 
 

@@ -7,6 +7,11 @@ can land between the two ("... ETA < 1 minSelect jobs to execute..."), and neith
 line is whole any more. Outside Snakemake it is one write of the line with its
 newline.
 
+Its home is the ground floor of scripts/, beside the packages rather than in one: every
+layer writes such lines (the engines' supervisor, the ranks' pool, the PBS provider's
+node processes, the progress lines), and it imports nothing of scripts/. It is not a
+format (nothing on disk), so not in scripts/formats/; one function, so one module.
+
 Stdlib only.
 """
 
