@@ -395,3 +395,18 @@ def test_engines_start_beside_fetch_model_only_in_a_local_run_of_inprocess_engin
     monkeypatch.delenv(supervisor.SPEC_VARIABLE)
     assert rank_job.start_beside_fetch(local_run, vllm, folder, marker)
     assert started == [{"go_file": marker}]
+
+
+def test_engines_started_beside_fetch_model_take_the_versions_of_its_marker(tmp_path, service):
+    """The spec of engines started beside rule fetch_model has no versions yet (no
+    marker): their registry entries take them from the marker once it is written."""
+    from engine import vllm_server
+    from formats.marker import write_marker
+
+    marker = tmp_path / "marker.json"
+    versions = {"vllm": "9.9.9", "torch": "2.0", "ipex": None}
+    write_marker(marker, {"path": "unused", "versions": versions})
+    started, pool = service(**{vllm_server.GO_FILE_VARIABLE: str(marker)})
+    echo_rank(tmp_path, 0, ["one"], pool)
+    entries = registry_format.read_registry(started.registry)
+    assert entries and all(entry["versions"] == versions for entry in entries.values())

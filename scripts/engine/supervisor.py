@@ -49,9 +49,10 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import console
-from engine import client, lifecycle, watchdog
+from engine import client, lifecycle, vllm_server, watchdog
 from formats import engine_spec, staged_model
 from formats.files import safe_name
+from formats.marker import marker_versions
 from formats.registry import (
     ENDED,
     FAILED,
@@ -259,7 +260,10 @@ def node(
     def report(member: _Supervised, state: str, **extra) -> None:
         if member.conflicts:
             extra["port_conflicts"] = member.conflicts
-        write_state(member.path, member.engine, state, versions=spec.get("versions"), **extra)
+        # engines started beside rule fetch_model: the versions of the marker they waited for
+        waited = spec["env"].get(vllm_server.GO_FILE_VARIABLE)
+        versions = spec.get("versions") or marker_versions(waited, quiet=True)
+        write_state(member.path, member.engine, state, versions=versions, **extra)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
