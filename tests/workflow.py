@@ -234,7 +234,8 @@ def read_records(path: Path) -> list[tuple[str, str]]:
 
 def assert_engines_loaded_no_model(work: Path) -> None:
     """A run that rule fetch_model stopped: the engines started beside it
-    (rank_job.start_beside_fetch) waited for its marker and loaded no model."""
+    (rank_job.start_beside_fetch) loaded no model. (One stopped before its imports
+    were done has not yet said that it waits for the rule's marker.)"""
     logs = list((work / "logs" / "engines").glob("local-*/*-tile*.log"))
-    assert logs and all("vllm_server: waiting for" in log.read_text() for log in logs), logs
+    assert logs, "no engine was started beside rule fetch_model"
     assert not any("Initializing a V1 LLM engine" in log.read_text() for log in logs)
