@@ -285,17 +285,9 @@ def unused_node_s(sub: accounting.Submission, tile_slots: int | None) -> float:
     request between its set-up and its last rank: idle the whole time, as when a sample
     has fewer ranks than engines. A run with work for every engine does not pay them
     per request, so the estimate leaves them out of a request's cost."""
-    staged = min(max(sub.staged, sub.start), sub.end)
-    ranks_done = min(max(sub.ranks_done, staged), sub.end)
-    unused = 0.0
-    for host in sub.hosts:
-        members = [slot for slot in sub.slots if slot.host == host]
-        share = max(len(members), tile_slots or 0, 1)
-        unused += (ranks_done - staged) * (share - len(members)) / share
-        for slot in members:
-            if not slot.records:
-                unused += accounting.slot_parts(slot, staged, ranks_done)["idle"] / share
-    return unused
+    times = (sub.start, sub.staged, sub.ranks_done, sub.end)
+    served = accounting.account(sub.slots, sub.hosts, *times, tile_slots, served_only=True)
+    return sum(sub.parts[part] - served[part] for part in ("serving", "idle"))
 
 
 def record_run(config: Mapping, model: str, workflow, record_paths, since: float) -> None:

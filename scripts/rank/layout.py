@@ -12,6 +12,7 @@ from pathlib import Path
 
 from formats import record as rank_record
 from formats.record import record_file  # noqa: F401 (the rank's record, for this module's callers)
+from rank.prompts import LINE_END
 
 RANK_FILE = re.compile(r"(\d+)\.(?:in|jsonl)")
 # input suffix -> output suffix
@@ -72,7 +73,7 @@ def count_requests(path: str | os.PathLike) -> int:
     """Requests of a rank file, unchecked (the bill's count): its non-blank lines, as
     rank/prompts.py and rank/jsonl.py read them (a blank line is no request)."""
     with open(path, "rb") as handle:
-        return sum(1 for raw in re.split(rb"\r\n|\r|\n", handle.read()) if raw.strip())
+        return sum(1 for raw in LINE_END.split(handle.read()) if raw.strip())
 
 
 def output_file(results_dir: str | Path, data_dir: str | Path, rank: str) -> Path:

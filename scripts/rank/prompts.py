@@ -22,7 +22,7 @@ from pathlib import Path
 __all__ = ["Prompt", "PromptFileError", "format_record", "read_prompts"]
 
 _BOM = b"\xef\xbb\xbf"
-_LINE_END = re.compile(rb"\r\n|\r|\n")
+LINE_END = re.compile(rb"\r\n|\r|\n")  # as text mode reads lines (read_prompts)
 
 
 class PromptFileError(Exception):
@@ -47,7 +47,7 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
     # Lines end where the seed's text-mode file iteration (universal newlines) ends
     # them: at "\r\n", "\n" or a lone "\r". Other Unicode line breaks (U+2028,
     # U+0085, ...) stay inside the line; strip() removes them at its ends.
-    for number, raw in enumerate(_LINE_END.split(data), start=1):
+    for number, raw in enumerate(LINE_END.split(data), start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

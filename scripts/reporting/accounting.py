@@ -358,10 +358,11 @@ def account(
     ranks_done: float,
     end: float,
     tile_slots: int | None = None,
+    served_only: bool = False,
 ) -> dict:
     """Node-seconds per part; they add up to ``len(hosts) x (end - start)``.
     ``tile_slots``: per-rank engines' slots per node (config tiles); the slots no rank
-    used count as idle."""
+    used count as idle, unless ``served_only`` leaves out every slot that served none."""
     staged = min(max(staged, start), end)
     ranks_done = min(max(ranks_done, staged), end)
     nodes = len(hosts)
@@ -374,9 +375,9 @@ def account(
     for host in hosts:
         members = per_host[host]
         share = max(len(members), tile_slots or 0, 1)  # a node with no engine: idle
-        if share > len(members):
+        if share > len(members) and not served_only:
             parts["idle"] += (ranks_done - staged) * (share - len(members)) / share
-        for slot in members:
+        for slot in (s for s in members if s.records or not served_only):
             for part, seconds in slot_parts(slot, staged, ranks_done).items():
                 parts[part] += seconds / share
     return parts
