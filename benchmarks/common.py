@@ -235,12 +235,14 @@ def warm_breakdown(work: Path, started: float, ended: float) -> dict:
     Snakemake's job metadata of the model marker, the engines' registry entries
     (started_at, ready_at) and the ranks' records."""
     from formats import record as rank_record
+    from formats.registry import REGISTRY_ROOT, read_registry
 
     (marker,) = (work / "results" / "model").glob("*.json")
     meta = json.loads(metadata_path(work, str(marker.relative_to(work))).read_text())
-    entries = [json.loads(p.read_text()) for p in (work / "logs" / "engines").glob("*/*.json")]
-    entries = [e for e in entries if e.get("started_at")]
-    records = [json.loads(p.read_text()) for p in (work / "results" / "records").glob("*.json")]
+    folders = [f for f in (work / REGISTRY_ROOT).iterdir() if f.is_dir()]
+    entries = [e for f in folders for e in read_registry(f).values() if e.get("started_at")]
+    records = rank_record.records_dir(work / "results").glob("*.json")
+    records = [json.loads(p.read_text()) for p in records]
     times = {
         "fetch_model_start": meta["starttime"],
         "engines_started": min(e["started_at"] for e in entries),
