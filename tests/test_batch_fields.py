@@ -151,7 +151,7 @@ def test_a_rank_of_many_embedding_lines_goes_in_few_calls(tmp_path, echo_pool): 
     from engine.echo_server import embeddings_answer
     from rank.warm import EMBED_TEXTS
 
-    lines = [{"id": str(i), "input": "w " * (1 + i % 3) + str(i)} for i in range(150)]
+    lines = [{"id": str(i), "input": "w " * (1 + i % 3) + str(i)} for i in range(400)]
     lines[70] = {"id": "70", "input": ["two", "texts"]}
     # a field for the engine (the echo engine ignores it): a call of its own
     lines[71] = {"id": "71", "input": "x", "dimensions": 4}
@@ -159,8 +159,8 @@ def test_a_rank_of_many_embedding_lines_goes_in_few_calls(tmp_path, echo_pool): 
     calls_before = metric(url, "vllm:request_success_total")
     out = serve_lines(tmp_path, "7.jsonl", lines, echo_pool)
     calls = metric(url, "vllm:request_success_total") - calls_before
-    # lines 0-63, 64-70 (line 71 ends that call), 71, then 78 texts in two calls
-    assert EMBED_TEXTS == 64 and calls == 5
+    # lines 0-70 (72 texts; line 71 ends that call), 71, then 328 texts in two calls
+    assert EMBED_TEXTS == 256 and calls == 4
     for line, answer in zip(lines, map(json.loads, out.read_text().splitlines()), strict=True):
         expected = embeddings_answer(line, "echo")
         assert answer["id"] == line["id"] and answer["data"] == expected["data"]

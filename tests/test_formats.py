@@ -111,6 +111,24 @@ def test_partial_answers_of_an_older_file_without_format_are_kept(tmp_path):
     assert json.loads(kept.path.read_text().splitlines()[0])["format"] == partial.FORMAT
 
 
+def test_partial_embeddings_read_back_as_written_packed_or_not(tmp_path):
+    """Vectors float32 holds exactly (vLLM's) are kept packed as base64; others (0.1 is
+    not a float32) stay numbers: either way a resumed rank gets the same numbers back."""
+    exact = [0.5, -1.25, 3.0]
+    inexact = [0.1, 0.2]
+    kept = partial.Partial(tmp_path / "results" / "4.jsonl", {"input": "abc"})
+    kept.open({})
+    kept.add(0, partial.Answer("", None, 3, 0, embeddings=[exact, exact[::-1]]))
+    kept.add(1, partial.Answer("", None, 2, 0, embeddings=[inexact]))
+    kept.close()
+    lines = [json.loads(x) for x in kept.path.read_text().splitlines()[1:]]
+    assert "embeddings_f32" in lines[0] and "embeddings" not in lines[0]
+    assert lines[1]["embeddings"] == [inexact] and "embeddings_f32" not in lines[1]
+    answers = partial.Partial(kept.path.parent.parent / "4.jsonl", {"input": "abc"}).load()
+    assert answers[0].embeddings == [exact, exact[::-1]]
+    assert answers[1].embeddings == [inexact]
+
+
 def test_the_submission_state_gets_its_format_and_reads_old_records(tmp_path):
     store = state.StateStore(tmp_path)
     store.path.parent.mkdir(parents=True, exist_ok=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import array
+import base64
+import binascii
 import contextlib
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -449,8 +453,14 @@ def embed(
     fields: Mapping | None = None,
 ):
     """POST /v1/embeddings (a pooling model's engine): one vector per text, in order; the
-    request's other OpenAI ``fields`` as they are (dimensions, truncate_prompt_tokens, ...)."""
-    body = {**(fields or {}), "input": list(texts)}
+    request's other OpenAI ``fields`` as they are (dimensions, truncate_prompt_tokens, ...).
+
+    The vectors travel as base64 of little-endian float32 (vLLM's ``encoding_format``
+    "base64", ``embed_dtype`` "float32", ``endianness`` "little", in 0.15 and 0.32 alike)
+    unless ``fields`` ask otherwise: the same float32 values that "float" spells as
+    decimal text, at a fraction of the engine's and this client's time (JSON numbers were
+    half a per-rank engine's time for 10,240 short texts, benchmarks/results/2026-12-07)."""
+    body = {**WIRE_EMBEDDINGS, **(fields or {}), "input": list(texts)}
     data = post(url, "/v1/embeddings", body, timeout, key)
     items = data.get("data")
     if not isinstance(items, list) or len(items) != len(texts):
@@ -458,9 +468,28 @@ def embed(
     ordered = sorted(items, key=lambda item: item.get("index", 0))
     usage = data.get("usage") or {}
     return Embeddings(
-        [list(item.get("embedding") or []) for item in ordered],
+        [_vector(item.get("embedding"), url) for item in ordered],
         int(usage.get("prompt_tokens") or 0),
     )
+
+
+# How /v1/embeddings' vectors travel (embed): base64 of little-endian float32.
+WIRE_EMBEDDINGS = {"encoding_format": "base64", "embed_dtype": "float32", "endianness": "little"}
+
+
+def _vector(embedding, url: str) -> list[float]:
+    """An embedding as the engine sent it (a list of numbers, or base64 of little-endian
+    float32) as a list of floats."""
+    if not isinstance(embedding, str):
+        return list(embedding or [])
+    values = array.array("f")
+    try:
+        values.frombytes(base64.b64decode(embedding, validate=True))
+    except (ValueError, binascii.Error) as error:
+        raise EngineUnavailable(f"{url}/v1/embeddings: not base64 float32: {error}") from error
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
 
 
 def token_counts(

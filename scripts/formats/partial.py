@@ -11,7 +11,10 @@ JSON lines, appended and flushed as each answer finishes:
              file's digest and the settings that shape answers); files written before
              2026-12-05 have no "format" (format 1)
     then     {"index": i, "text": ..., "finish_reason": ..., "prompt_tokens": n,
-             "output_tokens": n}, one per finished request (any order)
+             "output_tokens": n}, one per finished request (any order); an embeddings
+             answer's vectors as "embeddings_f32" (format 2: base64 of each vector's
+             little-endian float32, when float32 holds them exactly, as vLLM's vectors
+             always are) or as "embeddings" (lists of numbers)
 Answers under another key are dropped (the input or the settings changed); so is a
 last line a kill cut short.
 
@@ -20,16 +23,19 @@ Stdlib only.
 
 from __future__ import annotations
 
+import array
+import base64
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from formats.files import write_atomic
 
-FORMAT = 1
+FORMAT = 2
 FOLDER = ".partial"
 # The settings that shape a rank's answers: kept answers under other values are dropped.
 SHAPING = ("engine", "model", "sampling", "chat_template", "long_prompts", "max_model_len")
@@ -68,6 +74,38 @@ def partial_path(output: str | os.PathLike) -> Path:
     """Where a rank keeps the answers it has so far: results/.partial/<output name>."""
     output = Path(output)
     return output.parent / FOLDER / output.name
+
+
+def _packed(vectors: list) -> list[str] | None:
+    """Each vector as base64 of its little-endian float32, or None when float32 does not
+    hold every number exactly (they then stay numbers: a resumed rank's bytes are an
+    uninterrupted one's)."""
+    packed = []
+    for vector in vectors:
+        try:
+            values = array.array("f", vector)
+        except (TypeError, OverflowError):
+            return None
+        if values.tolist() != list(vector):
+            return None
+        if sys.byteorder == "big":
+            values.byteswap()
+        packed.append(base64.b64encode(values.tobytes()).decode("ascii"))
+    return packed
+
+
+def _vectors(entry: dict) -> list | None:
+    """An entry's embeddings, from "embeddings_f32" or "embeddings"."""
+    if "embeddings_f32" not in entry:
+        return entry.get("embeddings")
+    vectors = []
+    for text in entry["embeddings_f32"]:
+        values = array.array("f")
+        values.frombytes(base64.b64decode(text, validate=True))
+        if sys.byteorder == "big":
+            values.byteswap()
+        vectors.append(values.tolist())
+    return vectors
 
 
 class Partial:
@@ -110,7 +148,7 @@ class Partial:
                     # absent from older partial files
                     entry.get("choices"),
                     entry.get("error"),
-                    entry.get("embeddings"),
+                    _vectors(entry),
                     entry.get("body"),
                 )
             except (ValueError, KeyError, TypeError):
@@ -128,6 +166,10 @@ class Partial:
         # choices, error, embeddings, body only when there (older partial files stay as they were)
         entry = {"index": index, **{k: v for k, v in answer.__dict__.items() if v is not None}}
         entry.setdefault("finish_reason", None)
+        packed = answer.embeddings and _packed(answer.embeddings)
+        if packed:  # a tenth of the time of their decimal text (10,240 vectors: 0.74 s)
+            del entry["embeddings"]
+            entry["embeddings_f32"] = packed
         return json.dumps(entry, ensure_ascii=False) + "\n"
 
     def add(self, index: int, answer: Answer) -> None:

@@ -42,10 +42,12 @@ from rank.jsonl import (
 REQUESTS_IN_FLIGHT = 64
 # Embedding requests go EMBED_TEXTS texts to a call: one HTTP request per short text cost
 # more than embedding it (20,480 one-text lines, benchmarks/batch_fields.py: 74 s one
-# call a line, 31 s in calls of 64). vLLM's front end tells only a call's total tokens;
+# call a line, 31 s in calls of 64). A per-rank engine embedding 10,240 texts in calls of
+# 64, 256 and 1,024 spent 6.8, 5.7-6.1 and 6.3 s (2026-12-07, vLLM 0.32's front end in
+# the task's process). vLLM's front end tells only a call's total tokens;
 # our servers tell each text's (/token_counts), so the usage splits back per request.
 # vLLM's own server does not, and gets one call per request (_ONE_CALL_EACH).
-EMBED_TEXTS = 64
+EMBED_TEXTS = 256
 _ONE_CALL_EACH: set[str] = set()  # engine URLs
 
 
