@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import batch_fields  # noqa: E402
+import bill_error  # noqa: E402
 import chat_batch  # noqa: E402
 import common  # noqa: E402
 import dag_scale  # noqa: E402
@@ -47,6 +48,7 @@ BENCHMARKS = {
         batch_fields,
         local_scale,
         datasets,
+        bill_error,
     )
 }
 

@@ -37,6 +37,8 @@ def test_no_history_says_so_and_how_to_get_one(tmp_path):
     text, hours = bill.bill(2000, 2, [1000, 1000], settings, None, pbs=True)
     assert "No estimate: no earlier run of this model and these engine settings" in text
     assert "run a small sample first" in text
+    # a sample as busy as a node of this run: 2 ranks at once here (2 pending)
+    assert "(e.g. the first 2,000 lines as a dataset of their own: 2 ranks, as many" in text
     # what the walltimes ask for is what a budget is held against
     assert hours == pytest.approx(1 * (15 + 1 + 10) / 60)
 
@@ -68,6 +70,34 @@ def test_the_estimate_rests_on_the_history_and_sets_the_walltimes(tmp_path):
     hand_set = deep_merge(config, {"warm": {"rank_minutes": 3}})
     hand = bill.run_config(hand_set, "d", "r", estimate, 1000)
     assert hand["warm"]["rank_minutes"] == 3 and hand["warm"]["start_minutes"] == 10
+
+
+def test_a_run_busier_than_its_sample_is_told_the_estimate_is_likely_high(tmp_path):
+    config = aurora_config(pbs={"nodes_per_submission": 2})
+    settings = settings_from_config(config)
+    pending = [1000] * 480  # 240 ranks a submission of 2 nodes: 120 at once on a node
+    for at_once, told in ((2, True), (100, False), (None, False)):
+        fields = {} if at_once is None else {"ranks_at_once": at_once}
+        path = history_line(tmp_path / str(at_once), config, **fields)
+        estimate = bill.estimate_of(config, "m", "pbs", path)
+        text, _ = bill.bill(480_000, 480, pending, settings, estimate, pbs=True)
+        note = "ranks at once on a node, this one up to 120: engines answer more per second"
+        assert (note in text) is told, text
+    # a submission of fewer ranks than the engines' slots: that many at once
+    assert bill.at_once([1000] * 7, settings, [(7, 1)]) == 7
+    assert bill.at_once([1000] * 7, settings) == 7  # local: one node
+
+
+def test_ranks_at_once_of_a_run_are_its_fullest_nodes_ranks_up_to_their_slots():
+    settings = settings_from_config(aurora_config(warm={"ranks_per_engine": 2}))  # 24 slots
+
+    def sub(ranks: int, nodes: int) -> accounting.Submission:
+        slots = [accounting.Slot(f"e{i}", "h", str(i), records=[{}]) for i in range(ranks)]
+        return accounting.Submission("1", "r", nodes, "01:00:00", [], 0, 1, 2, 3, slots, {})
+
+    assert bill.ranks_at_once([sub(2, 1)], settings) == 2
+    assert bill.ranks_at_once([sub(30, 2), sub(5, 1)], settings) == 15
+    assert bill.ranks_at_once([sub(100, 1)], settings) == 24
 
 
 def test_a_bill_above_the_budget_stops_saying_by_how_much(tmp_path):
@@ -135,6 +165,7 @@ def test_rank_files_are_billed_too_and_their_mean_size_sets_the_walltime(tmp_pat
     with contextlib.redirect_stderr(said):
         resolved = bill.prepare(aurora, config, None, str(data), str(results), "m", ranks, ())
     assert resolved["warm"]["rank_minutes"] is None  # pbs/settings.py's 1 min
-    assert "No estimate" in said.getvalue() and "a data_dir of a few of the rank files" in (
+    # 2 ranks to run: as many as a node has at once here
+    assert "No estimate" in said.getvalue() and "a data_dir of 2 of the rank files: 2 ranks" in (
         said.getvalue()
     )

@@ -42,6 +42,12 @@ class Estimate:
         """Wall seconds of ``requests`` on ``nodes`` nodes (one submission)."""
         return self.fixed_s + requests * self.node_s_per_request / max(1, nodes)
 
+    @property
+    def ranks_at_once(self) -> int | None:
+        """Most ranks a node had in flight in the run it rests on (None in history lines
+        written before 2026-12-07)."""
+        return self.entry.get("ranks_at_once")
+
     def rests_on(self) -> str:
         e = self.entry
         when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e["written_at"]))
@@ -101,7 +107,7 @@ def bill(
     left = sum(pending)
     text = f"Bill: {requests:,} requests in {ranks:,} ranks; to run: {left:,} requests in "
     text += f"{len(pending):,} ranks"
-    hours = asked = None
+    hours = asked = submissions = None
     if pbs:
         submissions = plan.plan_run(len(pending), settings)
         shapes, at, hours, walls = Counter(), 0, 0.0, []
@@ -126,20 +132,23 @@ def bill(
             hours = asked
     elif estimate is not None:
         hours = estimate.seconds(left, 1) / 3600
+    busiest = at_once(pending, settings, submissions)
     if estimate is None:
+        # as many ranks as a node of this run has at once: a sample as busy bills it closest
+        ranks = max(1, busiest)
         sample = (
-            f"the first {max(100, 2 * settings.get('ranks_per_engine', 1))} lines as a "
-            "dataset of their own"
+            f"the first {max(1, sum(pending[:ranks])):,} lines as a dataset of their own"
             if dataset
-            else "a data_dir of a few of the rank files"
+            else f"a data_dir of {ranks} of the rank files"
         )
         text += (
             ". No estimate: no earlier run of this model and these engine settings here "
-            f"({history.PATH}); run a small sample first (e.g. {sample}) and the next dry "
-            "run bills from it"
+            f"({history.PATH}); run a small sample first (e.g. {sample}: {ranks} ranks, as "
+            "many as a node of this run has at once) and the next dry run bills from it"
         )
     else:
         text += f". Estimate {hours:.3g} node-hours, resting on {estimate.rests_on()}"
+        text += busier_note(estimate, busiest)
         if pbs:
             text += (
                 f"; walltimes are the estimate + {margin_percent:g}% "
@@ -150,6 +159,35 @@ def bill(
     if budget is not None:
         text += f". Budget {budget:g} node-hours (pbs.budget_node_hours), {spent:.3f} spent"
     return text + ".", hours
+
+
+# A run this many times busier than the one its estimate rests on gets a note in the bill.
+BUSIER = 1.5
+
+
+def at_once(pending: Sequence[int], settings: Mapping, submissions=None) -> int:
+    """Most ranks a node will have in flight in this run: its engines' rank slots
+    (engines x warm.ranks_per_engine), or fewer when a submission has fewer ranks."""
+    slots = plan.jobs_per_node(settings) * plan.ranks_per_job_slot(settings)
+    if submissions is None:  # local: one node
+        return min(len(pending), slots)
+    return max((min(math.ceil(j / n), slots) for j, n in submissions), default=0)
+
+
+def busier_note(estimate: Estimate, ranks: int) -> str:
+    """When this run keeps its nodes busier than the run the estimate rests on: engines
+    answer more requests per second with more in flight, so the estimate is likely high
+    (OpenPBS test cluster, echo engines, 2026-12-07: 10,000 requests, 20 ranks at once
+    on a node, billed from a sample of 2 ranks at 1.78 times what they cost, from a
+    sample of 20 ranks at 0.97 times)."""
+    sample = estimate.ranks_at_once
+    if not sample or ranks < BUSIER * sample:
+        return ""
+    return (
+        f"; the run it rests on had up to {sample} ranks at once on a node, this one up to "
+        f"{ranks}: engines answer more per second when busier, so the estimate is likely "
+        f"high (a sample of {ranks} ranks bills at this run's load)"
+    )
 
 
 def budget_problem(hours: float | None, budget: float | None, spent: float) -> str | None:
@@ -290,6 +328,12 @@ def unused_node_s(sub: accounting.Submission, tile_slots: int | None) -> float:
     return sum(sub.parts[part] - served[part] for part in ("serving", "idle"))
 
 
+def ranks_at_once(subs: Sequence[accounting.Submission], settings: Mapping) -> int:
+    """Most ranks a node of this run had in flight (`at_once` of its submissions)."""
+    ranks = [(sum(len(slot.records) for slot in sub.slots), sub.nodes) for sub in subs]
+    return at_once([1] * sum(r for r, _ in ranks), settings, ranks)
+
+
 def record_run(config: Mapping, model: str, workflow, record_paths, since: float) -> None:
     """Rule summary: the history line of the ranks this run answered (none: no line)."""
     from reporting import summary
@@ -318,6 +362,7 @@ def record_run(config: Mapping, model: str, workflow, record_paths, since: float
             ),
             "fixed_s": sum(s.parts[p] for s in subs for p in ("setup", "engine_start", "stop"))
             / nodes,
+            "ranks_at_once": ranks_at_once(subs, settings_from_config(config)),
         }
     )
 

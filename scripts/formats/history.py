@@ -16,6 +16,8 @@ A JSON object per line:
     work_node_s      node-seconds serving or idle between requests (accounting's parts),
                      less those of engines that served no request (dataset/bill.py)
     fixed_s          seconds per node-submission of set-up, engine start and stop
+    ranks_at_once    most ranks a node had in flight (its engines' rank slots, or fewer
+                     ranks; lines written before 2026-12-07 have none)
 
 Stdlib only.
 """
