@@ -16,6 +16,8 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
 from formats import workflow_config  # noqa: E402
+from formats import engine_spec  # noqa: E402
+from formats import settings as run_settings  # noqa: E402
 from formats import record as rank_record  # noqa: E402
 from dataset import bill, cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
@@ -28,6 +30,8 @@ workflow_config.load_config(config, "config/schema.yaml")
 
 
 validate(config, "config/schema.yaml")
+# The run's settings, made once from the checked config: the rules and rank jobs take them.
+SETTINGS = run_settings.from_config(config)
 
 DATASET = source.dataset_of(config)  # None: rank files in data_dir
 DATA, RESULTS = source.folders(config, DATASET)
@@ -40,8 +44,8 @@ RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 layout.report_kept(layout.forget_finished_incomplete(RESULTS))
 MODEL = prepare.check_model(config["model"])
-prepare.check_chat_template(config)
-MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
+prepare.check_chat_template(SETTINGS)
+MODEL_MARKER = prepare.model_marker(SETTINGS, MODEL)  # [] for the echo engine
 # A dataset's bill (dry runs too); the config of the ranks' side (rank folders, walltime).
 RUN = bill.prepare(workflow, config, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
@@ -50,7 +54,7 @@ pbs.export_settings(
     workflow=workflow,
     model=MODEL,
     marker="".join(MODEL_MARKER),
-    engines=rank_job.engine_spec(config),
+    engines=engine_spec.from_settings(SETTINGS),
 )
 
 
@@ -61,7 +65,7 @@ include: "rules/common.smk"
 pbs.announce_plan(workflow, RUN, count_pending)
 # Run here: a progress line every progress_interval_s (the first rank job starts it).
 progress.LOCAL.configure(
-    workflow, RESULTS, config["progress_interval_s"], rank_job.engine_states(config)
+    workflow, RESULTS, SETTINGS.progress_interval_s, rank_job.engine_states(SETTINGS)
 )
 
 
@@ -92,12 +96,12 @@ rule all:
 
 rule fetch_model:
     output:
-        f"{config['results_dir']}/model/{prepare.model_slug(MODEL)}.json",
+        f"{SETTINGS.results_dir}/model/{prepare.model_slug(MODEL)}.json",
     log:
         "logs/fetch_model.log",
     run:
-        rank_job.start_beside_fetch(workflow, config, MODEL, output[0])
-        prepare.fetch_model(config, MODEL, output[0], log[0])
+        rank_job.start_beside_fetch(workflow, SETTINGS, MODEL, output[0])
+        prepare.fetch_model(SETTINGS, MODEL, output[0], log[0])
 
 
 rule infer:
@@ -113,14 +117,14 @@ rule infer:
         pbs.node_group(workflow, RUN)
     threads: 1
     resources:
-        tiles=config["tiles"]["per_job"],
-        runtime=config["runtime_minutes"],
+        tiles=SETTINGS.tiles.per_job,
+        runtime=SETTINGS.runtime_minutes,
         # per-rank engines: profiles/local caps how many start at once
-        engines=0 if config["warm_engines"] else 1,
+        engines=0 if SETTINGS.warm_engines else 1,
     params:
         model=MODEL,
     run:
-        rank_job.run_rank(config, params.model, wildcards.rank, input, output, log[0])
+        rank_job.run_rank(SETTINGS, params.model, wildcards.rank, input, output, log[0])
 
 
 # JSONL ranks: the same job, answers in results/<rank>.jsonl.

@@ -45,7 +45,7 @@ FORMAT = 1
 FOLDER = ".snakemake/settings"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Dataset:
     input: str
     rank_size: int
@@ -54,7 +54,7 @@ class Dataset:
     embed: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sampling:
     temperature: float
     top_p: float
@@ -63,7 +63,7 @@ class Sampling:
     ignore_eos: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Vllm:
     dtype: str
     max_model_len: int | None
@@ -71,14 +71,14 @@ class Vllm:
     cpu_kv_cache_gib: float | None
     gpu_memory_utilization: float
     long_prompts: str
-    engine_args: tuple[str, ...]
     bad_requests: str = "error_line"
     embeddings_npy: bool = False
+    engine_args: tuple[str, ...]
     chat_template: str | None = None
     served_model_name: str | tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Warm:
     ranks_in_flight: int
     max_restarts: int
@@ -93,7 +93,7 @@ class Warm:
     listen: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tiles:
     per_node: int
     per_job: int
@@ -102,7 +102,7 @@ class Tiles:
     base_port: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Weights:
     shared_hf_home: str
     hf_home: str
@@ -111,7 +111,7 @@ class Weights:
     broadcast_host: str = "{host}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Pbs:
     account: str
     queue: str
@@ -119,20 +119,21 @@ class Pbs:
     place: str
     nodes_per_submission: int
     walltime_margin_minutes: int
+    estimate_margin_percent: float = 0
+    budget_node_hours: float | None = None
     setup: tuple[str, ...]
     status_interval: int
     resubmit: int
-    estimate_margin_percent: float = 0
-    budget_node_hours: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Settings:
     """The run's settings: config keys (config/schema.yaml), then what is derived from
     them (the module's docstring)."""
 
     data_dir: str
     results_dir: str
+    dataset: Dataset | None = None
     model: str
     engine: str
     python: str
@@ -140,17 +141,16 @@ class Settings:
     vllm: Vllm
     warm_engines: bool
     warm: Warm
+    engine_launcher: tuple[str, ...]
     task_env: Mapping[str, str]
     tiles: Tiles
     launcher: tuple[str, ...]
     node_launcher: tuple[str, ...]
-    engine_launcher: tuple[str, ...]
     weights: Weights
     vllm_cache_root: str
-    runtime_minutes: int
     progress_interval_s: float
+    runtime_minutes: int
     pbs: Pbs
-    dataset: Dataset | None = None
     # Derived once (from_config), carried as they are.
     engine_env: Mapping[str, str] = field(default_factory=dict, metadata={"derived": True})
     inference_python: str = field(default="", metadata={"derived": True})

@@ -54,7 +54,7 @@ def settings_from_config(
     fetch_model's output that names the folder the engines load ("" for none).
 
     ``engines``: with config warm_engines, what each submission's engines need
-    (rank_job.engine_spec; scripts/engine/supervisor.py reads it).
+    (formats/engine_spec.py from_settings; scripts/engine/supervisor.py reads it).
 
     ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
     run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).
