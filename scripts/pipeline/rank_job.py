@@ -6,7 +6,6 @@ Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
 
 import atexit
-import json
 import os
 import threading
 from pathlib import Path
@@ -15,6 +14,7 @@ from engine import client, local, routing, supervisor, vllm_server
 from formats import engine_spec as engine_specs
 from formats import failure_note
 from formats import registry as registry_format
+from formats import settings as run_settings
 from formats.marker import engine_fields, folder_bytes, marker_versions, model_folder
 from formats.settings import Settings
 from model.prepare import staged
@@ -178,8 +178,9 @@ def run_rank(settings: Settings, model: str, rank: str, input, output, log: str)
     model = model_folder(input.model, model)
     on_node = staged(settings, model)
 
+    settings_file = run_settings.write_settings(settings)  # once per run: named by its digest
+
     def command(slot: node_layout.Slot) -> list[str]:
-        rank_settings = settings.task(on_node(slot.host) if on_node else model)
         return [
             settings.inference_python,
             str(script),
@@ -191,8 +192,10 @@ def run_rank(settings: Settings, model: str, rank: str, input, output, log: str)
             os.path.abspath(output.out),
             "--record",
             os.path.abspath(output.record),
-            "--settings",
-            json.dumps(rank_settings),
+            "--settings-file",
+            str(settings_file),
+            "--model",
+            on_node(slot.host) if on_node else model,
             "--log",
             os.path.abspath(log),
         ]
