@@ -19,6 +19,7 @@ from formats import workflow_config  # noqa: E402
 from formats import engine_spec  # noqa: E402
 from formats import settings as run_settings  # noqa: E402
 from formats import record as rank_record  # noqa: E402
+from pbs.settings import run_info  # noqa: E402
 from dataset import bill, cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
@@ -30,11 +31,14 @@ workflow_config.load_config(config, "config/schema.yaml")
 
 
 validate(config, "config/schema.yaml")
-# The run's settings, made once from the checked config: the rules and rank jobs take them.
-SETTINGS = run_settings.from_config(config)
+# The run's settings: made once from the checked config by the main Snakemake and written
+# as one file, which the Snakemakes of its PBS jobs read instead (formats/settings.py).
+SETTINGS, SETTINGS_FILE = run_settings.of_process(config, main=run_info(workflow).main)
+# Their config keys, for the code that takes the config's shape.
+CONFIG = SETTINGS.config()
 
-DATASET = source.dataset_of(config)  # None: rank files in data_dir
-DATA, RESULTS = source.folders(config, DATASET)
+DATASET = source.dataset_of(CONFIG)  # None: rank files in data_dir
+DATA, RESULTS = source.folders(CONFIG, DATASET)
 RECORDS = f"{RESULTS}/{rank_record.FOLDER}"  # the rank records: <RECORDS>/<rank>.json
 # rank -> its .in or .jsonl (a dataset's: as far as its last cut knows them)
 RANK_FILES = (
@@ -43,11 +47,11 @@ RANK_FILES = (
 RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 layout.report_kept(layout.forget_finished_incomplete(RESULTS))
-MODEL = prepare.check_model(config["model"])
+MODEL = prepare.check_model(CONFIG["model"])
 prepare.check_chat_template(SETTINGS)
 MODEL_MARKER = prepare.model_marker(SETTINGS, MODEL)  # [] for the echo engine
 # A dataset's bill (dry runs too); the config of the ranks' side (rank folders, walltime).
-RUN = bill.prepare(workflow, config, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
+RUN = bill.prepare(workflow, CONFIG, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
     RUN,
@@ -55,6 +59,7 @@ pbs.export_settings(
     model=MODEL,
     marker="".join(MODEL_MARKER),
     engines=engine_spec.from_settings(SETTINGS),
+    settings_file=str(SETTINGS_FILE),
 )
 
 
@@ -91,7 +96,7 @@ rule all:
     input:
         ANSWERS,
         f"{RESULTS}/summary.tsv",
-        [source.answer_file(config, DATASET)] if DATASET else [],
+        [source.answer_file(CONFIG, DATASET)] if DATASET else [],
 
 
 rule fetch_model:
@@ -156,14 +161,14 @@ rule summary:
 
 onsuccess:
     rank_job.stop_engines()
-    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=config)
-    bill.print_against_spending(config, RESULTS, cut.ranks_now(DATA, RANKS))
+    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=CONFIG)
+    bill.print_against_spending(CONFIG, RESULTS, cut.ranks_now(DATA, RANKS))
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=config)
+    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=CONFIG)
     summary.report_failures(
         cut.ranks_now(DATA, RANKS), RESULTS, "logs/infer/{rank}.log"
     )

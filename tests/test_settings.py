@@ -144,3 +144,19 @@ def test_the_file_is_written_once_and_read_back_as_made_elsewhere(tmp_path, monk
     elsewhere.mkdir()
     os.chdir(elsewhere)  # read in another folder: nothing derived again
     assert run_settings.read_settings(path) == settings
+
+
+def test_the_main_snakemake_writes_the_file_and_a_jobs_snakemake_reads_it(tmp_path, monkeypatch):
+    """formats/settings.py of_process: the main Snakemake makes the settings and names
+    their file for its children; a PBS job's Snakemake reads that file, not its config."""
+    monkeypatch.chdir(tmp_path)
+    environ: dict = {}
+    made, path = run_settings.of_process(aurora_config(), main=True, environ=environ)
+    assert environ == {run_settings.VARIABLE: str(path)} and path.is_file()
+    assert run_settings.read_settings(path) == made
+    other = aurora_config(engine="echo")  # what a job's own config would say
+    read, read_path = run_settings.of_process(other, main=False, environ=dict(environ))
+    assert read == made and read_path == path
+    assert run_settings.settings_path(read) == path  # read back, the same digest
+    alone, _ = run_settings.of_process(other, main=False, environ={})
+    assert alone.engine == "echo"  # no file named (a job script of before): its config

@@ -1,7 +1,9 @@
 """The run's settings: the workflow config (config/config.yaml, the profile's file and
 --config), checked against config/schema.yaml once when the Snakefile loads, made into
 one frozen, typed `Settings`, and the file that carries it to the run's other processes,
-``.snakemake/settings/<digest>.json`` (`write_settings`, `read_settings`).
+``.snakemake/settings/<digest>.json`` (`write_settings`, `read_settings`): the main
+Snakemake writes it when it loads, the Snakemakes of its PBS jobs read it (`of_process`),
+and so does a rank's task with an engine of its own (scripts/rank/task.py).
 
 The classes below name every key of config/schema.yaml with its Python type
 (tests/test_settings.py holds them against the schema); config/config.yaml gives the
@@ -23,7 +25,9 @@ The file: one JSON object, every field of `Settings` (lists for tuples) and ``fo
 settings agree on one file and two runs with different settings never share one; it is
 written atomically (formats/files.py).
 
-Stdlib only: the PBS provider's commands run under a login node's Python.
+Stdlib only, and importable by Python 3.9 (the PBS provider's commands, under a login
+node's Python, import it through formats/engine_spec.py); made and read under Python 3.10
+or later (the workflow's and the engines').
 """
 
 from __future__ import annotations
@@ -43,9 +47,12 @@ from formats.files import write_atomic
 
 FORMAT = 1
 FOLDER = ".snakemake/settings"
+# The file of the run, in the environment of the processes the main Snakemake starts and
+# of its PBS jobs (the job script exports it: pbs/submission.py).
+VARIABLE = "WORKFLOW_SETTINGS"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Dataset:
     input: str
     rank_size: int
@@ -54,7 +61,7 @@ class Dataset:
     embed: bool
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Sampling:
     temperature: float
     top_p: float
@@ -63,7 +70,7 @@ class Sampling:
     ignore_eos: bool
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Vllm:
     dtype: str
     max_model_len: int | None
@@ -71,14 +78,14 @@ class Vllm:
     cpu_kv_cache_gib: float | None
     gpu_memory_utilization: float
     long_prompts: str
+    engine_args: tuple[str, ...]
     bad_requests: str = "error_line"
     embeddings_npy: bool = False
-    engine_args: tuple[str, ...]
     chat_template: str | None = None
     served_model_name: str | tuple[str, ...] | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Warm:
     ranks_in_flight: int
     max_restarts: int
@@ -93,7 +100,7 @@ class Warm:
     listen: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Tiles:
     per_node: int
     per_job: int
@@ -102,7 +109,7 @@ class Tiles:
     base_port: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Weights:
     shared_hf_home: str
     hf_home: str
@@ -111,7 +118,7 @@ class Weights:
     broadcast_host: str = "{host}"
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Pbs:
     account: str
     queue: str
@@ -119,21 +126,20 @@ class Pbs:
     place: str
     nodes_per_submission: int
     walltime_margin_minutes: int
-    estimate_margin_percent: float = 0
-    budget_node_hours: float | None = None
     setup: tuple[str, ...]
     status_interval: int
     resubmit: int
+    estimate_margin_percent: float = 0
+    budget_node_hours: float | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Settings:
     """The run's settings: config keys (config/schema.yaml), then what is derived from
     them (the module's docstring)."""
 
     data_dir: str
     results_dir: str
-    dataset: Dataset | None = None
     model: str
     engine: str
     python: str
@@ -151,6 +157,7 @@ class Settings:
     progress_interval_s: float
     runtime_minutes: int
     pbs: Pbs
+    dataset: Dataset | None = None
     # Derived once (from_config), carried as they are.
     engine_env: Mapping[str, str] = field(default_factory=dict, metadata={"derived": True})
     inference_python: str = field(default="", metadata={"derived": True})
@@ -261,3 +268,18 @@ def write_settings(settings: Settings, folder: str | os.PathLike = FOLDER) -> Pa
 
 def read_settings(path: str | os.PathLike) -> Settings:
     return from_json(Path(path).read_text())
+
+
+def of_process(config: Mapping, *, main: bool, environ=os.environ) -> tuple[Settings, Path]:
+    """The settings of this Snakemake and their file. The main one makes them from
+    ``config`` (checked), writes their file and names it in ``environ`` (`VARIABLE`) for
+    the processes it starts; the Snakemake of a PBS job reads the file its job script
+    names, as the main one made it, and leaves ``config`` aside."""
+    given = environ.get(VARIABLE)
+    if given and not main:
+        return read_settings(given), Path(given)
+    settings = from_config(config)
+    path = write_settings(settings)
+    if main:
+        environ[VARIABLE] = str(path)
+    return settings, path
