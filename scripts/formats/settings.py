@@ -8,7 +8,8 @@ and so does a rank's task with an engine of its own (scripts/rank/task.py).
 The classes below name every key of config/schema.yaml with its Python type
 (tests/test_settings.py holds them against the schema); config/config.yaml gives the
 defaults, config/README.md the meanings. A key the schema does not require has its
-default here.
+default here. `key_table`: each key's type and default as config/README.md's tables
+write them (tests/test_docs.py holds the tables against it).
 
 What follows from the config is derived here, once, when the object is made
 (`from_config`), and carried as it is from then on, file included: a process that reads
@@ -283,3 +284,82 @@ def of_process(config: Mapping, *, main: bool, environ=os.environ) -> tuple[Sett
     if main:
         environ[VARIABLE] = str(path)
     return settings, path
+
+
+# ----------------------------------------------------------------------------- key table
+# config/README.md's tables, column by column: key, type, default (tests/test_docs.py).
+
+
+def key_table(schema: Mapping, defaults: Mapping) -> list[tuple[str, str, str]]:
+    """(dotted key, type, default) of every key of config/schema.yaml (``schema``), in its
+    order, as config/README.md writes them: the type from the schema, the default from
+    config/config.yaml (``defaults``), else from these classes ("(optional)")."""
+    return list(_rows(schema, defaults, Settings, ""))
+
+
+def _rows(schema: Mapping, defaults: Mapping | None, cls, prefix: str):
+    fields = {f.name: f for f in dataclasses.fields(cls)} if cls else {}
+    hints = typing.get_type_hints(cls) if cls else {}
+    for name, sub in schema.get("properties", {}).items():
+        if isinstance(defaults, Mapping) and name in defaults:
+            default = default_text(defaults[name])
+        elif name in fields and fields[name].default is not dataclasses.MISSING:
+            default = f"{default_text(fields[name].default)} (optional)"
+        else:
+            default = ""
+        yield f"{prefix}{name}", type_text(sub), default
+        inner = [c for c in typing.get_args(hints.get(name)) or (hints.get(name),)]
+        inner = next((c for c in inner if dataclasses.is_dataclass(c)), None)
+        value = defaults.get(name) if isinstance(defaults, Mapping) else None
+        yield from _rows(sub, value, inner, f"{prefix}{name}.")
+
+
+def default_text(value) -> str:
+    """A default as config/README.md writes it: `data`, empty, null, 0.8, `[]`."""
+    if isinstance(value, Mapping):
+        return "`{}`" if not value else ""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if value == "":
+        return "empty"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{v}`" for v in value) if value else "`[]`"
+    if isinstance(value, str):
+        return f"`{value}`"
+    return str(value)
+
+
+_TYPE_NAMES = {"string": "string", "integer": "integer", "number": "number"}
+_TYPE_NAMES |= {"boolean": "boolean", "object": "mapping", "null": "null"}
+
+
+def type_text(schema: Mapping) -> str:
+    """A key's type as config/README.md writes it: `integer >= 1 or null`,
+    `number in (0, 1]`, `` `error` or `truncate` ``, `list of strings`."""
+    if "oneOf" in schema:
+        parts = [type_text(option) for option in schema["oneOf"]]
+        null = ", or null" if "null" in parts else ""
+        return ", ".join(p for p in parts if p != "null") + null
+    if "enum" in schema:
+        values = [f"`{v}`" for v in schema["enum"]]
+        return " or ".join(values) if len(values) == 2 else ", ".join(values)
+    kinds = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+    kind = next((k for k in kinds if k != "null"), "null")
+    null = " or null" if kind != "null" and "null" in kinds else ""
+    if kind == "array":
+        return "list of strings" + null
+    if kind == "object" and "properties" not in schema:
+        return "mapping of strings" + null
+    low, high = schema.get("minimum"), schema.get("maximum")
+    above = schema.get("exclusiveMinimum")
+    if above is not None and high is not None:
+        bounds = f" in ({above}, {high}]"
+    elif low is not None and high is not None:
+        bounds = f" {low}-{high}"
+    elif above is not None:
+        bounds = f" > {above}"
+    elif low is not None:
+        bounds = f" >= {low}"
+    else:
+        bounds = ""
+    return _TYPE_NAMES[kind] + bounds + null
