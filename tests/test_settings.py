@@ -160,3 +160,13 @@ def test_the_main_snakemake_writes_the_file_and_a_jobs_snakemake_reads_it(tmp_pa
     assert run_settings.settings_path(read) == path  # read back, the same digest
     alone, _ = run_settings.of_process(other, main=False, environ={})
     assert alone.engine == "echo"  # no file named (a job script of before): its config
+
+
+@pytest.mark.parametrize("make", [local_profile_config, aurora_config])
+def test_a_ranks_settings_made_from_a_checked_config_need_no_second_check(make):
+    """Settings.task gives what rank/checks.py's checked_settings would: every key, each
+    value as the schema let it through (the rank jobs take it as it is)."""
+    from rank import checks
+
+    task = run_settings.from_config(make(), python="/p").task("/models/m")
+    assert checks.checked_settings(task) == task

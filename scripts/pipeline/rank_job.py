@@ -143,7 +143,7 @@ def serve_rank(settings: Settings, model: str, rank: str, input, output, log: st
         try:
             line = warm.serve_rank(
                 int(rank),
-                checks.checked_settings(rank_settings),
+                rank_settings,  # checked with the config (config/schema.yaml)
                 input.prompts,
                 output.out,
                 output.record,

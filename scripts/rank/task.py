@@ -69,7 +69,6 @@ from rank.checks import (
     UsageError,
     _warn,
     check_model_folder,
-    checked_settings,
     fail_on_refused,
     parse_settings,
     refused_requests,
@@ -140,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def task_settings(args: argparse.Namespace) -> dict:
     """The rank's settings: from the run's settings file with --settings-file (checked
-    against config/schema.yaml when the run began), else from --settings."""
+    against config/schema.yaml when the run began: not again), else from --settings."""
     if not args.settings_file:
         return parse_settings(args.settings)
     if not args.model:
@@ -149,7 +148,7 @@ def task_settings(args: argparse.Namespace) -> dict:
         run = read_settings(args.settings_file)
     except (OSError, ValueError, TypeError) as error:
         raise UsageError(f"--settings-file {args.settings_file}: {error}") from None
-    return checked_settings(run.task(args.model))
+    return run.task(args.model)
 
 
 def log_to(path: str) -> None:
