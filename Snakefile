@@ -16,7 +16,10 @@ configfile: "config/config.yaml"
 sys.path.insert(0, str(Path(workflow.basedir, "scripts")))
 import pbs  # noqa: E402
 from formats import workflow_config  # noqa: E402
+from formats import engine_spec  # noqa: E402
+from formats import settings as run_settings  # noqa: E402
 from formats import record as rank_record  # noqa: E402
+from pbs.settings import run_info  # noqa: E402
 from dataset import bill, cut, merge, source  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
@@ -28,9 +31,14 @@ workflow_config.load_config(config, "config/schema.yaml")
 
 
 validate(config, "config/schema.yaml")
+# The run's settings: made once from the checked config by the main Snakemake and written
+# as one file, which the Snakemakes of its PBS jobs read instead (formats/settings.py).
+SETTINGS, SETTINGS_FILE = run_settings.of_process(config, main=run_info(workflow).main)
+# Their config keys, for the code that takes the config's shape.
+CONFIG = SETTINGS.config()
 
-DATASET = source.dataset_of(config)  # None: rank files in data_dir
-DATA, RESULTS = source.folders(config, DATASET)
+DATASET = source.dataset_of(CONFIG)  # None: rank files in data_dir
+DATA, RESULTS = source.folders(CONFIG, DATASET)
 RECORDS = f"{RESULTS}/{rank_record.FOLDER}"  # the rank records: <RECORDS>/<rank>.json
 # rank -> its .in or .jsonl (a dataset's: as far as its last cut knows them)
 RANK_FILES = (
@@ -39,18 +47,19 @@ RANK_FILES = (
 RANKS = list(RANK_FILES)
 # Ranks a killed Snakemake left marked "incomplete" although their outputs are whole.
 layout.report_kept(layout.forget_finished_incomplete(RESULTS))
-MODEL = prepare.check_model(config["model"])
-prepare.check_chat_template(config)
-MODEL_MARKER = prepare.model_marker(config, MODEL)  # [] for the echo engine
+MODEL = prepare.check_model(CONFIG["model"])
+prepare.check_chat_template(SETTINGS)
+MODEL_MARKER = prepare.model_marker(SETTINGS, MODEL)  # [] for the echo engine
 # A dataset's bill (dry runs too); the config of the ranks' side (rank folders, walltime).
-RUN = bill.prepare(workflow, config, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
+RUN = bill.prepare(workflow, CONFIG, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
     RUN,
     workflow=workflow,
     model=MODEL,
     marker="".join(MODEL_MARKER),
-    engines=rank_job.engine_spec(config),
+    engines=engine_spec.from_settings(SETTINGS),
+    settings_file=str(SETTINGS_FILE),
 )
 
 
@@ -61,7 +70,7 @@ include: "rules/common.smk"
 pbs.announce_plan(workflow, RUN, count_pending)
 # Run here: a progress line every progress_interval_s (the first rank job starts it).
 progress.LOCAL.configure(
-    workflow, RESULTS, config["progress_interval_s"], rank_job.engine_states(config)
+    workflow, RESULTS, SETTINGS.progress_interval_s, rank_job.engine_states(SETTINGS)
 )
 
 
@@ -87,17 +96,17 @@ rule all:
     input:
         ANSWERS,
         f"{RESULTS}/summary.tsv",
-        [source.answer_file(config, DATASET)] if DATASET else [],
+        [source.answer_file(CONFIG, DATASET)] if DATASET else [],
 
 
 rule fetch_model:
     output:
-        f"{config['results_dir']}/model/{prepare.model_slug(MODEL)}.json",
+        f"{SETTINGS.results_dir}/model/{prepare.model_slug(MODEL)}.json",
     log:
         "logs/fetch_model.log",
     run:
-        rank_job.start_beside_fetch(workflow, config, MODEL, output[0])
-        prepare.fetch_model(config, MODEL, output[0], log[0])
+        rank_job.start_beside_fetch(workflow, SETTINGS, MODEL, output[0])
+        prepare.fetch_model(SETTINGS, MODEL, output[0], log[0])
 
 
 rule infer:
@@ -113,14 +122,14 @@ rule infer:
         pbs.node_group(workflow, RUN)
     threads: 1
     resources:
-        tiles=config["tiles"]["per_job"],
-        runtime=config["runtime_minutes"],
+        tiles=SETTINGS.tiles.per_job,
+        runtime=SETTINGS.runtime_minutes,
         # per-rank engines: profiles/local caps how many start at once
-        engines=0 if config["warm_engines"] else 1,
+        engines=0 if SETTINGS.warm_engines else 1,
     params:
         model=MODEL,
     run:
-        rank_job.run_rank(config, params.model, wildcards.rank, input, output, log[0])
+        rank_job.run_rank(SETTINGS, params.model, wildcards.rank, input, output, log[0])
 
 
 # JSONL ranks: the same job, answers in results/<rank>.jsonl.
@@ -152,14 +161,14 @@ rule summary:
 
 onsuccess:
     rank_job.stop_engines()
-    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=config)
-    bill.print_against_spending(config, RESULTS, cut.ranks_now(DATA, RANKS))
+    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=CONFIG)
+    bill.print_against_spending(CONFIG, RESULTS, cut.ranks_now(DATA, RANKS))
 
 
 onerror:
     rank_job.stop_engines()
     # What did finish, then what failed.
-    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=config)
+    summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=CONFIG)
     summary.report_failures(
         cut.ranks_now(DATA, RANKS), RESULTS, "logs/infer/{rank}.log"
     )

@@ -8,8 +8,8 @@ def count_pending():  # ranks whose outputs are missing or outdated, as the bill
 
 def write_summary(answers, output, log):  # and the history line the next bill rests on
     records = layout.records(RESULTS, [Path(a).stem for a in answers])
-    summary.write_run_summary(records, output, log, len(records), config)
-    bill.record_run(config, MODEL, workflow, records, summary.STARTED)
+    summary.write_run_summary(records, output, log, len(records), CONFIG)
+    bill.record_run(CONFIG, MODEL, workflow, records, summary.STARTED)
 
 
 def reported(name, caption):  # a results file in the --report, with its caption

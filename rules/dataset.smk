@@ -25,7 +25,7 @@ rule merge_dataset:
         answers=dataset_answers,
         source=DATASET.source,
     output:
-        source.answer_file(config, DATASET),
+        source.answer_file(CONFIG, DATASET),
     log:
         "logs/merge_dataset.log",
     run:

@@ -1,5 +1,6 @@
 """The docs agree with what they describe: every config key of config/schema.yaml is in
-config/README.md and no other, and the README stays a short guide with no session diary.
+config/README.md and no other, with the schema's type and config/config.yaml's default,
+and the README stays a short guide with no session diary.
 
 Pure file reading: no Snakemake, vLLM or PBS.
 """
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from formats import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SCHEMA = ROOT / "config" / "schema.yaml"
@@ -69,6 +72,23 @@ def test_config_readme_names_no_key_the_schema_lacks():
     keys = schema_keys(yaml.safe_load(SCHEMA.read_text()))
     extra = sorted(documented_keys(CONFIG_README.read_text()) - keys)
     assert not extra, f"config/README.md documents keys config/schema.yaml lacks: {extra}"
+
+
+def test_config_readme_gives_each_keys_type_and_default_as_the_schema_and_config_yaml():
+    """The type and default columns of config/README.md's tables, against config/schema.yaml
+    and config/config.yaml (formats/settings.py key_table)."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    defaults = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    table = {key: (kind, default) for key, kind, default in settings.key_table(schema, defaults)}
+    assert table["warm.ready_timeout_s"] == ("number > 0 or null", "null")
+    assert table["weights.broadcast_host"] == ("string", "`{host}` (optional)")
+    documented = {}
+    for line in CONFIG_README.read_text().splitlines():
+        if match := TABLE_KEY.match(line):
+            cells = [cell.strip() for cell in line.split("|")[2:4]]
+            documented[match.group(1)] = tuple(cells)
+    wrong = {key: (cells, table[key]) for key, cells in documented.items() if cells != table[key]}
+    assert wrong == {}, "config/README.md (type, default) vs the schema and config.yaml"
 
 
 def test_readme_is_a_short_guide():

@@ -222,6 +222,33 @@ def test_echo_engine_never_imports_vllm_or_torch(tmp_path, poisoned_env):
     assert rec["import_s"] == 0
 
 
+def test_a_rank_job_passes_the_runs_settings_file_and_its_model(tmp_path, poisoned_env):
+    """A rank job with an engine of its own (rank_job.run_rank) passes the run's settings
+    file and the model folder instead of the settings themselves: the same answers and
+    record as with the settings given whole."""
+    from formats import settings as run_settings
+    from workflow import local_profile_config
+
+    vllm = local_profile_config()["vllm"] | {"served_model_name": ["served"]}
+    made = run_settings.from_config(local_profile_config(engine="echo", vllm=vllm))
+    path = run_settings.write_settings(made, tmp_path / "settings")
+    data = "\n".join(SEED_PROMPTS).encode() + b"\n"
+    whole = Run(tmp_path, "whole", data, made.task("/models/m"), poisoned_env, rank=3)
+    by_file = Run(tmp_path, "file", data, {}, poisoned_env, rank=3)
+    by_file.args[-2:] = ["--settings-file", str(path), "--model", "/models/m"]
+    for run in (whole, by_file):
+        run.run(timeout=60)
+        assert run.returncode == 0, run.describe()
+    assert by_file.output.read_bytes() == whole.output.read_bytes()
+    fields = ("engine", "model", "served_model_name", "prompts", "output_tokens")
+    records = [{k: r.load_record()[k] for k in fields} for r in (whole, by_file)]
+    assert records[0] == records[1] and records[1]["served_model_name"] == "served"
+    no_model = Run(tmp_path, "no-model", data, {}, poisoned_env, rank=3)
+    no_model.args[-2:] = ["--settings-file", str(path)]
+    no_model.run(timeout=60)
+    assert no_model.returncode == 2 and "needs --model" in no_model.stderr
+
+
 def test_poison_really_poisons(tmp_path, poisoned_env):
     """Guard for the tests above: with the poisoned path, importing vllm fails."""
     res = subprocess.run(

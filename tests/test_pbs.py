@@ -1143,6 +1143,7 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     conf = warm(tmp_path, engines={"engine": "echo", "registry_root": str(tmp_path)})
     conf["setup"] = ["module load frameworks"]
+    conf["settings_file"] = "/w/.snakemake/settings/0123.json"
     targets = " ".join(f"'infer:rank={r}'" for r in range(130))
     exec_job = f"cd /w && python -m snakemake --target-jobs {targets} --cores 2400 --mode 'remote'"
     text = jobscript(properties(130, ()), exec_job)
@@ -1171,6 +1172,9 @@ def test_warm_submission_plan_and_job_script(tmp_path, monkeypatch):
     )
     assert "-m snakemake" not in submitted
     assert lines.index("module load frameworks") < launch < lines.index(ranks)
+    # the node Snakemakes read the run's settings file (formats/settings.py)
+    export = lines.index("export WORKFLOW_SETTINGS=/w/.snakemake/settings/0123.json")
+    assert lines.index("module load frameworks") < export < lines.index(ranks)
     trap = next(line for line in lines if line.startswith("trap ") and "stop" in line)
     assert "supervisor.py stop" in trap and trap.endswith(" EXIT")
     nodes = json.loads((tmp_path / "logs" / "r0-129.nodes.json").read_text())

@@ -24,6 +24,7 @@ import pytest
 import workflow as wf
 from engine import client, local, supervisor
 from formats import registry as registry_format
+from formats import settings as run_settings
 from pipeline import rank_job
 from placement import node_layout, ports
 from rank import checks, warm
@@ -40,7 +41,7 @@ def echo_spec(tmp_path: Path, **env) -> dict:
     config = local_profile_config(
         engine="echo", warm={**local_profile_config()["warm"], "ranks_in_flight": 1}
     )
-    spec = rank_job.local_spec(config, "unused")
+    spec = rank_job.local_spec(run_settings.from_config(config), "unused")
     tag = uuid.uuid4().hex
     return spec | {
         "registry_root": str(tmp_path / "engines"),
@@ -388,12 +389,13 @@ def test_engines_start_beside_fetch_model_only_in_a_local_run_of_inprocess_engin
         (aurora, vllm, folder),
     ]
     for run, config, model in refused:
-        assert not rank_job.start_beside_fetch(run, config, model, marker)
+        assert not rank_job.start_beside_fetch(run, run_settings.from_config(config), model, marker)
     monkeypatch.setenv(supervisor.SPEC_VARIABLE, str(tmp_path / "spec.json"))
-    assert not rank_job.start_beside_fetch(local_run, vllm, folder, marker)
+    settings = run_settings.from_config(vllm)
+    assert not rank_job.start_beside_fetch(local_run, settings, folder, marker)
     assert started == []
     monkeypatch.delenv(supervisor.SPEC_VARIABLE)
-    assert rank_job.start_beside_fetch(local_run, vllm, folder, marker)
+    assert rank_job.start_beside_fetch(local_run, settings, folder, marker)
     assert started == [{"go_file": marker}]
 
 

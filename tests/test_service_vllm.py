@@ -10,6 +10,7 @@ import pytest
 import workflow as wf
 from engine import client, local
 from formats import registry as registry_format
+from formats import settings as run_settings
 from pipeline import rank_job
 from placement import node_layout, ports
 from test_service import HOST, Foreign
@@ -23,7 +24,7 @@ def test_a_server_planted_on_a_real_vllm_engines_port_is_survived(tmp_path, capf
     engine's port after the run chose it, before the engine binds it; the engine moves,
     proves its id on its new port, and answers the run's requests."""
     config = local_profile_config(tiles={**local_profile_config()["tiles"], "per_node": 1})
-    spec = rank_job.local_spec(config, str(wf.TINY_MODEL))
+    spec = rank_job.local_spec(run_settings.from_config(config), str(wf.TINY_MODEL))
     spec |= {"registry_root": str(tmp_path / "engines")}
     started = local.LocalService(spec)
     pool = started.start()

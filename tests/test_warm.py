@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from engine import supervisor
+from formats import settings as run_settings
 from pipeline import rank_job
 from placement import node_layout
 from rank import checks, offline
@@ -19,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def local_engines(config: dict, model: str, registry: Path) -> list:
     """The engines a local run's supervisor starts (supervisor.node), one per tile slot."""
-    spec = rank_job.local_spec(config, model)
+    spec = rank_job.local_spec(run_settings.from_config(config), model)
     host = os.uname().nodename
     per_node, per_job = config["tiles"]["per_node"], config["tiles"]["per_job"]
     return [

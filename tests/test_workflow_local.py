@@ -180,3 +180,22 @@ def metric(url: str, name: str) -> float:
     with direct.open(f"{url}/metrics", timeout=5) as answer:
         lines = answer.read().decode().splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name + "{"))
+
+
+def test_a_jobs_snakemake_reads_the_runs_settings_file_not_its_config(tmp_path):
+    """The main Snakemake writes the run's settings file (formats/settings.py); the
+    Snakemake of a PBS job (here in remote mode, as a job script starts it) reads the file
+    its job script exports, whatever its own config files say."""
+    from formats import settings as run_settings
+
+    work = make_workdir(tmp_path, {"0.in": FOUR})
+    assert_ok(snakemake(work, "-n", configfiles=local_config(work, engine="echo")))
+    (path,) = (work / run_settings.FOLDER).glob("*.json")
+    assert run_settings.read_settings(path).engine == "echo"
+    job = ["--mode", "remote", "--cores", "2", "--target-jobs", "infer:rank=0"]
+    vllm = local_config(work, engine="vllm")  # needs rule fetch_model's marker first
+    result = snakemake(work, *job, configfiles=vllm, env={run_settings.VARIABLE: str(path)})
+    assert_ok(result)
+    echoed = [(p, p) for p in prompts_of(work / "data" / "0.in")]
+    assert read_records(work / "results" / "0.out") == echoed
+    assert list((work / run_settings.FOLDER).glob("*.json")) == [path]

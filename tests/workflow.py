@@ -107,9 +107,9 @@ def aurora_config(**changes) -> dict:
 def aurora_engine_spec(model: str, **changes) -> dict:
     """The engine spec of an Aurora submission of ``model`` (not staged), as pbs-submit
     writes it before it adds the python."""
-    from pipeline import rank_job
+    from formats import engine_spec, settings
 
-    spec = rank_job.engine_spec(aurora_config(**changes))
+    spec = engine_spec.from_settings(settings.from_config(aurora_config(**changes)))
     return spec | {"model": model, "stage": False, "stage_dir": "/tmp"}
 
 

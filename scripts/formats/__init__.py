@@ -11,6 +11,7 @@ spells (tests/test_house.py).
 - `partial`: a rank's answers so far, ``results/.partial/``;
 - `node_report`, `faults`, `history`: what the node Snakemakes report, the
   infrastructure's failures, the finished runs;
+- `settings`: the run's settings, checked once and typed, ``.snakemake/settings/<digest>.json``;
 - `staged_model`: where a node's copy of the model lies; `workflow_config`: the config
   file read as the schema's types; `files`: the one atomic write and safe file names.
 

@@ -4,8 +4,8 @@ pbs/submission.py), or per local run, ``<registry root>/<run>.engines.json`` (wr
 the local run's service, engine/local.py); beside it ``<name>.key``, the engines' API key
 (mode 0600, new for each).
 
-Made in two steps: `from_config`, in the main Snakemake (pipeline/rank_job.py), what the
-workflow config says, carried to pbs-submit in the provider's settings; then
+Made in two steps: `from_settings`, in the main Snakemake, what the run's settings say
+(formats/settings.py), carried to pbs-submit in the provider's settings; then
 `with_model`, by pbs-submit or the local run, the model the engines load (from the model
 marker, formats/marker.py), its staging and the Python that runs them. Read by the
 engines' supervisor (engine/supervisor.py), a node's Snakemake (pbs/node.py) and the rank
@@ -16,7 +16,7 @@ A JSON object:
     vllm             config vllm, file names absolute (a node's supervisor may run in
                      another folder), served_model_name as a list
     tiles            config tiles (a local run: base_port the one it chose)
-    env              what every engine runs with (engine/settings.py offline_env)
+    env              what every engine runs with (the settings' engine_env)
     launcher         config engine_launcher
     max_restarts, node_restarts, ready_timeout_s, ranks_in_flight, server,
     stall_timeout_s, listen      config warm.*
@@ -37,33 +37,39 @@ import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from formats import registry
 from formats.files import write_atomic
+from formats.settings import plain
+
+if TYPE_CHECKING:
+    from formats.settings import Settings
 
 FORMAT = 1
 SUFFIX = ".engines.json"
 KEY_SUFFIX = ".key"
 
 
-def from_config(config: Mapping, vllm: Mapping, env: Mapping) -> dict:
-    """What the workflow config says of the engines. ``vllm``: config vllm as the rank
-    task sees it (pipeline/rank_job.py task_settings); ``env``: what every engine runs
-    with."""
-    warm = config["warm"]
+def from_settings(settings: Settings) -> dict:
+    """What the run's settings (formats/settings.py) say of the engines."""
+    warm = settings.warm
+    vllm = plain(settings.vllm)
+    vllm["served_model_name"] = list(settings.served_model_names)
+    vllm["chat_template"] = settings.chat_template_file
     return {
-        "engine": config["engine"],
-        "vllm": {k: v for k, v in vllm.items() if k in config["vllm"]},
-        "tiles": config["tiles"],
-        "env": dict(env),
-        "launcher": config["engine_launcher"],
-        "max_restarts": warm["max_restarts"],
-        "node_restarts": warm["node_restarts"],
-        "ready_timeout_s": warm["ready_timeout_s"],
-        "ranks_in_flight": warm["ranks_in_flight"],
-        "server": warm["server"],
-        "stall_timeout_s": warm["stall_timeout_s"],
-        "listen": warm["listen"],
+        "engine": settings.engine,
+        "vllm": vllm,
+        "tiles": plain(settings.tiles),
+        "env": dict(settings.engine_env),
+        "launcher": list(settings.engine_launcher),
+        "max_restarts": warm.max_restarts,
+        "node_restarts": warm.node_restarts,
+        "ready_timeout_s": warm.ready_timeout_s,
+        "ranks_in_flight": warm.ranks_in_flight,
+        "server": warm.server,
+        "stall_timeout_s": warm.stall_timeout_s,
+        "listen": warm.listen,
         "registry_root": os.path.abspath(registry.REGISTRY_ROOT),
     }
 

@@ -1,7 +1,7 @@
 """The model a run uses: checks of config model, rule fetch_model (weights and vLLM's
 model-info cache, on the login side) and its marker, and a node's staged copy in a PBS
-submission. The engines' own settings (environment, Python, command line) are
-engine/settings.py's.
+submission. Each takes the run's settings (formats/settings.py); the engines' command line
+is engine/settings.py's.
 
 Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
@@ -12,8 +12,9 @@ import re
 import subprocess
 from pathlib import Path
 
-from engine.settings import engine_check_argv, inference_python, offline_env
+from engine.settings import engine_check_argv
 from formats import staged_model
+from formats.settings import Settings
 from formats.workflow_config import ConfigError
 
 
@@ -41,38 +42,38 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model)
 
 
-def model_marker(config: dict, model: str) -> list[str]:
+def model_marker(settings: Settings, model: str) -> list[str]:
     """Rule fetch_model's output that rank jobs wait for (none for the echo engine): it
     names the model folder the engines load, with vLLM's model-info cache built."""
-    if config["engine"] == "echo":
+    if settings.engine == "echo":
         return []
-    return [f"{config['results_dir']}/model/{model_slug(model)}.json"]
+    return [f"{settings.results_dir}/model/{model_slug(model)}.json"]
 
 
-def fetch_env(config: dict, environ=os.environ) -> dict:
+def fetch_env(settings: Settings, environ=os.environ) -> dict:
     """The task's environment, online: the login node may download what jobs may not."""
-    env = {**environ, **offline_env(config)}
+    env = {**environ, **settings.engine_env}
     env.pop("HF_HUB_OFFLINE", None)
     env.pop("TRANSFORMERS_OFFLINE", None)
     return env
 
 
-def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
+def fetch_model(settings: Settings, model: str, marker: str, log: str) -> None:
     """Find or fetch the model's weights, check the engines' command line against the
     installed vLLM and build vLLM's model-info cache (rule fetch_model)."""
-    weights = config["weights"]
-    argv, server, keys = engine_check_argv(config, model)
+    weights = settings.weights
+    argv, server, keys = engine_check_argv(settings, model)
     command = [
-        inference_python(config),
+        settings.inference_python,
         str(Path(__file__).with_name("fetch.py")),
         "--model",
         model,
         "--marker",
         marker,
         "--shared-hf-home",
-        weights["shared_hf_home"],
+        weights.shared_hf_home,
         "--hf-home",
-        os.path.abspath(os.path.expanduser(weights["hf_home"])),
+        os.path.abspath(os.path.expanduser(weights.hf_home)),
         "--engine-argv",
         json.dumps(argv),
         "--server",
@@ -82,7 +83,7 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
     ]
     with open(log, "w") as stream:
         code = subprocess.run(
-            command, env=fetch_env(config), stdout=stream, stderr=stream
+            command, env=fetch_env(settings), stdout=stream, stderr=stream
         ).returncode
     if code != 0:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
@@ -90,20 +91,18 @@ def fetch_model(config: dict, model: str, marker: str, log: str) -> None:
         raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
 
 
-def staged(config: dict, model: str, environ=os.environ):
+def staged(settings: Settings, model: str, environ=os.environ):
     """With config weights.stage on inside a PBS job: host -> that node's copy of the
     model (scripts/model/stage.py made it). Otherwise None."""
     job = environ.get("PBS_JOBID")
-    if not (config["weights"]["stage"] and job and config["engine"] != "echo"):
+    if not (settings.weights.stage and job and settings.engine != "echo"):
         return None
-    return lambda host: str(
-        staged_model.staged_path(config["weights"]["stage_dir"], job, host, model)
-    )
+    return lambda host: str(staged_model.staged_path(settings.weights.stage_dir, job, host, model))
 
 
-def check_chat_template(config: dict) -> None:
+def check_chat_template(settings: Settings) -> None:
     """Config vllm.chat_template must name a readable file: else every chat rank would
     fail (or every warm engine fail to start) only once the run is under way."""
-    path = config["vllm"].get("chat_template")
+    path = settings.vllm.chat_template
     if path and not os.path.isfile(os.path.expanduser(path)):
         raise ConfigError(f"config key 'vllm.chat_template': no such file {path!r}")

@@ -397,6 +397,7 @@ def export_settings(
     model: str = "",
     marker: str = "",
     engines: Mapping | None = None,
+    settings_file: str = "",
 ) -> dict:
     """Put the settings as JSON into ``environ`` for the profile's commands.
 
@@ -404,7 +405,9 @@ def export_settings(
     use, also validate them, so a setting the scheduler would refuse fails the dry
     run with a `PbsConfigError` that names the config key.
     """
-    settings = settings_from_config(config, model=model, marker=marker, engines=engines)
+    settings = settings_from_config(
+        config, model=model, marker=marker, engines=engines, settings_file=settings_file
+    )
     if workflow is not None:
         info = run_info(workflow)
         if profile_in_use(info.configfiles):

@@ -47,6 +47,7 @@ def settings_from_config(
     marker: str = "",
     owner_pid: int | None = None,
     engines: Mapping | None = None,
+    settings_file: str = "",
 ) -> dict:
     """The provider's settings from the merged workflow config.
 
@@ -54,7 +55,10 @@ def settings_from_config(
     fetch_model's output that names the folder the engines load ("" for none).
 
     ``engines``: with config warm_engines, what each submission's engines need
-    (rank_job.engine_spec; scripts/engine/supervisor.py reads it).
+    (formats/engine_spec.py from_settings; scripts/engine/supervisor.py reads it).
+
+    ``settings_file``: the run's settings file (formats/settings.py), which every job
+    script exports to the job's Snakemakes.
 
     ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
     run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).
@@ -86,6 +90,7 @@ def settings_from_config(
         "start_minutes": _or(config["warm"]["start_minutes"], 15),
         "rank_minutes": _or(config["warm"]["rank_minutes"], 1),
         "engines": dict(engines or {}),
+        "settings_file": settings_file,
         "engine": config["engine"],
         "tiles_hierarchy": tiles["hierarchy"],
         "state_dir": os.path.abspath(STATE_DIR),

@@ -18,6 +18,7 @@ from engine import lifecycle  # stdlib only, like this package (scripts/ is on t
 from formats import engine_spec, preflight_failure
 from formats import marker as model_marker
 from formats import record as rank_record
+from formats import settings as run_settings
 from rank import layout as rank_files
 
 from .plan import (
@@ -152,6 +153,10 @@ def job_lines(settings: Mapping, stage_file: Path | None, engines_file: Path | N
     # The job's phases (scripts/reporting/accounting.py: where its node-hours went).
     phase = [python, str(ACCOUNTING_SCRIPT), "phase", str(settings["log_dir"])]
     lines = [f'{shlex.join([*phase, "setup"])} "start=$aurora_job_start"']
+    if settings.get("settings_file"):
+        # The job's Snakemakes read the run's settings (formats/settings.py), not the config.
+        variable = run_settings.VARIABLE
+        lines.append(f"export {variable}={shlex.quote(settings['settings_file'])}")
     cleanup = [shlex.join([*phase, "ranks_done"])]
     if engines_file is not None:
         serve = [python, str(SERVE_SCRIPT)]

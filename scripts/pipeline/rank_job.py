@@ -6,17 +6,17 @@ Stdlib only, so dry runs and DAG pictures work on a login node without vLLM.
 """
 
 import atexit
-import json
 import os
 import threading
 from pathlib import Path
 
 from engine import client, local, routing, supervisor, vllm_server
-from engine.settings import inference_python, offline_env
 from formats import engine_spec as engine_specs
 from formats import failure_note
 from formats import registry as registry_format
+from formats import settings as run_settings
 from formats.marker import engine_fields, folder_bytes, marker_versions, model_folder
+from formats.settings import Settings
 from model.prepare import staged
 from pbs.settings import profile_in_use, run_info
 from placement import launcher, node_layout
@@ -24,38 +24,16 @@ from rank import checks, task, warm
 from reporting import progress
 
 
-def served_model_names(config: dict) -> list[str]:
-    """Config vllm.served_model_name as a list (null: config `model` as given)."""
-    names = config["vllm"].get("served_model_name") or config["model"]
-    return [names] if isinstance(names, str) else list(names)
-
-
-def task_settings(config: dict, model: str) -> dict:
-    """What scripts/rank/task.py needs, as one JSON-able mapping (file names absolute: a
-    launcher may start the task in another folder)."""
-    settings = {"engine": config["engine"], "model": model, "sampling": config["sampling"]}
-    settings |= config["vllm"]
-    settings["served_model_name"] = served_model_names(config)
-    if settings.get("chat_template"):
-        settings["chat_template"] = os.path.abspath(settings["chat_template"])
-    return settings
-
-
-def engine_spec(config: dict) -> dict:
-    """What the warm engines of a PBS submission need of the config (formats/engine_spec.py;
-    pbs-submit adds the model folder and the staging)."""
-    return engine_specs.from_config(config, task_settings(config, ""), offline_env(config))
-
-
-def local_spec(config: dict, model: str, marker=()) -> dict:
-    """The engine spec of a local run: a submission's (engine_spec plus what pbs-submit
-    adds) for this host, with the model rule fetch_model found and no staging."""
+def local_spec(settings: Settings, model: str, marker=()) -> dict:
+    """The engine spec of a local run: a submission's (what the settings say of the
+    engines plus what pbs-submit adds) for this host, with the model rule fetch_model
+    found and no staging."""
     return engine_specs.with_model(
-        engine_spec(config),
+        engine_specs.from_settings(settings),
         engine_fields(marker, model),
         stage=False,
-        stage_dir=config["weights"]["stage_dir"],
-        python=inference_python(config),
+        stage_dir=settings.weights.stage_dir,
+        python=settings.inference_python,
     )
 
 
@@ -71,7 +49,7 @@ class RankEngines:
         self._pool = None
         self._local = None
 
-    def pool(self, config: dict, model: str, marker=(), environ=os.environ, go_file=None):
+    def pool(self, settings: Settings, model: str, marker=(), environ=os.environ, go_file=None):
         """``go_file``: the engines build their engine once it exists (`start_beside_fetch`)."""
         with self._lock:
             if self._pool is None:
@@ -80,7 +58,7 @@ class RankEngines:
                     spec = engine_specs.read_spec(spec_path)
                     self._pool = routing.RegistryPool.for_job(spec, environ)
                 else:
-                    spec = local_spec(config, model, marker)
+                    spec = local_spec(settings, model, marker)
                     if go_file:  # no marker yet: the folder's size for the ready timeout
                         go = {vllm_server.GO_FILE_VARIABLE: os.path.abspath(go_file)}
                         spec["env"] = spec["env"] | go
@@ -104,7 +82,7 @@ class RankEngines:
 ENGINES = RankEngines()
 
 
-def start_beside_fetch(workflow, config: dict, model: str, marker: str) -> bool:
+def start_beside_fetch(workflow, settings: Settings, model: str, marker: str) -> bool:
     """Rule fetch_model of a local run of warm in-process engines on a model folder:
     start the engines now, beside the rule (True). Each imports vLLM and parses its
     command line meanwhile, and builds its engine once the rule's marker exists, its
@@ -112,15 +90,15 @@ def start_beside_fetch(workflow, config: dict, model: str, marker: str) -> bool:
     model (the run's onerror stops them). Hub models (their folder is the rule's to
     find), vLLM's own server and PBS runs start their engines after the rule, as before."""
     if (
-        config["engine"] != "vllm"
-        or not config["warm_engines"]
-        or config["warm"]["server"] != "inprocess"
+        settings.engine != "vllm"
+        or not settings.warm_engines
+        or settings.warm.server != "inprocess"
         or not os.path.isdir(model)
         or os.environ.get(supervisor.SPEC_VARIABLE)
         or profile_in_use(run_info(workflow).configfiles)
     ):
         return False
-    ENGINES.pool(config, model, go_file=marker)
+    ENGINES.pool(settings, model, go_file=marker)
     return True
 
 
@@ -128,14 +106,14 @@ def stop_engines() -> None:
     ENGINES.stop()
 
 
-def engine_states(config: dict):
+def engine_states(settings: Settings):
     """For the local progress line (progress.LOCAL): a callable giving (engines ready,
     engines, what the ranks wait for), or None without warm engines; read from the
     run's engine registry (local.LocalService)."""
-    per_node = node_layout.engines_per_node(config["tiles"]["per_node"], config["tiles"]["per_job"])
+    per_node = node_layout.engines_per_node(settings.tiles.per_node, settings.tiles.per_job)
 
     def states():
-        if not config["warm_engines"]:
+        if not settings.warm_engines:
             return None
         registry = ENGINES.local_registry()
         if registry is None:
@@ -155,23 +133,23 @@ def engine_states(config: dict):
     return states
 
 
-def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
+def serve_rank(settings: Settings, model: str, rank: str, input, output, log: str) -> None:
     """One rank on the run's warm engines, in this thread; raise if it failed."""
-    pool = ENGINES.pool(config, model, input.model)
-    settings = task_settings(config, model_folder(input.model, model))
+    pool = ENGINES.pool(settings, model, input.model)
+    rank_settings = settings.task(model_folder(input.model, model))
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     failure_note.clear_failure_note(log, rank)
     with open(log, "w") as out:
         try:
             line = warm.serve_rank(
                 int(rank),
-                checks.checked_settings(settings),
+                rank_settings,  # checked with the config (config/schema.yaml)
                 input.prompts,
                 output.out,
                 output.record,
                 pool,
-                retries=config["warm"]["retry_after_engine_death"],
-                request_timeout=config["warm"]["stall_timeout_s"],
+                retries=settings.warm.retry_after_engine_death,
+                request_timeout=settings.warm.stall_timeout_s,
                 versions=marker_versions(input.model),
             )
         except (checks.UsageError, task.PromptFileError, client.EngineError) as error:
@@ -184,7 +162,7 @@ def serve_rank(config: dict, model: str, rank: str, input, output, log: str) -> 
         out.write(line + "\n")
 
 
-def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> None:
+def run_rank(settings: Settings, model: str, rank: str, input, output, log: str) -> None:
     """Run one rank's inference on a tile of this allocation; raise if it failed.
 
     With config warm_engines: on the run's warm engines (in a PBS submission, on the
@@ -194,16 +172,17 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
     another folder (pbs_tmrsh: $HOME) and send its output elsewhere.
     """
     progress.LOCAL.start()  # the local run's progress line (its first rank starts it)
-    if config["warm_engines"]:
-        return serve_rank(config, model, rank, input, output, log)
+    if settings.warm_engines:
+        return serve_rank(settings, model, rank, input, output, log)
     script = Path(__file__).resolve().parents[1] / "rank" / "task.py"
     model = model_folder(input.model, model)
-    on_node = staged(config, model)
+    on_node = staged(settings, model)
+
+    settings_file = run_settings.write_settings(settings)  # once per run: named by its digest
 
     def command(slot: node_layout.Slot) -> list[str]:
-        settings = task_settings(config, on_node(slot.host) if on_node else model)
         return [
-            inference_python(config),
+            settings.inference_python,
             str(script),
             "--rank",
             rank,
@@ -213,25 +192,27 @@ def run_rank(config: dict, model: str, rank: str, input, output, log: str) -> No
             os.path.abspath(output.out),
             "--record",
             os.path.abspath(output.record),
-            "--settings",
-            json.dumps(settings),
+            "--settings-file",
+            str(settings_file),
+            "--model",
+            on_node(slot.host) if on_node else model,
             "--log",
             os.path.abspath(log),
         ]
 
-    placement = config["tiles"]
+    placement = settings.tiles
     Path(log).parent.mkdir(parents=True, exist_ok=True)
     failure_note.clear_failure_note(log, rank)
     code = launcher.run_placed(
         command,
         log_path=Path(log),
-        tiles_per_job=placement["per_job"],
-        tiles_per_node=placement["per_node"],
-        hierarchy_setting=placement["hierarchy"],
-        base_port=placement["base_port"],
-        cpu_bind=placement["cpu_bind"],
-        launcher=config["launcher"],
-        extra_env=offline_env(config),
+        tiles_per_job=placement.per_job,
+        tiles_per_node=placement.per_node,
+        hierarchy_setting=placement.hierarchy,
+        base_port=placement.base_port,
+        cpu_bind=list(placement.cpu_bind),
+        launcher=list(settings.launcher),
+        extra_env=dict(settings.engine_env),
     )
     if code != 0:
         # scripts/rank/task.py exits 2 for a bad rank file or prompt (its input is at fault)

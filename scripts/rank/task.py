@@ -8,6 +8,10 @@ and passes everything else on the command line:
         --record results/records/0.json --settings '{"engine": "vllm", ...}' \\
         [--log logs/infer/0.log]
 
+A rank job of the workflow passes the run's settings file instead (formats/settings.py,
+written once per run) and the model folder this rank loads (a node's copy, when
+staged): ``--settings-file .snakemake/settings/<digest>.json --model /path/to/model``.
+
 A rank file is a ``.in`` (one prompt a line) or a ``.jsonl`` of requests
 (scripts/rank/jsonl.py: prompts or chat messages, per-request sampling, OpenAI batch
 lines). Each answer is kept in ``results/.partial/`` (scripts/formats/partial.py) as it
@@ -59,6 +63,7 @@ if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder
 
 from formats.partial import Partial, partial_key
 from formats.record import build_record
+from formats.settings import read_settings
 from rank.answer_files import write_outputs
 from rank.checks import (
     UsageError,
@@ -118,13 +123,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--output", required=True, help="results (.out or .jsonl)")
     parser.add_argument("--record", required=True, help="JSON record of the run")
-    parser.add_argument("--settings", default="{}", help="JSON object (see module doc)")
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument("--settings", default="{}", help="JSON object (see module doc)")
+    given.add_argument(
+        "--settings-file", help="the run's settings file (formats/settings.py), with --model"
+    )
+    parser.add_argument("--model", help="with --settings-file: the model folder to load")
     parser.add_argument(
         "--log",
         help="append stdout and stderr (also the engine's) to this file: launchers such "
         "as pbs_tmrsh send a command's output elsewhere",
     )
     return parser.parse_args(argv)
+
+
+def task_settings(args: argparse.Namespace) -> dict:
+    """The rank's settings: from the run's settings file with --settings-file (checked
+    against config/schema.yaml when the run began: not again), else from --settings."""
+    if not args.settings_file:
+        return parse_settings(args.settings)
+    if not args.model:
+        raise UsageError("--settings-file needs --model, the model folder to load")
+    try:
+        run = read_settings(args.settings_file)
+    except (OSError, ValueError, TypeError) as error:
+        raise UsageError(f"--settings-file {args.settings_file}: {error}") from None
+    return run.task(args.model)
 
 
 def log_to(path: str) -> None:
@@ -144,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.log:
         log_to(args.log)
     try:
-        settings = parse_settings(args.settings)
+        settings = task_settings(args)
         check_model_folder(settings)
         # file errors come before any engine start
         requests = with_served_models(read_rank(args.prompts), settings["served_model_name"])
