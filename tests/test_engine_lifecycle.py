@@ -413,3 +413,20 @@ def test_restart_is_bounded(tmp_path):
     engine = stand_in(tmp_path, "import time; time.sleep(300)", max_restarts=0)
     with pytest.raises(EngineStartError, match="max_restarts 0"):
         engine.restart(1)
+
+
+def test_a_closed_engine_is_never_started_again(tmp_path):
+    """The supervisor closes its engines when it ends: a thread still bringing one up
+    (moving it off a taken port, restarting it) must not start it after that (a fresh
+    clone of 5c8eee7 left two engines of a refused run alive: moved, started again)."""
+    engine = stand_in(tmp_path, "import time; time.sleep(300)", stop_grace=1.0)
+    engine.start()
+    pgid = engine.pgid
+    assert wait_until(lambda: len(engine.pids()) == 2, 10)
+    engine.close()
+    assert process_group(pgid) == [] and not engine.alive()
+    with pytest.raises(lifecycle.EngineError, match="stopped for good"):
+        engine.start()
+    with pytest.raises(lifecycle.EngineError, match="stopped for good"):
+        engine.restart(1)
+    assert engine.pgid is None and engine.log_path.read_text().count("=== engine") == 1

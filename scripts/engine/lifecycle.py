@@ -43,6 +43,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -317,6 +318,10 @@ class Engine:
         if SERVER_MODULE in self.argv:
             self.proof = "key" if self.api_key else "none"
         self._proc: subprocess.Popen | None = None
+        # start and stop exclude each other; once closed, never started again (a thread
+        # still bringing the engine up must not start it after the supervisor stopped it)
+        self._guard = threading.Lock()
+        self._closed = False
         self._starts = 0
         # For the run's accounting (scripts/reporting/accounting.py): first start, first ready
         # (epoch s), and the seconds its restarts took.
@@ -334,6 +339,12 @@ class Engine:
         return None if self._proc is None else self._proc.pid
 
     def start(self) -> None:
+        with self._guard:
+            self._start()
+
+    def _start(self) -> None:
+        if self._closed:
+            raise EngineError(f"engine {self.name} is stopped for good (its supervisor is ending)")
         if self._proc is not None:
             raise EngineError(f"engine {self.name} is already started")
         # Another server on our port would answer our health checks.
@@ -410,7 +421,8 @@ class Engine:
 
     def stop(self) -> None:
         """SIGTERM to the whole group, then SIGKILL after the grace period. Idempotent."""
-        proc, self._proc = self._proc, None
+        with self._guard:
+            proc, self._proc = self._proc, None
         if proc is None:
             return
         if not _exited(proc.pid):
@@ -425,6 +437,12 @@ class Engine:
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
+
+    def close(self) -> None:
+        """Stop, and refuse any later start (EngineError)."""
+        with self._guard:
+            self._closed = True
+        self.stop()
 
     def move(self, port: int, env: Mapping[str, str]) -> None:
         """A new API port (and ``env``: vLLM's internal ports) for the next start."""

@@ -338,8 +338,9 @@ def node(
                         _log(f"{member.engine.name} exited; restarting it")
                         launch(member, restart=True)
     stopping.set()
-    # All at once: a vLLM server takes seconds to shut down.
-    stoppers = [threading.Thread(target=m.engine.stop) for m in members]
+    # All at once: a vLLM server takes seconds to shut down. Closed: a thread still
+    # bringing one up (moving it off a taken port, restarting it) cannot start it again.
+    stoppers = [threading.Thread(target=m.engine.close) for m in members]
     for thread in stoppers:
         thread.start()
     for member, thread in zip(members, stoppers, strict=True):
