@@ -148,7 +148,10 @@ def soak(cluster, tmp_path: Path, *, ranks: int, faults: dict[str, int], seed: i
                 while time.monotonic() < begin + at and proc.poll() is None:
                     time.sleep(0.1)
                 hit = None
-                deadline = time.monotonic() + 20  # a target of its kind may come later
+                # a target of its kind may come later: a lost host needs a running submission
+                # of 2 nodes, and after a qdel its continuation waits for PBS to start it (a
+                # fresh clone of 5c8eee7 missed one in 20 s; the run itself went on)
+                deadline = time.monotonic() + 60
                 while proc.poll() is None and time.monotonic() < deadline:
                     if hit := inject(kind, cluster, work, rng, lost):
                         break
