@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import array
-import base64
-import binascii
 import contextlib
 import json
 import socket
-import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from formats.partial import unpack_float32
 
 
 class EngineError(RuntimeError):
@@ -482,14 +480,10 @@ def _vector(embedding, url: str) -> list[float]:
     float32) as a list of floats."""
     if not isinstance(embedding, str):
         return list(embedding or [])
-    values = array.array("f")
     try:
-        values.frombytes(base64.b64decode(embedding, validate=True))
-    except (ValueError, binascii.Error) as error:
+        return unpack_float32(embedding)
+    except ValueError as error:  # binascii.Error is one
         raise EngineUnavailable(f"{url}/v1/embeddings: not base64 float32: {error}") from error
-    if sys.byteorder == "big":
-        values.byteswap()
-    return values.tolist()
 
 
 def token_counts(

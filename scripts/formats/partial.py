@@ -76,6 +76,17 @@ def partial_path(output: str | os.PathLike) -> Path:
     return output.parent / FOLDER / output.name
 
 
+def unpack_float32(text: str) -> list[float]:
+    """Base64 of little-endian float32 (as "embeddings_f32" holds them, and as vLLM's
+    /v1/embeddings sends them with encoding_format "base64") as a list of floats;
+    ValueError when it is not that."""
+    values = array.array("f")
+    values.frombytes(base64.b64decode(text, validate=True))
+    if sys.byteorder == "big":
+        values.byteswap()
+    return values.tolist()
+
+
 def _packed(vectors: list) -> list[str] | None:
     """Each vector as base64 of its little-endian float32, or None when float32 does not
     hold every number exactly (they then stay numbers: a resumed rank's bytes are an
@@ -98,14 +109,7 @@ def _vectors(entry: dict) -> list | None:
     """An entry's embeddings, from "embeddings_f32" or "embeddings"."""
     if "embeddings_f32" not in entry:
         return entry.get("embeddings")
-    vectors = []
-    for text in entry["embeddings_f32"]:
-        values = array.array("f")
-        values.frombytes(base64.b64decode(text, validate=True))
-        if sys.byteorder == "big":
-            values.byteswap()
-        vectors.append(values.tolist())
-    return vectors
+    return [unpack_float32(text) for text in entry["embeddings_f32"]]
 
 
 class Partial:
