@@ -20,7 +20,7 @@ from formats import engine_spec  # noqa: E402
 from formats import settings as run_settings  # noqa: E402
 from formats import record as rank_record  # noqa: E402
 from pbs.settings import run_info  # noqa: E402
-from dataset import bill, cut, merge, source  # noqa: E402
+from dataset import bill, cut, merge, source, tables  # noqa: E402
 from model import prepare  # noqa: E402
 from pipeline import rank_job  # noqa: E402
 from rank import layout  # noqa: E402

@@ -1,5 +1,6 @@
 # A dataset (config key dataset.input) cut into the ranks of data/<name>/ and answered
-# in one file, results/<name>.jsonl or .parquet (scripts/dataset/).
+# in one file, results/<name>.jsonl or .parquet (scripts/dataset/). Its files: the file,
+# or a datasets folder's state.json and shards (a rewritten shard cuts anew).
 
 
 localrules:
@@ -9,7 +10,7 @@ localrules:
 
 checkpoint cut_dataset:
     input:
-        DATASET.source,
+        tables.files(DATASET.source),
     output:
         f"{DATA}/{cut.MANIFEST}",
     log:
@@ -23,7 +24,7 @@ checkpoint cut_dataset:
 rule merge_dataset:
     input:
         answers=dataset_answers,
-        source=DATASET.source,
+        source=tables.files(DATASET.source),
     output:
         source.answer_file(CONFIG, DATASET),
     log:

@@ -1,6 +1,8 @@
 """A dataset cut into ranks and answered in one file (scripts/dataset/): deterministic
 cuts that rewrite only the ranks whose bytes change, bad lines named by dataset and line
-with nothing half-written, the merge in input order, Parquet with carried columns."""
+with nothing half-written, the merge in input order, Parquet with carried columns, a
+Hugging Face datasets folder read as the same rows in Parquet, and folders that are none
+named."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from dataset import cut, merge, source  # noqa: E402
 from rank.jsonl import RequestFileError  # noqa: E402
+from workflow import write_datasets_folder  # noqa: E402
 
 
 def dataset(path: Path, rank_size: int = 10, **kw) -> source.Dataset:
@@ -185,3 +188,122 @@ def test_embedding_vectors_in_rank_npy_files_merge_into_one_with_their_rows_renu
         row = line["data"][0]["npy_row"]
         assert merged[row].tolist() == pytest.approx([rank + i / 10, -rank - i / 10])
     assert [line["data"][0]["npy_row"] for line in lines] == [0, 1, 2, 3, 4]
+
+
+def qa_table(rows: int = 23):
+    return pa.table({
+        "prompt": [f"question {i}" for i in range(rows)],
+        "label": list(range(rows)),
+        "extra": [{"k": i} for i in range(rows)],
+    })  # fmt: skip
+
+
+def test_a_datasets_folder_cuts_and_merges_as_the_same_rows_in_parquet(tmp_path):
+    table = qa_table()
+    pq.write_table(table, tmp_path / "qa.parquet", row_group_size=7)
+    folder = tmp_path / "inputs" / "qa"
+    shards = write_datasets_folder(folder, table, shards=2, batch_rows=5)
+    as_parquet = dataset(tmp_path / "qa.parquet", carry=("label", "extra"))
+    as_folder = dataset(folder, carry=("label", "extra"))
+    assert as_folder.folder and as_folder.table and as_folder.name == "qa"
+    assert source.answer_file({"results_dir": "results"}, as_folder) == "results/qa.parquet"
+    assert cut.cut(as_folder, tmp_path / "f")["sizes"] == [10, 10, 3]
+    cut.cut(as_parquet, tmp_path / "p")
+    for rank in range(3):  # rank 1 holds the end of the first shard and the second's start
+        assert (tmp_path / "f" / f"{rank}.jsonl").read_bytes() == (
+            tmp_path / "p" / f"{rank}.jsonl"
+        ).read_bytes()
+    assert cut.count_requests(as_folder) == 23
+    answers = []
+    for rank in range(3):
+        lines = [json.loads(x) for x in (tmp_path / "f" / f"{rank}.jsonl").read_text().splitlines()]
+        answers.append(tmp_path / f"a{rank}.jsonl")
+        write_lines(answers[-1], [{"id": x["id"], "text": x["prompt"][::-1]} for x in lines])
+    merge.merge(as_folder, answers, tmp_path / "from-folder.parquet")
+    merge.merge(as_parquet, answers, tmp_path / "from-parquet.parquet")
+    got = pq.read_table(tmp_path / "from-folder.parquet")
+    assert got.equals(pq.read_table(tmp_path / "from-parquet.parquet"))
+    assert got.column("label").to_pylist() == list(range(23))
+    assert got.column("text").to_pylist()[14] == "41 noitseuq"
+    # the manifest is stale once any shard changes (or state.json)
+    assert cut.current_manifest(as_folder, tmp_path / "f") is not None
+    later = (tmp_path / "f" / cut.MANIFEST).stat().st_mtime + 10
+    os.utime(folder / shards[1], (later, later))
+    assert cut.current_manifest(as_folder, tmp_path / "f") is None
+
+
+def test_a_datasets_folder_given_by_the_config_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_datasets_folder(tmp_path / "inputs" / "qa", qa_table(), shards=2)
+    config = {"dataset": {"input": "inputs/qa/", "rank_size": 4, "column": "prompt"}}
+    found = source.dataset_of(config)
+    assert (found.name, found.rank_size, found.table) == ("qa", 4, True)
+    assert source.folders({"data_dir": "data", "results_dir": "r"}, found) == ("data/qa", "r/qa")
+    (tmp_path / "inputs" / "empty").mkdir()
+    with pytest.raises(
+        source.DatasetError, match="config key dataset.input: no inputs/empty/state"
+    ):
+        source.dataset_of({"dataset": {"input": "inputs/empty"}})
+
+
+def broken_folders(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Folders that are no datasets folder, and what the error must say."""
+    made = {}
+    for case in ("no state", "no shard", "bad state", "not arrow", "other columns", "dict"):
+        folder = tmp_path / case.replace(" ", "-")
+        names = write_datasets_folder(folder, qa_table(), shards=2)
+        made[case] = folder
+    (made["no state"] / "state.json").unlink()
+    (made["no shard"] / names[1]).unlink()
+    (made["bad state"] / "state.json").write_text('{"_data_files": "data.arrow"}')
+    (made["not arrow"] / names[1]).write_bytes(b"PAR1 not a stream")
+    other = pa.schema([("prompt", pa.int64())])
+    with (
+        pa.OSFile(str(made["other columns"] / names[1]), "wb") as sink,
+        pa.ipc.new_stream(sink, other) as writer,
+    ):
+        writer.write_batch(pa.record_batch({"prompt": [1]}))
+    os.rename(made["dict"], tmp_path / "train")
+    made["dict"].mkdir()
+    os.rename(tmp_path / "train", made["dict"] / "train")
+    write_datasets_folder(made["dict"] / "test", qa_table(3), shards=1)
+    (made["dict"] / "dataset_dict.json").write_text('{"splits": ["train", "test"]}')
+    return {
+        "no state": (made["no state"], f"no {made['no state']}/state.json"),
+        "no shard": (made["no shard"], f"no shard {made['no shard']}/{names[1]} \\(listed in"),
+        "bad state": (made["bad state"], "not a state.json of save_to_disk"),
+        "not arrow": (made["not arrow"], f"{made['not arrow']}/{names[1]}: not an Arrow stream"),
+        "other columns": (made["other columns"], f"{names[1]}: its columns differ"),
+        "dict": (made["dict"], f"a DatasetDict .*'{made['dict']}/train', '{made['dict']}/test'"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case", ["no state", "no shard", "bad state", "not arrow", "other columns", "dict"]
+)
+def test_a_folder_that_is_no_datasets_folder_is_named_and_nothing_is_written(tmp_path, case):
+    folder, message = broken_folders(tmp_path)[case]
+    ranks = tmp_path / "ranks"
+    with pytest.raises(source.DatasetError, match=message) as error:
+        cut.cut(dataset(folder, rank_size=4), ranks)
+    assert "config key dataset.input" in str(error.value)
+    assert os.listdir(ranks) == []
+    if case not in ("not arrow", "other columns"):  # the config key finds these when loaded
+        with pytest.raises(source.DatasetError, match=message):
+            source.dataset_of({"dataset": {"input": str(folder)}})
+    answers = tmp_path / "answers.jsonl"
+    write_lines(answers, [{"id": i, "text": "a"} for i in range(23)])
+    with pytest.raises(source.DatasetError, match=message):
+        merge.merge(dataset(folder), [answers], tmp_path / "out.parquet")
+    assert not [p for p in os.listdir(tmp_path) if "out.parquet" in p]
+
+
+def test_a_datasets_folder_without_the_column_is_named_with_the_config_keys(tmp_path):
+    folder = tmp_path / "qa"
+    write_datasets_folder(folder, pa.table({"question": ["a", "b"]}), shards=1)
+    with pytest.raises(
+        source.DatasetError, match="no column 'prompt' \\(config key dataset.column"
+    ):
+        cut.cut(dataset(folder), tmp_path / "ranks")
+    with pytest.raises(source.DatasetError, match="no column\\(s\\) \\['label'\\] \\(config key"):
+        merge.merge(dataset(folder, carry=("label",)), [], tmp_path / "out.parquet")

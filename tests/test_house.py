@@ -68,6 +68,7 @@ JSON_READERS = {
     "rank.checks": "the task's --settings",
     "dataset.cut": "a dataset's lines (user input) and its own manifest, ranks.json",
     "dataset.merge": "the ranks' answer lines, written by rank/jsonl.py's answer_line",
+    "dataset.tables": "a datasets folder's state.json and dataset_dict.json (user input)",
     "tools.build_model": "a model's config.json",
 }
 

@@ -203,6 +203,38 @@ def local_config(workdir: Path, **overrides) -> list[Path]:
     return [REPO / "profiles" / "local" / "local.yaml", write_config(workdir, overrides)]
 
 
+def write_datasets_folder(folder: Path, table, shards: int = 2, batch_rows: int = 4) -> list[str]:
+    """``table`` (pyarrow) as Hugging Face datasets' Dataset.save_to_disk lays it out
+    (scripts/dataset/tables.py): Arrow stream shards of contiguous rows, in batches of
+    ``batch_rows``, listed in order in state.json, and a dataset_info.json. Returns the
+    shards' names."""
+    import pyarrow as pa
+
+    folder.mkdir(parents=True)
+    names, size = [], -(-table.num_rows // shards)
+    for index in range(shards):
+        names.append(f"data-{index:05d}-of-{shards:05d}.arrow")
+        part = table.slice(index * size, size)
+        with (
+            pa.OSFile(str(folder / names[-1]), "wb") as sink,
+            pa.ipc.new_stream(sink, table.schema) as writer,
+        ):
+            for batch in part.to_batches(max_chunksize=batch_rows):
+                writer.write_batch(batch)
+    state = {
+        "_data_files": [{"filename": name} for name in names],
+        "_fingerprint": "0123456789abcdef",
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    (folder / "dataset_info.json").write_text(json.dumps({"citation": "", "features": {}}))
+    return names
+
+
 def planned_ranks(dry_run_output: str) -> list[str]:
     """Ranks of the infer jobs a dry run would start."""
     return sorted(set(re.findall(r"rank=(\d+)", dry_run_output)), key=int)

@@ -28,6 +28,7 @@ from pathlib import Path
 from formats.files import write_atomic
 from rank.jsonl import RequestFileError, check_next, parse_line
 
+from . import tables
 from .source import Dataset, DatasetError
 
 MANIFEST = "ranks.json"
@@ -61,8 +62,8 @@ def current_manifest(dataset: Dataset, folder: str | os.PathLike) -> dict | None
     manifest = read_manifest(path)
     if manifest is None or manifest.get("settings") != cut_settings(dataset):
         return None
-    with contextlib.suppress(OSError):
-        if os.stat(dataset.source).st_mtime <= path.stat().st_mtime:
+    with contextlib.suppress(OSError, DatasetError):
+        if tables.newest_change(dataset.source) <= path.stat().st_mtime:
             return manifest
     return None
 
@@ -70,7 +71,7 @@ def current_manifest(dataset: Dataset, folder: str | os.PathLike) -> dict | None
 def cut_settings(dataset: Dataset) -> dict:
     """What decides the rank files' bytes besides the dataset's own."""
     settings = {"rank_size": dataset.rank_size}
-    if dataset.parquet:
+    if dataset.table:
         settings |= {"column": dataset.column, "embed": dataset.embed}
     return settings
 
@@ -84,24 +85,20 @@ def jsonl_lines(source: str) -> Iterator[tuple[int, bytes, str]]:
             yield number, raw.rstrip(b"\n"), source
 
 
-def parquet_lines(dataset: Dataset) -> Iterator[tuple[int, bytes, str]]:
-    """(row number, a short request line, the file as messages name it) of a Parquet
-    dataset's column: a string is a prompt (with dataset.embed a text to embed), a list of
-    {role, content} the messages. The row's index (from 0) is its id."""
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.ParquetFile(dataset.source)
-    except Exception as error:  # pyarrow's errors have no common base  # noqa: BLE001
-        raise DatasetError(f"{dataset.source}: not a Parquet file: {error}") from None
-    if dataset.column not in table.schema_arrow.names:
+def table_lines(dataset: Dataset) -> Iterator[tuple[int, bytes, str]]:
+    """(row number, a short request line, the file as messages name it) of a table
+    dataset's column (tables.py: a Parquet file or a datasets folder): a string is a prompt
+    (with dataset.embed a text to embed), a list of {role, content} the messages. The
+    row's index (from 0) is its id."""
+    names = tables.columns(dataset.source)
+    if dataset.column not in names:
         raise DatasetError(
             f"{dataset.source}: no column {dataset.column!r} (config key dataset.column; "
-            f"columns: {', '.join(table.schema_arrow.names)})"
+            f"columns: {', '.join(names)})"
         )
     where = f"{dataset.source} (column {dataset.column}, rows counted from 1)"
     row = 0
-    for batch in table.iter_batches(batch_size=8192, columns=[dataset.column]):
+    for batch in tables.batches(dataset.source, [dataset.column]):
         for value in batch.column(0).to_pylist():
             if dataset.embed:
                 key = "input"
@@ -114,7 +111,7 @@ def parquet_lines(dataset: Dataset) -> Iterator[tuple[int, bytes, str]]:
 
 def rank_lines(dataset: Dataset) -> Iterator[tuple[int, bytes]]:
     """(rank, its request lines joined) in order, every line checked."""
-    lines = parquet_lines(dataset) if dataset.parquet else jsonl_lines(dataset.source)
+    lines = table_lines(dataset) if dataset.table else jsonl_lines(dataset.source)
     first, seen, chunk, rank = [], {}, [], 0
     for number, raw, where in lines:
         request = parse_line(raw, number, where)
@@ -123,7 +120,7 @@ def rank_lines(dataset: Dataset) -> Iterator[tuple[int, bytes]]:
         # one kind in the whole dataset, ids unique within a rank
         check_next(first, request, seen, where)
         first = first or [request]
-        if not request.batch and request.id == number and not dataset.parquet:
+        if not request.batch and request.id == number and not dataset.table:
             fields = json.loads(raw)
             if "id" not in fields:
                 raw = json.dumps({"id": number, **fields}, ensure_ascii=False).encode()
@@ -220,10 +217,8 @@ def ranks_now(folder: str | os.PathLike, ranks: list[str]) -> list[str]:
 
 def count_requests(dataset: Dataset) -> int:
     """Requests of the dataset as it is now, without checking them (the bill's count)."""
-    if dataset.parquet:
-        import pyarrow.parquet as pq
-
-        return pq.ParquetFile(dataset.source).metadata.num_rows
+    if dataset.table:
+        return tables.count_rows(dataset.source)
     count = 0
     with open(dataset.source, "rb") as handle:
         for raw in handle:

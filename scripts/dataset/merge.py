@@ -1,7 +1,8 @@
 """The rank answers of a dataset put back together, in input order, streaming (one rank
-file, or one Parquet batch, in memory at a time) and atomically (a temporary file in the
-same folder, renamed when whole): ``results/<name>.jsonl``, or ``results/<name>.parquet``
-with the input's carried columns beside the answer columns.
+file, or one batch of the input table, in memory at a time) and atomically (a temporary
+file in the same folder, renamed when whole): ``results/<name>.jsonl``, or
+``results/<name>.parquet`` with the input's carried columns beside the answer columns (the
+input a Parquet file or a datasets folder, read through tables.py).
 
 A request the engine refused keeps its place: its error line in the JSONL, its ``error``
 column in the Parquet file.
@@ -17,6 +18,8 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+
+from . import tables
 
 # Answer columns of a Parquet output (besides the carried ones).
 ANSWER_COLUMNS = ("id", "text", "finish_reason", "prompt_tokens", "output_tokens", "error")
@@ -158,16 +161,17 @@ def merge_parquet(
     carry: Sequence[str] = (),
     embed: bool = False,
 ) -> None:
-    """The answers as Parquet, each row beside the input row's ``carry`` columns."""
+    """The answers as Parquet, each row beside the input row's ``carry`` columns (the input
+    ``source``: a Parquet file or a datasets folder)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(source)
-    missing = [c for c in carry if c not in table.schema_arrow.names]
+    given = tables.schema(source)
+    missing = [c for c in carry if c not in given.names]
     if missing:
-        raise ValueError(
+        raise tables.DatasetError(
             f"{source}: no column(s) {missing} (config key dataset.carry; columns: "
-            f"{', '.join(table.schema_arrow.names)})"
+            f"{', '.join(given.names)})"
         )
     columns = list(ANSWER_COLUMNS) + (["embedding"] if embed else [])
     types = {
@@ -179,16 +183,13 @@ def merge_parquet(
         "error": pa.string(),
         "embedding": pa.list_(pa.float32()),
     }
-    carried = [table.schema_arrow.field(c) for c in carry]
+    carried = [given.field(c) for c in carry]
     schema = pa.schema(carried + [pa.field(c, types[c]) for c in columns])
     rows = answer_rows(answers)
     with atomic_target(target) as tmp:
         writer = pq.ParquetWriter(tmp, schema)
         try:
-            batches = table.iter_batches(
-                batch_size=8192, columns=list(carry) or table.schema_arrow.names[:1]
-            )
-            for batch in batches:
+            for batch in tables.batches(source, list(carry)):
                 got = [next(rows, None) for _ in range(batch.num_rows)]
                 if any(row is None for row in got):
                     raise ValueError(f"{target}: fewer answers than rows in {source}")
@@ -203,7 +204,7 @@ def merge_parquet(
 
 def merge(dataset, answers: Sequence[str | os.PathLike], target: str | os.PathLike) -> None:
     """Rule merge_dataset: the answer file of ``dataset`` (a source.Dataset)."""
-    if dataset.parquet:
+    if dataset.table:
         merge_parquet(dataset.source, answers, target, dataset.carry, dataset.embed)
     else:
         merge_jsonl(answers, target)

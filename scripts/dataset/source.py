@@ -1,6 +1,7 @@
 """The config key ``dataset`` and the folders of a dataset's run: ranks cut into
 ``<data_dir>/<name>/``, their answers in ``<results_dir>/<name>/``, the one answer file
-``<results_dir>/<name>.jsonl`` (``.parquet`` for a Parquet input)."""
+``<results_dir>/<name>.jsonl`` (``.parquet`` for a table input: a Parquet file, or a
+folder of Hugging Face datasets' save_to_disk, read by tables.py)."""
 
 from __future__ import annotations
 
@@ -8,29 +9,34 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tables
+from .tables import DatasetError
+
 SUFFIXES = (".jsonl", ".parquet")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class DatasetError(ValueError):
-    """A dataset that cannot be read or cut, named by its file (and line)."""
-
-
 @dataclass(frozen=True)
 class Dataset:
-    source: str  # inputs/<name>.jsonl or .parquet
+    source: str  # inputs/<name>.jsonl or .parquet, or the folder inputs/<name>
     rank_size: int
-    column: str  # Parquet: the prompt's (or messages', or texts') column
-    carry: tuple[str, ...]  # Parquet: columns copied beside the answers
-    embed: bool  # Parquet: the column holds texts to embed
+    column: str  # a table's: the prompt's (or messages', or texts') column
+    carry: tuple[str, ...]  # a table's columns copied beside the answers
+    embed: bool  # a table's column holds texts to embed
+
+    @property
+    def folder(self) -> bool:
+        """A folder written by Hugging Face datasets' save_to_disk."""
+        return tables.is_folder(self.source)
+
+    @property
+    def table(self) -> bool:
+        """Rows with columns (a Parquet file or a datasets folder), not request lines."""
+        return self.folder or self.source.endswith(".parquet")
 
     @property
     def name(self) -> str:
-        return Path(self.source).stem
-
-    @property
-    def parquet(self) -> bool:
-        return self.source.endswith(".parquet")
+        return Path(self.source).name if self.folder else Path(self.source).stem
 
 
 def dataset_of(config: dict) -> Dataset | None:
@@ -40,16 +46,20 @@ def dataset_of(config: dict) -> Dataset | None:
     if not source:
         return None
     path = Path(source)
-    if path.suffix not in SUFFIXES:
+    if path.suffix not in SUFFIXES and not path.is_dir():
         raise DatasetError(
-            f"config key dataset.input {source!r}: a dataset is a .jsonl or a .parquet file"
+            f"config key dataset.input {source!r}: not a .jsonl or a .parquet file, nor a "
+            "folder written by Hugging Face datasets' save_to_disk"
         )
-    if not NAME.fullmatch(path.stem) or path.stem.isdigit():
+    name = path.name if path.is_dir() else path.stem
+    if not NAME.fullmatch(name) or name.isdigit():
         raise DatasetError(
             f"config key dataset.input {source!r}: its name must be letters, digits, '.', "
             "'_' or '-' and not a number (a number names a rank)"
         )
-    if not path.is_file():
+    if path.is_dir():
+        tables.files(path)  # a folder of save_to_disk, its shards all there
+    elif not path.is_file():
         raise DatasetError(f"config key dataset.input: no file {source!r}")
     return Dataset(
         source=source,
@@ -69,5 +79,5 @@ def folders(config: dict, dataset: Dataset | None) -> tuple[str, str]:
 
 
 def answer_file(config: dict, dataset: Dataset) -> str:
-    """The one answer file: ``results/<name>.jsonl``, or ``.parquet`` for a Parquet input."""
-    return f"{config['results_dir']}/{dataset.name}{Path(dataset.source).suffix}"
+    """The one answer file: ``results/<name>.jsonl``, or ``.parquet`` for a table input."""
+    return f"{config['results_dir']}/{dataset.name}{'.parquet' if dataset.table else '.jsonl'}"
