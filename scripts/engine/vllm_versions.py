@@ -46,6 +46,7 @@ modules that call these, and it has no vLLM on Aurora).
 
 from __future__ import annotations
 
+import gc
 import importlib
 import json
 from pathlib import Path
@@ -96,7 +97,15 @@ def without_chunked_prefill_on_cpu(engine_args) -> None:
 
 
 def llm_engine(engine_args):
-    """A V1 LLMEngine in this process, as LLM() makes it."""
+    """A V1 LLMEngine in this process, as LLM() makes it.
+
+    The imports' objects are frozen first (gc.freeze): vLLM runs three full collections
+    while it builds the engine (two as it loads the weights, one before it freezes the
+    heap itself, vllm/utils/gc_utils.py freeze_gc_heap), each over the 600,000 objects
+    of vLLM's and its front end's modules: 1.9 s of a 3.3 s build of models/tiny-chat
+    on 2 cores. Frozen, they are no longer walked; the few hundred unreachable objects
+    the imports leave are kept."""
+    gc.freeze()
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.llm_engine import LLMEngine
 
