@@ -7,6 +7,7 @@ def count_pending():  # ranks whose outputs are missing or outdated, as the bill
 
 
 def write_summary(answers, output, log):  # and the history line the next bill rests on
+    rank_job.stop_engines(wait=False)  # every rank is answered: they stop meanwhile
     records = layout.records(RESULTS, [Path(a).stem for a in answers])
     summary.write_run_summary(records, output, log, len(records), CONFIG)
     bill.record_run(CONFIG, MODEL, workflow, records, summary.STARTED)

@@ -126,6 +126,21 @@ def test_a_local_run_starts_its_nodes_engines_serves_with_its_key_and_stops_them
     }
 
 
+def test_a_stop_that_does_not_wait_stops_the_engines_and_a_later_stop_waits(tmp_path, service):
+    """The summary rule tells the engines to stop (every rank is answered) and goes on;
+    the run's end waits for them."""
+    started, pool = service()
+    echo_rank(tmp_path, 1, ["one"], pool)
+    process = started._process
+    started.stop(wait=False)
+    assert started._process is process  # still the run's to wait for
+    assert wait_until(lambda: process.poll() is not None, 30)
+    states = {e["state"] for e in registry_format.read_registry(started.registry).values()}
+    assert states == {"stopped"}
+    started.stop()
+    assert started._process is None
+
+
 def test_a_local_run_whose_ports_another_run_holds_takes_free_ones(tmp_path, service, capfd):
     # another run's engine listens on this run's first API port (tiles.base_port + 1000)
     spec = echo_spec(tmp_path)

@@ -104,14 +104,19 @@ class LocalService:
         code = process.wait()
         write_launcher_exit(self.registry, code)
 
-    def stop(self, grace: float = 60.0) -> None:
-        """Stop the engines (all at once) and wait for the supervisor, at most ``grace`` s."""
+    def stop(self, grace: float = 60.0, wait: bool = True) -> None:
+        """Stop the engines (all at once) and wait for the supervisor, at most ``grace`` s;
+        ``wait`` False: only tell it to stop them (a later ``stop`` waits)."""
         with self._lock:
-            process, self._process = self._process, None
+            process = self._process
+            if wait:
+                self._process = None
         if process is None:
             return
         with contextlib.suppress(OSError):
             process.stdin.close()
+        if not wait:
+            return
         try:
             process.wait(grace)
         except subprocess.TimeoutExpired:

@@ -68,10 +68,10 @@ class RankEngines:
                     self._pool = self._local.start()
             return self._pool
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         with self._lock:
             if self._local is not None:
-                self._local.stop()
+                self._local.stop(wait=wait)
 
     def local_registry(self) -> Path | None:
         """The registry folder of a local run's engines, once they are being started."""
@@ -102,8 +102,10 @@ def start_beside_fetch(workflow, settings: Settings, model: str, marker: str) ->
     return True
 
 
-def stop_engines() -> None:
-    ENGINES.stop()
+def stop_engines(wait: bool = True) -> None:
+    """Stop a local run's engines; ``wait`` False: tell them to stop and go on (the
+    summary rule, which runs once every rank is answered, while they stop)."""
+    ENGINES.stop(wait)
 
 
 def engine_states(settings: Settings):
