@@ -2,6 +2,7 @@
 # data/<rank>.jsonl (requests, OpenAI batch lines too) -> results/<rank>.jsonl.
 # Profiles decide where jobs run: profiles/local (this machine's CPU) or
 # profiles/aurora (PBS submissions packing 12 tile-jobs per node).
+import gc
 import sys
 from pathlib import Path
 
@@ -163,6 +164,8 @@ onsuccess:
     rank_job.stop_engines()
     summary.print_run_summary(RECORDS, cut.ranks_now(DATA, RANKS), config=CONFIG)
     bill.print_against_spending(CONFIG, RESULTS, cut.ranks_now(DATA, RANKS))
+    # Snakemake's exit collects its heap (the DAG, the jobs): 0.6 s of 1.6 s at 480 ranks.
+    gc.freeze()
 
 
 onerror:
