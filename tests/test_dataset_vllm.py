@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from workflow import local_config, make_workdir, snakemake
+from workflow import local_config, make_workdir, numbers_table, snakemake
 
 
 @pytest.mark.vllm
@@ -17,11 +16,7 @@ def test_a_parquet_dataset_round_trip_with_carried_columns(tmp_path):
     work = make_workdir(tmp_path, {})
     (work / "inputs").mkdir()
     rows = 13
-    table = pa.table({
-        "prompt": [f"The number {i} is" for i in range(rows)],
-        "label": [i * 10 for i in range(rows)],
-        "meta": [{"source": f"s{i % 3}", "tags": ["a"] * (i % 2)} for i in range(rows)],
-    })  # fmt: skip
+    table = numbers_table(rows)
     pq.write_table(table, work / "inputs" / "numbers.parquet", row_group_size=4)
     dataset = {"input": "inputs/numbers.parquet", "rank_size": 5, "carry": ["label", "meta"]}
     config = local_config(work, dataset=dataset, sampling={"max_tokens": 4, "seed": 7})

@@ -24,6 +24,7 @@ from workflow import (
     SNAKEMAKE,
     local_config,
     make_workdir,
+    numbers_table,
     planned_ranks,
     snakemake,
     write_datasets_folder,
@@ -114,11 +115,7 @@ def test_a_dataset_of_1000_ranks_killed_rerun_and_appended(tmp_path):
 def test_a_datasets_folder_answered_beside_its_carried_columns(tmp_path):
     work = make_workdir(tmp_path, {})
     rows = 13
-    table = pa.table({
-        "prompt": [f"The number {i} is" for i in range(rows)],
-        "label": [i * 10 for i in range(rows)],
-        "meta": [{"source": f"s{i % 3}", "tags": ["a"] * (i % 2)} for i in range(rows)],
-    })  # fmt: skip
+    table = numbers_table(rows)
     shards = write_datasets_folder(work / "inputs" / "numbers", table, shards=2, batch_rows=4)
     dataset = {"input": "inputs/numbers", "rank_size": 5, "carry": ["label", "meta"]}
     config = local_config(work, engine="echo", dataset=dataset)

@@ -203,6 +203,18 @@ def local_config(workdir: Path, **overrides) -> list[Path]:
     return [REPO / "profiles" / "local" / "local.yaml", write_config(workdir, overrides)]
 
 
+def numbers_table(rows: int = 13):
+    """A pyarrow table of ``rows`` prompts with two columns to carry through: a number
+    and a struct holding a list."""
+    import pyarrow as pa
+
+    return pa.table({
+        "prompt": [f"The number {i} is" for i in range(rows)],
+        "label": [i * 10 for i in range(rows)],
+        "meta": [{"source": f"s{i % 3}", "tags": ["a"] * (i % 2)} for i in range(rows)],
+    })  # fmt: skip
+
+
 def write_datasets_folder(folder: Path, table, shards: int = 2, batch_rows: int = 4) -> list[str]:
     """``table`` (pyarrow) as Hugging Face datasets' Dataset.save_to_disk lays it out
     (scripts/dataset/tables.py): Arrow stream shards of contiguous rows, in batches of
