@@ -27,6 +27,7 @@ import dag_scale  # noqa: E402
 import datasets  # noqa: E402
 import dispatch  # noqa: E402
 import engine_efficiency  # noqa: E402
+import generation_batch  # noqa: E402
 import local_scale  # noqa: E402
 import progress_reader  # noqa: E402
 import scheduler_load  # noqa: E402
@@ -45,6 +46,7 @@ BENCHMARKS = {
         dispatch,
         progress_reader,
         chat_batch,
+        generation_batch,
         batch_fields,
         local_scale,
         datasets,
