@@ -111,7 +111,8 @@ def table_lines(dataset: Dataset) -> Iterator[tuple[int, bytes, str]]:
 
 def rank_lines(dataset: Dataset) -> Iterator[tuple[int, bytes]]:
     """(rank, its request lines joined) in order, every line checked."""
-    lines = table_lines(dataset) if dataset.table else jsonl_lines(dataset.source)
+    table = dataset.table  # once: for a folder it is a stat of the source
+    lines = table_lines(dataset) if table else jsonl_lines(dataset.source)
     first, seen, chunk, rank = [], {}, [], 0
     for number, raw, where in lines:
         request = parse_line(raw, number, where)
@@ -120,7 +121,7 @@ def rank_lines(dataset: Dataset) -> Iterator[tuple[int, bytes]]:
         # one kind in the whole dataset, ids unique within a rank
         check_next(first, request, seen, where)
         first = first or [request]
-        if not request.batch and request.id == number and not dataset.table:
+        if not request.batch and request.id == number and not table:
             fields = json.loads(raw)
             if "id" not in fields:
                 raw = json.dumps({"id": number, **fields}, ensure_ascii=False).encode()
