@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 
 from formats.partial import Answer, Partial, partial_key
-from rank import checks, warm
+from rank import checks
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
 from workflow import ENGINE_SETTINGS as SETTINGS
+from workflow import serve_rank
 
 REPO = Path(__file__).resolve().parent.parent
 USER = [{"role": "user", "content": "Pick a color."}]
@@ -106,7 +107,7 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
         rank_file = write_rank(tmp_path / "warm", 5, LINES)
         out = tmp_path / "warm" / "results" / "5.jsonl"
         settings_ = checks.parse_settings(json.dumps(config(tiny_chat)))
-        warm.serve_rank(5, settings_, rank_file, out, out.with_suffix(".json"), pool)
+        serve_rank(5, settings_, rank_file, out, pool)
         # a rank resumed from a kept answer of its "n" line
         kept = write_rank(tmp_path / "kept", 5, LINES)
         kept_out = tmp_path / "kept" / "results" / "5.jsonl"
@@ -114,7 +115,7 @@ def test_batch_fields_on_per_rank_and_warm_engines(tiny_chat, tmp_path):  # noqa
         partial.open({})
         partial.add(2, Answer("kept 0", "length", 7, 8, KEPT_CHOICES))
         partial.close()
-        warm.serve_rank(5, settings_, kept, kept_out, kept_out.with_suffix(".json"), pool)
+        serve_rank(5, settings_, kept, kept_out, pool)
     check(answers(out))
     assert json.loads(out.with_suffix(".json").read_text())["request_errors"] == 1
     check(answers(kept_out), resumed=True)
@@ -158,6 +159,6 @@ def test_batch_fields_on_vllms_own_server(tiny_chat, tmp_path):  # noqa: F811
         rank_file = write_rank(tmp_path / "data", 5, LINES)
         out = tmp_path / "results" / "5.jsonl"
         settings_ = checks.parse_settings(json.dumps(config(tiny_chat)))
-        warm.serve_rank(5, settings_, rank_file, out, out.with_suffix(".json"), pool)
+        serve_rank(5, settings_, rank_file, out, pool)
     check(answers(out))
     assert json.loads(out.with_suffix(".json").read_text())["request_errors"] == 1

@@ -19,7 +19,7 @@ from engine import client, lifecycle
 from engine.lifecycle import Engine
 from formats.partial import Answer, Partial, partial_key
 from placement import node_layout, tiles
-from rank import checks, warm
+from rank import checks
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import registry_pool
 from workflow import (
@@ -34,6 +34,7 @@ from workflow import (
     make_workdir,
     probe_result,
     read_records,
+    serve_rank,
     snakemake,
     tiny_model,
 )
@@ -264,7 +265,7 @@ def test_warm_chat_through_vllm_server(tiny_chat, rendered, tmp_path):
         for name in ("first", "again"):
             rank_file = write_rank(tmp_path / name, 3, LINES)
             out = tmp_path / name / "results" / "3.jsonl"
-            warm.serve_rank(3, config, rank_file, out, out.with_suffix(".json"), pool)
+            serve_rank(3, config, rank_file, out, pool)
             outputs.append(out.read_bytes())
         assert outputs[0] == outputs[1]  # seeded rerun: same bytes
         batch, short, plain = answers(tmp_path / "first" / "results" / "3.jsonl")

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from rank import checks, warm
+from rank import checks
 from test_chat import answers, per_rank, write_rank
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
-from workflow import probe_result
+from workflow import probe_result, serve_rank
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_EMBED = REPO / "models" / "tiny-embed"
@@ -108,12 +108,12 @@ def test_an_embedding_rank_on_warm_engines_matches_vllms_offline_embed(
         parsed = checks.parse_settings(json.dumps(config))
         rank_file = write_rank(tmp_path / "data", 4, LINES)
         out = tmp_path / "results" / "4.jsonl"
-        warm.serve_rank(4, parsed, rank_file, out, out.with_suffix(".json"), pool)
+        serve_rank(4, parsed, rank_file, out, pool)
         # a completions rank on the pooling engine: an error line, naming why
         completion = [{"id": "c", "prompt": "Hi"}]
         wrong = write_rank(tmp_path / "data", 5, completion)
         wrong_out = tmp_path / "results" / "5.jsonl"
-        warm.serve_rank(5, parsed, wrong, wrong_out, wrong_out.with_suffix(".json"), pool)
+        serve_rank(5, parsed, wrong, wrong_out, pool)
     check(out, tiny_embed, offline_embed)
     (error,) = answers(wrong_out)
     # both servers are vLLM's front end: a pooling engine has no /v1/completions (HTTP 404)

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import pytest
 
-from rank import checks, warm
+from rank import checks
 from test_chat import PYTHON, answers, per_rank, tiny_chat, write_rank  # noqa: F401 (fixture)
 from test_infer import VLLM_ENV, settings
 from test_jsonl_ranks import warm_vllm_pool
 from workflow import ENGINE_SETTINGS as SETTINGS
-from workflow import probe_result
+from workflow import probe_result, serve_rank
 
 pytestmark = pytest.mark.vllm
 
@@ -172,7 +172,7 @@ def seeded_text(lines: dict[str, dict]) -> str:
 
 def serve(pool, rank_file: Path, out: Path, settings_: dict) -> None:
     parsed = checks.parse_settings(json.dumps(settings_))
-    warm.serve_rank(int(rank_file.stem), parsed, rank_file, out, out.with_suffix(".json"), pool)
+    serve_rank(int(rank_file.stem), parsed, rank_file, out, pool)
 
 
 def test_run_batch_inputs_on_the_three_engine_kinds(tiny_chat, tmp_path):  # noqa: F811

@@ -19,10 +19,10 @@ from engine.lifecycle import Engine
 from formats import registry as registry_format
 from formats.partial import Answer, Partial
 from placement import node_layout, tiles
-from rank import checks, echo, jsonl, warm
+from rank import checks, echo, jsonl
 from rank.jsonl import RequestFileError, read_requests
 from rank.layout import RankFileError, discover_rank_files
-from workflow import READY_TIMEOUT, TASK_ENV, free_port
+from workflow import READY_TIMEOUT, TASK_ENV, free_port, serve_rank
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -325,14 +325,9 @@ def serve_lines(tmp_path, name: str, lines, pool, **settings) -> Path:
     tmp_path.mkdir(parents=True, exist_ok=True)
     rank_file = write_lines(tmp_path / name, lines)
     config = {"engine": "echo", "model": "echo"} | settings
-    warm.serve_rank(
-        int(name.split(".")[0]),
-        checks.parse_settings(json.dumps(config)),
-        rank_file,
-        tmp_path / "results" / name,
-        tmp_path / "results" / f"{name}.json",
-        pool,
-    )
+    settings = checks.parse_settings(json.dumps(config))
+    out = tmp_path / "results" / name
+    serve_rank(int(name.split(".")[0]), settings, rank_file, out, pool, out.parent / f"{name}.json")
     return tmp_path / "results" / name
 
 

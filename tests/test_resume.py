@@ -38,6 +38,7 @@ sys.path.insert(0, {scripts!r})
 from rank import task
 from rank import checks
 from rank import warm
+from formats.partial import resume
 
 url, key, settings, rank_file, output = sys.argv[1:6]
 engine = types.SimpleNamespace(url=url, api_key=key or None, env={{}}, name="engine",
@@ -54,8 +55,8 @@ class OneEngine:
 
 
 settings = checks.parse_settings(settings)
-print(warm.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine()),
-      flush=True)
+print(warm.serve_rank(5, settings, rank_file, output, output + ".record", OneEngine(),
+                      resume(output, rank_file, settings)), flush=True)
 """
 ECHO_SETTINGS = {"engine": "echo", "model": "echo"}
 

@@ -14,11 +14,11 @@ import json
 
 import pytest
 
-from rank import checks, warm
+from rank import checks
 from test_chat import answers, per_rank, write_rank
 from test_infer import settings
 from test_jsonl_ranks import warm_vllm_pool
-from workflow import ENGINE_SETTINGS, TINY_MODEL
+from workflow import ENGINE_SETTINGS, TINY_MODEL, serve_rank
 
 pytestmark = pytest.mark.vllm
 
@@ -46,7 +46,7 @@ def test_a_seeded_rank_beyond_one_step_on_warm_engines(tmp_path, server):
     outputs = [tmp_path / "results" / f"{attempt}" / "3.jsonl" for attempt in (1, 2)]
     with warm_vllm_pool(tmp_path, TINY_MODEL, config | ENGINE_SETTINGS, server) as pool:
         for out in outputs:
-            warm.serve_rank(3, parsed, rank_file, out, out.with_suffix(".json"), pool)
+            serve_rank(3, parsed, rank_file, out, pool)
     first, again = (texts(out) for out in outputs)
     assert len(first) == len(LINES) and first == again
     assert json.loads(outputs[0].with_suffix(".json").read_text())["request_errors"] == 0

@@ -27,7 +27,7 @@ from formats import registry as registry_format
 from formats import settings as run_settings
 from pipeline import rank_job
 from placement import node_layout, ports
-from rank import checks, warm
+from rank import checks
 from workflow import local_profile_config, wait_until
 
 PYTHON = sys.executable
@@ -86,15 +86,7 @@ def echo_rank(tmp_path: Path, rank: int, prompts: list[str], pool, retries: int 
     data = tmp_path / f"{rank}.in"
     data.write_text("".join(f"{p}\n" for p in prompts))
     settings = checks.parse_settings(json.dumps({"engine": "echo", "model": "echo"}))
-    warm.serve_rank(
-        rank,
-        settings,
-        data,
-        tmp_path / f"{rank}.out",
-        tmp_path / f"{rank}.json",
-        pool,
-        retries=retries,
-    )
+    wf.serve_rank(rank, settings, data, tmp_path / f"{rank}.out", pool, retries=retries)
     return json.loads((tmp_path / f"{rank}.json").read_text())
 
 

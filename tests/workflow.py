@@ -247,6 +247,17 @@ def write_datasets_folder(folder: Path, table, shards: int = 2, batch_rows: int 
     return names
 
 
+def serve_rank(rank: int, settings: dict, rank_file: Path, out: Path, pool, record=None, **kwargs):
+    """One rank on warm engines as a rank job serves it (pipeline/rank_job.py): its kept
+    answers resumed, its record at ``record`` (default: beside its output, ``<out>.json``).
+    The rank's log lines."""
+    from formats.partial import resume
+    from rank import warm
+
+    record, kept = record or out.with_suffix(".json"), resume(out, rank_file, settings)
+    return warm.serve_rank(rank, settings, rank_file, out, record, pool, kept, **kwargs)
+
+
 def planned_ranks(dry_run_output: str) -> list[str]:
     """Ranks of the infer jobs a dry run would start."""
     return sorted(set(re.findall(r"rank=(\d+)", dry_run_output)), key=int)

@@ -202,3 +202,13 @@ class Partial:
         """After the whole output is written: the partial answers are in it."""
         self.close()
         self.path.unlink(missing_ok=True)
+
+
+def resume(output: str | os.PathLike, rank_file, settings: Mapping) -> tuple[Partial, dict]:
+    """The partial answers of the rank of ``rank_file`` whose answers go to ``output``,
+    ready to take new ones, and the answers an earlier attempt kept (by request index)
+    under the same rank file and ``settings`` (`partial_key`)."""
+    partial = Partial(output, partial_key(rank_file, settings))
+    kept = partial.load()
+    partial.open(kept)
+    return partial, kept

@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 from engine.settings import engine_check_argv
-from formats import staged_model
 from formats.settings import Settings
 from formats.workflow_config import ConfigError
 
@@ -89,15 +88,6 @@ def fetch_model(settings: Settings, model: str, marker: str, log: str) -> None:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
         cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
         raise RuntimeError(f"preparing model {model!r} failed{cause}; see {log}")
-
-
-def staged(settings: Settings, model: str, environ=os.environ):
-    """With config weights.stage on inside a PBS job: host -> that node's copy of the
-    model (scripts/model/stage.py made it). Otherwise None."""
-    job = environ.get("PBS_JOBID")
-    if not (settings.weights.stage and job and settings.engine != "echo"):
-        return None
-    return lambda host: str(staged_model.staged_path(settings.weights.stage_dir, job, host, model))
 
 
 def check_chat_template(settings: Settings) -> None:

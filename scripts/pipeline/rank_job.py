@@ -16,8 +16,9 @@ from formats import failure_note
 from formats import registry as registry_format
 from formats import settings as run_settings
 from formats.marker import engine_fields, folder_bytes, marker_versions, model_folder
+from formats.partial import resume
 from formats.settings import Settings
-from model.prepare import staged
+from formats.staged_model import staged
 from pbs.settings import profile_in_use, run_info
 from placement import launcher, node_layout
 from rank import checks, task, warm
@@ -150,6 +151,7 @@ def serve_rank(settings: Settings, model: str, rank: str, input, output, log: st
                 output.out,
                 output.record,
                 pool,
+                resume(output.out, input.prompts, rank_settings),
                 retries=settings.warm.retry_after_engine_death,
                 request_timeout=settings.warm.stall_timeout_s,
                 versions=marker_versions(input.model),

@@ -1,5 +1,7 @@
 """A rank's answers written out: the seed's records (``.out``) or answer lines (``.jsonl``),
-atomically and in input order, after the rank's record (formats/record.py)."""
+atomically and in input order, after the rank's record (formats/record.py); `finish_rank`
+is the end of every rank, on warm engines (rank/warm.py) or an engine of its own
+(rank/task.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ from pathlib import Path
 
 from formats.files import write_atomic
 from formats.partial import Partial, file_digest
-from formats.record import write_record
+from formats.record import build_record, write_record
+from rank.checks import fail_on_refused, refused_requests
 from rank.jsonl import Request, answer_line, embedding_rank, is_jsonl, npy_bytes
 from rank.prompts import format_record
 
@@ -45,25 +48,38 @@ def output_text(
     )
 
 
-def write_outputs(
-    rank_file,
+def finish_rank(
+    rank: int,
+    settings: dict,
     requests: list[Request],
     result: dict,
-    record: dict,
-    output,
-    record_path,
-    npy: bool = False,
+    paths: tuple,
+    started: float | None = None,
+    placement=None,
+    fields: dict | None = None,
 ) -> str:
-    """Write the record, then the output (both atomically), then drop the rank's partial
-    answers; return the one-line summary. ``npy`` (config vllm.embeddings_npy): an
-    embeddings rank's vectors go to ``<rank>.npy`` beside the output, written before it,
-    its lines naming their rows."""
+    """The end of a rank: its refused requests checked (config vllm.bad_requests
+    "fail_rank" raises UsageError, nothing written), then its record written, then its
+    output (both atomically), then its partial answers dropped; the one-line summary.
+
+    ``paths``: the rank file, the output, the record. The record is formats/record.py's
+    `build_record` (``started``, ``placement``) with the caller's ``fields``. Config
+    vllm.embeddings_npy: an embeddings rank's vectors go to ``<rank>.npy`` beside the
+    output, written before it, its lines naming their rows."""
+    rank_file, output, record_path = paths
+    fail_on_refused(requests, result["answers"], settings, rank_file)
     starts = None
-    if npy and embedding_rank(requests):
+    npy = None
+    if settings["embeddings_npy"] and embedding_rank(requests):
         starts, rows = npy_rows(requests, result["answers"])
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         write_atomic(npy_path(output), npy_bytes(rows))
-        record["npy"] = str(npy_path(output))
+        npy = str(npy_path(output))
+    record = build_record(rank, settings, requests, result, started, placement)
+    record |= fields or {}
+    record |= refused_requests(requests, result["answers"], rank_file)  # issue 30
+    if npy:
+        record["npy"] = npy
     text = output_text(
         rank_file, requests, result["answers"], record["rank"], record["served_model_name"], starts
     )

@@ -61,17 +61,15 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from formats.partial import Partial, partial_key
-from formats.record import build_record
+from formats.partial import resume
 from formats.settings import read_settings
-from rank.answer_files import write_outputs
+from rank.answer_files import finish_rank
 from rank.checks import (
     UsageError,
     _warn,
     check_model_folder,
     fail_on_refused,
     parse_settings,
-    refused_requests,
 )
 from rank.echo import run_echo
 from rank.jsonl import read_rank, with_served_models
@@ -179,24 +177,17 @@ def main(argv: list[str] | None = None) -> int:
                 _warn(f"{args.prompts} has no prompts")
             result = run_echo(requests)
         else:
-            partial = Partial(args.output, partial_key(args.prompts, settings))
-            kept = partial.load()
-            partial.open(kept)
+            partial, kept = resume(args.output, args.prompts, settings)
             try:
                 result = run_vllm(requests, settings, args.prompts, partial, kept)
             finally:
                 partial.close()
             result["resumed"] = len(kept)
-        fail_on_refused(requests, result["answers"], settings, args.prompts)
+        paths = (args.prompts, args.output, args.record)
+        summary = finish_rank(args.rank, settings, requests, result, paths, started)
     except (UsageError, PromptFileError) as exc:
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
         return 2
-
-    record = build_record(args.rank, settings, requests, result, started)
-    record |= refused_requests(requests, result["answers"], args.prompts)  # issue 30
-    summary = write_outputs(
-        args.prompts, requests, result, record, args.output, args.record, settings["embeddings_npy"]
-    )
     print(summary, file=sys.stderr)
     return 0
 

@@ -13,16 +13,14 @@ import threading
 import time
 import unicodedata
 
-from formats.partial import Answer, Partial, partial_key
-from formats.record import build_record
-from rank.answer_files import write_outputs
+from formats.partial import Answer
+from rank.answer_files import finish_rank
 from rank.checks import (
     UsageError,
     _token_limit,
     checked_requests,
     fail_on_refused,
     length_problem,
-    refused_requests,
 )
 from rank.echo import run_echo
 from rank.jsonl import (
@@ -363,6 +361,7 @@ def serve_rank(
     output,
     record_path,
     pool,
+    resumed: tuple,
     retries: int = 1,
     request_timeout: float = 600.0,
     versions: dict | None = None,
@@ -372,13 +371,15 @@ def serve_rank(
     each answer as it comes, write the outputs; return the lines for the rank's log
     (a warning for an empty rank file, the summary).
 
-    Answers kept by an earlier attempt at this rank (killed, or its engine died) are
-    not asked again. An engine found dead before the rank's requests is marked (the
-    pool restarts it) and the rank goes to another one. An engine that fails during
-    the requests is marked too, and the requests still unanswered are sent to a
-    healthy engine, at most ``retries`` times (a death is not the rank's fault); after
-    that the rank fails, naming the logs of the engines it failed on. The echo engine
-    is an engine of the pool too (scripts/engine/echo_server.py).
+    ``resumed``: the rank's partial answers and those an earlier attempt kept (killed,
+    or its engine died; formats/partial.py `resume`), which are not asked again.
+
+    An engine found dead before the rank's requests is marked (the pool restarts it)
+    and the rank goes to another one. An engine that fails during the requests is
+    marked too, and the requests still unanswered are sent to a healthy engine, at most
+    ``retries`` times (a death is not the rank's fault); after that the rank fails,
+    naming the logs of the engines it failed on. The echo engine is an engine of the
+    pool too (scripts/engine/echo_server.py).
     """
     from engine import client, lifecycle
 
@@ -389,10 +390,8 @@ def serve_rank(
         result = run_echo(requests)
     else:
         fail_on_refused(requests, {}, settings, prompts_path)
-        partial = Partial(output, partial_key(prompts_path, settings))
-        answers = partial.load()
-        resumed = len(answers)
-        partial.open(answers)
+        partial, answers = resumed[0], dict(resumed[1])
+        kept = len(answers)
         # refused as read: answered here, never sent
         answers |= {i: refused_answer(r) for i, r in enumerate(requests) if r.error}
         unanswered, request_s, truncated = 0, 0.0, []
@@ -451,18 +450,16 @@ def serve_rank(
                     placement = engine.env | {"ENGINE": engine.name, "ENGINE_LOG": log}
         finally:
             partial.close()
-        fail_on_refused(requests, answers, settings, prompts_path)
         result = {
             "answers": answers,
             "import_s": 0.0,
             "generate_s": request_s,
             "truncated": truncated,
             "versions": versions or {},
-            "resumed": resumed,
+            "resumed": kept,
         }
     result["load_s"] = wait_s
-    record = build_record(rank, settings, requests, result, None, placement)
-    record |= {
+    fields = {
         "engine_name": placement.get("ENGINE", ""),
         "engine_log": placement.get("ENGINE_LOG", ""),
         # one process serves all ranks of a run or submission: no interpreter per rank
@@ -474,8 +471,6 @@ def serve_rank(
         # engines that died during this rank's requests
         "engine_deaths": [e.name for e in died_on],
     }
-    record |= refused_requests(requests, result["answers"], prompts_path)
-    summary = write_outputs(
-        prompts_path, requests, result, record, output, record_path, settings["embeddings_npy"]
-    )
+    paths = (prompts_path, output, record_path)
+    summary = finish_rank(rank, settings, requests, result, paths, None, placement, fields)
     return f"WARNING: {prompts_path} has no prompts\n{summary}" if not requests else summary
