@@ -22,7 +22,8 @@ from snakemake.settings.enums import Quietness
 from snakemake_interface_executor_plugins.settings import ExecMode
 
 import pbs
-from workflow import wait_until
+from formats.settings import from_config
+from workflow import aurora_config, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "aurora"
@@ -694,6 +695,54 @@ def test_export_puts_settings_into_the_environment():
     assert {"walltime_margin_minutes", "setup", "status_interval", "owner"} <= set(exported)
     assert exported["owner"]["pid"] == os.getpid()
     assert {"tiles_per_node", "tiles_per_job"} <= set(exported)
+
+
+def test_provider_settings_are_the_run_settings_the_commands_read():
+    """The provider's settings of the default Aurora config, each value written here from
+    the config itself: the wire format pbs-submit, pbs-status and pbs-cancel read."""
+    config = aurora_config()
+    settings = from_config(config)
+    engines = {"engine": "vllm", "listen": "{host}"}
+    got = pbs.provider_settings(
+        settings, model="org/m", marker="results/model/m.json", owner_pid=os.getpid(),
+        engines=engines, settings_file="/run/settings.json",
+    )  # fmt: skip
+    queue, tiles, warm, weights = config["pbs"], config["tiles"], config["warm"], config["weights"]
+    expected = {
+        "account": queue["account"], "queue": queue["queue"],
+        "filesystems": queue["filesystems"], "place": queue["place"],
+        "nodes_per_submission": queue["nodes_per_submission"],
+        "walltime_margin_minutes": queue["walltime_margin_minutes"],
+        "budget_node_hours": queue.get("budget_node_hours"), "setup": queue["setup"],
+        "status_interval": queue["status_interval"], "resubmit": queue["resubmit"],
+        "tiles_per_node": tiles["per_node"], "tiles_per_job": tiles["per_job"],
+        "tiles_cpu_bind": tiles["cpu_bind"], "runtime_minutes": config["runtime_minutes"],
+        "warm_engines": config["warm_engines"], "ranks_per_engine": warm["ranks_per_engine"],
+        "ranks_in_flight": warm["ranks_in_flight"],
+        "start_minutes": 15 if warm["start_minutes"] is None else warm["start_minutes"],
+        "rank_minutes": 1 if warm["rank_minutes"] is None else warm["rank_minutes"],
+        "engines": engines, "settings_file": "/run/settings.json", "engine": config["engine"],
+        "tiles_hierarchy": tiles["hierarchy"], "state_dir": os.path.abspath(".snakemake/pbs"),
+        "log_dir": os.path.abspath("logs/pbs"),
+        "stage": weights["stage"] and config["engine"] != "echo", "model": "org/m",
+        "model_marker": os.path.abspath("results/model/m.json"),
+        "stage_dir": weights["stage_dir"], "broadcast_host": weights["broadcast_host"],
+        "node_launcher": config["node_launcher"], "data_dir": config["data_dir"],
+        "results_dir": os.path.abspath(config["results_dir"]),
+        "registry_root": os.path.abspath("logs/engines"),
+        "failed_dir": os.path.abspath("logs/infer/failed"),
+        "progress_log": os.path.abspath("logs/progress.log"),
+        "task_python": config["python"] or sys.executable, "python": sys.executable,
+        "owner": {"pid": os.getpid(), "start": got["owner"]["start"]},
+    }  # fmt: skip
+    assert got == expected
+    assert got["owner"]["start"] and pbs.settings.owner_alive(got)
+    # the Python of the inference: the one the run's settings derived, config python's
+    assert got["task_python"] == settings.inference_python == "python3"  # aurora.yaml's
+    other = pbs.provider_settings(from_config(aurora_config(python="/x/python")))
+    assert other["task_python"] == "/x/python"
+    unset = pbs.provider_settings(from_config(aurora_config(python="")))
+    assert unset["task_python"] == sys.executable  # the one running Snakemake
 
 
 AURORA_RUN = pbs.RunInfo(configfiles=(str(PROFILE / "aurora.yaml"),), jobs=10, cores=480)

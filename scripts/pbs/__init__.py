@@ -7,7 +7,7 @@ provider's settings from the environment variable ``AURORA_PBS_SETTINGS``, which
 Snakefile fills with `export_settings` when it loads. No config value ever passes
 through a shell: qsub, qstat and qdel are started with argument lists.
 
-- `settings`: what the commands need from the config;
+- `settings`: what the commands need of the run's settings;
 - `plan`: Aurora's queues, the checks of a plan, packing, the dry run's plan;
 - `submission`: one submission's plan, jobscript and qsub;
 - `parse`: what qstat prints, JSON and text, read into running/success/failed;
@@ -41,6 +41,7 @@ from .settings import (
     RunInfo,
     load_settings,
     profile_in_use,
+    provider_settings,
     settings_from_config,
 )
 from .state import StateStore, new_job_record
@@ -92,6 +93,7 @@ __all__ = [
     "plan_run",
     "plan_submission",
     "profile_in_use",
+    "provider_settings",
     "qsub_argv",
     "query_scheduler",
     "queue_problems",

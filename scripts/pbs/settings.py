@@ -1,4 +1,5 @@
-"""The provider's settings: what submit, status and cancel need from the workflow config.
+"""The provider's settings: what submit, status and cancel need of the run's settings
+(formats/settings.py, made once when the Snakefile loads).
 
 The Snakefile (main Snakemake process) puts them as JSON into the environment
 variable ``AURORA_PBS_SETTINGS``; the profile's commands are its children and read
@@ -13,9 +14,13 @@ import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from formats.failure_note import NOTES_DIR
 from formats.registry import REGISTRY_ROOT
+
+if TYPE_CHECKING:
+    from formats.settings import Settings
 
 SETTINGS_VARIABLE = "AURORA_PBS_SETTINGS"
 STATE_DIR = ".snakemake/pbs"
@@ -40,8 +45,8 @@ def _process_start(pid: int) -> str:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-def settings_from_config(
-    config: Mapping,
+def provider_settings(
+    settings: Settings,
     *,
     model: str = "",
     marker: str = "",
@@ -49,7 +54,7 @@ def settings_from_config(
     engines: Mapping | None = None,
     settings_file: str = "",
 ) -> dict:
-    """The provider's settings from the merged workflow config.
+    """The provider's settings from the run's settings (formats/settings.py).
 
     ``model`` is the checked model (a local folder or a hub id), ``marker`` rule
     fetch_model's output that names the folder the engines load ("" for none).
@@ -63,57 +68,65 @@ def settings_from_config(
     ``owner_pid`` is the main Snakemake process: the profile's watchdog deletes the
     run's submissions when that process is gone (Ctrl-C, a crash, SIGKILL).
     """
-    pbs, tiles, weights = config["pbs"], config["tiles"], config["weights"]
+    pbs, tiles, warm, weights = settings.pbs, settings.tiles, settings.warm, settings.weights
     owner = os.getpid() if owner_pid is None else owner_pid
     return {
-        "account": pbs["account"],
-        "queue": pbs["queue"],
-        "filesystems": pbs["filesystems"],
-        "place": pbs["place"],
-        "nodes_per_submission": pbs["nodes_per_submission"],
-        "walltime_margin_minutes": pbs["walltime_margin_minutes"],
-        "budget_node_hours": pbs.get("budget_node_hours"),
-        "setup": list(pbs["setup"]),
-        "status_interval": pbs["status_interval"],
+        "account": pbs.account,
+        "queue": pbs.queue,
+        "filesystems": pbs.filesystems,
+        "place": pbs.place,
+        "nodes_per_submission": pbs.nodes_per_submission,
+        "walltime_margin_minutes": pbs.walltime_margin_minutes,
+        "budget_node_hours": pbs.budget_node_hours,
+        "setup": list(pbs.setup),
+        "status_interval": pbs.status_interval,
         # Continuations of a submission PBS ended (walltime, qdel, node failure).
-        "resubmit": pbs.get("resubmit", 0),
-        "tiles_per_node": tiles["per_node"],
-        "tiles_per_job": tiles["per_job"],
-        "tiles_cpu_bind": list(tiles.get("cpu_bind") or ()),
-        "runtime_minutes": config["runtime_minutes"],
+        "resubmit": pbs.resubmit,
+        "tiles_per_node": tiles.per_node,
+        "tiles_per_job": tiles.per_job,
+        "tiles_cpu_bind": list(tiles.cpu_bind or ()),
+        "runtime_minutes": settings.runtime_minutes,
         # Warm engines: one per tile for the whole submission, serving ranks_per_engine
         # ranks each; the walltime is their start plus the ranks.
-        "warm_engines": bool(config["warm_engines"]),
-        "ranks_per_engine": config["warm"]["ranks_per_engine"],
-        "ranks_in_flight": config["warm"]["ranks_in_flight"],
+        "warm_engines": bool(settings.warm_engines),
+        "ranks_per_engine": warm.ranks_per_engine,
+        "ranks_in_flight": warm.ranks_in_flight,
         # unset (null): what they were before they could be (a dataset's bill sets them)
-        "start_minutes": _or(config["warm"]["start_minutes"], 15),
-        "rank_minutes": _or(config["warm"]["rank_minutes"], 1),
+        "start_minutes": _or(warm.start_minutes, 15),
+        "rank_minutes": _or(warm.rank_minutes, 1),
         "engines": dict(engines or {}),
         "settings_file": settings_file,
-        "engine": config["engine"],
-        "tiles_hierarchy": tiles["hierarchy"],
+        "engine": settings.engine,
+        "tiles_hierarchy": tiles.hierarchy,
         "state_dir": os.path.abspath(STATE_DIR),
         "log_dir": os.path.abspath(LOG_DIR),
         # Node-local staging of the model (scripts/model/stage.py, one call per submission).
-        "stage": bool(weights["stage"]) and config["engine"] != "echo",
+        "stage": bool(weights.stage) and settings.engine != "echo",
         "model": model,
         "model_marker": os.path.abspath(marker) if marker else "",
-        "stage_dir": weights["stage_dir"],
-        "broadcast_host": weights.get("broadcast_host") or "{host}",
-        "node_launcher": list(config["node_launcher"]),
-        "data_dir": config["data_dir"],
+        "stage_dir": weights.stage_dir,
+        "broadcast_host": weights.broadcast_host or "{host}",
+        "node_launcher": list(settings.node_launcher),
+        "data_dir": settings.data_dir,
         # What the status rounds read for the progress lines (scripts/reporting/progress.py).
-        "results_dir": os.path.abspath(config["results_dir"]),
+        "results_dir": os.path.abspath(settings.results_dir),
         "registry_root": os.path.abspath(REGISTRY_ROOT),
         "failed_dir": os.path.abspath(NOTES_DIR),
         "progress_log": os.path.abspath(PROGRESS_LOG),
-        "task_python": config["python"] or sys.executable,
+        "task_python": settings.inference_python,
         # The profile's commands re-run themselves with this interpreter when the
         # `python3` on PATH is too old (e.g. a login node's system Python).
         "python": sys.executable,
         "owner": {"pid": owner, "start": _process_start(owner)},
     }
+
+
+def settings_from_config(config: Mapping, **kwargs) -> dict:
+    """`provider_settings` of the settings made from the merged workflow config (for the
+    callers that still hold the mapping)."""
+    from formats.settings import from_config
+
+    return provider_settings(from_config(config), **kwargs)
 
 
 def _or(value, fallback):
