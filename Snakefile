@@ -51,8 +51,10 @@ layout.report_kept(layout.forget_finished_incomplete(RESULTS))
 MODEL = prepare.check_model(CONFIG["model"])
 prepare.check_chat_template(SETTINGS)
 MODEL_MARKER = prepare.model_marker(SETTINGS, MODEL)  # [] for the echo engine
-# A dataset's bill (dry runs too); the config of the ranks' side (rank folders, walltime).
-RUN = bill.prepare(workflow, CONFIG, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER)
+# A dataset's bill (dry runs too); the settings of the ranks' side (rank folders, walltime).
+RUN = bill.prepare(
+    workflow, SETTINGS, DATASET, DATA, RESULTS, MODEL, RANKS, MODEL_MARKER
+)
 # Settings for profiles/aurora's commands; checked and planned when that profile is in use.
 pbs.export_settings(
     RUN,

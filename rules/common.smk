@@ -10,7 +10,7 @@ def write_summary(answers, output, log):  # and the history line the next bill r
     rank_job.stop_engines(wait=False)  # every rank is answered: they stop meanwhile
     records = layout.records(RESULTS, [Path(a).stem for a in answers])
     summary.write_run_summary(records, output, log, len(records), CONFIG)
-    bill.record_run(CONFIG, MODEL, workflow, records, summary.STARTED)
+    bill.record_run(SETTINGS, MODEL, workflow, records, summary.STARTED)
 
 
 def reported(name, caption):  # a results file in the --report, with its caption

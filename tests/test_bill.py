@@ -12,7 +12,8 @@ import pytest
 
 from dataset import bill
 from formats import history
-from pbs import plan, settings_from_config
+from formats.settings import from_config
+from pbs import plan, provider_settings
 from pbs.settings import RunInfo
 from reporting import accounting
 from workflow import REPO, aurora_config, deep_merge
@@ -32,7 +33,7 @@ def history_line(tmp_path, config, **fields) -> Path:
 def test_no_history_says_so_and_how_to_get_one(tmp_path):
     config = aurora_config()
     assert bill.estimate_of(config, "m", "pbs", tmp_path / "none.jsonl") is None
-    settings = settings_from_config(bill.run_config(config, "d", "r", None, 1000))
+    settings = provider_settings(bill.run_config(from_config(config), "d", "r", None, 1000))
     assert (settings["start_minutes"], settings["rank_minutes"]) == (15, 1)  # as before
     text, hours = bill.bill(2000, 2, [1000, 1000], settings, None, pbs=True)
     assert "No estimate: no earlier run of this model and these engine settings" in text
@@ -50,11 +51,12 @@ def test_the_estimate_rests_on_the_history_and_sets_the_walltimes(tmp_path):
     assert bill.estimate_of(other, "m", "pbs", path) is None  # other settings: not this one
     estimate = bill.estimate_of(config, "m", "pbs", path)
     assert estimate.node_s_per_request == pytest.approx(0.05)
-    resolved = bill.run_config(config, "d", "r", estimate, 1000)
+    resolved = bill.run_config(from_config(config), "d", "r", estimate, 1000)
+    assert (resolved.data_dir, resolved.results_dir) == ("d", "r")  # the rank folders
     # start: 400 s x 1.5 = 10 min; a rank: 1000 requests x 0.05 node-s x 12 engines x 1.5
-    assert resolved["warm"]["start_minutes"] == 10
-    assert resolved["warm"]["rank_minutes"] == pytest.approx(1000 * 0.05 * 12 * 1.5 / 60)
-    settings = settings_from_config(resolved)
+    assert resolved.warm.start_minutes == 10
+    assert resolved.warm.rank_minutes == pytest.approx(1000 * 0.05 * 12 * 1.5 / 60)
+    settings = provider_settings(resolved)
     # 480 ranks of 1000 requests: 240 ranks per submission (2 nodes x 12 engines x 10)
     pending = [1000] * 480
     text, hours = bill.bill(480_000, 480, pending, settings, estimate, pbs=True, margin_percent=50)
@@ -68,13 +70,13 @@ def test_the_estimate_rests_on_the_history_and_sets_the_walltimes(tmp_path):
     assert "walltimes are the estimate + 50% + 10 min" in text
     # hand-set keys still win
     hand_set = deep_merge(config, {"warm": {"rank_minutes": 3}})
-    hand = bill.run_config(hand_set, "d", "r", estimate, 1000)
-    assert hand["warm"]["rank_minutes"] == 3 and hand["warm"]["start_minutes"] == 10
+    hand = bill.run_config(from_config(hand_set), "d", "r", estimate, 1000)
+    assert hand.warm.rank_minutes == 3 and hand.warm.start_minutes == 10
 
 
 def test_a_run_busier_than_its_sample_is_told_the_estimate_is_likely_high(tmp_path):
     config = aurora_config(pbs={"nodes_per_submission": 2})
-    settings = settings_from_config(config)
+    settings = provider_settings(from_config(config))
     pending = [1000] * 480  # 240 ranks a submission of 2 nodes: 120 at once on a node
     for at_once, told in ((2, True), (100, False), (None, False)):
         fields = {} if at_once is None else {"ranks_at_once": at_once}
@@ -89,7 +91,8 @@ def test_a_run_busier_than_its_sample_is_told_the_estimate_is_likely_high(tmp_pa
 
 
 def test_ranks_at_once_of_a_run_are_its_fullest_nodes_ranks_up_to_their_slots():
-    settings = settings_from_config(aurora_config(warm={"ranks_per_engine": 2}))  # 24 slots
+    config = aurora_config(warm={"ranks_per_engine": 2})
+    settings = provider_settings(from_config(config))  # 24 slots
 
     def sub(ranks: int, nodes: int) -> accounting.Submission:
         slots = [accounting.Slot(f"e{i}", "h", str(i), records=[{}]) for i in range(ranks)]
@@ -147,6 +150,7 @@ def test_rank_files_are_billed_too_and_their_mean_size_sets_the_walltime(tmp_pat
     # the PBS profile with a history of these settings: the bill and the walltime of a
     # rank from the mean of the ranks to run (3 requests)
     config = aurora_config(pbs={"estimate_margin_percent": 50})
+    run = from_config(config)
     monkeypatch.chdir(tmp_path)
     history_line(tmp_path, config)
     (tmp_path / history.PATH).parent.mkdir()
@@ -154,8 +158,8 @@ def test_rank_files_are_billed_too_and_their_mean_size_sets_the_walltime(tmp_pat
     aurora = RunInfo(configfiles=(str(REPO / "profiles" / "aurora" / "aurora.yaml"),))
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
-        resolved = bill.prepare(aurora, config, None, str(data), str(results), "m", ranks, ())
-    assert resolved["warm"]["rank_minutes"] == pytest.approx(3 * 0.05 * 12 * 1.5 / 60)
+        resolved = bill.prepare(aurora, run, None, str(data), str(results), "m", ranks, ())
+    assert resolved.warm.rank_minutes == pytest.approx(3 * 0.05 * 12 * 1.5 / 60)
     text = said.getvalue()
     assert text.startswith("Bill: 8 requests in 3 ranks; to run: 6 requests in 2 ranks; 1 ")
     assert "Estimate " in text and "resting on the run of" in text
@@ -163,8 +167,8 @@ def test_rank_files_are_billed_too_and_their_mean_size_sets_the_walltime(tmp_pat
     (tmp_path / history.PATH).unlink()
     said = io.StringIO()
     with contextlib.redirect_stderr(said):
-        resolved = bill.prepare(aurora, config, None, str(data), str(results), "m", ranks, ())
-    assert resolved["warm"]["rank_minutes"] is None  # pbs/settings.py's 1 min
+        resolved = bill.prepare(aurora, run, None, str(data), str(results), "m", ranks, ())
+    assert resolved.warm.rank_minutes is None  # pbs/settings.py's 1 min
     # 2 ranks to run: as many as a node has at once here
     assert "No estimate" in said.getvalue() and "a data_dir of 2 of the rank files: 2 ranks" in (
         said.getvalue()

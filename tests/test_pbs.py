@@ -686,9 +686,9 @@ def test_submit_reports_qsub_refusal_with_the_scheduler_message(tmp_path, monkey
 def test_export_puts_settings_into_the_environment():
     environ = {}
     config = merged_config()
-    pbs.export_settings(config, environ)
+    pbs.export_settings(from_config(config), environ)
     exported = json.loads(environ[pbs.SETTINGS_VARIABLE])
-    assert exported == pbs.settings_from_config(config)
+    assert exported == pbs.provider_settings(from_config(config))
     assert exported["state_dir"] == os.path.abspath(".snakemake/pbs")
     assert exported["log_dir"] == os.path.abspath("logs/pbs")
     assert {"account", "queue", "filesystems", "place", "nodes_per_submission"} <= set(exported)
@@ -757,9 +757,9 @@ def test_profile_is_recognised_by_its_config_file():
 def test_missing_account_fails_only_with_the_profile():
     config = merged_config()
     assert config["pbs"]["account"] == ""
-    pbs.export_settings(config, {}, workflow=pbs.RunInfo())  # another profile: fine
+    pbs.export_settings(from_config(config), {}, workflow=pbs.RunInfo())  # another profile: fine
     with pytest.raises(pbs.PbsConfigError, match=r"pbs\.account is empty.*--config"):
-        pbs.export_settings(config, {}, workflow=AURORA_RUN)
+        pbs.export_settings(from_config(config), {}, workflow=AURORA_RUN)
 
 
 def problems(**changes) -> str:

@@ -14,6 +14,7 @@ used instead (unset and with no history: 15 and 1, as before).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import Counter
@@ -21,8 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from formats import history
+from formats.settings import Settings
 from pbs import plan, submission
-from pbs.settings import PbsConfigError, profile_in_use, run_info, settings_from_config
+from pbs.settings import PbsConfigError, profile_in_use, provider_settings, run_info
+from placement import node_layout
 from reporting import accounting
 
 
@@ -68,21 +71,25 @@ def estimate_of(config: Mapping, model: str, where: str, path=history.PATH) -> E
     return Estimate(entry) if entry else None
 
 
-def run_config(config: dict, data: str, results: str, estimate: Estimate | None, rank_size: int):
-    """The config the ranks and the PBS provider see: data_dir and results_dir the rank
+def run_config(
+    settings: Settings, data: str, results: str, estimate: Estimate | None, rank_size: int
+) -> Settings:
+    """The settings the ranks and the PBS provider see: data_dir and results_dir the rank
     folders; warm.start_minutes and warm.rank_minutes, when unset, from the estimate of a
     dataset's ranks plus the margin."""
-    warm = dict(config["warm"])
-    margin = 1 + config["pbs"]["estimate_margin_percent"] / 100
-    engines = plan.jobs_per_node(settings_from_config(config))
+    warm, tiles = settings.warm, settings.tiles
+    margin = 1 + settings.pbs.estimate_margin_percent / 100
+    engines = node_layout.engines_per_node(tiles.per_node, tiles.per_job)
+    minutes = {}
     for key in ("start_minutes", "rank_minutes"):
-        if warm.get(key) is not None or estimate is None:
+        if getattr(warm, key) is not None or estimate is None:
             continue  # unset and no estimate: pbs/settings.py's 15 and 1
         if key == "start_minutes":
-            warm[key] = math.ceil(estimate.fixed_s * margin / 60)
+            minutes[key] = math.ceil(estimate.fixed_s * margin / 60)
         else:  # one rank's minutes on one engine of a node
-            warm[key] = rank_size * estimate.node_s_per_request * engines * margin / 60
-    return {**config, "data_dir": data, "results_dir": results, "warm": warm}
+            minutes[key] = rank_size * estimate.node_s_per_request * engines * margin / 60
+    warm = dataclasses.replace(warm, **minutes)
+    return dataclasses.replace(settings, data_dir=data, results_dir=results, warm=warm)
 
 
 def spent_node_hours(log_dir: str = "logs/pbs") -> float:
@@ -204,7 +211,7 @@ def budget_problem(hours: float | None, budget: float | None, spent: float) -> s
     return None
 
 
-def announce(workflow, config: Mapping, text_and_hours, budget, spent, stream=None) -> None:
+def announce(workflow, text_and_hours, budget, spent, stream=None) -> None:
     """Print the bill in the main Snakemake (dry runs too); stop on the budget."""
     import sys
 
@@ -261,13 +268,13 @@ def _pending_requests(dataset, data: str, results: str, ranks: list[str], marker
     return requests, count, sizes[kept:]
 
 
-def prepare(workflow, config: dict, dataset, data, results, model, ranks, marker) -> dict:
-    """The run's config for the ranks and the PBS provider (`run_config`); the bill
+def prepare(workflow, settings: Settings, dataset, data, results, model, ranks, marker) -> Settings:
+    """The run's settings for the ranks and the PBS provider (`run_config`); the bill
     printed (dry runs too) and the budget checked, in the main Snakemake. Rank files: a
     rank's size for the walltime is the mean of the ranks to run."""
     place = where(workflow)
     main = run_info(workflow).main
-    estimate = estimate_of(config, model, place) if dataset or main else None
+    estimate = estimate_of(settings.config(), model, place) if dataset or main else None
     if dataset:
         size = dataset.rank_size
     elif estimate is not None:
@@ -275,19 +282,17 @@ def prepare(workflow, config: dict, dataset, data, results, model, ranks, marker
         size = math.ceil(sum(pending) / len(pending)) if pending else 1
     else:
         size = 0
-    resolved = run_config(config, data, results, estimate, size)
+    resolved = run_config(settings, data, results, estimate, size)
     if not main:
         return resolved
-    pbs = config["pbs"]
-    budget = pbs.get("budget_node_hours") if place == "pbs" else None
+    budget = settings.pbs.budget_node_hours if place == "pbs" else None
     spent = spent_node_hours() if budget is not None else 0.0
 
     def text_and_hours():
         requests, count, pending = pending_requests(dataset, data, results, ranks, marker)
-        settings = settings_from_config(resolved)
         return bill(
-            requests, count, pending, settings, estimate, place == "pbs",
-            pbs.get("estimate_margin_percent", 0), budget, spent, dataset is not None,
+            requests, count, pending, provider_settings(resolved), estimate, place == "pbs",
+            settings.pbs.estimate_margin_percent, budget, spent, dataset is not None,
         )  # fmt: skip
 
     def remembered():
@@ -295,7 +300,7 @@ def prepare(workflow, config: dict, dataset, data, results, model, ranks, marker
         ESTIMATE["node_hours"] = hours if estimate is not None else None
         return text, hours
 
-    announce(workflow, config, remembered, budget, spent)
+    announce(workflow, remembered, budget, spent)
     return resolved
 
 
@@ -334,13 +339,14 @@ def ranks_at_once(subs: Sequence[accounting.Submission], settings: Mapping) -> i
     return at_once([1] * sum(r for r, _ in ranks), settings, ranks)
 
 
-def record_run(config: Mapping, model: str, workflow, record_paths, since: float) -> None:
+def record_run(settings: Settings, model: str, workflow, record_paths, since: float) -> None:
     """Rule summary: the history line of the ranks this run answered (none: no line)."""
     from reporting import summary
 
     mine = [r for r in summary.read_records(record_paths) if r.get("_end", 0) >= since]
     if not mine:
         return
+    config = settings.config()
     slots = accounting.tile_slots(config)
     subs = accounting.submissions(mine, tile_slots=slots)
     nodes = sum(s.nodes for s in subs) or 1
@@ -362,7 +368,7 @@ def record_run(config: Mapping, model: str, workflow, record_paths, since: float
             ),
             "fixed_s": sum(s.parts[p] for s in subs for p in ("setup", "engine_start", "stop"))
             / nodes,
-            "ranks_at_once": ranks_at_once(subs, settings_from_config(config)),
+            "ranks_at_once": ranks_at_once(subs, provider_settings(settings)),
         }
     )
 

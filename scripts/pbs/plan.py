@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine import lifecycle  # stdlib only, like this package (scripts/ is on the path)
 from formats import marker
@@ -24,9 +25,12 @@ from .settings import (
     SETTINGS_VARIABLE,
     PbsConfigError,
     profile_in_use,
+    provider_settings,
     run_info,
-    settings_from_config,
 )
+
+if TYPE_CHECKING:
+    from formats.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -267,7 +271,7 @@ def group_packing_problems(
     return problems
 
 
-def node_group(workflow, config: Mapping, name: str = "node") -> Callable | None:
+def node_group(workflow, run_settings: Settings, name: str = "node") -> Callable | None:
     """The tile rule's ``group:``: a function that checks the profile's packing, or None.
 
     Only the Aurora profile packs jobs into submissions; elsewhere the rule has no group
@@ -291,7 +295,7 @@ def node_group(workflow, config: Mapping, name: str = "node") -> Callable | None
             if info.main:
                 problems = group_packing_problems(
                     workflow.group_settings.group_components,
-                    settings_from_config(config),
+                    provider_settings(run_settings),
                     cores=info.cores,
                     group=name,
                 )
@@ -390,7 +394,7 @@ def describe_plan(pending_jobs: int, settings: Mapping, jobs: int | None = None)
 
 
 def export_settings(
-    config: Mapping,
+    run_settings: Settings,
     environ: MutableMapping = os.environ,
     workflow=None,
     *,
@@ -399,14 +403,15 @@ def export_settings(
     engines: Mapping | None = None,
     settings_file: str = "",
 ) -> dict:
-    """Put the settings as JSON into ``environ`` for the profile's commands.
+    """Put the provider's settings of ``run_settings`` (`provider_settings`) as JSON into
+    ``environ`` for the profile's commands.
 
     With ``workflow`` (Snakemake's object, or a `RunInfo`) and the Aurora profile in
     use, also validate them, so a setting the scheduler would refuse fails the dry
     run with a `PbsConfigError` that names the config key.
     """
-    settings = settings_from_config(
-        config, model=model, marker=marker, engines=engines, settings_file=settings_file
+    settings = provider_settings(
+        run_settings, model=model, marker=marker, engines=engines, settings_file=settings_file
     )
     if workflow is not None:
         info = run_info(workflow)
@@ -416,7 +421,9 @@ def export_settings(
     return settings
 
 
-def announce_plan(workflow, config: Mapping, pending_jobs: Callable[[], int], stream=None) -> None:
+def announce_plan(
+    workflow, run_settings: Settings, pending_jobs: Callable[[], int], stream=None
+) -> None:
     """With the Aurora profile, print the PBS plan of the pending ranks (dry runs too).
 
     ``pending_jobs`` is called only then: the Snakemake inside each submission (and
@@ -424,5 +431,5 @@ def announce_plan(workflow, config: Mapping, pending_jobs: Callable[[], int], st
     """
     info = run_info(workflow)
     if info.main and profile_in_use(info.configfiles):
-        plan = describe_plan(pending_jobs(), settings_from_config(config), jobs=info.jobs)
+        plan = describe_plan(pending_jobs(), provider_settings(run_settings), jobs=info.jobs)
         print(plan, file=stream or sys.stderr)
