@@ -37,6 +37,7 @@ import pytest
 import pbs
 import workflow as wf
 from formats.files import safe_name
+from formats.settings import from_config
 from pbs_cluster import PbsCluster, clear_stale_pyenv_lock
 from rank.layout import output_file, record_file
 
@@ -60,7 +61,7 @@ def provider_settings(work: Path, **changes) -> dict:
     # stands in for the main Snakemake, so the run's watchdog ends with the test.
     owner = subprocess.Popen(["sleep", "3600"])
     _RUN_OWNERS.append((owner, work / ".snakemake" / "pbs"))
-    conf = pbs.settings_from_config(config, owner_pid=owner.pid)
+    conf = pbs.provider_settings(from_config(config), owner_pid=owner.pid)
     conf |= {
         "account": "testproj",
         "queue": "capacity",
@@ -246,7 +247,7 @@ def run_aurora(cluster: PbsCluster, work: Path, *args: str, **kwargs):
     is for warm engines on 4 nodes; later options override it)."""
     env = {k: cluster.env[k] for k in ("PATH", "PBS_CONF_FILE", "PBS_SERVER")}
     env |= kwargs.pop("env", {})
-    group = pbs.expected_group_size(pbs.settings_from_config(run_config(work)))
+    group = pbs.expected_group_size(pbs.provider_settings(from_config(run_config(work))))
     return wf.snakemake(
         work, "--seconds-between-status-checks", str(INTERVAL),
         "--group-components", f"node={group}", "--cores", str(max(group, 240)), *args,

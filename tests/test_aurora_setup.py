@@ -20,9 +20,10 @@ import pytest
 import workflow as wf
 from engine import supervisor
 from formats import registry, staged_model
+from formats.settings import from_config
 from model import fetch, stage
 from pbs import plan
-from pbs.settings import settings_from_config
+from pbs.settings import provider_settings
 from placement import launcher, node_layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_tp4_launcher_call_is_alcfs(tmp_path):
 
 
 def test_tp4_plan_counts_two_engines_per_node():
-    settings = settings_from_config(wf.aurora_config(tiles={"per_job": 4}))
+    settings = provider_settings(from_config(wf.aurora_config(tiles={"per_job": 4})))
     assert plan.jobs_per_node(settings) == 2
     assert plan.expected_group_size(settings) == 4 * 2 * 10
 
@@ -134,7 +135,7 @@ def test_a_reserved_core_in_cpu_bind_is_an_error_naming_the_key(bad):
     with pytest.raises(ValueError, match="tiles.cpu_bind"):
         launcher.launch_argv(["x", "{cpus}"], node_layout.Slot("h", (0,)), cpus, {}, ["true"])
     config = wf.aurora_config(tiles={"cpu_bind": cpus}, pbs={"account": "P"})
-    settings = settings_from_config(config)
+    settings = provider_settings(from_config(config))
     assert any(p.startswith("config key tiles.cpu_bind") for p in plan.settings_problems(settings))
 
 
@@ -178,7 +179,7 @@ def test_head_check_before_any_qsub(tmp_path):
     """The provider's checks (the dry run, and pbs-submit before qsub) refuse the plan."""
     folder = model_folder(tmp_path / "m", {"num_attention_heads": 14})
     config = wf.aurora_config(tiles={"per_job": 4}, pbs={"account": "P"}, engine="vllm")
-    settings = settings_from_config(config, model=str(folder))
+    settings = provider_settings(from_config(config), model=str(folder))
     problems = plan.settings_problems(settings)
     assert any("14 attention heads" in p and "tiles.per_job" in p for p in problems)
     with pytest.raises(plan.PbsConfigError, match="14 attention heads"):

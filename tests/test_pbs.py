@@ -69,7 +69,7 @@ def merged_config() -> dict:
 def settings(tmp_path: Path | None = None, **changes) -> dict:
     config = merged_config()
     config["pbs"]["account"] = "MyProject"
-    result = pbs.settings_from_config(config)
+    result = pbs.provider_settings(from_config(config))
     result["warm_engines"] = False  # per-rank engines unless a test asks for warm ones
     if tmp_path is not None:
         result["state_dir"] = str(tmp_path / "state")
@@ -630,13 +630,15 @@ def test_qsub_argv_keeps_each_setting_one_element():
 
 def test_submit_runs_qsub_without_shell_and_records_the_job(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    conf = pbs.settings_from_config(
-        merged_config()
-        | {
-            "warm_engines": False,
-            "pbs": merged_config()["pbs"]
-            | {"account": "p; echo injected", "setup": ["module load frameworks"]},
-        }
+    conf = pbs.provider_settings(
+        from_config(
+            merged_config()
+            | {
+                "warm_engines": False,
+                "pbs": merged_config()["pbs"]
+                | {"account": "p; echo injected", "setup": ["module load frameworks"]},
+            }
+        )
     )
     script = tmp_path / "snakejob.sh"
     script.write_text(jobscript(properties(13, range(13))))
@@ -1105,7 +1107,7 @@ def test_default_profile_plan_is_accepted_by_its_queue():
 
 def test_watchdog_deletes_the_open_submissions_of_its_run_when_snakemake_is_gone(tmp_path):
     owner = subprocess.Popen(["sleep", "60"])
-    conf = pbs.settings_from_config(merged_config(), owner_pid=owner.pid)
+    conf = pbs.provider_settings(from_config(merged_config()), owner_pid=owner.pid)
     conf |= {"state_dir": str(tmp_path / "state")}
     run = pbs.settings.run_id(conf)
     with pbs.StateStore(conf["state_dir"]).locked() as state:
@@ -1139,7 +1141,7 @@ def test_watchdog_deletes_the_open_submissions_of_its_run_when_snakemake_is_gone
 
 
 def test_run_id_names_one_process_even_if_its_pid_is_reused():
-    conf = pbs.settings_from_config(merged_config())
+    conf = pbs.provider_settings(from_config(merged_config()))
     assert pbs.settings.owner_alive(conf)
     conf["owner"] = conf["owner"] | {"start": "1"}  # same pid, another start time
     assert not pbs.settings.owner_alive(conf)

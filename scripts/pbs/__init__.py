@@ -42,7 +42,6 @@ from .settings import (
     load_settings,
     profile_in_use,
     provider_settings,
-    settings_from_config,
 )
 from .state import StateStore, new_job_record
 from .status import cancel, job_status, query_scheduler, watch
@@ -98,7 +97,6 @@ __all__ = [
     "query_scheduler",
     "queue_problems",
     "read_properties",
-    "settings_from_config",
     "settings_problems",
     "submit",
     "verdict",

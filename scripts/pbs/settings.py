@@ -121,14 +121,6 @@ def provider_settings(
     }
 
 
-def settings_from_config(config: Mapping, **kwargs) -> dict:
-    """`provider_settings` of the settings made from the merged workflow config (for the
-    callers that still hold the mapping)."""
-    from formats.settings import from_config
-
-    return provider_settings(from_config(config), **kwargs)
-
-
 def _or(value, fallback):
     return fallback if value is None else value
 
