@@ -220,16 +220,23 @@ def metadata_path(work: Path, output: str) -> Path:
     return work / ".snakemake" / "metadata" / urlsafe_b64encode(output.encode()).decode()
 
 
-def job_seconds(work: Path, output: str) -> float | None:
-    """Wall seconds of the job that wrote ``output``, from its `metadata_path` record
-    (Snakemake records each output's job start and end time there)."""
+def job_window(work: Path, output: str) -> tuple[float, float] | None:
+    """Start and end (epoch s) of the job that wrote ``output``, from its
+    `metadata_path` record (Snakemake records each output's job start and end time
+    there); None without one."""
     path = metadata_path(work, output)
     if not path.is_file():
         return None
     meta = json.loads(path.read_text())
     if meta.get("starttime") is None or meta.get("endtime") is None:
         return None
-    return meta["endtime"] - meta["starttime"]
+    return meta["starttime"], meta["endtime"]
+
+
+def job_seconds(work: Path, output: str) -> float | None:
+    """Wall seconds of the job that wrote ``output`` (`job_window`)."""
+    window = job_window(work, output)
+    return None if window is None else window[1] - window[0]
 
 
 WARM_EVENTS = (
@@ -252,15 +259,15 @@ def warm_breakdown(work: Path, started: float, ended: float) -> dict:
     from formats.registry import REGISTRY_ROOT, read_registry
 
     (marker,) = (work / "results" / "model").glob("*.json")
-    meta = json.loads(metadata_path(work, str(marker.relative_to(work))).read_text())
+    fetch_start, fetch_end = job_window(work, str(marker.relative_to(work)))
     folders = [f for f in (work / REGISTRY_ROOT).iterdir() if f.is_dir()]
     entries = [e for f in folders for e in read_registry(f).values() if e.get("started_at")]
     records = rank_record.records_dir(work / "results").glob("*.json")
     records = [json.loads(p.read_text()) for p in records]
     times = {
-        "fetch_model_start": meta["starttime"],
+        "fetch_model_start": fetch_start,
         "engines_started": min(e["started_at"] for e in entries),
-        "fetch_model_end": meta["endtime"],
+        "fetch_model_end": fetch_end,
         "first_engine_ready": min(e["ready_at"] for e in entries if e.get("ready_at")),
         "first_rank_began": min(rank_record.began(r) for r in records),
         "last_rank_written": max(float(r["written_at"]) for r in records),
