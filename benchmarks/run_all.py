@@ -31,6 +31,7 @@ import generation_batch  # noqa: E402
 import local_scale  # noqa: E402
 import progress_reader  # noqa: E402
 import scheduler_load  # noqa: E402
+import submission_breakdown  # noqa: E402
 import time_breakdown  # noqa: E402
 import warm_engines  # noqa: E402
 
@@ -51,6 +52,7 @@ BENCHMARKS = {
         local_scale,
         datasets,
         bill_error,
+        submission_breakdown,
     )
 }
 
