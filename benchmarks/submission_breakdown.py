@@ -16,8 +16,9 @@ provider's ``submitted`` in .snakemake/pbs/status.json, pbs/state.py):
   preflight done on every node, ranks done, end), the ranks step's start (the node
   Snakemakes' launcher call, formats/node_report.py);
 * per node: its engines started and ready (formats/registry.py entries), its first
-  rank's requests sent and its last rank written (formats/record.py records), and
-  where its node-seconds went: accounting.account's parts (set-up, engine start,
+  rank's requests sent and its last rank written (formats/record.py records), its
+  preflight and model copy (the line scripts/model/stage.py prints), and where its
+  node-seconds went: accounting.account's parts (set-up, engine start,
   serving, idle, stop) for that node alone (they add up to the submission's).
 
 No goal: the figures say what a short submission pays in node-hours before it serves.
@@ -48,7 +49,7 @@ VARIANTS = {
 }
 VARIANT_NAMES = {"vllm": "vLLM, models/tiny-opt", "echo": "echo engines"}
 
-# (key, text): what happened, in the order it happens. "login" events are the run's,
+# (kind, key, text): what happened, in the order it happens. "login" events are the run's,
 # "job" ones the same for every node, "node" ones each node's own.
 EVENTS = (
     ("login", "snakemake_start", "login: `snakemake` starts"),
@@ -271,7 +272,7 @@ def one(cluster, folder: Path, variant: str, ranks: int) -> dict:
         **VARIANTS[variant],
         tiles={"per_node": 1},
         pbs={"nodes_per_submission": NODES},
-        # every rank in the one submission; vLLM on 2 shared cores: minutes to start
+        # every rank in the one submission; vLLM may start slowly on 2 shared cores
         warm={"ranks_per_engine": -(-ranks // NODES), "ready_timeout_s": 600},
         sampling={"max_tokens": MAX_TOKENS, "ignore_eos": True},
         weights={"stage_dir": str(folder / "node-local")},
