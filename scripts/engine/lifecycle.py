@@ -385,7 +385,7 @@ class Engine:
         """client.identify of this engine's server (with its id, key and proof)."""
         return identify(self.url, self.engine_id, self.api_key, self.proof, timeout)
 
-    def wait_ready(self, timeout: float, poll: float = 0.5) -> float:
+    def wait_ready(self, timeout: float, poll: float = 0.2) -> float:
         """Seconds until the server on the port proved it is this engine (identify);
         PortTaken if another process answers there or holds the port, EngineStartError
         if the engine exits or times out."""

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import console
 from engine import lifecycle
-from engine.routing import RegistryPool
+from engine.routing import LOCAL_REFRESH_S, RegistryPool
 from engine.supervisor import listen_address
 from formats import engine_spec
 from formats.registry import registry_dir, write_launcher_exit
@@ -97,7 +97,9 @@ class LocalService:
             )
         threading.Thread(target=self._report_exit, args=(self._process,), daemon=True).start()
         launcher = LOCAL_LAUNCHER.replace("{log}", str(self.log_path))
-        return RegistryPool.for_hosts(spec, self.run_id, [self.host], "this run", launcher)
+        return RegistryPool.for_hosts(
+            spec, self.run_id, [self.host], "this run", launcher, refresh_s=LOCAL_REFRESH_S
+        )
 
     def _report_exit(self, process: subprocess.Popen) -> None:
         """As ``launch`` does: ranks stop waiting for engines that will never come."""
