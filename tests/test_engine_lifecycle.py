@@ -409,6 +409,30 @@ def test_start_refuses_a_taken_port(tmp_path):
             engine.start()
 
 
+def test_a_port_taken_as_the_server_binds_moves_the_engine_though_freed_since(
+    tmp_path, monkeypatch
+):
+    """Another process takes the port after the start's check and before the server
+    binds (another run's engine); by the time the server's exit is seen, that process
+    has freed it again (that run ended). The server's exit status (EADDRINUSE) still
+    tells wait_ready the port was taken: PortTaken (the supervisor moves the engine to
+    another port), not a failed start."""
+    monkeypatch.setenv("ECHO_SERVER_START_DELAY_S", "1")
+    engine = stand_in(tmp_path, "pass")
+    engine.argv = [PYTHON, str(SCRIPTS / "engine" / "echo_server.py"), "--port", str(engine.port)]
+    engine.start()
+    try:
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", engine.port))
+            holder.listen()
+            assert wait_until(lambda: not engine.alive(), 30)
+        assert "Address already in use" in engine.log_path.read_text()
+        with pytest.raises(lifecycle.PortTaken, match="held the port as the engine bound it"):
+            engine.wait_ready(30)
+    finally:
+        engine.stop()
+
+
 def test_restart_is_bounded(tmp_path):
     engine = stand_in(tmp_path, "import time; time.sleep(300)", max_restarts=0)
     with pytest.raises(EngineStartError, match="max_restarts 0"):

@@ -343,10 +343,10 @@ def test_two_runs_started_together_in_two_folders_both_finish_on_their_own_engin
     there moves it; both runs finish every rank, on their own engines only."""
     ranks = {f"{r}.in": f"run rank {r}\nsecond prompt\n" for r in range(3)}
     works = [wf.make_workdir(tmp_path / name, ranks) for name in ("first", "second")]
-    configs = [
-        wf.local_config(work, engine="echo", task_env={"ECHO_SERVER_START_DELAY_S": "2"})
-        for work in works
-    ]
+    # Requests of a second: a run's engines stay up while the other run's bind their
+    # ports (a run that ended first would free its ports for the other to take).
+    slow = {"ECHO_SERVER_START_DELAY_S": "2", "ECHO_SERVER_DELAY_S": "1"}
+    configs = [wf.local_config(work, engine="echo", task_env=slow) for work in works]
     runs = [
         wf.snakemake(work, configfiles=config, popen=True)
         for work, config in zip(works, configs, strict=True)

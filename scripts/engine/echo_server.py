@@ -46,6 +46,7 @@ Stdlib only.
 from __future__ import annotations
 
 import argparse
+import errno
 import hmac
 import json
 import os
@@ -431,7 +432,8 @@ def main(argv: Sequence[str]) -> int:
         )
     except OSError as error:
         print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
-        return 1
+        # EADDRINUSE as the status: the supervisor moves the engine to another port
+        return errno.EADDRINUSE if error.errno == errno.EADDRINUSE else 1
     serve(server)
     return 0
 

@@ -33,6 +33,7 @@ Stdlib only, and no vLLM import: the Snakefile and login-node code import it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import math
@@ -248,6 +249,18 @@ def _exited(pid: int) -> bool:
     return info is not None
 
 
+def _exit_status(pid: int) -> int | None:
+    """The exit status of child `pid` once it has exited normally, without reaping it;
+    None while it runs, after a signal, or once reaped."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None or info.si_code != os.CLD_EXITED:
+        return None
+    return info.si_status
+
+
 def not_loopback(infos: Sequence[tuple]) -> str | None:
     """The first address of a getaddrinfo answer that is not a loopback one."""
     for info in infos:
@@ -394,6 +407,11 @@ class Engine:
         started = time.monotonic()
         while True:
             if not self.alive():
+                # The server could not bind its port (its exit status, through the
+                # watchdog): another process held it then, even if it is gone by now.
+                if _exit_status(self._proc.pid) == errno.EADDRINUSE:
+                    what = "it held the port as the engine bound it"
+                    raise PortTaken(foreign_message(self.name, self.host, self.port, what))
                 if _port_taken(self.host, self.port):  # ours is gone: someone else's
                     raise PortTaken(
                         foreign_message(self.name, self.host, self.port, "the engine exited")

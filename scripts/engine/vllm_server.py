@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -204,7 +205,8 @@ def main(argv: Sequence[str]) -> int:
         listener = hold_port(argv)
     except OSError as error:
         print(f"vllm_server: cannot listen: {error}", file=sys.stderr)
-        return 1
+        # EADDRINUSE as the status: the supervisor moves the engine to another port
+        return errno.EADDRINUSE if error.errno == errno.EADDRINUSE else 1
     go = os.environ.get(GO_FILE_VARIABLE)
     try:
         args, engine_args = parse_args(argv)
