@@ -322,6 +322,7 @@ class LocalWatch:
         self._lock = threading.Lock()
         self._settings: dict | None = None
         self._thread: threading.Thread | None = None
+        self._finish = threading.Event()
 
     def configure(self, workflow, results_dir: str, interval: float, engines=None, log=None):
         """From the Snakefile: ``engines()`` gives (ready, total, what they wait for)."""
@@ -347,6 +348,14 @@ class LocalWatch:
                 )
                 self._thread.start()
 
+    def finish(self, timeout: float = 30.0) -> None:
+        """From onsuccess and onerror: the last line, which reaches the total, before
+        the run's summary; the thread prints it and ends (at most ``timeout`` s)."""
+        thread = self._thread
+        if thread is not None:
+            self._finish.set()
+            thread.join(timeout)
+
     def _ranks(self) -> frozenset[int]:
         """The rank jobs this run runs (Snakemake's DAG; none if that cannot be read)."""
         workflow = self._settings["workflow"]
@@ -368,12 +377,12 @@ class LocalWatch:
         sub = Submission("local", ranks)
         shown = started
         # Looks every second at most, prints every interval, and once more at the end
-        # (the line that reaches the total).
+        # (the line that reaches the total, or the run's last state when `finish` asks).
         while True:
-            time.sleep(min(1.0, settings["interval"]))
+            finishing = self._finish.wait(min(1.0, settings["interval"]))
             now = time.time()
             found = read_progress([sub], settings["records_dir"], settings["notes_dir"], memory)
-            ended = found["local"].done + len(found["local"].failed) >= len(ranks)
+            ended = finishing or found["local"].done + len(found["local"].failed) >= len(ranks)
             if now - shown < settings["interval"] and not ended:
                 continue
             shown = now
