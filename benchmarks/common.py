@@ -115,7 +115,13 @@ def run_batch(
     # both cores: the warm side runs two engines
     env = {**os.environ, **engine_environment(config), "OMP_NUM_THREADS": str(os.cpu_count() or 2)}
     timed = run_timed(argv, cwd=folder, env=env, timeout=5400)
-    return timed, [json.loads(x) for x in (folder / "out.jsonl").read_text().splitlines()]
+    return timed, read_jsonl(folder / "out.jsonl")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """A JSONL file's objects, one per "\n"-ended line: not str.splitlines, which also
+    breaks at U+2028, U+0085 and other characters a generated text may hold unescaped."""
+    return [json.loads(line) for line in Path(path).read_text().split("\n") if line]
 
 
 def bench_prompts(count: int) -> list[str]:

@@ -7,7 +7,7 @@ engine per rank, and against a bare script, with profiles/local on this machine.
 2. 480 ranks (the sample x 10, 1,920 prompts, 16 tokens each with ignore_eos): output
    tokens per second end to end (start of `snakemake` to its end, rule fetch_model's
    model-info cache included) against a bare script that runs all 1,920 prompts in
-   one `LLM.generate` with the same engine settings, its start included. Goal: >= 0.3.
+   one `LLM.generate` with the same engine settings, its start included. Goal: >= 0.8 (issue 36).
 3. How long a rank whose .out is whole stays marked incomplete by Snakemake (a kill in
    that window makes `--rerun-incomplete` redo it), per-rank and warm engines.
 """
@@ -130,7 +130,7 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
             f"{bare['generate_s']:.1f} s)",
             f"{bare['end_to_end_tokens_per_s']:.0f}",
         ],
-        ["warm / bare, end to end (goal >= 0.3)", f"**{fmt(ratio)}**"],
+        ["warm / bare, end to end (goal >= 0.8)", f"**{fmt(ratio)}**"],
         [
             "a rank's whole .out still marked incomplete by Snakemake (a kill then redoes it), "
             "median / max ms: per-rank engines (sample run)",
@@ -163,11 +163,11 @@ def run(quick: bool = False, repeats: int = 3, shared: dict | None = None) -> di
         "summary": {
             "speedup": speedup,
             "ratio": ratio,
-            "goal_met": speedup >= 5 and ratio >= 0.3,
+            "goal_met": speedup >= 5 and ratio >= 0.8,
             "goal": [
                 "48-rank sample, warm over per-rank wall time; 480 ranks warm / bare end to end",
                 f"{speedup:.1f}x; {fmt(ratio)}",
-                ">= 5x; >= 0.3",
+                ">= 5x; >= 0.8",
             ],
         },
     }
