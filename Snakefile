@@ -109,8 +109,10 @@ rule fetch_model:
     log:
         "logs/fetch_model.log",
     run:
-        rank_job.start_beside_fetch(workflow, SETTINGS, MODEL, output[0])
-        prepare.fetch_model(SETTINGS, MODEL, output[0], log[0])
+        beside = rank_job.start_beside_fetch(
+            workflow, SETTINGS, MODEL, output[0], log[0]
+        )
+        prepare.fetch_model(SETTINGS, MODEL, output[0], log[0], beside)
 
 
 rule infer:

@@ -395,15 +395,24 @@ def test_engines_start_beside_fetch_model_only_in_a_local_run_of_inprocess_engin
         (local_run, vllm, "facebook/opt-125m"),
         (aurora, vllm, folder),
     ]
+    log = str(tmp_path / "fetch_model.log")
     for run, config, model in refused:
-        assert not rank_job.start_beside_fetch(run, run_settings.from_config(config), model, marker)
+        settings = run_settings.from_config(config)
+        assert not rank_job.start_beside_fetch(run, settings, model, marker, log)
     monkeypatch.setenv(supervisor.SPEC_VARIABLE, str(tmp_path / "spec.json"))
     settings = run_settings.from_config(vllm)
-    assert not rank_job.start_beside_fetch(local_run, settings, folder, marker)
+    assert not rank_job.start_beside_fetch(local_run, settings, folder, marker, log)
     assert started == []
     monkeypatch.delenv(supervisor.SPEC_VARIABLE)
-    assert rank_job.start_beside_fetch(local_run, settings, folder, marker)
-    assert started == [{"go_file": marker}]
+    (tmp_path / "fetch_model.log.claim").write_text("1\n")  # an earlier run's: forgotten
+    assert rank_job.start_beside_fetch(local_run, settings, folder, marker, log)
+    (started,) = started
+    assert started["go_file"] == marker
+    # the engines run fetch.py's checks, the first of them to claim them (test_fetch_beside)
+    *checks, serve = started["prepare"]
+    assert checks[0].endswith("scripts/model/fetch.py") and serve == "--serve"
+    assert checks[checks.index("--log") + 1] == log
+    assert not (tmp_path / "fetch_model.log.claim").exists()
 
 
 def test_engines_started_beside_fetch_model_take_the_versions_of_its_marker(tmp_path, service):

@@ -21,6 +21,7 @@ from test_workflow_local import FOUR, assert_ok, metric, processes_in, prompts_o
 from workflow import (
     REPO,
     SNAKEMAKE,
+    assert_checked_in_an_engine,
     assert_engines_loaded_no_model,
     local_config,
     make_workdir,
@@ -61,6 +62,8 @@ def test_the_sample_ranks_with_the_tiny_model(tmp_path, warm):
     (marker,) = (work / "results" / "model").glob("*.json")
     versions = json.loads(marker.read_text())["versions"]
     assert versions["vllm"] and versions["torch"] and "ipex" in versions
+    if warm:
+        assert_checked_in_an_engine(work, status=0)
     served_by = set()
     for name in ranks:
         rank = name.removesuffix(".in")

@@ -294,3 +294,13 @@ def assert_engines_loaded_no_model(work: Path) -> None:
     logs = list((work / "logs" / "engines").glob("local-*/*-tile*.log"))
     assert logs, "no engine was started beside rule fetch_model"
     assert not any("Initializing a V1 LLM engine" in log.read_text() for log in logs)
+    assert_checked_in_an_engine(work, status=1)
+
+
+def assert_checked_in_an_engine(work: Path, status: int) -> None:
+    """Rule fetch_model's checks ran in one engine started beside it (model/fetch.py
+    `serve`), not in a process of their own, and left no claim or status behind."""
+    logs = list((work / "logs" / "engines").glob("local-*/*-tile*.log"))
+    said = f"the model's checks ended with status {status} here"
+    assert sum(said in log.read_text() for log in logs) == 1, [log.name for log in logs]
+    assert sorted(p.name for p in (work / "logs").glob("fetch_model.log*")) == ["fetch_model.log"]

@@ -187,6 +187,8 @@ def make_engine(
             host=address,
             server=spec["server"],
         )
+        if spec.get("prepare") and argv[1] == str(lifecycle.INPROCESS_SERVER):
+            argv = [argv[0], *spec["prepare"], *argv[2:]]  # beside rule fetch_model
     base = {**environ, **spec["env"]}
     cache = (
         staged_model.staged_cache_root(spec["stage_dir"], job_id, slot.host)

@@ -43,7 +43,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
@@ -197,7 +197,10 @@ def wait_for_file(path: str) -> None:
         time.sleep(0.05)
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str], prepare: Callable[[], None] | None = None) -> int:
+    """Serve; ``prepare``: run before waiting for the go file (model/fetch.py --serve: the
+    model's checks and marker, in the first engine to claim them, beside rule fetch_model),
+    after vLLM's imports, and also when this command line failed to parse."""
     # Before vLLM is imported: the engine core in this process (as LLM.generate with it).
     # A per-rank engine (Engine) keeps the task's own setting.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -218,9 +221,13 @@ def main(argv: Sequence[str]) -> int:
         # Started beside rule fetch_model: its own check names what is wrong (the same
         # parser), so fail only if the rule passed (no restarts, no second message).
         if go:
+            if prepare:
+                prepare()
             wait_for_file(go)
         raise
     if go:
+        if prepare:
+            prepare()
         wait_for_file(go)
     # The engine first: /health waits (the port is held, nothing answers) until it can serve.
     engine = vllm_versions.llm_engine(engine_args)

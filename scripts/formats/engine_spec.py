@@ -25,6 +25,9 @@ A JSON object:
     versions, weights_bytes      the model marker's (formats/marker.py engine_fields)
     stage, stage_dir whether the engines load a node-local copy, and where it lies
     python           the Python that runs the engines
+    prepare          a local run's engines started beside rule fetch_model: what their
+                     Python runs instead of engine/vllm_server.py, before its arguments
+                     (model/fetch.py ... --serve; absent otherwise)
     api_key_file     the key file beside the spec
     format           FORMAT (specs written before 2026-12-07 have none: format 1)
 

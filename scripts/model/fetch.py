@@ -20,23 +20,41 @@
 
 Run by the interpreter that runs inference (config key ``python``), with
 VLLM_CACHE_ROOT set to the folder every engine uses.
+
+Beside a local run's in-process engines (pipeline/rank_job.py `start_beside_fetch`), the
+same checks run in an engine instead of a process of their own:
+
+    fetch.py --model M --marker ... --log logs/fetch_model.log --serve <server argv>
+
+starts an engine (engine/vllm_server.py) through this file. The first engine to claim the
+preparation (``<log>.claim``, its pid) runs `main` in its own process once vLLM is imported,
+its output in the rule's log and its status in ``<log>.status``, then serves: the machine
+imports vLLM once less while the engines start (benchmarks/chat_batch.py: the first engine
+ready ~2.5 s sooner on 2 cores). The rule waits for that status (model/prepare.py), and runs
+this file itself when no engine claimed the preparation or its engine died first.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: scripts/, not this file's folder, on the path
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from engine import vllm_versions
+from formats.files import write_atomic
 from formats.marker import folder_bytes, write_marker
+
+SERVE = "--serve"  # what follows is an engine's argv (engine/vllm_server.py)
+CLAIM, STATUS = ".claim", ".status"  # beside the rule's log: who prepares, how it ended
 
 
 class CheckError(Exception):
@@ -180,7 +198,7 @@ def build_modelinfo_cache(folder: str) -> list[str]:
     return built
 
 
-def main(argv: list[str] | None = None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--marker", required=True)
@@ -189,7 +207,91 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-argv", default="[]", help="JSON: the engines' argv")
     parser.add_argument("--server", default="inprocess", help="config warm.server")
     parser.add_argument("--flag-keys", default="{}", help="JSON: flag -> config key")
-    args = parser.parse_args(argv)
+    parser.add_argument("--log", default="", help=f"with {SERVE}: the rule's log")
+    return parser
+
+
+# ---------------------------------------------------- in an engine, beside rule fetch_model
+
+
+def claim(log: str) -> bool:
+    """Take the preparation of the run whose rule logs to ``log`` (False: taken)."""
+    try:
+        fd = os.open(log + CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as stream:
+        stream.write(f"{os.getpid()}\n")
+    return True
+
+
+def claimant(log: str) -> int | None:
+    """The pid that claimed the preparation; 0 while it writes it; None: unclaimed."""
+    try:
+        text = Path(log + CLAIM).read_text()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.strip().isdigit() else 0
+
+
+def status(log: str) -> int | None:
+    """How the preparation claimed in an engine ended (main's status); None: not yet."""
+    try:
+        return int(Path(log + STATUS).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def forget(log: str) -> None:
+    """An earlier run's claim and status (the rule, before its engines start)."""
+    for suffix in (CLAIM, STATUS):
+        Path(log + suffix).unlink(missing_ok=True)
+
+
+def prepare_here(argv: list[str], log: str) -> None:
+    """`main` in this engine, its output in ``log``, its status in ``<log>.status``; on a
+    failure the engine goes on waiting for the marker that never comes (the rule fails,
+    and the run's onerror stops the engines)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "w") as stream:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+    try:
+        code = main(argv)
+    except SystemExit as end:  # build_modelinfo_cache's refusals, as in a process of its own
+        if end.code is not None and not isinstance(end.code, int):
+            print(end.code, file=sys.stderr)
+        code = end.code if isinstance(end.code, int) else int(end.code is not None)
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
+    # said before the status: the rule acts on the status, and a failed run stops the engines
+    print(f"fetch: the model's checks ended with status {code} here ({log})", file=sys.stderr)
+    sys.stderr.flush()
+    write_atomic(log + STATUS, f"{code}\n")
+
+
+def serve(argv: list[str], server_argv: list[str]) -> int:
+    """An engine beside rule fetch_model (``fetch.py ... --serve <server argv>``): it
+    prepares the model first if it is the first to claim it."""
+    from engine import vllm_server
+
+    args = argument_parser().parse_args(argv)
+    mine = bool(args.log) and not os.path.exists(args.marker) and claim(args.log)
+    prepare = functools.partial(prepare_here, argv, args.log) if mine else None
+    return vllm_server.main(server_argv, prepare)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argument_parser().parse_args(argv)
     try:
         found = versions()
         print(f"versions: {json.dumps(found)}", file=sys.stderr)
@@ -228,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if SERVE in sys.argv:
+        at = sys.argv.index(SERVE)
+        sys.exit(serve(sys.argv[1:at], sys.argv[at + 1 :]))
     code = main()
     # No teardown: the interpreter's last garbage collections over vLLM's and torch's
     # modules take 2 s on 2 cores, and the ranks wait for this rule's end. The marker is

@@ -10,11 +10,17 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 from engine.settings import engine_check_argv
 from formats.settings import Settings
 from formats.workflow_config import ConfigError
+from model import fetch
+
+# Beside warm engines: how long rule fetch_model waits for one of them to claim the model's
+# preparation (each claims it as its process starts) before it runs fetch.py itself.
+CLAIM_WAIT_S = 60.0
 
 
 def is_local_model(model: str) -> bool:
@@ -57,18 +63,16 @@ def fetch_env(settings: Settings, environ=os.environ) -> dict:
     return env
 
 
-def fetch_model(settings: Settings, model: str, marker: str, log: str) -> None:
-    """Find or fetch the model's weights, check the engines' command line against the
-    installed vLLM and build vLLM's model-info cache (rule fetch_model)."""
+def fetch_argv(settings: Settings, model: str, marker: str) -> list[str]:
+    """fetch.py and its arguments (the Python that runs it is the engines')."""
     weights = settings.weights
     argv, server, keys = engine_check_argv(settings, model)
-    command = [
-        settings.inference_python,
-        str(Path(__file__).with_name("fetch.py")),
+    return [
+        str(Path(fetch.__file__)),
         "--model",
         model,
         "--marker",
-        marker,
+        os.path.abspath(marker),
         "--shared-hf-home",
         weights.shared_hf_home,
         "--hf-home",
@@ -80,10 +84,59 @@ def fetch_model(settings: Settings, model: str, marker: str, log: str) -> None:
         "--flag-keys",
         json.dumps(keys),
     ]
-    with open(log, "w") as stream:
-        code = subprocess.run(
-            command, env=fetch_env(settings), stdout=stream, stderr=stream
-        ).returncode
+
+
+def beside_engines(settings: Settings, model: str, marker: str, log: str) -> list[str]:
+    """What the engines started beside rule fetch_model run before their server's argv
+    (engine spec ``prepare``): fetch.py, so that one of them prepares the model."""
+    fetch.forget(os.path.abspath(log))
+    return [*fetch_argv(settings, model, marker), "--log", os.path.abspath(log), fetch.SERVE]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie its parent has not reaped yet is gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def status_beside(log: str, claim_wait_s: float = CLAIM_WAIT_S) -> int | None:
+    """The status of the preparation an engine ran beside the rule (its output in
+    ``log``); None when no engine claimed it within ``claim_wait_s`` (the rule has now)
+    or its engine died before it ended: the rule runs fetch.py itself."""
+    log = os.path.abspath(log)
+    started = time.monotonic()
+    while (code := fetch.status(log)) is None:
+        pid = fetch.claimant(log)
+        if pid is None and time.monotonic() - started > claim_wait_s and fetch.claim(log):
+            return None
+        if pid and not _alive(pid):
+            return fetch.status(log)  # None unless it ended as it died
+        time.sleep(0.05)
+    return code
+
+
+def fetch_model(
+    settings: Settings, model: str, marker: str, log: str, beside: bool = False
+) -> None:
+    """Find or fetch the model's weights, check the engines' command line against the
+    installed vLLM and build vLLM's model-info cache (rule fetch_model); ``beside``: the
+    engines started with the rule (`beside_engines`) do it, unless none can."""
+    code = status_beside(log) if beside else None
+    if code is None:
+        command = [settings.inference_python, *fetch_argv(settings, model, marker)]
+        with open(log, "w") as stream:
+            code = subprocess.run(
+                command, env=fetch_env(settings), stdout=stream, stderr=stream
+            ).returncode
+    if beside:  # the claim holds off the engines until the outcome is known
+        fetch.forget(os.path.abspath(log))
     if code != 0:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
         cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""

@@ -19,6 +19,7 @@ from formats.marker import engine_fields, folder_bytes, marker_versions, model_f
 from formats.partial import resume
 from formats.settings import Settings
 from formats.staged_model import staged
+from model import prepare as model_prepare
 from pbs.settings import profile_in_use, run_info
 from placement import launcher, node_layout
 from rank import checks, task, warm
@@ -50,8 +51,17 @@ class RankEngines:
         self._pool = None
         self._local = None
 
-    def pool(self, settings: Settings, model: str, marker=(), environ=os.environ, go_file=None):
-        """``go_file``: the engines build their engine once it exists (`start_beside_fetch`)."""
+    def pool(
+        self,
+        settings: Settings,
+        model: str,
+        marker=(),
+        environ=os.environ,
+        go_file=None,
+        prepare=(),
+    ):
+        """``go_file``: the engines build their engine once it exists, and ``prepare`` runs
+        before their server (`start_beside_fetch`)."""
         with self._lock:
             if self._pool is None:
                 spec_path = environ.get(supervisor.SPEC_VARIABLE)
@@ -63,6 +73,7 @@ class RankEngines:
                     if go_file:  # no marker yet: the folder's size for the ready timeout
                         go = {vllm_server.GO_FILE_VARIABLE: os.path.abspath(go_file)}
                         spec["env"] = spec["env"] | go
+                        spec["prepare"] = list(prepare)
                         spec["weights_bytes"] = folder_bytes(model)
                     self._local = local.LocalService(spec)
                     atexit.register(self._local.stop)
@@ -83,13 +94,15 @@ class RankEngines:
 ENGINES = RankEngines()
 
 
-def start_beside_fetch(workflow, settings: Settings, model: str, marker: str) -> bool:
+def start_beside_fetch(workflow, settings: Settings, model: str, marker: str, log: str) -> bool:
     """Rule fetch_model of a local run of warm in-process engines on a model folder:
     start the engines now, beside the rule (True). Each imports vLLM and parses its
     command line meanwhile, and builds its engine once the rule's marker exists, its
-    checks passed and its model-info cache written; a config the rule refuses loads no
-    model (the run's onerror stops them). Hub models (their folder is the rule's to
-    find), vLLM's own server and PBS runs start their engines after the rule, as before."""
+    checks passed and its model-info cache written; the first of them to claim it runs
+    the rule's checks itself (model/fetch.py `serve`, the rule waits: model/prepare.py).
+    A config the checks refuse loads no model (the run's onerror stops the engines).
+    Hub models (their folder is the rule's to find), vLLM's own server and PBS runs start
+    their engines after the rule, as before."""
     if (
         settings.engine != "vllm"
         or not settings.warm_engines
@@ -99,7 +112,8 @@ def start_beside_fetch(workflow, settings: Settings, model: str, marker: str) ->
         or profile_in_use(run_info(workflow).configfiles)
     ):
         return False
-    ENGINES.pool(settings, model, go_file=marker)
+    prepare = model_prepare.beside_engines(settings, model, marker, log)
+    ENGINES.pool(settings, model, go_file=marker, prepare=prepare)
     return True
 
 
