@@ -248,7 +248,7 @@ def job_seconds(work: Path, output: str) -> float | None:
 WARM_EVENTS = (
     ("fetch_model_start", "rule fetch_model starts (model check, model-info cache)"),
     ("engines_started", "the engines start (beside fetch_model, or at the first rank job)"),
-    ("fetch_model_end", "rule fetch_model ends"),
+    ("fetch_model_end", "rule fetch_model ends (its checks ran in the first engine)"),
     ("first_engine_ready", "the first engine is ready"),
     ("first_rank_began", "the first rank's requests are sent"),
     ("last_rank_written", "the last rank is written"),
