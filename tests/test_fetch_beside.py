@@ -1,6 +1,7 @@
 """Rule fetch_model beside a local run's engines (model/fetch.py `serve`, model/prepare.py):
 the first engine to claim the model's checks runs them in its own process; the rule takes
-their status, and runs fetch.py itself when no engine claimed them or its engine died.
+their status, runs fetch.py itself when no engine claimed them, and fails when their
+engine died first.
 The real runs: tests/test_workflow_local_vllm.py (checks passed, and refused) and
 tests/test_vllm015.py."""
 
@@ -12,6 +13,8 @@ import sys
 import textwrap
 import threading
 import time
+
+import pytest
 
 import workflow as wf
 from engine import lifecycle, supervisor
@@ -43,7 +46,7 @@ def test_one_claim_of_the_checks_and_the_rule_takes_the_engines_status(tmp_path)
     assert fetch.claimant(log) is None and fetch.status(log) is None
 
 
-def test_the_rule_runs_the_checks_when_their_engine_died_or_none_claimed_them(tmp_path):
+def test_the_rule_fails_when_their_engine_died_and_runs_them_when_none_claimed_them(tmp_path):
     log = str(tmp_path / "fetch_model.log")
     engine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     (tmp_path / "fetch_model.log.claim").write_text(f"{engine.pid}\n")
@@ -51,7 +54,8 @@ def test_the_rule_runs_the_checks_when_their_engine_died_or_none_claimed_them(tm
     killed.start()
     started = time.monotonic()
     # a zombie (not reaped: this test is its parent) counts as gone
-    assert prepare.status_beside(log, claim_wait_s=600) is None
+    with pytest.raises(RuntimeError, match=rf"checks \(pid {engine.pid}\) ended before they did"):
+        prepare.status_beside(log, claim_wait_s=600)
     assert time.monotonic() - started < 30
     engine.wait()
     fetch.forget(log)

@@ -30,8 +30,9 @@ starts an engine (engine/vllm_server.py) through this file. The first engine to 
 preparation (``<log>.claim``, its pid) runs `main` in its own process once vLLM is imported,
 its output in the rule's log and its status in ``<log>.status``, then serves: the machine
 imports vLLM once less while the engines start (benchmarks/chat_batch.py: the first engine
-ready ~2.5 s sooner on 2 cores). The rule waits for that status (model/prepare.py), and runs
-this file itself when no engine claimed the preparation or its engine died first.
+ready ~2.5 s sooner on 2 cores). The rule waits for that status (model/prepare.py); it runs
+this file itself when no engine claimed the preparation, and fails when the engine that
+claimed it died first.
 """
 
 from __future__ import annotations

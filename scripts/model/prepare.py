@@ -108,16 +108,20 @@ def _alive(pid: int) -> bool:
 
 def status_beside(log: str, claim_wait_s: float = CLAIM_WAIT_S) -> int | None:
     """The status of the preparation an engine ran beside the rule (its output in
-    ``log``); None when no engine claimed it within ``claim_wait_s`` (the rule has now)
-    or its engine died before it ended: the rule runs fetch.py itself."""
+    ``log``); None when no engine claimed it within ``claim_wait_s`` (the rule has now,
+    and runs fetch.py itself). An engine that died before its checks ended fails the
+    rule (after a Ctrl-C the run is ending: nothing new starts)."""
     log = os.path.abspath(log)
     started = time.monotonic()
     while (code := fetch.status(log)) is None:
         pid = fetch.claimant(log)
         if pid is None and time.monotonic() - started > claim_wait_s and fetch.claim(log):
             return None
-        if pid and not _alive(pid):
-            return fetch.status(log)  # None unless it ended as it died
+        if pid and not _alive(pid) and (code := fetch.status(log)) is None:
+            raise RuntimeError(
+                f"the engine that ran rule fetch_model's checks (pid {pid}) ended before "
+                f"they did; see {log} and the engine logs in logs/engines/"
+            )
         time.sleep(0.05)
     return code
 
@@ -127,16 +131,18 @@ def fetch_model(
 ) -> None:
     """Find or fetch the model's weights, check the engines' command line against the
     installed vLLM and build vLLM's model-info cache (rule fetch_model); ``beside``: the
-    engines started with the rule (`beside_engines`) do it, unless none can."""
-    code = status_beside(log) if beside else None
-    if code is None:
-        command = [settings.inference_python, *fetch_argv(settings, model, marker)]
-        with open(log, "w") as stream:
-            code = subprocess.run(
-                command, env=fetch_env(settings), stdout=stream, stderr=stream
-            ).returncode
-    if beside:  # the claim holds off the engines until the outcome is known
-        fetch.forget(os.path.abspath(log))
+    engines started with the rule (`beside_engines`) do it, unless none claims it."""
+    try:
+        code = status_beside(log) if beside else None
+        if code is None:
+            command = [settings.inference_python, *fetch_argv(settings, model, marker)]
+            with open(log, "w") as stream:
+                code = subprocess.run(
+                    command, env=fetch_env(settings), stdout=stream, stderr=stream
+                ).returncode
+    finally:
+        if beside:  # the claim held off the engines until the outcome was known
+            fetch.forget(os.path.abspath(log))
     if code != 0:
         errors = [line for line in Path(log).read_text().splitlines() if line.startswith("ERROR:")]
         cause = f": {errors[-1][len('ERROR: ') :]}" if errors else ""
