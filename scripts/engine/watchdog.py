@@ -50,6 +50,20 @@ def live_processes(field: int, value: int) -> list[int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # not Linux, or it ended meanwhile
+        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
+
+
 def process_group(pgid: int) -> list[int]:
     """Live processes of a process group."""
     return live_processes(PGRP, pgid)

@@ -13,7 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from engine import watchdog
 from engine.settings import engine_check_argv
+from formats.registry import REGISTRY_ROOT
 from formats.settings import Settings
 from formats.workflow_config import ConfigError
 from model import fetch
@@ -93,19 +95,6 @@ def beside_engines(settings: Settings, model: str, marker: str, log: str) -> lis
     return [*fetch_argv(settings, model, marker), "--log", os.path.abspath(log), fetch.SERVE]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie its parent has not reaped yet is gone too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def status_beside(log: str, claim_wait_s: float = CLAIM_WAIT_S) -> int | None:
     """The status of the preparation an engine ran beside the rule (its output in
     ``log``); None when no engine claimed it within ``claim_wait_s`` (the rule has now,
@@ -117,10 +106,10 @@ def status_beside(log: str, claim_wait_s: float = CLAIM_WAIT_S) -> int | None:
         pid = fetch.claimant(log)
         if pid is None and time.monotonic() - started > claim_wait_s and fetch.claim(log):
             return None
-        if pid and not _alive(pid) and (code := fetch.status(log)) is None:
+        if pid and not watchdog.alive(pid) and (code := fetch.status(log)) is None:
             raise RuntimeError(
                 f"the engine that ran rule fetch_model's checks (pid {pid}) ended before "
-                f"they did; see {log} and the engine logs in logs/engines/"
+                f"they did; see {log} and the engine logs in {REGISTRY_ROOT}/"
             )
         time.sleep(0.05)
     return code
