@@ -9,7 +9,9 @@ both cores, its start included. Goal: warm / run-batch >= 1.0.
 
 Both render the chats with the model's template: the prompt tokens of every request
 must agree between the two (a check, reported in the table). The warm run's wall time
-is broken down into its consecutive parts (common.warm_breakdown).
+is broken down into its consecutive parts (common.warm_breakdown), with the engines'
+batch over time (vLLM's running and waiting gauges), the ranks' request times and rule
+summary's time (common.serving_parts).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from common import (
     REPO,
+    EngineLoad,
     breakdown_rows,
     fmt,
     jsonl_ranks,
@@ -30,6 +33,8 @@ from common import (
     markdown_table,
     read_jsonl,
     run_folder,
+    serving_parts,
+    serving_rows,
     warm_breakdown,
 )
 from common import run_batch as common_run_batch
@@ -84,8 +89,10 @@ def warm_run(folder: Path, ranks: dict[int, list[dict]], load: Workload = CHAT) 
     if load.template:
         config["vllm"] = {"chat_template": str(REPO / load.template)}
     started = time.time()
-    timed = local_run(work, config)
+    with EngineLoad(work) as load_over_time:
+        timed = local_run(work, config)
     breakdown = warm_breakdown(work, started, time.time())
+    serving = serving_parts(work, load_over_time.summary(started))
     prompt_tokens, tokens = {}, 0
     for rank in ranks:
         for answer in read_jsonl(work / "results" / f"{rank}.jsonl"):
@@ -93,7 +100,7 @@ def warm_run(folder: Path, ranks: dict[int, list[dict]], load: Workload = CHAT) 
             tokens += answer["output_tokens"]
     return {"wall_s": timed.wall_s, "max_rss_mb": timed.max_rss_mb, "output_tokens": tokens,
             "tokens_per_s": tokens / timed.wall_s, "prompt_tokens": prompt_tokens,
-            "time_breakdown": breakdown}  # fmt: skip
+            "time_breakdown": breakdown, "serving": serving}  # fmt: skip
 
 
 def run_batch(folder: Path, ranks: dict[int, list[dict]], load: Workload = CHAT) -> dict:
@@ -136,6 +143,7 @@ def compare(ranks: dict[int, list[dict]], load: Workload, title: str) -> dict:
         ["peak RSS, MB: warm run (Snakemake + engines) / run-batch",
          f"{warm['max_rss_mb'] or 0:.0f} / {batch['max_rss_mb'] or 0:.0f}"],
         *breakdown_rows(warm["time_breakdown"]),
+        *serving_rows(warm["serving"]),
     ]  # fmt: skip
     for result in (warm, batch):
         result.pop("prompt_tokens")

@@ -282,6 +282,111 @@ def warm_breakdown(work: Path, started: float, ended: float) -> dict:
     return {name: at - started for name, at in times.items()}
 
 
+class EngineLoad:
+    """vLLM's own gauges of a local warm run's engines over time: requests running (the
+    batch its scheduler steps) and waiting, read from each ready engine's /metrics every
+    ``interval_s`` while the run lasts (a thread of the benchmark, two small GETs a
+    second per engine: its cost is in the run it measures)."""
+
+    GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+
+    def __init__(self, work: Path, interval_s: float = 0.5):
+        import threading
+
+        self.work, self.interval_s = work, interval_s
+        self.samples: list[tuple[float, str, float, float]] = []  # (t, engine, run, wait)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> EngineLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import urllib.request
+
+        from formats.registry import READY, REGISTRY_ROOT, read_registry
+
+        while not self._stop.wait(self.interval_s):
+            root = self.work / REGISTRY_ROOT
+            folders = [f for f in root.iterdir() if f.is_dir()] if root.is_dir() else []
+            for entry in [e for f in folders for e in read_registry(f).values()]:
+                if entry.get("state") != READY or not entry.get("url"):
+                    continue
+                try:
+                    with urllib.request.urlopen(f"{entry['url']}/metrics", timeout=2) as got:
+                        text = got.read().decode()
+                except OSError:
+                    continue
+                values = [
+                    sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                        if line.startswith(gauge + "{") or line.startswith(gauge + " "))
+                    for gauge in self.GAUGES
+                ]  # fmt: skip
+                self.samples.append((time.time(), entry["name"], *values))
+
+    def summary(self, started: float) -> dict:
+        """While an engine served (some request running): its mean and largest batch and
+        queue; and the run's total running and waiting per second (``series``)."""
+        busy = [s for s in self.samples if s[2] > 0]
+        series: dict[int, list[float]] = {}
+        for t, _, running, waiting in self.samples:
+            second = series.setdefault(int(t - started), [0.0, 0.0, 0])
+            second[0], second[1], second[2] = second[0] + running, second[1] + waiting, 1
+        return {
+            "interval_s": self.interval_s,
+            "samples": len(self.samples),
+            "running_mean": statistics.mean(s[2] for s in busy) if busy else 0.0,
+            "running_max": max((s[2] for s in busy), default=0.0),
+            "waiting_mean": statistics.mean(s[3] for s in busy) if busy else 0.0,
+            "waiting_max": max((s[3] for s in busy), default=0.0),
+            # second of the run -> [running, waiting] summed over its samples' engines
+            "series": {k: v[:2] for k, v in sorted(series.items())},
+        }
+
+
+def serving_parts(work: Path, load: Mapping) -> dict:
+    """What the serving costs beside the events of `warm_breakdown`: the engines' batch
+    (`EngineLoad.summary`), each rank's request time (its record's ``request_s``: its
+    requests sent to its answers kept), and rule summary's job."""
+    from formats import record as rank_record
+
+    records = rank_record.records_dir(work / "results").glob("*.json")
+    request_s = [float(json.loads(p.read_text()).get("request_s") or 0) for p in records]
+    window = job_window(work, "results/summary.tsv")
+    return {
+        "engine_batch": load,
+        "rank_request_s_median": median(request_s) if request_s else None,
+        "rank_request_s_sum": sum(request_s),
+        "summary_rule_s": window[1] - window[0] if window else None,
+    }
+
+
+def serving_rows(parts: Mapping) -> list[list[str]]:
+    """`serving_parts` as table rows."""
+    batch = parts["engine_batch"]
+    rows = [
+        [f"engines' batch while serving (vLLM's gauges every {batch['interval_s']} s): "
+         "requests running per engine, mean / largest",
+         f"{batch['running_mean']:.1f} / {batch['running_max']:.0f}"],
+        ["requests waiting in an engine's queue meanwhile, mean / largest",
+         f"{batch['waiting_mean']:.1f} / {batch['waiting_max']:.0f}"],
+    ]  # fmt: skip
+    if parts["rank_request_s_median"] is not None:
+        median_s, sum_s = parts["rank_request_s_median"], parts["rank_request_s_sum"]
+        rows.append(
+            ["a rank's requests, sent to answered: median s (sum over ranks)",
+             f"{median_s:.2f} ({sum_s:.0f})"]
+        )  # fmt: skip
+    if parts["summary_rule_s"] is not None:
+        rows.append(["rule summary (tables, plots), s", f"{parts['summary_rule_s']:.2f}"])
+    return rows
+
+
 def breakdown_rows(events: Mapping[str, float]) -> list[list[str]]:
     """`warm_breakdown` as table rows, in the order the events happened."""
     text = dict(WARM_EVENTS)
