@@ -335,8 +335,9 @@ class EngineLoad:
         busy = [s for s in self.samples if s[2] > 0]
         series: dict[int, list[float]] = {}
         for t, _, running, waiting in self.samples:
-            second = series.setdefault(int(t - started), [0.0, 0.0, 0])
-            second[0], second[1], second[2] = second[0] + running, second[1] + waiting, 1
+            second = series.setdefault(int(t - started), [0.0, 0.0])
+            second[0] += running
+            second[1] += waiting
         return {
             "interval_s": self.interval_s,
             "samples": len(self.samples),
@@ -345,7 +346,7 @@ class EngineLoad:
             "waiting_mean": statistics.mean(s[3] for s in busy) if busy else 0.0,
             "waiting_max": max((s[3] for s in busy), default=0.0),
             # second of the run -> [running, waiting] summed over its samples' engines
-            "series": {k: v[:2] for k, v in sorted(series.items())},
+            "series": dict(sorted(series.items())),
         }
 
 

@@ -31,6 +31,17 @@ from pathlib import Path
 PPID, PGRP, SESSION = 1, 2, 3
 
 
+def _stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command (state first); None: unreadable
+    (the process is gone, or this is not Linux)."""
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return None
+    # the command may hold spaces and parentheses: split after its last ")"
+    return stat.rsplit(")", 1)[1].split()
+
+
 def live_processes(field: int, value: int) -> list[int]:
     """Live (non-zombie) processes whose /proc stat ``field`` (PPID, PGRP or SESSION)
     is ``value`` (Linux); [] elsewhere."""
@@ -39,13 +50,8 @@ def live_processes(field: int, value: int) -> list[int]:
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue
-            # the command may hold spaces and parentheses: split after its last ")"
-            fields = stat.rsplit(")", 1)[1].split()
-            if fields[0] != "Z" and int(fields[field]) == value:
+            fields = _stat_fields(entry.name)
+            if fields and fields[0] != "Z" and int(fields[field]) == value:
                 found.append(int(entry.name))
     return found
 
@@ -58,10 +64,10 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):  # not Linux, or it ended meanwhile
-        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
+    fields = _stat_fields(pid)
+    if fields is None:  # it ended meanwhile; without /proc, kill's answer stands
+        return not os.path.isdir("/proc")
+    return fields[0] != "Z"
 
 
 def process_group(pgid: int) -> list[int]:
