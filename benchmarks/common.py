@@ -288,13 +288,20 @@ class EngineLoad:
     ``interval_s`` while the run lasts (a thread of the benchmark, two small GETs a
     second per engine: its cost is in the run it measures)."""
 
-    GAUGES = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+    # running and waiting requests, KV cache in use (0-1), preemptions so far (a counter)
+    GAUGES = (
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:num_preemptions_total",
+    )
 
     def __init__(self, work: Path, interval_s: float = 0.5):
         import threading
 
         self.work, self.interval_s = work, interval_s
-        self.samples: list[tuple[float, str, float, float]] = []  # (t, engine, run, wait)
+        # (t, engine, running, waiting, kv cache used, preemptions so far)
+        self.samples: list[tuple[float, str, float, float, float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -331,10 +338,12 @@ class EngineLoad:
 
     def summary(self, started: float) -> dict:
         """While an engine served (some request running): its mean and largest batch and
-        queue; and the run's total running and waiting per second (``series``)."""
+        queue, its largest share of KV cache in use; the engines' preemptions (a request
+        put back to wait for KV cache, its tokens computed again); and the run's total
+        running and waiting per second (``series``)."""
         busy = [s for s in self.samples if s[2] > 0]
         series: dict[int, list[float]] = {}
-        for t, _, running, waiting in self.samples:
+        for t, _, running, waiting, *_ in self.samples:
             second = series.setdefault(int(t - started), [0.0, 0.0])
             second[0] += running
             second[1] += waiting
@@ -345,6 +354,9 @@ class EngineLoad:
             "running_max": max((s[2] for s in busy), default=0.0),
             "waiting_mean": statistics.mean(s[3] for s in busy) if busy else 0.0,
             "waiting_max": max((s[3] for s in busy), default=0.0),
+            "kv_cache_used_max": max((s[4] for s in busy), default=0.0),
+            # each engine's counter as last read, summed
+            "preemptions": sum({s[1]: s[5] for s in self.samples}.values()),
             # second of the run -> [running, waiting] summed over its samples' engines
             "series": dict(sorted(series.items())),
         }
@@ -376,6 +388,8 @@ def serving_rows(parts: Mapping) -> list[list[str]]:
          f"{batch['running_mean']:.1f} / {batch['running_max']:.0f}"],
         ["requests waiting in an engine's queue meanwhile, mean / largest",
          f"{batch['waiting_mean']:.1f} / {batch['waiting_max']:.0f}"],
+        ["an engine's KV cache in use, largest share; requests preempted (all engines)",
+         f"{100 * batch['kv_cache_used_max']:.0f} %; {batch['preemptions']:.0f}"],
     ]  # fmt: skip
     if parts["rank_request_s_median"] is not None:
         median_s, sum_s = parts["rank_request_s_median"], parts["rank_request_s_sum"]

@@ -297,6 +297,15 @@ def test_real_four_prompts_in_order(engine):
     MEASURED["rss_mib_per_process"] = {_name(p): rss_mib([p]) for p in engine.pids()}
 
 
+def test_real_engine_tells_its_kv_cache(engine):
+    """What engine/kv_window.py reads: the engine's KV cache from its /metrics, the
+    size config vllm.cpu_kv_cache_gib gives the tiny model (K and V of each layer, bf16)."""
+    cache = client.kv_cache(engine.url)
+    model = json.loads((TINY_MODEL / "config.json").read_text())
+    per_token = 2 * model["num_hidden_layers"] * model["hidden_size"] * 2
+    assert cache.blocks * cache.block_size == SETTINGS["cpu_kv_cache_gib"] * 2**30 // per_token
+
+
 def test_real_engine_refuses_requests_without_its_key(engine):
     for wrong in (None, "not-the-key"):
         with pytest.raises(RequestRejected) as caught:

@@ -42,7 +42,7 @@ from formats.partial import resume
 
 url, key, settings, rank_file, output = sys.argv[1:6]
 engine = types.SimpleNamespace(url=url, api_key=key or None, env={{}}, name="engine",
-                               log_path="engine.log")
+                               log_path="engine.log", engine_id=None)
 
 
 class OneEngine:

@@ -44,7 +44,9 @@ def engine(tmp_path_factory):
     folder = tmp_path_factory.mktemp("engine")
     pool = warm_vllm_pool(folder, TINY_MODEL, SETTINGS | ENGINE_SETTINGS)
     with pool as ranks, ranks.route() as routed:
-        yield types.SimpleNamespace(url=routed.url, api_key=routed.api_key)
+        yield types.SimpleNamespace(
+            url=routed.url, api_key=routed.api_key, engine_id=routed.engine_id
+        )
 
 
 @pytest.mark.parametrize("kind", ["in", "jsonl"])

@@ -35,11 +35,15 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 HOST = os.uname().nodename
 
 
-def echo_spec(tmp_path: Path, **env) -> dict:
-    """A local run's spec for two echo engines, its registry under tmp_path; every
-    process of its engines carries a tag of its own in its environment."""
+def echo_spec(tmp_path: Path, engine_args=(), **env) -> dict:
+    """A local run's spec for two echo engines (``engine_args``: config
+    vllm.engine_args), its registry under tmp_path; every process of its engines
+    carries a tag of its own in its environment."""
+    defaults = local_profile_config()
     config = local_profile_config(
-        engine="echo", warm={**local_profile_config()["warm"], "ranks_in_flight": 1}
+        engine="echo",
+        warm={**defaults["warm"], "ranks_in_flight": 1},
+        vllm={**defaults["vllm"], "engine_args": list(engine_args)},
     )
     spec = rank_job.local_spec(run_settings.from_config(config), "unused")
     tag = uuid.uuid4().hex
@@ -70,8 +74,8 @@ def tagged(tag: str) -> list[int]:
 def service(tmp_path):
     services = []
 
-    def start(**env):
-        spec = echo_spec(tmp_path, **env)
+    def start(engine_args=(), **env):
+        spec = echo_spec(tmp_path, engine_args, **env)
         started = local.LocalService(spec)
         services.append((started, spec["tag"]))
         return started, started.start()
@@ -184,6 +188,27 @@ def test_a_killer_request_fails_its_rank_alone_and_the_engines_come_back(tmp_pat
     entries = registry_format.read_registry(started.registry).values()
     assert sorted(e["restarts"] for e in entries) == [1, 1]
     assert all("dying on prompt 'poison'" in log.read_text() for log in logs)
+
+
+def test_requests_to_an_engine_claim_no_more_than_its_kv_cache(tmp_path, service):
+    """Echo engines that tell a KV cache of 4 blocks of 16 tokens on /metrics, as vLLM
+    does (its flags --num-gpu-blocks-override, --block-size): a rank's requests, each of
+    one prompt token and 16 to generate (2 blocks), go 2 at a time (engine/kv_window.py),
+    where all 12 would be in flight at once without the window."""
+    flags = ["--num-gpu-blocks-override", "4", "--block-size", "16"]
+    started, pool = service(flags, ECHO_SERVER_DELAY_S="0.2")
+    record = echo_rank(tmp_path, 0, [f"p{i}" for i in range(12)], pool)
+    assert record["output_tokens"] == 12
+    (engine,) = [m.engine for m in pool.members.values() if m.engine.name == record["engine_name"]]
+    assert metric(engine.url, "echo_server_requests_running_peak") == 2
+    assert client.kv_cache(engine.url) == client.KvCache(4, 16)
+
+
+def metric(url: str, name: str) -> float:
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with direct.open(f"{url}/metrics", timeout=2) as answer:
+        lines = answer.read().decode().splitlines()
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.split("{")[0].split()[0] == name)
 
 
 def running(url: str) -> float:

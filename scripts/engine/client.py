@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -78,7 +79,7 @@ class _Connections:
     never a network call."""
 
     IDLE_S = 2.0
-    KEEP = 64  # idle connections kept per engine (a node's ranks in flight x requests)
+    KEEP = 256  # idle connections kept per engine (a node's ranks in flight x requests)
 
     def __init__(self):
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
@@ -229,6 +230,39 @@ def health(url: str, timeout: float = 2.0) -> bool:
         return _http(url, "GET", "/health", None, timeout, None)[0] == 200
     except (OSError, ValueError):
         return False
+
+
+@dataclass(frozen=True)
+class KvCache:
+    """An engine's KV cache as vLLM reports it: its blocks and the tokens per block."""
+
+    blocks: int
+    block_size: int
+
+
+_CACHE_INFO = re.compile(r"^vllm:cache_config_info\{(.*)\}", re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def kv_cache(url: str, timeout: float = 5.0) -> KvCache | None:
+    """The engine's KV cache from its /metrics (`kv_cache_of`); None when it tells none
+    (not vLLM, metrics off, no answer)."""
+    try:
+        status, raw = _http(url, "GET", "/metrics", None, timeout, None)
+    except (OSError, ValueError):
+        return None
+    return kv_cache_of(raw.decode("utf-8", "replace")) if status == 200 else None
+
+
+def kv_cache_of(metrics: str) -> KvCache | None:
+    """The KV cache in vLLM's ``vllm:cache_config_info`` gauge (labels ``num_gpu_blocks``
+    and ``block_size``: vLLM 0.15 and 0.32 both have them) of a /metrics text."""
+    found = _CACHE_INFO.search(metrics)
+    labels = dict(_LABEL.findall(found.group(1))) if found else {}
+    blocks, size = labels.get("num_gpu_blocks", ""), labels.get("block_size", "")
+    if not (blocks.isdigit() and size.isdigit() and int(blocks) > 0 and int(size) > 0):
+        return None
+    return KvCache(int(blocks), int(size))
 
 
 # The engine id an engine of ours carries (lifecycle.Engine puts a new one in its

@@ -16,7 +16,10 @@ prompt itself.
     POST /v1/chat/completions  the messages rendered with render_chat
                            ("<|role|> content" per message, then "<|assistant|>") as
                            the answer's content
-    GET  /metrics          vllm:num_requests_running, vllm:request_success_total
+    GET  /metrics          vllm:num_requests_running, vllm:request_success_total; with
+                           --num-gpu-blocks-override and --block-size (vLLM's flags),
+                           vllm:cache_config_info telling that KV cache
+                           (engine/kv_window.py); echo_server_requests_running_peak
 
 Every other field of a request is ignored: the echo engine has no model, and it is not a
 second copy of vLLM's OpenAI front end (every vLLM engine serves that front end itself:
@@ -210,8 +213,10 @@ class EchoServer(ThreadingHTTPServer):
         die_on: str | None = None,
         max_num_seqs: int | None = None,
         refuse_on: str | None = None,
+        kv_cache: tuple[int, int] | None = None,
     ):
         super().__init__(address, Handler)
+        self.kv_cache = kv_cache  # (blocks, block size) to tell on /metrics
         self.slots = threading.BoundedSemaphore(max_num_seqs) if max_num_seqs else None
         self.model = model
         self.max_model_len = max_model_len
@@ -221,6 +226,7 @@ class EchoServer(ThreadingHTTPServer):
         self.engine_id = os.environ.get(ENGINE_ID_VARIABLE)  # Handler's /health
         self.lock = threading.Lock()
         self.running = 0
+        self.running_peak = 0
         self.succeeded = 0
 
     def healthy(self) -> bool:
@@ -242,6 +248,7 @@ class EchoServer(ThreadingHTTPServer):
         answer = completion_answer(body, self.model, endpoint)
         with self.lock:
             self.running += len(prompts)
+            self.running_peak = max(self.running_peak, self.running)
         try:
             if self.slots is not None:
                 self.slots.acquire()
@@ -282,7 +289,16 @@ class EchoServer(ThreadingHTTPServer):
 
     def metrics(self) -> str:
         with self.lock:
-            return metrics_text(self.model, self.running, self.succeeded)
+            text = metrics_text(self.model, self.running, self.succeeded)
+            peak = self.running_peak
+        text += f"echo_server_requests_running_peak {peak}\n"  # the tests' own
+        if self.kv_cache:
+            blocks, size = self.kv_cache
+            text += (
+                "# TYPE vllm:cache_config_info gauge\n"
+                f'vllm:cache_config_info{{block_size="{size}",num_gpu_blocks="{blocks}"}} 1.0\n'
+            )
+        return text
 
 
 def metrics_text(model: str, running: int, succeeded: int) -> str:
@@ -390,6 +406,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--max-num-seqs", type=int, default=None, help="requests held at once")
     refuse_on = os.environ.get(REFUSE_VARIABLE) or None
     parser.add_argument("--refuse-on", default=refuse_on, help="refuse prompts holding this")
+    # vLLM's flags: with both, /metrics tells a KV cache of that many blocks
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--block-size", type=int, default=None)
     args, _vllm_only = parser.parse_known_args(argv)
     return args
 
@@ -429,6 +448,9 @@ def main(argv: Sequence[str]) -> int:
             args.die_on,
             args.max_num_seqs,
             args.refuse_on,
+            (args.num_gpu_blocks_override, args.block_size)
+            if args.num_gpu_blocks_override and args.block_size
+            else None,
         )
     except OSError as error:
         print(f"echo_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)

@@ -177,6 +177,7 @@ def make_engine(
     settings = spec["vllm"]
     if spec["engine"] == "echo":
         argv = [spec["python"], str(ECHO_SERVER), "--host", address, "--port", str(port)]
+        argv += settings.get("engine_args") or []  # vLLM's flags: the few it takes, it keeps
     else:
         argv = lifecycle.server_argv(
             spec["python"],

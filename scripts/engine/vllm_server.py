@@ -159,6 +159,7 @@ class Engine:
         port = self._listener.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.api_key = None
+        self.engine_id = None  # one engine in this process: its URL names it
         args, engine_args = parse_args([*argv, "--host", "127.0.0.1", "--port", str(port)])
         vllm_versions.pin_memory_only_where_it_exists()  # vLLM 0.15 on a CPU
         vllm_versions.without_chunked_prefill_on_cpu(engine_args)  # seeded requests

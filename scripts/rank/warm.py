@@ -7,6 +7,7 @@ The HTTP side is engine/client.py; which engine serves is engine/routing.py's ch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
@@ -242,7 +243,7 @@ def send_requests(
     and is raised once the requests in flight end (their answers are kept). With a
     ``context`` (engine_inputs'), an answer whose prompt did not fit it with its whole
     generation is kept as that request's error line instead."""
-    from engine import client
+    from engine import client, kv_window
 
     lock = threading.Lock()
     pending = iter(embedding_calls(requests, todo) if embedding_rank(requests) else todo)
@@ -298,15 +299,20 @@ def send_requests(
                 keep(i, Answer("", None, done.prompt_tokens, 0, embeddings=done.vectors))
                 return
             sampling = sampling_of(request, settings["sampling"])
-            reply = client.complete_one(
-                engine.url,
-                sampling,
-                prompt=None if request.chat else given,
-                messages=given if request.chat else None,
-                timeout=timeout,
-                key=engine.api_key,
-                fields=request.fields,
-            )
+            window = kv_window.of(engine.url, engine.engine_id)
+            choices = (request.fields or {}).get("n")  # vLLM checks it; here a count
+            choices = choices if isinstance(choices, int) and choices > 1 else 1
+            tokens = kv_window.prompt_tokens(given) + choices * int(sampling["max_tokens"] or 0)
+            with window.claim(tokens) if window else contextlib.nullcontext():
+                reply = client.complete_one(
+                    engine.url,
+                    sampling,
+                    prompt=None if request.chat else given,
+                    messages=given if request.chat else None,
+                    timeout=timeout,
+                    key=engine.api_key,
+                    fields=request.fields,
+                )
             problem = context and length_problem(
                 reply.prompt_tokens, sampling["max_tokens"], context
             )
