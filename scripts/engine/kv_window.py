@@ -3,8 +3,9 @@
 Many ranks in flight keep an engine's batch full of short requests, but requests that
 generate long answers then outgrow the KV cache: vLLM's scheduler admits a request when
 its prompt fits and preempts running ones when their answers no longer do, computing
-their tokens again (generation_batch, 2026-12-07: 64 ranks in flight per engine, 1,147
-preemptions, 4 % slower than 16 ranks in flight and none). So a Snakemake process sends
+their tokens again (generation_batch's warm side, 2026-12-07: 64 ranks in flight per
+engine, 1,147 preemptions, 607 s; 16 ranks in flight, none, 582 s; 64 with this window,
+none, 585 s with 107 requests running against 62). So a Snakemake process sends
 a completion request only when its tokens (prompt, estimated, plus its max_tokens, in
 whole blocks) fit beside those of the requests already in flight to that engine: the
 engine's batch is as full as its cache allows, and nothing is computed twice.
