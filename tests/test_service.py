@@ -205,20 +205,19 @@ def test_requests_to_an_engine_claim_no_more_than_its_kv_cache(tmp_path, service
 
 
 def metric(url: str, name: str) -> float:
+    """The sum of a metric's values on an engine's /metrics."""
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with direct.open(f"{url}/metrics", timeout=2) as answer:
         lines = answer.read().decode().splitlines()
-    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.split("{")[0].split()[0] == name)
+    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.split("{")[0].split(" ")[0] == name)
 
 
 def running(url: str) -> float:
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    """Requests the engine runs; 0 when it does not answer."""
     try:
-        with direct.open(f"{url}/metrics", timeout=2) as answer:
-            lines = answer.read().decode().splitlines()
+        return metric(url, "vllm:num_requests_running")
     except OSError:
         return 0.0
-    return sum(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith("vllm:num_requests_run"))
 
 
 def test_a_rank_in_flight_when_its_engine_dies_is_served_by_another(tmp_path, service):

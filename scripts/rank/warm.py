@@ -300,10 +300,13 @@ def send_requests(
                 return
             sampling = sampling_of(request, settings["sampling"])
             window = kv_window.of(engine.url, engine.engine_id)
-            choices = (request.fields or {}).get("n")  # vLLM checks it; here a count
-            choices = choices if isinstance(choices, int) and choices > 1 else 1
-            tokens = kv_window.prompt_tokens(given) + choices * int(sampling["max_tokens"] or 0)
-            with window.claim(tokens) if window else contextlib.nullcontext():
+            claim = contextlib.nullcontext()
+            if window:
+                choices = (request.fields or {}).get("n")  # vLLM checks it; here a count
+                choices = choices if isinstance(choices, int) and choices > 1 else 1
+                answer_tokens = choices * int(sampling["max_tokens"] or 0)
+                claim = window.claim(kv_window.prompt_tokens(given) + answer_tokens)
+            with claim:
                 reply = client.complete_one(
                     engine.url,
                     sampling,
