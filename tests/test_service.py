@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import workflow as wf
-from engine import client, local, supervisor
+from engine import client, kv_window, local, supervisor
 from formats import registry as registry_format
 from formats import settings as run_settings
 from pipeline import rank_job
@@ -35,14 +35,14 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 HOST = os.uname().nodename
 
 
-def echo_spec(tmp_path: Path, engine_args=(), **env) -> dict:
+def echo_spec(tmp_path: Path, engine_args=(), ranks_in_flight: int = 1, **env) -> dict:
     """A local run's spec for two echo engines (``engine_args``: config
     vllm.engine_args), its registry under tmp_path; every process of its engines
     carries a tag of its own in its environment."""
     defaults = local_profile_config()
     config = local_profile_config(
         engine="echo",
-        warm={**defaults["warm"], "ranks_in_flight": 1},
+        warm={**defaults["warm"], "ranks_in_flight": ranks_in_flight},
         vllm={**defaults["vllm"], "engine_args": list(engine_args)},
     )
     spec = rank_job.local_spec(run_settings.from_config(config), "unused")
@@ -74,8 +74,8 @@ def tagged(tag: str) -> list[int]:
 def service(tmp_path):
     services = []
 
-    def start(engine_args=(), **env):
-        spec = echo_spec(tmp_path, engine_args, **env)
+    def start(engine_args=(), ranks_in_flight=1, **env):
+        spec = echo_spec(tmp_path, engine_args, ranks_in_flight, **env)
         started = local.LocalService(spec)
         services.append((started, spec["tag"]))
         return started, started.start()
@@ -202,6 +202,40 @@ def test_requests_to_an_engine_claim_no_more_than_its_kv_cache(tmp_path, service
     (engine,) = [m.engine for m in pool.members.values() if m.engine.name == record["engine_name"]]
     assert metric(engine.url, "echo_server_requests_running_peak") == 2
     assert client.kv_cache(engine.url) == client.KvCache(4, 16)
+
+
+def test_ranks_wait_for_an_engine_with_room_not_behind_a_crowded_one(tmp_path, service):
+    """Echo engines with a KV cache of two requests' worth each, 64 ranks in flight: while
+    the 24 requests of rank 0 crowd one engine's cache (engine/kv_window.py), eight ranks
+    of one request each go to the other engine as it has room, where the count of ranks
+    in flight alone would queue half of them behind rank 0."""
+    flags = ["--num-gpu-blocks-override", "4", "--block-size", "16"]
+    started, pool = service(flags, ranks_in_flight=64, ECHO_SERVER_DELAY_S="0.2")
+    assert wait_until(lambda: all_ready(pool), 60)
+    done = {}
+
+    def rank(number: int, prompts: list[str]) -> None:
+        done[number] = echo_rank(tmp_path, number, prompts, pool)["engine_name"]
+
+    big = threading.Thread(target=rank, args=(0, [f"p{i}" for i in range(24)]))
+    big.start()
+    engines = [m.engine for m in pool.members.values()]
+    assert wait_until(lambda: any(kv_window.crowded(e.url, e.engine_id) for e in engines), 30)
+    small = [threading.Thread(target=rank, args=(n, [f"s{n}"])) for n in range(1, 9)]
+    for thread in small:
+        thread.start()
+    for thread in [big, *small]:
+        thread.join(60)
+    assert len(done) == 9
+    behind_rank_0 = [n for n in range(1, 9) if done[n] == done[0]]
+    assert behind_rank_0 == [], f"ranks {behind_rank_0} queued behind rank 0 on {done[0]}"
+
+
+def all_ready(pool) -> bool:
+    """Whether every engine of the pool is routed to (reported ready, identity proved)."""
+    with pool._cond:
+        pool._refresh()
+        return all(m.state == registry_format.READY for m in pool.members.values())
 
 
 def metric(url: str, name: str) -> float:

@@ -13,6 +13,13 @@ engine's batch is as full as its cache allows, and nothing is computed twice.
 The cache is the engine's own report (client.kv_cache: vLLM's /metrics), read once per
 engine start; an engine that tells none (the echo engine without its flags) has no
 window, and one request always goes even when it claims more than the whole cache.
+
+An engine whose window has requests waiting is crowded: the routing pool gives it no
+new rank while another engine has room, and none at all until its waiting requests are
+in (engine/routing.py). The ranks beyond what the caches hold then wait for whichever
+engine frees room first, instead of in one engine's queue: with 64 ranks in flight and
+answers of 128 tokens, each engine held ~36 ranks of its own that it alone could serve,
+and one engine ran 15-30 s alone at the end of a run.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from engine import client
 
@@ -39,7 +47,13 @@ class KvWindow:
         self.cache = cache
         self.claimed = 0
         self.peak = 0  # most blocks claimed at once
+        self.waiting = 0  # requests waiting for their blocks
         self._cond = threading.Condition()
+
+    @property
+    def crowded(self) -> bool:
+        """Requests wait for blocks: the engine's batch is full and it has more to run."""
+        return self.waiting > 0
 
     def blocks(self, tokens: int) -> int:
         return min(self.cache.blocks, max(1, math.ceil(tokens / self.cache.block_size)))
@@ -49,11 +63,18 @@ class KvWindow:
         """Hold the blocks of a request of ``tokens`` tokens while it is in flight (waits
         until they fit beside the others', or none is in flight)."""
         need = self.blocks(tokens)
+        uncrowded = False
         with self._cond:
-            while self.claimed and self.claimed + need > self.cache.blocks:
-                self._cond.wait()
+            if self.claimed and self.claimed + need > self.cache.blocks:
+                self.waiting += 1
+                while self.claimed and self.claimed + need > self.cache.blocks:
+                    self._cond.wait()
+                self.waiting -= 1
+                uncrowded = not self.waiting
             self.claimed += need
             self.peak = max(self.peak, self.claimed)
+        if uncrowded:
+            _tell_room()
         try:
             yield
         finally:
@@ -71,6 +92,30 @@ class _Entry:
 
 _ENTRIES: dict[tuple, _Entry] = {}
 _LOCK = threading.Lock()
+_WATCHERS: list[weakref.WeakMethod] = []  # told when a crowded window is no longer
+
+
+def watch(method: Callable[[], None]) -> None:
+    """Call the bound ``method`` (without a lock of this module held) whenever a crowded
+    window's last waiting request is in; kept only while its object lives."""
+    with _LOCK:
+        _WATCHERS[:] = [w for w in _WATCHERS if w() is not None]
+        _WATCHERS.append(weakref.WeakMethod(method))
+
+
+def _tell_room() -> None:
+    with _LOCK:
+        methods = [m for w in _WATCHERS if (m := w()) is not None]
+    for method in methods:
+        method()
+
+
+def crowded(url: str, engine_id: str | None) -> bool:
+    """Whether the window of that engine start has requests waiting; False for an
+    engine without a window or whose cache is not read yet (no network here)."""
+    entry = _ENTRIES.get((url, engine_id))
+    window = entry.window if entry is not None else None
+    return window is not None and window.crowded
 
 
 def of(url: str, engine_id: str | None) -> KvWindow | None:

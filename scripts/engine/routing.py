@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import console
-from engine import client, lifecycle
+from engine import client, kv_window, lifecycle
 from engine.supervisor import job_hosts, spec_api_key, spec_ready_timeout
 from formats import registry as registry_format
 from formats.registry import FAILED, READY, STARTING, STOPPED, engine_file, registry_dir
@@ -111,6 +111,7 @@ class RegistryPool:
         self._read_at = -1.0
         self._mtimes: dict[str, float] = {}
         self._launcher_exit: int | None = None
+        kv_window.watch(self._room)
 
     @classmethod
     def for_job(cls, spec: Mapping, environ=os.environ) -> RegistryPool:
@@ -235,7 +236,15 @@ class RegistryPool:
                         "(config warm.ready_timeout_s)"
                     )
                 )
-        free = [m for m in ready if m.in_flight < self.max_in_flight]
+        # An engine whose KV cache is fully claimed, with requests waiting, takes no new
+        # rank: the rank waits here for whichever engine has room first
+        # (engine/kv_window.py).
+        free = [
+            m
+            for m in ready
+            if m.in_flight < self.max_in_flight
+            and not kv_window.crowded(m.engine.url, m.engine.engine_id)
+        ]
         if not free and ready and self.clock() - self._progress_at > self.stall_timeout:
             busy = [f"{m.file} {m.in_flight} in flight" for m in ready]
             raise client.EngineUnavailable(
@@ -247,9 +256,17 @@ class RegistryPool:
             )
         return min(free, key=lambda m: m.in_flight) if free else None
 
+    def _room(self) -> None:
+        """A crowded engine's waiting requests are all in (kv_window.watch): a rank
+        waiting in route() may go to it."""
+        with self._cond:
+            self._progress_at = self.clock()
+            self._cond.notify()
+
     @contextlib.contextmanager
     def route(self, timeout: float | None = None) -> Iterator[RemoteEngine]:
-        """Hold one request slot of the least busy ready engine (waits while none is free)."""
+        """Hold one request slot of the least busy ready engine (waits while none is free:
+        each holds its ranks_in_flight ranks, or its KV cache is crowded)."""
         deadline = None if timeout is None else self.clock() + timeout
         with self._cond:
             while (member := self._pick()) is None:
