@@ -339,9 +339,13 @@ class EngineLoad:
     def summary(self, started: float) -> dict:
         """While an engine served (some request running): its mean and largest batch and
         queue, its largest share of KV cache in use; the engines' preemptions (a request
-        put back to wait for KV cache, its tokens computed again); and the run's total
-        running and waiting per second (``series``)."""
+        put back to wait for KV cache, its tokens computed again); how long the last
+        engine ran after the first one ran dry (a core idle at the end of the run); and
+        the run's total running and waiting per second (``series``)."""
         busy = [s for s in self.samples if s[2] > 0]
+        last_busy: dict[str, float] = {}  # engine -> its last sample with a request running
+        for t, engine, *_ in busy:
+            last_busy[engine] = max(t, last_busy.get(engine, t))
         series: dict[int, list[float]] = {}
         for t, _, running, waiting, *_ in self.samples:
             second = series.setdefault(int(t - started), [0.0, 0.0])
@@ -357,6 +361,10 @@ class EngineLoad:
             "kv_cache_used_max": max((s[4] for s in busy), default=0.0),
             # each engine's counter as last read, summed
             "preemptions": sum({s[1]: s[5] for s in self.samples}.values()),
+            # the last engine ran this long after the first had nothing left to run
+            "finish_spread_s": max(last_busy.values()) - min(last_busy.values())
+            if last_busy
+            else 0.0,
             # second of the run -> [running, waiting] summed over its samples' engines
             "series": dict(sorted(series.items())),
         }
@@ -390,6 +398,8 @@ def serving_rows(parts: Mapping) -> list[list[str]]:
          f"{batch['waiting_mean']:.1f} / {batch['waiting_max']:.0f}"],
         ["an engine's KV cache in use, largest share; requests preempted (all engines)",
          f"{100 * batch['kv_cache_used_max']:.0f} %; {batch['preemptions']:.0f}"],
+        ["the last engine's requests ran on after the first engine's had all ended, s",
+         f"{batch.get('finish_spread_s', 0.0):.1f}"],
     ]  # fmt: skip
     if parts["rank_request_s_median"] is not None:
         median_s, sum_s = parts["rank_request_s_median"], parts["rank_request_s_sum"]

@@ -17,9 +17,8 @@ window, and one request always goes even when it claims more than the whole cach
 An engine whose window has requests waiting is crowded: the routing pool gives it no
 new rank while another engine has room, and none at all until its waiting requests are
 in (engine/routing.py). The ranks beyond what the caches hold then wait for whichever
-engine frees room first, instead of in one engine's queue: with 64 ranks in flight and
-answers of 128 tokens, each engine held ~36 ranks of its own that it alone could serve,
-and one engine ran 15-30 s alone at the end of a run.
+engine frees room first, not in the queue of the engine that took them: a rank of many
+requests no longer holds smaller ones behind it while another engine has room.
 """
 
 from __future__ import annotations
