@@ -343,9 +343,8 @@ class EngineLoad:
         engine ran after the first one ran dry (a core idle at the end of the run); and
         the run's total running and waiting per second (``series``)."""
         busy = [s for s in self.samples if s[2] > 0]
-        last_busy: dict[str, float] = {}  # engine -> its last sample with a request running
-        for t, engine, *_ in busy:
-            last_busy[engine] = max(t, last_busy.get(engine, t))
+        # engine -> its last sample with a request running (the samples are in time order)
+        last_busy = {engine: t for t, engine, *_ in busy}
         series: dict[int, list[float]] = {}
         for t, _, running, waiting, *_ in self.samples:
             second = series.setdefault(int(t - started), [0.0, 0.0])
@@ -399,7 +398,7 @@ def serving_rows(parts: Mapping) -> list[list[str]]:
         ["an engine's KV cache in use, largest share; requests preempted (all engines)",
          f"{100 * batch['kv_cache_used_max']:.0f} %; {batch['preemptions']:.0f}"],
         ["the last engine's requests ran on after the first engine's had all ended, s",
-         f"{batch.get('finish_spread_s', 0.0):.1f}"],
+         f"{batch['finish_spread_s']:.1f}"],
     ]  # fmt: skip
     if parts["rank_request_s_median"] is not None:
         median_s, sum_s = parts["rank_request_s_median"], parts["rank_request_s_sum"]
